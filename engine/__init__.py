@@ -1,0 +1,19 @@
+"""fluxkiln's engine: recipe language, graph, fingerprints and caches, runner, events,
+model residency, plugin manager, CLI and watcher.
+
+It knows nothing of FLUX and never imports textual, torch or diffusers at import
+time.  The names below are the public API for plugin authors and front-ends.
+"""
+
+from .context import RunContext
+from .errors import Cancelled, NodeError, PluginError, Problem, RecipeInvalid
+from .events import Event
+from .hookspecs import hookimpl
+from .nodes import FilePath, InputFile, NodeType, ParamSpec, Secret, node
+from .ports import Dataset, DatasetItem, ImageItem, Images, Lora, Model, PortType, Prompts, Text
+
+__all__ = [
+    "Cancelled", "Dataset", "DatasetItem", "Event", "FilePath", "ImageItem", "Images", "InputFile", "Lora",
+    "Model", "NodeError", "NodeType", "ParamSpec", "PluginError", "PortType", "Problem", "Prompts",
+    "RecipeInvalid", "RunContext", "Secret", "Text", "hookimpl", "node",
+]

@@ -1,0 +1,1 @@
+"""fluxkiln terminal UI (Textual)."""
