@@ -9,4 +9,9 @@ diffusers at module level, so ``fluxkiln validate`` stays fast.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluxkiln.plugins.ports",
     "fluxkiln.plugins.flux",
+    "fluxkiln.plugins.io",
+    "fluxkiln.plugins.dataset",
+    "fluxkiln.plugins.train",
+    "fluxkiln.plugins.caption",
+    "fluxkiln.plugins.safety",
 )

@@ -1,0 +1,30 @@
+"""Shared test setup: an isolated cache for the whole session, no network."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="fluxkiln-test-cache-"))
+os.environ.setdefault("FLUXKILN_CACHE", str(_SESSION_CACHE))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A cache folder of this test's own (the tiny built-in models are shared)."""
+    cache = tmp_path / "cache"
+    (cache).mkdir()
+    builtin = _SESSION_CACHE / "builtin"
+    builtin.mkdir(parents=True, exist_ok=True)
+    (cache / "builtin").symlink_to(builtin, target_is_directory=True)
+    monkeypatch.setenv("FLUXKILN_CACHE", str(cache))
+    return cache
