@@ -1,0 +1,258 @@
+"""The ``fluxkiln`` command line.
+
+Exit codes: 0 success, 1 a node failed, 2 invalid recipe or usage, 130
+interrupted.  ``--help`` and ``validate`` never import torch: heavy modules are
+imported by nodes only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a recipe .toml file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set nodes.images.seed=7 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxkiln", description="Run TOML recipes for FLUX.1 image generation "
+                                     "and LoRA fine-tuning.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe")
+    _add_recipe_args(p)
+    p.add_argument("--only", action="append", default=[], metavar="NODE", help="run only NODE and its ancestors")
+    p.add_argument("--force", action="append", nargs="?", const="*", metavar="NODE",
+                   help="rerun everything, or NODE and its dependants")
+    p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
+    p.add_argument("--output", metavar="DIR", help="run folder (default ./runs/<recipe name>)")
+    p.add_argument("--explain", action="store_true", help="print the plan with reasons, run nothing")
+
+    p = sub.add_parser("watch", help="run, then rerun what changed on every save")
+    _add_recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
+    p.add_argument("--output", metavar="DIR")
+    p.add_argument("--debounce", type=float, default=0.3, metavar="SECONDS", help="quiet time before a rerun")
+
+    p = sub.add_parser("validate", help="check a recipe; exit 0 valid, 2 invalid")
+    _add_recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print problems as JSON")
+
+    p = sub.add_parser("graph", help="print the recipe's graph")
+    _add_recipe_args(p)
+    p.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
+
+    p = sub.add_parser("nodes", help="list node types, or document one")
+    p.add_argument("type", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="Markdown reference of the built-in node types")
+
+    p = sub.add_parser("plugins", help="list plugins, their versions, node types, load time and errors")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cache", help="show or prune the result cache")
+    p.add_argument("action", nargs="?", choices=("list", "prune", "path"), default="list")
+    p.add_argument("--older-than", metavar="AGE", help="prune entries unused for AGE (e.g. 7d, 12h, 30m)")
+    p.add_argument("--max-size", metavar="SIZE", help="prune oldest-used entries until under SIZE (e.g. 10G, 500M)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="print the recipe and settings embedded in an image", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("new-plugin", help="write a ready-to-install plugin skeleton")
+    p.add_argument("name", help="plugin name, e.g. fluxkiln-upscale")
+    p.add_argument("--dir", default=".", help="parent folder (default: current)")
+
+    p = sub.add_parser("tui", help="open the terminal UI")
+    p.add_argument("recipe", nargs="?")
+
+    return parser
+
+
+def _registry() -> Any:
+    from .registry import Registry
+
+    return Registry.load()
+
+
+def _print_problems(problems: list[Any], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps([p.to_dict() for p in problems], indent=1))
+        return
+    for p in problems:
+        print(p.format(), file=sys.stderr)
+    print(f"{len(problems)} problem(s) found", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .errors import RecipeInvalid
+    from .validate import check_file
+
+    try:
+        checked = check_file(args.recipe, _registry(), args.overrides)
+    except RecipeInvalid as exc:
+        _print_problems(exc.problems, args.json)
+        return EXIT_INVALID
+    if args.json:
+        print("[]")
+    else:
+        print(f"{args.recipe}: valid ({len(checked.nodes)} nodes: {' -> '.join(checked.order)})")
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from . import graph as graphmod
+    from .errors import RecipeInvalid
+    from .validate import check_file
+
+    try:
+        checked = check_file(args.recipe, _registry(), args.overrides)
+    except RecipeInvalid as exc:
+        _print_problems(exc.problems)
+        return EXIT_INVALID
+    render = {"text": graphmod.render_text, "mermaid": graphmod.render_mermaid, "dot": graphmod.render_dot}
+    print(render[args.format](checked.graph))
+    return EXIT_OK
+
+
+def _force_args(force: list[str] | None) -> tuple[list[str] | None, bool]:
+    if not force:
+        return None, False
+    return [f for f in force if f != "*"] or None, "*" in force
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .cli_output import ConsoleObserver, JsonObserver
+    from .errors import RecipeInvalid
+    from .runner import Engine
+
+    engine = Engine(_registry())
+    force, force_all = _force_args(args.force)
+    try:
+        if args.explain:
+            plan = engine.plan(args.recipe, overrides=args.overrides, only=args.only or None, force=force,
+                               force_all=force_all, output=args.output)
+            _print_plan(plan, args.json)
+            return EXIT_OK
+        checked = engine.check(args.recipe, args.overrides)
+    except RecipeInvalid as exc:
+        _print_problems(exc.problems)
+        return EXIT_INVALID
+    observer = JsonObserver() if args.json else ConsoleObserver()
+    interrupts = {"n": 0}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupts["n"] += 1
+        if interrupts["n"] > 1:
+            raise KeyboardInterrupt
+        print("\nfluxkiln: stopping at the next safe point (Ctrl-C again to abort now)", file=sys.stderr)
+        engine.cancel()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = engine.run(checked, only=args.only or None, force=force, force_all=force_all, output=args.output,
+                            observers=[observer])
+    except RecipeInvalid as exc:
+        _print_problems(exc.problems)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return {"ok": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}[result.status]
+
+
+def _print_plan(plan: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return
+    for nid, np_ in plan.nodes.items():
+        what = f"run    ({np_.reason})" if np_.action == "run" else f"cached ({np_.source})"
+        print(f"{nid:<20} {np_.type:<16} {what}")
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from . import docs
+
+    reg = _registry()
+    if args.markdown:
+        print(docs.reference_markdown(reg.node_types))
+        return EXIT_OK
+    if args.type:
+        nt = reg.node_types.get(args.type)
+        if nt is None:
+            import difflib
+
+            close = difflib.get_close_matches(args.type, list(reg.node_types), n=3)
+            print(f"unknown node type '{args.type}'" + (f"; did you mean {', '.join(close)}?" if close else ""),
+                  file=sys.stderr)
+            return EXIT_INVALID
+        if args.json:
+            print(json.dumps(docs.node_to_dict(nt), indent=1, default=str))
+        else:
+            from rich.console import Console
+
+            Console().print(docs.node_rich(nt))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps([docs.node_to_dict(nt) for nt in reg.node_types.values()], indent=1, default=str))
+        return EXIT_OK
+    for name in sorted(reg.node_types):
+        nt = reg.node_types[name]
+        print(f"{name:<18} {nt.summary}  [{nt.plugin}]")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rows = [{"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version,
+             "load_ms": round(p.load_time * 1000, 1), "node_types": p.node_types, "port_types": p.port_types,
+             "error": p.error} for p in reg.plugins.values()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("plugin", "version", "source", "load ms", "node types", "status")
+    for r in rows:
+        status = f"[red]failed: {escape(r['error'])}[/red]" if r["error"] else "ok"
+        table.add_row(escape(r["name"]), r["version"] or "", r["source"], f"{r['load_ms']:.1f}",
+                      escape(", ".join(r["node_types"] + [f"port:{p}" for p in r["port_types"]])), status)
+    Console().print(table)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.version:
+        from importlib.metadata import version
+
+        print(f"fluxkiln {version('fluxkiln')}")
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help()
+        return EXIT_INVALID
+    handlers = {"run": cmd_run, "validate": cmd_validate, "graph": cmd_graph, "nodes": cmd_nodes,
+                "plugins": cmd_plugins}
+    if args.command in handlers:
+        return handlers[args.command](args)
+    from . import cli_extra
+
+    return cli_extra.dispatch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

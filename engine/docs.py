@@ -1,0 +1,72 @@
+"""Documentation of node types, generated from their declarations.
+
+Used by ``fluxkiln nodes`` and to generate the README's node reference (a test
+keeps the README in sync with the declarations).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .nodes import REQUIRED, NodeType, ParamSpec
+
+
+def default_text(spec: ParamSpec) -> str:
+    if spec.required:
+        return "required"
+    if spec.default is None:
+        return "—"
+    return repr(spec.default) if isinstance(spec.default, str) else str(spec.default).lower() \
+        if isinstance(spec.default, bool) else str(spec.default)
+
+
+def node_to_dict(nt: NodeType) -> dict[str, Any]:
+    return {
+        "type": nt.name, "plugin": nt.plugin, "version": nt.version, "doc": nt.doc, "cache": nt.cache,
+        "outputs": nt.outputs,
+        "keys": [{"name": s.name, "kind": "input" if s.is_input and not s.accepts_literal else
+                  ("input or parameter" if s.is_input else "parameter"),
+                  "accepts": s.allowed(), "default": None if s.default is REQUIRED else s.default,
+                  "required": s.required, "doc": s.doc} for s in nt.params.values()],
+    }
+
+
+def node_markdown(nt: NodeType, heading: str = "###") -> str:
+    """A Markdown section for one node type."""
+    lines = [f"{heading} `{nt.name}`", "", nt.doc.strip() or "(no documentation)", ""]
+    outs = ", ".join(f"`{k}` ({v})" for k, v in nt.outputs.items()) or "none"
+    lines += [f"Outputs: {outs}.", "", "| key | accepts | default | description |", "|---|---|---|---|"]
+    for s in nt.params.values():
+        accepts = s.allowed().replace("|", "\\|")
+        lines.append(f"| `{s.name}` | {accepts} | {default_text(s).replace('|', '\\|')} | "
+                     f"{s.doc.replace('|', '\\|')} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown(node_types: dict[str, NodeType], builtin_only: bool = True) -> str:
+    """The README's node reference: every (built-in) node type, sorted by name."""
+    parts = []
+    for name in sorted(node_types):
+        nt = node_types[name]
+        if builtin_only and not nt.plugin.startswith("fluxkiln.plugins"):
+            continue
+        parts.append(node_markdown(nt))
+    return "\n".join(parts)
+
+
+def node_rich(nt: NodeType) -> Any:
+    """A Rich renderable describing one node type (``fluxkiln nodes TYPE``)."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", expand=False)
+    for col in ("key", "kind", "accepts", "default", "description"):
+        table.add_column(col, overflow="fold")
+    for d in node_to_dict(nt)["keys"]:
+        spec = nt.params[d["name"]]
+        table.add_row(d["name"], d["kind"], escape(d["accepts"]), escape(default_text(spec)), escape(d["doc"]))
+    outs = ", ".join(f"{k} ({v})" for k, v in nt.outputs.items()) or "none"
+    head = Text.assemble((nt.name, "bold cyan"), f"  (plugin {nt.plugin}, version {nt.version})")
+    return Group(head, Text(nt.doc.strip() or "(no documentation)"), Text(f"outputs: {outs}"), table)

@@ -1,0 +1,125 @@
+"""Planning: decide, before anything runs, which nodes run, which are reused, and why.
+
+Fingerprints are computed for every node from parameters, file contents and
+the fingerprints of its inputs, so a node's cache status is known before its
+ancestors execute.  Only what a target needs is touched: a model loader whose
+dependants are all cached is not loaded at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import graph as graphmod
+from .cache import CacheEntry, DiskCache, MemoryCache
+from .fingerprint import FileHasher, diff_reasons, digest, identity
+from .validate import Checked, ResolvedNode
+
+
+@dataclass
+class NodePlan:
+    """What will happen to one node in this run."""
+
+    id: str
+    type: str
+    fingerprint: str
+    identity: dict[str, Any]
+    action: str = "run"  # "run" | "cached"
+    reason: str = ""
+    source: str | None = None  # for cached: "memory" | "disk" | "not needed"
+    entry: CacheEntry | None = None
+    volatile: bool = False
+
+
+@dataclass
+class Plan:
+    checked: Checked
+    run_dir: Path
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {n.id: {"type": n.type, "action": n.action, "reason": n.reason, "source": n.source,
+                       "fingerprint": n.fingerprint[:16]} for n in self.nodes.values()}
+
+
+def _literal_identity(rn: ResolvedNode) -> dict[str, Any]:
+    return {k: v for k, v in rn.params.items() if k not in rn.files and k not in rn.secrets}
+
+
+def _disk_ok(rn: ResolvedNode, port_types: dict[str, Any]) -> bool:
+    return rn.type.cache == "disk" and bool(rn.type.outputs) and all(
+        port_types[p].disk_cacheable for p in rn.type.outputs.values())
+
+
+def _artifacts_missing(entry: CacheEntry) -> str | None:
+    for a in entry.manifest.get("artifacts", []):
+        if not Path(a).exists():
+            return f"artifact '{a}' is missing"
+    return None
+
+
+def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCache, disk: DiskCache,
+              hasher: FileHasher, port_types: dict[str, Any], previous: dict[str, dict[str, Any]],
+              only: list[str] | None = None, force: list[str] | None = None, force_all: bool = False) -> Plan:
+    """Fingerprint every node and decide run/cached with a reason for each."""
+    g = checked.graph
+    plan = Plan(checked, run_dir)
+    selected = graphmod.with_ancestors(g, only) if only else set(checked.order)
+    forced = graphmod.with_descendants(g, force) if force else set()
+    for nid in checked.order:
+        if nid not in selected:
+            continue
+        rn = checked.nodes[nid]
+        files = {k: hasher.path(p) for k, p in rn.files.items()}
+        inputs = {k: f"{plan.nodes[link.node].fingerprint}.{link.port}" for k, link in rn.links.items()}
+        ident = identity(rn.type.name, rn.type.version, _literal_identity(rn), inputs, files)
+        volatile = rn.type.volatile(dict(rn.params)) if rn.type.volatile else None
+        fp = digest({**ident, "volatile": run_id} if volatile else ident)
+        np_ = NodePlan(nid, rn.type.name, fp, ident, volatile=bool(volatile))
+        plan.nodes[nid] = np_
+        file_names = {k: str(checked.recipe.nodes[nid].values.get(k, k)) for k in rn.files}
+        if force_all or nid in forced:
+            np_.reason = "forced" if (force_all or nid in (force or [])) else "forced (depends on a forced node)"
+        elif volatile:
+            np_.reason = volatile
+        elif rn.type.cache == "never":
+            np_.reason = "node type is never cached"
+        elif memory.get(fp) is not None:
+            np_.action, np_.source = "cached", "memory"
+        elif _disk_ok(rn, port_types) and (entry := disk.lookup(fp)) is not None:
+            missing = _artifacts_missing(entry)
+            if missing:
+                np_.reason = missing
+            else:
+                np_.action, np_.source, np_.entry = "cached", "disk", entry
+        if np_.action == "run" and not np_.reason:
+            changes = diff_reasons(previous.get(nid), ident, file_names)
+            np_.reason = "; ".join(changes) if changes else "no cached result"
+    _mark_unneeded(plan, g, selected, only, port_types)
+    hasher.save()
+    return plan
+
+
+def _mark_unneeded(plan: Plan, g: Any, selected: set[str], only: list[str] | None,
+                   port_types: dict[str, Any]) -> None:
+    """Nodes that nobody running needs are reported cached ('not needed').
+
+    With ``--only`` that is any such ancestor of the target; otherwise only
+    nodes whose result cannot be kept on disk (a model loader whose dependants
+    are all cached is not loaded at all).
+    """
+    needed: dict[str, bool] = {}
+    for nid in reversed(list(plan.nodes)):
+        np_ = plan.nodes[nid]
+        succs = [s for s in g.successors(nid) if s in plan.nodes]
+        succ_run = any(plan.nodes[s].action == "run" and needed[s] for s in succs)
+        is_target = (nid in only) if only else not succs
+        needed[nid] = is_target or succ_run
+        if np_.action != "run" or needed[nid]:
+            continue
+        if only or not _disk_ok(plan.checked.nodes[nid], port_types):
+            np_.action, np_.source, np_.reason = "cached", "not needed", ""
+        else:
+            needed[nid] = True

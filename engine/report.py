@@ -1,0 +1,93 @@
+"""The run report: ``report.md`` and ``report.json`` in the run folder after every run.
+
+For each node: what happened, wall time, seconds per step, images per second,
+peak GPU memory (where there is a GPU) and the estimated cost per image from
+``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _count_images(outputs: dict[str, Any]) -> int:
+    from .ports import Images
+
+    return sum(len(v) for v in outputs.values() if isinstance(v, Images))
+
+
+def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    price = plan.checked.recipe.options.get("gpu_hour_price")
+    rows = []
+    arts = {e.node: e.data.get("artifacts", []) for e in result.events if e.event in ("node_finished", "node_cached")}
+    for nid, np_ in plan.nodes.items():
+        st = stats.get(nid, {})
+        row: dict[str, Any] = {"node": nid, "type": np_.type, "state": result.nodes.get(nid, "skipped"),
+                               "reason": np_.reason if result.nodes.get(nid) == "ran" else (np_.source or "")}
+        secs = st.get("seconds")
+        if secs is not None:
+            row["seconds"] = round(secs, 3)
+            prog = st.get("progress") or {}
+            if prog.get("total"):
+                row["steps"] = prog["total"]
+                row["seconds_per_step"] = round(secs / prog["total"], 4)
+            n_img = _count_images(st.get("outputs", {}))
+            if n_img and np_.type not in ("save", "safety_check", "grid"):
+                row["images"] = n_img
+                row["images_per_second"] = round(n_img / secs, 4) if secs > 0 else None
+                if isinstance(price, (int, float)):
+                    row["cost_per_image"] = round(price * secs / 3600 / n_img, 6)
+            if st.get("peak_gpu_bytes") is not None:
+                row["peak_gpu_gib"] = round(st["peak_gpu_bytes"] / 2**30, 2)
+        row["artifacts"] = arts.get(nid, [])
+        rows.append(row)
+    return rows
+
+
+def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> None:
+    """Write report.json and report.md into the run folder (atomically)."""
+    rows = node_rows(plan, result, stats)
+    recipe = plan.checked.recipe
+    data = {"recipe": recipe.name, "file": recipe.file, "run_id": result.run_id, "status": result.status,
+            "seconds": round(result.seconds, 3), "gpu_hour_price": recipe.options.get("gpu_hour_price"),
+            "nodes": rows}
+    _atomic(plan.run_dir / "report.json", json.dumps(data, indent=1, default=str))
+    _atomic(plan.run_dir / "report.md", _markdown(data, plan.run_dir))
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _markdown(data: dict[str, Any], run_dir: Path) -> str:
+    lines = [f"# Run report: {data['recipe']}", "",
+             f"Run `{data['run_id']}` — status **{data['status']}** in {data['seconds']:.2f} s.", ""]
+    cols = ["node", "type", "state", "seconds", "steps", "seconds_per_step", "images", "images_per_second",
+            "peak_gpu_gib", "cost_per_image"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in data["nodes"]:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    if data.get("gpu_hour_price") is not None:
+        lines += ["", f"Cost estimates use gpu_hour_price = {data['gpu_hour_price']} per GPU hour."]
+    art_lines = []
+    for r in data["nodes"]:
+        for a in r["artifacts"]:
+            try:
+                rel = os.path.relpath(a, run_dir)
+            except ValueError:
+                rel = a
+            is_img = rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+            art_lines.append(f"- {r['node']}: " + (f"![{rel}]({rel})" if is_img else f"[{rel}]({rel})"))
+    if art_lines:
+        lines += ["", "## Artifacts", "", *art_lines]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,310 @@
+"""The runner: execute a validated recipe's plan, node by node, emitting events.
+
+:class:`Engine` is the public entry point used by the CLI, the watcher and the
+TUI.  One Engine keeps live results (memory cache) and loaded models
+(residency) between runs in a process; the disk cache reuses results across
+processes.  A failed node is reported with its node id, type, plugin, inputs,
+error and a hint; its dependants are skipped, everything else still runs and
+everything already finished stays cached and on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .cache import DiskCache, MemoryCache
+from .context import RunContext
+from .errors import Cancelled, RecipeInvalid
+from .events import Event
+from .failures import describe_failure, summarize_inputs
+from .fingerprint import FileHasher
+from .plan import Plan, make_plan
+from .recipe import Recipe
+from .registry import Registry
+from .report import write_report
+from .residency import Residency
+from .validate import Checked, check_file
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run."""
+
+    run_id: str
+    status: str  # "ok" | "failed" | "cancelled"
+    nodes: dict[str, str] = field(default_factory=dict)  # id -> ran | cached | failed | skipped | cancelled
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    plan: Plan | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def artifacts(self, node: str | None = None) -> list[str]:
+        return [a for e in self.events if e.event == "node_finished" and (node is None or e.node == node)
+                for a in e.data.get("artifacts", [])]
+
+
+class _Collector:
+    def __init__(self, sink: list[Event]):
+        self.sink = sink
+
+    from .hookspecs import hookimpl as _hookimpl
+
+    @_hookimpl
+    def on_event(self, event: Event) -> None:
+        self.sink.append(event)
+
+
+def resolve_run_dir(recipe: Recipe, output: str | Path | None) -> Path:
+    """``--output`` > ``[recipe] output_dir`` (relative to the recipe) > ``./runs/<name>``."""
+    if output:
+        return Path(output).expanduser().resolve()
+    opt = recipe.options.get("output_dir")
+    if opt:
+        p = Path(str(opt)).expanduser()
+        return (p if p.is_absolute() else recipe.base_dir / p).resolve()
+    return (Path.cwd() / "runs" / recipe.name).resolve()
+
+
+class Engine:
+    """Runs recipes; keeps models hot and results cached between runs."""
+
+    def __init__(self, registry: Registry | None = None, *, cache_dir: Path | None = None,
+                 residency: Residency | None = None) -> None:
+        self.registry = registry or Registry.load()
+        self.cache_root = Path(cache_dir) if cache_dir else paths.cache_root()
+        self.disk = DiskCache(self.cache_root)
+        self.memory = MemoryCache()
+        self.models = residency or Residency()
+        self.hasher = FileHasher(self.cache_root / "filehashes.json")
+        self._cancel = threading.Event()
+        self._previous: dict[str, dict[str, dict[str, Any]]] = {}
+        self.running = False
+
+    # ------------------------------------------------------------ public API
+    def check(self, recipe: str | Path, overrides: list[str] | None = None) -> Checked:
+        """Validate a recipe file; raise RecipeInvalid listing every problem."""
+        return check_file(recipe, self.registry, overrides)
+
+    def cancel(self) -> None:
+        """Ask the current run to stop at the next safe point."""
+        self._cancel.set()
+
+    def plan(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
+             force: list[str] | None = None, force_all: bool = False, output: str | Path | None = None,
+             run_id: str | None = None) -> Plan:
+        """Decide what would run and why, without running anything (``run --explain``)."""
+        checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
+        for n in (only or []) + (force or []):
+            if n not in checked.nodes:
+                raise RecipeInvalid([checked.recipe.problem(f"no node '{n}' in this recipe", node=n,
+                                                            hint="nodes: " + ", ".join(checked.order))])
+        run_dir = resolve_run_dir(checked.recipe, output)
+        return make_plan(checked, run_dir=run_dir, run_id=run_id or "plan", memory=self.memory, disk=self.disk,
+                         hasher=self.hasher, port_types=self.registry.port_types,
+                         previous=self._load_previous(checked.recipe, run_dir), only=only, force=force,
+                         force_all=force_all)
+
+    def run(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
+            force: list[str] | None = None, force_all: bool = False, output: str | Path | None = None,
+            observers: list[Any] | None = None) -> RunResult:
+        """Validate (unless given a Checked), plan and execute a recipe."""
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        plan = self.plan(recipe, overrides=overrides, only=only, force=force, force_all=force_all, output=output,
+                         run_id=run_id)
+        result = RunResult(run_id, "ok", run_dir=plan.run_dir, plan=plan)
+        self._cancel.clear()
+        self.running = True
+        try:
+            with self.registry.observing(_Collector(result.events), *(observers or [])):
+                self._execute(plan, result)
+        finally:
+            self.running = False
+        return result
+
+    # ------------------------------------------------------------ execution
+    def _emit(self, event: Event) -> None:
+        self.registry.emit(event)
+
+    def _execute(self, plan: Plan, result: RunResult) -> None:
+        t0 = time.perf_counter()
+        recipe = plan.checked.recipe
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        (plan.run_dir / "recipe.toml").write_text(recipe.text)
+        self._emit(Event("run_started", result.run_id, data={
+            "recipe": recipe.file, "name": recipe.name, "run_dir": str(plan.run_dir),
+            "nodes": list(plan.nodes), "plan": plan.to_dict()}))
+        stats: dict[str, dict[str, Any]] = {}
+        failed: set[str] = set()
+        for nid, np_ in plan.nodes.items():
+            rn = plan.checked.nodes[nid]
+            bad = [k for k, link in rn.links.items() if link.node in failed]
+            if bad:
+                failed.add(nid)
+                result.nodes[nid] = "skipped"
+                self._emit(Event("node_skipped", result.run_id, nid, np_.type,
+                                 {"reason": f"input '{bad[0]}' failed"}))
+                continue
+            if self._cancel.is_set():
+                result.status = "cancelled"
+                break
+            if np_.action == "cached":
+                result.nodes[nid] = "cached"
+                if np_.source == "not needed":
+                    self._emit(Event("node_cached", result.run_id, nid, np_.type,
+                                     {"source": "not needed", "fingerprint": np_.fingerprint[:16]}))
+                    continue
+                result.outputs[nid] = self._load_cached(np_)
+                self._emit(Event("node_cached", result.run_id, nid, np_.type,
+                                 {"source": np_.source, "fingerprint": np_.fingerprint[:16],
+                                  "artifacts": (np_.entry.manifest.get("artifacts", []) if np_.entry else [])}))
+                continue
+            state = self._run_node(plan, np_, result, stats)
+            result.nodes[nid] = state
+            if state == "failed":
+                failed.add(nid)
+                result.status = "failed"
+            elif state == "cancelled":
+                result.status = "cancelled"
+                break
+        for nid in plan.nodes:
+            result.nodes.setdefault(nid, "skipped")
+        result.seconds = time.perf_counter() - t0
+        self._save_previous(plan)
+        write_report(plan, result, stats)
+        self._emit(Event("run_finished", result.run_id, data={
+            "status": result.status, "nodes": result.nodes, "seconds": round(result.seconds, 3),
+            "run_dir": str(plan.run_dir)}))
+
+    def _load_cached(self, np_: Any) -> dict[str, Any]:
+        if np_.source == "memory":
+            return self.memory.get(np_.fingerprint)
+        outputs = self.disk.load(np_.entry, self.registry.port_types)
+        self.disk.touch(np_.entry)
+        self.memory.put(np_.fingerprint, outputs)
+        return outputs
+
+    def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
+        rn = plan.checked.nodes[np_.id]
+        nt = rn.type
+        inputs = {k: result.outputs[link.node][link.port] for k, link in rn.links.items()}
+        ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
+                         state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
+                         models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
+                         params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin)
+        self._emit(Event("node_started", result.run_id, np_.id, nt.name,
+                         {"reason": np_.reason, "inputs": summarize_inputs(inputs), "plugin": nt.plugin}))
+        gpu = _GpuPeak()
+        t0 = time.perf_counter()
+        try:
+            kwargs = {**rn.params, **_secrets(rn), **inputs}
+            outputs = nt.call(ctx, kwargs)
+            _check_outputs(nt, outputs, self.registry.port_types)
+            if nt.cache == "disk" and all(self.registry.port_types[p].disk_cacheable for p in nt.outputs.values()) \
+                    and nt.outputs and not np_.volatile:
+                entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), self.registry.port_types,
+                                        {"type": nt.name, "node": np_.id, "recipe": plan.checked.recipe.name,
+                                         "artifacts": ctx.artifacts})
+                outputs = self.disk.load(entry, self.registry.port_types)
+        except Cancelled:
+            self._emit(Event("node_cancelled", result.run_id, np_.id, nt.name,
+                             {"artifacts": ctx.artifacts, "seconds": round(time.perf_counter() - t0, 3)}))
+            return "cancelled"
+        except Exception as exc:  # noqa: BLE001 - any node failure is reported, the run goes on
+            info = describe_failure(np_.id, nt, exc, inputs)
+            self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
+            return "failed"
+        seconds = time.perf_counter() - t0
+        self.memory.put(np_.fingerprint, outputs)
+        result.outputs[np_.id] = outputs
+        stats[np_.id] = {"seconds": seconds, "peak_gpu_bytes": gpu.peak(), "outputs": outputs,
+                         "progress": _last_progress(result.events, np_.id)}
+        self._emit(Event("node_finished", result.run_id, np_.id, nt.name,
+                         {"artifacts": ctx.artifacts, "seconds": round(seconds, 3),
+                          "fingerprint": np_.fingerprint[:16]}))
+        return "ran"
+
+    # ------------------------------------------------------------ previous identities (for reasons)
+    def _prev_path(self, run_dir: Path) -> Path:
+        return run_dir / ".fluxkiln" / "identities.json"
+
+    def _load_previous(self, recipe: Recipe, run_dir: Path) -> dict[str, dict[str, Any]]:
+        key = str(run_dir)
+        if key not in self._previous:
+            try:
+                self._previous[key] = json.loads(self._prev_path(run_dir).read_text())
+            except (OSError, ValueError):
+                self._previous[key] = {}
+        return self._previous[key]
+
+    def _save_previous(self, plan: Plan) -> None:
+        prev = self._previous.setdefault(str(plan.run_dir), {})
+        prev.update({nid: np_.identity for nid, np_ in plan.nodes.items()})
+        p = self._prev_path(plan.run_dir)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(prev, default=str))
+        os.replace(tmp, p)
+
+
+def _secrets(rn: Any) -> dict[str, str | None]:
+    out = {}
+    for key, env in rn.secrets.items():
+        out[key] = os.environ.get(env) if env else None
+        if env and out[key] is None:
+            from .errors import NodeError
+
+            raise NodeError(f"environment variable {env} is not set", key=key,
+                            hint=f"export {env}=... before running, or remove '{key}' from the recipe")
+    return out
+
+
+def _check_outputs(nt: Any, outputs: dict[str, Any], port_types: dict[str, Any]) -> None:
+    for port, value in outputs.items():
+        cls = port_types[nt.outputs[port]].cls
+        if not isinstance(value, cls):
+            raise TypeError(f"node type '{nt.name}' returned {type(value).__name__} for output '{port}', "
+                            f"expected {cls.__name__} (plugin '{nt.plugin}')")
+
+
+def _last_progress(events: list[Event], node: str) -> dict[str, Any] | None:
+    for e in reversed(events):
+        if e.node == node and e.event == "node_progress":
+            return e.data
+        if e.node == node and e.event == "node_started":
+            return None
+    return None
+
+
+class _GpuPeak:
+    """Peak GPU memory during a node, if torch is already imported and a GPU is present."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.torch = sys.modules.get("torch")
+        self.active = bool(self.torch and self.torch.cuda.is_available())
+        if self.active:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int | None:
+        if not self.active:
+            import sys
+
+            torch = sys.modules.get("torch")
+            if torch is None or not torch.cuda.is_available():
+                return None
+            self.torch = torch
+        return int(self.torch.cuda.max_memory_allocated())

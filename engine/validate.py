@@ -1,0 +1,231 @@
+"""Validation: check a parsed recipe against the registered node types.
+
+Reports every problem in one pass (each with file, line, node, key, what was
+wrong and what is allowed) and, for a valid recipe, yields the resolved nodes
+the runner executes.  Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import graph as graphmod
+from .errors import Problem, RecipeInvalid
+from .nodes import NodeType, ParamSpec
+from .recipe import Link, Recipe, load_recipe, parse_recipe
+from .registry import Registry
+
+ENV_REF = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+@dataclass
+class ResolvedNode:
+    """A node ready to run: its type, literal parameters (validated, files absolute) and links."""
+
+    id: str
+    type: NodeType
+    params: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, Link] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    secrets: dict[str, str | None] = field(default_factory=dict)  # key -> env var name
+
+
+@dataclass
+class Checked:
+    """A validated recipe: the recipe, its graph, execution order and resolved nodes."""
+
+    recipe: Recipe
+    graph: Any
+    order: list[str]
+    nodes: dict[str, ResolvedNode]
+
+
+def _close(word: str, options: list[str]) -> str:
+    found = difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+    return ("did you mean " + " or ".join(f"'{f}'" for f in found) + "?") if found else ""
+
+
+def _hint(*parts: str) -> str | None:
+    text = "; ".join(p for p in parts if p)
+    return text or None
+
+
+class _Checker:
+    def __init__(self, recipe: Recipe, registry: Registry):
+        self.r = recipe
+        self.reg = registry
+        self.problems: list[Problem] = []
+        self.resolved: dict[str, ResolvedNode] = {}
+
+    def add(self, message: str, node: str | None = None, key: str | None = None, hint: str | None = None) -> None:
+        self.problems.append(self.r.problem(message, node=node, key=key, hint=hint))
+
+    def run(self) -> None:
+        self._check_plugins()
+        for nid, spec in self.r.nodes.items():
+            if not spec.type:
+                continue
+            nt = self.reg.node_types.get(spec.type)
+            if nt is None:
+                self._unknown_type(nid, spec.type)
+                continue
+            if spec.type in self.reg.duplicates:
+                self.add(f"node type '{spec.type}' is registered by several plugins: "
+                         + ", ".join(self.reg.duplicates[spec.type]), nid, "type",
+                         "uninstall one, or limit installed plugins with FLUXKILN_PLUGINS")
+            self._check_node(nid, spec.values, nt)
+
+    def _check_plugins(self) -> None:
+        wanted = self.r.options.get("plugins") or []
+        if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+            self.add("[recipe] plugins must be a list of plugin names", key="plugins")
+            return
+        for name in wanted:
+            info = self.reg.plugins.get(name) or next(
+                (p for p in self.reg.plugins.values() if p.distribution and p.distribution.lower() == name.lower()), None)
+            if info is None:
+                self.add(f"required plugin '{name}' is not installed", key="plugins",
+                         hint=_hint(f"pip install {name}", _close(name, list(self.reg.plugins))))
+            elif info.error:
+                self.add(f"required plugin '{name}' failed to load: {info.error}", key="plugins")
+
+    def _unknown_type(self, nid: str, tname: str) -> None:
+        failed = self.reg.failed_plugins()
+        extra = ("plugins that failed to load and may provide it: "
+                 + ", ".join(f"'{p.name}' ({p.error})" for p in failed)) if failed else ""
+        self.add(f"unknown node type '{tname}'", nid, "type",
+                 _hint(_close(tname, sorted(self.reg.node_types)), extra, "`fluxkiln nodes` lists the node types"))
+
+    def _check_node(self, nid: str, values: dict[str, Any], nt: NodeType) -> None:
+        rn = ResolvedNode(nid, nt)
+        for key in values:
+            if key not in nt.params:
+                self.add(f"unknown parameter '{key}' for node type '{nt.name}'", nid, key,
+                         _hint(_close(key, list(nt.params)), "allowed: " + ", ".join(nt.params)))
+        for key, spec in nt.params.items():
+            if key not in values:
+                if spec.required:
+                    kind = "input" if spec.is_input and not spec.accepts_literal else "parameter"
+                    self.add(f"missing required {kind} '{key}'", nid, key, "expected " + spec.allowed())
+                elif spec.accepts_literal:
+                    rn.params[key] = spec.default
+                continue
+            self._check_value(rn, key, values[key], spec)
+        self.resolved[nid] = rn
+
+    def _check_value(self, rn: ResolvedNode, key: str, value: Any, spec: ParamSpec) -> None:
+        nid = rn.id
+        if isinstance(value, list) and any(isinstance(v, Link) for v in value):
+            self.add("a list of links is not allowed here", nid, key, "expected " + spec.allowed())
+            return
+        if isinstance(value, Link):
+            if not spec.is_input:
+                self.add(f"a link ({value}) where a literal belongs", nid, key,
+                         _hint("expected " + spec.allowed(), "write '@@…' for a string starting with '@'"))
+                return
+            self._check_link(rn, key, value, spec)
+            return
+        if not spec.accepts_literal:
+            self.add(f"expected a link, got the literal {value!r}", nid, key,
+                     _hint("expected " + spec.allowed(), 'write "@<node id>" to link a node\'s output'))
+            return
+        if spec.is_secret:
+            self._check_secret(rn, key, value)
+            return
+        converted, err = spec.check_literal(value)
+        if err:
+            self.add(f"invalid value {value!r}: {err}", nid, key, "expected " + spec.allowed())
+            return
+        if spec.is_file and isinstance(converted, str):
+            path = Path(converted).expanduser()
+            path = path if path.is_absolute() else (self.r.base_dir / path)
+            if not path.exists():
+                self.add(f"file not found: {converted} (looked in {path.parent})", nid, key,
+                         "paths are relative to the recipe file")
+                return
+            if not os.access(path, os.R_OK):
+                self.add(f"file is not readable: {converted}", nid, key)
+                return
+            rn.files[key] = path.resolve()
+            converted = str(path.resolve())
+        rn.params[key] = converted
+
+    def _check_secret(self, rn: ResolvedNode, key: str, value: Any) -> None:
+        if value is None:
+            rn.secrets[key] = None
+            return
+        m = ENV_REF.match(value) if isinstance(value, str) else None
+        if not m:
+            self.add("a secret must not be written in the recipe", rn.id, key,
+                     'put it in an environment variable and write "$VAR_NAME" (or leave the key out)')
+            return
+        rn.secrets[key] = m.group(1)
+
+    def _check_link(self, rn: ResolvedNode, key: str, link: Link, spec: ParamSpec) -> None:
+        target = self.r.nodes.get(link.node)
+        if target is None:
+            self.add(f"link to missing node '{link.node}'", rn.id, key,
+                     _hint(_close(link.node, list(self.r.nodes)), "nodes: " + ", ".join(self.r.nodes)))
+            return
+        tnt = self.reg.node_types.get(target.type)
+        if tnt is None:
+            return  # reported on the target itself
+        if not tnt.outputs:
+            self.add(f"node '{link.node}' (type '{tnt.name}') has no outputs to link", rn.id, key)
+            return
+        port = link.port or next(iter(tnt.outputs))
+        if port not in tnt.outputs:
+            self.add(f"link to missing port '{link.port}' of node '{link.node}' (type '{tnt.name}')", rn.id, key,
+                     "ports: " + ", ".join(f"'{p}'" for p in tnt.outputs))
+            return
+        ptype = tnt.outputs[port]
+        if ptype not in spec.ports:
+            self.add(f"port type mismatch: {link} is '{ptype}', but '{key}' takes "
+                     + " or ".join(f"'{p}'" for p in spec.ports), rn.id, key,
+                     "link a node whose output is " + " or ".join(f"'{p}'" for p in spec.ports))
+            return
+        rn.links[key] = Link(link.node, port)
+
+
+def check(recipe: Recipe, registry: Registry, problems: list[Problem] | None = None) -> tuple[Checked | None, list[Problem]]:
+    """Validate a parsed recipe; return (checked recipe or None, every problem found)."""
+    problems = list(problems or [])
+    checker = _Checker(recipe, registry)
+    checker.run()
+    problems += checker.problems
+    g = graphmod.build(recipe)
+    cycle = graphmod.find_cycle(g)
+    if cycle:
+        problems.append(recipe.problem("cycle: " + " -> ".join(cycle), node=cycle[0],
+                                       hint="a node cannot read its own output, directly or through others"))
+    for extra in registry.pm.hook.check_recipe(recipe=recipe):
+        problems += list(extra or [])
+    problems.sort(key=lambda p: (p.file != "--set", p.line or 0))
+    if problems:
+        return None, problems
+    return Checked(recipe, g, graphmod.order(g), checker.resolved), []
+
+
+def check_file(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> Checked:
+    """Load and validate a recipe file; raise :class:`RecipeInvalid` listing every problem."""
+    recipe, problems = load_recipe(path, overrides)
+    if problems and not recipe.nodes:
+        raise RecipeInvalid(problems)
+    checked, problems = check(recipe, registry, problems)
+    if checked is None:
+        raise RecipeInvalid(problems)
+    return checked
+
+
+def check_text(text: str, registry: Registry, path: Path | None = None,
+               overrides: list[str] | None = None) -> tuple[Checked | None, list[Problem]]:
+    """Validate recipe text (e.g. from the TUI editor); never raises for bad input."""
+    recipe, problems = parse_recipe(text, path, overrides)
+    if problems and not recipe.nodes:
+        return None, problems
+    return check(recipe, registry, problems)
