@@ -26,6 +26,8 @@ MAX_SIDE = 16384
 MAX_LABEL_CHARS = 200
 BACKGROUNDS = {"white": ((255, 255, 255), (20, 20, 20)), "black": ((0, 0, 0), (235, 235, 235)),
                "gray": ((128, 128, 128), (255, 255, 255))}
+SHORT_KEYS = {"num_inference_steps": "steps", "prompt_strength": "strength", "aspect_ratio": "aspect",
+              "num_outputs": "outputs", "lora_scale": "lora"}
 Extra = Annotated[Images | None, Field(description="More images (see `images`)")]
 
 
@@ -88,9 +90,10 @@ def _layout(groups: list[Images], columns: int | None, rows: int | None,
     else:
         ncol = math.ceil(math.sqrt(len(flat)))
         cells = [list(flat[i:i + ncol]) for i in range(0, len(flat), ncol)]
+    width = max(len(r) for r in cells)
+    cells = [r + [None] * (width - len(r)) for r in cells]  # ragged rows get empty cells
     if transpose:
-        width = max(len(r) for r in cells)
-        cells = [[r[c] if c < len(r) else None for r in cells] for c in range(width)]
+        cells = [list(col) for col in zip(*cells)]
     return cells
 
 
@@ -190,6 +193,6 @@ def _render(cells: list[list[ImageItem | None]], ncols: int, row_labels: list[st
             canvas.paste(th, (x + (cell - th.width) // 2, y + (cell - th.height) // 2))
             for k, key in enumerate(keys):
                 value = _value(item, key)
-                text = _fit(draw, clean_label(f"{key}: {'-' if value is None else clean_label(value)}"), font, cell)
+                text = _fit(draw, clean_label(f"{SHORT_KEYS.get(key, key)}: {'-' if value is None else clean_label(value)}"), font, cell)
                 draw.text((x, y + cell + k * line + 2), text, fill=fg, font=font)
     return canvas
