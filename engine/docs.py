@@ -37,9 +37,8 @@ def node_markdown(nt: NodeType, heading: str = "###") -> str:
     outs = ", ".join(f"`{k}` ({v})" for k, v in nt.outputs.items()) or "none"
     lines += [f"Outputs: {outs}.", "", "| key | accepts | default | description |", "|---|---|---|---|"]
     for s in nt.params.values():
-        accepts = s.allowed().replace("|", "\\|")
-        lines.append(f"| `{s.name}` | {accepts} | {default_text(s).replace('|', '\\|')} | "
-                     f"{s.doc.replace('|', '\\|')} |")
+        cells = [f"`{s.name}`", s.allowed(), default_text(s), s.doc]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,10 @@ def build(recipe: Recipe) -> nx.DiGraph:
         for key, links in spec.links().items():
             for link in links:
                 if link.node in recipe.nodes:
-                    g.add_edge(link.node, nid, key=key)
+                    if g.has_edge(link.node, nid):
+                        g.edges[link.node, nid]["keys"].append(key)
+                    else:
+                        g.add_edge(link.node, nid, keys=[key])
     return g
 
 
@@ -57,7 +60,7 @@ def with_descendants(g: nx.DiGraph, nodes: list[str]) -> set[str]:
 def render_text(g: nx.DiGraph) -> str:
     lines = []
     for n in order(g):
-        preds = [f"{k}=@{p}" for p, _, k in ((p, n, g.edges[p, n]["key"]) for p in g.predecessors(n))]
+        preds = [f"{k}=@{p}" for p in g.predecessors(n) for k in g.edges[p, n]["keys"]]
         lines.append(f"{n} ({g.nodes[n]['type']})" + (f"  <- {', '.join(sorted(preds))}" if preds else ""))
     return "\n".join(lines)
 
@@ -71,7 +74,8 @@ def render_mermaid(g: nx.DiGraph) -> str:
     for n in order(g):
         lines.append(f'    {_mid(n)}["{n}<br/><i>{g.nodes[n]["type"]}</i>"]')
     for a, b, data in sorted(g.edges(data=True)):
-        lines.append(f"    {_mid(a)} -->|{data['key']}| {_mid(b)}")
+        for key in data["keys"]:
+            lines.append(f"    {_mid(a)} -->|{key}| {_mid(b)}")
     return "\n".join(lines)
 
 
@@ -80,6 +84,7 @@ def render_dot(g: nx.DiGraph) -> str:
     for n in order(g):
         lines.append(f'  "{n}" [label="{n}\\n({g.nodes[n]["type"]})"];')
     for a, b, data in sorted(g.edges(data=True)):
-        lines.append(f'  "{a}" -> "{b}" [label="{data["key"]}"];')
+        for key in data["keys"]:
+            lines.append(f'  "{a}" -> "{b}" [label="{key}"];')
     lines.append("}")
     return "\n".join(lines)

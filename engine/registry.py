@@ -4,7 +4,9 @@ Built-in plugins (``fluxkiln.plugins.DEFAULT_PLUGINS``) and installed ones
 (entry-point group ``fluxkiln``) are loaded the same way.  A plugin that fails
 to import or to register is reported with its error and load time, and the
 others still load.  ``FLUXKILN_PLUGINS`` (comma-separated distribution or
-plugin names) limits which installed plugins load.
+plugin names) limits which installed plugins load; ``FLUXKILN_PLUGIN_MODULES``
+(comma-separated importable module names) loads plugins that are not
+installed, for developing a plugin without packaging it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .ports import PortType
 
 ENTRY_POINT_GROUP = "fluxkiln"
 ENV_ALLOW = "FLUXKILN_PLUGINS"
+ENV_MODULES = "FLUXKILN_PLUGIN_MODULES"
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Registry:
                 reg._add_module(modname, modname, "builtin", "fluxkiln")
         if entry_points:
             reg._add_entry_points()
+        for modname in filter(None, (m.strip() for m in os.environ.get(ENV_MODULES, "").split(","))):
+            if modname not in reg.plugins:
+                reg._add_module(modname, modname, "module", None)
         for i, obj in enumerate(extra or []):
             name = getattr(obj, "__name__", None) or f"extra-{i}"
             reg._add_object(obj, name, "extra")

@@ -1,0 +1,191 @@
+"""Validation reports every problem in one pass, each with file, line, node and key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typing import Annotated
+
+from fluxkiln.engine import Images, Secret, Text, hookimpl, node
+from fluxkiln.engine.registry import Registry
+from fluxkiln.engine.validate import check_text
+from helpers import textnodes
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Registry.load(extra=[textnodes], entry_points=False)
+
+
+def problems_of(registry, text, path=Path("/r/x.toml"), overrides=None):
+    checked, problems = check_text(textwrap.dedent(text), registry, path, overrides)
+    assert checked is None, "expected the recipe to be invalid"
+    return problems
+
+
+def find(problems, fragment):
+    hits = [p for p in problems if fragment in p.message]
+    assert hits, f"no problem containing {fragment!r} in: " + "\n".join(p.format() for p in problems)
+    return hits[0]
+
+
+def test_valid_recipe_passes(registry):
+    checked, problems = check_text('[recipe]\nname="ok"\n[nodes.a]\ntype="const"\n[nodes.b]\ntype="concat"\nleft="@a"\n',
+                                   registry, Path("/r/x.toml"))
+    assert problems == [] and checked.order == ["a", "b"]
+
+
+def test_toml_syntax_error_names_line(registry):
+    p = problems_of(registry, '[recipe]\nname = "x"\n[nodes.a\ntype="const"\n')[0]
+    assert "TOML syntax error" in p.message and p.line == 3 and p.file == "/r/x.toml"
+
+
+def test_missing_recipe_name(registry):
+    p = find(problems_of(registry, '[recipe]\ndescription="d"\n[nodes.a]\ntype="const"\n'), "missing [recipe] name")
+    assert p.key == "name" and p.line == 1
+
+
+ALL_AT_ONCE = '''\
+[recipe]
+name = "many"
+
+[vars]
+v = 1
+
+[nodes.a]
+type = "cnost"
+
+[nodes.b]
+type = "const"
+valeu = "x"
+repeat = "three"
+scale = 2.5
+mode = "c"
+
+[nodes.c]
+type = "concat"
+left = "@nowhere"
+right = "@b.nope"
+
+[nodes.d]
+type = "concat"
+left = "literal text"
+sep = "@b"
+
+[nodes.e]
+type = "concat"
+
+[nodes.f]
+type = "concat"
+left = "@g"
+
+[nodes.g]
+type = "concat"
+left = "@f"
+
+[nodes.h]
+type = "const"
+value = "${undefined_var}"
+scale = nan
+
+[nodes.i]
+type = "read_file"
+path = "missing.txt"
+'''
+
+
+def line_in(text, node, key):
+    """1-based line of `key =` inside [nodes.<node>] (or of the table header when key is None)."""
+    lines = text.splitlines()
+    start = lines.index(f"[nodes.{node}]")
+    if key is None:
+        return start + 1
+    return next(i + 1 for i in range(start, len(lines)) if lines[i].split("=")[0].strip() == key)
+
+
+def test_every_problem_reported_once_with_location(registry):
+    problems = problems_of(registry, ALL_AT_ONCE)
+    expect = [
+        ("unknown node type 'cnost'", "a", "type", 8, "did you mean 'const'"),
+        ("unknown parameter 'valeu'", "b", "valeu", 12, "did you mean 'value'"),
+        ("invalid value 'three'", "b", "repeat", 13, "an integer from 1 to 10"),
+        ("invalid value 2.5", "b", "scale", 14, "a number from 0.0 to 1.0"),
+        ("invalid value 'c'", "b", "mode", 15, "one of 'a', 'b'"),
+        ("link to missing node 'nowhere'", "c", "left", 19, "nodes:"),
+        ("link to missing port 'nope'", "c", "right", 20, "ports: 'output'"),
+        ("expected a link, got the literal 'literal text'", "d", "left", 24, "@<node id>"),
+        ("a link (@b) where a literal belongs", "d", "sep", 25, "a string"),
+        ("missing required input 'left'", "e", "left", 27, "link"),
+        ("undefined variable ${undefined_var}", "h", "value", 40, "defined: v"),
+        ("nan is not allowed", "h", "scale", 41, None),
+        ("file not found: missing.txt", "i", "path", 45, "relative to the recipe"),
+        ("cycle: f -> g -> f", "f", None, 30, None),
+    ]
+    for fragment, node, key, line, hint in expect:
+        p = find(problems, fragment)
+        assert line in (line_in(ALL_AT_ONCE, node, key), line_in(ALL_AT_ONCE, node, None))
+        assert (p.node, p.key, p.line, p.file) == (node, key, line, "/r/x.toml"), p.format()
+        if hint:
+            assert hint in (p.hint or ""), p.format()
+    assert len(problems) == len(expect), "\n".join(p.format() for p in problems)
+
+
+def test_port_type_mismatch(registry):
+    @node("want_images")
+    def want_images(images: Images) -> None:
+        """Takes images."""
+
+    class Plug:
+        @hookimpl
+        def register_node_types(self, register):
+            register(want_images)
+
+    reg = Registry.load(extra=[textnodes, Plug()], entry_points=False)
+    p = find(problems_of(reg, '[recipe]\nname="x"\n[nodes.a]\ntype="const"\n[nodes.b]\ntype="want_images"\nimages="@a"\n'),
+             "port type mismatch")
+    assert p.node == "b" and p.key == "images" and p.line == 7 and "'text'" in p.message and "'images'" in p.message
+
+
+def test_set_override_errors_and_values(registry):
+    text = '[recipe]\nname="x"\n[nodes.a]\ntype="const"\nrepeat=1\n'
+    checked, problems = check_text(text, registry, Path("/r/x.toml"), ["nodes.a.repeat=3"])
+    assert problems == [] and checked.nodes["a"].params["repeat"] == 3
+    problems = problems_of(registry, text, overrides=["nodes.zz.repeat=3", "bogus"])
+    assert any("no node 'zz'" in p.message for p in problems)
+    assert any("expected KEY=VALUE" in p.message for p in problems)
+
+
+def test_links_escape_and_vars(registry):
+    text = '[recipe]\nname="x"\n[vars]\nn=3\nw="hey"\n[nodes.a]\ntype="const"\nvalue="@@${w}"\nrepeat="${n}"\n'
+    checked, problems = check_text(text, registry, Path("/r/x.toml"))
+    assert problems == []
+    assert checked.nodes["a"].params == {"value": "@hey", "repeat": 3, "scale": 0.5, "mode": "a"}
+
+
+def test_paths_are_relative_to_recipe(registry, tmp_path):
+    (tmp_path / "data.txt").write_text("hello")
+    checked, problems = check_text('[recipe]\nname="x"\n[nodes.a]\ntype="read_file"\npath="data.txt"\n',
+                                   registry, tmp_path / "r.toml")
+    assert problems == [] and checked.nodes["a"].params["path"] == str((tmp_path / "data.txt").resolve())
+
+
+def test_secret_must_be_env_reference():
+    @node("needs_token")
+    def needs_token(token: Annotated[str | None, Secret()] = None) -> Text:
+        """Uses a token."""
+        return Text("ok")
+
+    class Plug:
+        @hookimpl
+        def register_node_types(self, register):
+            register(needs_token)
+
+    reg = Registry.load(extra=[Plug()], entry_points=False)
+    p = find(problems_of(reg, '[recipe]\nname="x"\n[nodes.a]\ntype="needs_token"\ntoken="hf_abcdef"\n'),
+             "a secret must not be written in the recipe")
+    assert p.key == "token" and "$VAR_NAME" in p.hint
+    checked, problems = check_text('[recipe]\nname="x"\n[nodes.a]\ntype="needs_token"\ntoken="$MY_TOKEN"\n',
+                                   reg, Path("/r/x.toml"))
+    assert problems == [] and checked.nodes["a"].secrets == {"token": "MY_TOKEN"}
