@@ -159,7 +159,8 @@ def reproduce_recipe(meta: dict[str, Any], image_name: str = "the image") -> tup
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise MetadataError(f"the embedded recipe is not valid TOML: {exc}") from exc
-    notes = _apply_overrides(data, meta.get("overrides") or [])
+    notes = _drop_redacted(data)
+    notes += _apply_overrides(data, meta.get("overrides") or [])
     notes += _pin(data, meta)
     head = data.setdefault("recipe", {})
     seed = meta.get("seed")
@@ -178,6 +179,20 @@ def reproduce_recipe(meta: dict[str, Any], image_name: str = "the image") -> tup
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _drop_redacted(data: dict[str, Any]) -> list[str]:
+    """Remove secret keys whose values were redacted: the node then reads its default variable."""
+    notes = []
+    nodes = data.get("nodes") if isinstance(data.get("nodes"), dict) else {}
+    for nid, table in nodes.items():
+        if not isinstance(table, dict):
+            continue
+        for key in [k for k, v in table.items() if v == REDACTED]:
+            del table[key]
+            notes.append(f"removed redacted secret nodes.{clean(nid, 100)}.{clean(key, 100)}; "
+                         'give it as "$ENV_NAME" or set the environment variable the node reads')
+    return notes
 
 
 def _apply_overrides(data: dict[str, Any], overrides: list[Any]) -> list[str]:

@@ -130,3 +130,18 @@ def test_large_recipe_is_compressed_in_jpeg(tmp_path):
     with Image.open(path) as im:
         assert b"payload_zb64" in im.info["xmp"]
     assert imagemeta.read_metadata(path)["recipe"] == recipe
+
+
+def test_written_recipe_has_no_secret(tmp_path, monkeypatch, capsys):
+    sentinel = "hf_SENTINEL0123456789abcdefghijklmnop"
+    monkeypatch.setenv("HF_TOKEN", sentinel)
+    text = RECIPE + f'\n[nodes.up]\ntype = "train_lora"\nhf_token = "{sentinel}"\nwandb_api_key = "$WANDB_API_KEY"\n'
+    ctx, _ = make_ctx(tmp_path, text=text)
+    path = save(ctx, sample_images(1), output_format="webp")[0].meta["path"]
+    out = tmp_path / "repro.toml"
+    assert main([path, "--write-recipe", str(out)]) == 0
+    written = out.read_text()
+    assert "SENTINEL" not in written and "<redacted>" not in written
+    up = tomllib.loads(written)["nodes"]["up"]
+    assert up == {"type": "train_lora", "wandb_api_key": "$WANDB_API_KEY"}
+    assert "removed redacted secret nodes.up.hf_token" in capsys.readouterr().err
