@@ -1,0 +1,157 @@
+"""Incremental reruns: fingerprints, disk and memory caches, reasons, --force, --explain, cache command."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from clihelp import events, fluxkiln
+from fluxkiln.engine.registry import Registry
+from fluxkiln.engine.runner import Engine
+from helpers import textnodes
+
+RECIPE = textwrap.dedent('''\
+    [recipe]
+    name = "inc"
+    [nodes.src]
+    type = "read_file"
+    path = "data.txt"
+    [nodes.a]
+    type = "const"
+    value = "hi"
+    [nodes.b]
+    type = "concat"
+    left = "@a"
+    right = "@src"
+    [nodes.c]
+    type = "concat"
+    left = "@b"
+    ''')
+
+
+@pytest.fixture
+def proj(tmp_path):
+    (tmp_path / "r.toml").write_text(RECIPE)
+    (tmp_path / "data.txt").write_text("file")
+    return tmp_path
+
+
+@pytest.fixture
+def engine(fresh_cache):
+    return Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+
+
+def started(result):
+    return {e.node: e.data["reason"] for e in result.events if e.event == "node_started"}
+
+
+def cached(result):
+    return {e.node: e.data["source"] for e in result.events if e.event == "node_cached"}
+
+
+def test_unchanged_recipe_in_new_process_is_all_cached_from_disk(proj, fresh_cache):
+    first = events(fluxkiln("run", "r.toml", "--json", cwd=proj, cache=fresh_cache).stdout)
+    assert set(first[-1]["nodes"].values()) == {"ran"}
+    second = events(fluxkiln("run", "r.toml", "--json", cwd=proj, cache=fresh_cache).stdout)
+    assert second[-1]["nodes"] == {"src": "cached", "a": "cached", "b": "cached", "c": "cached"}
+    assert {e["node"]: e["source"] for e in second if e["event"] == "node_cached"} == dict.fromkeys("abc", "disk") | {"src": "disk"}
+    assert not [e for e in second if e["event"] == "node_started"]
+
+
+def test_same_process_reuses_memory(proj, engine):
+    engine.run(proj / "r.toml", output=proj / "out")
+    again = engine.run(proj / "r.toml", output=proj / "out")
+    assert cached(again) == {"src": "memory", "a": "memory", "b": "memory", "c": "memory"}
+
+
+def test_param_change_reruns_only_node_and_dependants_with_reasons(proj, engine):
+    engine.run(proj / "r.toml", output=proj / "out")
+    textnodes.CALLS.clear()
+    res = engine.run(proj / "r.toml", overrides=['nodes.a.value="yo"'], output=proj / "out")
+    assert started(res) == {"a": "param 'value' changed 'hi' -> 'yo'", "b": "input 'left' changed",
+                            "c": "input 'left' changed"}
+    assert textnodes.CALLS == ["a", "b", "c"] and res.nodes["src"] == "cached"
+    assert res.outputs["c"]["output"] == "yo+file"
+
+
+def test_file_content_change_reruns_reader(proj, engine):
+    engine.run(proj / "r.toml", output=proj / "out")
+    (proj / "data.txt").write_text("edited!")
+    res = engine.run(proj / "r.toml", output=proj / "out")
+    assert started(res)["src"] == "file 'data.txt' changed" and set(started(res)) == {"src", "b", "c"}
+    assert res.outputs["c"]["output"] == "hi+edited!"
+
+
+def test_renaming_node_ids_and_reordering_tables_reruns_nothing(proj, engine):
+    engine.run(proj / "r.toml", output=proj / "out")
+    renamed = RECIPE.replace("nodes.a]", "nodes.alpha]").replace('"@a"', '"@alpha"')
+    reordered = renamed.split("[nodes.c]")
+    (proj / "r2.toml").write_text(reordered[0].replace("[nodes.src]", "[nodes.c]" + reordered[1] + "[nodes.src]"))
+    res = Engine(engine.registry, cache_dir=engine.cache_root).run(proj / "r2.toml", output=proj / "out")
+    assert res.nodes == {"src": "cached", "alpha": "cached", "b": "cached", "c": "cached"}
+    assert set(cached(res).values()) == {"disk"}
+
+
+def test_corrupted_cache_entry_is_recomputed(proj, fresh_cache):
+    first = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    first.run(proj / "r.toml", output=proj / "out")
+    values = list((fresh_cache / "results").glob("*/*/output/value.json"))
+    assert len(values) == 4
+    for v in values:
+        v.write_text(v.read_text().replace("hi", "XX"))  # same size, different bytes
+    res = Engine(first.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    assert set(res.nodes.values()) <= {"ran"} | {"cached"} and "XX" not in res.outputs["c"]["output"]
+    assert res.outputs["c"]["output"] == "hi+file"
+    assert {n for n, s in res.nodes.items() if s == "ran"} >= {"a", "b", "c"}
+
+
+def test_deleted_artifact_reruns_its_node(proj, fresh_cache):
+    eng = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    eng.run(proj / "r.toml", output=proj / "out")
+    (proj / "out" / "c" / "out.txt").unlink()
+    res = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    assert started(res) == {"c": f"artifact '{proj / 'out' / 'c' / 'out.txt'}' is missing"}
+    assert (proj / "out" / "c" / "out.txt").exists()
+
+
+def test_force_node_reruns_it_and_dependants(proj, fresh_cache):
+    fluxkiln("run", "r.toml", cwd=proj, cache=fresh_cache)
+    evs = events(fluxkiln("run", "r.toml", "--json", "--force", "b", cwd=proj, cache=fresh_cache).stdout)
+    reasons = {e["node"]: e["reason"] for e in evs if e["event"] == "node_started"}
+    assert reasons == {"b": "forced", "c": "forced (depends on a forced node)"}
+    evs = events(fluxkiln("run", "r.toml", "--json", "--force", cwd=proj, cache=fresh_cache).stdout)
+    assert set(evs[-1]["nodes"].values()) == {"ran"}
+
+
+def test_explain_prints_plan_without_running(proj, fresh_cache):
+    fluxkiln("run", "r.toml", cwd=proj, cache=fresh_cache)
+    (proj / "data.txt").write_text("changed")
+    res = fluxkiln("run", "r.toml", "--explain", "--set", 'nodes.a.value="q"', cwd=proj, cache=fresh_cache)
+    assert res.returncode == 0
+    lines = {line.split()[0]: line for line in res.stdout.splitlines()}
+    assert "run    (file 'data.txt' changed)" in lines["src"] and "param 'value' changed 'hi' -> 'q'" in lines["a"]
+    plan = json.loads(fluxkiln("run", "r.toml", "--explain", "--json", cwd=proj, cache=fresh_cache).stdout)
+    assert plan["src"]["action"] == "run" and plan["a"]["action"] == "cached"
+    assert (proj / "data.txt").read_text() == "changed"  # nothing ran: the cache still has the old file's result
+    assert plan == json.loads(fluxkiln("run", "r.toml", "--explain", "--json", cwd=proj, cache=fresh_cache).stdout)
+
+
+def test_volatile_and_never_cached_nodes_always_run(proj, engine):
+    (proj / "v.toml").write_text(RECIPE + '[nodes.s]\ntype = "slow"\ntext = "@c"\nsteps = 1\ndelay = 0\n')
+    engine.run(proj / "v.toml", output=proj / "out")
+    res = engine.run(proj / "v.toml", output=proj / "out")
+    assert started(res) == {"s": "node type is never cached"}
+
+
+def test_cache_command_lists_and_prunes(proj, fresh_cache):
+    fluxkiln("run", "r.toml", cwd=proj, cache=fresh_cache)
+    listing = json.loads(fluxkiln("cache", "--json", cwd=proj, cache=fresh_cache).stdout)
+    assert len(listing["entries"]) == 4 and {e["type"] for e in listing["entries"]} == {"const", "concat", "read_file"}
+    human = fluxkiln("cache", cwd=proj, cache=fresh_cache).stdout
+    assert "4 entries" in human
+    res = fluxkiln("cache", "prune", "--max-size", "0", cwd=proj, cache=fresh_cache)
+    assert res.returncode == 0 and "removed 4 entries" in res.stdout
+    assert json.loads(fluxkiln("cache", "--json", cwd=proj, cache=fresh_cache).stdout)["entries"] == []
+    assert fluxkiln("cache", "prune", "--older-than", "soon", cwd=proj, cache=fresh_cache).returncode == 2
