@@ -36,13 +36,13 @@ JPEG_XMP_LIMIT = 65000  # one APP1 segment holds 65533 bytes, less the XMP heade
 REDACTED = "<redacted>"
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
-SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password|passwd|credential)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(?:^|[_.-])(?:token|api[_-]?key|secret|password|passwd|credentials?)(?:$|[_.-])",
+                        re.IGNORECASE)
 SECRET_ENV_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 ENV_REF = re.compile(r"^\$[A-Za-z_][A-Za-z0-9_]*$")
 TOKEN_VALUE = re.compile(r"\b(?:hf_|sk-|ghp_|gho_|github_pat_|r8_|xox[abp]-)[A-Za-z0-9_\-]{16,}")
-TOML_SECRET_LINE = re.compile(
-    r"""(?P<key>["']?[A-Za-z0-9_.-]*(?:token|api[_-]?key|secret|password|passwd|credential)[A-Za-z0-9_-]*["']?)"""
-    r"""(?P<eq>\s*=\s*)(?P<val>"(?:[^"\\\n]|\\.)*"|'[^'\n]*')""", re.IGNORECASE)
+TOML_STRING_VALUE = re.compile(
+    r"""(?P<key>[A-Za-z0-9_.-]+|"[^"\n]*"|'[^'\n]*')(?P<eq>[ \t]*=[ \t]*)(?P<val>"(?:[^"\\\n]|\\.)*"|'[^'\n]*')""")
 _PAYLOAD_RE = re.compile(rb"<fluxkiln:payload>(.*?)</fluxkiln:payload>", re.DOTALL)
 _PAYLOAD_Z_RE = re.compile(rb"<fluxkiln:payload_zb64>([A-Za-z0-9+/=\s]*)</fluxkiln:payload_zb64>")
 
@@ -79,13 +79,13 @@ def _scrub_text(text: str, env_values: list[str]) -> str:
 def redact_toml(text: str, env_values: list[str] | None = None) -> str:
     """Redact literal values of token-like keys in TOML text; ``"$ENV"`` references are kept."""
     def one(m: re.Match) -> str:
-        val = m.group("val")
-        if ENV_REF.match(val[1:-1]) or val[1:-1] == "":
+        key, val = m.group("key").strip("\"'"), m.group("val")[1:-1]
+        if not SECRET_KEY.search(key.rsplit(".", 1)[-1]) or ENV_REF.match(val) or val == "":
             return m.group(0)
         return f'{m.group("key")}{m.group("eq")}"{REDACTED}"'
 
     env_values = _env_secrets() if env_values is None else env_values
-    return _scrub_text(TOML_SECRET_LINE.sub(one, text), env_values)
+    return _scrub_text(TOML_STRING_VALUE.sub(one, text), env_values)
 
 
 def _redact_override(item: str, env_values: list[str]) -> str:
