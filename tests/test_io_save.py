@@ -128,6 +128,7 @@ def test_no_secret_in_metadata(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_HF_TOKEN", sentinel)
     monkeypatch.setenv("WANDB_API_KEY", other)
     text = RECIPE + '\n[nodes.lora]\ntype = "train_lora"\nhf_token = "$MY_HF_TOKEN"\nwandb_api_key = "' + other + '"\n'
+    text += 'tokenizer = "models/tokenizer"\n'  # not a secret, kept as is
     ctx, _ = make_ctx(tmp_path, text=text, overrides=[f"nodes.lora.hf_token={sentinel}"])
     # a careless sampler that recorded resolved secrets in its meta must not leak them either
     items = sample_images(1, hf_token=sentinel)
@@ -140,6 +141,7 @@ def test_no_secret_in_metadata(tmp_path, monkeypatch):
         assert b"SENTINEL" not in raw and b"S3NTINEL" not in raw
         meta = read_metadata(path)
         assert '"$MY_HF_TOKEN"' in meta["recipe"]  # the env reference itself is kept
+        assert 'tokenizer = "models/tokenizer"' in meta["recipe"]
         assert meta["params"]["wandb_api_key"] == "<redacted>"
         assert meta["overrides"] == ["nodes.lora.hf_token=<redacted>"]
 
