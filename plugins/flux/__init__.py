@@ -1,1 +1,28 @@
-"""placeholder"""
+"""Built-in FLUX.1 plugin: the load_model, apply_lora and sample node types and the
+``builtin:tiny-flux`` / ``builtin:tiny-flux-schnell`` model references.
+
+Registered exactly as a third-party plugin is (``@hookimpl`` functions); nothing
+heavy (torch, diffusers) is imported until a node runs.
+"""
+
+from __future__ import annotations
+
+from fluxkiln.engine import hookimpl
+
+from .load import load_model
+from .lora import apply_lora
+from .sample import sample
+from .tiny import resolve_builtin
+
+NODE_TYPES = (load_model, apply_lora, sample)
+
+
+@hookimpl
+def register_node_types(register):
+    for node_type in NODE_TYPES:
+        register(node_type)
+
+
+@hookimpl
+def resolve_model(ref: str) -> str | None:
+    return resolve_builtin(ref)
