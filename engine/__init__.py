@@ -11,9 +11,10 @@ from .events import Event
 from .hookspecs import hookimpl
 from .nodes import FilePath, InputFile, NodeType, ParamSpec, Secret, node
 from .ports import Dataset, DatasetItem, ImageItem, Images, Lora, Model, PortType, Prompts, Text
+from .recipe import Link, Recipe
 
 __all__ = [
-    "Cancelled", "Dataset", "DatasetItem", "Event", "FilePath", "ImageItem", "Images", "InputFile", "Lora",
+    "Cancelled", "Dataset", "DatasetItem", "Event", "FilePath", "ImageItem", "Images", "InputFile", "Link", "Lora",
     "Model", "NodeError", "NodeType", "ParamSpec", "PluginError", "PortType", "Problem", "Prompts",
-    "RecipeInvalid", "RunContext", "Secret", "Text", "hookimpl", "node",
+    "Recipe", "RecipeInvalid", "RunContext", "Secret", "Text", "hookimpl", "node",
 ]
