@@ -32,7 +32,7 @@ def fixture_dataset(ctx: RunContext, folder: FilePath) -> Dataset:
 
 
 @node("fixture_colors", version="1")
-def fixture_colors(ctx: RunContext, colors: Annotated[list[str], Field(description="#rrggbb")] = ["#808080"],
+def fixture_colors(ctx: RunContext, colors: Annotated[list[str], Field(description="#rrggbb")] = ["#808080"],  # noqa: B006
                    size: int = 40) -> Images:
     """Solid-colour images, one per colour."""
     from PIL import Image

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from fluxkiln.plugins.caption.tiny import tiny_captioner_path
+
 from test_caption_helpers import engine, failure, logs, make_images, write_recipe
 
 

@@ -10,6 +10,7 @@ import pytest
 from fluxkiln.engine.nodes import node as node_decorator
 from fluxkiln.plugins.caption.store import MANIFEST, edited_captions_fingerprint
 from fluxkiln.plugins.caption.text import apply_trigger, compose_generated
+
 from test_caption_helpers import engine, failure, logs, make_images, write_recipe
 
 DATA = {"a": ((200, 10, 10), "a kept caption"), "b": ((10, 200, 10), None), "c": ((10, 10, 200), None)}
@@ -17,6 +18,7 @@ DATA = {"a": ((200, 10, 10), "a kept caption"), "b": ((10, 200, 10), None), "c":
 
 def recipe(tmp_path, **params):
     params.setdefault("model", "builtin:tiny-captioner")
+    params.setdefault("max_length", 16)
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
     return write_recipe(tmp_path, f"""
         [nodes.data]
@@ -244,3 +246,30 @@ def test_local_copy_loads_like_the_builtin(setup):
     a = captions(run(eng, recipe(tmp_path, model="models/my-florence", overwrite=True), tmp_path))
     b = captions(run(engine(tmp_path), recipe(tmp_path, model="builtin:tiny-captioner", overwrite=True), tmp_path))
     assert a == b
+
+
+def test_cli_run_with_the_dataset_node_streams_caption_events(tmp_path, capsys):
+    from fluxkiln.engine.cli import main
+
+    make_images(tmp_path / "data", DATA)
+    path = write_recipe(tmp_path, """
+        [nodes.data]
+        type = "dataset"
+        source = "data"
+
+        [nodes.cap]
+        type = "caption"
+        dataset = "@data"
+        model = "builtin:tiny-captioner"
+        max_length = 8
+        trigger_word = "TOK"
+        """)
+    assert main(["run", str(path), "--json", "--output", str(tmp_path / "out")]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    steps = [e["step"] for e in events if e["event"] == "node_progress" and e["node"] == "cap"]
+    assert steps[-1] == 3
+    assert (tmp_path / "out" / "cap" / "a.txt").read_text() == "TOK, a kept caption\n"
+    assert (tmp_path / "out" / "cap" / "b.txt").read_text().startswith("TOK, ")
+    assert main(["run", str(path), "--json", "--output", str(tmp_path / "out")]) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["source"] for e in again if e["event"] == "node_cached" and e["node"] == "cap"] == ["disk"]

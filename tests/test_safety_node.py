@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fluxkiln.plugins.safety.tiny import tiny_safety_path
+
 from test_caption_helpers import BLUE, GRAY, RED, ROSE, YELLOW, engine, failure, logs, write_recipe
 
 TINY = "builtin:tiny-safety"
@@ -185,7 +186,8 @@ def test_tiny_verdicts_follow_the_documented_colour_edges():
     chk, clf = load_checker(root, "cpu"), load_classifier(root, "cpu")
     colours = [(255, 104, 104), (255, 88, 88), (255, 0, 80), (255, 0, 48), (128, 128, 128)]
     ims = [Image.new("RGB", (40, 30), c) for c in colours]
-    assert [r["flagged"] for r in checker_scores(chk.model, chk.processor, ims, 0.0)] == [False, True, True, True, False]
+    flagged = [r["flagged"] for r in checker_scores(chk.model, chk.processor, ims, 0.0)]
+    assert flagged == [False, True, True, True, False]
     assert [r["flagged"] for r in classifier_scores(clf, ims, 0.5)] == [False, False, False, True, False]
 
 

@@ -117,13 +117,23 @@ def family_of(config: dict[str, Any], folder: Path) -> str:
 
 def load_captioner(folder: Path, device: str) -> Captioner:
     """Load the captioner in ``folder`` with the class its config names, onto ``device``."""
+    from .modelref import quiet_transformers
+
+    with quiet_transformers():
+        return _load_captioner(folder, device)
+
+
+def _load_captioner(folder: Path, device: str) -> Captioner:
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BlipForConditionalGeneration, \
-        Florence2ForConditionalGeneration
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        BlipForConditionalGeneration,
+        Florence2ForConditionalGeneration,
+    )
 
-    from .modelref import pick_dtype, quiet_transformers, read_config
+    from .modelref import pick_dtype, read_config
 
-    quiet_transformers()
     config = read_config(folder)
     family = family_of(config, folder)
     cls = {"blip": BlipForConditionalGeneration, "florence2": Florence2ForConditionalGeneration}.get(

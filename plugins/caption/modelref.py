@@ -10,7 +10,9 @@ plugins use to put a loaded model under the engine's model residency.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +120,17 @@ def pick_dtype(device: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' progress bars and backend warnings (our own progress events say enough)."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and backend warnings for a block (our own events say enough)."""
     from transformers.utils import logging as tlog
 
+    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()

@@ -69,8 +69,13 @@ def _save_blip(out: Path) -> None:
 
 # ---------------------------------------------------------------- Florence-2
 def _save_florence2(out: Path) -> None:
-    from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, \
-        Florence2Processor
+    from transformers import (
+        BartConfig,
+        BartTokenizer,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
 
@@ -110,8 +115,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content
 
 def _save_vlm(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
-        LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -162,10 +173,10 @@ def tiny_captioner_path(name: str) -> Path:
     final = root / f"{name}-{VERSION}"
     if (final / "config.json").is_file():
         return final
-    quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        BUILDERS[name](tmp)
+        with quiet_transformers():
+            BUILDERS[name](tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -85,11 +85,25 @@ def _subfolder(folder: Path, sub: str) -> Path:
 
 def load_checker(folder: Path, device: str) -> Stage:
     """Load a Stable Diffusion safety checker (and its CLIP image processor) from ``folder``."""
-    from fluxkiln.plugins.caption.modelref import pick_dtype, quiet_transformers, read_config
+    from fluxkiln.plugins.caption.modelref import quiet_transformers
 
-    quiet_transformers()
+    with quiet_transformers():
+        return _load_checker(folder, device)
+
+
+def load_classifier(folder: Path, device: str) -> Stage:
+    """Load an image classifier with an NSFW-like label (e.g. Falconsai/nsfw_image_detection)."""
+    from fluxkiln.plugins.caption.modelref import quiet_transformers
+
+    with quiet_transformers():
+        return _load_classifier(folder, device)
+
+
+def _load_checker(folder: Path, device: str) -> Stage:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import AutoImageProcessor
+
+    from fluxkiln.plugins.caption.modelref import pick_dtype, read_config
 
     model_dir = _subfolder(folder, "safety_checker")
     archs = read_config(model_dir).get("architectures") or []
@@ -110,12 +124,10 @@ def load_checker(folder: Path, device: str) -> Stage:
     return Stage("checker", model, processor, device)
 
 
-def load_classifier(folder: Path, device: str) -> Stage:
-    """Load an image classifier with an NSFW-like label (e.g. Falconsai/nsfw_image_detection)."""
-    from fluxkiln.plugins.caption.modelref import pick_dtype, quiet_transformers, read_config
-
-    quiet_transformers()
+def _load_classifier(folder: Path, device: str) -> Stage:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from fluxkiln.plugins.caption.modelref import pick_dtype, read_config
 
     model_dir = _subfolder(folder, "nsfw_classifier")
     archs = read_config(model_dir).get("architectures") or []

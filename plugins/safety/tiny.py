@@ -150,6 +150,7 @@ def tiny_safety_path(ref: str) -> Path:
     import torch
 
     from fluxkiln.engine.paths import builtin_models_dir
+    from fluxkiln.plugins.caption.modelref import quiet_transformers
 
     name, sub = BUILTIN_REFS[ref]
     root = builtin_models_dir()
@@ -157,7 +158,7 @@ def tiny_safety_path(ref: str) -> Path:
     if not (final / "nsfw_classifier" / "config.json").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), quiet_transformers():
                 torch.manual_seed(0)
                 BUILDERS[name](tmp)
             try:
