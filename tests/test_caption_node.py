@@ -152,14 +152,18 @@ def test_edited_files_fingerprint_ignores_the_nodes_own_writes(setup):
 
 @pytest.mark.skipif("extra_fingerprint" not in __import__("inspect").signature(node_decorator).parameters,
                     reason="engine does not take @node(extra_fingerprint=...) yet")
-def test_editing_a_caption_file_reruns_the_node_through_the_engine(setup):
+@pytest.mark.parametrize("where", [None, "captions"])
+def test_editing_a_caption_file_reruns_the_node_through_the_engine(setup, where):
     tmp_path, eng = setup
-    path = recipe(tmp_path, captions_dir="captions")
+    path = recipe(tmp_path, **({"captions_dir": where} if where else {}))
     run(eng, path, tmp_path)
     assert run(eng, path, tmp_path).nodes["cap"] == "cached"
-    (tmp_path / "captions" / "c.txt").write_text("hand written")
+    folder = tmp_path / where if where else tmp_path / "runs" / "t" / "cap"
+    (folder / "c.txt").write_text("hand written")
     result = run(eng, path, tmp_path)
     assert result.nodes["cap"] == "ran" and captions(result)["c.png"] == "hand written"
+    started = [e.data["reason"] for e in result.events if e.event == "node_started" and e.node == "cap"]
+    assert "edited" in started[0]
     assert run(eng, path, tmp_path).nodes["cap"] == "cached"
     assert run(engine(tmp_path), path, tmp_path).nodes["cap"] == "cached"  # a new process agrees
 
