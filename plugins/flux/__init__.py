@@ -11,10 +11,10 @@ from fluxkiln.engine import hookimpl
 
 from .load import load_model
 from .lora import apply_lora
-from .sample import sample
+from .sample import sample as sample_node
 from .tiny import resolve_builtin
 
-NODE_TYPES = (load_model, apply_lora, sample)
+NODE_TYPES = (load_model, apply_lora, sample_node)
 
 
 @hookimpl

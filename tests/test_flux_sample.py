@@ -1,0 +1,302 @@
+"""The sample node on the tiny built-in FLUX models, run through the Engine like a recipe."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxkiln.engine.errors import RecipeInvalid
+from fluxkiln.engine.runner import Engine
+from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
+
+DEV = 'type = "load_model"\nmodel = "builtin:tiny-flux"'
+SCHNELL = 'type = "load_model"\nmodel = "builtin:tiny-flux-schnell"'
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """One engine for the module: the tiny pipelines stay hot between tests, as in watch mode."""
+    return Engine(cache_dir=tmp_path_factory.mktemp("flux-sample-cache"))
+
+
+def recipe(folder: Path, body: str, name: str = "t") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(f'[recipe]\nname = "{name}"\n\n' + textwrap.dedent(body))
+    return path
+
+
+def run(engine, path, expect="ok", **kw):
+    result = engine.run(path, output=path.parent / "runs", **kw)
+    if expect and result.status != expect:
+        errors = [f"{e.node}: {e.data.get('error')}\n{e.data.get('traceback', '')}" for e in result.events
+                  if e.event == "node_failed"]
+        pytest.fail(f"status {result.status}, expected {expect}: {errors}")
+    return result
+
+
+def failure(result, node):
+    found = [e.data for e in result.events if e.event == "node_failed" and e.node == node]
+    assert found, f"node {node} did not fail: {result.nodes}"
+    return found[-1]
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(item.image.convert("RGB")).astype(np.float32)
+
+
+FULL_SIZE_CHECKED = ("1:1", "21:9", "9:16")  # every ratio at 1 MP: test_flux_units (same code path)
+
+
+def test_every_aspect_ratio_and_megapixel_setting_gives_replicates_pixel_sizes(engine, tmp_path):
+    nodes = f"[nodes.base]\n{DEV}\n"
+    for i, ratio in enumerate(ASPECT_RATIOS):
+        for mp in ("1", "0.25") if ratio in FULL_SIZE_CHECKED else ("0.25",):
+            nodes += (f'[nodes.s{i}_{mp.replace(".", "")}]\ntype = "sample"\nmodel = "@base"\n'
+                      f'aspect_ratio = "{ratio}"\nmegapixels = "{mp}"\nnum_inference_steps = 1\nseed = 1\n')
+    result = run(engine, recipe(tmp_path, nodes))
+    for i, (ratio, (w, h)) in enumerate(ASPECT_RATIOS.items()):
+        small = result.outputs[f"s{i}_025"]["output"][0]
+        assert small.image.size == (w // 2, h // 2), ratio
+        assert small.meta["width"] == w // 2 and small.meta["height"] == h // 2
+        if ratio in FULL_SIZE_CHECKED:
+            assert result.outputs[f"s{i}_1"]["output"][0].image.size == (w, h), ratio
+
+
+def test_custom_size_rounds_to_16_and_ranges_are_validated(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {DEV}
+    [nodes.img]
+    type = "sample"
+    model = "@base"
+    aspect_ratio = "custom"
+    width = 300
+    height = 259
+    num_inference_steps = 1
+    seed = 3
+    """
+    result = run(engine, recipe(tmp_path, body))
+    assert result.outputs["img"]["output"][0].image.size == (304, 256)
+    with pytest.raises(RecipeInvalid) as err:
+        engine.check(recipe(tmp_path, body.replace("width = 300", "width = 1500"), "bad"))
+    assert any(p.key == "width" and "1440" in p.message for p in err.value.problems)
+    missing = run(engine, recipe(tmp_path, body.replace("height = 259", ""), "nohight"), expect="failed")
+    assert "needs both width and height" in failure(missing, "img")["error"]
+    stray = run(engine, recipe(tmp_path, body.replace('"custom"', '"16:9"'), "stray"), expect="failed")
+    assert 'only apply with aspect_ratio = "custom"' in failure(stray, "img")["error"]
+
+
+def test_num_outputs_seeds_and_reproducibility(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {DEV}
+    [nodes.batch]
+    type = "sample"
+    model = "@base"
+    prompt = "a red fox"
+    megapixels = "0.25"
+    num_outputs = 3
+    num_inference_steps = 2
+    seed = 10
+    [nodes.alone]
+    type = "sample"
+    model = "@base"
+    prompt = "a red fox"
+    megapixels = "0.25"
+    num_inference_steps = 2
+    seed = 11
+    """
+    path = recipe(tmp_path, body)
+    first = run(engine, path)
+    batch = first.outputs["batch"]["output"]
+    assert len(batch) == 3 and [it.seed for it in batch] == [10, 11, 12]
+    assert [it.meta["seed"] for it in batch] == [10, 11, 12] and batch[0].meta["variant"] == "dev"
+    assert batch[0].meta["num_inference_steps"] == 2 and batch[0].meta["guidance"] == 3.0
+    assert batch[0].prompt == "a red fox" and batch[0].meta["model"] == "builtin:tiny-flux"
+    # image i of a batch is reproducible on its own with seed + i
+    alone = first.outputs["alone"]["output"][0]
+    assert np.abs(pixels(batch[1]) - pixels(alone)).max() <= 2
+    # different seeds differ; the same seed again gives the same image
+    assert np.abs(pixels(batch[0]) - pixels(batch[1])).mean() > 1
+    again = run(engine, path, force=["batch"])
+    assert again.nodes["batch"] == "ran"
+    assert np.array_equal(pixels(again.outputs["batch"]["output"][0]), pixels(batch[0]))
+    progress = [e.data for e in again.events if e.event == "node_progress" and e.node == "batch"]
+    assert progress[-1]["step"] == progress[-1]["total"] == 2
+
+
+def test_no_seed_draws_one_records_it_and_always_reruns(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {SCHNELL}
+    [nodes.img]
+    type = "sample"
+    model = "@base"
+    megapixels = "0.25"
+    num_inference_steps = 1
+    """
+    path = recipe(tmp_path, body)
+    a = run(engine, path).outputs["img"]["output"][0]
+    b_run = run(engine, path)
+    assert b_run.nodes["img"] == "ran"
+    b = b_run.outputs["img"]["output"][0]
+    assert isinstance(a.seed, int) and a.meta["seed"] == a.seed and a.seed != b.seed
+
+
+def test_schnell_rejects_guidance_and_more_than_4_steps(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {SCHNELL}
+    [nodes.img]
+    type = "sample"
+    model = "@base"
+    megapixels = "0.25"
+    seed = 1
+    """
+    ok = run(engine, recipe(tmp_path, body, "ok"))
+    item = ok.outputs["img"]["output"][0]
+    assert item.meta["variant"] == "schnell" and item.meta["num_inference_steps"] == 4 and item.meta["guidance"] is None
+    guided = run(engine, recipe(tmp_path, body + "guidance = 3.5\n", "guided"), expect="failed")
+    info = failure(guided, "img")
+    assert "schnell] has no guidance" in info["error"] and info["key"] == "guidance"
+    slow = run(engine, recipe(tmp_path, body + "num_inference_steps = 8\n", "slow"), expect="failed")
+    info = failure(slow, "img")
+    assert "at most 4 steps" in info["error"] and info["key"] == "num_inference_steps"
+
+
+def _noise_png(path: Path, seed: int, size=(320, 240)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("base", [DEV, SCHNELL], ids=["dev", "schnell"])
+def test_img2img_prompt_strength_ends(engine, tmp_path, base):
+    one, two = _noise_png(tmp_path / "one.png", 1), _noise_png(tmp_path / "two.png", 2)
+    body = f"""
+    [nodes.base]
+    {base}
+    [nodes.keep]
+    type = "sample"
+    model = "@base"
+    image = "one.png"
+    prompt_strength = 0.0
+    megapixels = "0.25"
+    seed = 4
+    [nodes.full_one]
+    type = "sample"
+    model = "@base"
+    image = "one.png"
+    prompt_strength = 1.0
+    megapixels = "0.25"
+    num_inference_steps = 2
+    seed = 4
+    [nodes.full_two]
+    type = "sample"
+    model = "@base"
+    image = "two.png"
+    prompt_strength = 1.0
+    megapixels = "0.25"
+    num_inference_steps = 2
+    seed = 4
+    [nodes.half]
+    type = "sample"
+    model = "@base"
+    image = "one.png"
+    prompt_strength = 0.5
+    megapixels = "0.25"
+    num_inference_steps = 4
+    num_outputs = 2
+    seed = 4
+    """
+    result = run(engine, recipe(tmp_path, body))
+    keep = result.outputs["keep"]["output"][0]
+    assert keep.image.size == (592, 448)  # the input's 4:3 aspect at 0.25 MP, multiples of 16
+    want = np.asarray(Image.open(one).convert("RGB").resize(keep.image.size, Image.Resampling.LANCZOS)).astype(np.float32)
+    assert np.abs(pixels(keep) - want).max() <= 1
+    full_one, full_two = result.outputs["full_one"]["output"][0], result.outputs["full_two"]["output"][0]
+    assert np.array_equal(pixels(full_one), pixels(full_two))
+    half = result.outputs["half"]["output"]
+    assert len(half) == 2 and half[0].meta["prompt_strength"] == 0.5 and half[0].meta["image"] == "one.png"
+    assert np.abs(pixels(half[0]) - pixels(full_one)).mean() > 1
+    steps = [e.data for e in result.events if e.event == "node_progress" and e.node == "half"]
+    assert steps[-1]["total"] == 2  # strength 0.5 of 4 steps
+
+
+def test_img2img_from_an_images_link(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {DEV}
+    [nodes.src]
+    type = "sample"
+    model = "@base"
+    aspect_ratio = "16:9"
+    megapixels = "0.25"
+    num_inference_steps = 1
+    seed = 2
+    [nodes.again]
+    type = "sample"
+    model = "@base"
+    image = "@src"
+    prompt_strength = 0.0
+    megapixels = "0.25"
+    seed = 2
+    """
+    result = run(engine, recipe(tmp_path, body))
+    src, again = result.outputs["src"]["output"][0], result.outputs["again"]["output"][0]
+    assert again.image.size == (672, 384)
+    assert np.abs(pixels(src) - pixels(again)).max() <= 1
+
+
+def test_unreadable_and_oversized_images_are_node_errors(engine, tmp_path, monkeypatch):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    _noise_png(tmp_path / "big.png", 3, size=(64, 64))
+    body = f"""
+    [nodes.base]
+    {DEV}
+    [nodes.img]
+    type = "sample"
+    model = "@base"
+    image = "broken.png"
+    seed = 1
+    """
+    broken = run(engine, recipe(tmp_path, body, "broken"), expect="failed")
+    info = failure(broken, "img")
+    assert info["error_type"] == "NodeError" and "cannot read image" in info["error"] and info["key"] == "image"
+    monkeypatch.setattr("fluxkiln.plugins.flux.sample.MAX_INPUT_PIXELS", 1000)
+    big = run(engine, recipe(tmp_path, body.replace("broken.png", "big.png"), "big"), expect="failed")
+    assert "over the" in failure(big, "img")["error"]
+    monkeypatch.setattr("fluxkiln.plugins.flux.sample.MAX_INPUT_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own bomb check
+    bomb = run(engine, recipe(tmp_path, body.replace("broken.png", "big.png"), "bomb"), expect="failed")
+    assert "too large to decode safely" in failure(bomb, "img")["error"]
+
+
+def test_cancel_stops_between_steps(engine, tmp_path):
+    body = f"""
+    [nodes.base]
+    {DEV}
+    [nodes.img]
+    type = "sample"
+    model = "@base"
+    megapixels = "0.25"
+    num_inference_steps = 6
+    seed = 8
+    """
+
+    class CancelAtStep2:
+        from fluxkiln.engine import hookimpl
+
+        @hookimpl
+        def on_event(self, event):
+            if event.event == "node_progress" and event.node == "img" and event.data["step"] == 2:
+                engine.cancel()
+
+    result = engine.run(recipe(tmp_path, body), output=tmp_path / "runs", observers=[CancelAtStep2()])
+    assert result.status == "cancelled" and result.nodes["img"] == "cancelled"
+    steps = [e.data["step"] for e in result.events if e.event == "node_progress" and e.node == "img"]
+    assert max(steps) == 2
