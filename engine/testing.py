@@ -114,6 +114,7 @@ def _load_registry(plugins: Iterable[Any], *, builtins: bool = True, entry_point
     from .registry import Registry
 
     extra = list(plugins)
+    test_nodes = test_nodes and builtins  # test_images needs the built-in port types
     reg = Registry.load(extra=([_test_nodes_plugin()] if test_nodes else []) + extra,
                         entry_points=entry_points, builtins=builtins)
     names = {getattr(obj, "__name__", None) or f"extra-{i}" for i, obj in enumerate(extra, start=int(test_nodes))}
@@ -243,6 +244,7 @@ def run_recipe(request: Any, tmp_path: Path, monkeypatch: Any) -> Callable[..., 
             expect: str | None = "ok") -> RecipeRun:
         from .runner import Engine
 
+        __tracebackhide__ = True
         cache = _isolate_cache(tmp_path, monkeypatch)
         all_plugins = [*_marker_plugins(request), *plugins]
         key = tuple(id(p) for p in all_plugins)
