@@ -134,3 +134,14 @@ def quiet_transformers() -> Iterator[None]:
         tlog.set_verbosity(level)
         if bar:
             tlog.enable_progress_bar()
+
+
+def image_processor_class(model: str, name: str) -> Any:
+    """transformers' PIL-backed image processor ``<name>Pil`` where it exists (no torchvision needed), else ``name``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model}.image_processing_pil_{model}")
+        return getattr(module, f"{name}Pil")
+    except (ImportError, AttributeError):
+        return getattr(importlib.import_module("transformers"), name)

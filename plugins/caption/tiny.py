@@ -37,6 +37,12 @@ def _byte_chars() -> list[str]:
     return chars
 
 
+def _images(model: str, name: str, **kwargs: Any) -> Any:
+    from .modelref import image_processor_class
+
+    return image_processor_class(model, name)(**kwargs)
+
+
 def _seeded(build: Callable[[], Any]) -> Any:
     import torch
 
@@ -48,14 +54,14 @@ def _seeded(build: Callable[[], Any]) -> Any:
 # ---------------------------------------------------------------- BLIP
 def _save_blip(out: Path) -> None:
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(specials + list(WORDS)) + "\n")
     tok = BertTokenizer(str(vocab_file), do_lower_case=True, bos_token="[DEC]")
     vocab_file.unlink()
-    proc = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok)
+    images = _images("blip", "BlipImageProcessor", size={"height": 32, "width": 32})
+    proc = BlipProcessor(image_processor=images, tokenizer=tok)
     text = dict(vocab_size=len(specials) + len(WORDS), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128, bos_token_id=5,
                 pad_token_id=0, sep_token_id=3, eos_token_id=3)
@@ -76,7 +82,6 @@ def _save_florence2(out: Path) -> None:
         Florence2ForConditionalGeneration,
         Florence2Processor,
     )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<image>"]
@@ -85,8 +90,8 @@ def _save_florence2(out: Path) -> None:
         vocab.setdefault(ch, len(vocab))
     tok = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
     # 64x64 pixels, total stride 32 -> 2x2 spatial tokens + 1 temporal token
-    images = CLIPImageProcessorPil(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64},
-                                   do_center_crop=False, image_seq_length=5)
+    images = _images("clip", "CLIPImageProcessor", size={"height": 64, "width": 64},
+                     crop_size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=5)
     proc = Florence2Processor(image_processor=images, tokenizer=tok, post_processor_config={"pure_text": {}})
     vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 8, 16, 16], num_heads=[1, 1, 2, 2],
                                    num_groups=[1, 1, 2, 2], window_size=2, projection_dim=16, drop_path_rate=0.0)
@@ -123,7 +128,6 @@ def _save_vlm(out: Path) -> None:
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     vocab = {t: i for i, t in enumerate(specials)}
@@ -136,7 +140,7 @@ def _save_vlm(out: Path) -> None:
                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
                                   padding_side="left")
     tok.chat_template = CHAT_TEMPLATE
-    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images = _images("clip", "CLIPImageProcessor", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=16, vision_feature_select_strategy="full",
                           chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -6,7 +6,9 @@ Stage 1 is a CLIP-based Stable Diffusion safety checker (diffusers'
 cosine similarity exceeds that concept's threshold.  Stage 2 is an image
 classifier (``AutoModelForImageClassification``) with an NSFW-like label.
 A model folder is recognised by its ``config.json``; a pipeline folder with a
-``safety_checker/`` (or ``nsfw_classifier/``) subfolder is accepted too.
+``safety_checker/`` (or ``nsfw_classifier/``) subfolder is accepted too.  Both
+models are small and run in float32 on every device, so scores are the same on
+CPU and GPU.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ def load_classifier(folder: Path, device: str) -> Stage:
 
 
 def _load_checker(folder: Path, device: str) -> Stage:
+    import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import AutoImageProcessor
 
-    from fluxkiln.plugins.caption.modelref import pick_dtype, read_config
+    from fluxkiln.plugins.caption.modelref import read_config
 
     model_dir = _subfolder(folder, "safety_checker")
     archs = read_config(model_dir).get("architectures") or []
@@ -111,30 +114,32 @@ def _load_checker(folder: Path, device: str) -> Stage:
         raise NodeError(f"{model_dir} is not a Stable Diffusion safety checker (architectures: {archs or 'none'})",
                         key="checker", hint="use CompVis/stable-diffusion-safety-checker, a pipeline folder with "
                         "safety_checker/, or checker = \"none\" to turn stage 1 off")
-    model = StableDiffusionSafetyChecker.from_pretrained(model_dir, dtype=pick_dtype(device)).to(device).eval()
+    model = StableDiffusionSafetyChecker.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     proc_dir = next((d for d in (model_dir, folder / "feature_extractor", model_dir.parent / "feature_extractor")
                      if (d / "preprocessor_config.json").is_file()), None)
     if proc_dir is None:  # the stock checker's preprocessing: CLIP's, at the vision tower's size
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from fluxkiln.plugins.caption.modelref import image_processor_class
 
         side = int(model.config.vision_config.image_size)
-        processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor = image_processor_class("clip", "CLIPImageProcessor")(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     else:
         processor = AutoImageProcessor.from_pretrained(proc_dir)
     return Stage("checker", model, processor, device)
 
 
 def _load_classifier(folder: Path, device: str) -> Stage:
+    import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from fluxkiln.plugins.caption.modelref import pick_dtype, read_config
+    from fluxkiln.plugins.caption.modelref import read_config
 
     model_dir = _subfolder(folder, "nsfw_classifier")
     archs = read_config(model_dir).get("architectures") or []
     if not any(a.endswith("ForImageClassification") for a in archs):
         raise NodeError(f"{model_dir} is not an image classifier (architectures: {archs or 'none'})",
                         key="classifier", hint="use e.g. Falconsai/nsfw_image_detection, or classifier = \"none\"")
-    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=pick_dtype(device)).to(device).eval()
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     labels = tuple(str(model.config.id2label[i]) for i in range(len(model.config.id2label)))
     nsfw = tuple(i for i, name in enumerate(labels) if name.strip().lower() in NSFW_LABELS)
     if not nsfw:

@@ -85,7 +85,8 @@ def _save_checker(out: Path) -> None:
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPVisionConfig
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from fluxkiln.plugins.caption.modelref import image_processor_class
 
     from .models import checker_scores
 
@@ -93,7 +94,8 @@ def _save_checker(out: Path) -> None:
     config = CLIPConfig(vision_config=vision.to_dict(), projection_dim=2)
     model = StableDiffusionSafetyChecker(config).eval()
     _design_encoder(model.vision_model, (1.0, -0.5, -0.5))
-    processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}, **HALF)
+    processor = image_processor_class("clip", "CLIPImageProcessor")(
+        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}, **HALF)
     with torch.no_grad():
         model.visual_projection.weight.zero_()
         model.visual_projection.weight[0, 4] = 1.0
@@ -112,13 +114,14 @@ def _save_checker(out: Path) -> None:
 def _save_classifier(out: Path) -> None:
     import torch
     from transformers import ViTConfig, ViTForImageClassification
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    from fluxkiln.plugins.caption.modelref import image_processor_class
 
     config = _vision(ViTConfig)
     config.id2label, config.label2id = {0: "normal", 1: "nsfw"}, {"normal": 0, "nsfw": 1}
     model = ViTForImageClassification(config).eval()
     _design_encoder(model.vit, (1.0, 0.0, -1.0))
-    processor = ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, **HALF)
+    processor = image_processor_class("vit", "ViTImageProcessor")(size={"height": SIZE, "width": SIZE}, **HALF)
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.zero_()
