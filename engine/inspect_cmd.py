@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_table(args.image, fmt, meta, show_recipe=args.recipe)
     if args.write_recipe:
-        return _write_recipe(args.image, meta, Path(args.write_recipe), args.force)
+        return _write_recipe(args.image, meta, Path(args.write_recipe), args.force, args.full)
     return 0
 
 
@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--write-recipe", metavar="OUT.toml",
                    help="write the recipe that reproduces this image (its seed pinned, one output)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.toml if it exists")
+    p.add_argument("--full", action="store_true",
+                   help="with --write-recipe: keep every node (default: only what makes and saves this image)")
     return p
 
 
@@ -141,12 +143,14 @@ def _print_table(path: str, fmt: str, meta: dict[str, Any], *, show_recipe: bool
 
 
 # ------------------------------------------------------------------ reproducing recipe
-def reproduce_recipe(meta: dict[str, Any], image_name: str = "the image") -> tuple[str, list[str]]:
+def reproduce_recipe(meta: dict[str, Any], image_name: str = "the image", *,
+                     full: bool = False) -> tuple[str, list[str]]:
     """The TOML text of a recipe that makes this image again, and notes on what was changed.
 
     Applies the recorded ``--set`` overrides, pins the producing node's
     ``seed`` to this image's own seed (image *i* of a batch used seed+i) with
-    ``num_outputs = 1``, and renames the recipe so its run folder does not
+    ``num_outputs = 1``, keeps only the nodes that make and save this image
+    (all with ``full``), and renames the recipe so its run folder does not
     overwrite the original run's files.
     """
     import tomli_w
@@ -162,6 +166,8 @@ def reproduce_recipe(meta: dict[str, Any], image_name: str = "the image") -> tup
     notes = _drop_redacted(data)
     notes += _apply_overrides(data, meta.get("overrides") or [])
     notes += _pin(data, meta)
+    if not full:
+        notes += _prune(data, meta)
     head = data.setdefault("recipe", {})
     seed = meta.get("seed")
     if isinstance(head, dict) and isinstance(head.get("name"), str) and RECIPE_NAME.fullmatch(head["name"]):
@@ -246,11 +252,49 @@ def _pin(data: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _write_recipe(image: str, meta: dict[str, Any], out: Path, force: bool) -> int:
+_VAR = re.compile(r"\$\{([^}]*)\}")
+
+
+def _links(value: Any, variables: dict[str, Any]) -> list[str]:
+    """Node ids a recipe value links to (``"@id"``, ``"@id.port"``, also through ``${var}``)."""
+    if isinstance(value, list):
+        return [n for v in value for n in _links(v, variables)]
+    if not isinstance(value, str):
+        return []
+    value = _VAR.sub(lambda m: str(variables.get(m.group(1), m.group(0))), value)
+    if value.startswith("@") and not value.startswith("@@"):
+        return [value[1:].split(".", 1)[0]]
+    return []
+
+
+def _prune(data: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Keep only the node that saved the image (or made it) and everything it depends on."""
+    nodes = data.get("nodes") if isinstance(data.get("nodes"), dict) else {}
+    variables = data.get("vars") if isinstance(data.get("vars"), dict) else {}
+    start = next((n for n in (meta.get("saved_by"), meta.get("node")) if isinstance(n, str) and n in nodes), None)
+    if start is None:
+        return []
+    keep, todo = set(), [start]
+    while todo:
+        nid = todo.pop()
+        if nid in keep or not isinstance(nodes.get(nid), dict):
+            continue
+        keep.add(nid)
+        todo.extend(n for v in nodes[nid].values() for n in _links(v, variables))
+    dropped = [n for n in nodes if n not in keep]
+    for n in dropped:
+        del nodes[n]
+    if not dropped:
+        return []
+    return [f"kept the {len(keep)} nodes that make and save this image, left out {len(dropped)} "
+            "(--full keeps them)"]
+
+
+def _write_recipe(image: str, meta: dict[str, Any], out: Path, force: bool, full: bool) -> int:
     if out.exists() and not force:
         return _fail(f"{out} exists; pass --force to overwrite it", 2)
     try:
-        text, notes = reproduce_recipe(meta, Path(image).name)
+        text, notes = reproduce_recipe(meta, Path(image).name, full=full)
     except MetadataError as exc:
         return _fail(str(exc), 1)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

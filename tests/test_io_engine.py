@@ -95,6 +95,7 @@ def test_run_save_inspect_and_reproduce(tmp_path, fresh_cache, capsys):
     assert inspect_main([str(run1 / "saved_2.png"), "--write-recipe", str(out)]) == 0
     data = tomllib.loads(out.read_text())
     assert data["nodes"]["gen"]["seed"] == 12 and data["nodes"]["gen"]["num_outputs"] == 1
+    assert sorted(data["nodes"]) == ["gen", "saved"]  # only what makes and saves this image
     res2 = _engine(fresh_cache).run(out, output=tmp_path / "run2")
     assert res2.status == "ok"
     from PIL import Image
@@ -109,6 +110,9 @@ def test_run_save_inspect_and_reproduce(tmp_path, fresh_cache, capsys):
     capsys.readouterr()
     assert inspect_main([str(run1 / "sheet_saved_0.webp"), "--write-recipe", str(tmp_path / "g.toml")]) == 0
     assert "grid" in capsys.readouterr().err
+    assert sorted(tomllib.loads((tmp_path / "g.toml").read_text())["nodes"]) == ["gen", "sheet", "sheet_saved"]
+    assert inspect_main([str(run1 / "saved_0.png"), "--write-recipe", str(tmp_path / "f.toml"), "--full"]) == 0
+    assert len(tomllib.loads((tmp_path / "f.toml").read_text())["nodes"]) == 4
 
 
 def test_second_run_caches_grid_but_rewrites_files(tmp_path, fresh_cache):

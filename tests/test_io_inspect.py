@@ -139,7 +139,7 @@ def test_written_recipe_has_no_secret(tmp_path, monkeypatch, capsys):
     ctx, _ = make_ctx(tmp_path, text=text)
     path = save(ctx, sample_images(1), output_format="webp")[0].meta["path"]
     out = tmp_path / "repro.toml"
-    assert main([path, "--write-recipe", str(out)]) == 0
+    assert main([path, "--write-recipe", str(out), "--full"]) == 0
     written = out.read_text()
     assert "SENTINEL" not in written and "<redacted>" not in written
     up = tomllib.loads(written)["nodes"]["up"]

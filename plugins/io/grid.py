@@ -22,6 +22,8 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, NodeError, RunContext, node
 
+from .save import provenance
+
 MAX_SIDE = 16384
 MAX_LABEL_CHARS = 200
 BACKGROUNDS = {"white": ((255, 255, 255), (20, 20, 20)), "black": ((0, 0, 0), (235, 235, 235)),
@@ -68,7 +70,8 @@ def grid(
     picture = _render(cells, ncols, row_labels or [], col_labels or [], title, keys, cell_size, font_size,
                       BACKGROUNDS[background])
     sources = [[_source(it) for it in row] for row in cells]
-    meta = {"node": ctx.node, "node_type": "grid", "rows": len(cells), "columns": ncols, "cells": sources}
+    meta = {"node": ctx.node, "node_type": "grid", "params": dict(ctx.params), "rows": len(cells),
+            "columns": ncols, "cells": sources}
     ctx.progress(1, 1, preview=picture)
     return Images([ImageItem(image=picture, name=ctx.node, meta=meta, prompt=title)])
 
@@ -106,7 +109,7 @@ def _check_labels(labels: list[str] | None, count: int, key: str, what: str) -> 
 def _value(item: ImageItem, key: str) -> Any:
     if key in ("seed", "prompt", "name"):
         return getattr(item, key)
-    params = item.meta.get("params") if isinstance(item.meta.get("params"), dict) else {}
+    params = provenance(item)[1]
     if key in params:
         return params[key]
     return item.meta.get(key)
@@ -115,7 +118,7 @@ def _value(item: ImageItem, key: str) -> Any:
 def _source(item: ImageItem | None) -> dict[str, Any] | None:
     if item is None:
         return None
-    return {k: v for k, v in {"node": item.meta.get("node"), "seed": item.seed,
+    return {k: v for k, v in {"node": provenance(item)[0], "seed": item.seed,
                               "index": item.meta.get("index"), "path": item.meta.get("path")}.items() if v is not None}
 
 

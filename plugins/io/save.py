@@ -22,7 +22,7 @@ from fluxkiln.engine import ImageItem, Images, NodeError, RunContext, node
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 EXTENSIONS = {"webp": "webp", "jpg": "jpg", "png": "png"}
 MAX_ALTERNATIVES = 100
-_RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by"}
+_RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by", "seed"}
 
 
 @node("save", version="1", cache="never", category="io")
@@ -80,21 +80,41 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
+def provenance(item: ImageItem) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """(producing node id, its parameters, other meta) of an image.
+
+    A producer may record ``meta = {"node", "node_type", "params": {...}, ...}``
+    or, like the ``sample`` node, its parameters flat in ``meta``; its node id
+    then comes from ``meta["node"]`` or an item name ``"<node>-<seed>"``.
+    """
+    meta = item.meta or {}
+    node_id = meta.get("node") if isinstance(meta.get("node"), str) else None
+    if node_id is None and item.name and item.seed is not None and item.name.endswith(f"-{item.seed}"):
+        node_id = item.name[: -len(f"-{item.seed}")] or None
+    if isinstance(meta.get("params"), dict):
+        params = meta["params"]
+        other = {k: v for k, v in meta.items() if k not in _RESERVED_META}
+    else:
+        params = {k: v for k, v in meta.items() if k not in _RESERVED_META}
+        other = {}
+    return node_id, params, other
+
+
 def _payload(ctx: RunContext, item: ImageItem) -> dict[str, Any]:
     """The metadata for one image: what the recipe and the producing node recorded."""
     from fluxkiln.engine.imagemeta import build_payload
 
     meta = item.meta or {}
-    params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    node_id, params, other = provenance(item)
     model = meta.get("model") or params.get("model")
-    extra_meta = {k: _jsonable(v) for k, v in meta.items() if k not in _RESERVED_META}
+    extra_meta = {k: _jsonable(v) for k, v in other.items()}
     recipe = ctx.recipe
     return build_payload(
         recipe_text=getattr(recipe, "text", None),
         recipe_name=getattr(recipe, "name", None),
         recipe_file=Path(recipe.path).name if getattr(recipe, "path", None) else None,
         overrides=list(getattr(recipe, "overrides", None) or []),
-        node=meta.get("node"), node_type=meta.get("node_type"), params=_jsonable(params),
+        node=node_id, node_type=meta.get("node_type"), params=_jsonable(params),
         seed=item.seed, prompt=item.prompt, model=str(model) if model is not None else None,
         index=meta.get("index"), flags=_jsonable(item.flags), saved_by=ctx.node,
         extra={"meta": extra_meta} if extra_meta else None,
