@@ -116,7 +116,7 @@ class FluxkilnApp(App[int]):
         if self.main.is_mounted and self.main.editor.dirty:
             self.push_screen(ConfirmQuit(), self._quit_answer)
             return
-        self._exit()
+        self._leave()
 
     def _quit_answer(self, answer: str | None) -> None:
         if answer == "save":
@@ -124,9 +124,9 @@ class FluxkilnApp(App[int]):
             if self.main.editor.dirty:
                 return
         if answer in ("save", "discard"):
-            self._exit()
+            self._leave()
 
-    def _exit(self) -> None:
+    def _leave(self) -> None:
         self.main.shutdown()
         self.exit(0)
 

@@ -60,12 +60,14 @@ class MainScreen(Screen):
     @dataclass
     class Validated(Message):
         seq: int
+        text: str
         checked: Any
         problems: list[Any]
 
     @dataclass
     class Planned(Message):
         seq: int
+        runs: int
         plan: Any
 
     @dataclass
@@ -87,12 +89,13 @@ class MainScreen(Screen):
         self.checked: Any = None
         self.problems: list[Any] = []
         self.running = False
+        self.runs_started = self.runs_ended = 0
         self._seq = 0
         self._timer: Timer | None = None
         self._engine_lock = threading.Lock()
         self._pending_text: str | None = None
         self.last_run_text: str | None = None
-        self.watch = Watch(self, debounce=watch_debounce)
+        self.watcher = Watch(self, debounce=watch_debounce)
 
     # ------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -146,7 +149,7 @@ class MainScreen(Screen):
         self.graph.show(self.model)
         self.query_one(NodeDetails).show(None)
         self.status.set(path=path.resolve(), dirty=editor.dirty, problems=None, run="idle", run_note="")
-        self.watch.stop()
+        self.watcher.stop()
         self.status.set(watching=False)
         editor.focus()
 
@@ -164,7 +167,7 @@ class MainScreen(Screen):
 
     def on_recipe_editor_saved(self, event: RecipeEditor.Saved) -> None:
         self.notify(f"Saved {event.path.name}", markup=False, timeout=2)
-        if self.watch.active:
+        if self.watcher.active:
             self.request_run(event.text)
 
     # ------------------------------------------------------------ validation
@@ -183,7 +186,7 @@ class MainScreen(Screen):
     @work(thread=True, group="validate")
     def _validate(self, text: str, path: Path, seq: int) -> None:
         checked, problems = check_text(text, self.engine.registry, path)
-        self.post_message(self.Validated(seq, checked, problems))
+        self.post_message(self.Validated(seq, text, checked, problems))
 
     def on_main_screen_validated(self, msg: Validated) -> None:
         if msg.seq != self._seq:
@@ -192,18 +195,19 @@ class MainScreen(Screen):
         self.query_one(ProblemList).show(msg.problems)
         self.editor.set_error_lines({p.line for p in msg.problems if p.line and p.file != "--set"})
         self.status.set(problems=len(msg.problems))
+        self.graph.border_subtitle = "" if msg.checked or not self.model.nodes else "last valid recipe"
         if msg.checked is None:
             return
         self.checked = msg.checked
         self.model.set_recipe(msg.checked)
         self.graph.show(self.model)
         self._show_selected()
-        self.watch.update(msg.checked, self.output)
-        if not self.running:
-            self._plan(msg.checked, msg.seq)
+        self.watcher.update(msg.checked, self.output)
+        if not self.running and msg.text != self.last_run_text:  # else keep showing that run's outcome
+            self._plan(msg.checked, msg.seq, self.runs_started)
 
     @work(thread=True, group="plan")
-    def _plan(self, checked: Any, seq: int) -> None:
+    def _plan(self, checked: Any, seq: int, runs: int) -> None:
         if not self._engine_lock.acquire(blocking=False):
             return
         try:
@@ -212,10 +216,11 @@ class MainScreen(Screen):
             return
         finally:
             self._engine_lock.release()
-        self.post_message(self.Planned(seq, plan))
+        self.post_message(self.Planned(seq, runs, plan))
 
     def on_main_screen_planned(self, msg: Planned) -> None:
-        if msg.seq == self._seq and not self.running:
+        """Show what a run would do now, unless the text changed or a run started since."""
+        if msg.seq == self._seq and msg.runs == self.runs_started and not self.running:
             self.model.apply_plan(msg.plan)
             self.graph.show(self.model)
             self._show_selected()
@@ -245,6 +250,7 @@ class MainScreen(Screen):
             self.notify("A run is going: escape cancels it.", severity="warning")
             return False
         self.running = True
+        self.runs_started += 1
         self.refresh_bindings()
         self.last_run_text = text
         self.query_one(ProgressPanel).clear()
@@ -306,6 +312,7 @@ class MainScreen(Screen):
 
     def on_main_screen_run_ended(self, msg: RunEnded) -> None:
         self.running = False
+        self.runs_ended += 1
         self.refresh_bindings()
         self.query_one(ProgressPanel).clear()
         if msg.thumbs:
@@ -342,14 +349,14 @@ class MainScreen(Screen):
         if self.editor.path is None:
             self.notify("Open a recipe first.", severity="warning")
             return
-        on = self.watch.toggle(self.editor.path, self.checked, self.output)
+        on = self.watcher.toggle(self.editor.path, self.checked, self.output)
         self.status.set(watching=on)
         self.notify("Watch on: every save (here or on disk) reruns what changed." if on else "Watch off.",
                     timeout=3)
 
     def on_watch_files_changed(self, msg: Watch.FilesChanged) -> None:
         path = self.editor.path
-        if not self.watch.active or path is None:
+        if not self.watcher.active or path is None:
             return
         try:
             disk = path.read_text(encoding="utf-8")
@@ -387,7 +394,7 @@ class MainScreen(Screen):
 
     def shutdown(self) -> None:
         """Stop the watcher and ask a run in progress to stop."""
-        self.watch.stop()
+        self.watcher.stop()
         if self.running:
             self.engine.cancel()
 

@@ -149,6 +149,7 @@ class NewRecipeScreen(ModalScreen[Path | None]):
 
 def create_recipe(folder: Path, raw: str, template: str) -> Path:
     """Write a new recipe from a template; refuse to overwrite an existing file."""
+    raw = raw.strip()
     if not raw:
         raise ValueError("give a file name, e.g. recipes/my-recipe.toml")
     path = Path(raw).expanduser()
