@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import tomllib
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,13 +118,59 @@ def _load_registry(plugins: Iterable[Any], *, builtins: bool = True, entry_point
     test_nodes = test_nodes and builtins  # test_images needs the built-in port types
     reg = Registry.load(extra=([_test_nodes_plugin()] if test_nodes else []) + extra,
                         entry_points=entry_points, builtins=builtins)
-    names = {getattr(obj, "__name__", None) or f"extra-{i}" for i, obj in enumerate(extra, start=int(test_nodes))}
+    for obj in extra:
+        _use_installed_name(reg, obj)
+    names = {p.name for p in reg.plugins.values() if p.source == "extra"}
     names.add(TEST_NODES_PLUGIN)
     bad = [p for p in reg.plugins.values() if p.error and p.name in names]
     if bad and not allow_errors:
         pytest.fail("plugin failed to load: " + "; ".join(f"{p.name}: {p.error}" for p in bad)
                     + " (pass allow_errors=True to fluxkiln_registry to inspect the failure)", pytrace=False)
     return reg
+
+
+def _installed_name(module: types.ModuleType) -> tuple[str, str | None, str | None] | None:
+    """(entry point name, distribution, version) a plugin module has, or will have, when installed.
+
+    Read from installed metadata, else from the ``pyproject.toml`` next to the
+    package, so that tests see the plugin under the name users will see.
+    """
+    from importlib import metadata
+
+    modname = module.__name__
+    for ep in metadata.entry_points(group="fluxkiln"):
+        if ep.value.split(":")[0].strip() == modname:
+            return ep.name, ep.dist.name if ep.dist else None, ep.dist.version if ep.dist else None
+    folder = Path(getattr(module, "__file__", None) or ".").resolve().parent
+    for candidate in (folder, *folder.parents[:3]):
+        pyproject = candidate / "pyproject.toml"
+        if not pyproject.is_file():
+            continue
+        try:
+            project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project") or {}
+        except (OSError, tomllib.TOMLDecodeError):
+            return None
+        for name, value in ((project.get("entry-points") or {}).get("fluxkiln") or {}).items():
+            if str(value).split(":")[0].strip() == modname:
+                return name, project.get("name"), project.get("version")
+        return None
+    return None
+
+
+def _use_installed_name(reg: Any, obj: Any) -> None:
+    """Rename a module plugin given to a fixture to its entry point name (as when pip-installed)."""
+    if not isinstance(obj, types.ModuleType) or obj.__name__ not in reg.plugins:
+        return
+    found = _installed_name(obj)
+    if found is None or found[0] in reg.plugins:
+        return
+    name, dist, version = found
+    info = reg.plugins.pop(obj.__name__)
+    info.name, info.distribution, info.version = name, dist, version
+    reg.plugins[name] = info
+    for nt in reg.node_types.values():
+        if nt.plugin == obj.__name__:
+            nt.plugin = name
 
 
 @pytest.fixture

@@ -198,3 +198,19 @@ def test_pytest_plugin_is_registered_and_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_a_plugin_module_gets_its_installed_name(fluxkiln_registry, validate_recipe, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "plugins" / "example"))
+    import fluxkiln_example  # not installed here: the name comes from its pyproject.toml
+
+    reg = fluxkiln_registry(fluxkiln_example)
+    info = reg.plugins["example"]
+    assert (info.distribution, info.version, info.source) == ("fluxkiln-example", "0.1.0", "extra")
+    assert "fluxkiln_example" not in reg.plugins and reg.plugin_of("resize") == "example"
+    recipe = '[recipe]\nname = "r"\nplugins = ["example", "fluxkiln-example"]\n[nodes.p]\ntype = "prompt_sweep"\n' \
+             'template = "x"\n'
+    assert validate_recipe(recipe, plugins=[fluxkiln_example]) == []
+    messages = [p.message for p in validate_recipe(recipe)]
+    assert messages[:2] == ["required plugin 'example' is not installed",
+                            "required plugin 'fluxkiln-example' is not installed"]

@@ -81,7 +81,7 @@ def test_too_large_output_is_refused(run_recipe):
     run = run_recipe(RECIPE.replace("scale = 2.0", "width = 16000\nheight = 16000\nfit = \"stretch\""),
                      expect="failed")
     failure = run.failure("bigger")
-    assert failure["plugin"] == "fluxkiln_example"
+    assert failure["plugin"] == "example"
     assert "pixels" in failure["error"]
 
 
@@ -126,3 +126,10 @@ def test_load_images_reports_a_broken_file(run_recipe, tmp_path):
     run = run_recipe('[recipe]\nname = "bad"\n[nodes.pics]\ntype = "load_images"\npath = "pics"\n', expect="failed")
     assert "cannot read image" in run.failure("pics")["error"]
     assert run.failure("pics")["key"] == "path"
+
+
+def test_shipped_upscale_recipe_is_valid(validate_recipe):
+    from pathlib import Path
+
+    recipe = Path(__file__).parent.parent / "recipes" / "upscale.toml"
+    assert [p.format() for p in validate_recipe(recipe)] == []

@@ -68,3 +68,11 @@ def test_empty_value_list_is_a_validation_error(validate_recipe):
 
 def test_fill_keeps_escaped_braces():
     assert fill("{{x}} {x}", {"x": "1"}) == "{x} 1"
+
+
+def test_shipped_sweep_recipe_runs(run_recipe):
+    from pathlib import Path
+
+    run = run_recipe(Path(__file__).parent.parent / "recipes" / "sweep.toml", plugins=[fluxkiln_example])
+    prompts = run.output("prompts")
+    assert len(prompts) == 12 and prompts[0] == "a photo of a lighthouse in the style of TOK, watercolour"
