@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args.image}: {exc}", 1)
     if args.json:
         print(json.dumps(meta, ensure_ascii=True, indent=2))
-    else:
+    elif not args.write_recipe or args.recipe:
         _print_table(args.image, fmt, meta, show_recipe=args.recipe)
     if args.write_recipe:
         return _write_recipe(args.image, meta, Path(args.write_recipe), args.force, args.full)
