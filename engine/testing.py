@@ -1,22 +1,10 @@
-"""pytest plugin for plugin authors: fixtures to test node plugins in a few lines.
+"""pytest plugin for plugin authors (entry point ``pytest11``): test a node plugin in a few lines.
 
-Loaded automatically in any environment where fluxkiln is installed (entry
-point ``pytest11``).  Fixtures:
-
-* ``fluxkiln_registry(*plugins)`` - a fresh plugin registry: the built-in plugins,
-  the ``test_images`` node and the plugins you pass (modules or objects).
-* ``run_recipe(text_or_path, plugins=[...])`` - validate and run a recipe in an
-  isolated cache and run folder under ``tmp_path``; returns a :class:`RecipeRun`
-  (status, outputs, events, artifacts).  ``builtin:tiny-flux`` works offline.
-* ``validate_recipe(text_or_path, plugins=[...])`` - every problem found (empty: valid).
-* ``fluxkiln_context()`` - a real :class:`RunContext` for calling a node function
-  directly; it records the events the node emits.
-* ``installed_plugin(module, source)`` - make a module look pip-installed (an
-  entry point in group ``fluxkiln``) for ``fluxkiln`` commands in this test.
-
-The marker ``@pytest.mark.fluxkiln_plugin(module, ...)`` adds plugins to every
-fixture of one test.  Nothing heavy is imported here: pytest loads this module
-in every session.
+Fixtures ``run_recipe``, ``validate_recipe``, ``fluxkiln_context``,
+``fluxkiln_registry`` and ``installed_plugin``, the marker
+``fluxkiln_plugin(*plugins)``, the ``test_images`` node and :func:`make_images`;
+``plugins/README.md`` ("Testing") documents them.  Nothing heavy is imported
+at module level: pytest loads this module in every session.
 """
 
 import itertools
