@@ -1,0 +1,274 @@
+"""The LoRA training loop: set up, resume from the newest checkpoint, step, checkpoint, stop safely.
+
+One :class:`Trainer` trains one adapter on the shared FLUX pipeline.  Every
+piece of randomness (noise, times, caption dropout) comes from one seeded CPU
+generator, and the data order from (seed, epoch), so together with the
+optimizer, scheduler and EMA state in a checkpoint a resumed run continues
+bit for bit on CPU.  On cancel the current step finishes, a checkpoint is
+written, then :class:`Cancelled` is raised.  A non-finite loss stops before the
+optimizer step, and no checkpoint holds non-finite weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxkiln.engine import NodeError
+
+from . import adapter as adapters
+from . import checkpoint as ckpts
+from .buckets import BatchCursor, build_samples
+from .config import TrainConfig
+from .data import LatentStore, TextStore
+from .flow import flow_loss
+from .optim import EMA, make_optimizer, make_scheduler, resolve_name
+from .preview import oom_hint, take_samples
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the final weights (EMA when on) under diffusers/PEFT keys, and the record."""
+
+    weights: dict[str, Any]
+    history: list[list[float]]
+    step: int
+    optimizer: str
+    layers: list[str]
+    resumed_from: int = 0
+    samples: list[tuple[str, Path, Any]] = field(default_factory=list)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+class Trainer:
+    """Train ``cfg`` on ``items`` (dataset items) with the pipeline of ``model``."""
+
+    def __init__(self, ctx: Any, cfg: TrainConfig, model: Any, items: list[Any], state_dir: Path,
+                 logger: Any = None):
+        self.ctx, self.cfg, self.model, self.items = ctx, cfg, model, items
+        self.state_dir = state_dir
+        self.ckpt_dir = state_dir / "checkpoints"
+        self.logger = logger
+        self.samples: list[tuple[str, Path, Any]] = []
+
+    # ---------------------------------------------------------------- entry
+    def run(self) -> TrainResult:
+        import torch
+
+        pipe = _pipeline(self.model)
+        had_gc = bool(getattr(pipe.transformer, "gradient_checkpointing", False))
+        try:
+            return self._train(pipe)
+        except torch.cuda.OutOfMemoryError as exc:
+            self._free()
+            raise NodeError(f"the GPU ran out of memory while training ({str(exc).splitlines()[0]})",
+                            hint=oom_hint(self.cfg, self.model.info)) from None
+        finally:
+            adapters.detach(pipe, had_gc)
+
+    def _free(self) -> None:
+        import gc
+
+        import torch
+
+        self.__dict__.pop("optimizer", None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self, pipe: Any) -> None:
+        import torch
+
+        cfg, ctx = self.cfg, self.ctx
+        self.device = pipe._execution_device
+        self.dtype = pipe.transformer.dtype
+        self.optimizer_name = resolve_name(cfg.optimizer, "cuda" if self.device.type == "cuda" else "cpu")
+        adapters.reset_pipeline_state(pipe, self.device.type)
+        self.layers = adapters.select_layers(pipe.transformer, cfg.layers_to_optimize_regex)
+        self.captions = [cfg.caption(it.caption) for it in self.items]
+        try:
+            sizes = [_image_size(Path(it.path)) for it in self.items]
+            self.samples_list = build_samples(sizes, cfg.resolution)
+        except ValueError as exc:
+            raise NodeError(f"a dataset image is too small: {exc}", key="dataset") from exc
+        mode = "disk" if cfg.cache_latents_to_disk else "memory" if cfg.cache_latents else "none"
+        self.latents = LatentStore(pipe.vae, [Path(it.path) for it in self.items], self.device, mode,
+                                   self.state_dir / "latents")
+        self.texts = TextStore(pipe, self.device, cfg.max_sequence_length, cfg.cache_text_embeddings)
+        ctx.progress(0, cfg.steps, message=f"caching {len(self.samples_list)} latents and text embeddings")
+        self.latents.warm(self.samples_list)
+        self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
+        self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
+        self.params = list(self.named.values())
+        self.optimizer = make_optimizer(self.optimizer_name, self.params, cfg.learning_rate, ctx.log)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
+        self.ema = EMA(self.named, cfg.ema_decay) if cfg.ema else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.cursor = BatchCursor(self.samples_list, cfg.batch_size, cfg.seed)
+        self.history: list[list[float]] = []
+        self.elapsed = 0.0
+        if cfg.gradient_checkpointing and not getattr(pipe.transformer, "gradient_checkpointing", False):
+            pipe.transformer.enable_gradient_checkpointing()
+        pipe.transformer.train()
+
+    def _resume(self) -> int:
+        ckpts.clean_temporaries(self.ckpt_dir)
+        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps)
+        if found is None:
+            return 0
+        meta, state, tensors = found.meta, found.state, found.tensors
+        names = sorted(k[len("param/"):] for k in tensors if k.startswith("param/"))
+        if names != sorted(self.named) or meta.get("optimizer") != self.optimizer_name:
+            raise NodeError(f"checkpoint {found.path} was written by a different setup (layers or optimizer "
+                            f"'{meta.get('optimizer')}' vs '{self.optimizer_name}')",
+                            hint=f"delete {self.state_dir} to start over")
+        import torch
+
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(tensors[f"param/{k}"].to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["generator"])
+        ckpts.set_rng_state(state["rng"])
+        if self.ema is not None:
+            self.ema.load({k: tensors[f"ema/{k}"] for k in self.named}, int(state["ema_updates"]))
+        cur = meta["cursor"]
+        self.cursor = BatchCursor(self.samples_list, self.cfg.batch_size, self.cfg.seed, cur["epoch"], cur["index"])
+        self.history = [list(r) for r in meta.get("history", [])]
+        self.elapsed = float(meta.get("elapsed", 0.0))
+        self.ctx.log(f"resuming from checkpoint at step {found.step} ({found.path.name})")
+        return found.step
+
+    # ---------------------------------------------------------------- loop
+    def _train(self, pipe: Any) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        self._setup(pipe)
+        start = self._resume()
+        ctx.log(f"training {len(self.layers)} layers, rank {cfg.lora_rank}, alpha {cfg.alpha:g}, optimizer "
+                f"{self.optimizer_name}, {len(self.samples_list)} samples in "
+                f"{len({(s.width, s.height) for s in self.samples_list})} buckets, on {self.device.type}")
+        ctx.progress(start, cfg.steps, message=f"resumed at step {start}" if start else "training")
+        t0 = time.perf_counter() - self.elapsed
+        for step in range(start + 1, cfg.steps + 1):
+            loss, lr = self._step(pipe, step)
+            self.elapsed = time.perf_counter() - t0
+            self.history.append([step, loss, lr, round(self.elapsed, 3)])
+            ctx.progress(step, cfg.steps, metrics={"loss": loss, "lr": lr})
+            if self.logger:
+                self.logger.log(step, {"train/loss": loss, "train/lr": lr})
+            if cfg.sample_at(step, self.logger.sample_interval if self.logger else None) or \
+                    (step == cfg.steps and cfg.sample_prompts and cfg.sample_every):
+                self._sample(pipe, step)
+            if self.logger and self.logger.save_due(step):
+                self.logger.save_lora(step, self.export_weights())
+            saved = False
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                self._checkpoint(step)
+                saved = True
+            if ctx.cancelled and step < cfg.steps:
+                if not saved:
+                    self._checkpoint(step)
+                ctx.log(f"stopped at step {step}; checkpoint written, rerun to continue")
+                ctx.check_cancelled()
+        if cfg.steps > start:
+            self._checkpoint(cfg.steps)
+        return TrainResult(self.export_weights(), self.history, cfg.steps, self.optimizer_name, self.layers,
+                           start, self.samples)
+
+    def _step(self, pipe: Any, step: int) -> tuple[float, float]:
+        import torch
+
+        cfg = self.cfg
+        batch = self.cursor.next()
+        drop = (torch.rand(len(batch), generator=self.gen) < cfg.caption_dropout_rate).tolist()
+        caps = ["" if d else self.captions[s.item] for s, d in zip(batch, drop, strict=True)]
+        latents = self.latents.batch(batch)
+        embeds, pooled = self.texts.batch(caps)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        with self._precision(), _attention_backends(self.device):
+            loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
+                             self.device, self.dtype)
+            value = float(loss.detach().item())
+            if not math.isfinite(value):
+                raise NodeError(f"the loss became {value} at step {step}; training stopped (no checkpoint "
+                                "was written for this step)", key="learning_rate",
+                                hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
+            loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.named)
+        return value, lr
+
+    def _precision(self) -> Any:
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sample(self, pipe: Any, step: int) -> None:
+        self.samples = take_samples(self.ctx, pipe, self.cfg, step, self.ctx.node_dir() / "samples")
+        if self.logger:
+            self.logger.log_samples(step, self.samples)
+
+    def _checkpoint(self, step: int) -> None:
+        import torch
+
+        bad = [k for k, p in self.named.items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NodeError(f"weights became non-finite by step {step} ({bad[0]}); no checkpoint written",
+                            key="learning_rate", hint="lower learning_rate")
+        tensors = {f"param/{k}": p for k, p in self.named.items()}
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "generator": self.gen.get_state(), "rng": ckpts.rng_state(),
+                 "ema_updates": self.ema.updates if self.ema else 0}
+        meta = {"cursor": self.cursor.state(), "history": self.history, "optimizer": self.optimizer_name,
+                "elapsed": self.elapsed, "layers": len(self.layers)}
+        try:
+            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last)
+        except OSError as exc:
+            prev = ckpts.complete(self.ckpt_dir)
+            kept = f"the checkpoint at step {prev[0][0]} is intact" if prev else "no earlier checkpoint exists"
+            raise NodeError(f"could not write the checkpoint at step {step}: {exc}; {kept}",
+                            hint=f"free disk space in {self.ckpt_dir.parent} and rerun to resume") from exc
+        self.ctx.log(f"checkpoint {path.name} written")
+
+    def export_weights(self) -> dict[str, Any]:
+        """The weights to publish (EMA when enabled) under diffusers/PEFT keys, float32 on CPU."""
+        src = self.ema.shadow if self.ema is not None else {k: p.detach() for k, p in self.named.items()}
+        return {adapters.export_key(k): v.detach().float().cpu().clone() for k, v in src.items()}
+
+
+def _pipeline(model: Any) -> Any:
+    try:
+        from fluxkiln.plugins.flux.load import get_pipeline
+    except ImportError:
+        return model.get()
+    return get_pipeline(model)
+
+
+def _attention_backends(device: Any) -> Any:
+    """On CUDA, only the flash and memory-efficient SDPA kernels (cuDNN attention failed in backward)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])

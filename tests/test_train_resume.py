@@ -1,0 +1,106 @@
+"""train_lora checkpoints: cancel + rerun resumes bit for bit, a failed write keeps the last checkpoint,
+raising steps continues a finished run."""
+
+from __future__ import annotations
+
+import torch
+from test_train_support import checkpoints, failure, load_weights, losses, run, solid_dataset, write_recipe
+
+from fluxkiln.engine.runner import Engine
+from fluxkiln.plugins.train import checkpoint
+
+SETUP = dict(steps=6, save_every=2, keep_last=2, batch_size=2, caption_dropout_rate=0.3)
+
+
+def _lora(result):
+    return result.outputs["lora"]["lora"]
+
+
+def _same_weights(a, b) -> None:
+    wa, wb = load_weights(a), load_weights(b)
+    assert sorted(wa) == sorted(wb) and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def _logs(result) -> str:
+    return "\n".join(e.data["message"] for e in result.events if e.event == "node_log" and e.node == "lora")
+
+
+def test_cancelled_then_resumed_run_equals_uninterrupted_run(tmp_path):
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, **SETUP)
+    straight = run(recipe, tmp_path / "cache-a", tmp_path / "out-a")
+    assert straight.ok, straight.nodes
+
+    cache = tmp_path / "cache-b"
+    engine = Engine(cache_dir=cache)
+    first = run(recipe, cache, tmp_path / "out-b", engine=engine, cancel_at=3)
+    assert first.status == "cancelled" and first.nodes["lora"] == "cancelled"
+    assert [p.name for p in checkpoints(cache)] == ["ckpt-000002", "ckpt-000003"]  # step 3 written on cancel
+    assert max(e.data["step"] for e in first.events if e.event == "node_progress" and e.node == "lora") == 3
+
+    resumed = run(recipe, cache, tmp_path / "out-b")  # a new engine: as after a restart
+    assert resumed.ok, resumed.nodes
+    assert "resuming from checkpoint at step 3" in _logs(resumed)
+    assert losses(resumed) == losses(straight)[3:]
+    _same_weights(_lora(straight).path, _lora(resumed).path)
+    # keep_last = 2: only the newest two complete checkpoints remain
+    assert [p.name for p in checkpoints(cache)] == ["ckpt-000004", "ckpt-000006"]
+
+
+def test_failed_checkpoint_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, **SETUP)
+    cache = tmp_path / "cache"
+    real = checkpoint._write_file
+
+    def disk_full_at_step_4(path, data_bytes):
+        if "ckpt-000004" in path.parent.name and path.name == checkpoint.STATE:
+            with open(path, "xb") as fh:
+                fh.write(data_bytes[: len(data_bytes) // 2])
+            raise OSError(28, "No space left on device")
+        return real(path, data_bytes)
+
+    monkeypatch.setattr(checkpoint, "_write_file", disk_full_at_step_4)
+    broken = run(recipe, cache, tmp_path / "out")
+    err = failure(broken)
+    assert "could not write the checkpoint at step 4" in err["error"]
+    assert "checkpoint at step 2 is intact" in err["error"] and "free disk space" in err["hint"]
+    assert [p.name for p in checkpoints(cache)] == ["ckpt-000002"]
+    assert not list(cache.glob("state/*/checkpoints/.ckpt-*")), "half-written checkpoint left behind"
+    found = checkpoint.load_latest(checkpoints(cache)[0].parent, 100)
+    assert found is not None and found.step == 2
+
+    monkeypatch.setattr(checkpoint, "_write_file", real)
+    again = run(recipe, cache, tmp_path / "out")
+    assert again.ok and "resuming from checkpoint at step 2" in _logs(again)
+
+
+def test_incomplete_checkpoint_folder_is_never_used(tmp_path):
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=4, save_every=2)
+    cache = tmp_path / "cache"
+    assert run(recipe, cache, tmp_path / "out").ok
+    root = checkpoints(cache)[0].parent
+    newest = root / "ckpt-000004"
+    (newest / checkpoint.WEIGHTS).write_bytes(b"truncated")  # size no longer matches meta.json
+    assert [s for s, _ in checkpoint.complete(root)] == [2]
+    assert checkpoint.load_latest(root, 100).step == 2
+
+
+def test_raising_steps_continues_the_run(tmp_path):
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=4, save_every=0)
+    cache = tmp_path / "cache"
+    short = run(recipe, cache, tmp_path / "out")
+    assert short.ok and len(losses(short)) == 4
+    longer = run(recipe, cache, tmp_path / "out", overrides=["nodes.lora.steps=6"])
+    assert longer.ok and longer.nodes["lora"] == "ran"
+    assert "resuming from checkpoint at step 4" in _logs(longer)
+    assert [e.data["step"] for e in longer.events if e.event == "node_progress" and e.node == "lora"
+            and e.data.get("metrics")] == [5, 6]
+    straight = run(recipe, tmp_path / "cache-2", tmp_path / "out-2", overrides=["nodes.lora.steps=6"])
+    _same_weights(_lora(straight).path, _lora(longer).path)
+    meta = _lora(longer).meta
+    assert meta["fluxkiln.steps"] == "6"
