@@ -18,7 +18,7 @@ def test_save_writes_named_files_with_metadata(tmp_path, fmt):
     run_dir = tmp_path / "runs" / "io-test"
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == [f"saved_0.{fmt}", f"saved_1.{fmt}"]
-    assert [ImageItem is type(i) for i in out] == [True, True]
+    assert len(out) == 2 and all(type(i) is ImageItem for i in out)
     assert out[1].meta["path"] == str(run_dir / f"saved_1.{fmt}")
     assert out[1].seed == 43 and out[1].meta["params"]["seed"] == 42
     assert ctx.artifacts == [str(run_dir / f"saved_0.{fmt}"), str(run_dir / f"saved_1.{fmt}")]

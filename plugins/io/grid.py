@@ -55,10 +55,10 @@ def grid(
     """Lay images out in one labelled grid picture (rows × columns, title, per-cell captions).
 
     With several inputs each input is one row (e.g. dev on row 1, schnell on
-    row 2); with ``columns`` the images of all inputs fill the grid row by
-    row.  ``row_labels``/``col_labels`` label rows and columns, ``label_from``
+    row 2); with `columns` the images of all inputs fill the grid row by
+    row.  `row_labels`/`col_labels` label rows and columns, `label_from`
     captions every cell with a parameter value such as
-    ``num_inference_steps`` or ``seed``.  Outputs one image.
+    `num_inference_steps` or `seed`.  Outputs one image.
     """
     groups = [g for g in (images, images_2, images_3, images_4, images_5, images_6, images_7, images_8)
               if g is not None]

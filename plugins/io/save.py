@@ -28,7 +28,7 @@ _RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "save
 @node("save", version="1", cache="never", category="io")
 def save(
     ctx: RunContext,
-    images: Images,
+    images: Annotated[Images, Field(description="Images to save, one file each")],
     output_format: Annotated[Literal["webp", "jpg", "png"], Field(
         description="File format: webp (default, small), jpg, or png (lossless)")] = "webp",
     output_quality: Annotated[int, Field(
@@ -39,15 +39,15 @@ def save(
 ) -> Images:
     """Save images as webp/jpg/png files in the run folder, with the recipe, parameters and seed embedded.
 
-    Writes ``runs/<recipe>/<filename>_<index>.<ext>`` (``filename`` defaults to
+    Writes `runs/<recipe>/<filename>_<index>.<ext>` (`filename` defaults to
     the node id) atomically.  Each file carries fluxkiln metadata: the recipe
-    text and ``--set`` overrides, the sampling node with its parameters, the
-    seed, the prompt, the model, and flags such as ``nsfw`` (flagged images
+    text and `--set` overrides, the sampling node with its parameters, the
+    seed, the prompt, the model, and flags such as `nsfw` (flagged images
     are saved too).  `fluxkiln inspect FILE` reads it back and can write the
-    recipe that reproduces the image.  ``output_quality`` applies to jpg and
+    recipe that reproduces the image.  `output_quality` applies to jpg and
     webp only.  A file an earlier run of this node wrote is replaced; any other
     file of the same name is kept and the image gets the next free name.
-    Returns the images, each with ``meta["path"]`` set, so later nodes can chain.
+    Returns the images, each with `meta["path"]` set, so later nodes can chain.
     """
     prefix = filename or ctx.node
     ext = EXTENSIONS[output_format]
