@@ -74,6 +74,10 @@ class FluxkilnApp(App[int]):
 
     async def on_mount(self) -> None:
         await self.push_screen(self.main)
+        failed = self.engine.registry.failed_plugins()
+        if failed:
+            self.notify("; ".join(f"{p.name}: {p.error}" for p in failed), title="Plugins that failed to load",
+                        severity="warning", markup=False, timeout=10)
         if self.recipe is None:
             self.action_open()
         elif self.recipe.exists():
@@ -85,6 +89,12 @@ class FluxkilnApp(App[int]):
                         markup=False, timeout=6)
 
     # ------------------------------------------------------------ dialogs
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Dialogs open from the main screen only (not on top of one another)."""
+        if action in ("open", "new", "help", "node_types"):
+            return self.screen is self.main
+        return True
+
     def action_open(self) -> None:
         self.push_screen(RecipePicker(self.folder), self._opened)
 
@@ -132,10 +142,14 @@ class FluxkilnApp(App[int]):
 
 
 def run_tui(recipe: str | None = None) -> int:
-    """``fluxkiln tui [RECIPE]``: run the app in this terminal; return the exit code."""
+    """``fluxkiln tui [RECIPE | FOLDER]``: run the app in this terminal; return the exit code.
+
+    A folder opens the recipe picker on that folder; a file that does not exist
+    yet opens a template to save there.
+    """
     if recipe and Path(recipe).is_dir():
-        print(f"fluxkiln tui: {recipe} is a folder; give a recipe .toml file", flush=True)
-        return 2
-    app = FluxkilnApp(recipe)
+        app = FluxkilnApp(folder=recipe)
+    else:
+        app = FluxkilnApp(recipe)
     result = app.run()
     return int(result or 0)

@@ -34,7 +34,7 @@ def binding_rows(bindings: list[Any]) -> list[tuple[str, str]]:
             continue
         keys = " / ".join(key_label(k.strip()) for k in b.key.split(","))
         desc = b.description or b.action.replace("_", " ")
-        rows.append((keys, f"{desc}: {b.tooltip}" if b.tooltip else desc))
+        rows.append((keys, b.tooltip or desc))
     return rows
 
 

@@ -47,12 +47,14 @@ def describe(path: Path, base: Path) -> Text:
     try:
         head = tomllib.loads(path.read_text(encoding="utf-8")).get("recipe", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return out.append("  (not valid TOML)", style="red")
+        return out.append("  ").append("(not valid TOML)", style="red")
     if isinstance(head, dict):
         desc = str(head.get("description", ""))
-        out.append(f"  {head.get('name', '')}", style="cyan")
+        out.append("  ")
+        out.append(str(head.get("name", "")), style="cyan")
         if desc:
-            out.append(f" — {desc}", style="dim")
+            out.append(" ")
+            out.append(f"— {desc}", style="dim")
     return out
 
 
@@ -68,7 +70,7 @@ class RecipePicker(ModalScreen[Path | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker", classes="dialog"):
-            yield Label(Text(f"Open a recipe  ({self.folder})", style="bold"), classes="dialog-title")
+            yield Label(Text("Open a recipe (this folder and recipes/)", style="bold"), classes="dialog-title")
             options = [Option(Text("+ New recipe from a template…", style="bold green"), id=NEW)]
             options += [Option(describe(p, self.folder), id=str(p)) for p in self.recipes]
             yield OptionList(*options, id="recipe-list")

@@ -20,10 +20,15 @@ class Status:
     watching: bool = False
 
 
+def _gap(out: Text, n: int = 2) -> None:
+    """Spaces as their own segment (SVG renderers trim spaces that lead a run of text)."""
+    out.append(" " * n, style="dim")
+
+
 def status_text(s: Status) -> Text:
     out = Text()
     out.append(" fluxkiln ", style="bold reverse")
-    out.append(" ")
+    _gap(out, 1)
     if s.path is None:
         out.append("no recipe open — ctrl+o open, ctrl+n new", style="dim")
         return out
@@ -33,8 +38,9 @@ def status_text(s: Status) -> Text:
         name = str(s.path)
     out.append(name if not name.startswith("../..") else str(s.path), style="bold")
     if s.dirty:
-        out.append(" ● unsaved", style="bold yellow")
-    out.append("  ")
+        _gap(out, 1)
+        out.append("● unsaved", style="bold yellow")
+    _gap(out)
     if s.problems is None:
         out.append("checking…", style="dim")
     elif s.problems:
@@ -43,9 +49,13 @@ def status_text(s: Status) -> Text:
         out.append("✓ valid", style="green")
     style = {"running": "bold yellow", "cancelling": "bold magenta", "ok": "bold green", "failed": "bold red",
              "cancelled": "magenta"}.get(s.run, "dim")
-    out.append("  run: ")
+    _gap(out)
+    out.append("run:")
+    _gap(out, 1)
     out.append(s.run + (f" {s.run_note}" if s.run_note else ""), style=style)
-    out.append("  watch: ")
+    _gap(out)
+    out.append("watch:")
+    _gap(out, 1)
     out.append("ON" if s.watching else "off", style="bold cyan" if s.watching else "dim")
     return out
 

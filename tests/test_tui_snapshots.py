@@ -1,0 +1,119 @@
+"""Snapshot tests (pytest-textual-snapshot) of the TUI's main screens.
+
+Update them after an intended change with ``pytest tests/test_tui_snapshots.py --snapshot-update``
+and look at the report.  The registry holds only the engine's port types and the test nodes,
+so new built-in node types do not change these pictures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import fluxkiln.plugins.ports as ports_plugin
+from fluxkiln.engine.registry import Registry
+from fluxkiln.engine.runner import Engine
+from fluxkiln.tui.app import FluxkilnApp
+from helpers import textnodes
+
+RECIPE = '''[recipe]
+name = "demo"
+description = "snapshot recipe"
+
+[vars]
+word = "hello"
+
+[nodes.a]
+type = "const"
+value = "${word}"  # a variable
+
+[nodes.b]
+type = "concat"
+left = "@a"
+sep = "+"
+
+[nodes.x]
+type = "boom"
+text = "@b"
+message = "[b]kaput[/b]"
+
+[nodes.y]
+type = "concat"
+left = "@x"
+'''
+
+BROKEN = RECIPE.replace('left = "@a"', 'left = "@nope"').replace('sep = "+"', 'sep = "+"\nspeed = 11')
+
+
+@pytest.fixture
+def app(tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.toml").write_text(RECIPE)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "other.toml").write_text('[recipe]\nname = "other"\ndescription = "[b]x[/b]"\n')
+    registry = Registry.load(extra=[ports_plugin, textnodes], builtins=False, entry_points=False)
+    return FluxkilnApp("demo.toml", engine=Engine(registry, cache_dir=fresh_cache), validate_delay=0.01)
+
+
+async def until(pilot, cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for the UI"
+        await pilot.pause(0.02)
+    await pilot.pause()
+
+
+async def settled(pilot) -> None:
+    """Validated and planned; no blinking cursor."""
+    app = pilot.app
+    app.main.editor.cursor_blink = False
+    await until(pilot, lambda: app.main.status.status.problems is not None)
+    if app.main.status.status.problems == 0:
+        await until(pilot, lambda: all(n.reason for n in app.main.model.nodes.values()))
+
+
+def test_main_screen_valid_recipe_with_plan(app, snap_compare):
+    assert snap_compare(app, terminal_size=(120, 34), run_before=settled)
+
+
+def test_main_screen_narrow_80x24(app, snap_compare):
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settled)
+
+
+def test_main_screen_with_problems(app, snap_compare):
+    async def broken(pilot):
+        await settled(pilot)
+        pilot.app.main.editor.load_text(BROKEN)
+        await until(pilot, lambda: pilot.app.main.status.status.problems == 2)
+
+    assert snap_compare(app, terminal_size=(120, 34), run_before=broken)
+
+
+def test_main_screen_after_a_failed_run(app, snap_compare):
+    async def ran(pilot):
+        await settled(pilot)
+        main = pilot.app.main
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: main.runs_ended == 1)
+        main.graph.move_cursor(row=2)  # the failed node
+        main.status.set(run_note="")  # its duration varies
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 34), run_before=ran)
+
+
+def test_help_screen(app, snap_compare):
+    assert snap_compare(app, terminal_size=(100, 40), press=["f1"], run_before=settled)
+
+
+def test_node_type_browser(app, snap_compare):
+    assert snap_compare(app, terminal_size=(120, 30), press=["f2"], run_before=settled)
+
+
+def test_recipe_picker(app, snap_compare):
+    assert snap_compare(app, terminal_size=(100, 24), press=["ctrl+o"], run_before=settled)
+
+
+def test_new_recipe_dialog(app, snap_compare):
+    assert snap_compare(app, terminal_size=(100, 24), press=["ctrl+n"], run_before=settled)
