@@ -10,6 +10,7 @@ training continues the same W&B run (its id is kept in the node's state folder).
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ class WandbLogger:
         except ImportError as exc:
             raise NodeError("W&B logging needs the wandb package", key="wandb_api_key",
                             hint="pip install wandb, or leave wandb_api_key unset") from exc
-        run_id = self._id_file.read_text().strip() if self._id_file.is_file() else wandb.util.generate_id()
+        run_id = self._id_file.read_text().strip() if self._id_file.is_file() else uuid.uuid4().hex[:12]
         self._id_file.write_text(run_id)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(api_key=self._key, silent=True, console="off", disable_git=True, save_code=False,
