@@ -227,10 +227,11 @@ def test_img2img_prompt_strength_ends(engine, tmp_path, base):
     assert steps[-1]["total"] == 2  # strength 0.5 of 4 steps
 
 
-def test_img2img_from_an_images_link(engine, tmp_path):
+def test_img2img_from_an_images_link_keeps_the_model_dtype(engine, tmp_path):
     body = f"""
     [nodes.base]
     {DEV}
+    dtype = "bfloat16"
     [nodes.src]
     type = "sample"
     model = "@base"
@@ -250,6 +251,12 @@ def test_img2img_from_an_images_link(engine, tmp_path):
     src, again = result.outputs["src"]["output"][0], result.outputs["again"]["output"][0]
     assert again.image.size == (672, 384)
     assert np.abs(pixels(src) - pixels(again)).max() <= 1
+    body += '[nodes.vary]\ntype = "sample"\nmodel = "@base"\nimage = "@src"\nprompt_strength = 0.5\nmegapixels = "0.25"\n'
+    body += 'num_inference_steps = 2\nseed = 2\n'
+    result = run(engine, recipe(tmp_path, body, "vary"))
+    assert result.outputs["vary"]["output"][0].image.size == (672, 384)
+    pipe = result.outputs["base"]["output"].get()
+    assert {str(m.dtype) for m in (pipe.transformer, pipe.vae, pipe.text_encoder)} == {"torch.bfloat16"}
 
 
 def test_unreadable_and_oversized_images_are_node_errors(engine, tmp_path, monkeypatch):

@@ -220,6 +220,8 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
         pipe.enable_sequential_cpu_offload()
     else:
         pipe.to(device)
+    pipe._fluxkiln_offload = offload
+    pipe._fluxkiln_dtype = dtype
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -261,6 +263,9 @@ def load_model(
     if quantize == "fp8" and device != "cuda":
         raise NodeError("quantize = \"fp8\" needs a CUDA GPU; this machine has none", key="quantize",
                         hint='use quantize = "none" on CPU')
+    if quantize == "fp8" and offload == "sequential":
+        raise NodeError('quantize = "fp8" does not combine with offload = "sequential"', key="quantize",
+                        hint='use offload = "model" with fp8 (fp8 already halves the transformer\'s memory)')
     src = resolve_source(model, ctx, download=download)
     if src.kind == "single_file":
         if src.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -288,4 +293,8 @@ def load_model(
                 "offload": offload, "quantize": quantize, "device": device}
     if src.base:
         out.info["base"] = str(src.base)
+    how = getattr(pipe, "_fluxkiln_fp8", None)
+    if how:
+        out.info["quantize_method"] = how
+        ctx.log(f"transformer weights in fp8 via {how}")
     return out

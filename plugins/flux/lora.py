@@ -15,7 +15,7 @@ from fluxkiln.engine import InputFile, Lora, Model, NodeError, RunContext, node
 
 from .load import get_pipeline
 from .lora_keys import Converted, to_peft
-from .pipestate import load_adapter
+from .pipestate import can_merge, load_adapter
 
 HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*/.+\.safetensors$")
 LoraSource = Annotated[Lora | str, InputFile(must_exist=False, optional_prefixes=("hf:",)),
@@ -155,7 +155,7 @@ def _adapter(value: Lora | str, scale: float, fuse: bool, ctx: RunContext, key: 
 @node("apply_lora", version="1", cache="memory", category="flux")
 def apply_lora(
     ctx: RunContext,
-    model: Model,
+    model: Annotated[Model, Field(description="the FLUX model to add LoRAs to (load_model or apply_lora)")],
     lora: LoraSource,
     lora_scale: Scale = 1.0,
     extra_lora: Annotated[Lora | str | None, InputFile(must_exist=False, optional_prefixes=("hf:",)),
@@ -180,4 +180,6 @@ def apply_lora(
         adapters.append(_adapter(extra_lora, extra_lora_scale, fuse, ctx, "extra_lora", pipe))
     if fuse:
         adapters = [{**a, "fuse": True} for a in adapters]
+        if not can_merge(pipe):
+            ctx.log("fuse = true ignored: LoRAs cannot be merged into fp8 or sequentially offloaded weights")
     return dataclasses.replace(model, adapters=adapters, info=dict(model.info))

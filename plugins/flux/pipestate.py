@@ -59,8 +59,24 @@ def load_adapter(pipe: Any, name: str, state_dict: dict[str, Any]) -> None:
 
     with quiet_loading():  # "no LoRA keys for CLIPTextModel" is expected for transformer-only LoRAs
         pipe.load_lora_weights(state_dict, adapter_name=name)
+    if getattr(pipe, "_fluxkiln_fp8", None):
+        _lora_in_compute_dtype(pipe, name, state_dict)
     st.loaded.append(name)
     st.current = None
+
+
+def _lora_in_compute_dtype(pipe: Any, name: str, state_dict: dict[str, Any]) -> None:
+    """With fp8 weight storage, peft creates the LoRA layers in fp8 too (unusable for matmuls and lossy):
+    put this adapter's weights back, from the file's values, in the compute dtype."""
+    import torch
+
+    dtype = getattr(pipe, "_fluxkiln_dtype", torch.bfloat16)
+    params = dict(pipe.transformer.named_parameters())
+    for key, value in state_dict.items():
+        module, _, rest = key.removeprefix("transformer.").rpartition(".lora_")
+        param = params.get(f"{module}.lora_{rest.split('.')[0]}.{name}.weight")
+        if key.startswith("transformer.") and param is not None:
+            param.data = value.to(device=param.device, dtype=dtype)
 
 
 def _unfuse_all(pipe: Any, st: PipeState) -> None:
@@ -81,6 +97,11 @@ def _prune(pipe: Any, st: PipeState, keep: set[str]) -> None:
         st.loaded = [n for n in st.loaded if n not in drop]
 
 
+def can_merge(pipe: Any) -> bool:
+    """LoRAs can be merged into real weights only: not into fp8 storage or sequentially offloaded ones."""
+    return not getattr(pipe, "_fluxkiln_fp8", None) and getattr(pipe, "_fluxkiln_offload", "none") != "sequential"
+
+
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
             loader: Any) -> None:
     """Bring ``pipe`` to the adapters/fusion/go_fast state asked for.
@@ -91,7 +112,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     """
     st = state_of(pipe)
     scales = wanted_scales(adapters)
-    fuse = bool(scales) and any(a.get("fuse") for a in adapters)
+    fuse = bool(scales) and any(a.get("fuse") for a in adapters) and can_merge(pipe)
     signature = tuple(sorted(scales.items()))
     desired = (signature, fuse, go_fast)
     if st.current == desired:
@@ -110,11 +131,16 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
             st.fused = signature
     elif not scales and st.loaded:
         pipe.disable_lora()
-    if go_fast and (not scales or fuse) and not st.qkv_fused:
+    if go_fast and (not scales or fuse) and not st.qkv_fused and _can_fuse_qkv(pipe):
         pipe.transformer.fuse_qkv_projections()
         st.qkv_fused = True
     _vae_layout(pipe, st, go_fast and device == "cuda")
     st.current = desired
+
+
+def _can_fuse_qkv(pipe: Any) -> bool:
+    """Fused QKV needs real weights in a compute dtype: not fp8 storage, not sequential offload (meta weights)."""
+    return can_merge(pipe)
 
 
 def _vae_layout(pipe: Any, st: PipeState, channels_last: bool) -> None:

@@ -82,8 +82,10 @@ def _img2img_pipe(pipe: Any) -> Any:
 
     cached = getattr(pipe, "_fluxkiln_img2img", None)
     if cached is None:
+        # the same modules in an img2img pipeline; not from_pipe(), which casts every shared module to
+        # float32 unless told a dtype (and would undo fp8 storage when told one)
         with quiet_loading():
-            cached = FluxImg2ImgPipeline.from_pipe(pipe)
+            cached = FluxImg2ImgPipeline(**pipe.components)
         cached.set_progress_bar_config(disable=True)
         object.__setattr__(pipe, "_fluxkiln_img2img", cached)
     return cached
@@ -108,14 +110,16 @@ def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, wid
     else:
         total, run = steps, pipe
     ctx.progress(0, total)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: with CPU offload the weights moved under inference_mode would become
+    # inference tensors, and later LoRA changes on them fail
+    with torch.no_grad():
         return run(**common, callback_on_step_end=_callback(ctx, total)).images
 
 
 @node("sample", version="1", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,
-    model: Model,
+    model: Annotated[Model, Field(description="a FLUX model (load_model or apply_lora)")],
     prompt: Annotated[str, Field(description="text prompt")] = "",
     aspect_ratio: Annotated[AspectRatio, Field(description="output aspect ratio (1 MP sizes: 1:1 1024x1024, "
                                                "16:9 1344x768 ...); custom uses width and height")] = "1:1",
