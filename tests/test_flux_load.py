@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fluxkiln.engine.cli import main as cli
 from fluxkiln.engine.residency import Residency
@@ -17,6 +18,16 @@ from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.tiny import build_tiny_flux, tiny_flux_path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny models gain little from threads, and on a shared 2-core machine OpenMP threads that
+    compete with other processes slow them down several times: use one, restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
