@@ -50,6 +50,7 @@ class FluxkilnApp(App[int]):
     TITLE = "fluxkiln"
     CSS_PATH = "app.tcss"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
     BINDINGS = [
         Binding("f1", "help", "Help", tooltip="Show every key binding"),
         Binding("f2", "node_types", "Node types", tooltip="Browse node types and their documentation",

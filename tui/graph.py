@@ -75,7 +75,7 @@ class GraphPanel(DataTable):
         nodes = self._model.nodes.values()
         node_w = max([4] + [len(n.id) for n in nodes])
         type_w = max([4] + [len(n.type) for n in nodes])
-        state_w = 14 if self.scrollable_content_region.width >= 50 else 9
+        state_w = 14 if self.scrollable_content_region.width >= 50 else 11
         used = state_w + node_w + type_w + 2 * self.cell_padding * len(COLUMNS)
         return state_w, node_w, type_w, max(8, self.scrollable_content_region.width - used - 1)
 

@@ -119,7 +119,8 @@ class RunObserver:
     def _send_preview(self, node: str, event: Any) -> None:
         image = event.objects.get("preview")
         step = event.data.get("step")
-        caption = f"{node} step {step}" + (f": {event.data['message']}" if event.data.get("message") else "")
+        message = event.data.get("message")
+        caption = f"{node}: {message}" if message else f"{node} step {step}"
         thumb = None
         if image is not None:
             thumb = Thumb(thumbnail(image), caption, node)

@@ -97,6 +97,8 @@ class MetricPlot(Widget):
         keys = self.metrics()
         if not keys:
             return Group(Text("no metrics yet", style="dim"))
+        if self.content_size.height < 4 * len(keys):
+            keys = keys[:1]  # too short for two bands: the first metric (loss) only
         width = max(1, self.content_size.width)
         band = max(1, (self.content_size.height - len(keys)) // len(keys))
         parts: list[Text] = []

@@ -35,9 +35,10 @@ def stats_text(info: NodeInfo) -> Text:
 
 
 def label_text(info: NodeInfo) -> Text:
-    out = Text.assemble((info.id, "bold"), "  ", stats_text(info))
+    out = Text.assemble((info.id, "bold"), ("  ", "dim"), stats_text(info))
     if info.message:
-        out.append(f"  {info.message}", style="dim")
+        out.append("  ")
+        out.append(info.message, style="dim")
     return out
 
 

@@ -130,8 +130,7 @@ def _cached(info: NodeInfo, data: dict[str, Any]) -> None:
 def _progress(info: NodeInfo, data: dict[str, Any]) -> None:
     info.step, info.total = data.get("step"), data.get("total")
     info.rate, info.eta = data.get("rate"), data.get("eta")
-    if data.get("message"):
-        info.message = str(data["message"])
+    info.message = str(data.get("message") or "")
 
 
 def _finished(info: NodeInfo, data: dict[str, Any]) -> None:
