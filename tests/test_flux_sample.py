@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 from fluxkiln.engine.errors import RecipeInvalid
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
+from fluxkiln.plugins.flux.tiny import tiny_flux_path
 
 DEV = 'type = "load_model"\nmodel = "builtin:tiny-flux"'
 SCHNELL = 'type = "load_model"\nmodel = "builtin:tiny-flux-schnell"'
@@ -93,10 +95,16 @@ def test_custom_size_rounds_to_16_and_ranges_are_validated(engine, tmp_path):
     with pytest.raises(RecipeInvalid) as err:
         engine.check(recipe(tmp_path, body.replace("width = 300", "width = 1500"), "bad"))
     assert any(p.key == "width" and "1440" in p.message for p in err.value.problems)
-    missing = run(engine, recipe(tmp_path, body.replace("height = 259", ""), "nohight"), expect="failed")
-    assert "needs both width and height" in failure(missing, "img")["error"]
-    stray = run(engine, recipe(tmp_path, body.replace('"custom"', '"16:9"'), "stray"), expect="failed")
-    assert 'only apply with aspect_ratio = "custom"' in failure(stray, "img")["error"]
+    with pytest.raises(RecipeInvalid) as err:  # caught by `fluxkiln validate`, before anything loads
+        engine.check(recipe(tmp_path, body.replace("height = 259", "").replace("width = 300", "width = 9"),
+                            "custom"))
+    found = {(p.key, p.message) for p in err.value.problems}
+    assert ("aspect_ratio", 'aspect_ratio = "custom" needs height') in found
+    assert any(key == "width" and "256" in msg for key, msg in found)
+    with pytest.raises(RecipeInvalid) as err:
+        engine.check(recipe(tmp_path, body.replace('"custom"', '"16:9"'), "stray"))
+    assert {p.message for p in err.value.problems} == {'width only applies with aspect_ratio = "custom"',
+                                                        'height only applies with aspect_ratio = "custom"'}
 
 
 def test_num_outputs_seeds_and_reproducibility(engine, tmp_path):
@@ -169,6 +177,14 @@ def test_schnell_rejects_guidance_and_more_than_4_steps(engine, tmp_path):
     ok = run(engine, recipe(tmp_path, body, "ok"))
     item = ok.outputs["img"]["output"][0]
     assert item.meta["variant"] == "schnell" and item.meta["num_inference_steps"] == 4 and item.meta["guidance"] is None
+    # a known schnell reference: `fluxkiln validate` already says so
+    with pytest.raises(RecipeInvalid) as err:
+        engine.check(recipe(tmp_path, body + "guidance = 3.5\nnum_inference_steps = 8\n", "known"))
+    assert {p.key for p in err.value.problems} == {"guidance", "num_inference_steps"}
+    assert any("schnell] has no guidance" in p.message for p in err.value.problems)
+    # any other schnell model (here a copy in a folder): detected from its weights when it runs
+    shutil.copytree(tiny_flux_path("schnell"), tmp_path / "some-model")
+    body = body.replace("builtin:tiny-flux-schnell", "some-model")
     guided = run(engine, recipe(tmp_path, body + "guidance = 3.5\n", "guided"), expect="failed")
     info = failure(guided, "img")
     assert "schnell] has no guidance" in info["error"] and info["key"] == "guidance"

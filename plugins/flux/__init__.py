@@ -11,6 +11,7 @@ from fluxkiln.engine import hookimpl
 
 from .load import load_model
 from .lora import apply_lora
+from .sample import recipe_problems
 from .sample import sample as sample_node
 from .tiny import resolve_builtin
 
@@ -26,3 +27,8 @@ def register_node_types(register):
 @hookimpl
 def resolve_model(ref: str) -> str | None:
     return resolve_builtin(ref)
+
+
+@hookimpl
+def check_recipe(recipe):
+    return recipe_problems(recipe)

@@ -24,6 +24,46 @@ MAX_INPUT_PIXELS = 40_000_000
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 
 
+KNOWN_SCHNELL = ("black-forest-labs/FLUX.1-schnell", "builtin:tiny-flux-schnell")
+
+
+def _base_ref(recipe: Any, value: Any, depth: int = 0) -> str | None:
+    """The literal `model` of the load_model a sample's model link leads to (through apply_lora)."""
+    node = recipe.nodes.get(getattr(value, "node", None)) if depth < 16 else None
+    if node is None:
+        return None
+    if node.type == "load_model":
+        ref = node.values.get("model")
+        return ref if isinstance(ref, str) else None
+    return _base_ref(recipe, node.values.get("model"), depth + 1) if node.type == "apply_lora" else None
+
+
+def recipe_problems(recipe: Any) -> list[Any]:
+    """Checks `fluxkiln validate` can make before running: custom sizes, and schnell misuse on known refs."""
+    problems = []
+    for nid, spec in recipe.nodes.items():
+        if spec.type != "sample":
+            continue
+        v = spec.values
+        custom = v.get("aspect_ratio", "1:1") == "custom"
+        for key in ("width", "height"):
+            if custom and v.get(key) is None and v.get("image") is None:
+                problems.append(recipe.problem(f'aspect_ratio = "custom" needs {key}', node=nid, key="aspect_ratio",
+                                               hint="set width and height (256 to 1440, rounded to 16)"))
+            elif not custom and v.get(key) is not None:
+                problems.append(recipe.problem(f'{key} only applies with aspect_ratio = "custom"', node=nid, key=key,
+                                               hint='set aspect_ratio = "custom" or remove it'))
+        if _base_ref(recipe, v.get("model")) in KNOWN_SCHNELL:
+            if v.get("guidance") is not None:
+                problems.append(recipe.problem("FLUX.1 [schnell] has no guidance", node=nid, key="guidance",
+                                               hint="remove guidance (it only applies to [dev])"))
+            steps = v.get("num_inference_steps")
+            if isinstance(steps, int) and steps > MAX_STEPS["schnell"]:
+                problems.append(recipe.problem(f"FLUX.1 [schnell] takes at most 4 steps, got {steps}", node=nid,
+                                               key="num_inference_steps", hint="use 1 to 4"))
+    return problems
+
+
 def _volatile(params: dict[str, Any]) -> str | None:
     return "no seed given (a random seed is drawn each run)" if params.get("seed") is None else None
 
