@@ -271,6 +271,25 @@ def test_watch_reruns_only_affected_nodes_on_save_and_on_disk_change(tmp_path, f
     drive(app, script)
 
 
+def test_watch_reruns_when_a_file_the_recipe_reads_changes(tmp_path, fresh_cache):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.txt").write_text("one")
+    text = ('[recipe]\nname = "files"\n[nodes.r]\ntype = "read_file"\npath = "data/in.txt"\n'
+            '[nodes.j]\ntype = "concat"\nleft = "@r"\n')
+    app = make_app(tmp_path, fresh_cache, text, name="files.toml")
+
+    async def script(pilot):
+        await run_to_end(pilot, app)
+        await pilot.press("ctrl+t")
+        before = app.main.runs_ended
+        (tmp_path / "data" / "in.txt").write_text("two")
+        await until(pilot, lambda: app.main.runs_ended > before)
+        assert states(app) == {"r": "done", "j": "done"}
+        assert "in.txt" in app.main.model.nodes["r"].reason
+
+    drive(app, script)
+
+
 def test_a_failed_node_shows_its_error_and_dependants_are_skipped_all_escaped(tmp_path, fresh_cache):
     text = RECIPE + '\n[nodes.x]\ntype = "boom"\ntext = "@b"\nmessage = "[bold red]kaput[/] [link=x]"\n' \
                     '\n[nodes.y]\ntype = "concat"\nleft = "@x"\n'

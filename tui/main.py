@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, RichLog, TabbedContent, TabPane
 
-from fluxkiln.engine.errors import RecipeInvalid
+from fluxkiln.engine.errors import Problem, RecipeInvalid
 from fluxkiln.engine.validate import check_text
 
 from .details import NodeDetails
@@ -28,7 +28,7 @@ from .editor import RecipeEditor
 from .graph import GraphPanel
 from .images import ImagePreview
 from .logtext import log_text
-from .observer import RunObserver, Thumb, thumbs_from_images
+from .observer import RunObserver, Thumb, final_thumbs
 from .plot import MetricPlot
 from .problems import ProblemList
 from .progress import ProgressPanel
@@ -160,7 +160,7 @@ class MainScreen(Screen):
         try:
             self.editor.save()
         except OSError as exc:
-            self.notify(Text(f"Could not save: {exc}").plain, severity="error", markup=False)
+            self.notify(f"Could not save: {exc}", severity="error", markup=False)
 
     def on_recipe_editor_dirty_changed(self, event: RecipeEditor.DirtyChanged) -> None:
         self.status.set(dirty=event.dirty)
@@ -183,9 +183,12 @@ class MainScreen(Screen):
         self._seq += 1
         self._validate(self.editor.text, self.editor.path, self._seq)
 
-    @work(thread=True, group="validate")
+    @work(thread=True, group="validate", exit_on_error=False)
     def _validate(self, text: str, path: Path, seq: int) -> None:
-        checked, problems = check_text(text, self.engine.registry, path)
+        try:
+            checked, problems = check_text(text, self.engine.registry, path)
+        except Exception as exc:  # noqa: BLE001 - e.g. a plugin's check_recipe hook crashed
+            checked, problems = None, [Problem(f"validation failed: {type(exc).__name__}: {exc}", str(path))]
         self.post_message(self.Validated(seq, text, checked, problems))
 
     def on_main_screen_validated(self, msg: Validated) -> None:
@@ -206,13 +209,14 @@ class MainScreen(Screen):
         if not self.running and msg.text != self.last_run_text:  # else keep showing that run's outcome
             self._plan(msg.checked, msg.seq, self.runs_started)
 
-    @work(thread=True, group="plan")
+    @work(thread=True, group="plan", exit_on_error=False)
     def _plan(self, checked: Any, seq: int, runs: int) -> None:
+        """A preview of what a run would do; best effort (the run itself reports any error)."""
         if not self._engine_lock.acquire(blocking=False):
             return
         try:
             plan = self.engine.plan(checked, output=self.output)
-        except (RecipeInvalid, OSError, ValueError):
+        except Exception:  # noqa: BLE001
             return
         finally:
             self._engine_lock.release()
@@ -268,24 +272,26 @@ class MainScreen(Screen):
         else:
             self.start_run(text)
 
-    @work(thread=True, group="run")
+    @work(thread=True, group="run", exit_on_error=False)
     def _run(self, text: str, path: Path, force: list[str] | None) -> None:
+        try:
+            self.post_message(self._run_recipe(text, path, force))
+        except Exception as exc:  # noqa: BLE001 - report any engine crash instead of killing the UI
+            self.post_message(self.RunEnded(error=f"{type(exc).__name__}: {exc}"))
+
+    def _run_recipe(self, text: str, path: Path, force: list[str] | None) -> RunEnded:
+        """Validate and run ``text`` (in the run worker's thread)."""
         checked, problems = check_text(text, self.engine.registry, path)
         if checked is None:
-            self.post_message(self.RunEnded(problems=problems))
-            return
+            return self.RunEnded(problems=problems)
         observer = RunObserver(self)
         try:
             with self._engine_lock:
                 result = self.engine.run(checked, force=force, output=self.output, observers=[observer])
         except RecipeInvalid as exc:
-            self.post_message(self.RunEnded(problems=exc.problems))
-            return
-        except Exception as exc:  # noqa: BLE001 - report any engine crash instead of killing the UI
-            self.post_message(self.RunEnded(error=f"{type(exc).__name__}: {exc}"))
-            return
-        thumbs = [] if observer.shown_files else _final_thumbs(result)
-        self.post_message(self.RunEnded(result=result, thumbs=thumbs))
+            return self.RunEnded(problems=exc.problems)
+        thumbs = [] if observer.shown_files else final_thumbs(result)
+        return self.RunEnded(result=result, thumbs=thumbs)
 
     def on_run_observer_engine_event(self, msg: RunObserver.EngineEvent) -> None:
         event = msg.event
@@ -355,16 +361,9 @@ class MainScreen(Screen):
                     timeout=3)
 
     def on_watch_files_changed(self, msg: Watch.FilesChanged) -> None:
-        path = self.editor.path
-        if not self.watcher.active or path is None:
+        disk = self.watcher.text_to_rerun(msg.paths, self.last_run_text)
+        if disk is None:
             return
-        try:
-            disk = path.read_text(encoding="utf-8")
-        except OSError:
-            return
-        only_recipe = {Path(p).resolve() for p in msg.paths} <= {path.resolve()}
-        if only_recipe and disk == self.last_run_text:
-            return  # our own save, already rerun
         if self.editor.dirty:
             self.notify("The recipe changed on disk; your unsaved edits are kept in the editor.",
                         severity="warning")
@@ -398,13 +397,3 @@ class MainScreen(Screen):
         if self.running:
             self.engine.cancel()
 
-
-def _final_thumbs(result: Any) -> list[Thumb]:
-    """Thumbnails of the images of the last node that output images."""
-    from fluxkiln.engine.ports import Images
-
-    for node in reversed(list(result.outputs)):
-        images = [v for v in result.outputs[node].values() if isinstance(v, Images)]
-        if images and images[0]:
-            return thumbs_from_images(node, images[0])
-    return []

@@ -63,6 +63,17 @@ def thumbs_from_images(node: str, images: Any, limit: int = 16) -> list[Thumb]:
     return out
 
 
+def final_thumbs(result: Any) -> list[Thumb]:
+    """Thumbnails of the images of the last node of a run that output images."""
+    from fluxkiln.engine.ports import Images
+
+    for node in reversed(list(result.outputs)):
+        images = [v for v in result.outputs[node].values() if isinstance(v, Images)]
+        if images and images[0]:
+            return thumbs_from_images(node, images[0])
+    return []
+
+
 class RunObserver:
     """Registered with the engine for one run; forwards its events to ``target``."""
 

@@ -57,6 +57,21 @@ class Watch:
         self.watcher.ignore = [p.resolve() for p in ignore]
         self.watcher.set_paths(watched_paths(checked) | {self.path.resolve()})
 
+    def text_to_rerun(self, changed: set[str], last_run_text: str | None) -> str | None:
+        """The recipe text to rerun after ``changed`` files changed, or None when nothing needs to.
+
+        A change to the recipe alone whose text is what last ran was our own save,
+        already rerun when it was saved.
+        """
+        if self.watcher is None or self.path is None:
+            return None
+        try:
+            disk = self.path.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        only_recipe = {Path(p).resolve() for p in changed} <= {self.path.resolve()}
+        return None if only_recipe and disk == last_run_text else disk
+
     def _changed(self, paths: set[str]) -> None:
         self.target.post_message(self.FilesChanged(set(paths)))
 
