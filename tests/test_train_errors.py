@@ -101,3 +101,18 @@ def test_use_pretrained_lora_skips_training(tmp_path, data):
             delta = original[module + ".lora_B.weight"] @ original[module + ".lora_A.weight"]
             delta2 = got[module + ".lora_B.weight"] @ got[module + ".lora_A.weight"]
             assert torch.allclose(delta, delta2, atol=1e-5)
+
+
+def test_cuda_out_of_memory_suggests_settings_that_fit(tmp_path, data, monkeypatch):
+    from fluxkiln.plugins.train import loop
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "flow_loss", oom)
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=3, resolution=[64, 1024], lora_rank=32)
+    err = failure(run(recipe, tmp_path / "cache", tmp_path / "out"))
+    assert "ran out of memory" in err["error"]
+    for tip in ("gradient_checkpointing = true", "resolution = [512]", 'quantize = "fp8"', "lora_rank = 16",
+                'optimizer = "adamw8bit"'):
+        assert tip in err["hint"], tip

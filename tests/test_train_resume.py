@@ -104,3 +104,55 @@ def test_raising_steps_continues_the_run(tmp_path):
     _same_weights(_lora(straight).path, _lora(longer).path)
     meta = _lora(longer).meta
     assert meta["fluxkiln.steps"] == "6"
+
+
+def test_ctrl_c_in_the_cli_checkpoints_and_exits_130(tmp_path):
+    """SIGINT: the current step finishes, a checkpoint is written, the run ends with exit code 130."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=500, save_every=0)
+    env = {**os.environ, "FLUXKILN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fluxkiln.engine.cli import main; "
+                             "sys.exit(main(sys.argv[1:]))", "run", str(recipe), "--json", "--output",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    events = []
+    try:
+        for line in proc.stdout:
+            ev = json.loads(line)
+            events.append(ev)
+            if ev["event"] == "node_progress" and ev.get("node") == "lora" and ev.get("step", 0) >= 2 \
+                    and ev.get("metrics"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    events += [json.loads(line) for line in rest.splitlines() if line.strip()]
+    assert proc.returncode == 130
+    last = max(e["step"] for e in events if e["event"] == "node_progress" and e.get("node") == "lora")
+    assert last < 500
+    assert any(e["event"] == "node_cancelled" and e["node"] == "lora" for e in events)
+    assert [p.name for p in checkpoints(tmp_path / "cache")] == [f"ckpt-{last:06d}"]
+
+
+def test_memory_settings_do_not_change_the_weights(tmp_path):
+    """gradient_checkpointing and the latent/text caches trade memory for time only (so they are not part
+    of the checkpoint key): on CPU every combination trains the same weights, bit for bit."""
+    data = solid_dataset(tmp_path / "data")
+    variants = [{}, {"gradient_checkpointing": True}, {"cache_latents": False, "cache_text_embeddings": False},
+                {"cache_latents_to_disk": True}]
+    results = []
+    for i, extra in enumerate(variants):
+        recipe = write_recipe(tmp_path / f"r{i}.toml", data, steps=3, **extra)
+        result = run(recipe, tmp_path / f"cache{i}", tmp_path / f"out{i}")
+        assert result.ok, extra
+        results.append(result)
+    for other in results[1:]:
+        _same_weights(_lora(results[0]).path, _lora(other).path)
+    assert list((tmp_path / "cache3").glob("state/train_lora-*/latents/*-64x64.safetensors"))

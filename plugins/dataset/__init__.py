@@ -18,15 +18,19 @@ PILLOW_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit; max_pix
 @node("dataset", version="1", category="training")
 def dataset(
     ctx: RunContext,
-    source: Annotated[FilePath, Field(description="A .zip, .tar, .tar.gz/.tgz (also .bz2/.xz) or a folder of "
-                                                  "images (png, jpg, jpeg, webp, bmp) with optional <stem>.txt captions")],
-    max_images: Annotated[int, Field(ge=1, le=100_000, description="Refuse sources with more images than this")] = 1000,
-    max_files: Annotated[int, Field(ge=1, le=1_000_000, description="Refuse sources with more entries (of any kind) "
-                                                                   "than this")] = 10_000,
-    max_total_bytes: Annotated[int, Field(ge=1, le=2**40, description="Refuse sources whose files add up to more "
-                                                                      "bytes than this (counted while reading: zip bombs stop here)")] = 2 * 2**30,
-    max_pixels: Annotated[int, Field(ge=1, le=PILLOW_MAX_PIXELS, description="Refuse any image with more pixels "
-                                                                             "than this (decompression bombs)")] = 8192 * 8192,
+    source: Annotated[FilePath, Field(
+        description="A .zip, .tar, .tar.gz/.tgz (also .bz2/.xz) or a folder of images (png, jpg, jpeg, webp, "
+                    "bmp) with optional <stem>.txt captions")],
+    max_images: Annotated[int, Field(
+        ge=1, le=100_000, description="Refuse sources with more images than this")] = 1000,
+    max_files: Annotated[int, Field(
+        ge=1, le=1_000_000, description="Refuse sources with more entries (of any kind) than this")] = 10_000,
+    max_total_bytes: Annotated[int, Field(
+        ge=1, le=2**40, description="Refuse sources whose files add up to more bytes than this (counted "
+                                    "while reading: zip bombs stop here)")] = 2 * 2**30,
+    max_pixels: Annotated[int, Field(
+        ge=1, le=PILLOW_MAX_PIXELS, description="Refuse any image with more pixels than this "
+                                                "(decompression bombs)")] = 8192 * 8192,
 ) -> Dataset:
     """Training images with their captions, read safely from a zip, tar or folder.
 

@@ -26,6 +26,7 @@ IMAGE_EXTS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", "
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 CAPTION_EXT = ".txt"
 _CHUNK = 1 << 20
+MAX_SKIP_LOGS = 20
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,10 @@ def ingest(source: Path, target: Path, limits: Limits, log: Callable[[str], None
     stems = {n.rsplit(".", 1)[0] for n, _, _ in out.images}
     for stem in sorted(set(out.captions) - stems):
         out.skipped.append((stem + CAPTION_EXT, "caption without an image of the same name"))
-    for name, reason in out.skipped:
+    for name, reason in out.skipped[:MAX_SKIP_LOGS]:
         log(f"skipped {name}: {reason}")
+    if len(out.skipped) > MAX_SKIP_LOGS:
+        log(f"... and {len(out.skipped) - MAX_SKIP_LOGS} more skipped entries (listed in dataset.json)")
     return out
 
 

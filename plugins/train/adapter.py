@@ -68,7 +68,11 @@ def forget_pipeline_state(pipe: Any) -> None:
 
 
 def attach(pipe: Any, layers: list[str], rank: int, alpha: float, seed: int) -> dict[str, Any]:
-    """Add the training adapter; return its trainable parameters by name (float32, requires_grad)."""
+    """Add the training adapter; return its trainable parameters by name (requires_grad).
+
+    They have the transformer's dtype (bfloat16 on a GPU: the LoRA branch runs as fast as the base);
+    the loop keeps float32 master copies for the optimizer when that is not float32.
+    """
     import torch
     from peft import LoraConfig
 
@@ -86,7 +90,7 @@ def attach(pipe: Any, layers: list[str], rank: int, alpha: float, seed: int) -> 
     named = {}
     for name, p in transformer.named_parameters():
         if f".{ADAPTER}." in name and (".lora_A." in name or ".lora_B." in name):
-            p.data = p.data.float()
+            p.data = p.data.to(transformer.dtype)
             p.requires_grad_(True)
             named[name] = p
         else:

@@ -68,7 +68,8 @@ def _save(weights: dict[str, Any], path: Path, meta: dict[str, str], dtype: str)
     return path
 
 
-def write_lora(out_dir: Path, weights: dict[str, Any], cfg: TrainConfig, meta: dict[str, str]) -> tuple[Path, dict[str, Path]]:
+def write_lora(out_dir: Path, weights: dict[str, Any], cfg: TrainConfig,
+               meta: dict[str, str]) -> tuple[Path, dict[str, Path]]:
     """Write ``lora.safetensors`` (diffusers/PEFT) and, if asked, ``lora_comfyui.safetensors``."""
     rank = rank_of(weights)
     folded = fold_alpha(weights, rank, cfg.alpha)

@@ -65,6 +65,8 @@ class Trainer:
     def run(self) -> TrainResult:
         import torch
 
+        if self.ctx.device == "cuda":  # training needs the room: other resident pipelines go first
+            self.ctx.models.release_kind("inference", keep=(self.model.key,))
         pipe = _pipeline(self.model)
         had_gc = bool(getattr(pipe.transformer, "gradient_checkpointing", False))
         try:
@@ -107,13 +109,15 @@ class Trainer:
                                    self.state_dir / "latents")
         self.texts = TextStore(pipe, self.device, cfg.max_sequence_length, cfg.cache_text_embeddings)
         ctx.progress(0, cfg.steps, message=f"caching {len(self.samples_list)} latents and text embeddings")
-        self.latents.warm(self.samples_list)
+        self.latents.warm(self.samples_list, on_each=lambda i, n: ctx.check_cancelled())
         self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
         self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
-        self.params = list(self.named.values())
+        self.master = self.named if all(p.dtype == torch.float32 for p in self.named.values()) else {
+            k: torch.nn.Parameter(p.detach().float().clone()) for k, p in self.named.items()}
+        self.params = list(self.master.values())
         self.optimizer = make_optimizer(self.optimizer_name, self.params, cfg.learning_rate, ctx.log)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
-        self.ema = EMA(self.named, cfg.ema_decay) if cfg.ema else None
+        self.ema = EMA(self.master, cfg.ema_decay) if cfg.ema else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.cursor = BatchCursor(self.samples_list, cfg.batch_size, cfg.seed)
         self.history: list[list[float]] = []
@@ -136,14 +140,15 @@ class Trainer:
         import torch
 
         with torch.no_grad():
-            for k, p in self.named.items():
+            for k, p in self.master.items():
                 p.copy_(tensors[f"param/{k}"].to(p.device))
+        self._sync_model_weights()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.gen.set_state(state["generator"])
         ckpts.set_rng_state(state["rng"])
         if self.ema is not None:
-            self.ema.load({k: tensors[f"ema/{k}"] for k in self.named}, int(state["ema_updates"]))
+            self.ema.load({k: tensors[f"ema/{k}"] for k in self.master}, int(state["ema_updates"]))
         cur = meta["cursor"]
         self.cursor = BatchCursor(self.samples_list, self.cfg.batch_size, self.cfg.seed, cur["epoch"], cur["index"])
         self.history = [list(r) for r in meta.get("history", [])]
@@ -197,7 +202,7 @@ class Trainer:
         latents = self.latents.batch(batch)
         embeds, pooled = self.texts.batch(caps)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        with self._precision(), _attention_backends(self.device):
+        with _attention_backends(self.device):
             loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
                              self.device, self.dtype)
             value = float(loss.detach().item())
@@ -206,21 +211,27 @@ class Trainer:
                                 "was written for this step)", key="learning_rate",
                                 hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
             loss.backward()
+        if self.master is not self.named:  # low-precision weights in the model: step the float32 masters
+            for k, p in self.named.items():
+                self.master[k].grad = None if p.grad is None else p.grad.float()
+                p.grad = None
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync_model_weights()
         if self.ema is not None:
-            self.ema.update(self.named)
+            self.ema.update(self.master)
         return value, lr
 
-    def _precision(self) -> Any:
+    def _sync_model_weights(self) -> None:
         import torch
 
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        if self.master is not self.named:
+            with torch.no_grad():
+                for k, p in self.named.items():
+                    p.copy_(self.master[k])
 
     def _sample(self, pipe: Any, step: int) -> None:
         self.samples = take_samples(self.ctx, pipe, self.cfg, step, self.ctx.node_dir() / "samples")
@@ -230,11 +241,11 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         import torch
 
-        bad = [k for k, p in self.named.items() if not bool(torch.isfinite(p).all())]
+        bad = [k for k, p in self.master.items() if not bool(torch.isfinite(p).all())]
         if bad:
             raise NodeError(f"weights became non-finite by step {step} ({bad[0]}); no checkpoint written",
                             key="learning_rate", hint="lower learning_rate")
-        tensors = {f"param/{k}": p for k, p in self.named.items()}
+        tensors = {f"param/{k}": p for k, p in self.master.items()}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -253,7 +264,7 @@ class Trainer:
 
     def export_weights(self) -> dict[str, Any]:
         """The weights to publish (EMA when enabled) under diffusers/PEFT keys, float32 on CPU."""
-        src = self.ema.shadow if self.ema is not None else {k: p.detach() for k, p in self.named.items()}
+        src = self.ema.shadow if self.ema is not None else {k: p.detach() for k, p in self.master.items()}
         return {adapters.export_key(k): v.detach().float().cpu().clone() for k, v in src.items()}
 
 

@@ -25,27 +25,32 @@ def train_lora(
     dataset: Dataset | None = None,
     trigger_word: Annotated[str, Field(description="word that stands for the concept; put first in captions that "
                                        "lack it, and replaces [trigger] in captions and sample prompts")] = "TOK",
-    steps: Annotated[int, Field(ge=3, le=6000, description="training steps; raising it later continues the run")] = 1000,
+    steps: Annotated[int, Field(ge=3, le=6000,
+                                description="training steps; raising it later continues the run")] = 1000,
     learning_rate: Annotated[float, Field(gt=0, description="learning rate")] = 4e-4,
     batch_size: Annotated[int, Field(ge=1, le=64, description="images per step (same bucket size)")] = 1,
-    resolution: Annotated[list[Res], Field(min_length=1, description="training resolutions; each image is used at "
-                                           "each one, in an aspect-ratio bucket, never upscaled")] = [512, 768, 1024],  # noqa: B006
+    resolution: Annotated[list[Res], Field(
+        min_length=1, description="training resolutions; each image is used at each one, in an aspect-ratio "
+                                  "bucket, never upscaled")] = [512, 768, 1024],  # noqa: B006
     lora_rank: Annotated[int, Field(ge=1, le=128, description="LoRA rank: capacity (and file size)")] = 16,
     lora_alpha: Annotated[float | None, Field(gt=0, description="LoRA alpha; default = lora_rank")] = None,
     caption_dropout_rate: Annotated[float, Field(ge=0.0, le=1.0, description="share of steps trained with an empty "
                                                  "caption")] = 0.05,
-    optimizer: Annotated[Optimizer, Field(description="auto = adamw8bit on an NVIDIA GPU with bitsandbytes, else "
-                                          "adamw; the 8-bit ones need bitsandbytes and a GPU; prodigy needs prodigyopt")] = "auto",
+    optimizer: Annotated[Optimizer, Field(
+        description="auto = adamw8bit on an NVIDIA GPU with bitsandbytes, else adamw; the 8-bit ones need "
+                    "bitsandbytes and a GPU; prodigy needs prodigyopt")] = "auto",
     lr_scheduler: Annotated[Literal["constant", "constant_with_warmup", "linear", "cosine"],
                             Field(description="learning-rate schedule")] = "constant",
     lr_warmup_steps: Annotated[int, Field(ge=0, le=6000, description="steps of linear warm-up")] = 0,
     max_grad_norm: Annotated[float, Field(ge=0.0, description="clip the gradient norm to this (0 = off)")] = 1.0,
     cache_latents: Annotated[bool, Field(description="encode every image once and keep the latents in memory")] = True,
-    cache_latents_to_disk: Annotated[bool, Field(description="keep the latents in files instead (large datasets)")] = False,
+    cache_latents_to_disk: Annotated[bool, Field(
+        description="keep the latents in files instead (large datasets)")] = False,
     cache_text_embeddings: Annotated[bool, Field(description="encode each caption once; the text encoders then "
                                                  "stay idle")] = True,
-    layers_to_optimize_regex: Annotated[str | None, Field(description="train only layers whose name (e.g. "
-                                                          "transformer.single_transformer_blocks.7.proj_out) matches")] = None,
+    layers_to_optimize_regex: Annotated[str | None, Field(
+        description="train only layers whose name (e.g. transformer.single_transformer_blocks.7.proj_out) "
+                    "matches")] = None,
     gradient_checkpointing: Annotated[bool, Field(description="recompute activations in the backward pass: "
                                                   "much less memory, ~1.6x slower")] = False,
     timestep_sampling: Annotated[Literal["sigmoid", "linear", "shift", "flux_shift"],
@@ -53,7 +58,8 @@ def train_lora(
     ema: Annotated[bool, Field(description="export an exponential moving average of the weights")] = True,
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, description="EMA decay")] = 0.99,
     seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="seed of the LoRA init, noise and data order")] = 42,
-    save_every: Annotated[int, Field(ge=0, le=6000, description="checkpoint every N steps (0 = only at the end)")] = 250,
+    save_every: Annotated[int, Field(ge=0, le=6000,
+                                     description="checkpoint every N steps (0 = only at the end)")] = 250,
     keep_last: Annotated[int, Field(ge=1, le=100, description="checkpoints kept")] = 3,
     sample_every: Annotated[int, Field(ge=0, le=6000, description="sample the prompts every N steps and at the end "
                                        "(0 = off)")] = 0,
@@ -67,8 +73,9 @@ def train_lora(
     max_sequence_length: Annotated[int, Field(ge=1, le=512, description="T5 tokens per caption")] = 512,
     use_pretrained_lora: Annotated[str | None, InputFile(),
                                    Field(description="skip training and use this .safetensors LoRA instead")] = None,
-    export_formats: Annotated[list[ExportFormat], Field(description="diffusers/peft is always written; comfyui/kohya "
-                                                        "adds lora_comfyui.safetensors")] = ["diffusers", "comfyui"],  # noqa: B006
+    export_formats: Annotated[list[ExportFormat], Field(
+        description="diffusers/peft is always written; comfyui/kohya adds "
+                    "lora_comfyui.safetensors")] = ["diffusers", "comfyui"],  # noqa: B006
     save_dtype: Annotated[Literal["bfloat16", "float16", "float32"], Field(description="dtype of the exported "
                                                                            "LoRA")] = "bfloat16",
     wandb_api_key: Annotated[str | None, Secret(), Field(description="W&B key as \"$ENV_VAR\" (default "
