@@ -103,7 +103,15 @@ def test_raising_steps_continues_the_run(tmp_path):
     straight = run(recipe, tmp_path / "cache-2", tmp_path / "out-2", overrides=["nodes.lora.steps=6"])
     _same_weights(_lora(straight).path, _lora(longer).path)
     meta = _lora(longer).meta
-    assert meta["fluxkiln.steps"] == "6"
+    assert meta["fluxkiln.steps"] == "6" and "#   --set nodes.lora.steps=6" in meta["fluxkiln.recipe"]
+
+    # Rerunning a finished configuration (e.g. after the run folder was deleted) trains nothing.
+    again = Engine(cache_dir=cache).run(recipe, output=tmp_path / "out", overrides=["nodes.lora.steps=6"],
+                                        force=["lora"])
+    assert again.ok and again.nodes["lora"] == "ran" and losses(again) == []
+    assert "resuming from checkpoint at step 6" in _logs(again)
+    _same_weights(_lora(longer).path, _lora(again).path)
+    assert len((again.run_dir / "lora" / "metrics.csv").read_text().splitlines()) == 7
 
 
 def test_ctrl_c_in_the_cli_checkpoints_and_exits_130(tmp_path):

@@ -22,8 +22,13 @@ class Job:
         self.out_dir = ctx.node_dir()
 
     def _recipe_text(self) -> str:
+        """The recipe as run: its text plus any ``--set`` overrides (as comments), secrets scrubbed."""
         recipe = getattr(self.ctx, "recipe", None)
-        return scrub(getattr(recipe, "text", "") or "", self._secrets)
+        text = getattr(recipe, "text", "") or ""
+        overrides = list(getattr(recipe, "overrides", None) or [])
+        if overrides:
+            text = text.rstrip("\n") + "\n\n# run with overrides:\n" + "".join(f"#   --set {o}\n" for o in overrides)
+        return scrub(text, self._secrets)
 
     # ---------------------------------------------------------------- sources of weights
     def train(self, state_dir: Path, wandb_key: str | None, wandb_args: dict[str, Any]) -> TrainResult:
