@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="parent folder (default: current)")
 
     p = sub.add_parser("tui", help="open the terminal UI")
-    p.add_argument("recipe", nargs="?")
+    p.add_argument("recipe", nargs="?", help="recipe file or folder to open")
 
     return parser
 
@@ -235,8 +235,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["inspect"]:  # its own parser: options may come before the image
+        from .inspect_cmd import main as inspect_main
+
+        return inspect_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     if args.version:
         from importlib.metadata import version
 
@@ -254,5 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_extra.dispatch(args)
 
 
+def entry() -> None:
+    """Console-script entry point: exit with main()'s code; a closed pipe (``| head``) is not an error."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

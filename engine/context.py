@@ -43,6 +43,7 @@ class RunContext:
         self._identity = identity or {}
         self._last_progress = 0.0
         self._started = time.perf_counter()
+        self._first_step: tuple[int, float] | None = None
 
     # -------------------------------------------------------------- events
     def _event(self, name: str, data: dict[str, Any], objects: dict[str, Any] | None = None) -> None:
@@ -54,8 +55,11 @@ class RunContext:
         now = time.perf_counter()
         elapsed = now - self._started
         data: dict[str, Any] = {"step": step, "total": total, "elapsed": round(elapsed, 3)}
-        if total and step:
-            rate = step / elapsed if elapsed > 0 else 0.0
+        if self._first_step is None:  # a resumed run starts counting where it resumed
+            self._first_step = (step - 1 if step > 0 else 0, self._started)
+        done = step - self._first_step[0]
+        if total and done > 0:
+            rate = done / (now - self._first_step[1]) if now > self._first_step[1] else 0.0
             data["rate"] = round(rate, 4)
             data["eta"] = round((total - step) / rate, 2) if rate > 0 else None
         if metrics:

@@ -111,7 +111,7 @@ def diff_reasons(old: dict[str, Any] | None, new: dict[str, Any], file_names: di
     of, nf = old.get("files", {}), new["files"]
     for k in sorted(set(of) | set(nf)):
         if of.get(k) != nf.get(k):
-            reasons.append(f"file '{file_names.get(k, k)}' changed")
+            reasons.append(f"{k[1:-1]} changed" if k.startswith("(") else f"file '{file_names.get(k, k)}' changed")
     return reasons
 
 

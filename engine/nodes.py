@@ -66,12 +66,14 @@ class NodeOptions:
     cache: Literal["disk", "memory", "never"] = "disk"
     volatile: Callable[[dict[str, Any]], str | None] | None = None
     category: str = "general"
+    extra_fingerprint: Callable[..., str | None] | None = None
 
 
 def node(name: str | None = None, *, version: str | int = "1", outputs: dict[str, type] | None = None,
          cache: Literal["disk", "memory", "never"] = "disk",
          volatile: Callable[[dict[str, Any]], str | None] | None = None,
-         category: str = "general") -> Callable[[Any], Any]:
+         category: str = "general",
+         extra_fingerprint: Callable[..., str | None] | None = None) -> Callable[[Any], Any]:
     """Declare a function (or a class with a ``run`` method) as a node type.
 
     ``name`` defaults to the function name.  Bump ``version`` when the node's
@@ -81,10 +83,15 @@ def node(name: str | None = None, *, version: str | int = "1", outputs: dict[str
     (results reused across processes), ``"memory"`` (live values such as loaded
     models) or ``"never"``.  ``volatile(params)`` returns a reason string when
     this configuration must always re-run (e.g. no seed given), else ``None``.
+    ``extra_fingerprint(params, node_dir, recipe_dir)`` returns a string (or a
+    dict of label -> string, each shown as "<label> changed") that is added to
+    the fingerprint, for state the parameters don't show (files a
+    user edited in the node's folder, the content of a model folder).
     """
 
     def deco(obj: Any) -> Any:
-        obj.__fluxkiln_node__ = NodeOptions(name or obj.__name__, str(version), outputs, cache, volatile, category)
+        obj.__fluxkiln_node__ = NodeOptions(name or obj.__name__, str(version), outputs, cache, volatile, category,
+                                            extra_fingerprint)
         return obj
 
     return deco
@@ -101,6 +108,7 @@ class ParamSpec:
     literal_type: Any = None  # python type accepted as a literal (None: links only)
     optional: bool = False
     is_file: bool = False
+    file_marker: InputFile | None = None
     is_secret: bool = False
     constraints: dict[str, Any] = field(default_factory=dict)
     choices: tuple[Any, ...] = ()
@@ -124,10 +132,12 @@ class ParamSpec:
         if self.ports:
             words.append("a link to a node's " + " or ".join(f"'{p}'" for p in self.ports) + " output")
         if self.accepts_literal:
-            words.append(_describe_type(self.literal_type, self.constraints, self.choices))
-        if self.optional:
-            words.append("or leave it out")
-        return " or ".join(words[:2]) + (" " + words[2] if len(words) > 2 else "")
+            described = _describe_type(self.literal_type, self.constraints, self.choices)
+            if self.is_file:
+                described = described.replace("a string", "a file path (relative to the recipe)", 1)
+            words.append(described)
+        text = " or ".join(words) or "nothing"
+        return text + (", or leave it out" if self.optional else "")
 
     def check_literal(self, value: Any) -> tuple[Any, str | None]:
         """Validate a literal; return (converted value, error message or None)."""
@@ -170,26 +180,36 @@ def _pydantic_msg(err: dict) -> str:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+def _strip_annotated(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
 def _describe_type(tp: Any, constraints: dict[str, Any], choices: tuple[Any, ...]) -> str:
+    tp = _strip_annotated(tp)
     if choices:
         return "one of " + ", ".join(repr(c) for c in choices)
     origin = get_origin(tp)
     if origin in (list, tuple):
-        inner = get_args(tp)
-        return "a list of " + (_TYPE_WORDS.get(inner[0], getattr(inner[0], "__name__", str(inner[0]))) if inner else "values")
+        inner = [_strip_annotated(a) for a in get_args(tp) if a is not Ellipsis]
+        if not inner:
+            return "a list"
+        word = _describe_type(inner[0], {}, get_args(inner[0]) if get_origin(inner[0]) is Literal else ())
+        return "a list of " + word.removeprefix("a ").removeprefix("an ") + ("s" if inner[0] in _TYPE_WORDS else "")
     if origin in (Union, types.UnionType):
         return " or ".join(_describe_type(a, {}, ()) for a in get_args(tp))
     if origin is dict or tp is dict:
         return "a table"
     base = _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
-    lo = constraints.get("ge", constraints.get("gt"))
-    hi = constraints.get("le", constraints.get("lt"))
-    if lo is not None and hi is not None:
-        base += f" from {lo} to {hi}"
-    elif lo is not None:
-        base += f" ≥ {lo}" if "ge" in constraints else f" > {lo}"
-    elif hi is not None:
-        base += f" ≤ {hi}" if "le" in constraints else f" < {hi}"
+    lo = ("≥", constraints["ge"]) if "ge" in constraints else (">", constraints["gt"]) if "gt" in constraints else None
+    hi = ("≤", constraints["le"]) if "le" in constraints else ("<", constraints["lt"]) if "lt" in constraints else None
+    if lo and hi and lo[0] == "≥" and hi[0] == "≤":
+        base += f" from {lo[1]} to {hi[1]}"
+    else:
+        bounds = [f"{b[0]} {b[1]}" for b in (lo, hi) if b]
+        if bounds:
+            base += " " + " and ".join(bounds)
     if "min_length" in constraints:
         base += f" (at least {constraints['min_length']})"
     return base
@@ -211,6 +231,7 @@ class NodeType:
     category: str = "general"
     wants_ctx: bool = True
     is_class: bool = False
+    extra_fingerprint: Callable[..., str | None] | None = None
 
     @property
     def summary(self) -> str:
@@ -259,7 +280,7 @@ def build_node_type(obj: Any, plugin: str, ports_by_cls: dict[type, PortType]) -
     outputs = _outputs(opts, hints.get("return", inspect.Signature.empty), ports_by_cls, plugin)
     doc = inspect.getdoc(obj) or ""
     return NodeType(opts.name, obj, opts.version, doc, params, outputs, plugin, opts.cache, opts.volatile,
-                    opts.category, wants_ctx, is_class)
+                    opts.category, wants_ctx, is_class, opts.extra_fingerprint)
 
 
 def _outputs(opts: NodeOptions, ret: Any, ports_by_cls: dict[type, PortType], plugin: str) -> dict[str, str]:
@@ -286,6 +307,10 @@ def _param_spec(name: str, hint: Any, default: Any, ports_by_cls: dict[type, Por
         args = get_args(hint)
         hint, meta = args[0], list(args[1:]) + meta
     members = list(get_args(hint)) if get_origin(hint) in (Union, types.UnionType) else [hint]
+    for i, m in enumerate(members):
+        if get_origin(m) is Annotated:  # e.g. FilePath inside `Lora | FilePath | None`
+            margs = get_args(m)
+            members[i], meta = margs[0], meta + list(margs[1:])
     optional = type(None) in members
     members = [m for m in members if m is not type(None)]
     ports = tuple(ports_by_cls[m].name for m in members if m in ports_by_cls)
@@ -296,7 +321,7 @@ def _param_spec(name: str, hint: Any, default: Any, ports_by_cls: dict[type, Por
     fields = [m for m in meta if isinstance(m, FieldInfo)]
     for m in meta:
         if isinstance(m, InputFile):
-            spec.is_file = True
+            spec.is_file, spec.file_marker = True, m
         elif isinstance(m, Secret):
             spec.is_secret = True
         elif isinstance(m, str) and not spec.doc:

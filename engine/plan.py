@@ -73,6 +73,11 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             continue
         rn = checked.nodes[nid]
         files = {k: hasher.path(p) for k, p in rn.files.items()}
+        if rn.type.extra_fingerprint is not None:
+            extra = rn.type.extra_fingerprint(dict(rn.params), run_dir / nid, checked.recipe.base_dir)
+            for label, value in (extra if isinstance(extra, dict) else {"edited files": extra}).items():
+                if value:
+                    files[f"({label})"] = value
         inputs = {k: f"{plan.nodes[link.node].fingerprint}.{link.port}" for k, link in rn.links.items()}
         ident = identity(rn.type.name, rn.type.version, _literal_identity(rn), inputs, files)
         volatile = rn.type.volatile(dict(rn.params)) if rn.type.volatile else None

@@ -101,11 +101,16 @@ class Model:
     loader: Callable[[], Any] | None = None
     residency: Any = None
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    size: Callable[[Any], int] | None = None
+    release: Callable[[Any], None] | None = None
+    residency_kind: str = "inference"
 
     def get(self) -> Any:
+        """The live object; reloaded (with the same size and release functions) if it was evicted."""
         if self.residency is None or self.loader is None:
             raise RuntimeError(f"model {self.ref!r} has no loader")
-        return self.residency.get(self.key, self.loader)
+        return self.residency.get(self.key, self.loader, size=self.size, release=self.release,
+                                  kind=self.residency_kind)
 
 
 # ---------------------------------------------------------------- LoRA

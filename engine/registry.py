@@ -128,7 +128,8 @@ class Registry:
             info.load_time = time.perf_counter() - t0
 
     def _impls(self, hook_name: str) -> list[Any]:
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        """Implementations in registration order: built-ins first, so they can never be overridden."""
+        return list(getattr(self.pm.hook, hook_name).get_hookimpls())
 
     def _register_all(self) -> None:
         for impl in self._impls("register_port_types"):
@@ -138,16 +139,25 @@ class Registry:
             self._call_register(impl, lambda obj, plugin: self._register_node(obj, plugin, ports_by_cls))
 
     def _call_register(self, impl: Any, fn: Any) -> None:
+        """Call one plugin's register hook; each rejected object is reported, the rest still register."""
         plugin = impl.plugin_name
         info = self.plugins.get(plugin)
+        errors: list[str] = []
+
+        def register(obj: Any) -> None:
+            try:
+                fn(obj, plugin)
+            except PluginError as exc:
+                errors.append(str(exc))
+
         t0 = time.perf_counter()
         try:
-            impl.function(register=lambda obj: fn(obj, plugin))
+            impl.function(register=register)
         except Exception as exc:  # noqa: BLE001 - report, keep the other plugins
-            msg = str(exc) if isinstance(exc, PluginError) else _short_error(exc)
-            if info:
-                info.error = f"{info.error}; {msg}" if info.error else msg
+            errors.append(str(exc) if isinstance(exc, PluginError) else _short_error(exc))
         if info:
+            for msg in errors:
+                info.error = f"{info.error}; {msg}" if info.error else msg
             info.load_time += time.perf_counter() - t0
 
     def _register_port(self, pt: PortType, plugin: str) -> None:

@@ -142,7 +142,9 @@ class Engine:
         t0 = time.perf_counter()
         recipe = plan.checked.recipe
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        (plan.run_dir / "recipe.toml").write_text(recipe.text)
+        from .imagemeta import redact_toml
+
+        (plan.run_dir / "recipe.toml").write_text(redact_toml(recipe.text))
         self._emit(Event("run_started", result.run_id, data={
             "recipe": recipe.file, "name": recipe.name, "run_dir": str(plan.run_dir),
             "nodes": list(plan.nodes), "plan": plan.to_dict()}))

@@ -142,8 +142,15 @@ class _Checker:
             self.add(f"invalid value {value!r}: {err}", nid, key, "expected " + spec.allowed())
             return
         if spec.is_file and isinstance(converted, str):
+            marker = spec.file_marker
+            if marker and converted.startswith(marker.optional_prefixes or ("\0",)):
+                rn.params[key] = converted  # e.g. "hf:owner/repo/file": resolved by the node
+                return
             path = Path(converted).expanduser()
             path = path if path.is_absolute() else (self.r.base_dir / path)
+            if not path.exists() and marker is not None and not marker.must_exist:
+                rn.params[key] = converted  # not a local file: the node resolves it (e.g. a hub file)
+                return
             if not path.exists():
                 self.add(f"file not found: {converted} (looked in {path.parent})", nid, key,
                          "paths are relative to the recipe file")

@@ -152,9 +152,24 @@ def test_shipped_recipes_validate_without_weights_and_run_on_the_tiny_models(tmp
     for name in ("flux-dev", "flux-schnell"):
         assert cli(["validate", str(ROOT / "recipes" / f"{name}.toml")]) == 0
     code = cli(["run", str(ROOT / "recipes" / "flux-schnell.toml"), "--set", "vars.model=builtin:tiny-flux-schnell",
+                "--set", "vars.checker=builtin:tiny-safety", "--set", "vars.classifier=builtin:tiny-safety",
                 "--set", 'nodes.images.megapixels="0.25"', "--set", "nodes.images.seed=1",
                 "--output", str(tmp_path / "out"), "--json"])
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert code == 0, events[-3:]
     assert any(e.get("event") == "node_finished" and e.get("node") == "saved" for e in events)
     assert list((tmp_path / "out").glob("*.webp"))
+
+
+def test_editing_a_local_model_folder_changes_load_model_fingerprint(tmp_path):
+    from fluxkiln.plugins.flux.load import local_model_signature
+
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "w.safetensors").write_bytes(b"1234")
+    first = local_model_signature({"model": "model"}, tmp_path / "n", tmp_path)
+    assert first and local_model_signature({"model": "model"}, tmp_path / "n", tmp_path) == first
+    (folder / "transformer" / "w.safetensors").write_bytes(b"123456")
+    assert local_model_signature({"model": "model"}, tmp_path / "n", tmp_path) != first
+    assert local_model_signature({"model": "builtin:tiny-flux"}, tmp_path / "n", tmp_path) == {}
+    assert local_model_signature({"model": "black-forest-labs/FLUX.1-dev"}, tmp_path / "n", tmp_path) == {}

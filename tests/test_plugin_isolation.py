@@ -141,9 +141,6 @@ def test_duplicate_node_type_is_reported_naming_both_plugins(installed_plugin, t
     assert fluxkiln("validate", str(recipe), env=plugin.env, cwd=tmp_path, FLUXKILN_PLUGINS="two").returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="registry bug reported to the lead: Registry._impls reverses pluggy's order, "
-                   "so installed plugins register before the built-ins and take over their node types (and a "
-                   "duplicate aborts the rest of the built-in plugin's registrations)")
 def test_plugin_cannot_override_a_builtin_node_type(installed_plugin, tmp_path):
     plugin = installed_plugin("my_save", dup_plugin("save"), name="my-save")
     by = plugins_json(plugin.env, tmp_path)

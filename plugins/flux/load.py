@@ -150,16 +150,18 @@ def quiet_loading() -> Iterator[None]:
     from transformers.utils import logging as tlog
 
     bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    level = dlog.get_verbosity()
+    level, tlevel = dlog.get_verbosity(), tlog.get_verbosity()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             yield
     finally:
         dlog.set_verbosity(level)
+        tlog.set_verbosity(tlevel)
         if bars[0]:
             dlog.enable_progress_bar()
         if bars[1]:
@@ -234,7 +236,25 @@ def get_pipeline(model: Model) -> Any:
                                kind="inference")
 
 
-@node("load_model", version="1", cache="memory", category="flux")
+def local_model_signature(params: dict[str, Any], node_dir: Path, recipe_dir: Path | None = None) -> dict[str, str]:
+    """A cheap signature (names, sizes, mtimes) of a local model folder or file, so editing it reloads the model."""
+    ref = str(params.get("model") or "")
+    if ":" in ref.split("/")[0] and not Path(ref).exists():
+        return {}
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and recipe_dir is not None:
+        path = Path(recipe_dir) / path
+    if not path.exists():
+        return {}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    rows = [f"{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            for p in files]
+    import hashlib
+
+    return {"model files": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+
+
+@node("load_model", version="1", cache="memory", category="flux", extra_fingerprint=local_model_signature)
 def load_model(
     ctx: RunContext,
     model: Annotated[str, Field(min_length=1, description="hub id (from the local cache), diffusers folder or "

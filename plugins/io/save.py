@@ -25,7 +25,7 @@ MAX_ALTERNATIVES = 100
 _RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by", "seed"}
 
 
-@node("save", version="1", cache="never", category="io")
+@node("save", version="1", category="io")
 def save(
     ctx: RunContext,
     images: Annotated[Images, Field(description="Images to save, one file each")],
