@@ -240,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .inspect_cmd import main as inspect_main
 
         return inspect_main(argv[1:])
+    from .registry import BUILTIN_COMMANDS
+
+    if argv and not argv[0].startswith("-") and argv[0] not in BUILTIN_COMMANDS:
+        commands = _registry().commands
+        if argv[0] in commands:  # a command added by a plugin (register_commands hook)
+            return commands[argv[0]][1](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -45,3 +45,8 @@ def check_recipe(recipe: Recipe) -> list[Problem] | None:
 @hookspec(firstresult=True)
 def resolve_model(ref: str) -> str | None:
     """Turn a model reference with a custom prefix (``myhub:name``) into a local path; None if not yours."""
+
+
+@hookspec
+def register_commands(register: Callable[[str, str, Callable[[list[str]], int]], None]) -> None:
+    """Add CLI subcommands by calling ``register(name, help, main)``; ``main(argv)`` returns the exit code."""

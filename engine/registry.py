@@ -26,6 +26,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+
+BUILTIN_COMMANDS = ("run", "watch", "validate", "graph", "nodes", "plugins", "cache", "inspect", "new-plugin", "tui")
 from .events import Event
 from .nodes import NodeType, build_node_type
 from .ports import PortType
@@ -66,6 +68,7 @@ class Registry:
         self.node_types: dict[str, NodeType] = {}
         self.port_types: dict[str, PortType] = {}
         self.duplicates: dict[str, list[str]] = {}
+        self.commands: dict[str, tuple[str, Any, str]] = {}  # name -> (help, main, plugin)
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -137,6 +140,21 @@ class Registry:
         ports_by_cls = {p.cls: p for p in self.port_types.values()}
         for impl in self._impls("register_node_types"):
             self._call_register(impl, lambda obj, plugin: self._register_node(obj, plugin, ports_by_cls))
+        for impl in self._impls("register_commands"):
+            self._call_command_register(impl)
+
+    def _call_command_register(self, impl: Any) -> None:
+        plugin = impl.plugin_name
+
+        def register(name: str, help: str, main: Any) -> None:
+            if name in self.commands or name in BUILTIN_COMMANDS:
+                owner = self.commands[name][2] if name in self.commands else "fluxkiln"
+                raise PluginError(f"plugin '{plugin}': command '{name}' is already provided by '{owner}'")
+            if not callable(main):
+                raise PluginError(f"plugin '{plugin}': command '{name}' needs a callable main(argv) -> int")
+            self.commands[name] = (help, main, plugin)
+
+        self._call_register(impl, lambda obj, _plugin: register(*obj))
 
     def _call_register(self, impl: Any, fn: Any) -> None:
         """Call one plugin's register hook; each rejected object is reported, the rest still register."""
@@ -144,9 +162,9 @@ class Registry:
         info = self.plugins.get(plugin)
         errors: list[str] = []
 
-        def register(obj: Any) -> None:
+        def register(*obj: Any) -> None:
             try:
-                fn(obj, plugin)
+                fn(obj[0] if len(obj) == 1 else obj, plugin)
             except PluginError as exc:
                 errors.append(str(exc))
 

@@ -351,3 +351,30 @@ width = 64
     failed = run_recipe(recipe.replace("myhub:tiny-fast", "otherhub:tiny"), plugins=[MyHub(), fluxkiln_example],
                         expect="failed")
     assert "no plugin resolves the model reference 'otherhub:tiny'" in failed.failure("base")["error"]
+
+
+def test_hook_register_commands(tmp_path, monkeypatch, capsys):
+    from fluxkiln.engine import cli
+    from fluxkiln.engine.registry import Registry
+
+    seen: list[list[str]] = []
+
+    class Palettes:
+        __name__ = "palettes"
+
+        @hookimpl
+        def register_commands(self, register):
+            def main(argv):
+                seen.append(argv)
+                return 3
+            register("palettes", "list colour palettes", main)
+            register("run", "clash with a built-in", main)
+
+    monkeypatch.setattr(cli, "_registry", lambda: Registry.load(extra=[Palettes()], entry_points=False))
+    assert cli.main(["palettes", "--warm", "x"]) == 3 and seen == [["--warm", "x"]]
+    reg = Registry.load(extra=[Palettes()], entry_points=False)
+    assert "command 'run' is already provided by 'fluxkiln'" in reg.plugins["palettes"].error
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "palettes list colour palettes [palettes]" in out
