@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tui", help="open the terminal UI")
     p.add_argument("recipe", nargs="?", help="recipe file or folder to open")
+    for name, (help_text, _main, plugin) in sorted(_registry().commands.items()):
+        sub.add_parser(name, help=f"{help_text} [{plugin}]", add_help=False)
 
     return parser
 
