@@ -69,3 +69,29 @@ def node_rich(nt: NodeType) -> Any:
     outs = ", ".join(f"{k} ({v})" for k, v in nt.outputs.items()) or "none"
     head = Text.assemble((nt.name, "bold cyan"), f"  (plugin {nt.plugin}, version {nt.version})")
     return Group(head, Text(nt.doc.strip() or "(no documentation)"), Text(f"outputs: {outs}"), table)
+
+
+START, END = "<!-- node-reference:start -->", "<!-- node-reference:end -->"
+
+
+def update_readme(path: str, node_types: dict[str, NodeType]) -> bool:
+    """Rewrite the generated node reference between the README's markers; True if it changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n\n{reference_markdown(node_types)}\n{END}{tail}"
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m fluxkiln.engine.docs README.md
+    import sys
+
+    from .registry import Registry
+
+    changed = update_readme(sys.argv[1], Registry.load(entry_points=False).node_types)
+    print("updated" if changed else "up to date")

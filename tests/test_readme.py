@@ -1,0 +1,44 @@
+"""The README stays true: its set-up commands, CI's command and the generated node reference."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+from fluxkiln.engine import docs
+from fluxkiln.engine.registry import Registry
+
+README = (ROOT / "README.md").read_text()
+
+
+def setup_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_exactly_two_single_line_setup_commands_at_the_top():
+    cmds = setup_commands()
+    assert len(cmds) == 2
+    assert cmds[0].endswith("fluxkiln run recipes/quickstart.toml") and "pip install" in cmds[0]
+    assert cmds[1].endswith("pytest -q") and '".[test]"' in cmds[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert setup_commands()[1] in ci.splitlines()
+
+
+def test_node_reference_is_generated_from_the_declarations():
+    current = README.split(docs.START)[1].split(docs.END)[0].strip()
+    expected = docs.reference_markdown(Registry.load(entry_points=False).node_types).strip()
+    assert current == expected, "run: python -m fluxkiln.engine.docs README.md"
+    for name in ("load_model", "sample", "apply_lora", "save", "grid", "dataset", "caption", "train_lora",
+                 "safety_check"):
+        assert f"### `{name}`" in current
+
+
+def test_every_recipe_in_recipes_is_valid():
+    from fluxkiln.engine.cli import main
+
+    for recipe in sorted((ROOT / "recipes").glob("*.toml")):
+        assert main(["validate", str(recipe)]) == 0, recipe.name
