@@ -34,20 +34,23 @@ class CacheEntry:
 
 
 class MemoryCache:
-    """Live node outputs by fingerprint within one process (watch mode, TUI), LRU-bounded."""
+    """Live node outputs (and the files they wrote) by fingerprint within one process, LRU-bounded."""
 
     def __init__(self, max_entries: int = 256) -> None:
         self.max_entries = max_entries
-        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[str]]] = OrderedDict()
 
     def get(self, fp: str) -> dict[str, Any] | None:
         if fp in self._items:
             self._items.move_to_end(fp)
-            return self._items[fp]
+            return self._items[fp][0]
         return None
 
-    def put(self, fp: str, outputs: dict[str, Any]) -> None:
-        self._items[fp] = outputs
+    def artifacts(self, fp: str) -> list[str]:
+        return list(self._items[fp][1]) if fp in self._items else []
+
+    def put(self, fp: str, outputs: dict[str, Any], artifacts: list[str] | None = None) -> None:
+        self._items[fp] = (outputs, list(artifacts or []))
         self._items.move_to_end(fp)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)

@@ -30,12 +30,25 @@ class InputFile:
 
     Its path is resolved relative to the recipe file, must exist when the
     recipe is validated, and its content is part of the node's fingerprint.
+    A value starting with one of ``optional_prefixes`` (``"hf:"``), or one
+    that names no local file and that ``accept(value)`` allows (or any such
+    value when ``must_exist=False``), is passed to the node unchanged.
     Use as ``Annotated[str, InputFile()]`` or the alias :data:`FilePath`.
     """
 
-    def __init__(self, must_exist: bool = True, optional_prefixes: tuple[str, ...] = ()):
+    def __init__(self, must_exist: bool = True, optional_prefixes: tuple[str, ...] = (),
+                 accept: Callable[[str], bool] | None = None):
         self.must_exist = must_exist
         self.optional_prefixes = optional_prefixes
+        self.accept = accept
+
+    def passes_unresolved(self, value: str) -> bool:
+        """True for a value that names no local file but is handed to the node as is (e.g. a hub file)."""
+        if self.optional_prefixes and value.startswith(self.optional_prefixes):
+            return True
+        if self.accept is not None:
+            return self.accept(value)
+        return not self.must_exist
 
     def __repr__(self) -> str:
         return "InputFile()"

@@ -53,8 +53,9 @@ def _disk_ok(rn: ResolvedNode, port_types: dict[str, Any]) -> bool:
         port_types[p].disk_cacheable for p in rn.type.outputs.values())
 
 
-def _artifacts_missing(entry: CacheEntry) -> str | None:
-    for a in entry.manifest.get("artifacts", []):
+def _missing(artifacts: list[str]) -> str | None:
+    """The reason to rerun a cached node whose written files were deleted, or None."""
+    for a in artifacts:
         if not Path(a).exists():
             return f"artifact '{a}' is missing"
     return None
@@ -91,14 +92,16 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             np_.reason = volatile
         elif rn.type.cache == "never":
             np_.reason = "node type is never cached"
-        elif memory.get(fp) is not None:
+        elif memory.get(fp) is not None and not (missing := _missing(memory.artifacts(fp))):
             np_.action, np_.source = "cached", "memory"
         elif _disk_ok(rn, port_types) and (entry := disk.lookup(fp)) is not None:
-            missing = _artifacts_missing(entry)
+            missing = _missing(entry.manifest.get("artifacts", []))
             if missing:
                 np_.reason = missing
             else:
                 np_.action, np_.source, np_.entry = "cached", "disk", entry
+        elif memory.get(fp) is not None:
+            np_.reason = missing
         if np_.action == "run" and not np_.reason:
             changes = diff_reasons(previous.get(nid), ident, file_names)
             np_.reason = "; ".join(changes) if changes else "no cached result"

@@ -195,7 +195,7 @@ class Engine:
             return self.memory.get(np_.fingerprint)
         outputs = self.disk.load(np_.entry, self.registry.port_types)
         self.disk.touch(np_.entry)
-        self.memory.put(np_.fingerprint, outputs)
+        self.memory.put(np_.fingerprint, outputs, np_.entry.manifest.get("artifacts", []))
         return outputs
 
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
@@ -229,7 +229,7 @@ class Engine:
             self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
             return "failed"
         seconds = time.perf_counter() - t0
-        self.memory.put(np_.fingerprint, outputs)
+        self.memory.put(np_.fingerprint, outputs, ctx.artifacts)
         result.outputs[np_.id] = outputs
         stats[np_.id] = {"seconds": seconds, "peak_gpu_bytes": gpu.peak(), "outputs": outputs,
                          "progress": _last_progress(result.events, np_.id)}

@@ -143,12 +143,9 @@ class _Checker:
             return
         if spec.is_file and isinstance(converted, str):
             marker = spec.file_marker
-            if marker and converted.startswith(marker.optional_prefixes or ("\0",)):
-                rn.params[key] = converted  # e.g. "hf:owner/repo/file": resolved by the node
-                return
             path = Path(converted).expanduser()
             path = path if path.is_absolute() else (self.r.base_dir / path)
-            if not path.exists() and marker is not None and not marker.must_exist:
+            if not path.exists() and marker is not None and marker.passes_unresolved(converted):
                 rn.params[key] = converted  # not a local file: the node resolves it (e.g. a hub file)
                 return
             if not path.exists():

@@ -123,6 +123,8 @@ def test_second_run_caches_grid_but_rewrites_files(tmp_path, fresh_cache):
     (tmp_path / "run" / "saved_1.png").unlink()
     res = engine.run(recipe, output=tmp_path / "run")
     assert res.nodes["gen"] == "cached" and res.nodes["sheet"] == "cached"
-    assert res.nodes["saved"] == "ran"  # save always writes its files
+    assert res.nodes["saved"] == "ran"  # its file was deleted: save runs again and writes it
+    reasons = {e.node: e.data["reason"] for e in res.events if e.event == "node_started"}
+    assert reasons == {"saved": f"artifact '{tmp_path / 'run' / 'saved_1.png'}' is missing"}
     assert (tmp_path / "run" / "saved_1.png").exists()
     assert not (tmp_path / "run" / "saved_1-2.png").exists()

@@ -18,7 +18,12 @@ from .lora_keys import Converted, to_peft
 from .pipestate import can_merge, load_adapter
 
 HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*/.+\.safetensors$")
-LoraSource = Annotated[Lora | str, InputFile(must_exist=False, optional_prefixes=("hf:",)),
+def _looks_like_hub_file(value: str) -> bool:
+    """owner/repo/file.safetensors: a file in the local Hugging Face cache, resolved when the node runs."""
+    return bool(HUB_FILE.match(value))
+
+
+LoraSource = Annotated[Lora | str, InputFile(optional_prefixes=("hf:",), accept=_looks_like_hub_file),
                        Field(description="a `lora` link, a .safetensors file (relative to the recipe) or a hub file "
                              "owner/repo/file.safetensors (or hf:owner/repo/file.safetensors) from the local cache")]
 Scale = Annotated[float, Field(ge=-1.0, le=3.0, description="strength of the LoRA (-1 to 3)")]
@@ -158,7 +163,7 @@ def apply_lora(
     model: Annotated[Model, Field(description="the FLUX model to add LoRAs to (load_model or apply_lora)")],
     lora: LoraSource,
     lora_scale: Scale = 1.0,
-    extra_lora: Annotated[Lora | str | None, InputFile(must_exist=False, optional_prefixes=("hf:",)),
+    extra_lora: Annotated[Lora | str | None, InputFile(optional_prefixes=("hf:",), accept=_looks_like_hub_file),
                           Field(description="a second LoRA, same kinds as `lora`")] = None,
     extra_lora_scale: Scale = 1.0,
     fuse: Annotated[bool, Field(description="merge the LoRAs into the weights (faster sampling; "
