@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .fingerprint import hash_bytes_of
+from .paths import fsync_dir
 from .ports import PortType
 
 MANIFEST = "manifest.json"
@@ -60,19 +61,6 @@ class MemoryCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class DiskCache:
@@ -133,7 +121,7 @@ class DiskCache:
             if final.exists():
                 self._discard(final)
             os.replace(staging, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

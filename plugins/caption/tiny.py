@@ -11,9 +11,6 @@ to exercise the plumbing in tests and the quickstart.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,24 +166,12 @@ def tiny_captioner_path(name: str) -> Path:
     """The folder of built-in captioner ``name`` (e.g. "tiny-captioner"), built on first use."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny captioner {name!r}; known: {', '.join(BUILDERS)}")
-    from fluxkiln.engine.paths import builtin_models_dir
+    from fluxkiln.engine.paths import build_once
 
     from .modelref import quiet_transformers
 
-    root = builtin_models_dir()
-    final = root / f"{name}-{VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    def build(folder: Path) -> None:
         with quiet_transformers():
-            BUILDERS[name](tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            BUILDERS[name](folder)
+
+    return build_once(f"{name}-{VERSION}", "config.json", build)

@@ -29,9 +29,6 @@ threshold colour sets the concept threshold (checker) or logit bias
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,24 +149,15 @@ def tiny_safety_path(ref: str) -> Path:
         raise ValueError(f"unknown tiny safety model {ref!r}; known: {', '.join(BUILTIN_REFS)}")
     import torch
 
-    from fluxkiln.engine.paths import builtin_models_dir
+    from fluxkiln.engine.paths import build_once
     from fluxkiln.plugins.caption.modelref import quiet_transformers
 
     name, sub = BUILTIN_REFS[ref]
-    root = builtin_models_dir()
-    final = root / f"{name}-{VERSION}"
-    if not (final / "nsfw_classifier" / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            with torch.random.fork_rng(devices=[]), quiet_transformers():
-                torch.manual_seed(0)
-                BUILDERS[name](tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / "nsfw_classifier" / "config.json").is_file():  # a real failure, not a lost race
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder: Path) -> None:
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
+            torch.manual_seed(0)
+            BUILDERS[name](folder)
+
+    final = build_once(f"{name}-{VERSION}", "nsfw_classifier/config.json", build)
     return final / sub if sub else final

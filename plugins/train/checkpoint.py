@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxkiln.engine.paths import fsync_dir
+
 NAME = re.compile(r"^ckpt-(\d{6,})$")
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
 
@@ -38,19 +40,6 @@ class Checkpoint:
     tensors: dict[str, Any] = field(default_factory=dict)  # "param/<name>" and "ema/<name>"
     state: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -116,11 +105,11 @@ def save(root: Path, step: int, tensors: dict[str, Any], state: dict[str, Any], 
         _write_file(tmp / STATE, blob)
         files = {WEIGHTS: [len(weights), _sha(weights)], STATE: [len(blob), _sha(blob)]}
         _write_file(tmp / META, json.dumps({**meta, "step": step, "files": files, "complete": True}).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # an incomplete folder of this step from a crash: set it aside
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
