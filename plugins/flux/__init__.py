@@ -1,5 +1,6 @@
-"""Built-in FLUX.1 plugin: the load_model, apply_lora and sample node types and the
-``builtin:tiny-flux`` / ``builtin:tiny-flux-schnell`` model references.
+"""Built-in FLUX.1 plugin: the load_model, apply_lora and sample node types, the
+``builtin:tiny-flux`` / ``builtin:tiny-flux-schnell`` model references and the
+``fluxkiln bench`` command.
 
 Registered exactly as a third-party plugin is (``@hookimpl`` functions); nothing
 heavy (torch, diffusers) is imported until a node runs.
@@ -32,3 +33,10 @@ def resolve_model(ref: str) -> str | None:
 @hookimpl
 def check_recipe(recipe):
     return recipe_problems(recipe)
+
+
+@hookimpl
+def register_commands(register):
+    from .bench import HELP, main
+
+    register("bench", HELP, main)

@@ -228,6 +228,11 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
     return pipe
 
 
+def model_key(src: Source, dtype: str, offload: str, quantize: str, device: str) -> str:
+    """The residency key of a pipeline loaded from ``src`` as configured (``fluxkiln bench`` uses it too)."""
+    return f"flux|{src.kind}|{src.path}|{src.base}|{src.stamp()}|{dtype}|{offload}|{quantize}|{device}"
+
+
 def get_pipeline(model: Model) -> Any:
     """The live pipeline of a Model, reloading it (with size and release) if residency evicted it."""
     if model.residency is None or model.loader is None:
@@ -299,7 +304,7 @@ def load_model(
             raise NodeError("`base` only applies when `model` is a single .safetensors file", key="base",
                             hint="remove `base`")
         check_folder(src.path, src.ref)
-    key = f"flux|{src.kind}|{src.path}|{src.base}|{src.stamp()}|{dtype}|{offload}|{quantize}|{device}"
+    key = model_key(src, dtype, offload, quantize, device)
 
     def loader() -> Any:
         return build_pipeline(src, dtype, device, offload, quantize)

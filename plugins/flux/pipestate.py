@@ -3,15 +3,21 @@
 Several Model values (the plain base, the same base with LoRAs) share one
 resident pipeline, so before generating, ``sample`` makes sure exactly its
 model's adapters are loaded (each file once per pipeline), active at its
-scales, fused or not, and that the lossless ``go_fast`` settings (fused QKV
-projections, channels-last VAE on GPU) match — changing only what differs.
+scales, fused or not, and that the speed settings match — changing only what
+differs.  On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
+transformer block compiled, fused QKV projections, channels-last VAE) and
+``go_fast`` adds fp8 matmuls (see fast.py); on CPU ``go_fast`` fuses the QKV
+projections only.  Training asks for none of it (eager, exact bf16 weights).
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
+
+from . import fast as fastpaths
 
 MAX_LOADED = 8  # adapters kept loaded per pipeline before unused ones are deleted
 
@@ -24,6 +30,8 @@ class PipeState:
     fused: tuple | None = None  # (name, scale) pairs merged into the weights
     qkv_fused: bool = False
     channels_last: bool = False
+    compiled: bool = False
+    fp8: bool = False
     current: tuple | None = None
 
 
@@ -80,6 +88,7 @@ def _lora_in_compute_dtype(pipe: Any, name: str, state_dict: dict[str, Any]) -> 
 
 
 def _unfuse_all(pipe: Any, st: PipeState) -> None:
+    _fp8_off(pipe, st)
     if st.qkv_fused:
         pipe.transformer.unfuse_qkv_projections()
         st.qkv_fused = False
@@ -102,21 +111,55 @@ def can_merge(pipe: Any) -> bool:
     return not getattr(pipe, "_fluxkiln_fp8", None) and getattr(pipe, "_fluxkiln_offload", "none") != "sequential"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The speed settings one ``sample`` call gets."""
+
+    qkv: bool
+    channels_last: bool
+    compile: bool
+    fp8: bool
+    fp8_skipped: str = ""
+
+
+def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device: str, fast: bool) -> Plan:
+    """What to switch on: GPU lossless defaults when ``fast``, plus fp8 with ``go_fast``; CPU as before."""
+    gpu = fast and device == "cuda"
+    merged = not scales or fuse  # no unfused adapter layers in the way
+    offload = getattr(pipe, "_fluxkiln_offload", "none")
+    qkv = (go_fast or gpu) and merged and _can_fuse_qkv(pipe)
+    compile_ = gpu and offload == "none" and not getattr(pipe, "_fluxkiln_fp8", None) and not fastpaths.compile_disabled()
+    fp8, why = False, ""
+    if gpu and go_fast:
+        ok, why = fastpaths.fp8_supported()
+        if ok and not merged:
+            why = "LoRA adapters are active unfused (set fuse = true on apply_lora to merge them)"
+        elif ok and not can_merge(pipe):
+            why = "the weights are already stored in fp8 or offloaded layer by layer"
+        elif ok and offload != "none":
+            why = f'offload = "{offload}" (fp8 layers stay on the GPU)'
+        fp8 = ok and not why
+    return Plan(qkv, gpu or (go_fast and device == "cuda"), compile_, fp8, "" if fp8 or not (gpu and go_fast) else why)
+
+
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
-            loader: Any) -> None:
-    """Bring ``pipe`` to the adapters/fusion/go_fast state asked for.
+            loader: Any, *, fast: bool = False, log: Callable[[str], None] | None = None) -> Plan:
+    """Bring ``pipe`` to the adapters/fusion/speed state asked for; returns the speed settings.
 
     ``loader(adapter) -> state dict`` reads and converts an adapter's file when
     it is not loaded on this pipeline yet (e.g. after the base was evicted and
-    reloaded).
+    reloaded).  ``fast`` (what ``sample`` passes) enables the GPU defaults;
+    without it the transformer runs eagerly with its exact weights (training).
     """
     st = state_of(pipe)
     scales = wanted_scales(adapters)
     fuse = bool(scales) and any(a.get("fuse") for a in adapters) and can_merge(pipe)
     signature = tuple(sorted(scales.items()))
-    desired = (signature, fuse, go_fast)
+    want = plan(pipe, scales, fuse, go_fast, device, fast)
+    desired = (signature, fuse, want)
     if st.current == desired:
-        return
+        return want
+    _fp8_off(pipe, st)  # before any change to the linear layers (adapters, fusions)
     if st.qkv_fused or (st.fused is not None and (not fuse or st.fused != signature)):
         _unfuse_all(pipe, st)
     for a in adapters:
@@ -131,11 +174,37 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
             st.fused = signature
     elif not scales and st.loaded:
         pipe.disable_lora()
-    if go_fast and (not scales or fuse) and not st.qkv_fused and _can_fuse_qkv(pipe):
+    if want.qkv and not st.qkv_fused:
         pipe.transformer.fuse_qkv_projections()
         st.qkv_fused = True
-    _vae_layout(pipe, st, go_fast and device == "cuda")
+    _vae_layout(pipe, st, want.channels_last)
+    if want.fp8:
+        n = fastpaths.fp8_apply(pipe.transformer)
+        st.fp8 = True
+        if log:
+            log(f"go_fast: {n} transformer linear layers in fp8 (row-wise scaled weights and activations)")
+    elif want.fp8_skipped and log:
+        log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path")
+    _compile_state(pipe, st, want.compile, log)
     st.current = desired
+    return want
+
+
+def _fp8_off(pipe: Any, st: PipeState) -> None:
+    if st.fp8 or fastpaths.has_fp8(pipe.transformer):
+        fastpaths.fp8_restore(pipe.transformer)
+    st.fp8 = False
+
+
+def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[[str], None] | None) -> None:
+    if on and not fastpaths.is_compiled(pipe.transformer):
+        fastpaths.compile_blocks(pipe.transformer)
+        if log:
+            log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
+                "the compilation)")
+    elif not on and fastpaths.is_compiled(pipe.transformer):
+        fastpaths.uncompile_blocks(pipe.transformer)
+    st.compiled = on
 
 
 def _can_fuse_qkv(pipe: Any) -> bool:

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, node
 
+from . import fast
 from .load import get_pipeline
 from .lora import adapter_loader
 from .pipestate import prepare
@@ -153,7 +154,18 @@ def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, wid
     # no_grad, not inference_mode: with CPU offload the weights moved under inference_mode would become
     # inference tensors, and later LoRA changes on them fail
     with torch.no_grad():
-        return run(**common, callback_on_step_end=_callback(ctx, total)).images
+        if ctx.device != "cuda" or fast.compile_disabled():
+            return run(**common, callback_on_step_end=_callback(ctx, total)).images
+        try:
+            with fast.attention_first_cudnn():
+                return run(**common, callback_on_step_end=_callback(ctx, total)).images
+        except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
+            if "cudnn" not in str(exc).lower():
+                raise
+            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels")
+            for g, i in zip(generators, range(n), strict=True):
+                g.manual_seed(seed + i)
+            return run(**common, callback_on_step_end=_callback(ctx, total)).images
 
 
 @node("sample", version="1", volatile=_volatile, category="flux")
@@ -181,8 +193,11 @@ def sample(
                            "`images` link: its first image); the output takes its aspect ratio")] = None,
     prompt_strength: Annotated[float, Field(ge=0.0, le=1.0, description="image-to-image: 0 keeps the input, "
                                             "1 ignores it")] = 0.8,
-    go_fast: Annotated[bool, Field(description="lossless speedups (fused QKV projections, channels-last VAE on "
-                                   "GPU); fp8 and torch.compile will come with the performance work")] = True,
+    go_fast: Annotated[bool, Field(description="GPU: fp8 matmuls in the transformer blocks (row-wise scaled "
+                                   "weights and activations, compute capability >= 8.9; slightly lossy, not with "
+                                   "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
+                                   "QKV, channels-last VAE); false restores the exact bf16 weights. CPU: fused QKV "
+                                   "projections only")] = True,
 ) -> Images:
     """Generate images with FLUX.1 [dev] or [schnell] (text-to-image or image-to-image).
 
@@ -214,7 +229,7 @@ def sample(
         pics = [init.resize((w, h), Image.Resampling.LANCZOS) for _ in range(num_outputs)]
     else:
         pipe = get_pipeline(model)
-        prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log))
+        prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
         pics = _generate(ctx, pipe, variant, prompt, num_outputs, w, h, steps, guide, seed, init, prompt_strength)
     return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
                             meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})

@@ -1,0 +1,241 @@
+"""Pieces of ``fluxkiln bench``: the full-size random-weight FLUX.1 pipelines and their config-only
+folders, the quality-guard inputs, the stock peft training loop, the targets of issue 9 and the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FLUX_DEV = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+                num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+                axes_dims_rope=(16, 56, 56))
+VAE_FULL = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+SCHEDULERS = {"dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096),
+              "schnell": dict(shift=1.0, use_dynamic_shifting=False)}
+WEIGHT_SCALE = 0.5  # random weights x 0.5 keep activations finite through 57 blocks
+# issue 9's targets: (result section, row, field, stock here, target, comparison)
+TARGETS = [
+    ("sample 28 steps, lossless", "sample", "dev-lossless", "s_per_image", "5.27 s", 4.0),
+    ("sample 28 steps, go_fast", "sample", "dev-go_fast", "s_per_image", "-", 2.6),
+    ("sample schnell 4 steps, go_fast", "sample", "schnell-go_fast", "s_per_image", "0.85 s", 0.45),
+    ("train step rank 16, no checkpointing", "train", "no_ckpt", "s_per_step", "0.58 s", 0.45),
+    ("train step, gradient checkpointing", "train", "ckpt", "s_per_step", "0.87 s", 0.65),
+    ("one-time compile per shape", "sample", "dev-lossless", "compile_warmup_s", "-", 30.0),
+    ("engine overhead (sample node vs bare pipeline)", "sample", "dev-lossless", "engine.overhead_run_pct", "-",
+     2.0),
+]
+
+
+def build_full_size(device: str) -> dict[str, Any]:
+    """FLUX.1-dev and -schnell pipelines of full size with random bf16 weights (schnell shares dev's blocks)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from . import tiny
+
+    clip_tok, t5_tok = tiny._clip_tokenizer(), tiny._t5_tokenizer()
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            dev = FluxTransformer2DModel(**FLUX_DEV)
+            schnell = FluxTransformer2DModel(**{**FLUX_DEV, "guidance_embeds": False, "num_layers": 0,
+                                                "num_single_layers": 0})
+            vae = AutoencoderKL(**VAE_FULL)
+            clip = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(clip_tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id))
+            t5 = T5EncoderModel(T5Config(
+                vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu", is_encoder_decoder=False, relative_attention_num_buckets=32,
+                decoder_start_token_id=0, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for module in (dev, schnell, t5):
+            for p in module.parameters():
+                p.mul_(WEIGHT_SCALE)
+    for module in (dev, schnell, vae, clip, t5):
+        module.to(torch.bfloat16).eval().requires_grad_(False)
+    schnell.transformer_blocks = dev.transformer_blocks
+    schnell.single_transformer_blocks = dev.single_transformer_blocks
+    schnell.register_to_config(num_layers=FLUX_DEV["num_layers"], num_single_layers=FLUX_DEV["num_single_layers"])
+    return {variant: FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]), vae=vae,
+                                  text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+                                  transformer=transformer)
+            for variant, transformer in (("dev", dev), ("schnell", schnell))}
+
+
+def write_config_folder(folder: Path, pipe: Any) -> Path:
+    """A diffusers-style folder with every component's config and tokenizer but no weights."""
+    import shutil
+
+    import diffusers
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__}
+    for name, comp in pipe.components.items():
+        if comp is None:
+            continue
+        index[name] = [type(comp).__module__.split(".")[0], type(comp).__name__]
+        sub = folder / name
+        sub.mkdir()
+        if hasattr(comp, "save_config"):  # diffusers models and schedulers
+            comp.save_config(sub)
+        elif hasattr(comp, "config") and hasattr(comp.config, "save_pretrained"):  # transformers models
+            comp.config.save_pretrained(sub)
+        else:  # tokenizers
+            comp.save_pretrained(sub)
+    (folder / "RANDOM_WEIGHTS.txt").write_text("Configs only: `fluxkiln bench` built this pipeline with random "
+                                                "weights in memory; this folder cannot be loaded.\n")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def guard_inputs(pipe: Any, size: int, variant: str, device: str) -> dict[str, Any]:
+    """Fixed transformer inputs of the shapes sampling uses (so compiled graphs are reused)."""
+    import torch
+
+    from .sample import MAX_TEXT_TOKENS
+
+    t = pipe.transformer
+    cfg, dtype = t.config, t.dtype
+    side = size // (pipe.vae_scale_factor * 2)
+    gen = torch.Generator().manual_seed(11)
+    tokens = MAX_TEXT_TOKENS[variant]
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    return dict(hidden_states=rand(1, side * side, cfg.in_channels), encoder_hidden_states=rand(1, tokens,
+                cfg.joint_attention_dim), pooled_projections=rand(1, cfg.pooled_projection_dim),
+                timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                guidance=torch.full((1,), 3.0, device=device) if cfg.guidance_embeds else None,
+                img_ids=pipe._prepare_latent_image_ids(1, side, side, device, dtype),
+                txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype))
+
+
+def rel_diff(got: Any, ref: Any) -> float:
+    """‖got − ref‖ / ‖ref‖ of two tensors or two PIL images (as float arrays)."""
+    import numpy as np
+
+    a = np.asarray(got.float().numpy() if hasattr(got, "numpy") else got, dtype=np.float64)
+    b = np.asarray(ref.float().numpy() if hasattr(ref, "numpy") else ref, dtype=np.float64)
+    denom = float(np.linalg.norm(b)) or 1.0
+    return round(float(np.linalg.norm(a - b)) / denom, 6)
+
+
+def stock_train(pipe: Any, ckpt: bool, steps: int, res: int, device: str) -> float:
+    """Seconds per step of a plain peft LoRA loop (rank 16 on the block linears, torch AdamW, bf16 base)."""
+    import time
+
+    import torch
+    from peft import LoraConfig
+
+    from fluxkiln.plugins.train.flow import flow_loss
+
+    from .fast import blocks
+
+    t = pipe.transformer
+    names = [f"{lst}.{i}.{n}" for lst in ("transformer_blocks", "single_transformer_blocks")
+             for i, b in enumerate(getattr(t, lst)) for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(blocks(t)) > 0
+    t.requires_grad_(False)
+    t.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=True),
+                  adapter_name="bench_stock")
+    params = [p for n, p in t.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if ckpt:
+        t.enable_gradient_checkpointing()
+    t.train()
+    gen = torch.Generator().manual_seed(0)
+    dtype = t.dtype
+    latents = torch.randn(1, pipe.vae.config.latent_channels, res // 8, res // 8, generator=gen)
+    embeds = torch.randn(1, 512, t.config.joint_attention_dim, generator=gen).to(device, dtype)
+    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=gen).to(device, dtype)
+    stamps = []
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        for _ in range(steps):
+            with sdpa_kernel(backends):
+                loss = flow_loss(t, latents, embeds, pooled, gen, "sigmoid", torch.device(device), dtype)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+    finally:
+        t.delete_adapters("bench_stock")
+        if not getattr(t, "peft_config", None):
+            t.unload_lora()
+        if ckpt:
+            t.disable_gradient_checkpointing()
+        t.requires_grad_(False)
+        t.eval()
+    skip = 2 if len(stamps) > 3 else 0
+    return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 9's targets with what this run measured (only meaningful with full-size shapes on an H100)."""
+    out = []
+    for work, section, row, field, stock, limit in TARGETS:
+        value = _field(results.get(section, {}).get(row, {}), field)
+        met = None if value is None or results.get("mode") == "tiny" else value <= limit
+        out.append({"work": work, "stock_here": stock, "target": f"<= {limit:g}", "measured": value, "met": met})
+    return out
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The human-readable summary printed last."""
+    lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
+             f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
+    head = f"{'sample':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
+           f"{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
+    lines += [head, "-" * len(head)]
+    for name, r in results.get("sample", {}).items():
+        eng = r.get("engine", {})
+        lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+                     f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
+                     f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
+                     f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
+    if results.get("train"):
+        head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}"
+        lines += ["", head, "-" * len(head)]
+        for name, r in results["train"].items():
+            lines.append(f"{name:<18}{_fmt(r.get('s_per_step'), '.4f'):>9}{_fmt(r.get('peak_gib'), '.1f'):>10}"
+                         f"{_fmt(r.get('ratio_to_stock')):>9}")
+    if results.get("targets"):
+        lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
+        for t in results["targets"]:
+            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+            lines.append(f"{t['work']:<48}{t['stock_here']:>8}{t['target']:>9}{_fmt(t['measured']):>10}  {met}")
+    for e in results.get("errors", []):
+        lines.append(f"error in {e['part']}: {e['error']}")
+    return "\n".join(lines)

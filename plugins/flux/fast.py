@@ -1,0 +1,213 @@
+"""GPU fast paths for FLUX sampling: block-wise torch.compile with a disk cache, and fp8 linear layers.
+
+* :func:`compile_blocks` compiles each repeated transformer block in place
+  (``nn.Module.compile``); blocks of one class share the compiled code, so a
+  shape costs two compilations (double and single block), and Inductor's FX
+  graph cache under ``cache_root()/inductor`` makes later processes reuse them.
+* :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
+  (float8 e4m3 weights and activations with row-wise scales, multiplied by
+  ``torch._scaled_mm``; lossy).  Each keeps its bf16 layer, so
+  :func:`fp8_restore` puts the exact weights back.
+
+Nothing here imports torch at module level (``fluxkiln validate`` stays fast).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+RECOMPILE_LIMIT = 64
+UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+_CLASS: list[Any] = []
+
+
+def compile_disabled() -> bool:
+    """``FLUXKILN_COMPILE=0`` turns block compilation off (debugging, or to measure eager sampling)."""
+    return os.environ.get("FLUXKILN_COMPILE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def setup_compile_cache() -> str:
+    """Point Inductor's (and Triton's) caches at ``cache_root()/inductor`` unless the user chose a folder."""
+    import torch
+
+    from fluxkiln.engine.paths import cache_root
+
+    folder = cache_root() / "inductor"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    inductor = getattr(torch, "_inductor", None)
+    if inductor is not None and hasattr(inductor, "config"):
+        inductor.config.fx_graph_cache = True
+    dyn = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6; shapes x {bf16, fp8}
+        if hasattr(dyn, name) and getattr(dyn, name) < RECOMPILE_LIMIT:
+            setattr(dyn, name, RECOMPILE_LIMIT)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def blocks(transformer: Any) -> list[Any]:
+    """The repeated blocks (double-stream then single-stream) of a FLUX transformer."""
+    out = []
+    for name in BLOCK_LISTS:
+        out.extend(getattr(transformer, name, None) or [])
+    return out
+
+
+def is_compiled(transformer: Any) -> bool:
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(transformer))
+
+
+def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
+    """Compile every block in place (static shapes, default Inductor mode); returns how many were newly compiled."""
+    if backend == "inductor":
+        setup_compile_cache()
+    n = 0
+    for block in blocks(transformer):
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(backend=backend, dynamic=False)
+            n += 1
+    return n
+
+
+def uncompile_blocks(transformer: Any) -> int:
+    """Run the blocks eagerly again (the compiled code stays cached for a later :func:`compile_blocks`)."""
+    n = 0
+    for block in blocks(transformer):
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+            n += 1
+    return n
+
+
+def attention_first_cudnn() -> Any:
+    """Prefer cuDNN's fused attention (fastest on Hopper for inference), then flash, then memory-efficient.
+
+    Inference only: cuDNN attention failed in the backward pass on these GPUs (training restricts SDPA to
+    flash and memory-efficient).  A no-op context where torch cannot set backend priorities.
+    """
+    import contextlib
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        return sdpa_kernel(order, set_priority=True)
+    except (ImportError, AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
+def fp8_supported() -> tuple[bool, str]:
+    """Whether fp8 matmuls can run here, and why not."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        return False, f"torch {torch.__version__} has no fp8 matmul"
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        return False, f"GPU compute capability {cap[0]}.{cap[1]} < 8.9"
+    return True, ""
+
+
+def fp8_linear_class() -> Any:
+    """The :class:`Fp8Linear` class (built on first use, so importing this module does not import torch)."""
+    if _CLASS:
+        return _CLASS[0]
+    import torch
+
+    class Fp8Linear(torch.nn.Module):
+        """A linear layer computed in float8: weights quantized per output row once, activations per row
+        on the fly, both scales applied by ``torch._scaled_mm`` (CPU: the same arithmetic, emulated)."""
+
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            w = linear.weight.detach()
+            scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            self.register_buffer("weight_fp8", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+            self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous(), persistent=False)
+            self.original = linear  # the exact bf16 layer, restored by fp8_restore
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.original.weight
+
+        @property
+        def bias(self) -> torch.Tensor | None:
+            return self.original.bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            if x2.is_cuda:
+                out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                       out_dtype=x.dtype)
+            else:
+                out = ((xq.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(x.dtype)
+            if self.original.bias is not None:
+                out = out + self.original.bias
+            return out.reshape(*shape[:-1], self.out_features)
+
+    _CLASS.append(Fp8Linear)
+    return Fp8Linear
+
+
+def _fp8_candidates(transformer: Any) -> list[tuple[Any, str, Any]]:
+    """(parent, attribute, linear) of the block linears worth fp8: token-wise ones with sizes % 16 == 0."""
+    import torch
+
+    found = []
+    for block in blocks(transformer):
+        for name, module in block.named_modules():
+            parts = name.split(".")
+            if not isinstance(module, torch.nn.Linear) or "original" in parts or any(
+                    "norm" in p or "lora_" in p or p == "base_layer" for p in parts):
+                continue
+            if module.in_features % 16 or module.out_features % 16 or module.weight.dtype not in (
+                    torch.bfloat16, torch.float16, torch.float32):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            if getattr(parent, "fused_projections", False) and attr in UNFUSED:
+                continue  # replaced by to_qkv / to_added_qkv while the projections are fused
+            found.append((parent, attr, module))
+    return found
+
+
+def fp8_apply(transformer: Any) -> int:
+    """Swap the block linears for :class:`Fp8Linear` (idempotent); returns how many were swapped."""
+    import torch
+
+    cls = fp8_linear_class()
+    todo = _fp8_candidates(transformer)
+    with torch.no_grad():
+        for parent, attr, linear in todo:
+            setattr(parent, attr, cls(linear))
+    return len(todo)
+
+
+def fp8_restore(transformer: Any) -> int:
+    """Put every swapped bf16 linear back; returns how many."""
+    cls = fp8_linear_class() if _CLASS else None
+    if cls is None:
+        return 0
+    n = 0
+    for block in blocks(transformer):
+        for name, module in list(block.named_modules()):
+            if isinstance(module, cls):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(parent_name) if parent_name else block, attr, module.original)
+                n += 1
+    return n
+
+
+def has_fp8(transformer: Any) -> bool:
+    return bool(_CLASS) and any(isinstance(m, _CLASS[0]) for b in blocks(transformer) for m in b.modules())

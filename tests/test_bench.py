@@ -1,0 +1,139 @@
+"""``fluxkiln bench --tiny`` (the benchmark's real code paths on the tiny model, on CPU) and the fast-path
+helpers it measures: block compilation, fp8 linears with exact restore, and the speed plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fluxkiln.engine import cli
+from fluxkiln.plugins.flux import fast
+from fluxkiln.plugins.flux.pipestate import plan, prepare, state_of
+from fluxkiln.plugins.flux.tiny import build_tiny_flux
+
+SAMPLE_ROWS = {"dev-stock", "dev-lossless", "dev-go_fast", "schnell-stock", "schnell-go_fast"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--tiny", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["mode"] == "tiny"
+    assert set(res["sample"]) == SAMPLE_ROWS
+    for name in SAMPLE_ROWS - {"dev-stock", "schnell-stock"}:
+        row = res["sample"][name]
+        assert row["s_per_image"] > 0 and row["ratio_to_stock"] > 0
+        assert row["engine"]["bare_pipeline_s"] > 0 and "overhead_run_pct" in row["engine"]
+        # on CPU no fast path changes the maths: the node's output is the eager one
+        assert row["transformer_rel_diff"] < 1e-5
+    assert res["sample"]["dev-go_fast"]["fast_paths"]["fused_qkv"] is True
+    assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": False, "fused_qkv": False,
+                                                           "fp8": False, "channels_last_vae": False}
+    assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock"}
+    assert all(r["s_per_step"] > 0 for r in res["train"].values())
+    assert [t["met"] for t in res["targets"]] == [None] * len(res["targets"])  # not judged on the tiny model
+    printed = capsys.readouterr().out
+    table = printed[printed.index("fluxkiln bench"):]
+    assert "dev-go_fast" in table and "schnell-stock" in table and "engine overhead" in table
+    assert len(res["residency_keys"]) == 2 and all(k.startswith("flux|folder|") for k in res["residency_keys"])
+
+
+def test_bench_rejects_unknown_configs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--tiny", "--configs", "dev-warp"])
+    assert exc.value.code == 2
+    assert "unknown --configs dev-warp" in capsys.readouterr().err
+
+
+def test_bench_only_sample_one_config(tmp_path):
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "schnell-go_fast", "--no-stock",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["sample"]) == {"schnell-go_fast"} and res["train"] == {}
+    assert "ratio_to_stock" not in res["sample"]["schnell-go_fast"]
+
+
+def _transformer_inputs(pipe):
+    gen = torch.Generator().manual_seed(0)
+    cfg = pipe.transformer.config
+    return dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=gen),
+                encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=gen),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+                timestep=torch.tensor([0.5]), guidance=torch.tensor([3.0]),
+                img_ids=pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32), txt_ids=torch.zeros(8, 3))
+
+
+def test_fp8_linears_approximate_and_restore_exactly():
+    pipe = build_tiny_flux("dev")
+    t = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    with torch.no_grad():
+        ref = t(**inputs, return_dict=False)[0]
+        n = fast.fp8_apply(t)
+        assert n > 0 and fast.has_fp8(t) and fast.fp8_apply(t) == 0  # idempotent
+        approx = t(**inputs, return_dict=False)[0]
+        assert fast.fp8_restore(t) == n and not fast.has_fp8(t)
+        back = t(**inputs, return_dict=False)[0]
+    err = float((approx - ref).norm() / ref.norm())
+    assert 0 < err < 0.15
+    assert torch.equal(back, ref)
+
+
+def test_fp8_skips_projections_replaced_by_fused_qkv():
+    t = build_tiny_flux("dev").transformer
+    unfused = len(fast._fp8_candidates(t))
+    t.fuse_qkv_projections()
+    names = [attr for _p, attr, _m in fast._fp8_candidates(t)]
+    assert "to_qkv" in names and "to_q" not in names and len(names) < unfused
+
+
+def test_compile_blocks_in_place_and_back():
+    pipe = build_tiny_flux("dev")
+    t = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    with torch.no_grad():
+        ref = t(**inputs, return_dict=False)[0]
+        assert fast.compile_blocks(t, backend="eager") == 3 and fast.is_compiled(t)
+        assert fast.compile_blocks(t, backend="eager") == 0
+        got = t(**inputs, return_dict=False)[0]
+        assert fast.uncompile_blocks(t) == 3 and not fast.is_compiled(t)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_speed_plan_gpu_defaults_and_fp8_reasons(monkeypatch):
+    pipe = build_tiny_flux("dev")
+    pipe._fluxkiln_offload = "none"
+    monkeypatch.setattr(fast, "fp8_supported", lambda: (True, ""))
+    p = plan(pipe, {}, False, True, "cuda", True)
+    assert (p.qkv, p.channels_last, p.compile, p.fp8) == (True, True, True, True)
+    lossless = plan(pipe, {}, False, False, "cuda", True)
+    assert (lossless.compile, lossless.qkv, lossless.fp8, lossless.fp8_skipped) == (True, True, False, "")
+    lora = plan(pipe, {"style": 1.0}, False, True, "cuda", True)
+    assert not lora.fp8 and not lora.qkv and "unfused" in lora.fp8_skipped
+    monkeypatch.setenv("FLUXKILN_COMPILE", "0")
+    assert not plan(pipe, {}, False, True, "cuda", True).compile
+    training = plan(pipe, {}, False, False, "cuda", False)
+    assert (training.qkv, training.compile, training.fp8, training.channels_last) == (False, False, False, False)
+    monkeypatch.setattr(fast, "fp8_supported", lambda: (False, "GPU compute capability 8.0 < 8.9"))
+    assert plan(pipe, {}, False, True, "cuda", True).fp8_skipped == "GPU compute capability 8.0 < 8.9"
+
+
+def test_prepare_on_cpu_keeps_the_old_behaviour_and_training_resets():
+    pipe = build_tiny_flux("dev")
+    logs: list[str] = []
+    got = prepare(pipe, [], True, "cpu", lambda _a: {}, fast=True, log=logs.append)
+    st = state_of(pipe)
+    assert got.qkv and st.qkv_fused and not st.compiled and not st.fp8 and not st.channels_last and logs == []
+    prepare(pipe, [], False, "cpu", lambda _a: {})
+    assert not st.qkv_fused
