@@ -50,9 +50,10 @@ class ConsoleObserver:
         return self._progress
 
     def _stop_bar(self, node: str | None) -> None:
+        """Remove a node's bar; the live display itself ends with the run (``node=None``)."""
         if self._progress is not None and node in self._tasks:
             self._progress.remove_task(self._tasks.pop(node))
-        if self._progress is not None and not self._tasks:
+        if self._progress is not None and node is None:
             self._progress.stop()
             self._progress = None
 
