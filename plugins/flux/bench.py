@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .benchparts import (SCHEDULERS, build_full_size, guard_inputs, rel_diff, render_table, stock_train,
-                         targets, write_config_folder)
+from .benchparts import (SCHEDULERS, block_inputs, block_output, build_full_size, guard_inputs, kernel_probe,
+                         png_seconds, rel_diff, render_table, stock_train, targets, write_config_folder)
 
 HELP = "benchmark sampling and LoRA training (fluxkiln vs stock diffusers/peft) on this machine"
 PROMPT = "a lighthouse on a cliff at dusk, volumetric light, 35mm photo"
@@ -67,6 +67,7 @@ class Bench:
         self.pipes: dict[str, Any] = {}
         self.refs: dict[str, str] = {}
         self.guards: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.block_guards: dict[str, tuple[dict[str, Any], Any]] = {}
         self.stock_images: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
@@ -179,6 +180,8 @@ class Bench:
             ref = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
             again = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
         self.guards[variant] = (inputs, ref)
+        blocks_in = block_inputs(pipe, inputs)
+        self.block_guards[variant] = (blocks_in, block_output(pipe, blocks_in))
         self.results.setdefault("eager_noise_floor", {})[variant] = {"transformer_rel_diff": rel_diff(again, ref)}
         if self.args.no_stock:
             return
@@ -255,6 +258,8 @@ go_fast = {str(go_fast).lower()}
         inputs, ref = self.guards[variant]
         with torch.no_grad(), self.attention():
             got = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+            block_in, block_ref = self.block_guards[variant]
+            got_block = block_output(pipe, block_in)
         st = state_of(pipe)
         row = {"what": f"fluxkiln sample node through Engine.run, go_fast={mode == 'go_fast'}",
                "steps": self.steps[variant], "s_per_image": round(per, 3),
@@ -262,10 +267,10 @@ go_fast = {str(go_fast).lower()}
                "first_run_s": round(walls[0], 2), "compile_warmup_s": round(walls[0] - per, 2), "peak_gib": peak,
                "fast_paths": {"compiled_blocks": st.compiled, "fused_qkv": st.qkv_fused, "fp8": st.fp8,
                               "channels_last_vae": st.channels_last},
-               "transformer_rel_diff": rel_diff(got, ref),
+               "transformer_rel_diff": rel_diff(got, ref), "block_rel_diff": rel_diff(got_block, block_ref),
                "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
                           "overhead_run_pct": round(100 * (per / bare - 1), 2),
-                          "overhead_node_pct": round(100 * (node_per / bare - 1), 2)}}
+                          "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **png_seconds(runs[-1][2])}}
         stock = self.results["sample"].get(f"{variant}-stock")
         if stock:
             row["ratio_to_stock"] = round(per / stock["s_per_image"], 3)
@@ -282,6 +287,8 @@ go_fast = {str(go_fast).lower()}
 
     def sampling(self) -> None:
         wanted = configs(self.args)
+        if self.device == "cuda":
+            self.results["kernels"] = self.guarded("kernel-probe", kernel_probe, self.device)
         for variant in ("dev", "schnell"):
             mine = [c for c in wanted if c.startswith(variant + "-")]
             if not mine:
@@ -337,6 +344,7 @@ steps = {self.train_steps}
 resolution = [{self.train_res}]
 lora_rank = 16
 optimizer = "adamw"
+seed = {42 + int(ckpt)}
 caption_dropout_rate = 0.0
 gradient_checkpointing = {str(ckpt).lower()}
 save_every = 0
@@ -347,6 +355,10 @@ export_formats = ["diffusers"]
         result = self.engine.run(recipe, force=["lora"], output=run_dir)
         if not result.ok:
             raise RuntimeError(f"train_lora failed: {[e.data for e in result.events if e.event == 'node_failed']}")
+        trained = [e for e in result.events if e.event == "node_progress" and e.node == "lora"
+                   and (e.data.get("metrics") or {}).get("loss") is not None]
+        if len(trained) != self.train_steps:
+            raise RuntimeError(f"train_lora ran {len(trained)} of {self.train_steps} steps (resumed a checkpoint?)")
         rows = [line.split(",") for line in (run_dir / "lora" / "metrics.csv").read_text().splitlines()[1:]]
         secs = [float(r[3]) for r in rows]
         skip = 2 if len(secs) > 3 else 0

@@ -126,6 +126,87 @@ def guard_inputs(pipe: Any, size: int, variant: str, device: str) -> dict[str, A
                 txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype))
 
 
+def block_inputs(pipe: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Inputs of the first double-stream block, derived from :func:`guard_inputs` (a more sensitive guard)."""
+    import torch
+
+    t = pipe.transformer
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        rot = t.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]], dim=0))
+        return dict(hidden_states=t.x_embedder(inputs["hidden_states"]),
+                    encoder_hidden_states=t.context_embedder(inputs["encoder_hidden_states"]),
+                    temb=torch.randn(1, t.inner_dim, generator=gen).to(inputs["hidden_states"]),
+                    image_rotary_emb=rot)
+
+
+def block_output(pipe: Any, inputs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return pipe.transformer.transformer_blocks[0](**inputs)[1].float().cpu()
+
+
+def kernel_probe(device: str) -> dict[str, Any]:
+    """What the hardware gives at FLUX's 1024² shapes: attention per SDPA backend, bf16 vs fp8 GEMM."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .fast import fp8_linear_class
+
+    def clock(fn: Any, n: int = 10) -> float:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(n):
+            fn()
+        t1.record()
+        torch.cuda.synchronize()
+        return t0.elapsed_time(t1) / n / 1000
+
+    out: dict[str, Any] = {}
+    q, k, v = (torch.randn(1, 24, 4608, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * 4608 * 4608 * 128 * 24
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                s = clock(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            out[f"attention_{name.lower()}"] = {"ms": round(s * 1e3, 3), "tflops": round(flops / s / 1e12, 1)}
+        except RuntimeError as exc:
+            out[f"attention_{name.lower()}"] = f"unavailable: {str(exc).splitlines()[0][:120]}"
+    x = torch.randn(4608, 3072, device=device, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(3072, 12288, device=device, dtype=torch.bfloat16)
+    gemm = 2 * 4608 * 3072 * 12288
+    with torch.no_grad():
+        s = clock(lambda: lin(x))
+        out["gemm_bf16_4608x3072x12288"] = {"ms": round(s * 1e3, 3), "tflops": round(gemm / s / 1e12, 1)}
+        f8 = fp8_linear_class()(lin)
+        s = clock(lambda: f8(x))
+        out["gemm_fp8_rowwise_eager_incl_quant"] = {"ms": round(s * 1e3, 3), "tflops": round(gemm / s / 1e12, 1)}
+        xq = x.to(torch.float8_e4m3fn)
+        ones = torch.ones(4608, 1, device=device)
+        s = clock(lambda: torch._scaled_mm(xq, f8.weight_fp8.t(), scale_a=ones, scale_b=f8.weight_scale,
+                                           out_dtype=torch.bfloat16))
+        out["gemm_fp8_rowwise_matmul_only"] = {"ms": round(s * 1e3, 3), "tflops": round(gemm / s / 1e12, 1)}
+    return out
+
+
+def png_seconds(image: Any) -> dict[str, float]:
+    """How long the engine's disk cache spends encoding one output image as PNG (default and fastest level)."""
+    import io
+    import time
+
+    out = {}
+    for label, kw in (("png_default_s", {}), ("png_level1_s", {"compress_level": 1})):
+        t0 = time.perf_counter()
+        image.save(io.BytesIO(), format="PNG", **kw)
+        out[label] = round(time.perf_counter() - t0, 4)
+    return out
+
+
 def rel_diff(got: Any, ref: Any) -> float:
     """‖got − ref‖ / ‖ref‖ of two tensors or two PIL images (as float arrays)."""
     import numpy as np
@@ -217,13 +298,14 @@ def render_table(results: dict[str, Any]) -> str:
     lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
              f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
     head = f"{'sample':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
-           f"{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
+           f"{'Δ block':>9}{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
     lines += [head, "-" * len(head)]
     for name, r in results.get("sample", {}).items():
         eng = r.get("engine", {})
         lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
                      f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
-                     f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
+                     f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
+                     f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
                      f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
     if results.get("train"):
         head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}"
