@@ -136,8 +136,8 @@ def test_tiny_models_are_built_once_atomically_and_deterministically(tmp_path, m
         t.start()
     for t in threads:
         t.join()
-    assert len(found) == 2 and found[0] == found[1] and found[0].name == "tiny-flux-schnell-v1"
-    assert sorted(p.name for p in found[0].parent.iterdir()) == ["tiny-flux-schnell-v1"]  # no temp folders left
+    assert len(found) == 2 and found[0] == found[1] and found[0].name == "tiny-flux-schnell-v2"
+    assert sorted(p.name for p in found[0].parent.iterdir()) == ["tiny-flux-schnell-v2"]  # no temp folders left
     index = json.loads((found[0] / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline" and {"transformer", "vae", "tokenizer_2"} <= set(index)
     size = sum(p.stat().st_size for p in found[0].rglob("*") if p.is_file())

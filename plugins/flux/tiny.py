@@ -4,10 +4,20 @@ Every component of a real FLUX.1 pipeline — FluxTransformer2DModel, Autoencode
 (4 blocks, so ``vae_scale_factor`` is 8 and real pixel sizes work), CLIP and T5
 text encoders, their tokenizers and the flow-matching scheduler — is built in
 code from a fixed seed with tiny sizes, saved once to
-``builtin_models_dir()/<name>-v1/`` (built in a temporary folder and renamed into
+``builtin_models_dir()/<name>-v2/`` (built in a temporary folder and renamed into
 place, so racing processes are safe) and from then on loaded with
 ``FluxPipeline.from_pretrained(folder)``, exactly like a real local folder.
 Nothing is downloaded.
+
+The VAE is colour-faithful, so tests can check pixels (a LoRA trained on red
+makes red pictures): a random VAE's GroupNorm layers normalise a flat image's
+colour away.  Here the residual stream carries ``(+rgb, -rgb, A, A)`` (A a large
+constant), so every one-group GroupNorm sees a colour-independent mean and an
+almost constant spread and acts as a fixed affine map; down-samplers average
+2x2, up-samplers copy, the random residual branches are damped, and the two
+output convolutions are fitted by least squares so that flat colours round-trip.
+A latent is then a fixed linear map (``LATENT_FROM_RGB``) of its 8x8 block's mean
+colour, and any latent decodes to a colour.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-VERSION = "v1"
+VERSION = "v2"  # bump when the design changes, so stale builds are not reused
 SEED = 20240801
 NAMES = {"dev": "tiny-flux", "schnell": "tiny-flux-schnell"}
 BUILTIN_REFS = {f"builtin:{name}": variant for variant, name in NAMES.items()}
@@ -30,9 +40,16 @@ TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                    axes_dims_rope=(4, 6, 6))
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=0,
-           latent_channels=4, norm_num_groups=2, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=0,
+           latent_channels=4, norm_num_groups=1, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
            use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+
+# Colour-faithful VAE (see the module docstring): latent (scaled as the pipeline scales it) of a flat colour
+# in [-1, 1]: brightness, red-green, yellow-blue and a mix, so every channel carries colour.
+LATENT_FROM_RGB = ((0.6, 0.6, 0.6), (1.0, -1.0, 0.0), (0.5, 0.5, -1.0), (-0.3, 0.5, -0.2))
+ANCHOR = 32.0  # the constant stream channels: large, so GroupNorm's spread hardly depends on the colour
+DAMPING = 0.1  # random residual branches scaled by this: a little texture, colours kept
+LOGVAR = -12.0  # latent log-variance: near-deterministic encodings
 
 
 def tiny_flux_path(variant: str = "dev") -> Path:
@@ -78,7 +95,7 @@ def build_tiny_flux(variant: str = "dev") -> Any:
         torch.manual_seed(SEED)
         transformer = FluxTransformer2DModel(guidance_embeds=variant == "dev", **TRANSFORMER)
         torch.manual_seed(SEED + 1)
-        vae = AutoencoderKL(**VAE)
+        vae = _colour_faithful(AutoencoderKL(**VAE))
         torch.manual_seed(SEED + 2)
         clip = _clip_encoder(clip_tok)
         torch.manual_seed(SEED + 3)
@@ -90,6 +107,91 @@ def build_tiny_flux(variant: str = "dev") -> Any:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+
+
+def _colour_faithful(vae: Any) -> Any:
+    """Set the random VAE's stream-carrying layers so flat colours survive encode -> decode (in place)."""
+    import torch
+
+    enc, dec = vae.encoder, vae.decoder
+    rgb_to_latent = torch.tensor(LATENT_FROM_RGB) / vae.config.scaling_factor  # unscaled latent = this @ rgb + shift
+    shift = vae.config.shift_factor
+    latent_to_rgb = torch.linalg.pinv(rgb_to_latent)
+    eye8, eye3 = torch.eye(8), torch.eye(3)
+    with torch.no_grad():
+        for part in (enc, dec):
+            for name, module in part.named_modules():
+                if name.endswith("conv2"):  # the last conv of each residual branch
+                    module.weight.mul_(DAMPING)
+                    module.bias.mul_(DAMPING)
+            # Undo the normalisation of the colour-free stream (mean A/4, spread A*sqrt(3)/4), so GroupNorm is
+            # about x + 3: colours stay well apart in bfloat16, and the SiLU after it is nearly linear.
+            part.conv_norm_out.weight.fill_(ANCHOR * 3**0.5 / 4)
+            part.conv_norm_out.bias.fill_(ANCHOR / 4 + 3.0)
+        _centre_tap(enc.conv_in, torch.cat([eye3, -eye3, torch.zeros(2, 3)]), _stream_bias(torch.zeros(3)))
+        for block in enc.down_blocks:
+            for down in block.downsamplers or []:
+                down.conv.weight.zero_()
+                down.conv.weight[:, :, :2, :2] = eye8[:, :, None, None] / 4  # 2x2 average, never the padding
+                down.conv.bias.zero_()
+        for block in dec.up_blocks:
+            for up in block.upsamplers or []:
+                _centre_tap(up.conv, eye8, torch.zeros(8))
+        _centre_tap(dec.conv_in, torch.cat([latent_to_rgb, -latent_to_rgb, torch.zeros(2, 4)]),
+                    _stream_bias(-latent_to_rgb.sum(1) * shift))
+        colours = _calibration_colours()
+        latents = colours @ rgb_to_latent.T + shift
+        _fit_output(enc.conv_out, lambda: enc(_flat(colours, 64)),
+                    torch.cat([latents, torch.full((len(colours), 4), LOGVAR)], 1))
+        _fit_output(dec.conv_out, lambda: dec(_flat(latents, 8)), colours)
+    return vae
+
+
+def _stream_bias(rgb_bias: Any) -> Any:
+    import torch
+
+    return torch.cat([rgb_bias, -rgb_bias, torch.tensor([ANCHOR, ANCHOR])])
+
+
+def _centre_tap(conv: Any, matrix: Any, bias: Any) -> None:
+    """Make a 3x3 convolution a per-pixel linear map."""
+    conv.weight.zero_()
+    conv.weight[:, :, 1, 1] = matrix
+    conv.bias.copy_(bias)
+
+
+def _calibration_colours() -> Any:
+    """Flat colours in [-1, 1] to fit the output convolutions on: fixed random ones and the cube's corners."""
+    import itertools
+
+    import torch
+
+    corners = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=3)))
+    return torch.cat([torch.rand(256, 3, generator=torch.Generator().manual_seed(SEED)) * 2 - 1, corners])
+
+
+def _flat(values: Any, size: int) -> Any:
+    """A batch of flat size x size images, one per row of ``values``."""
+    return values[:, :, None, None].expand(-1, -1, size, size).contiguous()
+
+
+def _fit_output(conv: Any, run: Any, targets: Any) -> None:
+    """Fit ``conv`` (centre tap, first 3 inputs) by least squares so that ``run()``'s flat inputs give ``targets``."""
+    import torch
+
+    seen: list[Any] = []
+    hook = conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        run()
+    finally:
+        hook.remove()
+    x = seen[0]
+    feats = x[:, :3, x.shape[2] // 2, x.shape[3] // 2]  # an inner pixel: away from the zero padding
+    design = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+    solution = torch.linalg.lstsq(design, targets.double()).solution.float()
+    conv.weight.zero_()
+    conv.weight[:, :3, 1, 1] = solution[:-1].T
+    conv.bias.copy_(solution[-1])
 
 
 def _byte_chars() -> list[str]:
