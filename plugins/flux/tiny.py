@@ -23,9 +23,6 @@ colour, and any latent decodes to a colour.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,27 +53,15 @@ def tiny_flux_path(variant: str = "dev") -> Path:
     """The folder of the tiny FLUX pipeline for ``variant`` ("dev" or "schnell"), built on first use."""
     if variant not in NAMES:
         raise ValueError(f"unknown tiny FLUX variant {variant!r}; use 'dev' or 'schnell'")
-    from fluxkiln.engine.paths import builtin_models_dir
+    from fluxkiln.engine.paths import build_once
 
-    root = builtin_models_dir()
-    final = root / f"{NAMES[variant]}-{VERSION}"
-    if (final / "model_index.json").is_file():
-        return final
     from .load import quiet_loading
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    def build(folder: Path) -> None:
         with quiet_loading():
-            build_tiny_flux(variant).save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            build_tiny_flux(variant).save_pretrained(folder, safe_serialization=True)
+
+    return build_once(f"{NAMES[variant]}-{VERSION}", "model_index.json", build)
 
 
 def resolve_builtin(ref: str) -> str | None:
