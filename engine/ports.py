@@ -60,23 +60,27 @@ class Images(list):
 
 
 def _save_images(value: Images, folder: Path) -> None:
+    """Raw pixel arrays (.npy): exact, and ~50x faster to write than PNG, which matters per sampled image."""
+    import numpy as np
+
     records = []
     for i, item in enumerate(value):
-        fname = f"{i:04d}.png"
-        item.image.save(folder / fname, format="PNG")
-        records.append({"file": fname, "seed": item.seed, "prompt": item.prompt,
+        fname = f"{i:04d}.npy"
+        np.save(folder / fname, np.asarray(item.image), allow_pickle=False)
+        records.append({"file": fname, "mode": item.image.mode, "seed": item.seed, "prompt": item.prompt,
                         "name": item.name, "meta": item.meta, "flags": item.flags})
     (folder / "images.json").write_text(json.dumps(records, indent=1, default=str))
 
 
 def _load_images(folder: Path) -> Images:
+    import numpy as np
     from PIL import Image
 
     out = Images()
     for rec in json.loads((folder / "images.json").read_text()):
-        with Image.open(folder / rec["file"]) as im:
-            im.load()
-            img = im.copy()
+        img = Image.fromarray(np.load(folder / rec["file"], allow_pickle=False))
+        if rec.get("mode") and img.mode != rec["mode"]:
+            img = img.convert(rec["mode"])
         out.append(ImageItem(image=img, seed=rec.get("seed"), prompt=rec.get("prompt"),
                              name=rec.get("name"), meta=rec.get("meta") or {},
                              flags=rec.get("flags") or {}))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchparts import (SCHEDULERS, block_inputs, block_output, build_full_size, guard_inputs, kernel_probe,
-                         png_seconds, rel_diff, render_table, stock_train, targets, write_config_folder)
+                         cache_store_seconds, rel_diff, render_table, stock_train, targets, write_config_folder)
 
 HELP = "benchmark sampling and LoRA training (fluxkiln vs stock diffusers/peft) on this machine"
 PROMPT = "a lighthouse on a cliff at dusk, volumetric light, 35mm photo"
@@ -270,7 +270,7 @@ go_fast = {str(go_fast).lower()}
                "transformer_rel_diff": rel_diff(got, ref), "block_rel_diff": rel_diff(got_block, block_ref),
                "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
                           "overhead_run_pct": round(100 * (per / bare - 1), 2),
-                          "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **png_seconds(runs[-1][2])}}
+                          "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **cache_store_seconds(runs[-1][2])}}
         stock = self.results["sample"].get(f"{variant}-stock")
         if stock:
             row["ratio_to_stock"] = round(per / stock["s_per_image"], 3)
