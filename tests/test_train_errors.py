@@ -116,3 +116,12 @@ def test_cuda_out_of_memory_suggests_settings_that_fit(tmp_path, data, monkeypat
     for tip in ("gradient_checkpointing = true", "resolution = [512]", 'quantize = "fp8"', "lora_rank = 16",
                 'optimizer = "adamw8bit"'):
         assert tip in err["hint"], tip
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "prodigy", "adafactor", "adagrad", "sgd"])
+def test_every_cpu_optimizer_trains(tmp_path, data, name):
+    lr = 1.0 if name == "prodigy" else 1e-3
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=3, optimizer=name, learning_rate=lr)
+    result = run(recipe, tmp_path / "cache", tmp_path / "out")
+    assert result.ok, failure(result)
+    assert len(losses(result)) == 3 and all(torch.isfinite(torch.tensor(losses(result))))
