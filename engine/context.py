@@ -41,7 +41,6 @@ class RunContext:
         self._cancel = cancel
         self._resolver = resolver
         self._identity = identity or {}
-        self._last_progress = 0.0
         self._started = time.perf_counter()
         self._first_step: tuple[int, float] | None = None
 
@@ -68,7 +67,6 @@ class RunContext:
             data["message"] = message
         if preview_path is not None:
             data["preview_path"] = str(preview_path)
-        self._last_progress = now
         self._event("node_progress", data, {"preview": preview} if preview is not None else None)
 
     def log(self, message: str, level: str = "info") -> None:

@@ -213,9 +213,8 @@ class Registry:
     @contextlib.contextmanager
     def observing(self, *observers: Any) -> Iterator[None]:
         """Register observer objects (with an ``on_event`` hookimpl) for the duration of a block."""
-        names = []
         for obs in observers:
-            names.append(self.pm.register(obs))
+            self.pm.register(obs)
         try:
             yield
         finally:

@@ -26,6 +26,7 @@ from .errors import Cancelled, RecipeInvalid
 from .events import Event
 from .failures import describe_failure, summarize_inputs
 from .fingerprint import FileHasher
+from .hookspecs import hookimpl
 from .plan import Plan, make_plan
 from .recipe import Recipe
 from .registry import Registry
@@ -57,12 +58,12 @@ class RunResult:
 
 
 class _Collector:
+    """Keeps every event of a run in its RunResult (an ordinary on_event observer)."""
+
     def __init__(self, sink: list[Event]):
         self.sink = sink
 
-    from .hookspecs import hookimpl as _hookimpl
-
-    @_hookimpl
+    @hookimpl
     def on_event(self, event: Event) -> None:
         self.sink.append(event)
 

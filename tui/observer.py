@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxkiln.engine import hookimpl
 from textual.message import Message
 
-from fluxkiln.engine import hookimpl
+from .state import IMAGE_SUFFIXES
 
 THUMB_SIZE = 256
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
