@@ -63,6 +63,11 @@ class MemoryCache:
         return len(self._items)
 
 
+def port_versions(port_names: dict[str, str], port_types: dict[str, PortType]) -> dict[str, str]:
+    """Output port -> storage version of its port type (recorded in, and checked against, each entry)."""
+    return {port: port_types[name].version for port, name in port_names.items()}
+
+
 class DiskCache:
     """Node results on disk, keyed by fingerprint."""
 
@@ -73,20 +78,25 @@ class DiskCache:
     def entry_dir(self, fp: str) -> Path:
         return self.results / fp[:2] / fp
 
-    def lookup(self, fp: str) -> CacheEntry | None:
-        """A verified entry, or None if absent, partial or corrupt (a corrupt one is removed)."""
+    def lookup(self, fp: str, versions: dict[str, str] | None = None) -> CacheEntry | None:
+        """A verified entry, or None if absent, partial, corrupt or stored in another layout (then removed).
+
+        ``versions`` maps each output port to its port type's storage version.
+        """
         d = self.entry_dir(fp)
         mpath = d / MANIFEST
         if not mpath.is_file():
             return None
         try:
             manifest = json.loads(mpath.read_text())
+            if versions is not None and manifest.get("port_versions") != versions:
+                raise ValueError("stored by another version of its port types")
             for rel, (size, sha) in manifest["files"].items():
                 f = d / rel
                 if f.stat().st_size != size or hash_bytes_of(f) != sha:
                     raise ValueError(f"{rel} does not match its manifest")
         except (OSError, ValueError, KeyError, TypeError):
-            self._discard(d)
+            self.discard(d)
             return None
         return CacheEntry(fp, d, manifest)
 
@@ -108,19 +118,20 @@ class DiskCache:
             # no fsync: every read verifies sizes and sha256 sums, so a torn write is recomputed, never used
             files = {f.relative_to(staging).as_posix(): [f.stat().st_size, hash_bytes_of(f)]
                      for f in sorted(staging.rglob("*")) if f.is_file()}
-            manifest = {"fingerprint": fp, "outputs": port_names, "files": files, "created": time.time(), **meta}
+            manifest = {"fingerprint": fp, "outputs": port_names, "files": files, "created": time.time(),
+                        "port_versions": port_versions(port_names, port_types), **meta}
             (staging / MANIFEST).write_text(json.dumps(manifest, default=str))
             final = self.entry_dir(fp)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
-                self._discard(final)
+                self.discard(final)
             os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return CacheEntry(fp, final, manifest)
 
-    def _discard(self, d: Path) -> None:
+    def discard(self, d: Path) -> None:
         trash = self.root / "tmp" / f"trash-{uuid.uuid4().hex[:8]}"
         try:
             trash.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +171,7 @@ class DiskCache:
         if older_than is not None:
             for e in list(entries):
                 if now - e["used"] > older_than:
-                    self._discard(Path(e["path"]))
+                    self.discard(Path(e["path"]))
                     removed.append(e)
                     entries.remove(e)
         if max_size is not None:
@@ -168,7 +179,7 @@ class DiskCache:
             for e in list(entries):
                 if total <= max_size:
                     break
-                self._discard(Path(e["path"]))
+                self.discard(Path(e["path"]))
                 removed.append(e)
                 total -= e["size"]
         shutil.rmtree(self.root / "tmp", ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as graphmod
-from .cache import CacheEntry, DiskCache, MemoryCache
+from .cache import CacheEntry, DiskCache, MemoryCache, port_versions
 from .fingerprint import FileHasher, diff_reasons, digest, identity
 from .validate import Checked, ResolvedNode
 
@@ -94,7 +94,8 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             np_.reason = "node type is never cached"
         elif memory.get(fp) is not None and not (missing := _missing(memory.artifacts(fp))):
             np_.action, np_.source = "cached", "memory"
-        elif _disk_ok(rn, port_types) and (entry := disk.lookup(fp)) is not None:
+        elif _disk_ok(rn, port_types) and (entry := disk.lookup(
+                fp, port_versions(rn.type.outputs, port_types))) is not None:
             missing = _missing(entry.manifest.get("artifacts", []))
             if missing:
                 np_.reason = missing

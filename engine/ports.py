@@ -33,6 +33,7 @@ class PortType:
     doc: str = ""
     save: Callable[[Any, Path], None] | None = None
     load: Callable[[Path], Any] | None = None
+    version: str = "1"
 
     @property
     def disk_cacheable(self) -> bool:
@@ -204,7 +205,8 @@ def _load_prompts(folder: Path) -> Prompts:
 
 
 BUILTIN_PORT_TYPES: tuple[PortType, ...] = (
-    PortType("images", Images, "A list of images with seeds, prompts and metadata.", _save_images, _load_images),
+    PortType("images", Images, "A list of images with seeds, prompts and metadata.", _save_images, _load_images,
+             version="2"),
     PortType("model", Model, "A loaded model held by the model residency manager (memory only)."),
     PortType("lora", Lora, "LoRA weights in a .safetensors file.", _save_lora, _load_lora),
     PortType("dataset", Dataset, "Training images with optional captions.", _save_dataset, _load_dataset),

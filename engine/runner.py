@@ -169,7 +169,12 @@ class Engine:
                     self._emit(Event("node_cached", result.run_id, nid, np_.type,
                                      {"source": "not needed", "fingerprint": np_.fingerprint[:16]}))
                     continue
-                result.outputs[nid] = self._load_cached(np_)
+                try:
+                    result.outputs[nid] = self._load_cached(np_)
+                except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
+                    self._unreadable(np_, exc, result)
+                    failed.add(nid)
+                    continue
                 self._emit(Event("node_cached", result.run_id, nid, np_.type,
                                  {"source": np_.source, "fingerprint": np_.fingerprint[:16],
                                   "artifacts": (np_.entry.manifest.get("artifacts", []) if np_.entry else [])}))
@@ -190,6 +195,18 @@ class Engine:
         self._emit(Event("run_finished", result.run_id, data={
             "status": result.status, "nodes": result.nodes, "seconds": round(result.seconds, 3),
             "run_dir": str(plan.run_dir)}))
+
+    def _unreadable(self, np_: Any, exc: Exception, result: RunResult) -> None:
+        """A verified cache entry that still cannot be loaded: drop it and report the node failed."""
+        if np_.entry is not None:
+            self.disk.discard(np_.entry.path)
+        self.memory.drop(np_.fingerprint)
+        result.nodes[np_.id] = "failed"
+        result.status = "failed"
+        self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
+            "error": f"its cached result could not be read ({type(exc).__name__}: {exc})",
+            "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
+            "hint": "the broken cache entry was removed: run again to recompute it", "inputs": {}}))
 
     def _load_cached(self, np_: Any) -> dict[str, Any]:
         if np_.source == "memory":

@@ -155,3 +155,38 @@ def test_cache_command_lists_and_prunes(proj, fresh_cache):
     assert res.returncode == 0 and "removed 4 entries" in res.stdout
     assert json.loads(fluxkiln("cache", "--json", cwd=proj, cache=fresh_cache).stdout)["entries"] == []
     assert fluxkiln("cache", "prune", "--older-than", "soon", cwd=proj, cache=fresh_cache).returncode == 2
+
+
+def _rewrite_manifest(entry_dir, **changes):
+    from fluxkiln.engine.fingerprint import hash_bytes_of
+
+    manifest = json.loads((entry_dir / "manifest.json").read_text())
+    manifest["files"] = {rel: [(entry_dir / rel).stat().st_size, hash_bytes_of(entry_dir / rel)]
+                         for rel in manifest["files"]}
+    manifest.update(changes)
+    (entry_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_entry_stored_in_an_older_layout_is_recomputed_not_misread(proj, fresh_cache):
+    eng = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    eng.run(proj / "r.toml", output=proj / "out")
+    for m in (fresh_cache / "results").glob("*/*/manifest.json"):
+        _rewrite_manifest(m.parent, port_versions={"output": "0"})
+    res = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    assert res.ok and set(res.nodes.values()) == {"ran"}
+    assert all(e.data["reason"] == "no cached result" for e in res.events if e.event == "node_started")
+
+
+def test_verified_but_unreadable_entry_fails_its_node_clearly_then_recomputes(proj, fresh_cache):
+    eng = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    first = eng.run(proj / "r.toml", output=proj / "out")
+    fp = next(e.data["fingerprint"] for e in first.events if e.event == "node_finished" and e.node == "c")
+    entry = next(p for p in (fresh_cache / "results").glob(f"*/{fp}*"))
+    (entry / "output" / "value.json").write_text("{not json")
+    _rewrite_manifest(entry)
+    res = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    failed = next(e for e in res.events if e.event == "node_failed")
+    assert failed.node == "c" and "could not be read" in failed.data["error"] and "run again" in failed.data["hint"]
+    assert res.status == "failed" and not entry.exists()
+    again = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    assert again.ok and again.nodes["c"] == "ran" and again.outputs["c"]["output"] == "hi+file"
