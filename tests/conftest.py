@@ -28,3 +28,15 @@ def fresh_cache(tmp_path, monkeypatch):
     (cache / "builtin").symlink_to(builtin, target_is_directory=True)
     monkeypatch.setenv("FLUXKILN_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models gain little from threads, and on a shared 2-core machine OpenMP threads that
+    compete with other processes slow them down several times: use one, restore after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

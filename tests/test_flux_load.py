@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fluxkiln.engine.cli import main as cli
 from fluxkiln.engine.residency import Residency
@@ -20,14 +19,7 @@ from fluxkiln.plugins.flux.tiny import build_tiny_flux, tiny_flux_path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models gain little from threads, and on a shared 2-core machine OpenMP threads that
-    compete with other processes slow them down several times: use one, restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

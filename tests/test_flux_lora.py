@@ -20,14 +20,7 @@ LAYERS = [("single_transformer_blocks.0.proj_out", 32, 160), ("transformer_block
           ("transformer_blocks.0.ff.net.2", 32, 128)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models gain little from threads, and on a shared 2-core machine OpenMP threads that
-    compete with other processes slow them down several times: use one, restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

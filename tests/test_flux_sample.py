@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fluxkiln.engine.errors import RecipeInvalid
@@ -20,14 +19,7 @@ DEV = 'type = "load_model"\nmodel = "builtin:tiny-flux"'
 SCHNELL = 'type = "load_model"\nmodel = "builtin:tiny-flux-schnell"'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models gain little from threads, and on a shared 2-core machine OpenMP threads that
-    compete with other processes slow them down several times: use one, restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +193,8 @@ def _noise_png(path: Path, seed: int, size=(320, 240)) -> Path:
 
 @pytest.mark.parametrize("base", [DEV, SCHNELL], ids=["dev", "schnell"])
 def test_img2img_prompt_strength_ends(engine, tmp_path, base):
-    one, two = _noise_png(tmp_path / "one.png", 1), _noise_png(tmp_path / "two.png", 2)
+    one = _noise_png(tmp_path / "one.png", 1)
+    _noise_png(tmp_path / "two.png", 2)
     body = f"""
     [nodes.base]
     {base}

@@ -123,10 +123,10 @@ def test_every_problem_reported_once_with_location(registry):
         ("file not found: missing.txt", "i", "path", 45, "relative to the recipe"),
         ("cycle: f -> g -> f", "f", None, 30, None),
     ]
-    for fragment, node, key, line, hint in expect:
+    for fragment, nid, key, line, hint in expect:
         p = find(problems, fragment)
-        assert line in (line_in(ALL_AT_ONCE, node, key), line_in(ALL_AT_ONCE, node, None))
-        assert (p.node, p.key, p.line, p.file) == (node, key, line, "/r/x.toml"), p.format()
+        assert line in (line_in(ALL_AT_ONCE, nid, key), line_in(ALL_AT_ONCE, nid, None))
+        assert (p.node, p.key, p.line, p.file) == (nid, key, line, "/r/x.toml"), p.format()
         if hint:
             assert hint in (p.hint or ""), p.format()
     assert len(problems) == len(expect), "\n".join(p.format() for p in problems)
