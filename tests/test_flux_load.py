@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from flux_support import failure as node_failure
+from flux_support import run_body
 from fluxkiln.engine.cli import main as cli
 from fluxkiln.engine.residency import Residency
 from fluxkiln.engine.runner import Engine
@@ -30,19 +31,8 @@ def engine(tmp_path_factory):
 SAMPLE = '[nodes.img]\ntype = "sample"\nmodel = "@base"\nmegapixels = "0.25"\nnum_inference_steps = 1\nseed = 9\n'
 
 
-def run(engine, folder: Path, body: str, name: str = "t", expect: str | None = "ok"):
-    path = folder / f"{name}.toml"
-    path.write_text(f'[recipe]\nname = "{name}"\n\n' + textwrap.dedent(body))
-    result = engine.run(path, output=folder / "runs" / name)
-    if expect and result.status != expect:
-        pytest.fail(f"{result.status}: {[e.data for e in result.events if e.event == 'node_failed']}")
-    return result
-
-
 def failure(result, node="base"):
-    found = [e.data for e in result.events if e.event == "node_failed" and e.node == node]
-    assert found, result.nodes
-    return found[-1]
+    return node_failure(result, node)
 
 
 def base(model: str, extra: str = "") -> str:
@@ -56,13 +46,13 @@ def px(result, node="img"):
 def test_local_folder_relative_to_the_recipe_and_variant_detection(engine, tmp_path):
     shutil.copytree(tiny_flux_path("dev"), tmp_path / "models" / "my-flux")
     shutil.copytree(tiny_flux_path("schnell"), tmp_path / "models" / "my-schnell")
-    folder = run(engine, tmp_path, base("models/my-flux") + SAMPLE, "folder")
+    folder = run_body(engine, tmp_path, base("models/my-flux") + SAMPLE, "folder")
     model = folder.outputs["base"]["output"]
     assert model.info["variant"] == "dev" and model.info["source"] == "folder"
     assert model.info["path"] == str((tmp_path / "models" / "my-flux").resolve())
-    builtin = run(engine, tmp_path, base("builtin:tiny-flux") + SAMPLE, "builtin")
+    builtin = run_body(engine, tmp_path, base("builtin:tiny-flux") + SAMPLE, "builtin")
     assert np.array_equal(px(folder), px(builtin))  # same weights, same image
-    schnell = run(engine, tmp_path, base("models/my-schnell") + SAMPLE, "schnell")
+    schnell = run_body(engine, tmp_path, base("models/my-schnell") + SAMPLE, "schnell")
     assert schnell.outputs["base"]["output"].info["variant"] == "schnell"
     assert schnell.outputs["img"]["output"][0].meta["num_inference_steps"] == 1
 
@@ -72,21 +62,21 @@ def test_single_file_transformer_with_a_base(engine, tmp_path):
 
     pipe = build_tiny_flux("dev")
     save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, tmp_path / "flux-tiny.safetensors")
-    result = run(engine, tmp_path, base("flux-tiny.safetensors", 'base = "builtin:tiny-flux"') + SAMPLE, "single")
+    result = run_body(engine, tmp_path, base("flux-tiny.safetensors", 'base = "builtin:tiny-flux"') + SAMPLE, "single")
     model = result.outputs["base"]["output"]
     assert model.info["source"] == "single_file" and model.info["variant"] == "dev"
-    builtin = run(engine, tmp_path, base("builtin:tiny-flux") + SAMPLE, "builtin")
+    builtin = run_body(engine, tmp_path, base("builtin:tiny-flux") + SAMPLE, "builtin")
     assert np.array_equal(px(result), px(builtin))
 
 
 def test_hub_id_missing_from_the_cache_says_how_to_fetch_it(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
-    result = run(engine, tmp_path, base("black-forest-labs/FLUX.1-dev") + SAMPLE, "hub", expect="failed")
+    result = run_body(engine, tmp_path, base("black-forest-labs/FLUX.1-dev") + SAMPLE, "hub", expect="failed")
     info = failure(result)
     assert "'black-forest-labs/FLUX.1-dev' is not in the local Hugging Face cache" in info["error"]
     assert "hf download black-forest-labs/FLUX.1-dev" in info["hint"] and "HF_TOKEN" in info["hint"]
     assert result.nodes["img"] == "skipped"
-    schnell = failure(run(engine, tmp_path, base("black-forest-labs/FLUX.1-schnell"), "hub2", expect="failed"))
+    schnell = failure(run_body(engine, tmp_path, base("black-forest-labs/FLUX.1-schnell"), "hub2", expect="failed"))
     assert "HF_TOKEN" not in schnell["hint"]
 
 
@@ -100,13 +90,13 @@ def test_hub_id_missing_from_the_cache_says_how_to_fetch_it(engine, tmp_path, mo
 ])
 def test_load_errors_are_clear(engine, tmp_path, model, extra, message):
     (tmp_path / "empty").mkdir()
-    info = failure(run(engine, tmp_path, base(model, extra), "err", expect="failed"))
+    info = failure(run_body(engine, tmp_path, base(model, extra), "err", expect="failed"))
     assert message in info["error"] and info["error_type"] == "NodeError"
 
 
 def test_pickle_checkpoints_are_refused(engine, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"not safe")
-    info = failure(run(engine, tmp_path, base("model.ckpt"), "pickle", expect="failed"))
+    info = failure(run_body(engine, tmp_path, base("model.ckpt"), "pickle", expect="failed"))
     assert "pickle checkpoints" in info["error"]
 
 
@@ -115,7 +105,7 @@ def test_evicted_pipeline_is_reloaded_on_use(tmp_path):
     body = (base("builtin:tiny-flux") + '[nodes.other]\ntype = "load_model"\nmodel = "builtin:tiny-flux-schnell"\n'
             + SAMPLE + '[nodes.img2]\ntype = "sample"\nmodel = "@other"\nmegapixels = "0.25"\nnum_inference_steps = 1\n'
             'seed = 9\n')
-    result = run(engine, tmp_path, body)
+    result = run_body(engine, tmp_path, body)
     assert result.outputs["img"]["output"][0].image.size == (512, 512)
     assert len(engine.models.evictions) >= 1  # loading one pipeline pushed the other out, and it came back
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flux_support import failure, run_body
 from fluxkiln.engine.errors import RecipeInvalid
 from fluxkiln.engine.runner import Engine
 
@@ -75,23 +75,8 @@ def lora_node(nid: str, lora: str, extra: str = "") -> str:
 BASE = '[nodes.base]\ntype = "load_model"\nmodel = "builtin:tiny-flux"\n'
 
 
-def run(engine, folder: Path, body: str, name: str = "t", expect: str | None = "ok"):
-    path = folder / f"{name}.toml"
-    path.write_text(f'[recipe]\nname = "{name}"\n\n' + textwrap.dedent(body))
-    result = engine.run(path, output=folder / "runs" / name)
-    if expect and result.status != expect:
-        pytest.fail(f"{result.status}: {[e.data for e in result.events if e.event == 'node_failed']}")
-    return result
-
-
 def px(result, node: str) -> np.ndarray:
     return np.asarray(result.outputs[node]["output"][0].image).astype(np.float32)
-
-
-def failure(result, node):
-    found = [e.data for e in result.events if e.event == "node_failed" and e.node == node]
-    assert found, result.nodes
-    return found[-1]
 
 
 def test_lora_changes_the_image_scale_zero_does_not_and_formats_agree(engine, loras):
@@ -102,7 +87,7 @@ def test_lora_changes_the_image_scale_zero_does_not_and_formats_agree(engine, lo
             + sample_node("with_zero", "zero") + sample_node("with_fused", "fused")
             + sample_node("plain_again", "base", extra="go_fast = true"))
     body = body.replace('go_fast = false\ngo_fast = true', 'go_fast = true')
-    result = run(engine, loras, body)
+    result = run_body(engine, loras, body)
     plain = px(result, "plain")
     assert np.abs(px(result, "with_peft") - plain).mean() > 2  # the LoRA changes the image
     assert np.abs(px(result, "with_kohya") - px(result, "with_peft")).max() <= 2  # same LoRA, other format
@@ -120,7 +105,7 @@ def test_lora_and_extra_lora_stack_with_scales(engine, loras):
     one = lora_node("one", loras / "peft.safetensors", "lora_scale = 0.5")
     both = lora_node("both", loras / "peft.safetensors",
                      f'lora_scale = 0.25\nextra_lora = "{loras / "kohya.safetensors"}"\nextra_lora_scale = 0.25')
-    result = run(engine, loras, BASE + one + both + sample_node("a", "one") + sample_node("b", "both"))
+    result = run_body(engine, loras, BASE + one + both + sample_node("a", "one") + sample_node("b", "both"))
     # the two files hold the same LoRA: 0.25 + 0.25 equals 0.5 of one
     assert np.abs(px(result, "a") - px(result, "b")).max() <= 2
     model = result.outputs["both"]["output"]
@@ -128,23 +113,23 @@ def test_lora_and_extra_lora_stack_with_scales(engine, loras):
 
 
 def test_lora_for_another_architecture_or_size_is_a_clear_error(engine, loras):
-    result = run(engine, loras, BASE + lora_node("x", loras / "sdxl.safetensors"), "sdxl", expect="failed")
+    result = run_body(engine, loras, BASE + lora_node("x", loras / "sdxl.safetensors"), "sdxl", expect="failed")
     info = failure(result, "x")
     assert "matches no layer of this FLUX model" in info["error"]
     assert "lora_unet_down_blocks_0_attentions_0_proj_in" in info["error"] and info["error_type"] == "NodeError"
-    result = run(engine, loras, BASE + lora_node("x", loras / "full_size.safetensors"), "size", expect="failed")
+    result = run_body(engine, loras, BASE + lora_node("x", loras / "full_size.safetensors"), "size", expect="failed")
     assert "other layer sizes" in failure(result, "x")["error"]
 
 
 def test_missing_lora_file_is_reported(engine, loras):
     with pytest.raises(RecipeInvalid) as err:
-        run(engine, loras, BASE + lora_node("x", "nowhere/my_lora.safetensors"), "missing")
+        run_body(engine, loras, BASE + lora_node("x", "nowhere/my_lora.safetensors"), "missing")
     assert any(p.key == "lora" and "not found" in p.message for p in err.value.problems)
 
 
 def test_non_safetensors_lora_is_refused(engine, loras, tmp_path):
     (tmp_path / "old.ckpt").write_bytes(b"pickle")
-    result = run(engine, tmp_path, BASE + lora_node("x", tmp_path / "old.ckpt"), "ckpt", expect="failed")
+    result = run_body(engine, tmp_path, BASE + lora_node("x", tmp_path / "old.ckpt"), "ckpt", expect="failed")
     assert "only .safetensors" in failure(result, "x")["error"]
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from flux_support import failure, recipe, run
 from fluxkiln.engine.errors import RecipeInvalid
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
@@ -26,27 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def engine(tmp_path_factory):
     """One engine for the module: the tiny pipelines stay hot between tests, as in watch mode."""
     return Engine(cache_dir=tmp_path_factory.mktemp("flux-sample-cache"))
-
-
-def recipe(folder: Path, body: str, name: str = "t") -> Path:
-    path = folder / f"{name}.toml"
-    path.write_text(f'[recipe]\nname = "{name}"\n\n' + textwrap.dedent(body))
-    return path
-
-
-def run(engine, path, expect="ok", **kw):
-    result = engine.run(path, output=path.parent / "runs", **kw)
-    if expect and result.status != expect:
-        errors = [f"{e.node}: {e.data.get('error')}\n{e.data.get('traceback', '')}" for e in result.events
-                  if e.event == "node_failed"]
-        pytest.fail(f"status {result.status}, expected {expect}: {errors}")
-    return result
-
-
-def failure(result, node):
-    found = [e.data for e in result.events if e.event == "node_failed" and e.node == node]
-    assert found, f"node {node} did not fail: {result.nodes}"
-    return found[-1]
 
 
 def pixels(item) -> np.ndarray:
