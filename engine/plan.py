@@ -61,6 +61,22 @@ def _missing(artifacts: list[str]) -> str | None:
     return None
 
 
+def _lookup(np_: NodePlan, rn: ResolvedNode, memory: MemoryCache, disk: DiskCache,
+            port_types: dict[str, Any]) -> None:
+    """Mark a node cached (from memory, else disk) unless its result is absent or a file it wrote is gone."""
+    if memory.get(np_.fingerprint) is not None:
+        np_.reason = _missing(memory.artifacts(np_.fingerprint)) or ""
+        if not np_.reason:
+            np_.action, np_.source = "cached", "memory"
+            return
+    if _disk_ok(rn, port_types):
+        entry = disk.lookup(np_.fingerprint, port_versions(rn.type.outputs, port_types))
+        if entry is not None:
+            np_.reason = _missing(entry.manifest.get("artifacts", [])) or ""
+            if not np_.reason:
+                np_.action, np_.source, np_.entry = "cached", "disk", entry
+
+
 def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCache, disk: DiskCache,
               hasher: FileHasher, port_types: dict[str, Any], previous: dict[str, dict[str, Any]],
               only: list[str] | None = None, force: list[str] | None = None, force_all: bool = False) -> Plan:
@@ -92,17 +108,8 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             np_.reason = volatile
         elif rn.type.cache == "never":
             np_.reason = "node type is never cached"
-        elif memory.get(fp) is not None and not (missing := _missing(memory.artifacts(fp))):
-            np_.action, np_.source = "cached", "memory"
-        elif _disk_ok(rn, port_types) and (entry := disk.lookup(
-                fp, port_versions(rn.type.outputs, port_types))) is not None:
-            missing = _missing(entry.manifest.get("artifacts", []))
-            if missing:
-                np_.reason = missing
-            else:
-                np_.action, np_.source, np_.entry = "cached", "disk", entry
-        elif memory.get(fp) is not None:
-            np_.reason = missing
+        else:
+            _lookup(np_, rn, memory, disk, port_types)
         if np_.action == "run" and not np_.reason:
             changes = diff_reasons(previous.get(nid), ident, file_names)
             np_.reason = "; ".join(changes) if changes else "no cached result"
