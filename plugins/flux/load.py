@@ -200,6 +200,13 @@ def quantize_fp8(pipe: Any, dtype: Any) -> str:
     if cap < (8, 9):
         raise NodeError(f"quantize = \"fp8\" needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
                         f"this one is {cap[0]}.{cap[1]}", key="quantize", hint='use quantize = "none" or offload = "model"')
+    return store_fp8(pipe, dtype)
+
+
+def store_fp8(pipe: Any, dtype: Any) -> str:
+    """Keep the transformer's weights in fp8 (torchao when installed, else diffusers layerwise casting)."""
+    import torch
+
     try:
         from torchao.quantization import Float8WeightOnlyConfig, quantize_
 

@@ -85,6 +85,7 @@ def attach(pipe: Any, layers: list[str], rank: int, alpha: float, seed: int) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # lora_A's random init is part of the run's identity
         transformer.add_adapter(config, adapter_name=ADAPTER)
+        _reinit_over_fp8(transformer, transformer.dtype)
     transformer.enable_adapters()
     transformer.set_adapter(ADAPTER)
     named = {}
@@ -96,6 +97,22 @@ def attach(pipe: Any, layers: list[str], rank: int, alpha: float, seed: int) -> 
         else:
             p.requires_grad_(False)
     return named
+
+
+def _reinit_over_fp8(transformer: Any, dtype: Any) -> None:
+    """Over fp8-stored base weights peft creates the adapter in fp8 (its init rounded away): recreate it in
+    the compute dtype."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in transformer.modules():
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
+            continue
+        if module.get_base_layer().weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            continue
+        module.lora_A[ADAPTER].to(dtype=dtype)
+        module.lora_B[ADAPTER].to(dtype=dtype)
+        module.reset_lora_parameters(ADAPTER, True)
 
 
 def detach(pipe: Any, had_gc: bool) -> None:

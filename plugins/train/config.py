@@ -21,7 +21,8 @@ EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "kohya")
 NOT_IN_STATE = (
     "steps", "save_every", "keep_last", "sample_every", "sample_prompts", "sample_steps", "sample_guidance",
     "sample_resolution", "sample_seed", "export_formats", "save_dtype", "cache_latents", "cache_latents_to_disk",
-    "cache_text_embeddings", "gradient_checkpointing", "use_pretrained_lora",
+    "cache_text_embeddings", "gradient_checkpointing", "gradient_checkpointing_interval",
+    "use_pretrained_lora",
     "wandb_project", "wandb_run", "wandb_entity", "wandb_sample_interval", "wandb_save_interval",
     "hf_repo_id", "hf_private",
 )
@@ -49,6 +50,7 @@ class TrainConfig:
     cache_text_embeddings: bool = True
     layers_to_optimize_regex: str | None = None
     gradient_checkpointing: bool = False
+    gradient_checkpointing_interval: int = 1
     timestep_sampling: str = "sigmoid"
     ema: bool = True
     ema_decay: float = 0.99

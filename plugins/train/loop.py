@@ -11,7 +11,6 @@ optimizer step, and no checkpoint holds non-finite weights.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from fluxkiln.engine import NodeError
 
 from . import adapter as adapters
 from . import checkpoint as ckpts
+from . import gpu
 from .buckets import BatchCursor, build_samples
 from .config import TrainConfig
 from .data import LatentStore, TextStore
@@ -111,10 +111,15 @@ class Trainer:
         ctx.progress(0, cfg.steps, message=f"caching {len(self.samples_list)} latents and text embeddings")
         self.latents.warm(self.samples_list, on_each=lambda i, n: ctx.check_cancelled())
         self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
+        self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
+        gpu.transformer_on(pipe, self.device)
         self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
         self.master = self.named if all(p.dtype == torch.float32 for p in self.named.values()) else {
             k: torch.nn.Parameter(p.detach().float().clone()) for k, p in self.named.items()}
         self.params = list(self.master.values())
+        if self.master is not self.named:  # float32 gradients, filled from the model's each step
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
         self.optimizer = make_optimizer(self.optimizer_name, self.params, cfg.learning_rate, ctx.log)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
         self.ema = EMA(self.master, cfg.ema_decay) if cfg.ema else None
@@ -122,8 +127,9 @@ class Trainer:
         self.cursor = BatchCursor(self.samples_list, cfg.batch_size, cfg.seed)
         self.history: list[list[float]] = []
         self.elapsed = 0.0
-        if cfg.gradient_checkpointing and not getattr(pipe.transformer, "gradient_checkpointing", False):
-            pipe.transformer.enable_gradient_checkpointing()
+        compiled = gpu.compile_blocks(pipe, self.device, ctx.log)
+        if cfg.gradient_checkpointing:
+            gpu.checkpointing(pipe.transformer, cfg.gradient_checkpointing_interval, compiled)
         pipe.transformer.train()
 
     def _resume(self) -> int:
@@ -158,8 +164,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _train(self, pipe: Any) -> TrainResult:
-        cfg, ctx = self.cfg, self.ctx
         self._setup(pipe)
+        with gpu.parked(pipe, self.parked, self.device):
+            return self._loop(pipe)
+
+    def _loop(self, pipe: Any) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
         start = self._resume()
         ctx.log(f"training {len(self.layers)} layers, rank {cfg.lora_rank}, alpha {cfg.alpha:g}, optimizer "
                 f"{self.optimizer_name}, {len(self.samples_list)} samples in "
@@ -202,24 +212,27 @@ class Trainer:
         latents = self.latents.batch(batch)
         embeds, pooled = self.texts.batch(caps)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        with _attention_backends(self.device):
+        with gpu.attention_backends(self.device):
             loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
                              self.device, self.dtype)
-            value = float(loss.detach().item())
-            if not math.isfinite(value):
-                raise NodeError(f"the loss became {value} at step {step}; training stopped (no checkpoint "
-                                "was written for this step)", key="learning_rate",
-                                hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
-            loss.backward()
+            loss.backward()  # queued before the loss is read, so the GPU never waits for the check
+        value = float(loss.detach().item())
+        if not math.isfinite(value):
+            raise NodeError(f"the loss became {value} at step {step}; training stopped (no checkpoint "
+                            "was written for this step)", key="learning_rate",
+                            hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
         if self.master is not self.named:  # low-precision weights in the model: step the float32 masters
-            for k, p in self.named.items():
-                self.master[k].grad = None if p.grad is None else p.grad.float()
+            model = list(self.named.values())
+            torch._foreach_copy_([p.grad for p in self.params],
+                                 [p.grad if p.grad is not None else torch.zeros_like(p) for p in model])
+            for p in model:
                 p.grad = None
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.master is self.named:
+            self.optimizer.zero_grad(set_to_none=True)
         self._sync_model_weights()
         if self.ema is not None:
             self.ema.update(self.master)
@@ -230,11 +243,11 @@ class Trainer:
 
         if self.master is not self.named:
             with torch.no_grad():
-                for k, p in self.named.items():
-                    p.copy_(self.master[k])
+                torch._foreach_copy_(list(self.named.values()), self.params)
 
     def _sample(self, pipe: Any, step: int) -> None:
-        self.samples = take_samples(self.ctx, pipe, self.cfg, step, self.ctx.node_dir() / "samples")
+        with gpu.unparked(pipe, self.parked, self.device):
+            self.samples = take_samples(self.ctx, pipe, self.cfg, step, self.ctx.node_dir() / "samples")
         if self.logger:
             self.logger.log_samples(step, self.samples)
 
@@ -274,12 +287,3 @@ def _pipeline(model: Any) -> Any:
     except ImportError:
         return model.get()
     return get_pipeline(model)
-
-
-def _attention_backends(device: Any) -> Any:
-    """On CUDA, only the flash and memory-efficient SDPA kernels (cuDNN attention failed in backward)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])

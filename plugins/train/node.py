@@ -52,7 +52,10 @@ def train_lora(
         description="train only layers whose name (e.g. transformer.single_transformer_blocks.7.proj_out) "
                     "matches")] = None,
     gradient_checkpointing: Annotated[bool, Field(description="recompute activations in the backward pass: "
-                                                  "much less memory, ~1.6x slower")] = False,
+                                                  "much less memory, one more forward pass per step")] = False,
+    gradient_checkpointing_interval: Annotated[int, Field(
+        ge=1, le=57, description="with gradient_checkpointing, recompute every N-th transformer block only "
+                                 "(1 = all: least memory; 2 = half: faster, more memory)")] = 1,
     timestep_sampling: Annotated[Literal["sigmoid", "linear", "shift", "flux_shift"],
                                  Field(description="how noise levels are drawn")] = "sigmoid",
     ema: Annotated[bool, Field(description="export an exponential moving average of the weights")] = True,

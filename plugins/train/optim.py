@@ -152,10 +152,12 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
             for k, p in named.items():
-                s = self.shadow[k]
-                if s.device != p.device:
-                    s = self.shadow[k] = s.to(p.device)
-                s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+                if self.shadow[k].device != p.device:
+                    self.shadow[k] = self.shadow[k].to(p.device)
+            shadows = [self.shadow[k] for k in named]
+            values = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in named.values()]
+            torch._foreach_mul_(shadows, d)  # one kernel per op for all the weights, not one per tensor
+            torch._foreach_add_(shadows, values, alpha=1 - d)
         self.updates += 1
 
     def load(self, shadow: dict[str, Any], updates: int) -> None:

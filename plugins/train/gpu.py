@@ -1,0 +1,200 @@
+"""How one training run uses the GPU: compiled blocks, gradient checkpointing, parked encoders, attention.
+
+* :func:`compile_blocks` compiles each repeated transformer block (with its
+  LoRA layers) on CUDA, lossless, sharing the sampling path's disk cache.
+* :func:`checkpointing` recomputes every ``interval``-th block in the backward
+  pass (1 = every block: least memory; 2 = every other block: faster).
+* :func:`parked` moves the text encoders and the VAE to the CPU while the
+  transformer trains on their cached outputs (about 10 GiB for FLUX.1), and
+  :func:`unparked` brings them back for preview samples.
+* :func:`transformer_on` keeps a model-offloaded transformer on the GPU while it trains.
+* :func:`attention_backends` picks the SDPA kernels of a training step (cuDNN, with a gradient-layout fix).
+
+Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def compile_blocks(pipe: Any, device: Any, log: Any) -> bool:
+    """Compile the blocks for training on CUDA (not on fp8-stored weights, or with FLUXKILN_COMPILE=0)."""
+    from fluxkiln.plugins.flux import fast
+
+    if device.type != "cuda" or getattr(pipe, "_fluxkiln_fp8", None) or fast.compile_disabled():
+        return False
+    if not fast.is_compiled(pipe.transformer):
+        fast.compile_blocks(pipe.transformer)
+        log("transformer blocks compiled for training (the first step of each size pays the compilation)")
+    return True
+
+
+def checkpointing(transformer: Any, interval: int, compiled: bool = False, backend: str = "inductor") -> None:
+    """Recompute every ``interval``-th block (counting double then single blocks) in the backward pass.
+
+    With ``compiled`` blocks the checkpoint goes inside the compiled region (Dynamo traces it and the
+    partitioner recomputes the block in the backward graph): wrapped around a compiled block from outside,
+    the block would fall back to eager under the checkpoint's saved-tensor hooks.
+    """
+    import torch.utils.checkpoint
+
+    from fluxkiln.plugins.flux.fast import blocks
+
+    chosen = {id(b) for i, b in enumerate(blocks(transformer)) if i % interval == 0}
+    inside = _compiled_checkpoint(backend) if compiled else None
+
+    def run(block: Any, *args: Any) -> Any:
+        if id(block) not in chosen:
+            return block(*args)
+        if inside is not None:
+            return inside(block, *args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=run)
+
+
+@functools.cache
+def _compiled_checkpoint(backend: str) -> Any:
+    """One compiled "checkpoint this block" function (its code is shared by all blocks of a class)."""
+    import torch
+    import torch.utils.checkpoint
+
+    def checkpointed(block: Any, *args: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+    return torch.compile(checkpointed, backend=backend, dynamic=False)
+
+
+def transformer_on(pipe: Any, device: Any) -> None:
+    """With ``offload = "model"`` the transformer may wait on the CPU: bring it to ``device`` before the adapter
+    and its optimizer state are made (its offload hook moves it back and forth for previews)."""
+    if getattr(pipe, "_fluxkiln_offload", "none") != "model":
+        return
+    import torch
+
+    for name in (*ENCODERS, "vae"):  # their offload hooks would only move them once the transformer runs
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    torch.cuda.empty_cache()
+    pipe.transformer.to(device)
+
+
+def parkable(pipe: Any, device: Any, text_cached: bool, latents_cached: bool) -> list[str]:
+    """The pipeline parts that can wait on the CPU while the transformer trains."""
+    if device.type != "cuda" or getattr(pipe, "_fluxkiln_offload", "none") != "none":
+        return []  # nothing to gain on the CPU; offloaded pipelines move their parts themselves
+    names = list(ENCODERS) if text_cached else []
+    if latents_cached:
+        names.append("vae")
+    return [n for n in names if getattr(pipe, n, None) is not None]
+
+
+def _move(pipe: Any, names: list[str], device: Any) -> None:
+    for name in names:
+        getattr(pipe, name).to(device)
+
+
+@contextlib.contextmanager
+def parked(pipe: Any, names: list[str], device: Any) -> Iterator[None]:
+    """Keep ``names`` on the CPU inside the block, and put them back on ``device`` afterwards (also on error)."""
+    if not names:
+        yield
+        return
+    import torch
+
+    _move(pipe, names, torch.device("cpu"))
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        _move(pipe, names, device)
+
+
+@contextlib.contextmanager
+def unparked(pipe: Any, names: list[str], device: Any) -> Iterator[None]:
+    """Bring parked parts back to ``device`` for a while (preview samples), then park them again."""
+    if not names:
+        yield
+        return
+    import torch
+
+    _move(pipe, names, device)
+    try:
+        yield
+    finally:
+        _move(pipe, names, torch.device("cpu"))
+        torch.cuda.empty_cache()
+
+
+def attention_backends(device: Any) -> Any:
+    """The SDPA kernels a training step uses on CUDA (a no-op context elsewhere).
+
+    cuDNN attention first (forward and backward at 1024² take 1.7 ms against flash's 3.2 ms on an H100),
+    with the output gradient handed back in the output's own layout: with the layout diffusers' permute
+    leaves it in, cuDNN's backward failed with illegal memory accesses (``bench/attention_backward.py``).
+    ``FLUXKILN_TRAIN_ATTENTION=flash`` restricts training to the flash and memory-efficient kernels.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if os.environ.get("FLUXKILN_TRAIN_ATTENTION", "cudnn").strip().lower() == "flash":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION], set_priority=True))
+    stack.enter_context(gradient_in_output_layout())
+    return stack
+
+
+@contextlib.contextmanager
+def gradient_in_output_layout() -> Iterator[None]:
+    """Inside the block, SDPA's output gradient reaches the kernel's backward in the output's memory layout.
+
+    The wrapper is made once per process, so compiled blocks that traced it stay valid from step to step.
+    """
+    import torch.nn.functional as F
+
+    real, wrapper = _sdpa_pair()
+    F.scaled_dot_product_attention = wrapper
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+@functools.cache
+def _sdpa_pair() -> tuple[Any, Any]:
+    """(torch's SDPA, the same with :class:`SameLayoutGrad` on its output when gradients flow)."""
+    import torch
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    class SameLayoutGrad(torch.autograd.Function):
+        """Identity whose backward copies the incoming gradient into the forward output's strides."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            ctx.shape, ctx.stride = tuple(x.shape), tuple(x.stride())
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            if tuple(grad.stride()) == ctx.stride:
+                return grad
+            out = torch.empty_strided(ctx.shape, ctx.stride, dtype=grad.dtype, device=grad.device)
+            return out.copy_(grad)
+
+    def sdpa(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        return SameLayoutGrad.apply(out) if torch.is_grad_enabled() and out.requires_grad else out
+
+    return real, sdpa

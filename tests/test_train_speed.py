@@ -1,0 +1,174 @@
+"""train_lora's speed and memory settings: checkpointing every n-th block, fp8-stored base weights, encoders
+parked on the CPU while the transformer trains, and the float32 master weights updated in bulk."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_train_support import load_weights, losses, run, solid_dataset, write_recipe
+
+from fluxkiln.engine.runner import Engine
+from fluxkiln.plugins.train import gpu
+
+
+@pytest.fixture
+def counted_checkpoints(monkeypatch):
+    calls: list[int] = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kw):
+        calls.append(1)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    return calls
+
+
+def test_checkpointing_any_interval_gives_the_same_losses(tmp_path, counted_checkpoints):
+    data = solid_dataset(tmp_path / "data")
+    got = {}
+    for name, extra in {"off": {}, "all": {"gradient_checkpointing": True},
+                        "half": {"gradient_checkpointing": True, "gradient_checkpointing_interval": 2}}.items():
+        counted_checkpoints.clear()
+        recipe = write_recipe(tmp_path / f"{name}.toml", data, steps=4, **extra)
+        result = run(recipe, tmp_path / f"cache-{name}", tmp_path / f"out-{name}")
+        assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+        got[name] = (losses(result), len(counted_checkpoints))
+    blocks = 3  # builtin:tiny-flux: 1 double-stream and 2 single-stream blocks
+    assert got["off"][1] == 0
+    assert got["all"][1] == 4 * blocks  # every block of every step
+    assert got["half"][1] == 4 * 2  # blocks 0 and 2
+    assert got["all"][0] == pytest.approx(got["off"][0], rel=1e-5)
+    assert got["half"][0] == pytest.approx(got["off"][0], rel=1e-5)
+
+
+def test_gradient_checkpointing_interval_is_checked(tmp_path, capsys):
+    from fluxkiln.engine.cli import main
+
+    recipe = write_recipe(tmp_path / "r.toml", solid_dataset(tmp_path / "data"), steps=4,
+                          gradient_checkpointing=True, gradient_checkpointing_interval=0)
+    assert main(["validate", str(recipe)]) != 0
+    out = capsys.readouterr()
+    assert "gradient_checkpointing_interval" in out.out + out.err
+    assert "r.toml:" in out.out + out.err
+
+
+def test_training_over_fp8_stored_base_weights(tmp_path):
+    """What load_model's quantize = "fp8" does on a GPU (layerwise fp8 storage), applied to the resident tiny
+    pipeline: the adapter trains in the compute dtype with an unrounded init, and the base stays fp8."""
+    from fluxkiln.plugins.flux.load import store_fp8
+
+    data = solid_dataset(tmp_path / "data")
+    engine = Engine(cache_dir=tmp_path / "cache")
+    first = write_recipe(tmp_path / "a.toml", data, steps=3, learning_rate=5e-3)
+    assert run(first, tmp_path / "cache", tmp_path / "out-a", engine=engine).ok
+    (key,) = engine.models.keys()
+    pipe = engine.models.get(key, lambda: None)
+    pipe._fluxkiln_fp8 = store_fp8(pipe, torch.float32)
+    linear = pipe.transformer.single_transformer_blocks[0].proj_out
+    assert linear.weight.dtype == torch.float8_e4m3fn
+
+    still = write_recipe(tmp_path / "b.toml", data, steps=3, learning_rate=1e-12, ema=False, seed=7)
+    result = run(still, tmp_path / "cache", tmp_path / "out-b", engine=engine)
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    lora_a = [v for k, v in load_weights(result.outputs["lora"]["lora"].path).items() if ".lora_A." in k]
+    assert lora_a and all(v.dtype == torch.float32 for v in lora_a)
+    on_fp8_grid = [torch.equal(v, v.to(torch.float8_e4m3fn).float()) for v in lora_a]
+    assert not any(on_fp8_grid), "the adapter's initial weights were rounded to fp8"
+
+    trained = write_recipe(tmp_path / "c.toml", data, steps=12, learning_rate=5e-3, seed=7,
+                           gradient_checkpointing=True)
+    result = run(trained, tmp_path / "cache", tmp_path / "out-c", engine=engine)
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    assert all(torch.isfinite(torch.tensor(losses(result))))
+    assert linear.weight.dtype == torch.float8_e4m3fn  # the base is untouched
+
+
+class _Part:
+    def __init__(self, log: list[str], name: str):
+        self.log, self.name = log, name
+
+    def to(self, device):
+        self.log.append(f"{self.name}->{torch.device(device).type}")
+        return self
+
+
+def _pipe(log: list[str], offload: str = "none"):
+    return types.SimpleNamespace(text_encoder=_Part(log, "clip"), text_encoder_2=_Part(log, "t5"),
+                                 vae=_Part(log, "vae"), _fluxkiln_offload=offload)
+
+
+def test_encoders_wait_on_the_cpu_only_when_their_outputs_are_cached():
+    cuda, cpu = types.SimpleNamespace(type="cuda"), types.SimpleNamespace(type="cpu")
+    pipe = _pipe([])
+    assert gpu.parkable(pipe, cuda, True, True) == ["text_encoder", "text_encoder_2", "vae"]
+    assert gpu.parkable(pipe, cuda, True, False) == ["text_encoder", "text_encoder_2"]
+    assert gpu.parkable(pipe, cuda, False, True) == ["vae"]
+    assert gpu.parkable(pipe, cpu, True, True) == []
+    assert gpu.parkable(_pipe([], offload="model"), cuda, True, True) == []
+
+
+def test_parked_parts_come_back_after_a_failure_and_for_previews():
+    log: list[str] = []
+    pipe = _pipe(log)
+    with pytest.raises(RuntimeError), gpu.parked(pipe, ["text_encoder_2", "vae"], "meta"):
+        assert log == ["t5->cpu", "vae->cpu"]
+        with gpu.unparked(pipe, ["text_encoder_2"], "meta"):
+            assert log[-1] == "t5->meta"
+        assert log[-1] == "t5->cpu"
+        raise RuntimeError("step failed")
+    assert log[-2:] == ["t5->meta", "vae->meta"]
+
+
+def test_checkpoint_inside_compiled_blocks_gives_the_same_gradients(one_torch_thread):
+    """On a GPU the blocks are compiled and the checkpoint goes inside the compiled region (traced here with
+    the aot_eager backend: Dynamo and the autograd partitioner, without generating kernels)."""
+    from fluxkiln.plugins.flux import fast
+    from fluxkiln.plugins.flux.tiny import build_tiny_flux
+    from fluxkiln.plugins.train.flow import flow_loss
+
+    t = build_tiny_flux("dev").transformer.requires_grad_(False)
+    params = [b.norm.linear.weight for b in t.single_transformer_blocks] + [t.transformer_blocks[0].ff.net[2].weight]
+    for p in params:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    latents, embeds = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 8, t.config.joint_attention_dim)
+    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=gen)
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss = flow_loss(t, latents, embeds, pooled, torch.Generator().manual_seed(1), "sigmoid",
+                         torch.device("cpu"), torch.float32)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in params])
+
+    eager_loss, eager_grads = step()
+    fast.compile_blocks(t, backend="aot_eager")
+    gpu.checkpointing(t, 1, compiled=True, backend="aot_eager")
+    loss, grads = step()
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert torch.allclose(grads, eager_grads, rtol=1e-5, atol=1e-7)
+    fast.uncompile_blocks(t)
+
+
+def test_attention_gradient_arrives_in_the_output_layout():
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(2, 6, 4, 8).permute(0, 2, 1, 3).requires_grad_(True) for _ in range(3))
+    real = F.scaled_dot_product_attention
+    seen: list[tuple[int, ...]] = []
+    with gpu.gradient_in_output_layout():
+        assert F.scaled_dot_product_attention is not real
+        out = F.scaled_dot_product_attention(query=q, key=k, value=v)
+        kernel_out = out.grad_fn.next_functions[0][0]  # the SDPA node behind the layout fix
+        kernel_out.register_prehook(lambda grads: seen.append(tuple(grads[0].stride())))
+        layout = tuple(out.stride())
+        out.permute(0, 2, 1, 3).flatten(2, 3).pow(2).sum().backward()  # what diffusers does with it
+    assert F.scaled_dot_product_attention is real
+    assert seen == [layout]
+    expected = [g.clone() for g in torch.autograd.grad(real(q, k, v).permute(0, 2, 1, 3).flatten(2, 3).pow(2).sum(),
+                                                     (q, k, v))]
+    assert all(torch.allclose(a, b) for a, b in zip([q.grad, k.grad, v.grad], expected, strict=True))
