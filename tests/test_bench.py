@@ -39,9 +39,14 @@ def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, ca
         assert row["engine"]["cache_store_s"] > 0
     assert res["sample"]["dev-go_fast"]["fast_paths"]["fused_qkv"] is True
     assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": False, "fused_qkv": False,
-                                                           "fp8": False, "channels_last_vae": False}
-    assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock"}
+                                                           "fp8": False, "compiled_vae": False}
+    assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock", "ckpt_every_2nd", "fp8_ckpt_24gb"}
+    assert res["train"].pop("fp8_ckpt_24gb") == {"skipped": "needs a CUDA GPU (fp8 storage, model offload)"}
     assert all(r["s_per_step"] > 0 for r in res["train"].values())
+    for name in ("dev-stock", "dev-go_fast", "schnell-go_fast"):  # where each image's time goes
+        stages = res["sample"][name]["stages_s"]
+        assert stages["transformer"] > 0 and stages["text_encoders"] > 0 and stages["vae_decode"] > 0
+        assert sum(v for k, v in stages.items() if k != "total") == pytest.approx(stages["total"], abs=2e-3)
     assert [t["met"] for t in res["targets"]] == [None] * len(res["targets"])  # not judged on the tiny model
     printed = capsys.readouterr().out
     table = printed[printed.index("fluxkiln bench"):]
@@ -117,7 +122,7 @@ def test_speed_plan_gpu_defaults_and_fp8_reasons(monkeypatch):
     pipe._fluxkiln_offload = "none"
     monkeypatch.setattr(fast, "fp8_supported", lambda: (True, ""))
     p = plan(pipe, {}, False, True, "cuda", True)
-    assert (p.qkv, p.channels_last, p.compile, p.fp8) == (True, True, True, True)
+    assert (p.qkv, p.vae_compile, p.compile, p.fp8) == (True, True, True, True)
     lossless = plan(pipe, {}, False, False, "cuda", True)
     assert (lossless.compile, lossless.qkv, lossless.fp8, lossless.fp8_skipped) == (True, True, False, "")
     lora = plan(pipe, {"style": 1.0}, False, True, "cuda", True)
@@ -125,7 +130,7 @@ def test_speed_plan_gpu_defaults_and_fp8_reasons(monkeypatch):
     monkeypatch.setenv("FLUXKILN_COMPILE", "0")
     assert not plan(pipe, {}, False, True, "cuda", True).compile
     training = plan(pipe, {}, False, False, "cuda", False)
-    assert (training.qkv, training.compile, training.fp8, training.channels_last) == (False, False, False, False)
+    assert (training.qkv, training.compile, training.fp8, training.vae_compile) == (False, False, False, False)
     monkeypatch.setattr(fast, "fp8_supported", lambda: (False, "GPU compute capability 8.0 < 8.9"))
     assert plan(pipe, {}, False, True, "cuda", True).fp8_skipped == "GPU compute capability 8.0 < 8.9"
 
@@ -135,6 +140,28 @@ def test_prepare_on_cpu_keeps_the_old_behaviour_and_training_resets():
     logs: list[str] = []
     got = prepare(pipe, [], True, "cpu", lambda _a: {}, fast=True, log=logs.append)
     st = state_of(pipe)
-    assert got.qkv and st.qkv_fused and not st.compiled and not st.fp8 and not st.channels_last and logs == []
+    assert got.qkv and st.qkv_fused and not st.compiled and not st.fp8 and not st.vae_compiled and logs == []
     prepare(pipe, [], False, "cpu", lambda _a: {})
     assert not st.qkv_fused
+
+
+def test_kernel_kinds_and_idle_time_from_a_trace():
+    from fluxkiln.plugins.flux.benchprofile import busy_time, kind_of, summarize_trace
+
+    assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kind_of("sm90_xmma_gemm_e4m3e4m3_bf16_f32_tn_n_tilesize128x128x128") == "gemm_fp8"
+    assert kind_of("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert kind_of("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT") == "gemm_fp8"
+    assert kind_of("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_4") == "triton_fused"
+    assert kind_of("triton_per_fused_add_mul_native_layer_norm_0") == "triton_fused"
+    assert kind_of("void at::native::elementwise_kernel<128, 2>") == "other"
+    assert busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "nvjet_gemm", "ts": 0, "dur": 4000},
+        {"cat": "kernel", "name": "flash_fwd", "ts": 4000, "dur": 2000},
+        {"cat": "kernel", "name": "triton_poi_fused_mul", "ts": 8000, "dur": 1000},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000}]}
+    got = summarize_trace(trace, wall_ms=10.0)
+    assert got["ms_by_kind"] == {"gemm": 4.0, "attention": 2.0, "triton_fused": 1.0}
+    assert got["busy_ms"] == 7.0 and got["idle_pct"] == 30.0 and got["kernels"] == 3

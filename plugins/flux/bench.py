@@ -21,8 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .benchparts import (SCHEDULERS, block_inputs, block_output, build_full_size, guard_inputs, kernel_probe,
-                         cache_store_seconds, rel_diff, render_table, stock_train, targets, write_config_folder)
+from .benchparts import (SCHEDULERS, block_inputs, block_output, build_full_size, cache_store_seconds,
+                         guard_inputs, kernel_probe, rel_diff, render_table, targets, write_config_folder)
+from .benchprofile import kernel_breakdown, stage_times
+from .benchtrain import CONFIGS as TRAIN_CONFIGS
+from .benchtrain import training
 
 HELP = "benchmark sampling and LoRA training (fluxkiln vs stock diffusers/peft) on this machine"
 PROMPT = "a lighthouse on a cliff at dusk, volumetric light, 35mm photo"
@@ -37,6 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", choices=["sample", "train"], help="run one part only")
     p.add_argument("--configs", default=",".join(CONFIGS), help="sampling configurations, comma-separated: "
                    + ", ".join(CONFIGS))
+    p.add_argument("--train-configs", default=",".join(TRAIN_CONFIGS), help="training configurations, "
+                   "comma-separated: " + ", ".join(TRAIN_CONFIGS))
     p.add_argument("--no-stock", action="store_true", help="skip the stock diffusers/peft baselines")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 2; tiny 1)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps per configuration (default 8)")
@@ -138,6 +143,11 @@ class Bench:
 
         return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device == "cuda" else None
 
+    def peak_reserved_gib(self) -> float | None:
+        import torch
+
+        return round(torch.cuda.max_memory_reserved() / 2**30, 2) if self.device == "cuda" else None
+
     def call_args(self, variant: str) -> dict[str, Any]:
         """What ``sample`` passes the pipeline (same seed, guidance and text length)."""
         import torch
@@ -202,7 +212,11 @@ class Bench:
         self.results["sample"][f"{variant}-stock"] = {
             "what": "stock diffusers FluxPipeline, eager bf16, same text encoders", "steps": self.steps[variant],
             "s_per_image": round(per, 3), "s_per_step": round(per / self.steps[variant], 4),
-            "runs_s": [round(r, 3) for r in runs], "warmup_s": round(runs[0], 3), "peak_gib": self.peak_gib()}
+            "runs_s": [round(r, 3) for r in runs], "warmup_s": round(runs[0], 3), "peak_gib": self.peak_gib(),
+            "stages_s": stage_times(stock, lambda: stock(**self.call_args(variant)), self.sync)}
+        if self.device == "cuda":
+            self.results["sample"][f"{variant}-stock"]["gpu_step"] = kernel_breakdown(
+                lambda: pipe.transformer(**inputs, return_dict=False), self.work / "profile" / f"{variant}-stock")
         print(f"[bench] {variant}-stock: {per:.3f} s/image", flush=True)
 
     def recipe(self, variant: str, go_fast: bool) -> Path:
@@ -266,11 +280,14 @@ go_fast = {str(go_fast).lower()}
                "s_per_step": round(per / self.steps[variant], 4), "runs_s": [round(w, 3) for w in walls],
                "first_run_s": round(walls[0], 2), "compile_warmup_s": round(walls[0] - per, 2), "peak_gib": peak,
                "fast_paths": {"compiled_blocks": st.compiled, "fused_qkv": st.qkv_fused, "fp8": st.fp8,
-                              "channels_last_vae": st.channels_last},
+                              "compiled_vae": st.vae_compiled},
                "transformer_rel_diff": rel_diff(got, ref), "block_rel_diff": rel_diff(got_block, block_ref),
                "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
                           "overhead_run_pct": round(100 * (per / bare - 1), 2),
                           "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **cache_store_seconds(runs[-1][2])}}
+        row["stages_s"] = stage_times(pipe, lambda: self.bare_call(variant), self.sync)
+        if self.device == "cuda":
+            row["gpu_step"] = self.step_profile(pipe, inputs, name)
         stock = self.results["sample"].get(f"{variant}-stock")
         if stock:
             row["ratio_to_stock"] = round(per / stock["s_per_image"], 3)
@@ -278,6 +295,16 @@ go_fast = {str(go_fast).lower()}
         self.results["sample"][name] = row
         print(f"[bench] {name}: {per:.3f} s/image (first {walls[0]:.1f} s), diff {row['transformer_rel_diff']}",
               flush=True)
+
+    def step_profile(self, pipe: Any, inputs: dict[str, Any], name: str) -> dict[str, Any]:
+        """GPU kernel time by kind in one transformer forward (what limits a denoising step)."""
+        import torch
+
+        def forward() -> None:
+            with torch.no_grad(), self.attention():
+                pipe.transformer(**inputs, return_dict=False)
+
+        return kernel_breakdown(forward, self.work / "profile" / name)
 
     def reset(self, variant: str) -> None:
         """Back to eager bf16 (the two full-size pipelines share their blocks)."""
@@ -299,104 +326,26 @@ go_fast = {str(go_fast).lower()}
                     self.guarded(name, self.fluxkiln_sample, name)
             self.guarded(f"{variant}-reset", self.reset, variant)
 
-    # ------------------------------------------------------------------ training
-    def training(self) -> None:
-        import torch
 
-        if self.device == "cuda":
-            torch._dynamo.reset()  # compiled sampling graphs hold no memory training needs
-        data = self.dataset()
-        for ckpt in (False, True):
-            tag = "ckpt" if ckpt else "no_ckpt"
-            self.guarded(f"train-{tag}", self.fluxkiln_train, ckpt, data)
-            if not self.args.no_stock:
-                self.guarded(f"train-{tag}-stock", self.stock_train, ckpt)
-
-    def dataset(self) -> Path:
-        from PIL import Image
-
-        folder = self.work / "data"
-        folder.mkdir(exist_ok=True)
-        for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
-            Image.new("RGB", (self.train_res, self.train_res), colour).save(folder / f"{i}.png")
-            (folder / f"{i}.txt").write_text("a photo of TOK")
-        return folder
-
-    def fluxkiln_train(self, ckpt: bool, data: Path) -> None:
-        tag = "ckpt" if ckpt else "no_ckpt"
-        recipe = self.work / f"train-{tag}.toml"
-        recipe.write_text(f'''[recipe]
-name = "bench-train-{tag}"
-
-[nodes.base]
-type = "load_model"
-model = {json.dumps(self.refs["dev"])}
-
-[nodes.data]
-type = "dataset"
-source = {json.dumps(str(data))}
-
-[nodes.lora]
-type = "train_lora"
-model = "@base"
-dataset = "@data"
-steps = {self.train_steps}
-resolution = [{self.train_res}]
-lora_rank = 16
-optimizer = "adamw"
-seed = {42 + int(ckpt)}
-caption_dropout_rate = 0.0
-gradient_checkpointing = {str(ckpt).lower()}
-save_every = 0
-export_formats = ["diffusers"]
-''')
-        run_dir = self.work / "runs" / recipe.stem
-        self.reset_peak()
-        result = self.engine.run(recipe, force=["lora"], output=run_dir)
-        if not result.ok:
-            raise RuntimeError(f"train_lora failed: {[e.data for e in result.events if e.event == 'node_failed']}")
-        trained = [e for e in result.events if e.event == "node_progress" and e.node == "lora"
-                   and (e.data.get("metrics") or {}).get("loss") is not None]
-        if len(trained) != self.train_steps:
-            raise RuntimeError(f"train_lora ran {len(trained)} of {self.train_steps} steps (resumed a checkpoint?)")
-        rows = [line.split(",") for line in (run_dir / "lora" / "metrics.csv").read_text().splitlines()[1:]]
-        secs = [float(r[3]) for r in rows]
-        skip = 2 if len(secs) > 3 else 0
-        per = (secs[-1] - secs[skip]) / (len(secs) - 1 - skip)
-        self.results["train"][tag] = {"what": f"fluxkiln train_lora through Engine.run, rank 16, "
-                                      f"{self.train_res}px, gradient_checkpointing={ckpt}",
-                                      "s_per_step": round(per, 4), "peak_gib": self.peak_gib(), "steps": len(secs)}
-        print(f"[bench] train {tag}: {per:.3f} s/step", flush=True)
-
-    def stock_train(self, ckpt: bool) -> None:
-        self.reset_peak()
-        per = stock_train(self.pipes["dev"], ckpt, self.train_steps, self.train_res, self.device)
-        tag = "ckpt" if ckpt else "no_ckpt"
-        self.results["train"][f"{tag}-stock"] = {
-            "what": f"stock peft (add_adapter, torch AdamW), same objective, {self.train_res}px, "
-                    f"gradient_checkpointing={ckpt}", "s_per_step": round(per, 4), "peak_gib": self.peak_gib()}
-        mine = self.results["train"].get(tag)
-        if mine:
-            mine["ratio_to_stock"] = round(mine["s_per_step"] / per, 3)
-
-
-def configs(args: argparse.Namespace) -> list[str]:
-    return [c.strip() for c in args.configs.split(",") if c.strip()]
+def configs(args: argparse.Namespace, field: str = "configs") -> list[str]:
+    return [c.strip() for c in getattr(args, field).split(",") if c.strip()]
 
 
 def main(argv: list[str]) -> int:
     parser = parse(argv)
     args = parser.parse_args(argv)
-    bad = [c for c in configs(args) if c not in CONFIGS]
-    if bad:
-        parser.error(f"unknown --configs {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
+    for flag, given, known in (("--configs", configs(args), CONFIGS),
+                               ("--train-configs", configs(args, "train_configs"), TRAIN_CONFIGS)):
+        bad = [c for c in given if c not in known]
+        if bad:
+            parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
     bench = Bench(args)
     try:
         bench.setup()
         if args.only in (None, "sample"):
             bench.sampling()
         if args.only in (None, "train"):
-            bench.guarded("training", bench.training)
+            bench.guarded("training", training, bench)
         bench.results["targets"] = targets(bench.results)
         bench.save()
         print(render_table(bench.results))

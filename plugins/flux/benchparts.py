@@ -25,6 +25,7 @@ TARGETS = [
     ("sample schnell 4 steps, go_fast", "sample", "schnell-go_fast", "s_per_image", "0.85 s", 0.45),
     ("train step rank 16, no checkpointing", "train", "no_ckpt", "s_per_step", "0.58 s", 0.45),
     ("train step, gradient checkpointing", "train", "ckpt", "s_per_step", "0.87 s", 0.65),
+    ("train at 1024 on a 24 GB card: peak GiB", "train", "fp8_ckpt_24gb", "peak_reserved_gib", "-", 22.0),
     ("one-time compile per shape", "sample", "dev-lossless", "compile_warmup_s", "-", 30.0),
     ("engine overhead (sample node vs bare pipeline)", "sample", "dev-lossless", "engine.overhead_run_pct", "-",
      2.0),
@@ -169,12 +170,18 @@ def kernel_probe(device: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     q, k, v = (torch.randn(1, 24, 4608, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    dout = torch.randn_like(q)
     flops = 4 * 4608 * 4608 * 128 * 24
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
             with sdpa_kernel(getattr(SDPBackend, name)):
                 s = clock(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
             out[f"attention_{name.lower()}"] = {"ms": round(s * 1e3, 3), "tflops": round(flops / s / 1e12, 1)}
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                s = clock(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).backward(dout))
+            out[f"attention_{name.lower()}_fwd_bwd"] = {"ms": round(s * 1e3, 3),
+                                                        "tflops": round(3.5 * flops / s / 1e12, 1)}
         except RuntimeError as exc:
             out[f"attention_{name.lower()}"] = f"unavailable: {str(exc).splitlines()[0][:120]}"
     x = torch.randn(4608, 3072, device=device, dtype=torch.bfloat16)
@@ -219,62 +226,6 @@ def rel_diff(got: Any, ref: Any) -> float:
     return round(float(np.linalg.norm(a - b)) / denom, 6)
 
 
-def stock_train(pipe: Any, ckpt: bool, steps: int, res: int, device: str) -> float:
-    """Seconds per step of a plain peft LoRA loop (rank 16 on the block linears, torch AdamW, bf16 base)."""
-    import time
-
-    import torch
-    from peft import LoraConfig
-
-    from fluxkiln.plugins.train.flow import flow_loss
-
-    from .fast import blocks
-
-    t = pipe.transformer
-    names = [f"{lst}.{i}.{n}" for lst in ("transformer_blocks", "single_transformer_blocks")
-             for i, b in enumerate(getattr(t, lst)) for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert len(blocks(t)) > 0
-    t.requires_grad_(False)
-    t.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=True),
-                  adapter_name="bench_stock")
-    params = [p for n, p in t.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    if ckpt:
-        t.enable_gradient_checkpointing()
-    t.train()
-    gen = torch.Generator().manual_seed(0)
-    dtype = t.dtype
-    latents = torch.randn(1, pipe.vae.config.latent_channels, res // 8, res // 8, generator=gen)
-    embeds = torch.randn(1, 512, t.config.joint_attention_dim, generator=gen).to(device, dtype)
-    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=gen).to(device, dtype)
-    stamps = []
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        for _ in range(steps):
-            with sdpa_kernel(backends):
-                loss = flow_loss(t, latents, embeds, pooled, gen, "sigmoid", torch.device(device), dtype)
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-    finally:
-        t.delete_adapters("bench_stock")
-        if not getattr(t, "peft_config", None):
-            t.unload_lora()
-        if ckpt:
-            t.disable_gradient_checkpointing()
-        t.requires_grad_(False)
-        t.eval()
-    skip = 2 if len(stamps) > 3 else 0
-    return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
-
-
 def _field(row: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
         row = row.get(part) if isinstance(row, dict) else None
@@ -310,11 +261,18 @@ def render_table(results: dict[str, Any]) -> str:
                      f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
                      f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
     if results.get("train"):
-        head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}"
+        head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'reserved':>10}{'x stock':>9}"
         lines += ["", head, "-" * len(head)]
         for name, r in results["train"].items():
             lines.append(f"{name:<18}{_fmt(r.get('s_per_step'), '.4f'):>9}{_fmt(r.get('peak_gib'), '.1f'):>10}"
-                         f"{_fmt(r.get('ratio_to_stock')):>9}")
+                         f"{_fmt(r.get('peak_reserved_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
+                         + (f"  skipped: {r['skipped']}" if r.get("skipped") else ""))
+    steps = {n: r["gpu_step"] for n, r in results.get("sample", {}).items() if r.get("gpu_step")}
+    if steps:
+        lines += ["", "one transformer forward, GPU kernel ms by kind (idle = GPU waiting)"]
+        for name, g in steps.items():
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in g["ms_by_kind"].items())
+            lines.append(f"{name:<18}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
     if results.get("targets"):
         lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
         for t in results["targets"]:

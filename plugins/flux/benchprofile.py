@@ -1,0 +1,121 @@
+"""What limits a benchmark row, measured: where one image's time goes, and what the GPU does in one step.
+
+* :func:`stage_times` splits one pipeline call into text encoding, transformer
+  steps, VAE decode, image conversion and the rest, by timing those calls.
+* :func:`kernel_breakdown` profiles one callable with ``torch.profiler`` and
+  sums the GPU kernel time per kind (bf16 GEMM, fp8 GEMM, attention, fused
+  Triton kernels, other), plus the time the GPU sat idle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STAGES = {"text_encoders": ("encode_prompt",), "vae_decode": ("vae", "decode"),
+          "to_images": ("image_processor", "postprocess")}
+# (category, substrings any of which marks a kernel name), first match wins
+KINDS = [
+    ("triton_fused", ("triton",)),  # Inductor's kernels, named after the ops they feed (e.g. "_scaled_mm")
+    ("attention", ("flash", "fmha", "attn", "attention", "sdpa", "mha")),
+    ("gemm_fp8", ("f8", "fp8", "e4m3", "_qqtst", "_qq_")),  # cuBLASLt names fp8 kernels "nvjet_..._qqtst_..."
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "matmul", "_mm_")),
+]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    for kind, marks in KINDS:
+        if any(m in name for m in marks):
+            return kind
+    return "other"
+
+
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (overlapping kernels on several streams count once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize_trace(trace: dict[str, Any], wall_ms: float) -> dict[str, Any]:
+    """Kernel milliseconds per kind from a Chrome trace, and the idle share of ``wall_ms``."""
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+    per: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for e in kernels:
+        ms = e["dur"] / 1000
+        per[kind_of(e["name"])] = per.get(kind_of(e["name"]), 0.0) + ms
+        top[e["name"]] = top.get(e["name"], 0.0) + ms
+    busy = busy_time([(e["ts"] / 1000, (e["ts"] + e["dur"]) / 1000) for e in kernels])
+    largest = sorted(top.items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_ms": round(wall_ms, 2), "kernels": len(kernels), "busy_ms": round(busy, 2),
+            "idle_pct": round(100 * max(0.0, 1 - busy / wall_ms), 1) if wall_ms else None,
+            "ms_by_kind": {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "largest_kernels_ms": {k[:90]: round(v, 2) for k, v in largest}}
+
+
+def kernel_breakdown(fn: Callable[[], Any], folder: Path) -> dict[str, Any]:
+    """Profile one call of ``fn`` on the GPU (after one warm-up call) and summarize its kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1000
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "trace.json"
+    prof.export_chrome_trace(str(path))
+    return summarize_trace(json.loads(path.read_text()), wall)
+
+
+def stage_times(pipe: Any, call: Callable[[], Any], sync: Callable[[], None]) -> dict[str, float]:
+    """Seconds per stage of one ``call()`` of ``pipe`` (each timed stage is synchronized before and after)."""
+    spent: dict[str, float] = {"transformer": 0.0}
+    undo: list[Callable[[], None]] = []
+
+    def timed(owner: Any, attr: str, stage: str) -> None:
+        original = getattr(owner, attr)
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                sync()
+                spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+        undo.append(lambda: owner.__dict__.pop(attr, None))
+
+    try:
+        for stage, path in STAGES.items():
+            owner = pipe
+            for part in path[:-1]:
+                owner = getattr(owner, part)
+            timed(owner, path[-1], stage)
+        timed(pipe.transformer, "forward", "transformer")
+        sync()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        for fix in undo:
+            fix()
+    out = {k: round(v, 4) for k, v in spent.items()}
+    out["other"] = round(total - sum(spent.values()), 4)
+    out["total"] = round(total, 4)
+    return out

@@ -1,0 +1,200 @@
+"""``fluxkiln bench``'s training part: ``train_lora`` through the Engine in each memory setting, beside a plain
+peft loop on the same work.
+
+Settings: no checkpointing, checkpointing every block, every second block, and the 24 GB-card setup (fp8-stored
+base weights, model offload, checkpointing) run under a cap of :data:`CARD_GIB` on the GPU's allocator, so
+exceeding a 24 GB card's room fails instead of passing unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CARD_GIB = 22.0  # what a 24 GB card leaves a process, after the CUDA context and the display
+# name -> (gradient checkpointing, interval, 24 GB-card setup)
+CONFIGS = {"no_ckpt": (False, 1, False), "ckpt": (True, 1, False), "ckpt_every_2nd": (True, 2, False),
+           "fp8_ckpt_24gb": (True, 1, True)}
+
+
+def training(bench: Any) -> None:
+    import torch
+
+    if bench.device == "cuda":
+        torch._dynamo.reset()  # compiled sampling graphs hold no memory training needs
+    data = dataset(bench)
+    wanted = [c.strip() for c in bench.args.train_configs.split(",") if c.strip()]
+    for name, (ckpt, _interval, card) in CONFIGS.items():
+        if name not in wanted:
+            continue
+        if card and bench.device != "cuda":
+            bench.results["train"][name] = {"skipped": "needs a CUDA GPU (fp8 storage, model offload)"}
+            continue
+        bench.guarded(f"train-{name}", fluxkiln_train, bench, name, data)
+        if name in ("no_ckpt", "ckpt") and not bench.args.no_stock:
+            bench.guarded(f"train-{name}-stock", stock_row, bench, name, ckpt)
+
+
+def dataset(bench: Any) -> Path:
+    from PIL import Image
+
+    folder = bench.work / "data"
+    folder.mkdir(exist_ok=True)
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (bench.train_res, bench.train_res), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a photo of TOK")
+    return folder
+
+
+def recipe(bench: Any, name: str, data: Path, load_extra: str) -> Path:
+    ckpt, interval, _card = CONFIGS[name]
+    path = bench.work / f"train-{name}.toml"
+    path.write_text(f'''[recipe]
+name = "bench-train-{name}"
+
+[nodes.base]
+type = "load_model"
+model = {json.dumps(bench.refs["dev"])}
+{load_extra}
+[nodes.data]
+type = "dataset"
+source = {json.dumps(str(data))}
+
+[nodes.lora]
+type = "train_lora"
+model = "@base"
+dataset = "@data"
+steps = {bench.train_steps}
+resolution = [{bench.train_res}]
+lora_rank = 16
+optimizer = "adamw"
+seed = {42 + len(name)}
+caption_dropout_rate = 0.0
+gradient_checkpointing = {str(ckpt).lower()}
+gradient_checkpointing_interval = {interval}
+save_every = 0
+export_formats = ["diffusers"]
+''')
+    return path
+
+
+def to_24gb_card(bench: Any) -> str:
+    """Put the dev pipeline in the 24 GB-card setup (fp8 weights, model offload); returns its load options.
+
+    Last in the run: the two full-size pipelines share their blocks, which stay fp8 from here on.
+    """
+    from . import fast
+    from .load import Source, model_key, pipeline_bytes, store_fp8
+
+    pipe = bench.pipes["dev"]
+    fast.uncompile_blocks(pipe.transformer)
+    pipe._fluxkiln_fp8 = store_fp8(pipe, pipe._fluxkiln_dtype)
+    pipe.enable_model_cpu_offload()
+    pipe._fluxkiln_offload = "model"
+    folder = Path(bench.refs["dev"])
+    key = model_key(Source("folder", folder, str(folder)), "auto", "model", "fp8", bench.device)
+    bench.engine.models.put(key, pipe, size=pipeline_bytes(pipe), kind="inference")
+    return 'quantize = "fp8"\noffload = "model"\n'
+
+
+def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
+    import torch
+
+    card = CONFIGS[name][2]
+    path = recipe(bench, name, data, to_24gb_card(bench) if card else "")
+    run_dir = bench.work / "runs" / path.stem
+    bench.reset_peak()
+    if card:
+        torch.cuda.set_per_process_memory_fraction(CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        result = bench.engine.run(path, force=["lora"], output=run_dir)
+    finally:
+        if card:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    if not result.ok:
+        raise RuntimeError(f"train_lora failed: {[e.data for e in result.events if e.event == 'node_failed']}")
+    trained = [e for e in result.events if e.event == "node_progress" and e.node == "lora"
+               and (e.data.get("metrics") or {}).get("loss") is not None]
+    if len(trained) != bench.train_steps:
+        raise RuntimeError(f"train_lora ran {len(trained)} of {bench.train_steps} steps (resumed a checkpoint?)")
+    rows = [line.split(",") for line in (run_dir / "lora" / "metrics.csv").read_text().splitlines()[1:]]
+    secs = [float(r[3]) for r in rows]
+    skip = 2 if len(secs) > 3 else 0
+    per = (secs[-1] - secs[skip]) / (len(secs) - 1 - skip)
+    ckpt, interval, _ = CONFIGS[name]
+    bench.results["train"][name] = {
+        "what": f"fluxkiln train_lora through Engine.run, rank 16, {bench.train_res}px, gradient_checkpointing={ckpt}"
+                f" (every {interval}. block)" + (f", fp8 base, model offload, allocator capped at {CARD_GIB} GiB"
+                                                 if card else ""),
+        "s_per_step": round(per, 4), "first_step_s": round(secs[0], 2), "peak_gib": bench.peak_gib(),
+        "peak_reserved_gib": bench.peak_reserved_gib(), "steps": len(secs)}
+    print(f"[bench] train {name}: {per:.3f} s/step, peak {bench.peak_gib()} GiB", flush=True)
+
+
+def stock_row(bench: Any, name: str, ckpt: bool) -> None:
+    bench.reset_peak()
+    per = stock_train(bench.pipes["dev"], ckpt, bench.train_steps, bench.train_res, bench.device)
+    bench.results["train"][f"{name}-stock"] = {
+        "what": f"stock peft (add_adapter, torch AdamW), same objective, {bench.train_res}px, "
+                f"gradient_checkpointing={ckpt}", "s_per_step": round(per, 4), "peak_gib": bench.peak_gib(),
+        "peak_reserved_gib": bench.peak_reserved_gib()}
+    mine = bench.results["train"].get(name)
+    if mine:
+        mine["ratio_to_stock"] = round(mine["s_per_step"] / per, 3)
+
+
+def stock_train(pipe: Any, ckpt: bool, steps: int, res: int, device: str) -> float:
+    """Seconds per step of a plain peft LoRA loop (rank 16 on the block linears, torch AdamW, bf16 base)."""
+    import time
+
+    import torch
+    from peft import LoraConfig
+
+    from fluxkiln.plugins.train.flow import flow_loss
+
+    from .fast import blocks
+
+    t = pipe.transformer
+    names = [f"{lst}.{i}.{n}" for lst in ("transformer_blocks", "single_transformer_blocks")
+             for i, b in enumerate(getattr(t, lst)) for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(blocks(t)) > 0
+    t.requires_grad_(False)
+    t.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=True),
+                  adapter_name="bench_stock")
+    params = [p for n, p in t.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if ckpt:
+        t.enable_gradient_checkpointing()
+    t.train()
+    gen = torch.Generator().manual_seed(0)
+    dtype = t.dtype
+    latents = torch.randn(1, pipe.vae.config.latent_channels, res // 8, res // 8, generator=gen)
+    embeds = torch.randn(1, 512, t.config.joint_attention_dim, generator=gen).to(device, dtype)
+    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=gen).to(device, dtype)
+    stamps = []
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        for _ in range(steps):
+            with sdpa_kernel(backends):
+                loss = flow_loss(t, latents, embeds, pooled, gen, "sigmoid", torch.device(device), dtype)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+    finally:
+        t.delete_adapters("bench_stock")
+        if not getattr(t, "peft_config", None):
+            t.unload_lora()
+        if ckpt:
+            t.disable_gradient_checkpointing()
+        t.requires_grad_(False)
+        t.eval()
+    skip = 2 if len(stamps) > 3 else 0
+    return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
