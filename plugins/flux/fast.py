@@ -4,6 +4,7 @@
   (``nn.Module.compile``); blocks of one class share the compiled code, so a
   shape costs two compilations (double and single block), and Inductor's FX
   graph cache under ``cache_root()/inductor`` makes later processes reuse them.
+* :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
   (float8 e4m3 weights and activations with row-wise scales, multiplied by
   ``torch._scaled_mm``; lossy).  Each keeps its bf16 layer, so
@@ -81,6 +82,19 @@ def uncompile_blocks(transformer: Any) -> int:
             block._compiled_call_impl = None
             n += 1
     return n
+
+
+def set_vae_compiled(vae: Any, on: bool) -> None:
+    """Compile the VAE decoder in place (or run it eagerly again).
+
+    Measured on an H100 at 1024² (``bench/vae_decode.py``): 0.090 s eager, 0.038 s compiled, and 0.142 s in
+    channels-last memory format (which fluxkiln used before)."""
+    decoder = vae.decoder
+    if on and getattr(decoder, "_compiled_call_impl", None) is None:
+        setup_compile_cache()
+        decoder.compile(dynamic=False)
+    elif not on:
+        decoder._compiled_call_impl = None
 
 
 def attention_first_cudnn() -> Any:

@@ -5,9 +5,10 @@ resident pipeline, so before generating, ``sample`` makes sure exactly its
 model's adapters are loaded (each file once per pipeline), active at its
 scales, fused or not, and that the speed settings match — changing only what
 differs.  On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
-transformer block compiled, fused QKV projections, channels-last VAE) and
+transformer block and the VAE decoder compiled, fused QKV projections) and
 ``go_fast`` adds fp8 matmuls (see fast.py); on CPU ``go_fast`` fuses the QKV
-projections only.  Training asks for none of it (eager, exact bf16 weights).
+projections only.  Training asks for none of it (exact bf16 weights; ``train_lora``
+compiles the blocks itself, with its adapter in them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class PipeState:
     loaded: list[str] = field(default_factory=list)  # adapter names, oldest first
     fused: tuple | None = None  # (name, scale) pairs merged into the weights
     qkv_fused: bool = False
-    channels_last: bool = False
+    vae_compiled: bool = False
     compiled: bool = False
     fp8: bool = False
     current: tuple | None = None
@@ -116,7 +117,7 @@ class Plan:
     """The speed settings one ``sample`` call gets."""
 
     qkv: bool
-    channels_last: bool
+    vae_compile: bool
     compile: bool
     fp8: bool
     fp8_skipped: str = ""
@@ -139,7 +140,8 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
         elif ok and offload != "none":
             why = f'offload = "{offload}" (fp8 layers stay on the GPU)'
         fp8 = ok and not why
-    return Plan(qkv, gpu or (go_fast and device == "cuda"), compile_, fp8, "" if fp8 or not (gpu and go_fast) else why)
+    vae_compile = gpu and offload == "none" and not fastpaths.compile_disabled()
+    return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why)
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
@@ -177,7 +179,9 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     if want.qkv and not st.qkv_fused:
         pipe.transformer.fuse_qkv_projections()
         st.qkv_fused = True
-    _vae_layout(pipe, st, want.channels_last)
+    if st.vae_compiled != want.vae_compile:
+        fastpaths.set_vae_compiled(pipe.vae, want.vae_compile)
+        st.vae_compiled = want.vae_compile
     if want.fp8:
         n = fastpaths.fp8_apply(pipe.transformer)
         st.fp8 = True
@@ -210,13 +214,3 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[[str], None
 def _can_fuse_qkv(pipe: Any) -> bool:
     """Fused QKV needs real weights in a compute dtype: not fp8 storage, not sequential offload (meta weights)."""
     return can_merge(pipe)
-
-
-def _vae_layout(pipe: Any, st: PipeState, channels_last: bool) -> None:
-    if st.channels_last == channels_last:
-        return
-    import torch
-
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    pipe.vae.to(memory_format=fmt)
-    st.channels_last = channels_last

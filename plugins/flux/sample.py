@@ -196,7 +196,7 @@ def sample(
     go_fast: Annotated[bool, Field(description="GPU: fp8 matmuls in the transformer blocks (row-wise scaled "
                                    "weights and activations, compute capability >= 8.9; slightly lossy, not with "
                                    "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
-                                   "QKV, channels-last VAE); false restores the exact bf16 weights. CPU: fused QKV "
+                                   "QKV, compiled VAE decoder); false restores the exact bf16 weights. CPU: fused QKV "
                                    "projections only")] = True,
 ) -> Images:
     """Generate images with FLUX.1 [dev] or [schnell] (text-to-image or image-to-image).
