@@ -127,8 +127,13 @@ def test_speed_plan_gpu_defaults_and_fp8_reasons(monkeypatch):
     assert (lossless.compile, lossless.qkv, lossless.fp8, lossless.fp8_skipped) == (True, True, False, "")
     lora = plan(pipe, {"style": 1.0}, False, True, "cuda", True)
     assert not lora.fp8 and not lora.qkv and "unfused" in lora.fp8_skipped
+    monkeypatch.setenv("FLUXKILN_COMPILE_VAE", "0")
+    only_blocks = plan(pipe, {}, False, True, "cuda", True)
+    assert only_blocks.compile and not only_blocks.vae_compile
+    monkeypatch.setenv("FLUXKILN_COMPILE_VAE", "1")
     monkeypatch.setenv("FLUXKILN_COMPILE", "0")
-    assert not plan(pipe, {}, False, True, "cuda", True).compile
+    off = plan(pipe, {}, False, True, "cuda", True)
+    assert not off.compile and not off.vae_compile
     training = plan(pipe, {}, False, False, "cuda", False)
     assert (training.qkv, training.compile, training.fp8, training.vae_compile) == (False, False, False, False)
     monkeypatch.setattr(fast, "fp8_supported", lambda: (False, "GPU compute capability 8.0 < 8.9"))
@@ -165,3 +170,15 @@ def test_kernel_kinds_and_idle_time_from_a_trace():
     got = summarize_trace(trace, wall_ms=10.0)
     assert got["ms_by_kind"] == {"gemm": 4.0, "attention": 2.0, "triton_fused": 1.0}
     assert got["busy_ms"] == 7.0 and got["idle_pct"] == 30.0 and got["kernels"] == 3
+
+
+def test_vae_decoder_compiles_in_place_and_back(one_thread):
+    vae = build_tiny_flux("dev").vae
+    z = torch.randn(1, vae.config.latent_channels, 8, 8)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        fast.set_vae_compiled(vae, True)
+        assert vae.decoder._compiled_call_impl is not None
+        fast.set_vae_compiled(vae, False)
+        assert vae.decoder._compiled_call_impl is None
+        assert torch.equal(vae.decode(z).sample, ref)

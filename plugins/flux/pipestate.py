@@ -140,7 +140,7 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
         elif ok and offload != "none":
             why = f'offload = "{offload}" (fp8 layers stay on the GPU)'
         fp8 = ok and not why
-    vae_compile = gpu and offload == "none" and not fastpaths.compile_disabled()
+    vae_compile = gpu and offload == "none" and not fastpaths.vae_compile_disabled()
     return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why)
 
 
