@@ -172,3 +172,16 @@ def test_attention_gradient_arrives_in_the_output_layout():
     expected = [g.clone() for g in torch.autograd.grad(real(q, k, v).permute(0, 2, 1, 3).flatten(2, 3).pow(2).sum(),
                                                      (q, k, v))]
     assert all(torch.allclose(a, b) for a, b in zip([q.grad, k.grad, v.grad], expected, strict=True))
+
+
+def test_out_of_memory_hint_leads_to_the_24gb_setup():
+    from fluxkiln.plugins.train.config import TrainConfig
+    from fluxkiln.plugins.train.preview import oom_hint
+
+    plain = oom_hint(TrainConfig(resolution=[1024]), {"quantize": "none", "offload": "none"})
+    assert plain.index("gradient_checkpointing = true") < plain.index('quantize = "fp8"') < plain.index(
+        'offload = "model"') < plain.index("resolution = [512]")
+    half = oom_hint(TrainConfig(gradient_checkpointing=True, gradient_checkpointing_interval=2),
+                    {"quantize": "fp8", "offload": "model"})
+    assert "gradient_checkpointing_interval = 1 (now 2)" in half
+    assert 'quantize = "fp8"' not in half and 'offload = "model"' not in half

@@ -49,10 +49,15 @@ def oom_hint(cfg: TrainConfig, info: dict[str, Any]) -> str:
     tips = []
     if not cfg.gradient_checkpointing:
         tips.append("gradient_checkpointing = true (about half the activation memory)")
-    if max(cfg.resolution) > 512:
-        tips.append(f"resolution = [512] (now {cfg.resolution})")
+    elif cfg.gradient_checkpointing_interval > 1:
+        tips.append(f"gradient_checkpointing_interval = 1 (now {cfg.gradient_checkpointing_interval})")
     if info.get("quantize", "none") == "none":
         tips.append('quantize = "fp8" on the load_model node')
+    if info.get("offload", "none") == "none":
+        tips.append('offload = "model" on the load_model node (with quantize = "fp8" and gradient_checkpointing, '
+                    "1024² training fits a 24 GB card)")
+    if max(cfg.resolution) > 512:
+        tips.append(f"resolution = [512] (now {cfg.resolution})")
     if cfg.batch_size > 1:
         tips.append("batch_size = 1")
     if cfg.lora_rank > 16:
