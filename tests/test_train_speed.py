@@ -66,7 +66,7 @@ def test_training_over_fp8_stored_base_weights(tmp_path):
     assert run(first, tmp_path / "cache", tmp_path / "out-a", engine=engine).ok
     (key,) = engine.models.keys()
     pipe = engine.models.get(key, lambda: None)
-    pipe._fluxkiln_fp8 = store_fp8(pipe, torch.float32)
+    pipe._fluxkiln_fp8 = store_fp8(pipe, pipe.transformer.dtype)  # bfloat16 on a GPU, float32 on a CPU
     linear = pipe.transformer.single_transformer_blocks[0].proj_out
     assert linear.weight.dtype == torch.float8_e4m3fn
 
