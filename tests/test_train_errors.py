@@ -125,3 +125,21 @@ def test_every_cpu_optimizer_trains(tmp_path, data, name):
     result = run(recipe, tmp_path / "cache", tmp_path / "out")
     assert result.ok, failure(result)
     assert len(losses(result)) == 3 and all(torch.isfinite(torch.tensor(losses(result))))
+
+
+def test_out_of_memory_frees_training_state_before_parked_encoders_return(tmp_path, data, monkeypatch):
+    from fluxkiln.plugins.train import gpu, loop
+
+    order: list[str] = []
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    real_free = loop.Trainer._free
+    monkeypatch.setattr(loop, "flow_loss", oom)
+    monkeypatch.setattr(gpu, "parkable", lambda *a: ["vae"])  # as on a GPU with cached latents
+    monkeypatch.setattr(gpu, "_move", lambda pipe, names, device: order.append(f"move {names}"))
+    monkeypatch.setattr(loop.Trainer, "_free", lambda self: (order.append("free"), real_free(self)))
+    err = failure(run(write_recipe(tmp_path / "r.toml", data, steps=3), tmp_path / "cache", tmp_path / "out"))
+    assert "ran out of memory" in err["error"]
+    assert order == ["move ['vae']", "free", "move ['vae']"]  # parked, freed, brought back

@@ -158,7 +158,9 @@ def attention_backends(device: Any) -> Any:
 def gradient_in_output_layout() -> Iterator[None]:
     """Inside the block, SDPA's output gradient reaches the kernel's backward in the output's memory layout.
 
-    The wrapper is made once per process, so compiled blocks that traced it stay valid from step to step.
+    It replaces ``torch.nn.functional.scaled_dot_product_attention`` for the duration of one training step
+    (diffusers looks the function up on every call, and nodes run one at a time).  The wrapper is made once
+    per process, so compiled blocks that traced it stay valid from step to step.
     """
     import torch.nn.functional as F
 

@@ -72,11 +72,16 @@ class Trainer:
         try:
             return self._train(pipe)
         except torch.cuda.OutOfMemoryError as exc:
-            self._free()
-            raise NodeError(f"the GPU ran out of memory while training ({str(exc).splitlines()[0]})",
-                            hint=oom_hint(self.cfg, self.model.info)) from None
+            raise self._out_of_memory(str(exc)) from None
         finally:
             adapters.detach(pipe, had_gc)
+
+    def _out_of_memory(self, message: str) -> NodeError:
+        """Free what training holds and say which settings would fit (call once the exception is handled,
+        so its traceback no longer keeps the failed step's activations alive)."""
+        self._free()
+        return NodeError(f"the GPU ran out of memory while training ({message.splitlines()[0]})",
+                         hint=oom_hint(self.cfg, self.model.info))
 
     def _free(self) -> None:
         import gc
@@ -164,9 +169,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _train(self, pipe: Any) -> TrainResult:
+        import torch
+
         self._setup(pipe)
         with gpu.parked(pipe, self.parked, self.device):
-            return self._loop(pipe)
+            try:
+                return self._loop(pipe)
+            except torch.cuda.OutOfMemoryError as exc:
+                message = str(exc)
+            # memory freed before the parked encoders move back to the GPU
+            raise self._out_of_memory(message)
 
     def _loop(self, pipe: Any) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
