@@ -345,7 +345,7 @@ def main(argv: list[str]) -> int:
         if args.only in (None, "sample"):
             bench.sampling()
         if args.only in (None, "train"):
-            bench.guarded("training", training, bench)
+            bench.guarded("training", training, bench, configs(args, "train_configs"))
         bench.results["targets"] = targets(bench.results)
         bench.save()
         print(render_table(bench.results))

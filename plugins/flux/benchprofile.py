@@ -51,8 +51,8 @@ def summarize_trace(trace: dict[str, Any], wall_ms: float) -> dict[str, Any]:
     per: dict[str, float] = {}
     top: dict[str, float] = {}
     for e in kernels:
-        ms = e["dur"] / 1000
-        per[kind_of(e["name"])] = per.get(kind_of(e["name"]), 0.0) + ms
+        ms, kind = e["dur"] / 1000, kind_of(e["name"])
+        per[kind] = per.get(kind, 0.0) + ms
         top[e["name"]] = top.get(e["name"], 0.0) + ms
     busy = busy_time([(e["ts"] / 1000, (e["ts"] + e["dur"]) / 1000) for e in kernels])
     largest = sorted(top.items(), key=lambda kv: -kv[1])[:8]

@@ -18,13 +18,13 @@ CONFIGS = {"no_ckpt": (False, 1, False), "ckpt": (True, 1, False), "ckpt_every_2
            "fp8_ckpt_24gb": (True, 1, True)}
 
 
-def training(bench: Any) -> None:
+def training(bench: Any, wanted: list[str]) -> None:
+    """Run the ``wanted`` configurations (in :data:`CONFIGS` order, so the 24 GB card comes last)."""
     import torch
 
     if bench.device == "cuda":
         torch._dynamo.reset()  # compiled sampling graphs hold no memory training needs
     data = dataset(bench)
-    wanted = [c.strip() for c in bench.args.train_configs.split(",") if c.strip()]
     for name, (ckpt, _interval, card) in CONFIGS.items():
         if name not in wanted:
             continue
@@ -101,7 +101,7 @@ def to_24gb_card(bench: Any) -> str:
 def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
     import torch
 
-    card = CONFIGS[name][2]
+    ckpt, interval, card = CONFIGS[name]
     path = recipe(bench, name, data, to_24gb_card(bench) if card else "")
     run_dir = bench.work / "runs" / path.stem
     bench.reset_peak()
@@ -120,9 +120,7 @@ def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
         raise RuntimeError(f"train_lora ran {len(trained)} of {bench.train_steps} steps (resumed a checkpoint?)")
     rows = [line.split(",") for line in (run_dir / "lora" / "metrics.csv").read_text().splitlines()[1:]]
     secs = [float(r[3]) for r in rows]
-    skip = 2 if len(secs) > 3 else 0
-    per = (secs[-1] - secs[skip]) / (len(secs) - 1 - skip)
-    ckpt, interval, _ = CONFIGS[name]
+    per = per_step(secs)
     bench.results["train"][name] = {
         "what": f"fluxkiln train_lora through Engine.run, rank 16, {bench.train_res}px, gradient_checkpointing={ckpt}"
                 f" (every {interval}. block)" + (f", fp8 base, model offload, allocator capped at {CARD_GIB} GiB"
@@ -196,5 +194,10 @@ def stock_train(pipe: Any, ckpt: bool, steps: int, res: int, device: str) -> flo
             t.disable_gradient_checkpointing()
         t.requires_grad_(False)
         t.eval()
+    return per_step(stamps)
+
+
+def per_step(stamps: list[float]) -> float:
+    """Seconds per step from the times each step ended, leaving out the first two (compilation, warm-up)."""
     skip = 2 if len(stamps) > 3 else 0
     return (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-ENCODERS = ("text_encoder", "text_encoder_2")
+PARKABLE = ("text_encoder", "text_encoder_2", "vae")  # what the transformer does not need while it trains
 
 
 def compile_blocks(pipe: Any, device: Any, log: Any) -> bool:
@@ -77,12 +77,8 @@ def transformer_on(pipe: Any, device: Any) -> None:
     and its optimizer state are made (its offload hook moves it back and forth for previews)."""
     if getattr(pipe, "_fluxkiln_offload", "none") != "model":
         return
-    import torch
-
-    for name in (*ENCODERS, "vae"):  # their offload hooks would only move them once the transformer runs
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu")
-    torch.cuda.empty_cache()
+    # their offload hooks would only move them off the GPU once the transformer runs
+    _move(pipe, [n for n in PARKABLE if getattr(pipe, n, None) is not None], "cpu")
     pipe.transformer.to(device)
 
 
@@ -90,47 +86,41 @@ def parkable(pipe: Any, device: Any, text_cached: bool, latents_cached: bool) ->
     """The pipeline parts that can wait on the CPU while the transformer trains."""
     if device.type != "cuda" or getattr(pipe, "_fluxkiln_offload", "none") != "none":
         return []  # nothing to gain on the CPU; offloaded pipelines move their parts themselves
-    names = list(ENCODERS) if text_cached else []
-    if latents_cached:
-        names.append("vae")
-    return [n for n in names if getattr(pipe, n, None) is not None]
+    wanted = {"text_encoder": text_cached, "text_encoder_2": text_cached, "vae": latents_cached}
+    return [n for n in PARKABLE if wanted[n] and getattr(pipe, n, None) is not None]
+
+
+@contextlib.contextmanager
+def _moved(pipe: Any, names: list[str], inside: Any, after: Any) -> Iterator[None]:
+    """``names`` on device ``inside`` within the block, on ``after`` once it ends (also on error); the CUDA
+    cache is emptied whenever they leave the GPU."""
+    if not names:
+        yield
+        return
+    _move(pipe, names, inside)
+    try:
+        yield
+    finally:
+        _move(pipe, names, after)
 
 
 def _move(pipe: Any, names: list[str], device: Any) -> None:
+    import torch
+
     for name in names:
         getattr(pipe, name).to(device)
-
-
-@contextlib.contextmanager
-def parked(pipe: Any, names: list[str], device: Any) -> Iterator[None]:
-    """Keep ``names`` on the CPU inside the block, and put them back on ``device`` afterwards (also on error)."""
-    if not names:
-        yield
-        return
-    import torch
-
-    _move(pipe, names, torch.device("cpu"))
-    torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        _move(pipe, names, device)
-
-
-@contextlib.contextmanager
-def unparked(pipe: Any, names: list[str], device: Any) -> Iterator[None]:
-    """Bring parked parts back to ``device`` for a while (preview samples), then park them again."""
-    if not names:
-        yield
-        return
-    import torch
-
-    _move(pipe, names, device)
-    try:
-        yield
-    finally:
-        _move(pipe, names, torch.device("cpu"))
+    if torch.device(device).type == "cpu":
         torch.cuda.empty_cache()
+
+
+def parked(pipe: Any, names: list[str], device: Any) -> contextlib.AbstractContextManager[None]:
+    """Keep ``names`` on the CPU inside the block, and put them back on ``device`` afterwards (also on error)."""
+    return _moved(pipe, names, "cpu", device)
+
+
+def unparked(pipe: Any, names: list[str], device: Any) -> contextlib.AbstractContextManager[None]:
+    """Bring parked parts back to ``device`` for a while (preview samples), then park them again."""
+    return _moved(pipe, names, device, "cpu")
 
 
 def attention_backends(device: Any) -> Any:
