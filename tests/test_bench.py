@@ -61,6 +61,13 @@ def test_bench_rejects_unknown_configs(capsys):
     assert "unknown --configs dev-warp" in capsys.readouterr().err
 
 
+def test_bench_rejects_unknown_train_configs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--tiny", "--train-configs", "ckpt,fp16_warp"])
+    assert exc.value.code == 2
+    assert "unknown --train-configs fp16_warp; choose from no_ckpt, ckpt" in capsys.readouterr().err
+
+
 def test_bench_only_sample_one_config(tmp_path):
     out = tmp_path / "b.json"
     assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "schnell-go_fast", "--no-stock",
