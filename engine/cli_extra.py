@@ -1,4 +1,4 @@
-"""The less common CLI commands: watch, cache, inspect, new-plugin, tui."""
+"""The less common CLI commands: watch, cache, inspect, new-plugin."""
 
 from __future__ import annotations
 
@@ -82,10 +82,6 @@ def dispatch(args: argparse.Namespace) -> int:
         from .scaffold import new_plugin_main
 
         return new_plugin_main(args.name, args.dir)
-    if cmd == "tui":
-        from fluxkiln.tui.app import run_tui
-
-        return run_tui(args.recipe)
     print(f"fluxkiln: unknown command {cmd}", file=sys.stderr)
     return 2
 

@@ -112,6 +112,9 @@ class ConsoleObserver:
     def _failed(self, event: Event) -> None:
         d = event.data
         self._print(f"✗ {event.node} ({event.type}, plugin {d.get('plugin')}) failed: {d.get('error_type')}: {d.get('error')}")
+        if d.get("key"):  # NodeError(key=...): located like a validation error
+            where = f"{d.get('file') or '<recipe>'}" + (f":{d['line']}" if d.get("line") else "")
+            self._print(f"  {where}: node '{event.node}' key '{d['key']}': {d.get('error')}")
         if d.get("inputs"):
             self._print("  inputs: " + ", ".join(f"{k}={v}" for k, v in d["inputs"].items()))
         if d.get("where"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import devmode
 from . import graph as graphmod
 from .cache import CacheEntry, DiskCache, MemoryCache, port_versions
 from .fingerprint import FileHasher, diff_reasons, digest, identity
@@ -95,6 +96,8 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             for label, value in (extra if isinstance(extra, dict) else {"edited files": extra}).items():
                 if value:
                     files[f"({label})"] = value
+        if devmode.enabled():
+            files[devmode.LABEL] = devmode.code_digest(rn.type, hasher)
         inputs = {k: f"{plan.nodes[link.node].fingerprint}.{link.port}" for k, link in rn.links.items()}
         ident = identity(rn.type.name, rn.type.version, _literal_identity(rn), inputs, files)
         volatile = rn.type.volatile(dict(rn.params)) if rn.type.volatile else None

@@ -243,7 +243,7 @@ class Engine:
                              {"artifacts": ctx.artifacts, "seconds": round(time.perf_counter() - t0, 3)}))
             return "cancelled"
         except Exception as exc:  # noqa: BLE001 - any node failure is reported, the run goes on
-            info = describe_failure(np_.id, nt, exc, inputs)
+            info = describe_failure(np_.id, nt, exc, inputs, plan.checked.recipe)
             self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
             return "failed"
         seconds = time.perf_counter() - t0
