@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import devmode
+
 _CHUNK = 1 << 20
 
 
@@ -110,7 +112,9 @@ def diff_reasons(old: dict[str, Any] | None, new: dict[str, Any], file_names: di
             reasons.append(f"input '{k}' changed")
     of, nf = old.get("files", {}), new["files"]
     for k in sorted(set(of) | set(nf)):
-        if of.get(k) != nf.get(k):
+        if k == devmode.LABEL and (k in of) != (k in nf):
+            reasons.append(f"development mode (FLUXKILN_DEV) switched {'on' if k in nf else 'off'}")
+        elif of.get(k) != nf.get(k):
             reasons.append(f"{k[1:-1]} changed" if k.startswith("(") else f"file '{file_names.get(k, k)}' changed")
     return reasons
 

@@ -80,6 +80,7 @@ class Registry:
         self.duplicates: dict[str, list[str]] = {}
         self.commands: dict[str, Command] = {}
         self._objects: dict[str, Any] = {}  # plugin name -> module or object
+        self._lost_ports: dict[str, str] = {}  # port type -> the failed plugin that had registered it
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -254,6 +255,7 @@ class Registry:
         info.fail(message)
         for name in info.port_types:
             self.port_types.pop(name, None)
+            self._lost_ports[name] = plugin
         for name in info.node_types:
             self.node_types.pop(name, None)
         for name in info.commands:
@@ -273,7 +275,9 @@ class Registry:
                     used = {*nt.outputs.values(), *(p for spec in nt.params.values() for p in spec.ports)}
                     gone = sorted(used - set(self.port_types))
                     if gone:
-                        self._fail(plugin, f"node type '{name}' uses port type '{gone[0]}', whose plugin failed")
+                        owner = self._lost_ports.get(gone[0], "?")
+                        self._fail(plugin, f"plugin '{plugin}': node type '{name}' uses port type '{gone[0]}' "
+                                           f"of plugin '{owner}', which failed to load")
                         changed = True
                         break
 
