@@ -271,3 +271,12 @@ def test_engine_imports_neither_the_plugins_nor_the_tui():
             "print(sorted(m for m in sys.modules if m.startswith(('fluxkiln.plugins', 'fluxkiln.tui'))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def test_every_builtin_plugin_package_has_an_entry_point():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = set(project["project"]["entry-points"]["fluxkiln"].values())
+    packages = {p for p in project["tool"]["setuptools"]["packages"] if p.count(".") == 2
+                and p.startswith("fluxkiln.plugins.")}
+    missing = sorted(packages - declared)  # every subpackage of plugins/ is a built-in plugin
+    assert missing == [], "add to [project.entry-points.fluxkiln] in pyproject.toml, then pip install -e ."
