@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fluxkiln.engine import hookimpl
-from fluxkiln.engine.commands import CommandParsers
+from fluxkiln.engine import CommandParsers, hookimpl
 
 
 def tui_main(args: argparse.Namespace) -> int:
