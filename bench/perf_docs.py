@@ -31,7 +31,8 @@ TRAIN_ROWS = {
     "no_ckpt": "no gradient checkpointing",
     "ckpt": "`gradient_checkpointing = true`",
     "ckpt_every_2nd": "checkpointing, `gradient_checkpointing_interval = 2`",
-    "fp8_ckpt_24gb": "24 GB card: `quantize = \"fp8\"`, `offload = \"model\"`, checkpointing, allocator capped at 22 GiB",
+    "fp8_ckpt_24gb": ("24 GB card: `quantize = \"fp8\"`, `offload = \"model\"`, checkpointing, "
+                      "allocator capped at 22 GiB"),
 }
 KERNEL_KINDS = [("gemm", "bf16 GEMM"), ("gemm_fp8", "fp8 GEMM"), ("attention", "attention"),
                 ("triton_fused", "fused (Inductor)"), ("other", "other")]

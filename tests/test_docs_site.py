@@ -4,6 +4,7 @@ generated pages match what they are generated from."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -31,10 +32,10 @@ def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
 def test_site_builds_strictly(tmp_path):
     done = mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert done.returncode == 0, done.stdout + done.stderr
-    for page in ("index", "getting-started", "recipes", "nodes", "training", "captioning-safety", "gpus",
-                 "performance", "troubleshooting", "development"):
-        assert (tmp_path / "site" / page / "index.html").is_file() or page == "index"
     assert (tmp_path / "site" / "index.html").is_file()
+    for page in ("getting-started", "recipes", "nodes", "training", "captioning-safety", "gpus", "performance",
+                 "troubleshooting", "development"):
+        assert (tmp_path / "site" / page / "index.html").is_file(), page
 
 
 @pytest.mark.parametrize("bad", ["[gone](no-such-page.md)", "[gone](recipes.md#no-such-heading)"])
@@ -95,3 +96,21 @@ def test_performance_tables_are_generated_from_the_committed_bench_json():
     gen = load_performance_generator()
     page = (DOCS / "performance.md").read_text()
     assert gen.render(page, ROOT / "bench") == page, "run: python bench/perf_docs.py"
+
+
+def test_performance_page_shows_the_newest_full_bench_run(tmp_path):
+    gen = load_performance_generator()
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    shutil.copy(ROOT / "bench" / "watch_overhead.json", bench)
+    newest = json.loads(max((ROOT / "bench").glob("*-full.json")).read_text())
+    older = {**newest, "date": "2020-01-01", "gpu": "Old Card"}
+    newer = {**newest, "date": "2099-01-01", "gpu": "New Card",
+             "sample": {**newest["sample"], "dev-lossless": {**newest["sample"]["dev-lossless"], "s_per_image": 1.234}}}
+    (bench / "old-card-2020-01-01-full.json").write_text(json.dumps(older))
+    (bench / "new-card-2099-01-01-full.json").write_text(json.dumps(newer))
+    page = gen.render((DOCS / "performance.md").read_text(), bench)
+    assert "**New Card**" in page and "2099-01-01" in page and "Old Card" not in page
+    assert "| dev, 28 steps, lossless (`go_fast = false`) | 1.234 |" in page
+    with pytest.raises(ValueError, match="bench:sample:start"):
+        gen.render(page.replace("<!-- bench:sample:start -->", ""), bench)
