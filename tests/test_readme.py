@@ -53,3 +53,11 @@ def test_every_recipe_in_recipes_is_valid():
 
     for recipe in sorted((ROOT / "recipes").glob("*.toml")):
         assert main(["validate", str(recipe)]) == 0, recipe.name
+
+
+def test_every_relative_link_in_the_readme_exists():
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    local = [t for t in targets if "://" not in t]
+    assert local, "the README links into the documentation"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
