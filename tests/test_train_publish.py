@@ -71,7 +71,10 @@ def test_wandb_hub_and_secrets(tmp_path, monkeypatch, uploads):
     assert [h["_step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
     assert [h["_step"] for h in history if "samples/filenames" in h] == [2, 4]
     assert len(list(runs[0].glob("files/media/images/samples_*.png"))) == 2
-    assert (tmp_path / "cache").glob("state/train_lora-*/wandb_run_id")
+    id_files = list((tmp_path / "cache").glob("state/train_lora-*/wandb_run_id"))
+    assert len(id_files) == 1, "the W&B run id is kept so a resumed training continues the same run"
+    run_id = id_files[0].read_text().strip()
+    assert run_id and runs[0].name.endswith(f"-{run_id}")
 
     # Secrets: nowhere in files (run folder, cache, W&B files), events, logs or metadata.
     leaks = _scan_for(tmp_path, [WANDB_KEY, HF_TOKEN])
