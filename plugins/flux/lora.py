@@ -15,7 +15,7 @@ from fluxkiln.engine import InputFile, Lora, Model, NodeError, RunContext, node
 
 from .load import get_pipeline
 from .lora_keys import Converted, to_peft
-from .pipestate import can_merge, load_adapter
+from .pipestate import adapter_errors, can_merge, load_adapter
 
 HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*/.+\.safetensors$")
 def _looks_like_hub_file(value: str) -> bool:
@@ -180,9 +180,10 @@ def apply_lora(
         raise NodeError(f"apply_lora needs a FLUX model, got a '{model.kind}' model", key="model")
     pipe = get_pipeline(model)
     adapters = list(model.adapters)
-    adapters.append(_adapter(lora, lora_scale, fuse, ctx, "lora", pipe))
-    if extra_lora is not None:
-        adapters.append(_adapter(extra_lora, extra_lora_scale, fuse, ctx, "extra_lora", pipe))
+    with adapter_errors(model, "loading the LoRA"):
+        adapters.append(_adapter(lora, lora_scale, fuse, ctx, "lora", pipe))
+        if extra_lora is not None:
+            adapters.append(_adapter(extra_lora, extra_lora_scale, fuse, ctx, "extra_lora", pipe))
     if fuse:
         adapters = [{**a, "fuse": True} for a in adapters]
         if not can_merge(pipe):

@@ -14,7 +14,7 @@ from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunC
 from . import fast
 from .load import get_pipeline
 from .lora import adapter_loader
-from .pipestate import prepare
+from .pipestate import adapter_errors, prepare
 from .sizes import ASPECT_RATIOS, CUSTOM_MAX, CUSTOM_MIN, output_size, size_like
 
 DEFAULT_STEPS = {"dev": 28, "schnell": 4}
@@ -229,7 +229,8 @@ def sample(
         pics = [init.resize((w, h), Image.Resampling.LANCZOS) for _ in range(num_outputs)]
     else:
         pipe = get_pipeline(model)
-        prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
+        with adapter_errors(model, "setting up this model's LoRAs"):
+            prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
         pics = _generate(ctx, pipe, variant, prompt, num_outputs, w, h, steps, guide, seed, init, prompt_strength)
     return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
                             meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})

@@ -74,7 +74,8 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(str(exc)) from None
         finally:
-            adapters.detach(pipe, had_gc)
+            with adapters.guarded(self.model, "removing the training adapter"):
+                adapters.detach(pipe, had_gc)
 
     def _out_of_memory(self, message: str) -> NodeError:
         """Free what training holds and say which settings would fit (call once the exception is handled,
@@ -101,7 +102,8 @@ class Trainer:
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self.optimizer_name = resolve_name(cfg.optimizer, "cuda" if self.device.type == "cuda" else "cpu")
-        adapters.reset_pipeline_state(pipe, self.device.type)
+        with adapters.guarded(self.model, "switching off the LoRAs of other nodes"):
+            adapters.reset_pipeline_state(pipe, self.device.type)
         self.layers = adapters.select_layers(pipe.transformer, cfg.layers_to_optimize_regex)
         self.captions = [cfg.caption(it.caption) for it in self.items]
         try:
@@ -118,7 +120,8 @@ class Trainer:
         self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
         self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
         gpu.transformer_on(pipe, self.device)
-        self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
+        with adapters.guarded(self.model, "adding the training adapter"):
+            self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
         self.master = self.named if all(p.dtype == torch.float32 for p in self.named.values()) else {
             k: torch.nn.Parameter(p.detach().float().clone()) for k, p in self.named.items()}
         self.params = list(self.master.values())
