@@ -148,3 +148,36 @@ def test_a_peft_error_unloads_the_model_and_says_what_to_do(tmp_path, loras, mon
     assert not engine.models.keys()  # the half-changed pipeline is gone
     again = run(engine, path)
     assert again.nodes["styled"] == "ran"
+
+
+def test_watch_retrains_after_apply_and_matches_a_fresh_process(tmp_path):
+    from PIL import Image
+
+    from clihelp import fluxkiln
+    from test_watch import Watch
+
+    saved = '[nodes.saved]\ntype = "save"\nimages = "@images"\noutput_format = "png"\n'
+    body = BASE + train("5e-3") + apply("styled", "@lora") + sample("images", "styled") + saved
+    proj = tmp_path / "watch"
+    proj.mkdir()
+    (proj / "r.toml").write_text('[recipe]\nname = "r"\n' + body)
+    w = Watch(proj, tmp_path / "watch-cache")
+    try:
+        first, _ = w.until("watch_rerun", timeout=120)
+        assert first["status"] == "ok", first
+        w.until("watch_waiting")
+        (proj / "r.toml").write_text((proj / "r.toml").read_text().replace("5e-3", "2e-3"))
+        second, seen = w.until("watch_rerun", timeout=120)
+        failed = [e for e in seen if e["event"] == "node_failed"]
+        assert second["status"] == "ok" and "lora" in second["ran"], failed or second
+    finally:
+        assert w.stop() == 130
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "r.toml").write_text('[recipe]\nname = "r"\n' + body.replace("5e-3", "2e-3"))
+    done = fluxkiln("run", "r.toml", cwd=ref, cache=tmp_path / "ref-cache")
+    assert done.returncode == 0, done.stderr
+    for name in ("saved_0.png",):
+        mine = np.asarray(Image.open(proj / "runs" / "r" / name))
+        theirs = np.asarray(Image.open(ref / "runs" / "r" / name))
+        assert np.array_equal(mine, theirs)
