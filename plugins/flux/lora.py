@@ -130,7 +130,8 @@ def convert_checked(state_dict: dict[str, Any], pipe: Any, label: str, log: Any 
                         hint="use a LoRA trained for this FLUX model")
     skipped = [m for m in modules if m not in layers] + conv.unknown
     if skipped and log:
-        log(f"LoRA {label}: {len(skipped)} of its layers/keys were not loaded, e.g. {', '.join(skipped[:3])}")
+        log(f"LoRA {label}: {len(skipped)} of its layers/keys were not loaded, e.g. {', '.join(skipped[:3])}",
+            level="warning")
     conv.state_dict = {k: v for k, v in conv.state_dict.items() if k.rsplit(".lora_", 1)[0] in layers}
     return conv
 
@@ -187,5 +188,6 @@ def apply_lora(
     if fuse:
         adapters = [{**a, "fuse": True} for a in adapters]
         if not can_merge(pipe):
-            ctx.log("fuse = true ignored: LoRAs cannot be merged into fp8 or sequentially offloaded weights")
+            ctx.log("fuse = true ignored: LoRAs cannot be merged into fp8 or sequentially offloaded weights",
+                    level="warning")
     return dataclasses.replace(model, adapters=adapters, info=dict(model.info))

@@ -158,7 +158,7 @@ def _free_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _keep_originals(pipe: Any, st: PipeState, names: list[str], log: Callable[[str], None] | None) -> None:
+def _keep_originals(pipe: Any, st: PipeState, names: list[str], log: Callable[..., None] | None) -> None:
     """Copy the weights a fuse will change to CPU memory, so unfusing restores them bit for bit."""
     layers = _lora_layers(pipe, names)
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
@@ -166,7 +166,7 @@ def _keep_originals(pipe: Any, st: PipeState, names: list[str], log: Callable[[s
         st.originals = None
         if log:
             log(f"fuse: not enough free memory for an exact copy of the {nbytes / 2**30:.1f} GiB of weights the "
-                "LoRAs change; unfusing later subtracts them again (equal to within rounding)")
+                "LoRAs change; unfusing later subtracts them again (equal to within rounding)", level="warning")
         return
     st.originals = [(m, m.weight.detach().to("cpu", copy=True)) for m in layers]
 
@@ -226,7 +226,7 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
-            loader: Any, *, fast: bool = False, log: Callable[[str], None] | None = None) -> Plan:
+            loader: Any, *, fast: bool = False, log: Callable[..., None] | None = None) -> Plan:
     """Bring ``pipe`` to the adapters/fusion/speed state asked for; returns the speed settings.
 
     ``loader(adapter) -> state dict`` reads and converts an adapter's file when
@@ -270,7 +270,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
         if log:
             log(f"go_fast: {n} transformer linear layers in fp8 (row-wise scaled weights and activations)")
     elif want.fp8_skipped and log:
-        log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path")
+        log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path", level="warning")
     _compile_state(pipe, st, want.compile, log)
     st.current = desired
     return want
@@ -282,7 +282,7 @@ def _fp8_off(pipe: Any, st: PipeState) -> None:
     st.fp8 = False
 
 
-def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[[str], None] | None) -> None:
+def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] | None) -> None:
     if on and not fastpaths.is_compiled(pipe.transformer):
         fastpaths.compile_blocks(pipe.transformer)
         if log:

@@ -162,7 +162,8 @@ def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, wid
         except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
             if "cudnn" not in str(exc).lower():
                 raise
-            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels")
+            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels",
+                    level="warning")
             for g, i in zip(generators, range(n), strict=True):
                 g.manual_seed(seed + i)
             return run(**common, callback_on_step_end=_callback(ctx, total)).images
