@@ -84,10 +84,13 @@ def loras(tmp_path_factory) -> Path:
 def test_retraining_after_apply_and_sample_equals_a_fresh_process(tmp_path):
     engine = Engine(cache_dir=tmp_path / "cache")
     rest = apply("styled", "@lora") + sample("images", "styled")
-    path = recipe(tmp_path, BASE + train("5e-3") + rest, "loop")
+    fused = apply("styled", "@lora", extra="fuse = true") + sample("images", "styled")
+    path = recipe(tmp_path, BASE + train("5e-3") + fused, "loop")
     first = run(engine, path)
     assert first.nodes["lora"] == "ran" and first.nodes["images"] == "ran"
-    path.write_text(path.read_text().replace("learning_rate = 5e-3", "learning_rate = 2e-3"))
+    assert first.outputs["styled"]["output"].adapters[0]["fuse"]  # merged into the shared weights
+    path.write_text(path.read_text().replace("learning_rate = 5e-3", "learning_rate = 2e-3").replace(
+        "fuse = true\n", ""))
     second = run(engine, path)  # failed with NoMatchingPeftModuleError before
     assert second.nodes["lora"] == "ran" and second.nodes["base"] == "cached"
     ref = fresh(tmp_path, BASE + train("2e-3") + rest, "loop")
@@ -181,3 +184,11 @@ def test_watch_retrains_after_apply_and_matches_a_fresh_process(tmp_path):
         mine = np.asarray(Image.open(proj / "runs" / "r" / name))
         theirs = np.asarray(Image.open(ref / "runs" / "r" / name))
         assert np.array_equal(mine, theirs)
+
+
+def test_training_on_a_model_with_loras_is_refused_with_a_hint(tmp_path, loras):
+    engine = Engine(cache_dir=tmp_path / "cache")
+    body = BASE + apply("styled", loras / "a.safetensors") + train("5e-3").replace('model = "@base"', 'model = "@styled"')
+    info = failure(run(engine, recipe(tmp_path, body, "onlora"), expect="failed"), "lora")
+    assert "carries LoRAs from apply_lora (a.safetensors)" in info["error"] and info["key"] == "model"
+    assert "load_model" in info["hint"]

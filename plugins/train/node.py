@@ -112,6 +112,10 @@ def train_lora(
     token = hf_token or os.environ.get("HF_TOKEN") or None
     if model.kind != "flux":
         raise NodeError(f"train_lora needs a FLUX model, got a '{model.kind}' model", key="model")
+    if model.adapters:
+        raise NodeError("train_lora trains on a base model, but `model` carries LoRAs from apply_lora "
+                        f"({', '.join(Path(a['path']).name for a in model.adapters)}); they would not be used",
+                        key="model", hint="link `model` to the load_model node (apply the LoRAs after training)")
     if hf_repo_id and not token:
         raise NodeError("hf_repo_id is set but no Hugging Face token was found", key="hf_token",
                         hint='export HF_TOKEN=... or set hf_token = "$MY_TOKEN_VAR"')
