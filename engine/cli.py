@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--only", action="append", default=[], metavar="NODE", help="run only NODE and its ancestors")
     p.add_argument("--force", action="append", nargs="?", const="*", metavar="NODE",
-                   help="rerun everything, or NODE and its dependants")
+                   help="rerun everything, or NODE and its dependants (anywhere on the line; a forced "
+                        "train_lora trains from scratch unless it has resume = \"always\")")
     p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
     p.add_argument("--output", metavar="DIR", help="run folder (default ./runs/<recipe name>)")
     p.add_argument("--explain", action="store_true", help="print the plan with reasons, run nothing")
