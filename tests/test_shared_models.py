@@ -153,37 +153,44 @@ def test_a_peft_error_unloads_the_model_and_says_what_to_do(tmp_path, loras, mon
     assert again.nodes["styled"] == "ran"
 
 
-def test_watch_retrains_after_apply_and_matches_a_fresh_process(tmp_path):
+def test_watch_reruns_match_a_fresh_process(tmp_path, loras):
+    """In one watch session: train -> fused apply -> sample; then retrain (edited) unfused; then apply A -> B."""
     from PIL import Image
 
     from clihelp import fluxkiln
     from test_watch import Watch
 
     saved = '[nodes.saved]\ntype = "save"\nimages = "@images"\noutput_format = "png"\n'
-    body = BASE + train("5e-3") + apply("styled", "@lora") + sample("images", "styled") + saved
+    first = BASE + train("5e-3") + apply("styled", "@lora", extra="fuse = true") + sample("images", "styled") + saved
+    second = BASE + train("2e-3") + apply("styled", "@lora") + sample("images", "styled") + saved
+    third = (BASE + apply("first", loras / "a.safetensors") + apply("styled", loras / "b.safetensors", model="first")
+             + sample("images", "styled") + saved)
     proj = tmp_path / "watch"
     proj.mkdir()
-    (proj / "r.toml").write_text('[recipe]\nname = "r"\n' + body)
+    (proj / "r.toml").write_text('[recipe]\nname = "r"\n' + first)
+    images = proj / "runs" / "r" / "saved_0.png"
+    got = []
     w = Watch(proj, tmp_path / "watch-cache")
     try:
-        first, _ = w.until("watch_rerun", timeout=120)
-        assert first["status"] == "ok", first
-        w.until("watch_waiting")
-        (proj / "r.toml").write_text((proj / "r.toml").read_text().replace("5e-3", "2e-3"))
-        second, seen = w.until("watch_rerun", timeout=120)
-        failed = [e for e in seen if e["event"] == "node_failed"]
-        assert second["status"] == "ok" and "lora" in second["ran"], failed or second
+        for body in (second, third):
+            done, seen = w.until("watch_rerun", timeout=120)
+            assert done["status"] == "ok", [e for e in seen if e["event"] == "node_failed"] or done
+            w.until("watch_waiting")
+            got.append(np.asarray(Image.open(images)))
+            (proj / "r.toml").write_text('[recipe]\nname = "r"\n' + body)
+        done, seen = w.until("watch_rerun", timeout=120)
+        assert done["status"] == "ok", [e for e in seen if e["event"] == "node_failed"] or done
+        got.append(np.asarray(Image.open(images)))
     finally:
         assert w.stop() == 130
     ref = tmp_path / "ref"
     ref.mkdir()
-    (ref / "r.toml").write_text('[recipe]\nname = "r"\n' + body.replace("5e-3", "2e-3"))
-    done = fluxkiln("run", "r.toml", cwd=ref, cache=tmp_path / "ref-cache")
-    assert done.returncode == 0, done.stderr
-    for name in ("saved_0.png",):
-        mine = np.asarray(Image.open(proj / "runs" / "r" / name))
-        theirs = np.asarray(Image.open(ref / "runs" / "r" / name))
-        assert np.array_equal(mine, theirs)
+    (ref / "r.toml").write_text('[recipe]\nname = "r"\n' + second)
+    out = fluxkiln("run", "r.toml", cwd=ref, cache=tmp_path / "ref-cache")  # a new process
+    assert out.returncode == 0, out.stderr
+    assert np.array_equal(got[1], np.asarray(Image.open(ref / "runs" / "r" / "saved_0.png")))
+    assert np.array_equal(got[2], pixels(fresh(tmp_path, third, "stacked"), "images")[0])
+    assert not np.array_equal(got[0], got[1])
 
 
 def test_training_on_a_model_with_loras_is_refused_with_a_hint(tmp_path, loras):
