@@ -173,8 +173,10 @@ class ConsoleObserver:
             return
         bar = self._bar()
         if event.node not in self._tasks:
-            self._tasks[event.node] = bar.add_task(f"{event.node}", total=d["total"], text="")
-        bar.update(self._tasks[event.node], completed=d.get("step", 0), total=d["total"], text=progress_text(d))
+            self._tasks[event.node] = bar.add_task(f"{event.node}", total=d["total"], completed=d.get("step", 0),
+                                                   text=progress_text(d))
+        else:
+            bar.update(self._tasks[event.node], completed=d.get("step", 0), total=d["total"], text=progress_text(d))
 
     def _failed(self, event: Event) -> None:
         d = event.data
