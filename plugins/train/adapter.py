@@ -146,6 +146,8 @@ def detach(pipe: Any, had_gc: bool) -> None:
             transformer.delete_adapters(ADAPTER)
         if not getattr(transformer, "peft_config", None):
             transformer.unload_lora()
+        else:  # apply_lora's adapters stay loaded, switched off: the plain base, as before training
+            pipe.disable_lora()
     if not had_gc and getattr(transformer, "gradient_checkpointing", False):
         transformer.disable_gradient_checkpointing()
     transformer.requires_grad_(False)
