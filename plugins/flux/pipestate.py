@@ -69,7 +69,7 @@ def adapter_errors(model: Any, what: str) -> Iterator[None]:
     except NodeError:
         raise
     except Exception as exc:
-        if not _from_peft(exc):
+        if not _from_peft(exc) or "out of memory" in str(exc).lower():  # OOM keeps its own message and hint
             raise
         residency, key = getattr(model, "residency", None), getattr(model, "key", None)
         if residency is not None and key is not None:
