@@ -102,7 +102,7 @@ def test_did_you_mean_for_set_keys_and_a_recipe_without_toml(proj):
     assert "(did you mean 'nodes.a.value=x'?)" in res.stderr
     res = fluxkiln("validate", "r.toml", "--set", "nodes.b.sepp=-", cwd=proj)
     assert res.returncode == 2 and "did you mean 'sep'" in res.stderr
-    for cmd in (["run", "r"], ["validate", "r"], ["graph", "r"]):
+    for cmd in (["run", "r"], ["validate", "r"], ["graph", "r"], ["watch", "r"]):
         res = fluxkiln(*cmd, cwd=proj)
         assert res.returncode == 2 and "recipe file not found: r (did you mean r.toml?)" in res.stderr, cmd
 
