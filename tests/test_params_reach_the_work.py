@@ -105,6 +105,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "dataset"): Check("@data", "@data2"),
     ("train_lora", "trigger_word"): Check("TOK", "ZQX"),
     ("train_lora", "steps"): Check(3, 4),
+    ("train_lora", "resume"): Check("auto", "never"),
     ("train_lora", "learning_rate"): Check(1e-3, 1e-2),
     ("train_lora", "batch_size"): Check(1, 2),
     ("train_lora", "resolution"): Check([32], [48]),
