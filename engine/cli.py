@@ -251,7 +251,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     reg = _registry()
     rows = [{"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version,
              "load_ms": round(p.load_time * 1000, 1), "node_types": p.node_types, "port_types": p.port_types,
-             "commands": list(getattr(p, "commands", None) or []), "error": p.error} for p in reg.plugins.values()]
+             "error": p.error} for p in reg.plugins.values()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK

@@ -205,7 +205,7 @@ def plugins_table(rows: list[dict[str, Any]], console: Any = None) -> None:
     table.add_column("provides", ratio=1, overflow="fold")
     table.add_column("status", no_wrap=True)
     for r in rows:
-        provides = r["node_types"] + [f"port:{p}" for p in r["port_types"]] + [f"command:{c}" for c in r["commands"]]
+        provides = r["node_types"] + [f"port:{p}" for p in r["port_types"]] + [f"command:{c}" for c in r.get("commands", [])]
         table.add_row(escape(r["name"]), escape(r["version"] or ""), escape(r["source"]), f"{r['load_ms']:.0f}",
                       escape(", ".join(provides)), "[red]failed[/red]" if r["error"] else "ok")
     console.print(table)
