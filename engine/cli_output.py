@@ -211,4 +211,4 @@ def plugins_table(rows: list[dict[str, Any]], console: Any = None) -> None:
     console.print(table)
     for r in rows:
         if r["error"]:
-            console.print(f"[red]✗ {escape(r['name'])} failed to load:[/red] {escape(r['error'])}", soft_wrap=False)
+            console.print(f"[red]✗ {escape(r['name'])} failed:[/red] {escape(r['error'])}", soft_wrap=False)
