@@ -20,6 +20,7 @@ from .tomllines import key_lines, line_of
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 VAR_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 TOP_LEVEL = ("recipe", "vars", "nodes")
+MAX_NESTING = 32  # arrays/tables inside one another; real recipes use 2 or 3
 RECIPE_KEYS = ("name", "description", "output_dir", "plugins", "gpu_hour_price", "seed")
 
 
@@ -91,6 +92,46 @@ def _toml_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
     return int(m.group(1)) if m else getattr(exc, "lineno", None)
 
 
+def _too_deep(value: Any) -> bool:
+    """True if lists/tables in ``value`` nest deeper than :data:`MAX_NESTING` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth >= MAX_NESTING:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _nesting_problems(data: dict[str, Any], lines: dict[tuple[str, ...], int], file: str) -> list[Problem]:
+    """A problem for every key whose value nests too deeply (later steps recurse over values)."""
+    out = []
+    for top, table in data.items():
+        items = table.items() if isinstance(table, dict) else [("", table)]
+        for key, value in items:
+            rows = value.items() if top == "nodes" and isinstance(value, dict) else [("", value)]
+            for sub, v in rows:
+                if _too_deep(v):
+                    path = [p for p in (top, key, sub) if p]
+                    out.append(Problem(f"the value of {'.'.join(path)} is nested more than {MAX_NESTING} levels "
+                                       "deep", file, line_of(lines, *path),
+                                       node=key if top == "nodes" else None, key=sub or None,
+                                       hint="a recipe value is a string, number, boolean or a short list"))
+    return out
+
+
+def _deep_line(text: str) -> int | None:
+    """The first line where brackets nest past :data:`MAX_NESTING` (to locate a parser recursion error)."""
+    depth = 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        for c in raw:
+            depth += (c in "[{") - (c in "]}")
+            if depth > MAX_NESTING:
+                return lineno
+    return None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``nodes.a.seed=7`` -> (["nodes","a","seed"], 7); the value is read as TOML, else a string."""
     if "=" not in item:
@@ -98,8 +139,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw
+    if _too_deep(value):
+        raise ValueError(f"--set {key}=...: the value is nested more than {MAX_NESTING} levels deep")
     parts = key.strip().split(".")
     if len(parts) < 2 or parts[0] not in TOP_LEVEL or not all(parts):
         raise ValueError(f"--set {item!r}: KEY must be nodes.<id>.<key>, vars.<name> or recipe.<key>")
@@ -157,7 +200,14 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
         msg = str(exc)
         return Recipe(path, text, ""), [Problem(f"TOML syntax error: {msg}", file, _toml_error_line(exc),
                                                 hint="fix the TOML syntax; see https://toml.io")]
+    except RecursionError:
+        return Recipe(path, text, ""), [Problem(f"arrays or tables are nested too deeply to read (more than "
+                                                f"{MAX_NESTING} levels are never needed)", file, _deep_line(text),
+                                                hint="a recipe value is a string, number, boolean or a short list")]
     lines = key_lines(text)
+    deep = _nesting_problems(data, lines, file)
+    if deep:
+        return Recipe(path, text, "", lines=lines), deep
     recipe = Recipe(path, text, "", lines=lines, overrides=list(overrides or []))
     for item in overrides or []:
         try:

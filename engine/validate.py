@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as graphmod
+from . import paths
 from .errors import Problem, RecipeInvalid
 from .nodes import NodeType, ParamSpec
 from .recipe import Link, Recipe, load_recipe, parse_recipe
@@ -50,6 +51,19 @@ def _close(word: str, options: list[str]) -> str:
     return ("did you mean " + " or ".join(f"'{f}'" for f in found) + "?") if found else ""
 
 
+_UNRESOLVED = Path("<unresolved>")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile value must not flood the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _hint(*parts: str) -> str | None:
     text = "; ".join(p for p in parts if p)
     return text or None
@@ -67,6 +81,7 @@ class _Checker:
 
     def run(self) -> None:
         self._check_plugins()
+        self._check_output_dir()
         for nid, spec in self.r.nodes.items():
             if not spec.type:
                 continue
@@ -93,6 +108,22 @@ class _Checker:
                          hint=_hint(f"pip install {name}", _close(name, list(self.reg.plugins))))
             elif info.error:
                 self.add(f"required plugin '{name}' failed to load: {info.error}", key="plugins")
+
+    def _check_output_dir(self) -> None:
+        raw = self.r.options.get("output_dir")
+        if raw is None:
+            return
+        if not isinstance(raw, str) or not raw:
+            self.add(f"[recipe] output_dir must be a folder path, got {_short(raw)}", key="output_dir")
+            return
+        try:
+            folder = paths.expand(raw, self.r.base_dir)
+        except paths.BadPath as exc:
+            self.add(f"invalid output_dir {_short(raw)}: {exc}", key="output_dir")
+            return
+        why = paths.probe(folder)
+        if why not in (None, "not found"):
+            self.add(f"output_dir: {why}", key="output_dir")
 
     def _unknown_type(self, nid: str, tname: str) -> None:
         failed = self.reg.failed_plugins()
@@ -131,7 +162,7 @@ class _Checker:
             self._check_link(rn, key, value, spec)
             return
         if not spec.accepts_literal:
-            self.add(f"expected a link, got the literal {value!r}", nid, key,
+            self.add(f"expected a link, got the literal {_short(value)}", nid, key,
                      _hint("expected " + spec.allowed(), 'write "@<node id>" to link a node\'s output'))
             return
         if spec.is_secret:
@@ -139,25 +170,40 @@ class _Checker:
             return
         converted, err = spec.check_literal(value)
         if err:
-            self.add(f"invalid value {value!r}: {err}", nid, key, "expected " + spec.allowed())
+            self.add(f"invalid value {_short(value)}: {err}", nid, key, "expected " + spec.allowed())
             return
         if spec.is_file and isinstance(converted, str):
-            marker = spec.file_marker
-            path = Path(converted).expanduser()
-            path = path if path.is_absolute() else (self.r.base_dir / path)
-            if not path.exists() and marker is not None and marker.passes_unresolved(converted):
-                rn.params[key] = converted  # not a local file: the node resolves it (e.g. a hub file)
+            path = self._local_file(nid, key, converted, spec)
+            if path is None:
                 return
-            if not path.exists():
-                self.add(f"file not found: {converted} (looked in {path.parent})", nid, key,
-                         "paths are relative to the recipe file")
-                return
-            if not os.access(path, os.R_OK):
-                self.add(f"file is not readable: {converted}", nid, key)
-                return
-            rn.files[key] = path.resolve()
-            converted = str(path.resolve())
+            if path is not _UNRESOLVED:
+                rn.files[key] = path
+                converted = str(path)
         rn.params[key] = converted
+
+    def _local_file(self, nid: str, key: str, raw: str, spec: ParamSpec) -> Path | None:
+        """The resolved local file or folder, ``_UNRESOLVED`` for a reference the node resolves, or None
+        after reporting a problem (missing, unreadable, not a regular file, a bad path)."""
+        try:
+            path = paths.expand(raw, self.r.base_dir)
+        except paths.BadPath as exc:
+            self.add(f"invalid path {_short(raw)}: {exc}", nid, key)
+            return None
+        why = paths.probe(path)
+        marker = spec.file_marker
+        if why == "not found" and marker is not None and marker.passes_unresolved(raw):
+            return _UNRESOLVED  # not a local file: the node resolves it (e.g. a hub file)
+        if why == "not found":
+            self.add(f"file not found: {_clip(raw)} (looked in {path.parent})", nid, key,
+                     "paths are relative to the recipe file")
+            return None
+        if why is not None:
+            self.add(why, nid, key)
+            return None
+        if not os.access(path, os.R_OK):
+            self.add(f"file is not readable: {_clip(raw)}", nid, key, "check its permissions")
+            return None
+        return path.resolve()
 
     def _check_secret(self, rn: ResolvedNode, key: str, value: Any) -> None:
         if value is None:
