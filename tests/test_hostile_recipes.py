@@ -114,3 +114,31 @@ def test_fuzzed_recipes_give_located_problems_never_exceptions(registry, text, o
     for p in problems:
         assert p.message and p.file in ("/fuzz/r.toml", "--set")
         assert p.format()
+
+
+# ----------------------------------------------------------------------------- non-regular files at run time
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
+def test_run_refuses_fifo_and_device_without_hanging(target, tmp_path, fresh_cache):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "r.toml").write_text(HEAD + f'[nodes.a]\ntype = "read_file"\npath = "{target}"\n')
+    res = fluxkiln("run", "r.toml", cwd=tmp_path, cache=fresh_cache, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "r.toml:5: node 'a' key 'path'" in res.stderr and "not a regular file" in res.stderr, res.stderr
+
+
+def test_hashing_refuses_a_fifo_swapped_in_after_validation(tmp_path):
+    """The hasher checks the file type on the open descriptor: a FIFO never blocks it, a device never feeds it."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "fifo")
+    code = ("import sys; from pathlib import Path; from fluxkiln.engine.fingerprint import FileHasher, NotRegularFile\n"
+            "for p in (Path(sys.argv[1]), Path('/dev/zero')):\n"
+            "    try: FileHasher().path(p)\n"
+            "    except NotRegularFile as e: print('refused', e)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fifo")], capture_output=True, text=True,
+                         timeout=30)
+    assert res.stdout.count("refused") == 2 and "FIFO" in res.stdout and "character device" in res.stdout, res
