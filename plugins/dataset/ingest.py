@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import warnings
 import zipfile
@@ -51,6 +52,7 @@ class Ingested:
     images: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, file, sha256)
     captions: dict[str, str] = field(default_factory=dict)  # name without extension -> caption
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    cleaned: list[tuple[str, list[str]]] = field(default_factory=list)  # caption file -> what was removed
     total_bytes: int = 0
 
     def caption_for(self, name: str) -> str | None:
@@ -64,7 +66,16 @@ class Ingested:
 def ingest(source: Path, target: Path, limits: Limits, log: Callable[[str], None] = lambda _m: None) -> Ingested:
     """Read ``source`` into the (existing, empty) folder ``target``; raise :class:`Refused` on a bad member."""
     out = Ingested()
-    for m in iter_members(source, limits.max_files):
+
+    def charge(name: str, size: int) -> None:  # a skipped member is still decompressed or counted
+        out.total_bytes += size
+        if out.total_bytes > limits.max_total_bytes:
+            raise Refused(name, f"the source holds more than max_total_bytes = {limits.max_total_bytes} bytes, "
+                          "skipped members included (possible zip bomb); raise max_total_bytes if the dataset "
+                          "is really that large")
+
+    headers = 1024 * limits.max_files + 2**20  # tar headers and padding on top of the members' bytes
+    for m in iter_members(source, limits.max_files, charge, limits.max_total_bytes + headers):
         if isinstance(m, tuple):
             out.skipped.append(m)
             continue
@@ -74,10 +85,14 @@ def ingest(source: Path, target: Path, limits: Limits, log: Callable[[str], None
         elif ext == CAPTION_EXT:
             _take_caption(m, limits, out)
         else:
+            if m.in_archive:
+                charge(m.name, m.size or 0)
             out.skipped.append((m.name, f"not an image ({', '.join(IMAGE_EXTS)}) or a .txt caption"))
     stems = {n.rsplit(".", 1)[0] for n, _, _ in out.images}
     for stem in sorted(set(out.captions) - stems):
         out.skipped.append((stem + CAPTION_EXT, "caption without an image of the same name"))
+    for name, removed in out.cleaned[:MAX_SKIP_LOGS]:
+        log(f"caption {name}: removed {', '.join(removed)}")
     for name, reason in out.skipped[:MAX_SKIP_LOGS]:
         log(f"skipped {name}: {reason}")
     if len(out.skipped) > MAX_SKIP_LOGS:
@@ -147,12 +162,36 @@ def _take_image(m: Member, ext: str, target: Path, limits: Limits, out: Ingested
 
 
 def _take_caption(m: Member, limits: Limits, out: Ingested) -> None:
+    stem = m.name.rsplit(".", 1)[0]
+    if stem in out.captions:
+        raise Refused(m.name, f"a second caption for '{stem}' (captions are matched by name, so only one "
+                      f"{stem}.txt may exist); remove the duplicate")
     data, _ = _copy(m, None, limits.max_caption_bytes, limits, out)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise Refused(m.name, f"caption is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    out.captions[m.name.rsplit(".", 1)[0]] = " ".join(text.split())
+    text, removed = clean_caption(text)
+    if removed:
+        out.cleaned.append((m.name, removed))
+    out.captions[stem] = " ".join(text.split())
+
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def clean_caption(text: str) -> tuple[str, list[str]]:
+    """``text`` without terminal escape sequences, bidirectional overrides and control characters (NUL
+    included); also which kinds were removed (for the log)."""
+    removed = []
+    for label, pattern in (("ANSI escape sequences", _ANSI), ("bidirectional overrides", _BIDI),
+                           ("control characters (NUL and others)", _CONTROL)):
+        text, n = pattern.subn("", text)
+        if n:
+            removed.append(f"{n} {label}")
+    return text, removed
 
 
 def verify_image(path: Path, name: str, max_pixels: int) -> tuple[int, int]:
