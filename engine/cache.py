@@ -123,9 +123,18 @@ class DiskCache:
             (staging / MANIFEST).write_text(json.dumps(manifest, default=str))
             final = self.entry_dir(fp)
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                self.discard(final)
-            os.replace(staging, final)
+            existing = self.lookup(fp, port_versions(port_names, port_types)) if final.exists() else None
+            if existing is not None:  # stored meanwhile by another run: theirs is as good, and may be in use
+                shutil.rmtree(staging, ignore_errors=True)
+                return existing
+            try:
+                os.replace(staging, final)
+            except OSError:  # another process stored the same result first: keep theirs if it verifies
+                theirs = self.lookup(fp)
+                if theirs is None:
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+                return theirs
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

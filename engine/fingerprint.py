@@ -13,7 +13,6 @@ import json
 import os
 import stat
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +93,9 @@ class FileHasher:
         with self._lock:
             data = json.dumps(self._index)
             self._dirty = False
-        tmp = self.index_path.with_name(f".{self.index_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        from .paths import temp_name
+
+        tmp = temp_name(self.index_path)
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(data)
         os.replace(tmp, self.index_path)

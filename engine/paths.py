@@ -26,6 +26,15 @@ def builtin_models_dir() -> Path:
     return d
 
 
+def temp_name(path: Path) -> Path:
+    """A hidden temporary sibling of ``path`` no other process or thread will pick (pid + random part).
+
+    Write there, then ``os.replace`` it onto ``path``: readers see the old or the new file, never half."""
+    import uuid
+
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (after a rename into it) where the OS allows it."""
     try:

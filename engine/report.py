@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .paths import temp_name
+
 
 def _count_images(outputs: dict[str, Any]) -> int:
     from .ports import Images
@@ -88,6 +90,6 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)

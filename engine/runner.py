@@ -123,17 +123,31 @@ class Engine:
             observers: list[Any] | None = None) -> RunResult:
         """Validate (unless given a Checked), plan and execute a recipe."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        plan = self.plan(recipe, overrides=overrides, only=only, force=force, force_all=force_all, output=output,
-                         run_id=run_id)
-        result = RunResult(run_id, "ok", run_dir=plan.run_dir, plan=plan)
+        checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
+        result = RunResult(run_id, "ok", run_dir=resolve_run_dir(checked.recipe, output))
         self._cancel.clear()
         self.running = True
         try:
-            with self.registry.observing(_Collector(result.events), *(observers or [])):
-                self._execute(plan, result)
+            with self.registry.observing(_Collector(result.events), *(observers or [])), \
+                    self._run_folder_held(result):
+                result.plan = self.plan(checked, only=only, force=force, force_all=force_all, output=output,
+                                        run_id=run_id)
+                self._execute(result.plan, result)
+        except Cancelled:
+            result.status = "cancelled"  # while waiting for the run folder: nothing ran
         finally:
             self.running = False
         return result
+
+    def _run_folder_held(self, result: RunResult) -> Any:
+        """One run at a time in a run folder (see :mod:`fluxkiln.engine.locks`); a waiting run says so."""
+        from . import locks
+
+        def waiting(message: str) -> None:
+            self._emit(Event("run_waiting", result.run_id, data={"message": message, "run_dir": str(result.run_dir)}))
+
+        return locks.hold(locks.run_folder_lock(result.run_dir), f"run folder {result.run_dir}", on_wait=waiting,
+                          cancel=self._cancel)
 
     # ------------------------------------------------------------ execution
     def _emit(self, event: Event) -> None:
@@ -274,7 +288,7 @@ class Engine:
         prev.update({nid: np_.identity for nid, np_ in plan.nodes.items()})
         p = self._prev_path(plan.run_dir)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
+        tmp = paths.temp_name(p)
         tmp.write_text(json.dumps(prev, default=str))
         os.replace(tmp, p)
 
