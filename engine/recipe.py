@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
+from .paths import probe
 from .tomllines import key_lines, line_of
 
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -295,6 +296,10 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[Problem]]:
     """Read and parse a recipe file."""
     p = Path(path)
+    why = probe(p)
+    if why not in (None, "not found") or p.is_dir():
+        return Recipe(p, "", ""), [Problem(f"cannot read the recipe: {why or 'it is a folder'}", str(p),
+                                           hint="give the path of a .toml recipe file")]
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:

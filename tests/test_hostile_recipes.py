@@ -142,3 +142,11 @@ def test_hashing_refuses_a_fifo_swapped_in_after_validation(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fifo")], capture_output=True, text=True,
                          timeout=30)
     assert res.stdout.count("refused") == 2 and "FIFO" in res.stdout and "character device" in res.stdout, res
+
+
+def test_validate_refuses_a_recipe_that_is_a_fifo_without_blocking(tmp_path, fresh_cache):
+    import os
+
+    os.mkfifo(tmp_path / "r.toml")
+    res = fluxkiln("validate", "r.toml", cwd=tmp_path, cache=fresh_cache, timeout=30)
+    assert res.returncode == 2 and "it is a FIFO" in res.stderr and "Traceback" not in res.stderr, res.stderr
