@@ -158,7 +158,7 @@ def test_prepare_on_cpu_keeps_the_old_behaviour_and_training_resets():
 
 
 def test_kernel_kinds_and_idle_time_from_a_trace():
-    from fluxkiln.plugins.flux.benchprofile import busy_time, kind_of, summarize_trace
+    from fluxkiln.plugins.bench.profile import busy_time, kind_of, summarize_trace
 
     assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
