@@ -149,3 +149,28 @@ def test_captions_with_nul_ansi_and_bidi_are_cleaned_and_logged(tmp_path, fresh_
     logs = [e.data["message"] for e in res.events if e.event == "node_log"]
     line = next(m for m in logs if m.startswith("caption a.txt"))
     assert "ANSI escape" in line and "bidirectional" in line and "control characters" in line, logs
+
+
+def test_edited_caption_file_with_escapes_is_cleaned_logged_and_left_as_written(tmp_path):
+    from test_caption_helpers import engine, make_images, write_recipe
+
+    make_images(tmp_path / "data", {"a": ((1, 2, 3), "first")})
+    eng = engine(tmp_path)
+    recipe = write_recipe(tmp_path, '''
+        [nodes.data]
+        type = "fixture_dataset"
+        folder = "data"
+        [nodes.cap]
+        type = "caption"
+        dataset = "@data"
+        model = "acme/not-downloaded"
+        ''')
+    assert eng.run(recipe, output=tmp_path / "runs" / "t").ok
+    edited = tmp_path / "runs" / "t" / "cap" / "a.txt"
+    edited.write_text("\x1b[2Jmy \u202eown\x00 words\n")
+    result = eng.run(recipe, output=tmp_path / "runs" / "t", force=["cap"])
+    assert result.ok
+    assert [it.caption for it in result.outputs["cap"]["output"].items] == ["my own words"]
+    logs = [e.data["message"] for e in result.events if e.event == "node_log"]
+    assert any(m.startswith("caption file a.txt: removed 1 ANSI") and "NUL" in m for m in logs), logs
+    assert edited.read_text() == "\x1b[2Jmy \u202eown\x00 words\n"

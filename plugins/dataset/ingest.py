@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tarfile
 import warnings
 import zipfile
@@ -20,6 +19,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fluxkiln.plugins.caption.text import clean_caption
 
 from .archive import Member, Refused, iter_members
 
@@ -175,23 +176,6 @@ def _take_caption(m: Member, limits: Limits, out: Ingested) -> None:
     if removed:
         out.cleaned.append((m.name, removed))
     out.captions[stem] = " ".join(text.split())
-
-
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def clean_caption(text: str) -> tuple[str, list[str]]:
-    """``text`` without terminal escape sequences, bidirectional overrides and control characters (NUL
-    included); also which kinds were removed (for the log)."""
-    removed = []
-    for label, pattern in (("ANSI escape sequences", _ANSI), ("bidirectional overrides", _BIDI),
-                           ("control characters (NUL and others)", _CONTROL)):
-        text, n = pattern.subn("", text)
-        if n:
-            removed.append(f"{n} {label}")
-    return text, removed
 
 
 def verify_image(path: Path, name: str, max_pixels: int) -> tuple[int, int]:
