@@ -106,3 +106,24 @@ def test_a_run_waits_for_the_run_folder_and_a_cancel_stops_the_wait(tmp_path, fr
     holder.join(30)
     assert result.status == "cancelled" and result.nodes == {}
     assert len(waits) == 1 and str(out) in waits[0].data["message"]
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, fresh_cache):
+    """kill -9 while holding the run folder: the next run neither waits nor finds anything half-written."""
+    import signal
+
+    (tmp_path / "r.toml").write_text(RECIPE.replace("steps = 10", "steps = 500"))
+    proc = _start(tmp_path, fresh_cache)
+    for line in proc.stdout:
+        if '"node_progress"' in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (tmp_path / "runs" / "demo" / ".fluxkiln" / "run.lock").exists()
+    (tmp_path / "r.toml").write_text(RECIPE)
+    again = _start(tmp_path, fresh_cache)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert not [e for e in events(out) if e["event"] == "run_waiting"]
+    _run_folder_is_complete(tmp_path / "runs" / "demo")
+    _cache_verifies(fresh_cache)
