@@ -6,6 +6,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from .generation import CONFIGS as GENERATION_CONFIGS
+from .generation import GenerationBench
 from .report import render_table, targets
 from .sampling import CONFIGS, SamplingBench, configs
 from .session import BenchSession
@@ -25,6 +27,8 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    + ", ".join(CONFIGS))
     p.add_argument("--train-configs", default=",".join(TRAIN_CONFIGS), help="training configurations, "
                    "comma-separated: " + ", ".join(TRAIN_CONFIGS))
+    p.add_argument("--generation", default="", help="also time these, comma-separated: "
+                   + ", ".join(GENERATION_CONFIGS) + " (Full HD beside stock; the dev + schnell hybrid)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock diffusers/peft baselines")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 2; tiny 1)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps per configuration (default 8)")
@@ -37,7 +41,8 @@ def main(argv: list[str]) -> int:
     parser = parse(argv)
     args = parser.parse_args(argv)
     for flag, given, known in (("--configs", configs(args), CONFIGS),
-                               ("--train-configs", configs(args, "train_configs"), TRAIN_CONFIGS)):
+                               ("--train-configs", configs(args, "train_configs"), TRAIN_CONFIGS),
+                               ("--generation", configs(args, "generation"), GENERATION_CONFIGS)):
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
@@ -46,6 +51,7 @@ def main(argv: list[str]) -> int:
         bench.setup()
         if args.only in (None, "sample"):
             SamplingBench(bench).run()
+            GenerationBench(bench).run(configs(args, "generation"))
         if args.only in (None, "train"):
             bench.guarded("training", training, bench, configs(args, "train_configs"))
         bench.results["targets"] = targets(bench.results)

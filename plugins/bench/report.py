@@ -52,6 +52,13 @@ def render_table(results: dict[str, Any]) -> str:
                      f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
                      f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
                      f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
+    if results.get("generation"):
+        head = f"{'generation':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}{'x dev 28':>10}"
+        lines += ["", head, "-" * len(head)]
+        for name, r in results["generation"].items():
+            lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+                         f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
+                         f"{_fmt(r.get('ratio_to_dev_28_steps')):>10}")
     if results.get("train"):
         head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'reserved':>10}{'x stock':>9}"
         lines += ["", head, "-" * len(head)]
