@@ -78,7 +78,7 @@ def test_six_runs_at_once_on_one_recipe_and_cache(layout, tmp_path, fresh_cache)
     _cache_verifies(fresh_cache)
     if layout == "one run folder":  # they took turns, and the ones that waited said so
         waited = [e for out, _ in results for e in events(out) if e["event"] == "run_waiting"]
-        assert waited and all("in use by pid" in e["message"] for e in waited), waited
+        assert waited and all(" is in use by " in e["message"] for e in waited), waited
 
 
 def test_a_run_waits_for_the_run_folder_and_a_cancel_stops_the_wait(tmp_path, fresh_cache):
