@@ -124,9 +124,11 @@ class DiskCache:
             final = self.entry_dir(fp)
             final.parent.mkdir(parents=True, exist_ok=True)
             existing = self.lookup(fp, port_versions(port_names, port_types)) if final.exists() else None
-            if existing is not None:  # stored meanwhile by another run: theirs is as good, and may be in use
-                shutil.rmtree(staging, ignore_errors=True)
+            if existing is not None and existing.manifest.get("files") == files:
+                shutil.rmtree(staging, ignore_errors=True)  # the same bytes, maybe in use by another run: keep
                 return existing
+            if final.exists():
+                self.discard(final)
             try:
                 os.replace(staging, final)
             except OSError:  # another process stored the same result first: keep theirs if it verifies
