@@ -2,9 +2,11 @@
 
 An archive is untrusted input.  Every member name is checked before anything
 is read: absolute paths, drive letters and ``..`` components are refused, as
-are links, devices and FIFOs (in any archive, under any name).  Hidden files,
+are links, devices and FIFOs (in any archive, under any name), names that are
+not UTF-8, and (in folders) link loops and dangling links.  Hidden files,
 ``._*`` resource forks and ``__MACOSX/`` are skipped.  The number of members
-looked at is capped.  Nothing here writes to disk: members are handed out as
+looked at is capped, skipped archive members are charged to the byte cap
+before they are passed over, and a tar's whole decompressed stream is capped.  Nothing here writes to disk: members are handed out as
 :class:`Member` objects whose ``open()`` returns a readable stream, so the
 caller can count bytes while it copies them.
 """
@@ -137,8 +139,9 @@ def _open_zip(source: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(source)
     except UnicodeDecodeError as exc:  # the UTF-8 flag is set but a name is not UTF-8
-        raise Refused(exc.object.decode("utf-8", "surrogateescape"), "a member name is marked UTF-8 but is not valid UTF-8; repack the archive "
-                      "with UTF-8 names (e.g. `zip -r` from a UTF-8 folder, or 7-Zip)") from None
+        raise Refused(exc.object.decode("utf-8", "surrogateescape"),
+                      "a member name is marked UTF-8 but is not valid UTF-8; repack the archive with UTF-8 names "
+                      "(e.g. `zip -r` from a UTF-8 folder, or 7-Zip)") from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise Refused(source.name, f"not a valid zip file ({exc})") from None
 

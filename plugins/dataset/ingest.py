@@ -1,7 +1,10 @@
 """Copy a dataset source into a target folder under caps, verify every image, pair captions.
 
 Bytes are counted while they stream (declared sizes in an archive may lie), so
-a zip bomb stops at ``max_total_bytes``.  Each image is opened with an
+a zip bomb stops at ``max_total_bytes``; archive members that are skipped count
+too (a tar decompresses them to pass over them).  Two captions for one image
+are refused, and captions are cleaned of escape sequences, bidirectional
+overrides and control characters (logged).  Each image is opened with an
 allow-list of formats, its pixel count is checked against ``max_pixels`` from
 the header before any decoding (decompression bombs), then it is fully decoded.
 Files are written under names we choose (``00000.png``), never under a name
