@@ -3,10 +3,10 @@
 An axis is a key whose value every image has: a swept key of the node that
 made it (``meta["sweep"]``: a linked model shows as its node id), or a
 parameter such as ``seed``, ``prompt``, ``num_inference_steps``.  Values keep
-their order of first appearance.  Several images in one cell (e.g.
-``num_outputs = 2``) widen that column.  With no axes given, images from a
-sweep are laid out automatically: the last varying axis is the columns, the
-one before it the rows, any others make one page each.
+their order of first appearance (ascending for numbers).  Several images in
+one cell (e.g. ``num_outputs = 2``) widen that column.  Images from a sweep
+fill in what is not given: the last free varying axis is the columns, the one
+before it the rows, any others make one page each (unless pages are given).
 """
 
 from __future__ import annotations
@@ -51,17 +51,20 @@ def _distinct(values: list[Any]) -> list[Any]:
     return seen
 
 
-def auto_axes(items: list[ImageItem]) -> tuple[list[str], str | None, str | None]:
-    """(page axes, row axis, column axis) from the images' sweep axes that take more than one value."""
+def auto_axes(items: list[ImageItem], pages: list[str], row: str | None,
+              col: str | None) -> tuple[list[str], str | None, str | None]:
+    """Fill what is not given from the images' sweep axes that take more than one value: the last free one
+    is the columns, the one before it the rows; the others make pages unless pages are given."""
     keys: list[str] = []
     for item in items:
         keys += [k for k in sweep_values(item) if k not in keys]
-    varying = [k for k in keys if len(_distinct([sweep_values(i).get(k) for i in items])) > 1]
-    if not varying:
-        return [], None, None
-    col = varying[-1]
-    row = varying[-2] if len(varying) > 1 else None
-    return varying[:-2], row, col
+    free = [k for k in keys if k not in (*pages, row, col)
+            and len(_distinct([(sweep_values(i).get(k),) for i in items])) > 1]
+    if col is None and free:
+        col = free.pop()
+    if row is None and free:
+        row = free.pop()
+    return (pages or free), row, col
 
 
 def layout(items: list[ImageItem], pages: list[str], row: str | None, col: str | None,

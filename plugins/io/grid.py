@@ -78,9 +78,9 @@ def grid(
     flat = [it for g in groups for it in g]
     pages_by = [page_axis] if isinstance(page_axis, str) else list(page_axis or [])
     by_axes = bool(row_axis or col_axis or pages_by)
-    if not by_axes and not (columns or rows) and len(groups) == 1:
-        pages_by, row_axis, col_axis = axes.auto_axes(flat)
-        by_axes = col_axis is not None
+    if by_axes or (not (columns or rows) and len(groups) == 1):
+        pages_by, row_axis, col_axis = axes.auto_axes(flat, pages_by, row_axis, col_axis)
+        by_axes = by_axes or col_axis is not None
     if by_axes:
         if not flat:
             raise NodeError("grid got no images: every input is empty", hint="check the nodes linked to `images`")
@@ -90,9 +90,10 @@ def grid(
     keys = [label_from] if isinstance(label_from, str) else list(label_from or [])
     out = Images()
     for page in pages:
-        cells, rlabels, clabels = page.cells, row_labels or page.row_labels, col_labels or page.col_labels
+        cells, rlabels, clabels = page.cells, page.row_labels, page.col_labels
         if transpose:
             cells, rlabels, clabels = [list(c) for c in zip(*cells)], clabels, rlabels
+        rlabels, clabels = row_labels or rlabels, col_labels or clabels  # given labels name the final grid's
         ncols = max((len(r) for r in cells), default=0)
         _check_labels(rlabels, len(cells), "row_labels", "rows")
         _check_labels(clabels, ncols, "col_labels", "columns")
