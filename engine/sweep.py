@@ -39,6 +39,7 @@ class AxisValue:
 
     label: str  # short, file-name safe: used in cell ids
     value: Any  # what meta and labels show (a link shows its node id)
+    raw: Any = None  # as the recipe writes it (``fluxkiln inspect --write-recipe`` pins a cell with it)
     params: dict[str, Any] = field(default_factory=dict)
     links: dict[str, Link] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
@@ -70,6 +71,15 @@ def value_label(value: Any, index: int) -> str:
 def shown_value(value: Any) -> Any:
     """The value a cell's images record: a link becomes its node id."""
     return value.node if isinstance(value, Link) else value
+
+
+def recipe_value(value: Any) -> Any:
+    """The value as a recipe writes it (a link as ``"@id"``, a string starting with ``@`` escaped)."""
+    if isinstance(value, Link):
+        return str(value)
+    if isinstance(value, str) and value.startswith("@"):
+        return "@" + value
+    return value
 
 
 def cell_count(axes: list[Axis]) -> int:
@@ -133,7 +143,7 @@ def _cells(rn: Any) -> list[Any]:
             links={**links, **{k: lk for _, v in combo for k, lk in v.links.items()}},
             files={**files, **{k: f for _, v in combo for k, f in v.files.items()}},
             cell={"node": rn.id, "axes": {key: v.label for key, v in combo},
-                  "values": {key: v.value for key, v in combo}})
+                  "values": {key: v.value for key, v in combo}, "set": {key: v.raw for key, v in combo}})
         out.append(cell)
     return out
 
@@ -166,7 +176,8 @@ def _make_join(ports: dict[str, str], port_types: dict[str, PortType], count: in
 
 def _tag(images: Images, cell: dict[str, Any]) -> Images:
     """Copies of a cell's images whose meta records the cell (the cached originals stay untouched)."""
-    record = {"node": cell["node"], "cell": cell["index"], "axes": dict(cell["axes"]), "values": dict(cell["values"])}
+    record = {"node": cell["node"], "cell": cell["index"], "axes": dict(cell["axes"]),
+              "values": dict(cell["values"]), "set": dict(cell["set"])}
     return Images(dataclasses.replace(item, meta={**item.meta, "sweep": record}) for item in images
                   if isinstance(item, ImageItem))
 

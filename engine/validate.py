@@ -227,7 +227,8 @@ class _Checker:
                 ok = False
                 continue
             labels[label] = i
-            found.append(sweepmod.AxisValue(label, sweepmod.shown_value(value), tmp.params, tmp.links, tmp.files))
+            found.append(sweepmod.AxisValue(label, sweepmod.shown_value(value), sweepmod.recipe_value(value),
+                                            tmp.params, tmp.links, tmp.files))
         return sweepmod.Axis(key, found) if ok else None
 
     def _check_secret(self, rn: ResolvedNode, key: str, value: Any) -> None:

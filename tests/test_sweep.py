@@ -14,7 +14,8 @@ from fluxkiln.engine.runner import Engine
 
 
 @node("paint", version="1")
-def paint(ctx: RunContext, model: Model, shade: int = 0, label: str = "x", copies: int = 1) -> Images:
+def paint(ctx: RunContext, model: Model, shade: int = 0, label: str = "x", copies: int = 1,
+          seed: int | None = None) -> Images:
     """Flat grey images; records its parameters, a timing and a score."""
     from PIL import Image
 
@@ -97,7 +98,7 @@ def test_cells_run_in_order_and_join_with_their_axes(engine, tmp_path):
     assert [(i.meta["model"], i.meta["shade"]) for i in joined] == [("alpha", 10), ("alpha", 20), ("beta", 10),
                                                                    ("beta", 20)]
     assert joined[3].meta["sweep"] == {"node": "study", "cell": 3, "axes": {"model": "b", "shade": "20"},
-                                       "values": {"model": "b", "shade": 20}}
+                                       "values": {"model": "b", "shade": 20}, "set": {"model": "@b", "shade": 20}}
     assert "sweep" not in result.outputs[cells[0]]["output"][0].meta  # the cached cell value is untouched
 
 
@@ -228,3 +229,23 @@ def test_grid_axes_pages_and_several_images_per_cell(engine, tmp_path):
 def test_grid_row_axis_from_image_parameters(engine, tmp_path):
     [page] = _grid_run(engine, tmp_path, 'row_axis = "shade"\ncol_axis = "model"\ntranspose = true')
     assert _shades(page) == [[10, 20], [10, 20]]
+
+
+def test_inspect_writes_the_recipe_of_one_cell(engine, tmp_path):
+    import tomllib
+
+    from fluxkiln.engine.imagemeta import read_metadata
+    from fluxkiln.engine.inspect_cmd import reproduce_recipe
+
+    text = BASE + '\n[nodes.saved]\ntype = "save"\nimages = "@study"\noutput_format = "png"\n'
+    result = engine.run(write(tmp_path, text), output=tmp_path / "run")
+    assert result.ok
+    meta = read_metadata(tmp_path / "run" / "saved_3.png")
+    assert meta["prompt"] == "hello" and meta["seed"] == 20
+    again, notes = reproduce_recipe(meta, "saved_3.png")
+    study = tomllib.loads(again)["nodes"]["study"]
+    assert "sweep" not in study and (study["model"], study["shade"]) == ("@b", 20)
+    assert any("this image's cell: model = @b, shade = 20" in n for n in notes)
+    (tmp_path / "again.toml").write_text(again)
+    checked = engine.check(tmp_path / "again.toml")
+    assert list(checked.nodes) == ["b", "study", "saved"] and checked.nodes["study"].params["seed"] == 20
