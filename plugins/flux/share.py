@@ -4,7 +4,7 @@ FLUX.1 [dev] and [schnell] use the same CLIP-L and T5-XXL text encoders and
 the same VAE; only the transformer (and scheduler settings) differ.  A
 ``load_model`` with ``share = "@other"`` loads just its transformer and
 scheduler and takes the other pipeline's modules, so a dev + schnell recipe
-holds one copy of them (about 9.5 GB in bfloat16 for the real models).
+holds one copy of them (about 10 GB in bfloat16 for the real models: T5-XXL is most of it).
 
 The residency manager may evict either pipeline.  Freeing a pipeline moves its
 modules to the ``meta`` device; a module another live pipeline still uses is
