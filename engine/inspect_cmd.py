@@ -277,6 +277,8 @@ def _links(value: Any, variables: dict[str, Any]) -> list[str]:
     """Node ids a recipe value links to (``"@id"``, ``"@id.port"``, also through ``${var}``)."""
     if isinstance(value, list):
         return [n for v in value for n in _links(v, variables)]
+    if isinstance(value, dict):  # a sweep table
+        return [n for v in value.values() for n in _links(v, variables)]
     if not isinstance(value, str):
         return []
     value = _VAR.sub(lambda m: str(variables.get(m.group(1), m.group(0))), value)
