@@ -150,7 +150,7 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
             if "cudnn" not in str(exc).lower():
                 raise
             ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels")
-            for g, (k, j) in zip(generators, [(k, j) for k in range(len(group)) for j in range(s.n)], strict=True):
+            for g, j in zip(generators, [j for _ in group for j in range(s.n)], strict=True):
                 g.manual_seed(s.seed + j)
             return run(**common, callback_on_step_end=progress.callback()).images
 
