@@ -26,3 +26,13 @@ def test_schnell_steps_sweep_runs_on_tiny_model(tmp_path, fresh_cache):
     [image] = res.outputs["schnell_steps"]["output"]
     assert (image.seed, image.meta["width"], image.meta["variant"]) == (1234, 512, "schnell")
     assert image.meta["sweep"]["values"] == {"num_inference_steps": 1}
+
+
+def test_explain_lists_every_cell_with_its_reason(capsys, tmp_path):
+    args = ["run", str(RECIPE), "--explain", "--output", str(tmp_path / "run"),
+            *[a for s in TINY for a in ("--set", s)]]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "study[prompt=#2,aspect_ratio=9:16,model=schnell] sample" in out
+    assert "dev_guidance[guidance=1.5] sample" in out and "run    (no cached result)" in out
+    assert out.count("sweep ") == 4  # the four join nodes
