@@ -1,13 +1,14 @@
 """The recipe language: read a TOML recipe into a :class:`Recipe`.
 
 Handles ``[recipe]``, ``[vars]`` with ``${name}`` substitution, ``[nodes.<id>]``
-tables, ``"@id"`` / ``"@id.port"`` links, the ``"@@"`` escape and
-``--set KEY=VALUE`` overrides.  Checks that need node types (unknown keys,
+tables and their ``[nodes.<id>.sweep]`` tables, ``"@id"`` / ``"@id.port"``
+links, the ``"@@"`` escape and ``--set KEY=VALUE`` overrides.  Checks that need node types (unknown keys,
 types, ranges, links) live in :mod:`fluxkiln.engine.validate`.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 VAR_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 TOP_LEVEL = ("recipe", "vars", "nodes")
 MAX_NESTING = 32  # arrays/tables inside one another; real recipes use 2 or 3
+SWEEP = "sweep"  # the reserved node key of a sweep table
 RECIPE_KEYS = ("name", "description", "output_dir", "plugins", "gpu_hour_price", "seed")
 
 
@@ -31,9 +33,15 @@ class Link:
 
     node: str
     port: str | None = None
+    as_list: bool = False  # set by validation: a single value feeding a list[X] input arrives as a list of one
 
     def __str__(self) -> str:
         return f"@{self.node}" + (f".{self.port}" if self.port else "")
+
+    def take(self, outputs: dict[str, dict[str, Any]]) -> Any:
+        """This link's value from the outputs of the nodes that ran (node id -> port -> value)."""
+        value = outputs[self.node][self.port or next(iter(outputs[self.node]))]
+        return [value] if self.as_list else value
 
 
 @dataclass
@@ -45,14 +53,27 @@ class NodeSpec:
     values: dict[str, Any]
     line: int | None = None
     key_lines: dict[str, int] = field(default_factory=dict)
+    sweep: Any = None  # the [nodes.<id>.sweep] table: key -> list of values (links as Link), when given
+    sweep_lines: dict[str, int] = field(default_factory=dict)
 
     def links(self) -> dict[str, list[Link]]:
+        """Every link of this node, its sweep's included."""
         out: dict[str, list[Link]] = {}
-        for key, v in self.values.items():
+        sweep = self.sweep if isinstance(self.sweep, dict) else {}
+        for key, v in [*self.values.items(), *sweep.items()]:
             found = [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, Link)]
             if found:
-                out[key] = found
+                out.setdefault(key, []).extend(found)
         return out
+
+    def cells(self, limit: int = 4096) -> list[dict[str, Any]]:
+        """The values of each sweep cell (the node's values with one value per swept key), or just the values."""
+        sweep = self.sweep if isinstance(self.sweep, dict) else {}
+        axes = {k: v for k, v in sweep.items() if isinstance(v, list) and v}
+        if not axes:
+            return [self.values]
+        combos = itertools.islice(itertools.product(*axes.values()), limit)
+        return [{**self.values, **dict(zip(axes, combo, strict=True))} for combo in combos]
 
 
 @dataclass
@@ -191,6 +212,25 @@ def _to_link(value: Any) -> Any:
     return Link(node, port or None)
 
 
+def _sweep_table(raw: Any, subst: _Subst, problems: list[Problem], file: str, nid: str, line: int | None,
+                 lines: dict[tuple[str, ...], int]) -> tuple[Any, dict[str, int]]:
+    """A node's ``sweep`` table with variables substituted and links parsed (checked by validation)."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(f"'{SWEEP}' must be a table of lists, got {raw!r}", file, line, nid, SWEEP,
+                                hint=f'write [nodes.{nid}.sweep] with lists, e.g. seed = [1, 2, 3]'))
+        return None, {}
+    table, klines = {}, {}
+    for key, value in raw.items():
+        kline = lines.get(("nodes", nid, SWEEP, key), line)
+        if kline is not None:
+            klines[key] = kline
+        subst.undefined.clear()
+        table[key] = _to_link(subst(value))
+        for var in subst.undefined:
+            problems.append(Problem(f"undefined variable ${{{var}}}", file, kline, nid, f"{SWEEP}.{key}"))
+    return table, klines
+
+
 def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | None = None) -> tuple[Recipe, list[Problem]]:
     """Parse recipe text; return the recipe and every problem found at this level."""
     file = str(path) if path else "<recipe>"
@@ -270,6 +310,8 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem(f"nodes.{nid} must be a table", file, nline, node=nid))
             continue
         subst = _Subst(recipe.vars)
+        sweep: Any = None
+        sweep_lines: dict[str, int] = {}
         values: dict[str, Any] = {}
         klines: dict[str, int] = {}
         for key, raw in table.items():
@@ -277,6 +319,9 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             if kline is not None:
                 klines[key] = kline
             if key == "type":
+                continue
+            if key == SWEEP:
+                sweep, sweep_lines = _sweep_table(raw, subst, problems, file, nid, kline, lines)
                 continue
             subst.undefined.clear()
             value = subst(raw)
@@ -289,7 +334,7 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem("missing 'type'", file, nline, nid, "type",
                                     hint='every node needs type = "<node type>"; `fluxkiln nodes` lists them'))
             ntype = ""
-        recipe.nodes[nid] = NodeSpec(nid, ntype, values, nline, klines)
+        recipe.nodes[nid] = NodeSpec(nid, ntype, values, nline, klines, sweep, sweep_lines)
     return recipe, problems
 
 

@@ -32,6 +32,7 @@ from .recipe import Recipe
 from .registry import Registry
 from .report import write_report
 from .residency import Residency
+from .sweep import with_cells
 from .validate import Checked, check_file
 
 
@@ -115,7 +116,8 @@ class Engine:
         run_dir = resolve_run_dir(checked.recipe, output)
         return make_plan(checked, run_dir=run_dir, run_id=run_id or "plan", memory=self.memory, disk=self.disk,
                          hasher=self.hasher, port_types=self.registry.port_types,
-                         previous=self._load_previous(checked.recipe, run_dir), only=only, force=force,
+                         previous=self._load_previous(checked.recipe, run_dir), only=only,
+                         force=with_cells(checked, force),
                          force_all=force_all)
 
     def run(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
@@ -233,7 +235,7 @@ class Engine:
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         rn = plan.checked.nodes[np_.id]
         nt = rn.type
-        inputs = {k: result.outputs[link.node][link.port] for k, link in rn.links.items()}
+        inputs = {k: link.take(result.outputs) for k, link in rn.links.items()}
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
                          state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
@@ -307,10 +309,11 @@ def _secrets(rn: Any) -> dict[str, str | None]:
 
 def _check_outputs(nt: Any, outputs: dict[str, Any], port_types: dict[str, Any]) -> None:
     for port, value in outputs.items():
-        cls = port_types[nt.outputs[port]].cls
-        if not isinstance(value, cls):
+        pt = port_types[nt.outputs[port]]
+        if not pt.accepts(value):
+            expected = f"list[{pt.element.cls.__name__}]" if pt.element is not None else pt.cls.__name__
             raise TypeError(f"node type '{nt.name}' returned {type(value).__name__} for output '{port}', "
-                            f"expected {cls.__name__} (plugin '{nt.plugin}')")
+                            f"expected {expected} (plugin '{nt.plugin}')")
 
 
 def _last_progress(events: list[Event], node: str) -> dict[str, Any] | None:
