@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .paths import temp_name
 from . import sweepreport
+from .paths import temp_name
 
 
 def _count_images(outputs: dict[str, Any]) -> int:
