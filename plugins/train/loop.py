@@ -156,7 +156,7 @@ class Trainer:
             gone = f"; {earlier} earlier checkpoint(s) of this configuration discarded" if earlier else ""
             self.ctx.log(f"training from scratch ({why}){gone}")
             return 0
-        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps)
+        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps, log=self.ctx.log)
         if found is None:
             self.ctx.log("training from scratch (no checkpoint of this configuration yet)")
             return 0
@@ -299,7 +299,7 @@ class Trainer:
         meta = {"cursor": self.cursor.state(), "history": self.history, "optimizer": self.optimizer_name,
                 "elapsed": self.elapsed, "layers": len(self.layers)}
         try:
-            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last)
+            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last, log=self.ctx.log)
         except OSError as exc:
             prev = ckpts.complete(self.ckpt_dir)
             kept = f"the checkpoint at step {prev[0][0]} is intact" if prev else "no earlier checkpoint exists"
