@@ -36,7 +36,7 @@ from .errors import PluginError
 from .events import Event
 from .nodes import NodeType, build_node_type
 from .plugin_errors import PLUGIN_FAILURES, entry_point_error, short_error
-from .ports import PortType
+from .ports import ALIASES, PortType, by_annotation, list_name, with_lists
 
 __all__ = ["BUILTIN_COMMANDS", "PluginInfo", "Registry"]
 
@@ -162,7 +162,8 @@ class Registry:
     def _register_all(self) -> None:
         for plugin in self._loaded():
             self._stage(plugin, "register_port_types", self._ports_of)
-        ports_by_cls = {p.cls: p for p in self.port_types.values()}
+        self.port_types = with_lists(self.port_types)  # list[X] for every port type X
+        ports_by_cls = by_annotation(self.port_types)
         for plugin in self._loaded():
             self._stage(plugin, "register_node_types", lambda p, impl: self._nodes_of(p, impl, ports_by_cls))
         for plugin in self._loaded():
@@ -189,6 +190,9 @@ class Registry:
         for pt in staged:
             if not isinstance(pt, PortType):
                 raise PluginError(f"plugin '{plugin}': register_port_types must register PortType values, got {pt!r}")
+            if "[" in pt.name or pt.name in ALIASES:
+                raise PluginError(f"plugin '{plugin}': port type name '{pt.name}' is reserved; list[X] port types are "
+                                  "derived from every port type X by the engine")
             if pt.name in self.port_types or sum(p.name == pt.name for p in staged) > 1:
                 owner = next((n for n, i in self.plugins.items() if pt.name in i.port_types), plugin)
                 raise PluginError(f"plugin '{plugin}': port type '{pt.name}' is already registered by plugin "
@@ -254,8 +258,9 @@ class Registry:
         info = self.plugins[plugin]
         info.fail(message)
         for name in info.port_types:
-            self.port_types.pop(name, None)
-            self._lost_ports[name] = plugin
+            for lost in (name, list_name(name)):  # and the list port type derived from it
+                self.port_types.pop(lost, None)
+                self._lost_ports[lost] = plugin
         for name in info.node_types:
             self.node_types.pop(name, None)
         for name in info.commands:
