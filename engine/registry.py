@@ -187,19 +187,20 @@ class Registry:
     def _ports_of(self, plugin: str, impl: Any) -> None:
         staged: list[PortType] = []
         impl.function(register=staged.append)
-        for pt in staged:
-            if not isinstance(pt, PortType):
-                raise PluginError(f"plugin '{plugin}': register_port_types must register PortType values, got {pt!r}")
-            if "[" in pt.name or pt.name in ALIASES:
-                raise PluginError(f"plugin '{plugin}': port type name '{pt.name}' is reserved; list[X] port types are "
-                                  "derived from every port type X by the engine")
-            if pt.name in self.port_types or sum(p.name == pt.name for p in staged) > 1:
-                owner = next((n for n, i in self.plugins.items() if pt.name in i.port_types), plugin)
-                raise PluginError(f"plugin '{plugin}': port type '{pt.name}' is already registered by plugin "
-                                  f"'{owner}'")
+        _all_or_nothing([lambda pt=pt: self._check_port(pt, plugin, staged) for pt in staged])
         for pt in staged:
             self.port_types[pt.name] = pt
             self.plugins[plugin].port_types.append(pt.name)
+
+    def _check_port(self, pt: Any, plugin: str, staged: list[Any]) -> None:
+        if not isinstance(pt, PortType):
+            raise PluginError(f"plugin '{plugin}': register_port_types must register PortType values, got {pt!r}")
+        if "[" in pt.name or pt.name in ALIASES:
+            raise PluginError(f"plugin '{plugin}': port type name '{pt.name}' is reserved; list[X] port types are "
+                              "derived from every port type X by the engine")
+        if pt.name in self.port_types or sum(p.name == pt.name for p in staged) > 1:
+            owner = next((n for n, i in self.plugins.items() if pt.name in i.port_types), plugin)
+            raise PluginError(f"plugin '{plugin}': port type '{pt.name}' is already registered by plugin '{owner}'")
 
     def _nodes_of(self, plugin: str, impl: Any, ports_by_cls: dict[type, PortType]) -> None:
         objs: list[Any] = []
@@ -208,10 +209,8 @@ class Registry:
         objs += _declared_nodes(self._objects[plugin])
         staged: dict[str, NodeType] = {}
         seen: list[Any] = []
-        for obj in objs:
-            if any(obj is s for s in seen):  # declared and registered explicitly too: once
-                continue
-            seen.append(obj)
+
+        def add(obj: Any) -> None:
             nt = obj if isinstance(obj, NodeType) else build_node_type(obj, plugin, ports_by_cls)
             nt.plugin = plugin
             nt.plugin_module = self.plugins[plugin].module.split(":")[0].strip()
@@ -219,6 +218,11 @@ class Registry:
                 raise PluginError(f"plugin '{plugin}': node type '{nt.name}' is declared twice")
             self._check_clash(nt.name, plugin)
             staged[nt.name] = nt
+
+        for obj in objs:
+            if not any(obj is s for s in seen):  # declared and registered explicitly too: once
+                seen.append(obj)
+        _all_or_nothing([lambda obj=obj: add(obj) for obj in seen])
         self.node_types.update(staged)
         self.plugins[plugin].node_types.extend(staged)
 
@@ -319,6 +323,18 @@ class Registry:
     def resolve_model(self, ref: str) -> str | None:
         """Ask plugins to resolve a prefixed model reference; None if no plugin claims it."""
         return self.pm.hook.resolve_model(ref=ref)
+
+
+def _all_or_nothing(steps: list[Callable[[], None]]) -> None:
+    """Run every step; if any raised PluginError, raise one naming every problem (the plugin then fails)."""
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except PluginError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise PluginError("; ".join(errors))
 
 
 def _declared_nodes(obj: Any) -> list[Any]:
