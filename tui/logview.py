@@ -22,15 +22,13 @@ class RunLog(RichLog):
         super().__init__(id=id, markup=False, highlight=False, wrap=True, min_width=1, max_lines=max_lines)
         self.entries: deque[Text] = deque(maxlen=max_lines)
         self._wrapped_at = 0
+        self._unwritten = 0  # entries added while hidden, not drawn yet
 
     def add(self, line: Text) -> None:
         """Append a line; it is drawn now if the log is visible, else when it is shown."""
         self.entries.append(line)
-        width = self.scrollable_content_region.width
-        if width > 0 and width == self._wrapped_at:
-            self.write(line)
-        elif width > 0:
-            self.rewrap()
+        self._unwritten = min(self._unwritten + 1, len(self.entries))
+        self.rewrap()
 
     def on_resize(self, event: Resize) -> None:
         super().on_resize(event)
@@ -40,12 +38,18 @@ class RunLog(RichLog):
         self.call_after_refresh(self.rewrap)
 
     def rewrap(self) -> None:
-        """Render every kept line again at the current width (nothing to do while hidden)."""
+        """Draw new lines, or every kept line again if the width changed (nothing to do while hidden)."""
         width = self.scrollable_content_region.width
-        if width <= 0 or width == self._wrapped_at:
+        if width <= 0 or not self.display or not self.is_on_screen:
             return
-        self._wrapped_at = width
-        self.clear()
-        for line in self.entries:
+        if width == self._wrapped_at:
+            new = list(self.entries)[len(self.entries) - self._unwritten:] if self._unwritten else []
+        else:
+            self._wrapped_at = width
+            self.clear()
+            new = list(self.entries)
+        self._unwritten = 0
+        for line in new:
             self.write(line, scroll_end=False)
-        self.scroll_end(animate=False, immediate=True)
+        if new:
+            self.scroll_end(animate=False, immediate=True)
