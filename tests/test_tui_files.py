@@ -24,7 +24,8 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name, data, says", [("shot.png", PNG, "is a binary file, not a recipe"),
-                                              ("latin.toml", LATIN1, "is not UTF-8 text")])
+                                              ("latin.toml", LATIN1, "is not UTF-8 text")],
+                         ids=["binary", "latin-1"])
 def test_cli_refuses_a_binary_or_non_utf8_file_with_one_line_and_status_2(tmp_path, fresh_cache, name, data, says):
     (tmp_path / name).write_bytes(data)
     res = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "tui", name], cwd=tmp_path,
