@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from textual.command import CommandList
 
 import fluxkiln.plugins.ports as ports_plugin
 from fluxkiln.engine.registry import Registry
@@ -127,8 +128,9 @@ def test_quit_dialog_with_stay_focused(app, snap_compare):
     async def edited(pilot):
         await settled(pilot)
         pilot.app.main.editor.load_text(BROKEN)
+        await until(pilot, lambda: pilot.app.main.status.status.problems == 2)
         await pilot.press("ctrl+q")
-        await pilot.pause()
+        await until(pilot, lambda: getattr(pilot.app.screen.focused, "id", None) == "stay")
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=edited)
 
@@ -137,6 +139,7 @@ def test_command_palette_finds_run(app, snap_compare):
     async def palette(pilot):
         await settled(pilot)
         await pilot.press("ctrl+p", *"run")
+        await until(pilot, lambda: pilot.app.screen.query_one(CommandList).option_count > 0)
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=(120, 40), run_before=palette)
