@@ -76,7 +76,10 @@ class ConsoleObserver:
         elif name == "node_progress":
             self._on_progress(event)
         elif name == "node_log":
-            self._print(f"  {event.node}: {d.get('message', '')}")
+            if event.node is None:  # about the whole run (e.g. the cache), not one node
+                self._print(f"fluxkiln: {d.get('level', 'info')}: {d.get('message', '')}")
+            else:
+                self._print(f"  {event.node}: {d.get('message', '')}")
         elif name == "node_finished":
             self._stop_bar(event.node)
             arts = d.get("artifacts") or []

@@ -2,14 +2,17 @@
 
 For each node: what happened, wall time, seconds per step, images per second,
 peak GPU memory (where there is a GPU) and the estimated cost per image from
-``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked.
+``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked, by
+paths inside the run folder only (a file a node wrote elsewhere is named).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 
@@ -73,21 +76,27 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     if data.get("gpu_hour_price") is not None:
         lines += ["", f"Cost estimates use gpu_hour_price = {data['gpu_hour_price']} per GPU hour."]
-    art_lines = []
-    for r in data["nodes"]:
-        for a in r["artifacts"]:
-            try:
-                rel = os.path.relpath(a, run_dir)
-            except ValueError:
-                rel = a
-            is_img = rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
-            art_lines.append(f"- {r['node']}: " + (f"![{rel}]({rel})" if is_img else f"[{rel}]({rel})"))
+    art_lines = [f"- {r['node']}: {_artifact_md(a, run_dir)}" for r in data["nodes"] for a in r["artifacts"]]
     if art_lines:
         lines += ["", "## Artifacts", "", *art_lines]
     return "\n".join(lines) + "\n"
 
 
+def _artifact_md(path: str, run_dir: Path) -> str:
+    """A link for a file inside the run folder; a file elsewhere is named, not linked (links stay inside)."""
+    root = run_dir.resolve()
+    try:
+        rel = Path(path).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return f"`{path}` (outside the run folder)"
+    target = quote(rel)
+    return f"![{rel}]({target})" if rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) else f"[{rel}]({target})"
+
+
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

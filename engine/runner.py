@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .cache import DiskCache, MemoryCache
+from .artifacts import in_run, record, restore
+from .cache import CacheUnavailable, DiskCache, MemoryCache
+from .cacheadmin import budget_from_env, enforce_budget
 from .context import RunContext
 from .errors import Cancelled, RecipeInvalid
 from .events import Event
@@ -92,6 +94,8 @@ class Engine:
         self.hasher = FileHasher(self.cache_root / "filehashes.json")
         self._cancel = threading.Event()
         self._previous: dict[str, dict[str, dict[str, Any]]] = {}
+        self._warned: set[str] = set()
+        self._run_warnings: list[str] = []
         self.running = False
 
     # ------------------------------------------------------------ public API
@@ -123,6 +127,8 @@ class Engine:
             observers: list[Any] | None = None) -> RunResult:
         """Validate (unless given a Checked), plan and execute a recipe."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self._run_warnings = []
+        self._check_cache()
         plan = self.plan(recipe, overrides=overrides, only=only, force=force, force_all=force_all, output=output,
                          run_id=run_id)
         result = RunResult(run_id, "ok", run_dir=plan.run_dir, plan=plan)
@@ -149,6 +155,8 @@ class Engine:
         self._emit(Event("run_started", result.run_id, data={
             "recipe": recipe.file, "name": recipe.name, "run_dir": str(plan.run_dir),
             "nodes": list(plan.nodes), "plan": plan.to_dict()}))
+        for message in self._run_warnings:
+            self._warn(result, message)
         stats: dict[str, dict[str, Any]] = {}
         failed: set[str] = set()
         for nid, np_ in plan.nodes.items():
@@ -175,9 +183,12 @@ class Engine:
                     self._unreadable(np_, exc, result)
                     failed.add(nid)
                     continue
+                if not self._restore(plan, np_, result):
+                    failed.add(nid)
+                    continue
                 self._emit(Event("node_cached", result.run_id, nid, np_.type,
                                  {"source": np_.source, "fingerprint": np_.fingerprint[:16],
-                                  "artifacts": (np_.entry.manifest.get("artifacts", []) if np_.entry else [])}))
+                                  "artifacts": in_run(np_.artifacts, plan.run_dir)}))
                 continue
             state = self._run_node(plan, np_, result, stats)
             result.nodes[nid] = state
@@ -189,12 +200,96 @@ class Engine:
                 break
         for nid in plan.nodes:
             result.nodes.setdefault(nid, "skipped")
+        self._save_files(plan)
+        self._prune(plan, result)
         result.seconds = time.perf_counter() - t0
         self._save_previous(plan)
         write_report(plan, result, stats)
         self._emit(Event("run_finished", result.run_id, data={
             "status": result.status, "nodes": result.nodes, "seconds": round(result.seconds, 3),
             "run_dir": str(plan.run_dir)}))
+
+    # ------------------------------------------------------------ the disk cache's health, storing, pruning
+    def _check_cache(self) -> None:
+        """Before a run: can results be stored?  If not, the run goes uncached with one warning."""
+        problem = self.disk.probe()
+        if problem:
+            self._cache_warning(problem)
+        budget_warning = budget_from_env()[1]
+        if budget_warning and budget_warning not in self._warned:
+            self._warned.add(budget_warning)
+            self._run_warnings.append(budget_warning)
+
+    def _cache_warning(self, problem: str) -> str | None:
+        """The warning for an unusable cache, once per process and problem."""
+        message = f"the result cache cannot be written, so this run is not cached: {problem}"
+        if message in self._warned:
+            return None
+        self._warned.add(message)
+        self._run_warnings.append(message)
+        return message
+
+    def _warn(self, result: RunResult, message: str) -> None:
+        self._emit(Event("node_log", result.run_id, data={"level": "warning", "message": message}))
+
+    def _store(self, plan: Plan, np_: Any, outputs: dict[str, Any], arts: list[Any],
+               result: RunResult) -> tuple[dict[str, Any], Any]:
+        """Store a finished node's result on disk where it may be; return the outputs to pass on, and the entry."""
+        nt = plan.checked.nodes[np_.id].type
+        ports = self.registry.port_types
+        if np_.volatile or nt.cache != "disk" or not all(ports[p].disk_cacheable for p in nt.outputs.values()):
+            return outputs, None
+        if self.disk.problem:
+            return outputs, None
+        try:
+            entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), ports,
+                                    {"type": nt.name, "node": np_.id, "recipe": plan.checked.recipe.name}, arts,
+                                    replace=np_.supersede)
+        except (OSError, CacheUnavailable) as exc:
+            problem = self.disk.disable(exc) if isinstance(exc, OSError) else str(exc)
+            if (message := self._cache_warning(problem)) is not None:
+                self._warn(result, message)
+            return outputs, None
+        try:
+            return self.disk.load(entry, ports), entry
+        except OSError:  # another process replaced the entry this instant: pass the values on as computed
+            return outputs, None
+
+    def _state_root(self) -> Path:
+        """Where nodes keep resumable state: the cache's ``state`` folder, or a temporary one if it is unusable."""
+        root = self.cache_root / "state"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if os.access(root, os.W_OK):
+                return root
+        except OSError:
+            pass
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"fluxkiln-state-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+    def _save_files(self, plan: Plan) -> None:
+        try:
+            plan.files.save()
+        except OSError:
+            pass  # only a record that saves hashing; the next run re-checks the files by content
+
+    def _prune(self, plan: Plan, result: RunResult) -> None:
+        """Keep the disk cache within its budget; never remove what this run or this process uses."""
+        if self.disk.problem:
+            return
+        keep = {np_.fingerprint for np_ in plan.nodes.values()} | self.memory.keys()
+        try:
+            removed = enforce_budget(self.disk, budget_from_env()[0], keep)
+        except OSError:
+            return
+        if removed:
+            from .cacheadmin import human
+
+            freed = sum(e.own for e in removed)
+            self._emit(Event("node_log", result.run_id, data={
+                "level": "info", "message": f"cache over its budget: removed the {len(removed)} least recently "
+                                            f"used entries ({human(freed)})"}))
 
     def _unreadable(self, np_: Any, exc: Exception, result: RunResult) -> None:
         """A verified cache entry that still cannot be loaded: drop it and report the node failed."""
@@ -213,15 +308,35 @@ class Engine:
             return self.memory.get(np_.fingerprint)
         outputs = self.disk.load(np_.entry, self.registry.port_types)
         self.disk.touch(np_.entry)
-        self.memory.put(np_.fingerprint, outputs, np_.entry.manifest.get("artifacts", []))
+        self.memory.put(np_.fingerprint, outputs, np_.entry.artifacts, np_.entry.path)
         return outputs
+
+    def _restore(self, plan: Plan, np_: Any, result: RunResult) -> bool:
+        """Put a cached node's files into this run folder; a failure fails the node with a hint."""
+        try:
+            restore(np_.restore, plan.files, np_.id)
+        except OSError as exc:
+            result.nodes[np_.id] = "failed"
+            result.status = "failed"
+            self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
+                "error": f"its cached files could not be put into the run folder {plan.run_dir}: "
+                         f"{exc.strerror or exc} ({exc.filename or ''})",
+                "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
+                "hint": "check that the run folder is writable and the disk has space, then run again",
+                "inputs": {}}))
+            return False
+        return True
 
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         rn = plan.checked.nodes[np_.id]
         nt = rn.type
         inputs = {k: result.outputs[link.node][link.port] for k, link in rn.links.items()}
+        try:
+            plan.files.unshare(np_.id)  # never let the node write into a file shared with the cache
+        except OSError:
+            pass
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
-                         state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
+                         state_root=self._state_root(), emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
                          params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin)
         self._emit(Event("node_started", result.run_id, np_.id, nt.name,
@@ -232,12 +347,10 @@ class Engine:
             kwargs = {**rn.params, **_secrets(rn), **inputs}
             outputs = nt.call(ctx, kwargs)
             _check_outputs(nt, outputs, self.registry.port_types)
-            if nt.cache == "disk" and all(self.registry.port_types[p].disk_cacheable for p in nt.outputs.values()) \
-                    and nt.outputs and not np_.volatile:
-                entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), self.registry.port_types,
-                                        {"type": nt.name, "node": np_.id, "recipe": plan.checked.recipe.name,
-                                         "artifacts": ctx.artifacts})
-                outputs = self.disk.load(entry, self.registry.port_types)
+            arts = record(ctx.artifacts, plan.run_dir)
+            for art in arts:
+                plan.files.note(art, np_.id)
+            outputs, entry = self._store(plan, np_, outputs, arts, result)
         except Cancelled:
             self._emit(Event("node_cancelled", result.run_id, np_.id, nt.name,
                              {"artifacts": ctx.artifacts, "seconds": round(time.perf_counter() - t0, 3)}))
@@ -247,7 +360,7 @@ class Engine:
             self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
             return "failed"
         seconds = time.perf_counter() - t0
-        self.memory.put(np_.fingerprint, outputs, ctx.artifacts)
+        self.memory.put(np_.fingerprint, outputs, entry.artifacts if entry else arts, entry.path if entry else None)
         result.outputs[np_.id] = outputs
         stats[np_.id] = {"seconds": seconds, "peak_gpu_bytes": gpu.peak(), "outputs": outputs,
                          "progress": _last_progress(result.events, np_.id)}
