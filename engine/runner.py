@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .artifacts import in_run, record, restore
-from .cache import CacheUnavailable, DiskCache, MemoryCache
-from .cacheadmin import budget_from_env, enforce_budget
+from .artifacts import in_run, record
 from .context import RunContext
 from .errors import Cancelled, RecipeInvalid
 from .events import Event
@@ -34,6 +32,7 @@ from .recipe import Recipe
 from .registry import Registry
 from .report import write_report
 from .residency import Residency
+from .runcache import RunCaches
 from .validate import Checked, check_file
 
 
@@ -88,13 +87,12 @@ class Engine:
                  residency: Residency | None = None) -> None:
         self.registry = registry or Registry.load()
         self.cache_root = Path(cache_dir) if cache_dir else paths.cache_root()
-        self.disk = DiskCache(self.cache_root)
-        self.memory = MemoryCache()
+        self.caches = RunCaches(self.cache_root)
+        self.disk, self.memory = self.caches.disk, self.caches.memory
         self.models = residency or Residency()
         self.hasher = FileHasher(self.cache_root / "filehashes.json")
         self._cancel = threading.Event()
         self._previous: dict[str, dict[str, dict[str, Any]]] = {}
-        self._warned: set[str] = set()
         self._run_warnings: list[str] = []
         self.running = False
 
@@ -127,8 +125,7 @@ class Engine:
             observers: list[Any] | None = None) -> RunResult:
         """Validate (unless given a Checked), plan and execute a recipe."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        self._run_warnings = []
-        self._check_cache()
+        self._run_warnings = self.caches.before_run()
         plan = self.plan(recipe, overrides=overrides, only=only, force=force, force_all=force_all, output=output,
                          run_id=run_id)
         result = RunResult(run_id, "ok", run_dir=plan.run_dir, plan=plan)
@@ -173,22 +170,8 @@ class Engine:
                 break
             if np_.action == "cached":
                 result.nodes[nid] = "cached"
-                if np_.source == "not needed":
-                    self._emit(Event("node_cached", result.run_id, nid, np_.type,
-                                     {"source": "not needed", "fingerprint": np_.fingerprint[:16]}))
-                    continue
-                try:
-                    result.outputs[nid] = self._load_cached(np_)
-                except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
-                    self._unreadable(np_, exc, result)
+                if not self._use_cached(plan, np_, result):
                     failed.add(nid)
-                    continue
-                if not self._restore(plan, np_, result):
-                    failed.add(nid)
-                    continue
-                self._emit(Event("node_cached", result.run_id, nid, np_.type,
-                                 {"source": np_.source, "fingerprint": np_.fingerprint[:16],
-                                  "artifacts": in_run(np_.artifacts, plan.run_dir)}))
                 continue
             state = self._run_node(plan, np_, result, stats)
             result.nodes[nid] = state
@@ -200,8 +183,8 @@ class Engine:
                 break
         for nid in plan.nodes:
             result.nodes.setdefault(nid, "skipped")
-        self._save_files(plan)
-        self._prune(plan, result)
+        if pruned := self.caches.after_run(plan):
+            self._emit(Event("node_log", result.run_id, data={"level": "info", "message": pruned}))
         result.seconds = time.perf_counter() - t0
         self._save_previous(plan)
         write_report(plan, result, stats)
@@ -209,93 +192,13 @@ class Engine:
             "status": result.status, "nodes": result.nodes, "seconds": round(result.seconds, 3),
             "run_dir": str(plan.run_dir)}))
 
-    # ------------------------------------------------------------ the disk cache's health, storing, pruning
-    def _check_cache(self) -> None:
-        """Before a run: can results be stored?  If not, the run goes uncached with one warning."""
-        problem = self.disk.probe()
-        if problem:
-            self._cache_warning(problem)
-        budget_warning = budget_from_env()[1]
-        if budget_warning and budget_warning not in self._warned:
-            self._warned.add(budget_warning)
-            self._run_warnings.append(budget_warning)
-
-    def _cache_warning(self, problem: str) -> str | None:
-        """The warning for an unusable cache, once per process and problem."""
-        message = f"the result cache cannot be written, so this run is not cached: {problem}"
-        if message in self._warned:
-            return None
-        self._warned.add(message)
-        self._run_warnings.append(message)
-        return message
-
     def _warn(self, result: RunResult, message: str) -> None:
+        """A warning about the whole run (no node), e.g. that the cache cannot be written."""
         self._emit(Event("node_log", result.run_id, data={"level": "warning", "message": message}))
-
-    def _store(self, plan: Plan, np_: Any, outputs: dict[str, Any], arts: list[Any],
-               result: RunResult) -> tuple[dict[str, Any], Any]:
-        """Store a finished node's result on disk where it may be; return the outputs to pass on, and the entry."""
-        nt = plan.checked.nodes[np_.id].type
-        ports = self.registry.port_types
-        if np_.volatile or nt.cache != "disk" or not all(ports[p].disk_cacheable for p in nt.outputs.values()):
-            return outputs, None
-        if self.disk.problem:
-            return outputs, None
-        try:
-            entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), ports,
-                                    {"type": nt.name, "node": np_.id, "recipe": plan.checked.recipe.name}, arts,
-                                    replace=np_.supersede)
-        except (OSError, CacheUnavailable) as exc:
-            problem = self.disk.disable(exc) if isinstance(exc, OSError) else str(exc)
-            if (message := self._cache_warning(problem)) is not None:
-                self._warn(result, message)
-            return outputs, None
-        try:
-            return self.disk.load(entry, ports), entry
-        except OSError:  # another process replaced the entry this instant: pass the values on as computed
-            return outputs, None
-
-    def _state_root(self) -> Path:
-        """Where nodes keep resumable state: the cache's ``state`` folder, or a temporary one if it is unusable."""
-        root = self.cache_root / "state"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if os.access(root, os.W_OK):
-                return root
-        except OSError:
-            pass
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / f"fluxkiln-state-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-
-    def _save_files(self, plan: Plan) -> None:
-        try:
-            plan.files.save()
-        except OSError:
-            pass  # only a record that saves hashing; the next run re-checks the files by content
-
-    def _prune(self, plan: Plan, result: RunResult) -> None:
-        """Keep the disk cache within its budget; never remove what this run or this process uses."""
-        if self.disk.problem:
-            return
-        keep = {np_.fingerprint for np_ in plan.nodes.values()} | self.memory.keys()
-        try:
-            removed = enforce_budget(self.disk, budget_from_env()[0], keep)
-        except OSError:
-            return
-        if removed:
-            from .cacheadmin import human
-
-            freed = sum(e.own for e in removed)
-            self._emit(Event("node_log", result.run_id, data={
-                "level": "info", "message": f"cache over its budget: removed the {len(removed)} least recently "
-                                            f"used entries ({human(freed)})"}))
 
     def _unreadable(self, np_: Any, exc: Exception, result: RunResult) -> None:
         """A verified cache entry that still cannot be loaded: drop it and report the node failed."""
-        if np_.entry is not None:
-            self.disk.discard(np_.entry.path)
-        self.memory.drop(np_.fingerprint)
+        self.caches.drop(np_)
         result.nodes[np_.id] = "failed"
         result.status = "failed"
         self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
@@ -303,29 +206,33 @@ class Engine:
             "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
             "hint": "the broken cache entry was removed: run again to recompute it", "inputs": {}}))
 
-    def _load_cached(self, np_: Any) -> dict[str, Any]:
-        if np_.source == "memory":
-            return self.memory.get(np_.fingerprint)
-        outputs = self.disk.load(np_.entry, self.registry.port_types)
-        self.disk.touch(np_.entry)
-        self.memory.put(np_.fingerprint, outputs, np_.entry.artifacts, np_.entry.path)
-        return outputs
-
-    def _restore(self, plan: Plan, np_: Any, result: RunResult) -> bool:
-        """Put a cached node's files into this run folder; a failure fails the node with a hint."""
-        try:
-            restore(np_.restore, plan.files, np_.id)
-        except OSError as exc:
-            result.nodes[np_.id] = "failed"
-            result.status = "failed"
-            self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
-                "error": f"its cached files could not be put into the run folder {plan.run_dir}: "
-                         f"{exc.strerror or exc} ({exc.filename or ''})",
-                "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
-                "hint": "check that the run folder is writable and the disk has space, then run again",
-                "inputs": {}}))
-            return False
+    def _use_cached(self, plan: Plan, np_: Any, result: RunResult) -> bool:
+        """Load a cached node's outputs and put its files into the run folder; False if that failed."""
+        data: dict[str, Any] = {"source": np_.source, "fingerprint": np_.fingerprint[:16]}
+        if np_.source != "not needed":
+            try:
+                result.outputs[np_.id] = self.caches.load(np_, self.registry.port_types)
+            except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
+                self._unreadable(np_, exc, result)
+                return False
+            try:
+                self.caches.put_files(plan, np_)
+            except OSError as exc:
+                self._unplaceable(plan, np_, exc, result)
+                return False
+            data["artifacts"] = in_run(np_.artifacts, plan.run_dir)
+        self._emit(Event("node_cached", result.run_id, np_.id, np_.type, data))
         return True
+
+    def _unplaceable(self, plan: Plan, np_: Any, exc: OSError, result: RunResult) -> None:
+        """A cached node whose files the run folder refuses (permissions, full disk): the node fails with a hint."""
+        result.nodes[np_.id] = "failed"
+        result.status = "failed"
+        self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
+            "error": f"its cached files could not be put into the run folder {plan.run_dir}: "
+                     f"{exc.strerror or exc} ({exc.filename or ''})",
+            "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
+            "hint": "check that the run folder is writable and the disk has space, then run again", "inputs": {}}))
 
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         rn = plan.checked.nodes[np_.id]
@@ -336,7 +243,7 @@ class Engine:
         except OSError:
             pass
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
-                         state_root=self._state_root(), emit=self._emit, cancel=self._cancel,
+                         state_root=self.caches.state_root(), emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
                          params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin)
         self._emit(Event("node_started", result.run_id, np_.id, nt.name,
@@ -350,7 +257,10 @@ class Engine:
             arts = record(ctx.artifacts, plan.run_dir)
             for art in arts:
                 plan.files.note(art, np_.id)
-            outputs, entry = self._store(plan, np_, outputs, arts, result)
+            outputs, entry, warning = self.caches.store(np_, nt, plan.checked.recipe.name, outputs, arts,
+                                                        self.registry.port_types)
+            if warning:
+                self._warn(result, warning)
         except Cancelled:
             self._emit(Event("node_cancelled", result.run_id, np_.id, nt.name,
                              {"artifacts": ctx.artifacts, "seconds": round(time.perf_counter() - t0, 3)}))
@@ -360,7 +270,7 @@ class Engine:
             self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
             return "failed"
         seconds = time.perf_counter() - t0
-        self.memory.put(np_.fingerprint, outputs, entry.artifacts if entry else arts, entry.path if entry else None)
+        self.caches.remember(np_, outputs, entry, arts)
         result.outputs[np_.id] = outputs
         stats[np_.id] = {"seconds": seconds, "peak_gpu_bytes": gpu.peak(), "outputs": outputs,
                          "progress": _last_progress(result.events, np_.id)}
