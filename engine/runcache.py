@@ -77,7 +77,10 @@ class RunCaches:
     def load(self, np_: Any, port_types: dict[str, Any]) -> dict[str, Any]:
         """The outputs of a node planned as cached (from memory, or read from its verified disk entry)."""
         if np_.source == "memory":
-            return self.memory.get(np_.fingerprint)
+            outputs = self.memory.get(np_.fingerprint)
+            if outputs is None:
+                raise LookupError("its result was removed from the cache since the run was planned")
+            return outputs
         outputs = self.disk.load(np_.entry, port_types)
         self.disk.touch(np_.entry)
         self.memory.put(np_.fingerprint, outputs, np_.entry.artifacts, np_.entry.path)
