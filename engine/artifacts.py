@@ -7,7 +7,9 @@ with the node's entry.  When a later run reuses the node from a cache, each of
 these files must be in *that* run's folder with *that* content:
 
 * missing, or an older output fluxkiln wrote there and nobody changed since:
-  it is put there from the cache (a hard link, else a copy, in one rename);
+  it is put there from the cache in one rename (a file of 64 KiB or more as
+  a hard link to the cache's read-only copy, where the file system allows;
+  smaller ones, such as captions and reports, as ordinary copies);
 * a file of that name with other content that fluxkiln did not write (or that
   was edited since): it is never overwritten; the node runs again instead,
   and says so.
@@ -32,6 +34,7 @@ from .fingerprint import hash_bytes_of
 
 STATE_DIR = ".fluxkiln"
 FILES = "files.json"
+LINK_MIN = 64 * 1024  # smaller files are copied: as cheap as a link, and they stay yours to edit
 
 
 @dataclass(frozen=True)
@@ -229,11 +232,16 @@ def plan_restore(arts: list[Artifact], files: RunFiles, source: Callable[[Artifa
 
 
 def restore(todo: list[tuple[Artifact, Path]], files: RunFiles, node: str) -> None:
-    """Put cached files into the run folder (hard link, else copy; each in one rename) and remember them."""
+    """Put cached files into the run folder, each in one rename, and remember them.
+
+    Files of ``LINK_MIN`` bytes and more become hard links to the cache's
+    read-only copy (no extra space; a copy where links are impossible); smaller
+    ones (captions, reports) are writable copies.
+    """
     for art, src in todo:
         dest = files.run_dir / str(art.rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(src, dest)
+        link_or_copy(src, dest, link=art.size >= LINK_MIN)
         files.note(art, node)
 
 

@@ -27,16 +27,18 @@ def unique_tmp(folder: Path, stem: str) -> Path:
     return folder / f".{stem[:40]}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
 
 
-def link_or_copy(src: Path, dest: Path) -> bool:
-    """Put ``src``'s content at ``dest`` atomically: a hard link where possible, else a copy.
+def link_or_copy(src: Path, dest: Path, *, link: bool = True) -> bool:
+    """Put ``src``'s content at ``dest`` atomically: a hard link where possible (and ``link``), else a copy.
 
     Returns True for a hard link.  ``dest`` is replaced in one rename, so a
     reader sees the old file or the new one, never a partial file.
     """
     tmp = unique_tmp(dest.parent, dest.name)
-    linked = True
+    linked = link
     try:
         try:
+            if not link:
+                raise OSError("a copy was asked for")
             os.link(src, tmp)
         except OSError:  # another file system, no hard links, too many links: copy
             if not src.exists():

@@ -120,11 +120,13 @@ def test_node_without_outputs_is_cached_on_disk_with_its_file_and_true_reasons(p
 
 
 def test_a_forced_rerun_never_writes_through_a_shared_file(proj, fresh_cache):
+    (proj / "r.toml").write_text(RECIPE.replace('images = "@gen"\n', 'images = "@gen"\npad = 100000\n', 1))
     run(proj, fresh_cache)
     run(proj, fresh_cache, "--output", "b")
     run(proj, fresh_cache, "--output", "c")
     report = proj / "c" / "checked" / "check.json"
     before = report.read_bytes()
+    assert report.stat().st_nlink > 1  # shared with the cache and folder b
     (proj / "b" / "checked" / "check.json").chmod(0o644)  # even a writable shared file is not written through
     evs, by_node = run(proj, fresh_cache, "--output", "b", "--force", "checked")
     assert by_node["checked"]["reason"] == "forced"
@@ -138,11 +140,15 @@ def test_files_from_the_cache_are_read_only_hard_links_or_copies(proj, fresh_cac
     from fluxkiln.engine.runner import Engine
     from helpers import imagenodes, textnodes
 
+    (proj / "r.toml").write_text(RECIPE.replace('images = "@gen"\n', 'images = "@gen"\npad = 100000\n', 1))
     engine = Engine(Registry.load(extra=[textnodes, imagenodes], entry_points=False), cache_dir=fresh_cache)
     assert engine.run(proj / "r.toml", output=proj / "a").ok
     assert engine.run(proj / "r.toml", output=proj / "b").ok
-    linked = proj / "b" / "saved_0.png"
+    linked = proj / "b" / "checked" / "check.json"
+    assert linked.stat().st_size >= 64 * 1024
     assert linked.stat().st_nlink > 1 and linked.stat().st_mode & 0o222 == 0  # the cache's copy is read-only
+    small = proj / "b" / "saved_0.png"  # small files are ordinary, writable copies
+    assert small.stat().st_size < 64 * 1024 and small.stat().st_nlink == 1 and small.stat().st_mode & 0o200
     assert any(os.path.samefile(linked, p) for p in (fresh_cache / "blobs").rglob("*") if p.is_file())
 
     def no_links(src, dst):
@@ -150,7 +156,7 @@ def test_files_from_the_cache_are_read_only_hard_links_or_copies(proj, fresh_cac
 
     monkeypatch.setattr(os, "link", no_links)
     assert engine.run(proj / "r.toml", output=proj / "c").ok
-    copied = proj / "c" / "saved_0.png"
+    copied = proj / "c" / "checked" / "check.json"
     assert copied.stat().st_nlink == 1 and copied.read_bytes() == linked.read_bytes()
 
 

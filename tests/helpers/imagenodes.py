@@ -50,11 +50,13 @@ def fake_image(ctx: RunContext, prompt: str = "", seed: int = 0,
 
 
 @node("pass_check", version="1")
-def pass_check(ctx: RunContext, images: Images) -> Images:
-    """Pass images through unchanged (all 'safe') and write a report into the run folder."""
+def pass_check(ctx: RunContext, images: Images, pad: Annotated[int, Field(ge=0)] = 0) -> Images:
+    """Pass images through unchanged (all 'safe') and write a report (padded by `pad` bytes) in place."""
     CALLS.append(ctx.node)
     path = ctx.node_dir() / "check.json"
-    path.write_text(json.dumps({"checked": len(images), "seeds": [it.seed for it in images], "run": ctx.run_id}))
+    with open(path, "w") as f:  # in place, as many nodes write their reports
+        f.write(json.dumps({"checked": len(images), "seeds": [it.seed for it in images], "run": ctx.run_id,
+                            "pad": "x" * pad}))
     ctx.artifact(path)
     return Images(ImageItem(image=it.image, seed=it.seed, prompt=it.prompt, name=it.name, meta=dict(it.meta),
                             flags={**it.flags, "safe": True}) for it in images)
