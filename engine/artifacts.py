@@ -7,7 +7,7 @@ with the node's entry.  When a later run reuses the node from a cache, each of
 these files must be in *that* run's folder with *that* content:
 
 * missing, or an older output fluxkiln wrote there and nobody changed since:
-  it is put there from the cache in one rename (a file of 64 KiB or more as
+  it is put there from the cache in one rename (a file of 16 KiB or more as
   a hard link to the cache's read-only copy, where the file system allows;
   smaller ones, such as captions and reports, as ordinary copies);
 * a file of that name with other content that fluxkiln did not write (or that
@@ -34,7 +34,7 @@ from .fingerprint import hash_bytes_of
 
 STATE_DIR = ".fluxkiln"
 FILES = "files.json"
-LINK_MIN = 64 * 1024  # smaller files are copied: as cheap as a link, and they stay yours to edit
+LINK_MIN = 16 * 1024  # smaller files are copied: as cheap as a link, and they stay yours to edit
 
 
 @dataclass(frozen=True)
