@@ -137,6 +137,8 @@ def prune(cache: DiskCache, *, older_than: float | None = None, max_size: int | 
         if e.fingerprint in keep or not (too_old or too_big):
             continue
         cache.discard(Path(e.path))
+        if Path(e.path).exists():  # a read-only cache: nothing was removed
+            continue
         removed.append(e)
         total -= e.manifest_bytes
         for sha in e.files:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,13 @@ class FileHasher:
         with self._lock:
             data = json.dumps(self._index)
             self._dirty = False
-        tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
+        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(data)
-        os.replace(tmp, self.index_path)
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self.index_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def identity(type_name: str, version: str, params: dict[str, Any], inputs: dict[str, str],
