@@ -8,6 +8,7 @@ dependants are all cached is not loaded at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def _disk_ok(rn: ResolvedNode, port_types: dict[str, Any]) -> bool:
     return rn.type.cache == "disk" and all(port_types[p].disk_cacheable for p in rn.type.outputs.values())
 
 
-def _memory_source(hit: MemoryHit, disk: DiskCache) -> Any:
+def _memory_source(hit: MemoryHit, disk: DiskCache) -> Callable[[Artifact], Path | None]:
     """Where a memory-cached node's file can be copied from: its disk entry's copy, verified now."""
     def source(art: Artifact) -> Path | None:
         if hit.entry is None or art.stored is None:
