@@ -216,6 +216,12 @@ class DiskCache:
             out[port] = port_types[ptype].load(entry.path / port)
         return out
 
+    def entries(self) -> list[dict[str, Any]]:
+        """Every readable entry as a dict (fingerprint, type, node, recipe, created, used, size, own, path)."""
+        from .cacheadmin import scan
+
+        return [e.to_json() for e in scan(self)]
+
     def touch(self, entry: CacheEntry) -> None:
         try:
             os.utime(entry.path)
@@ -225,12 +231,14 @@ class DiskCache:
     # ------------------------------------------------------------ writing
     def store(self, fp: str, outputs: dict[str, Any], port_names: dict[str, str],
               port_types: dict[str, PortType], meta: dict[str, Any],
-              artifacts: list[Artifact] | None = None, *, replace: bool = False) -> CacheEntry:
+              artifacts: list[Artifact] | None = None) -> CacheEntry:
         """Write outputs and copies of the node's run-folder files atomically; return the entry.
 
-        An entry another process stored meanwhile is kept (and returned) unless
-        ``replace`` (a forced rerun) says the new result supersedes it.
-        Raises :class:`CacheUnavailable` when storing is off, OSError when a write fails.
+        A stored entry that verifies and holds the same bytes is kept (a run may
+        be reading it); otherwise the new result replaces it, and if another
+        process stores the entry between that check and the rename, the entry
+        that got there first is kept.  Raises :class:`CacheUnavailable` when
+        storing is off, OSError when a write fails.
         """
         if self.problem:
             raise CacheUnavailable(self.problem)
@@ -247,15 +255,19 @@ class DiskCache:
                         "artifacts": [a.to_json() for a in arts], "created": time.time(),
                         "port_versions": port_versions(port_names, port_types), **meta}
             (staging / MANIFEST).write_text(json.dumps(manifest, default=str))
-            final, placed = self._place(staging, fp, replace)
+            existing = self._same(fp, port_names, manifest)
+            if existing is not None:
+                shutil.rmtree(staging, ignore_errors=True)  # the same bytes, maybe in use by another run: keep
+                return existing
+            final, placed = self._place(staging, fp)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         if not placed:
             theirs = self.lookup(fp, port_names, manifest["port_versions"])
-            if theirs is not None:
-                return theirs
-            return self.store(fp, outputs, port_names, port_types, meta, artifacts, replace=True)
+            if theirs is None:
+                raise OSError(f"could not store the result in {final}: another process holds a broken entry there")
+            return theirs
         return CacheEntry(fp, final, manifest, arts)
 
     def _stage_artifacts(self, staging: Path, artifacts: list[Artifact]) -> list[Artifact]:
@@ -280,11 +292,18 @@ class DiskCache:
                 files[f.relative_to(staging).as_posix()] = [size, sha]
         return files
 
-    def _place(self, staging: Path, fp: str, replace: bool) -> tuple[Path, bool]:
-        """Rename the staging folder into place; (final path, False) if an existing entry was kept instead."""
+    def _same(self, fp: str, port_names: dict[str, str], manifest: dict[str, Any]) -> CacheEntry | None:
+        """A stored entry for ``fp`` that verifies and holds exactly these files, if there is one."""
+        if not self.entry_dir(fp).exists():
+            return None
+        existing = self.lookup(fp, port_names, manifest["port_versions"])
+        return existing if existing is not None and existing.manifest.get("files") == manifest["files"] else None
+
+    def _place(self, staging: Path, fp: str) -> tuple[Path, bool]:
+        """Rename the staging folder into place; (final path, False) if another process's entry got there first."""
         final = self.entry_dir(fp)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if replace and final.exists():
+        if final.exists():
             self.discard(final)
         try:
             os.replace(staging, final)

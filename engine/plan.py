@@ -16,6 +16,7 @@ from typing import Any
 from . import graph as graphmod
 from .artifacts import Artifact, RunFiles, plan_restore
 from .cache import CacheEntry, DiskCache, MemoryCache, MemoryHit, port_versions
+from .errors import RecipeInvalid
 from .fingerprint import FileHasher, diff_reasons, digest, identity
 from .validate import Checked, ResolvedNode
 
@@ -33,7 +34,6 @@ class NodePlan:
     source: str | None = None  # for cached: "memory" | "disk" | "not needed"
     entry: CacheEntry | None = None
     volatile: bool = False
-    supersede: bool = False  # runs although a valid entry exists (forced, or its files are not in place)
     artifacts: list[Artifact] = field(default_factory=list)  # for cached: the files it wrote into run folders
     restore: list[tuple[Artifact, Path]] = field(default_factory=list)  # for cached: files to put into this one
 
@@ -89,10 +89,21 @@ def _lookup(np_: NodePlan, rn: ResolvedNode, memory: MemoryCache, disk: DiskCach
             todo = plan_restore(entry.artifacts, files,
                                 lambda a: entry.path / a.stored if a.stored is not None else None)
             np_.reason = todo.reason
-            np_.supersede = bool(todo.reason)
             if not todo.reason:
                 np_.action, np_.source, np_.entry = "cached", "disk", entry
                 np_.artifacts, np_.restore = entry.artifacts, todo.todo
+
+
+def _hash_files(checked: Checked, nid: str, hasher: FileHasher) -> dict[str, str]:
+    """Content hashes of a node's input files; a file that became unreadable is a recipe problem."""
+    out = {}
+    for key, path in checked.nodes[nid].files.items():
+        try:
+            out[key] = hasher.path(path)
+        except OSError as exc:
+            raise RecipeInvalid([checked.recipe.problem(f"cannot read {path}: {exc.strerror or exc}", node=nid,
+                                                        key=key, hint="point it at a regular file or folder")])
+    return out
 
 
 def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCache, disk: DiskCache,
@@ -108,7 +119,7 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
         if nid not in selected:
             continue
         rn = checked.nodes[nid]
-        files = {k: hasher.path(p) for k, p in rn.files.items()}
+        files = _hash_files(checked, nid, hasher)
         if rn.type.extra_fingerprint is not None:
             extra = rn.type.extra_fingerprint(dict(rn.params), run_dir / nid, checked.recipe.base_dir)
             for label, value in (extra if isinstance(extra, dict) else {"edited files": extra}).items():
@@ -122,7 +133,6 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
         plan.nodes[nid] = np_
         file_names = {k: str(checked.recipe.nodes[nid].values.get(k, k)) for k in rn.files}
         if force_all or nid in forced:
-            np_.supersede = True
             np_.reason = "forced" if (force_all or nid in (force or [])) else "forced (depends on a forced node)"
         elif volatile:
             np_.reason = volatile

@@ -61,8 +61,7 @@ class RunCaches:
             return outputs, None, None
         try:
             entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), port_types,
-                                    {"type": nt.name, "node": np_.id, "recipe": recipe_name}, arts,
-                                    replace=np_.supersede)
+                                    {"type": nt.name, "node": np_.id, "recipe": recipe_name}, arts)
         except (OSError, CacheUnavailable) as exc:
             problem = self.disk.disable(exc) if isinstance(exc, OSError) else str(exc)
             return outputs, None, self._unwritable(problem)
