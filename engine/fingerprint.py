@@ -99,8 +99,11 @@ class FileHasher:
 
         tmp = temp_name(self.index_path)
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(data)
-        os.replace(tmp, self.index_path)
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self.index_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def identity(type_name: str, version: str, params: dict[str, Any], inputs: dict[str, str],
