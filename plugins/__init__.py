@@ -14,4 +14,5 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluxkiln.plugins.train",
     "fluxkiln.plugins.caption",
     "fluxkiln.plugins.safety",
+    "fluxkiln.plugins.miniflux",
 )

@@ -25,7 +25,7 @@ MAX_INPUT_PIXELS = 40_000_000
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 
 
-KNOWN_SCHNELL = ("black-forest-labs/FLUX.1-schnell", "builtin:tiny-flux-schnell")
+KNOWN_SCHNELL = ("black-forest-labs/FLUX.1-schnell", "builtin:tiny-flux-schnell", "builtin:mini-flux-schnell")
 
 
 def _base_ref(recipe: Any, value: Any, depth: int = 0) -> str | None:
@@ -132,6 +132,13 @@ def _img2img_pipe(pipe: Any) -> Any:
     return cached
 
 
+def text_tokens(pipe: Any, variant: str) -> int:
+    """T5 tokens to pad prompts to: the variant's maximum, or less where the model's tokenizer is shorter
+    (mini-flux is trained on 64)."""
+    limit = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    return min(MAX_TEXT_TOKENS[variant], limit) if isinstance(limit, int) and limit > 0 else MAX_TEXT_TOKENS[variant]
+
+
 def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, width: int, height: int, steps: int,
               guidance: float | None, seed: int, init: Any, strength: float) -> list[Any]:
     import torch
@@ -139,7 +146,7 @@ def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, wid
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     common = dict(prompt=prompt, num_images_per_prompt=n, width=width, height=height, num_inference_steps=steps,
                   guidance_scale=guidance if guidance is not None else 0.0, generator=generators,
-                  max_sequence_length=MAX_TEXT_TOKENS[variant], output_type="pil")
+                  max_sequence_length=text_tokens(pipe, variant), output_type="pil")
     if init is not None and strength < 1.0:
         from PIL import Image
 
