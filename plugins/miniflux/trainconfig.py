@@ -12,12 +12,12 @@ class TrainConfig:
     native: int = 256  # training image side (the pipelines' native size)
     multi_res: float = 0.15  # fraction of batches at a 0.25 MP aspect-ratio size
     # (a) VAE
-    vae_seconds: float = 70.0
+    vae_seconds: float = 85.0
     vae_batch: int = 48
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     # (b) transformer + both text encoders, from scratch
-    base_seconds: float = 250.0
+    base_seconds: float = 240.0
     base_batch: int = 256
     base_lr: float = 6e-4
     caption_dropout: float = 0.1
