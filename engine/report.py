@@ -2,7 +2,8 @@
 
 For each node: what happened, wall time, seconds per step, images per second,
 peak GPU memory (where there is a GPU) and the estimated cost per image from
-``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked.
+``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked.  A node that writes a
+``scores.json`` artifact (the ``evaluate`` node) gets its mean and per-image scores in the report.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[
                 row["steps"] = prog["total"]
                 row["seconds_per_step"] = round(secs / prog["total"], 4)
             n_img = _count_images(st.get("outputs", {}))
-            if n_img and np_.type not in ("save", "safety_check", "grid"):
+            if n_img and np_.type not in ("save", "safety_check", "grid", "evaluate"):
                 row["images"] = n_img
                 row["images_per_second"] = round(n_img / secs, 4) if secs > 0 else None
                 if isinstance(price, (int, float)):
@@ -43,8 +44,42 @@ def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[
             if st.get("peak_gpu_bytes") is not None:
                 row["peak_gpu_gib"] = round(st["peak_gpu_bytes"] / 2**30, 2)
         row["artifacts"] = arts.get(nid, [])
+        scores = _scores(row["artifacts"])
+        if scores:
+            row["scores"] = scores
         rows.append(row)
     return rows
+
+
+def _scores(artifacts: list[str]) -> dict[str, Any] | None:
+    """The content of a node's ``scores.json`` artifact (metric, mean, per image), if it wrote one."""
+    for a in artifacts:
+        if Path(a).name == "scores.json":
+            try:
+                data = json.loads(Path(a).read_text())
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _score_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for r in rows:
+        data = r.get("scores")
+        if not data:
+            continue
+        mean = data.get("mean") or {}
+        keys = list(mean)
+        lines += ["", f"### {r['node']}: {data.get('metric')} ({data.get('model')})", "",
+                  "| image | prompt | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for img in data.get("images") or []:
+            vals = img.get("scores") or {}
+            prompt = str(img.get("prompt", "")).replace("|", "\\|")
+            lines.append(f"| {img.get('name') or img.get('index')} | {prompt} | "
+                         + " | ".join(_fmt(vals.get(k)) for k in keys) + " |")
+        lines.append("| **mean** | | " + " | ".join(_fmt(mean[k]) for k in keys) + " |")
+    return ["", "## Scores", *lines] if lines else []
 
 
 def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> None:
@@ -82,6 +117,7 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
                 rel = a
             is_img = rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
             art_lines.append(f"- {r['node']}: " + (f"![{rel}]({rel})" if is_img else f"[{rel}]({rel})"))
+    lines += _score_lines(data["nodes"])
     if art_lines:
         lines += ["", "## Artifacts", "", *art_lines]
     return "\n".join(lines) + "\n"

@@ -15,4 +15,5 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluxkiln.plugins.caption",
     "fluxkiln.plugins.safety",
     "fluxkiln.plugins.miniflux",
+    "fluxkiln.plugins.evaluate",
 )
