@@ -1,13 +1,14 @@
 """``builtin:tiny-clip``: a tiny CLIP model (text and vision towers, tokenizer, image processor) built in
 code from a fixed seed, saved once and loaded with ``from_pretrained`` like a real one.  For tests and
-demos of the ``evaluate`` node's CLIP metric; its scores mean nothing."""
+demos of the ``evaluate`` node's CLIP metric; its scores mean nothing (its embeddings are tilted to one
+side so that they are mostly positive and vary with the inputs)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 REF = "builtin:tiny-clip"
-VERSION = "v1"
+VERSION = "v2"
 SEED = 20261128
 
 
@@ -39,6 +40,11 @@ def build_tiny_clip(folder: Path) -> None:
     with torch.random.fork_rng(devices=[]), quiet_loading():
         torch.manual_seed(SEED)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        with torch.no_grad():  # embeddings lean to one side, so cosine similarities (scores) are mostly > 0
+            for proj in (model.visual_projection, model.text_projection):
+                proj.weight.abs_()
+            model.vision_model.post_layernorm.bias.add_(0.5)
+            model.text_model.final_layer_norm.bias.add_(0.5)
         images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         model.save_pretrained(folder, safe_serialization=True)
         CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
