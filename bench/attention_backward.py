@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fluxkiln.plugins.flux.benchparts import FLUX_DEV, WEIGHT_SCALE
+from fluxkiln.plugins.bench.models import FLUX_DEV, WEIGHT_SCALE
 from fluxkiln.plugins.train.flow import flow_loss
 
 REAL_SDPA = F.scaled_dot_product_attention

@@ -20,7 +20,7 @@ def main(out_path: str, variant: str) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from fluxkiln.plugins.flux.benchparts import VAE_FULL
+    from fluxkiln.plugins.bench.models import VAE_FULL
 
     with torch.device("cuda"):
         vae = AutoencoderKL(**VAE_FULL).to(torch.bfloat16).eval().requires_grad_(False)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from fluxkiln.plugins.flux.benchparts import VAE_FULL
+from fluxkiln.plugins.bench.models import VAE_FULL
 
 
 def clock(fn, n: int = 5) -> float:

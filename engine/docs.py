@@ -1,7 +1,8 @@
 """Documentation of node types, generated from their declarations.
 
-Used by ``fluxkiln nodes`` and to generate the README's node reference (a test
-keeps the README in sync with the declarations).
+Used by ``fluxkiln nodes`` and to generate the node reference page of the
+documentation site, ``docs/nodes.md`` (a test keeps it in sync with the
+declarations): ``python -m fluxkiln.engine.docs`` rewrites it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def node_markdown(nt: NodeType, heading: str = "###") -> str:
 
 
 def reference_markdown(node_types: dict[str, NodeType], builtin_only: bool = True) -> str:
-    """The README's node reference: every (built-in) node type, sorted by name."""
+    """The node reference: every (built-in) node type, sorted by name."""
     parts = []
     for name in sorted(node_types):
         nt = node_types[name]
@@ -72,26 +73,35 @@ def node_rich(nt: NodeType) -> Any:
 
 
 START, END = "<!-- node-reference:start -->", "<!-- node-reference:end -->"
+NODES_PAGE = "docs/nodes.md"
 
 
-def update_readme(path: str, node_types: dict[str, NodeType]) -> bool:
-    """Rewrite the generated node reference between the README's markers; True if it changed."""
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with everything between the ``start`` and ``end`` markers replaced by ``body``."""
+    if start not in text or end not in text.partition(start)[2]:
+        raise ValueError(f"the markers {start} ... {end} are missing; put them where the generated text belongs")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n\n{body.strip()}\n\n{end}{tail}"
+
+
+def update_page(path: str, node_types: dict[str, NodeType]) -> bool:
+    """Rewrite the generated node reference between the page's markers; True if it changed."""
     from pathlib import Path
 
     p = Path(path)
     text = p.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    new = f"{head}{START}\n\n{reference_markdown(node_types)}\n{END}{tail}"
+    new = replace_between(text, START, END, reference_markdown(node_types))
     if new != text:
         p.write_text(new)
     return new != text
 
 
-if __name__ == "__main__":  # python -m fluxkiln.engine.docs README.md
+if __name__ == "__main__":  # python -m fluxkiln.engine.docs [docs/nodes.md]
     import sys
 
     from .registry import Registry
 
-    changed = update_readme(sys.argv[1], Registry.load(entry_points=False).node_types)
+    page = sys.argv[1] if len(sys.argv) > 1 else NODES_PAGE
+    changed = update_page(page, Registry.load(entry_points=False).node_types)
     print("updated" if changed else "up to date")

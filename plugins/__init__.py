@@ -14,6 +14,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluxkiln.plugins.train",
     "fluxkiln.plugins.caption",
     "fluxkiln.plugins.safety",
+    "fluxkiln.plugins.bench",
     "fluxkiln.plugins.miniflux",
     "fluxkiln.plugins.evaluate",
 )

@@ -13,6 +13,7 @@ from fluxkiln.plugins.flux import fast
 from fluxkiln.plugins.flux.pipestate import plan, prepare, state_of
 from fluxkiln.plugins.flux.tiny import build_tiny_flux
 
+CUDA = torch.cuda.is_available()
 SAMPLE_ROWS = {"dev-stock", "dev-lossless", "dev-go_fast", "schnell-stock", "schnell-go_fast"}
 
 
@@ -34,14 +35,16 @@ def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, ca
         row = res["sample"][name]
         assert row["s_per_image"] > 0 and row["ratio_to_stock"] > 0
         assert row["engine"]["bare_pipeline_s"] > 0 and "overhead_run_pct" in row["engine"]
-        # on CPU no fast path changes the maths: the node's output is the eager one
-        assert row["transformer_rel_diff"] < 1e-5 and row["block_rel_diff"] < 1e-5
+        # on CPU no fast path changes the maths: the node's output is the eager one; on a GPU the guard is small
+        limit = 0.05 if CUDA else 1e-5
+        assert row["transformer_rel_diff"] < limit and row["block_rel_diff"] < limit
         assert row["engine"]["cache_store_s"] > 0
     assert res["sample"]["dev-go_fast"]["fast_paths"]["fused_qkv"] is True
-    assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": False, "fused_qkv": False,
-                                                           "fp8": False, "compiled_vae": False}
+    assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": CUDA, "fused_qkv": False,
+                                                           "fp8": False, "compiled_vae": CUDA}
     assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock", "ckpt_every_2nd", "fp8_ckpt_24gb"}
-    assert res["train"].pop("fp8_ckpt_24gb") == {"skipped": "needs a CUDA GPU (fp8 storage, model offload)"}
+    if not CUDA:
+        assert res["train"].pop("fp8_ckpt_24gb") == {"skipped": "needs a CUDA GPU (fp8 storage, model offload)"}
     assert all(r["s_per_step"] > 0 for r in res["train"].values())
     for name in ("dev-stock", "dev-go_fast", "schnell-go_fast"):  # where each image's time goes
         stages = res["sample"][name]["stages_s"]
@@ -158,7 +161,7 @@ def test_prepare_on_cpu_keeps_the_old_behaviour_and_training_resets():
 
 
 def test_kernel_kinds_and_idle_time_from_a_trace():
-    from fluxkiln.plugins.flux.benchprofile import busy_time, kind_of, summarize_trace
+    from fluxkiln.plugins.bench.profile import busy_time, kind_of, summarize_trace
 
     assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from fluxkiln.engine.nodes import node as node_decorator
 from fluxkiln.plugins.caption.store import MANIFEST, edited_captions_fingerprint
 from fluxkiln.plugins.caption.text import apply_trigger, compose_generated
 
@@ -150,8 +149,6 @@ def test_edited_files_fingerprint_ignores_the_nodes_own_writes(setup):
     assert edited_captions_fingerprint({"captions_dir": str(folder)}, tmp_path / "elsewhere") != ""
 
 
-@pytest.mark.skipif("extra_fingerprint" not in __import__("inspect").signature(node_decorator).parameters,
-                    reason="engine does not take @node(extra_fingerprint=...) yet")
 @pytest.mark.parametrize("where", [None, "captions"])
 def test_editing_a_caption_file_reruns_the_node_through_the_engine(setup, where):
     tmp_path, eng = setup

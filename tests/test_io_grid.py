@@ -80,6 +80,14 @@ def test_label_from_unknown_key_shows_dash_and_rgba_input(tmp_path):
     out = grid(ctx, items, cell_size=32, label_from=["seed", "guidance"])
     assert out[0].image.mode == "RGB"
 
+    def caption_of(**meta):
+        cell = Images([ImageItem(image=Image.new("RGB", (30, 60), (255, 0, 0)), meta=meta)])
+        return grid(ctx, cell, cell_size=160, label_from="guidance")[0].image.tobytes()
+
+    unknown = caption_of()
+    assert unknown == caption_of(guidance="-")  # the unknown key is written as "guidance: -"
+    assert unknown != caption_of(guidance=7)
+
 
 def test_errors_are_explained(tmp_path):
     ctx, _ = make_ctx(tmp_path, node="g")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fakehub
 import pytest
 from test_train_support import failure, run, solid_dataset, write_recipe
 
@@ -15,15 +16,14 @@ HF_TOKEN = "hf_SENTINELtoken9d8c7b6a5f4e3d2c1b0a"
 
 
 @pytest.fixture
-def uploads(monkeypatch):
-    sent: list[tuple[hub.UploadPlan, str]] = []
+def fake_hub(monkeypatch):
+    """The real uploader (huggingface_hub) talking to a local fake of the Hub's HTTP API."""
+    from huggingface_hub import constants
 
-    def fake_upload(plan: hub.UploadPlan, token: str) -> str:
-        sent.append((plan, token))
-        return f"https://huggingface.co/{plan.repo_id}"
-
-    monkeypatch.setattr(hub, "UPLOADER", fake_upload)
-    return sent
+    with fakehub.serve() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield server
 
 
 def _scan_for(root: Path, needles: list[str]) -> list[str]:
@@ -35,7 +35,7 @@ def _scan_for(root: Path, needles: list[str]) -> list[str]:
     return found
 
 
-def test_wandb_hub_and_secrets(tmp_path, monkeypatch, uploads):
+def test_wandb_hub_and_secrets(tmp_path, monkeypatch, fake_hub):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):  # wandb's staging, not $HOME
@@ -50,14 +50,17 @@ def test_wandb_hub_and_secrets(tmp_path, monkeypatch, uploads):
     result = run(recipe, tmp_path / "cache", tmp_path / "out")
     assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
 
-    # Hub: exactly the LoRA, the model card and the card's sample images; private by default.
-    assert len(uploads) == 1
-    plan, token = uploads[0]
-    assert token == HF_TOKEN and plan.repo_id == "someone/red-lora" and plan.private is True
-    assert sorted(plan.files) == ["README.md", "images/step-000004-00.png", "lora.safetensors"]
+    # Hub: one private repository with exactly the LoRA, the model card and the card's sample images, sent with
+    # the token from the recipe's variable.
+    assert fake_hub.repos == {"someone/red-lora": {"visibility": "private", "type": "model"}}
+    assert fake_hub.tokens() == {HF_TOKEN}
+    sent = fake_hub.files["someone/red-lora"]
+    assert sorted(sent) == ["README.md", "images/step-000004-00.png", "lora.safetensors"]
     node_dir = result.run_dir / "lora"
-    assert plan.files["lora.safetensors"] == node_dir / "lora.safetensors"
-    card = plan.files["README.md"].read_text()
+    assert sent["lora.safetensors"] == (node_dir / "lora.safetensors").read_bytes()
+    assert sent["images/step-000004-00.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    card = sent["README.md"].decode()
+    assert fake_hub.cards == [card]  # the card's metadata was validated before the commit, as the Hub does
     assert 'instance_prompt: "TOK"' in card and "builtin:tiny-flux" in card and "[nodes.lora]" in card
     assert "url: \"images/step-000004-00.png\"" in card and "load_lora_weights" in card
     assert 'hf_token = "$MY_HF_TOKEN"' in card  # the recipe names the variable, never the value
@@ -71,7 +74,10 @@ def test_wandb_hub_and_secrets(tmp_path, monkeypatch, uploads):
     assert [h["_step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
     assert [h["_step"] for h in history if "samples/filenames" in h] == [2, 4]
     assert len(list(runs[0].glob("files/media/images/samples_*.png"))) == 2
-    assert (tmp_path / "cache").glob("state/train_lora-*/wandb_run_id")
+    id_files = list((tmp_path / "cache").glob("state/train_lora-*/wandb_run_id"))
+    assert len(id_files) == 1, "the W&B run id is kept so a resumed training continues the same run"
+    run_id = id_files[0].read_text().strip()
+    assert run_id and runs[0].name.endswith(f"-{run_id}")
 
     # Secrets: nowhere in files (run folder, cache, W&B files), events, logs or metadata.
     leaks = _scan_for(tmp_path, [WANDB_KEY, HF_TOKEN])
@@ -105,21 +111,18 @@ def _wandb_history(path: Path) -> list[dict]:
     return rows
 
 
-def test_hub_upload_needs_a_token_and_failures_hide_it(tmp_path, monkeypatch):
+def test_hub_upload_needs_a_token_and_failures_hide_it(tmp_path, monkeypatch, fake_hub):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     data = solid_dataset(tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.toml", data, steps=3, hf_repo_id="someone/red-lora")
     err = failure(run(recipe, tmp_path / "cache", tmp_path / "out"))
     assert "no Hugging Face token" in err["error"] and "HF_TOKEN" in err["hint"]
 
-    def refused(plan: hub.UploadPlan, token: str) -> str:
-        raise PermissionError(f"401 Unauthorized for token {token}")
-
-    monkeypatch.setattr(hub, "UPLOADER", refused)
+    fake_hub.refuse_token = True  # the Hub answers 401, as for a revoked token
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     err = failure(run(recipe, tmp_path / "cache", tmp_path / "out"))
     assert "upload to someone/red-lora failed" in err["error"] and HF_TOKEN not in json.dumps(err)
-    assert "***" in err["error"]
+    assert "401" in err["error"] and fake_hub.tokens() == {HF_TOKEN} and not fake_hub.repos
 
 
 def test_model_card_for_real_base_model():

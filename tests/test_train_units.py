@@ -104,8 +104,16 @@ def test_optimizers_learn_and_their_state_survives_a_safe_reload(name):
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    again = make_optimizer(name, [torch.nn.Parameter(w.detach().clone())], lr=0.05)
+    w2 = torch.nn.Parameter(w.detach().clone())
+    again = make_optimizer(name, [w2], lr=0.05)
     again.load_state_dict(torch.load(buf, weights_only=True))
+    for key, value in opt.state_dict()["state"][0].items():
+        got = again.state_dict()["state"][0][key]
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(value)), f"{name}: state {key!r} not restored"
+    for p, o in ((w, opt), (w2, again)):  # the next step is the same from the reloaded state
+        (p ** 2).sum().backward()
+        o.step()
+    assert torch.equal(w.detach(), w2.detach())
 
 
 def test_optimizer_choices_that_cannot_run_here():

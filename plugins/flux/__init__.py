@@ -1,6 +1,5 @@
-"""Built-in FLUX.1 plugin: the load_model, apply_lora and sample node types, the
-``builtin:tiny-flux`` / ``builtin:tiny-flux-schnell`` model references and the
-``fluxkiln bench`` command.
+"""Built-in FLUX.1 plugin: the load_model, apply_lora and sample node types and the
+``builtin:tiny-flux`` / ``builtin:tiny-flux-schnell`` model references.
 
 Registered exactly as a third-party plugin is (``@hookimpl`` functions); nothing
 heavy (torch, diffusers) is imported until a node runs.
@@ -34,9 +33,3 @@ def resolve_model(ref: str) -> str | None:
 def check_recipe(recipe):
     return recipe_problems(recipe)
 
-
-@hookimpl
-def register_commands(register):
-    from .bench import HELP, main
-
-    register("bench", HELP, main)

@@ -84,8 +84,8 @@ def to_24gb_card(bench: Any) -> str:
 
     Last in the run: the two full-size pipelines share their blocks, which stay fp8 from here on.
     """
-    from . import fast
-    from .load import Source, model_key, pipeline_bytes, store_fp8
+    from fluxkiln.plugins.flux import fast
+    from fluxkiln.plugins.flux.load import Source, model_key, pipeline_bytes, store_fp8
 
     pipe = bench.pipes["dev"]
     fast.uncompile_blocks(pipe.transformer)
@@ -126,7 +126,7 @@ def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
                 f" (every {interval}. block)" + (f", fp8 base, model offload, allocator capped at {CARD_GIB} GiB"
                                                  if card else ""),
         "s_per_step": round(per, 4), "first_step_s": round(secs[0], 2), "peak_gib": bench.peak_gib(),
-        "peak_reserved_gib": bench.peak_reserved_gib(), "steps": len(secs)}
+        "peak_reserved_gib": bench.peak_gib("reserved"), "steps": len(secs)}
     print(f"[bench] train {name}: {per:.3f} s/step, peak {bench.peak_gib()} GiB", flush=True)
 
 
@@ -136,7 +136,7 @@ def stock_row(bench: Any, name: str, ckpt: bool) -> None:
     bench.results["train"][f"{name}-stock"] = {
         "what": f"stock peft (add_adapter, torch AdamW), same objective, {bench.train_res}px, "
                 f"gradient_checkpointing={ckpt}", "s_per_step": round(per, 4), "peak_gib": bench.peak_gib(),
-        "peak_reserved_gib": bench.peak_reserved_gib()}
+        "peak_reserved_gib": bench.peak_gib("reserved")}
     mine = bench.results["train"].get(name)
     if mine:
         mine["ratio_to_stock"] = round(mine["s_per_step"] / per, 3)
@@ -151,7 +151,7 @@ def stock_train(pipe: Any, ckpt: bool, steps: int, res: int, device: str) -> flo
 
     from fluxkiln.plugins.train.flow import flow_loss
 
-    from .fast import blocks
+    from fluxkiln.plugins.flux.fast import blocks
 
     t = pipe.transformer
     names = [f"{lst}.{i}.{n}" for lst in ("transformer_blocks", "single_transformer_blocks")

@@ -1,0 +1,168 @@
+"""Generate the tables of the documentation's performance page from the committed benchmark results.
+
+    python bench/perf_docs.py          # rewrites the tables in docs/performance.md
+
+The newest ``bench/*-full.json`` (by its ``date``, then its name) written by ``fluxkiln bench`` supplies
+the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` the watch-mode table.
+Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers in the
+page; a test fails when the page and the JSON disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fluxkiln.engine.docs import replace_between
+
+HERE = Path(__file__).resolve().parent
+PAGE = HERE.parent / "docs" / "performance.md"
+
+SAMPLE_ROWS = {
+    "dev-stock": "dev, 28 steps, stock diffusers",
+    "dev-lossless": "dev, 28 steps, lossless (`go_fast = false`)",
+    "dev-go_fast": "dev, 28 steps, `go_fast` (fp8)",
+    "schnell-stock": "schnell, 4 steps, stock diffusers",
+    "schnell-go_fast": "schnell, 4 steps, `go_fast` (fp8)",
+}
+TRAIN_ROWS = {
+    "no_ckpt": "no gradient checkpointing",
+    "ckpt": "`gradient_checkpointing = true`",
+    "ckpt_every_2nd": "checkpointing, `gradient_checkpointing_interval = 2`",
+    "fp8_ckpt_24gb": ("24 GB card: `quantize = \"fp8\"`, `offload = \"model\"`, checkpointing, "
+                      "allocator capped at 22 GiB"),
+}
+KERNEL_KINDS = [("gemm", "bf16 GEMM"), ("gemm_fp8", "fp8 GEMM"), ("attention", "attention"),
+                ("triton_fused", "fused (Inductor)"), ("other", "other")]
+
+
+def num(value: float | None, digits: int = 3, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    return f"{text.lstrip('-') if float(text) == 0 else text}{unit}"   # no "-0.0"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def newest_full(bench: Path) -> tuple[Path, dict]:
+    found = [(json.loads(p.read_text()), p) for p in bench.glob("*-full.json")]
+    if not found:
+        raise SystemExit(f"no {bench}/*-full.json: run `fluxkiln bench --out {bench}/<card>-<date>-full.json`")
+    data, path = max(found, key=lambda dp: (dp[0].get("date", ""), dp[1].name))
+    return path, data
+
+
+def source(path: Path, d: dict) -> str:
+    return (f"**{d['gpu']}**, torch {d['torch']}, diffusers {d['diffusers']}, {d['date']}: one run of "
+            f"`fluxkiln bench` (`bench/{path.name}`), FLUX.1 shapes at 1024×1024 with {d['mode'].replace('-', ' ')}, "
+            "batch 1, stock diffusers/peft measured in the same process on the same work.")
+
+
+def sample_table(d: dict) -> str:
+    rows = []
+    for key, label in SAMPLE_ROWS.items():
+        r = d["sample"].get(key)
+        if r is None:
+            continue
+        diffs = [r.get(k) for k in ("block_rel_diff", "transformer_rel_diff", "image_rel_diff")]
+        rows.append([label, num(r["s_per_image"]), num(r.get("ratio_to_stock", 1.0), 2), num(r["peak_gib"], 1),
+                     num(r.get("compile_warmup_s"), 1, " s"), num(r.get("engine", {}).get("overhead_run_pct"), 1, " %"),
+                     "–" if None in diffs else " / ".join(f"{x:.4f}" for x in diffs)])
+    return table(["sample", "s/image", "× stock", "peak GiB", "first image: compile", "engine overhead",
+                  "Δ block / transformer / image"], rows)
+
+
+def stages_table(d: dict) -> str:
+    keys = ["transformer", "text_encoders", "vae_decode", "to_images", "other"]
+    rows = [[SAMPLE_ROWS[k], *(num(d["sample"][k]["stages_s"].get(s)) for s in keys)]
+            for k in SAMPLE_ROWS if k in d["sample"] and "stages_s" in d["sample"][k]]
+    return table(["seconds per image", "transformer", "text encoders", "VAE decode", "to images", "rest"], rows)
+
+
+def gpu_step_table(d: dict) -> str:
+    rows = []
+    for key, label in SAMPLE_ROWS.items():
+        step = d["sample"].get(key, {}).get("gpu_step")
+        if step:
+            by_kind = step["ms_by_kind"]
+            rows.append([label, num(step["wall_ms"], 1), *(num(by_kind.get(k), 1) for k, _ in KERNEL_KINDS),
+                         num(step["idle_pct"], 1, " %")])
+    return table(["one transformer forward, ms", "wall", *(name for _, name in KERNEL_KINDS), "GPU idle"], rows)
+
+
+def train_table(d: dict) -> str:
+    rows = []
+    for key, label in TRAIN_ROWS.items():
+        r, stock = d["train"].get(key), d["train"].get(f"{key}-stock", {})
+        if r is None:
+            continue
+        rows.append([label, num(r["s_per_step"]), num(stock.get("s_per_step")),
+                     f"{num(r['peak_gib'], 1)} ({num(r.get('peak_reserved_gib'), 1)})",
+                     "–" if not stock else f"{num(stock['peak_gib'], 1)} ({num(stock.get('peak_reserved_gib'), 1)})"])
+    return table(["train_lora, rank 16 on every block linear, 1024²", "s/step", "stock peft s/step",
+                  "peak GiB (reserved)", "stock peak GiB (reserved)"], rows)
+
+
+def kernels_table(d: dict) -> str:
+    rows = [[f"`{name}`", num(k["ms"]), num(k["tflops"], 1)] for name, k in d["kernels"].items()]
+    return table(["kernel at FLUX's 1024² shapes", "ms", "TFLOP/s"], rows)
+
+
+def unit_of(work: str) -> str:
+    return " GiB" if "GiB" in work else " %" if "overhead" in work else " s"
+
+
+def targets_table(d: dict) -> str:
+    rows = []
+    for t in d["targets"]:
+        unit = unit_of(t["work"])
+        target = t["target"].replace("<=", "≤").strip()
+        rows.append([t["work"], f"{target}{unit}", f"{t['measured']:g}{unit}",
+                     t["stock_here"] if t["stock_here"] != "-" else "–", "**yes**" if t["met"] else "**no**"])
+    return table(["target", "goal", "measured", "stock, when the goal was set", "met"], rows)
+
+
+def watch_table(bench: Path) -> str:
+    w = json.loads((bench / "watch_overhead.json").read_text())
+    rows = [["`sample` node alone", num(w["median_sample_s"], 2, " s"), "–"],
+            ["whole rerun (validate, plan, fingerprint, sample, save)", num(w["median_rerun_s"], 2, " s"),
+             num(w["rerun_overhead_pct"], 1, " %")],
+            ["whole rerun without the PNG encoding of `save`", "–", num(w["overhead_excluding_save_pct"], 1, " %")],
+            [f"file write to finished rerun (debounce {w['debounce']} s)", num(w["median_wall_s"], 2, " s"),
+             num(w["wall_minus_debounce_overhead_pct"], 1, " %")]]
+    return table([f"median of {len(w['edits'])} prompt edits, {w['steps']} steps, {w['megapixels']} MP",
+                  "time", "over sampling"], rows)
+
+
+def tables(bench: Path) -> dict[str, Callable[[], str]]:
+    path, d = newest_full(bench)
+    return {"source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
+            "gpu-step": lambda: gpu_step_table(d), "train": lambda: train_table(d),
+            "kernels": lambda: kernels_table(d), "targets": lambda: targets_table(d),
+            "watch": lambda: watch_table(bench)}
+
+
+def render(page: str, bench: Path) -> str:
+    """``page`` with every ``bench:NAME`` block regenerated from the JSON in ``bench``."""
+    for name, make in tables(bench).items():
+        page = replace_between(page, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->", make())
+    return page
+
+
+def main() -> int:
+    text = PAGE.read_text()
+    new = render(text, HERE)
+    if new != text:
+        PAGE.write_text(new)
+    print("updated" if new != text else "up to date", PAGE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The bench's targets and the human-readable table it prints last."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# the targets: (work, result section, row, field, stock here, limit)
+TARGETS = [
+    ("sample 28 steps, lossless", "sample", "dev-lossless", "s_per_image", "5.27 s", 4.0),
+    ("sample 28 steps, go_fast", "sample", "dev-go_fast", "s_per_image", "-", 2.6),
+    ("sample schnell 4 steps, go_fast", "sample", "schnell-go_fast", "s_per_image", "0.85 s", 0.45),
+    ("train step rank 16, no checkpointing", "train", "no_ckpt", "s_per_step", "0.58 s", 0.45),
+    ("train step, gradient checkpointing", "train", "ckpt", "s_per_step", "0.87 s", 0.65),
+    ("train at 1024 on a 24 GB card: peak GiB", "train", "fp8_ckpt_24gb", "peak_reserved_gib", "-", 22.0),
+    ("one-time compile per shape", "sample", "dev-lossless", "compile_warmup_s", "-", 30.0),
+    ("engine overhead (sample node vs bare pipeline)", "sample", "dev-lossless", "engine.overhead_run_pct", "-",
+     2.0),
+]
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets with what this run measured (only meaningful with full-size shapes on an H100)."""
+    out = []
+    for work, section, row, field, stock, limit in TARGETS:
+        value = _field(results.get(section, {}).get(row, {}), field)
+        met = None if value is None or results.get("mode") == "tiny" else value <= limit
+        out.append({"work": work, "stock_here": stock, "target": f"<= {limit:g}", "measured": value, "met": met})
+    return out
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The human-readable summary printed last."""
+    lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
+             f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
+    head = f"{'sample':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
+           f"{'Δ block':>9}{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
+    lines += [head, "-" * len(head)]
+    for name, r in results.get("sample", {}).items():
+        eng = r.get("engine", {})
+        lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+                     f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
+                     f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
+                     f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
+                     f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
+    if results.get("generation"):
+        head = f"{'generation':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}{'x dev 28':>10}"
+        lines += ["", head, "-" * len(head)]
+        for name, r in results["generation"].items():
+            lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+                         f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
+                         f"{_fmt(r.get('ratio_to_dev_28_steps')):>10}")
+    if results.get("train"):
+        head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'reserved':>10}{'x stock':>9}"
+        lines += ["", head, "-" * len(head)]
+        for name, r in results["train"].items():
+            lines.append(f"{name:<18}{_fmt(r.get('s_per_step'), '.4f'):>9}{_fmt(r.get('peak_gib'), '.1f'):>10}"
+                         f"{_fmt(r.get('peak_reserved_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
+                         + (f"  skipped: {r['skipped']}" if r.get("skipped") else ""))
+    steps = {n: r["gpu_step"] for n, r in results.get("sample", {}).items() if r.get("gpu_step")}
+    if steps:
+        lines += ["", "one transformer forward, GPU kernel ms by kind (idle = GPU waiting)"]
+        for name, g in steps.items():
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in g["ms_by_kind"].items())
+            lines.append(f"{name:<18}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
+    if results.get("targets"):
+        lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
+        for t in results["targets"]:
+            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+            lines.append(f"{t['work']:<48}{t['stock_here']:>8}{t['target']:>9}{_fmt(t['measured']):>10}  {met}")
+    for e in results.get("errors", []):
+        lines.append(f"error in {e['part']}: {e['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""``fluxkiln bench``'s sampling part: stock ``FluxPipeline`` beside fluxkiln's real ``load_model -> sample`` path
+through the Engine, per configuration (lossless, go_fast), with the quality guard, per-stage seconds, the GPU kernel
+breakdown of one step and the engine's overhead over a bare pipeline call."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .guard import block_inputs, block_output, guard_inputs, rel_diff
+from .kernels import kernel_probe
+from .profile import kernel_breakdown, stage_times
+from .session import PROMPT, BenchSession
+
+CONFIGS = ("dev-lossless", "dev-go_fast", "schnell-go_fast")
+
+
+class SamplingBench:
+    """The sampling measurements of one session; keeps each variant's eager reference for the quality guard."""
+
+    def __init__(self, bench: BenchSession):
+        self.bench = bench
+        self.guards: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.block_guards: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.stock_images: dict[str, Any] = {}
+
+    def call_args(self, variant: str) -> dict[str, Any]:
+        """What ``sample`` passes the pipeline (same seed, guidance and text length)."""
+        import torch
+
+        from fluxkiln.plugins.flux.sample import DEFAULT_GUIDANCE, MAX_TEXT_TOKENS
+
+        return dict(prompt=PROMPT, num_images_per_prompt=1, width=self.bench.size, height=self.bench.size,
+                    num_inference_steps=self.bench.steps[variant], max_sequence_length=MAX_TEXT_TOKENS[variant],
+                    guidance_scale=DEFAULT_GUIDANCE if variant == "dev" else 0.0, output_type="pil",
+                    generator=[torch.Generator("cpu").manual_seed(7)])
+
+    def attention(self) -> Any:
+        """The attention priority ``sample`` uses on a GPU (so bare calls do the same work)."""
+        import contextlib
+
+        from fluxkiln.plugins.flux import fast
+
+        return fast.attention_first_cudnn() if self.bench.device == "cuda" else contextlib.nullcontext()
+
+    def bare_call(self, variant: str) -> tuple[float, Any]:
+        import torch
+
+        pipe = self.bench.pipes[variant]
+        self.bench.sync()
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.attention():
+            images = pipe(**self.call_args(variant)).images
+        self.bench.sync()
+        return time.perf_counter() - t0, images[0]
+
+    def reference(self, variant: str) -> None:
+        """Eager bf16 reference: one transformer forward (quality guard) and stock FluxPipeline timings."""
+        import torch
+        from diffusers import FluxPipeline
+
+        pipe = self.bench.pipes[variant]
+        inputs = guard_inputs(pipe, self.bench.size, variant, self.bench.device)
+        with torch.no_grad():
+            ref = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+            again = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+        self.guards[variant] = (inputs, ref)
+        blocks_in = block_inputs(pipe, inputs)
+        self.block_guards[variant] = (blocks_in, block_output(pipe, blocks_in))
+        self.bench.results.setdefault("eager_noise_floor", {})[variant] = {"transformer_rel_diff": rel_diff(again, ref)}
+        if self.bench.args.no_stock:
+            return
+        stock = FluxPipeline(**pipe.components)
+        stock.set_progress_bar_config(disable=True)
+        self.bench.reset_peak()
+        runs, images = [], []
+        for _ in range(1 + self.bench.repeats):
+            self.bench.sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                images.append(stock(**self.call_args(variant)).images[0])
+            self.bench.sync()
+            runs.append(time.perf_counter() - t0)
+        self.stock_images[variant] = images[-1]
+        self.bench.results["eager_noise_floor"][variant]["image_rel_diff"] = rel_diff(images[0], images[-1])
+        per = statistics.median(runs[1:])
+        self.bench.results["sample"][f"{variant}-stock"] = {
+            "what": "stock diffusers FluxPipeline, eager bf16, same text encoders", "steps": self.bench.steps[variant],
+            "s_per_image": round(per, 3), "s_per_step": round(per / self.bench.steps[variant], 4),
+            "runs_s": [round(r, 3) for r in runs], "warmup_s": round(runs[0], 3), "peak_gib": self.bench.peak_gib(),
+            "stages_s": stage_times(stock, lambda: stock(**self.call_args(variant)), self.bench.sync)}
+        if self.bench.device == "cuda":
+            self.bench.results["sample"][f"{variant}-stock"]["gpu_step"] = kernel_breakdown(
+                lambda: pipe.transformer(**inputs, return_dict=False), self.bench.work / "profile" / f"{variant}-stock")
+        print(f"[bench] {variant}-stock: {per:.3f} s/image", flush=True)
+
+    def recipe(self, variant: str, go_fast: bool) -> Path:
+        path = self.bench.work / f"sample-{variant}-{'fast' if go_fast else 'lossless'}.toml"
+        guidance = "" if variant == "schnell" else "guidance = 3.0\n"
+        path.write_text(f'''[recipe]
+name = "bench-{variant}"
+
+[nodes.base]
+type = "load_model"
+model = {json.dumps(self.bench.refs[variant])}
+
+[nodes.images]
+type = "sample"
+model = "@base"
+prompt = {json.dumps(PROMPT)}
+aspect_ratio = "custom"
+width = {self.bench.size}
+height = {self.bench.size}
+num_inference_steps = {self.bench.steps[variant]}
+{guidance}seed = 7
+go_fast = {str(go_fast).lower()}
+''')
+        return path
+
+    def engine_run(self, recipe: Path) -> tuple[float, float, Any]:
+        """One ``fluxkiln run`` of the recipe: (wall seconds, sample node seconds, first image)."""
+        self.bench.sync()
+        t0 = time.perf_counter()
+        result = self.bench.engine.run(recipe, force=["images"], output=self.bench.work / "runs" / recipe.stem)
+        self.bench.sync()
+        wall = time.perf_counter() - t0
+        if not result.ok:
+            failed = [e.data for e in result.events if e.event == "node_failed"]
+            raise RuntimeError(f"recipe {recipe.name} failed: {failed}")
+        node_s = next(e.data["seconds"] for e in result.events if e.event == "node_finished" and e.node == "images")
+        return wall, node_s, result.outputs["images"]["output"][0].image
+
+    def fluxkiln_sample(self, name: str) -> None:
+        import torch
+
+        from fluxkiln.plugins.flux.pipestate import state_of
+
+        variant, mode = name.split("-")
+        pipe = self.bench.pipes[variant]
+        recipe = self.recipe(variant, mode == "go_fast")
+        self.bench.reset_peak()
+        runs = [self.engine_run(recipe) for _ in range(1 + self.bench.repeats)]
+        peak = self.bench.peak_gib()
+        walls, nodes = [r[0] for r in runs], [r[1] for r in runs]
+        per, node_per = statistics.median(walls[1:]), statistics.median(nodes[1:])
+        bare, _ = self.bare_call(variant)
+        inputs, ref = self.guards[variant]
+        with torch.no_grad(), self.attention():
+            got = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+            block_in, block_ref = self.block_guards[variant]
+            got_block = block_output(pipe, block_in)
+        st = state_of(pipe)
+        row = {"what": f"fluxkiln sample node through Engine.run, go_fast={mode == 'go_fast'}",
+               "steps": self.bench.steps[variant], "s_per_image": round(per, 3),
+               "s_per_step": round(per / self.bench.steps[variant], 4), "runs_s": [round(w, 3) for w in walls],
+               "first_run_s": round(walls[0], 2), "compile_warmup_s": round(walls[0] - per, 2), "peak_gib": peak,
+               "fast_paths": {"compiled_blocks": st.compiled, "fused_qkv": st.qkv_fused, "fp8": st.fp8,
+                              "compiled_vae": st.vae_compiled},
+               "transformer_rel_diff": rel_diff(got, ref), "block_rel_diff": rel_diff(got_block, block_ref),
+               "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
+                          "overhead_run_pct": round(100 * (per / bare - 1), 2),
+                          "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **cache_store_seconds(runs[-1][2])}}
+        row["stages_s"] = stage_times(pipe, lambda: self.bare_call(variant), self.bench.sync)
+        if self.bench.device == "cuda":
+            row["gpu_step"] = self.step_profile(pipe, inputs, name)
+        stock = self.bench.results["sample"].get(f"{variant}-stock")
+        if stock:
+            row["ratio_to_stock"] = round(per / stock["s_per_image"], 3)
+            row["image_rel_diff"] = rel_diff(runs[-1][2], self.stock_images[variant])
+        self.bench.results["sample"][name] = row
+        print(f"[bench] {name}: {per:.3f} s/image (first {walls[0]:.1f} s), diff {row['transformer_rel_diff']}",
+              flush=True)
+
+    def step_profile(self, pipe: Any, inputs: dict[str, Any], name: str) -> dict[str, Any]:
+        """GPU kernel time by kind in one transformer forward (what limits a denoising step)."""
+        import torch
+
+        def forward() -> None:
+            with torch.no_grad(), self.attention():
+                pipe.transformer(**inputs, return_dict=False)
+
+        return kernel_breakdown(forward, self.bench.work / "profile" / name)
+
+    def reset(self, variant: str) -> None:
+        """Back to eager bf16 (the two full-size pipelines share their blocks)."""
+        from fluxkiln.plugins.flux.pipestate import prepare
+
+        prepare(self.bench.pipes[variant], [], False, self.bench.device, lambda _a: {})
+
+    def run(self) -> None:
+        """Every wanted configuration of each variant, after that variant's eager reference."""
+        wanted = configs(self.bench.args)
+        if self.bench.device == "cuda":
+            self.bench.results["kernels"] = self.bench.guarded("kernel-probe", kernel_probe, self.bench.device)
+        for variant in ("dev", "schnell"):
+            mine = [c for c in wanted if c.startswith(variant + "-")]
+            if not mine:
+                continue
+            self.bench.guarded(f"{variant}-reference", self.reference, variant)
+            for name in mine:
+                if variant in self.guards:
+                    self.bench.guarded(name, self.fluxkiln_sample, name)
+            self.bench.guarded(f"{variant}-reset", self.reset, variant)
+
+
+def configs(args: Any, field: str = "configs") -> list[str]:
+    """The comma-separated configuration names of ``--configs`` (or ``--train-configs``)."""
+    return [c.strip() for c in getattr(args, field).split(",") if c.strip()]
+
+
+def cache_store_seconds(image: Any) -> dict[str, float]:
+    """How long the engine's disk cache takes to store one output image (the images port type's save)."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from fluxkiln.engine.ports import BUILTIN_PORT_TYPES, ImageItem, Images
+
+    images = next(p for p in BUILTIN_PORT_TYPES if p.name == "images")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        images.save(Images([ImageItem(image=image)]), Path(tmp))
+        return {"cache_store_s": round(time.perf_counter() - t0, 4)}
