@@ -108,7 +108,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print("[]")
     else:
-        print(f"{args.recipe}: valid ({len(checked.nodes)} nodes: {' -> '.join(checked.order)})")
+        order = [n for n in checked.order if n in checked.recipe.nodes]
+        cells = sum(len(c) for c in checked.sweeps.values())
+        swept = f", {len(checked.sweeps)} swept into {cells} cells" if checked.sweeps else ""
+        print(f"{args.recipe}: valid ({len(order)} nodes{swept}: {' -> '.join(order)})")
     return EXIT_OK
 
 

@@ -66,7 +66,9 @@ class ConsoleObserver:
     def on_event(self, event: Event) -> None:
         d = event.data
         name = event.event
-        if name == "run_started":
+        if name == "run_waiting":
+            self._print(f"fluxkiln: {d['message']}")
+        elif name == "run_started":
             self._print(f"fluxkiln: running recipe '{d['name']}' -> {d['run_dir']}")
         elif name == "node_started":
             self._print(f"▶ {event.node} ({event.type}): {d.get('reason', '')}")

@@ -11,7 +11,8 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,20 @@ class RunContext:
         d = self._state_root / f"{self.type}-{key}"
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    @contextmanager
+    def using_state(self, *ignore: str) -> Iterator[Path]:
+        """``state_dir(*ignore)``, locked while the block runs (nodes that resume from it should use this).
+
+        Another run resuming the same state (the same node configuration, from any recipe or run folder)
+        waits until this one is done, with a message in its log, then continues from what this one left.
+        """
+        from . import locks
+
+        d = self.state_dir(*ignore)
+        with locks.hold(locks.state_lock(d), f"the resumable state of node '{self.node}' ({d})",
+                        on_wait=lambda m: self.log(m, "warning"), cancel=self._cancel):
+            yield d
 
     # -------------------------------------------------------------- models / device
     def resolve_model(self, ref: str) -> str | None:

@@ -61,6 +61,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("sample", "seed"): Check(1, 2),
     ("sample", "image"): Check(None, "in.png", {"prompt_strength": 0.5}),
     ("sample", "prompt_strength"): Check(0.3, 0.9, {"image": "in.png"}),
+    ("sample", "lora_scale"): Check(None, 0.5),  # no LoRA here: recorded and warned about (pixels: test_generation)
     # save
     ("save", "output_format"): Check("png", "jpg"),
     ("save", "output_quality"): Check(20, 90, {"output_format": "jpg"}),
@@ -79,6 +80,9 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("grid", "cell_size"): Check(64, 96),
     ("grid", "font_size"): Check(8, 14),
     ("grid", "background"): Check("white", "black"),
+    ("grid", "row_axis"): Check(None, "seed"),
+    ("grid", "col_axis"): Check(None, "seed"),
+    ("grid", "page_axis"): Check(None, "seed"),
     # safety_check on solid colours (tiny models: red unsafe, rose flagged by stage 1 only)
     ("safety_check", "checker"): Check("builtin:tiny-safety", "none"),
     ("safety_check", "classifier"): Check("builtin:tiny-safety", "none"),
@@ -265,7 +269,7 @@ def _digest(value: Any) -> Any:
 
     if isinstance(value, Images):
         return [(hashlib.sha256(it.image.tobytes()).hexdigest(), it.image.size, it.image.mode, it.seed, it.prompt,
-                 json.dumps(it.meta, sort_keys=True, default=str), json.dumps(it.flags, sort_keys=True, default=str))
+                 json.dumps({k: v for k, v in it.meta.items() if k != "timing"}, sort_keys=True, default=str), json.dumps(it.flags, sort_keys=True, default=str))
                 for it in value]
     if isinstance(value, Lora):
         return (_file_digest(Path(value.path)), json.dumps(value.meta, sort_keys=True),

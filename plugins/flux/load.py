@@ -1,5 +1,6 @@
 """The ``load_model`` node: a FLUX.1 pipeline from a hub id, a local folder, a single-file
-checkpoint or a plugin prefix (``builtin:tiny-flux``), held hot by the residency manager."""
+checkpoint or a plugin prefix (``builtin:tiny-flux``), held hot by the residency manager;
+optionally sharing another pipeline's text encoders and VAE (``share``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
+
+from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -115,12 +118,13 @@ def torch_dtype(name: str, device: str) -> Any:
 
 
 def pipeline_bytes(pipe: Any) -> int:
-    """Parameter and buffer bytes of every module of a pipeline."""
+    """Parameter and buffer bytes of every module of a pipeline (less what it borrowed from another)."""
     import torch
 
     total = 0
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
+    borrowed = borrowed_names(pipe)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and name not in borrowed:
             total += sum(t.numel() * t.element_size() for t in comp.parameters())
             total += sum(t.numel() * t.element_size() for t in comp.buffers())
     return total
@@ -134,8 +138,8 @@ def release_pipeline(pipe: Any) -> None:
         pipe.remove_all_hooks()
     except Exception:  # noqa: BLE001 - best effort: hooks may not be installed
         pass
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and not keep_alive(pipe, name, comp):
             comp.to("meta")
     gc.collect()
     if torch.cuda.is_available():
@@ -169,10 +173,10 @@ def quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _from_pretrained(src: Source, dtype: Any) -> Any:
+def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None) -> Any:
     try:
         with quiet_loading():
-            return _load_parts(src, dtype)
+            return _load_parts(src, dtype, parts or {})
     except NodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader errors vary (missing files, bad configs, wrong formats)
@@ -180,14 +184,15 @@ def _from_pretrained(src: Source, dtype: Any) -> Any:
                         hint="check that the folder/file is a complete FLUX.1 diffusers model") from exc
 
 
-def _load_parts(src: Source, dtype: Any) -> Any:
+def _load_parts(src: Source, dtype: Any, parts: dict[str, Any]) -> Any:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     if src.kind == "single_file":
         transformer = FluxTransformer2DModel.from_single_file(
             str(src.path), config=str(src.base), subfolder="transformer", dtype=dtype, local_files_only=True)
-        return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True)
-    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True)
+        return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True,
+                                            **parts)
+    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts)
 
 
 def quantize_fp8(pipe: Any, dtype: Any) -> str:
@@ -218,10 +223,18 @@ def store_fp8(pipe: Any, dtype: Any) -> str:
         return "diffusers layerwise casting (fp8 storage, compute in " + str(dtype).replace("torch.", "") + ")"
 
 
-def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quantize: str) -> Any:
-    """Load and place a pipeline as configured (the residency loader)."""
+def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quantize: str,
+                   share: Model | None = None) -> Any:
+    """Load and place a pipeline as configured (the residency loader); ``share``: borrow its encoders and VAE."""
     dtype = torch_dtype(dtype_name, device)
-    pipe = _from_pretrained(src, dtype)
+    parts: dict[str, Any] = {}
+    if share is not None:
+        donor = get_pipeline(share)
+        parts = donor_parts(donor, dtype, offload)
+        check_compatible(_vae_config(src), donor, src.ref)
+    pipe = _from_pretrained(src, dtype, parts)
+    if parts:
+        adopt(pipe, parts)
     if quantize == "fp8":
         pipe._fluxkiln_fp8 = quantize_fp8(pipe, dtype)
     if offload == "model":
@@ -234,6 +247,16 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
     pipe._fluxkiln_dtype = dtype
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _vae_config(src: Source) -> dict[str, Any]:
+    import json
+
+    folder = src.base if src.kind == "single_file" and src.base else src.path
+    try:
+        return json.loads((Path(folder) / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"`share`: cannot read the VAE configuration of '{src.ref}': {exc}", key="share") from exc
 
 
 def model_key(src: Source, dtype: str, offload: str, quantize: str, device: str) -> str:
@@ -283,6 +306,9 @@ def load_model(
                         Field(description="fp8 transformer weights (GPU of compute capability >= 8.9)")] = "none",
     download: Annotated[bool, Field(description="allow downloading a hub id missing from the cache "
                                     "(network; HF_TOKEN for gated repos); off = offline")] = False,
+    share: Annotated[Model | None, Field(description="another load_model whose text encoders, tokenizers and VAE "
+                                         "this model uses instead of loading its own (one copy in memory; "
+                                         "FLUX.1 dev and schnell have the same ones)")] = None,
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.
 
@@ -313,9 +339,13 @@ def load_model(
                             hint="remove `base`")
         check_folder(src.path, src.ref)
     key = model_key(src, dtype, offload, quantize, device)
+    if share is not None:
+        if share.kind != "flux":
+            raise NodeError(f"`share` needs a FLUX model, got a '{share.kind}' model", key="share")
+        key += f"|share={share.key}"
 
     def loader() -> Any:
-        return build_pipeline(src, dtype, device, offload, quantize)
+        return build_pipeline(src, dtype, device, offload, quantize, share)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
@@ -326,6 +356,9 @@ def load_model(
                 "offload": offload, "quantize": quantize, "device": device}
     if src.base:
         out.info["base"] = str(src.base)
+    if share is not None:
+        out.info["shares_with"] = share.ref
+        ctx.log(f"text encoders, tokenizers and VAE shared with '{share.ref}' (one copy in memory)")
     how = getattr(pipe, "_fluxkiln_fp8", None)
     if how:
         out.info["quantize_method"] = how

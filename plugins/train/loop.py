@@ -139,7 +139,7 @@ class Trainer:
 
     def _resume(self) -> int:
         ckpts.clean_temporaries(self.ckpt_dir)
-        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps)
+        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps, log=self.ctx.log)
         if found is None:
             return 0
         meta, state, tensors = found.meta, found.state, found.tensors
@@ -279,7 +279,7 @@ class Trainer:
         meta = {"cursor": self.cursor.state(), "history": self.history, "optimizer": self.optimizer_name,
                 "elapsed": self.elapsed, "layers": len(self.layers)}
         try:
-            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last)
+            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last, log=self.ctx.log)
         except OSError as exc:
             prev = ckpts.complete(self.ckpt_dir)
             kept = f"the checkpoint at step {prev[0][0]} is intact" if prev else "no earlier checkpoint exists"

@@ -116,9 +116,10 @@ def train_lora(
     if use_pretrained_lora:
         result = job.pretrained(Path(use_pretrained_lora))
     else:
-        result = job.train(ctx.state_dir(*NOT_IN_STATE), wandb_key,
-                           dict(project=wandb_project, run_name=wandb_run, entity=wandb_entity,
-                                sample_interval=wandb_sample_interval, save_interval=wandb_save_interval))
+        with ctx.using_state(*NOT_IN_STATE) as state_dir:  # one run at a time resumes one training state
+            result = job.train(state_dir, wandb_key,
+                               dict(project=wandb_project, run_name=wandb_run, entity=wandb_entity,
+                                    sample_interval=wandb_sample_interval, save_interval=wandb_save_interval))
     lora, captions = job.export(result)
     if hf_repo_id:
         job.publish(hf_repo_id, hf_private, token, lora, result)
