@@ -165,11 +165,26 @@ class ParamSpec:
         bad = _find_nonfinite(value)
         if bad:
             return value, f"{bad} is not allowed; use a finite number"
+        value = self._numeric_choice(value)
         try:
             return self._adapter.validate_python(value, strict=True), None
         except ValidationError as exc:
             msgs = sorted({_pydantic_msg(e) for e in exc.errors()})
             return value, "; ".join(msgs)
+
+
+    def _numeric_choice(self, value: Any) -> Any:
+        """A number given for a choice spelled as a string (``megapixels = 1`` for ``"1"``): that choice."""
+        if isinstance(value, bool) or not isinstance(value, int | float) or value in self.choices:
+            return value
+        for choice in self.choices:
+            if isinstance(choice, str):
+                try:
+                    if float(choice) == value:
+                        return choice
+                except ValueError:
+                    continue
+        return value
 
 
 def _find_nonfinite(value: Any) -> str | None:

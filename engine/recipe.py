@@ -8,6 +8,7 @@ types, ranges, links) live in :mod:`fluxkiln.engine.validate`.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 import tomllib
@@ -167,7 +168,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ValueError(f"--set {key}=...: the value is nested more than {MAX_NESTING} levels deep")
     parts = key.strip().split(".")
     if len(parts) < 2 or parts[0] not in TOP_LEVEL or not all(parts):
-        raise ValueError(f"--set {item!r}: KEY must be nodes.<id>.<key>, vars.<name> or recipe.<key>")
+        close = difflib.get_close_matches(parts[0], list(TOP_LEVEL), n=1)
+        guess = f" (did you mean '{'.'.join([close[0], *parts[1:]])}={raw}'?)" if close and len(parts) > 1 else ""
+        raise ValueError(f"--set {item!r}: KEY must be nodes.<id>.<key>, vars.<name> or recipe.<key>{guess}")
     return parts, value
 
 
@@ -257,7 +260,11 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem(str(exc), "--set"))
             continue
         if parts[0] == "nodes" and parts[1] not in (data.get("nodes") or {}):
-            problems.append(Problem(f"--set {item!r}: there is no node '{parts[1]}'", "--set", node=parts[1]))
+            ids = list(data.get("nodes") or {})
+            close = difflib.get_close_matches(parts[1], ids, n=1)
+            guess = f" (did you mean '{'.'.join(['nodes', close[0], *parts[2:]])}'?)" if close else ""
+            problems.append(Problem(f"--set {item!r}: there is no node '{parts[1]}'{guess}", "--set", node=parts[1],
+                                    hint="nodes: " + ", ".join(ids)))
             continue
         target = data
         for p in parts[:-1]:
@@ -338,6 +345,19 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
     return recipe, problems
 
 
+def _missing_recipe(p: Path) -> Problem:
+    """'recipe file not found', with the file the user probably meant (``.toml`` added, or a close name)."""
+    folder = p.parent if p.parent.is_dir() else None
+    candidates = [p.parent / (p.name + ".toml")] if p.suffix != ".toml" else []
+    found = [c for c in candidates if c.is_file()]
+    if not found and folder is not None:
+        names = sorted(c.name for c in folder.glob("*.toml"))
+        found = [folder / n for n in difflib.get_close_matches(p.name, names, n=1, cutoff=0.6)]
+    guess = f" (did you mean {found[0]}?)" if found else ""
+    hint = "give the recipe's .toml file" if found else "check the path (relative to the current folder)"
+    return Problem(f"recipe file not found: {p}{guess}", str(p), hint=hint)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[Problem]]:
     """Read and parse a recipe file."""
     p = Path(path)
@@ -348,7 +368,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Recipe(p, "", ""), [Problem(f"recipe file not found: {p}", str(p))]
+        return Recipe(p, "", ""), [_missing_recipe(p)]
     except (OSError, UnicodeDecodeError) as exc:
         return Recipe(p, "", ""), [Problem(f"cannot read recipe: {exc}", str(p))]
     return parse_recipe(text, p, overrides)

@@ -239,7 +239,8 @@ class Engine:
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
                          state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
-                         params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin)
+                         params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin,
+                         reason=np_.reason)
         self._emit(Event("node_started", result.run_id, np_.id, nt.name,
                          {"reason": np_.reason, "inputs": summarize_inputs(inputs), "plugin": nt.plugin}))
         gpu = _GpuPeak()

@@ -231,7 +231,10 @@ def watch_main(args: argparse.Namespace) -> int:
     from .cli_output import ConsoleObserver, JsonObserver
 
     if not Path(args.recipe).is_file():
-        print(f"fluxkiln watch: recipe file not found: {args.recipe}", file=sys.stderr)
+        from .recipe import load_recipe
+
+        problem = load_recipe(args.recipe)[1][0]  # "not found", with the file the user probably meant
+        print(f"fluxkiln watch: {problem.message}" + (f" ({problem.hint})" if problem.hint else ""), file=sys.stderr)
         return 2
     observer = JsonObserver() if args.json else ConsoleObserver(quiet=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "dataset"): Check("@data", "@data2"),
     ("train_lora", "trigger_word"): Check("TOK", "ZQX"),
     ("train_lora", "steps"): Check(3, 4),
+    ("train_lora", "resume"): Check("auto", "never"),
     ("train_lora", "learning_rate"): Check(1e-3, 1e-2),
     ("train_lora", "batch_size"): Check(1, 2),
     ("train_lora", "resolution"): Check([32], [48]),
@@ -300,6 +302,9 @@ def _file_digest(path: Path) -> str:
         for k in sorted(tensors):
             h.update(k.encode() + tensors[k].float().numpy().tobytes())
         return h.hexdigest()
+    if path.name == "metrics.csv":  # step, loss, lr, seconds: the wall time differs from run to run
+        rows = [",".join(line.split(",")[:3]) for line in path.read_text().splitlines()]
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -342,6 +347,9 @@ def _run(world: Any, ntype: str, values: dict[str, Any], tag: str) -> dict[str, 
     observed = _observe(result, nodes)
     if ntype == "load_model":  # whether the pipeline was already hot shows in its log, not in what it loads
         observed["x"].pop("logs")
+    if ntype == "train_lora":  # a forced run discards the checkpoints an earlier run of the same values left
+        observed["x"]["logs"] = [re.sub(r"; \d+ earlier checkpoint\(s\) of this configuration discarded", "", m or "")
+                                 for m in observed["x"]["logs"]]
     return observed
 
 

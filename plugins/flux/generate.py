@@ -156,7 +156,8 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
         except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
             if "cudnn" not in str(exc).lower():
                 raise
-            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels")
+            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels",
+                    level="warning")
             for g, j in zip(generators, [j for _ in group for j in range(s.n)], strict=True):
                 g.manual_seed(s.seed + j)
             return run(**common, callback_on_step_end=progress.callback()).images

@@ -59,10 +59,38 @@ def hub_snapshot(repo: str, *, download: bool = False) -> Path:
     try:
         return Path(snapshot_download(repo, local_files_only=not download))
     except LocalEntryNotFoundError as exc:
-        raise NodeError(f"model '{repo}' is not in the local Hugging Face cache", hint=fetch_hint(repo)) from exc
+        if download:
+            raise _download_failed(repo, exc) from exc
+        raise NodeError(f"model '{repo}' is not in the local Hugging Face cache (download = false: fluxkiln did "
+                        "not try to download it)", key="model",
+                        hint=fetch_hint(repo) + ", or set download = true on this node") from exc
     except Exception as exc:  # noqa: BLE001 - hub client errors (auth, network, offline mode) vary by version
-        raise NodeError(f"could not fetch '{repo}' from the Hugging Face Hub: {type(exc).__name__}: {exc}",
-                        hint=fetch_hint(repo)) from exc
+        raise _download_failed(repo, exc) from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def _download_failed(repo: str, exc: BaseException) -> NodeError:
+    """download = true and the Hub could not deliver: say that it was tried, and why it failed."""
+    cause = _root_cause(exc)
+    why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".rstrip(": ")
+    text = f"{type(exc).__name__} {exc} {why}".lower()
+    if "offline" in text:
+        fix = "HF_HUB_OFFLINE is set: unset it (or download on a machine with network), then rerun"
+    elif any(w in text for w in ("401", "403", "gated", "unauthorized", "authentication")):
+        fix = fetch_hint(repo) + "; the Hub refused access: accept the model's license and export HF_TOKEN"
+    elif any(w in text for w in ("404", "not found", "repositorynotfound")):
+        fix = "check the hub id (owner/name) on huggingface.co"
+    else:
+        fix = "check the network connection (and HF_ENDPOINT / proxy settings), then rerun; " + fetch_hint(repo)
+    return NodeError(f"download = true: tried to download '{repo}' from the Hugging Face Hub and it failed "
+                     f"({why})", key="download", hint=fix)
 
 
 def resolve_source(ref: str, ctx: RunContext, *, download: bool = False, key: str = "model") -> Source:

@@ -14,7 +14,7 @@ from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunC
 from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
-from .pipestate import prepare
+from .pipestate import adapter_errors, prepare
 from .sizes import (ASPECT_RATIOS, CUSTOM_MAX, CUSTOM_MIN, TRAINING_PIXELS, centre_crop, plan_size, size_like)
 
 __all__ = ["DEFAULT_GUIDANCE", "MAX_TEXT_TOKENS", "recipe_problems", "sample"]
@@ -257,7 +257,8 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
         ctx.log("prompt_strength = 0: returning the input image unchanged (resized)")
         return [(job, j, job.init.resize(job.size, Image.Resampling.LANCZOS), {}) for job in jobs for j in range(s.n)]
     pipe = get_pipeline(model)
-    prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
+    with adapter_errors(model, "setting up this model's LoRAs"):
+        prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
     return generate(ctx, pipe, jobs, s)
 
 

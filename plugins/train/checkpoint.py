@@ -182,6 +182,18 @@ def prune(root: Path, keep_last: int) -> None:
     clean_temporaries(root)
 
 
+def discard_all(root: Path) -> int:
+    """Delete every checkpoint under ``root`` (a run from scratch); returns how many complete ones there were."""
+    found = complete(root)
+    for _, p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    if root.is_dir():
+        for p in root.glob("ckpt-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    clean_temporaries(root)
+    return len(found)
+
+
 def clean_temporaries(root: Path) -> None:
     if root.is_dir():
         for p in root.glob(".ckpt-*.tmp-*"):
