@@ -36,9 +36,7 @@ def _clip_model(ctx: RunContext, ref: str) -> tuple[Any, Any]:
 
     try:
         src = resolve_source(ref, ctx, key="clip_model")
-    except NodeError as exc:
-        if exc.key:
-            raise
+    except NodeError as exc:  # name this node's key, not load_model's
         raise NodeError(f"CLIP {exc}", key="clip_model", hint=exc.hint) from exc
     if not (src.path / "config.json").is_file():
         raise NodeError(f"'{ref}' is not a CLIP model folder ({src.path} has no config.json)", key="clip_model",
