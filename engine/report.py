@@ -5,7 +5,8 @@ peak GPU memory (where there is a GPU) and the estimated cost per image from
 ``[recipe] gpu_hour_price``, and the mean of any ``scores`` the images record;
 one table per sweep (see :mod:`.sweepreport`); artifacts (images, grids,
 LoRAs) are linked, by paths inside the run folder only (a file a node wrote
-elsewhere is named).
+elsewhere is named).  A node that writes a ``scores.json`` artifact (the
+``evaluate`` node) also gets its per-image scores in the report.
 """
 
 from __future__ import annotations
@@ -59,8 +60,42 @@ def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[
             if st.get("peak_gpu_bytes") is not None:
                 row["peak_gpu_gib"] = round(st["peak_gpu_bytes"] / 2**30, 2)
         row["artifacts"] = arts.get(nid, [])
+        scores = _scores(row["artifacts"])
+        if scores:
+            row["scores"] = scores
         rows.append(row)
     return rows
+
+
+def _scores(artifacts: list[str]) -> dict[str, Any] | None:
+    """The content of a node's ``scores.json`` artifact (metric, mean, per image), if it wrote one."""
+    for a in artifacts:
+        if Path(a).name == "scores.json":
+            try:
+                data = json.loads(Path(a).read_text())
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _score_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for r in rows:
+        data = r.get("scores")
+        if not data:
+            continue
+        mean = data.get("mean") or {}
+        keys = list(mean)
+        lines += ["", f"### {r['node']}: {data.get('metric')} ({data.get('model')})", "",
+                  "| image | prompt | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for img in data.get("images") or []:
+            vals = img.get("scores") or {}
+            prompt = str(img.get("prompt", "")).replace("|", "\\|")
+            lines.append(f"| {img.get('name') or img.get('index')} | {prompt} | "
+                         + " | ".join(_fmt(vals.get(k)) for k in keys) + " |")
+        lines.append("| **mean** | | " + " | ".join(_fmt(mean[k]) for k in keys) + " |")
+    return ["", "## Scores", *lines] if lines else []
 
 
 def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> None:
@@ -92,6 +127,7 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
     if data.get("gpu_hour_price") is not None:
         lines += ["", f"Cost estimates use gpu_hour_price = {data['gpu_hour_price']} per GPU hour."]
     art_lines = [f"- {r['node']}: {_artifact_md(a, run_dir)}" for r in data["nodes"] for a in r["artifacts"]]
+    lines += _score_lines(data["nodes"])
     if art_lines:
         lines += ["", "## Artifacts", "", *art_lines]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from test_train_support import load_weights, losses
 from fluxkiln.engine.runner import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "train-lora-tiny.toml"
+RECIPE = ROOT / "tests" / "recipes" / "train-lora-tiny-flux.toml"  # the tiny-FLUX version of the recipe
 RED_SQUARE = ROOT / "recipes" / "data" / "solid-red" / "red-1.png"  # the quickstart's training colour
 
 
