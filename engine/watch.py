@@ -213,6 +213,8 @@ def watch_main(args: argparse.Namespace) -> int:
     if not Path(args.recipe).is_file():
         print(f"fluxkiln watch: recipe file not found: {args.recipe}", file=sys.stderr)
         return 2
+    from .launch import make_engine
+
     observer = JsonObserver() if args.json else ConsoleObserver(quiet=True)
 
     def say(d: dict[str, Any]) -> None:
@@ -228,7 +230,7 @@ def watch_main(args: argparse.Namespace) -> int:
         elif d["event"] == "watch_waiting":
             print("[watch] waiting for changes (Ctrl-C to stop)", file=sys.stderr)
 
-    session = WatchSession(args.recipe, overrides=args.overrides, output=args.output, observers=[observer],
+    session = WatchSession(args.recipe, engine=make_engine(), overrides=args.overrides, output=args.output, observers=[observer],
                            debounce=args.debounce, say=say)
     try:
         session.loop()

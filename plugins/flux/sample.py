@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from fluxkiln.engine import distributed
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, node
 
 from . import fast
@@ -134,6 +135,8 @@ def _img2img_pipe(pipe: Any) -> Any:
 
 def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, width: int, height: int, steps: int,
               guidance: float | None, seed: int, init: Any, strength: float) -> list[Any]:
+    if n == 0:  # this rank's share of a data-parallel sample is empty
+        return []
     import torch
 
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
@@ -168,6 +171,7 @@ def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, wid
             return run(**common, callback_on_step_end=_callback(ctx, total)).images
 
 
+@distributed.parallel
 @node("sample", version="1", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,
@@ -230,7 +234,9 @@ def sample(
     else:
         pipe = get_pipeline(model)
         prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
-        pics = _generate(ctx, pipe, variant, prompt, num_outputs, w, h, steps, guide, seed, init, prompt_strength)
+        pics = distributed.run_shard(  # several ranks: each makes its share of the images, seed + i for image i
+            lambda part: _generate(ctx, pipe, variant, prompt, len(part), w, h, steps, guide, seed + part.start, init,
+                                   prompt_strength), num_outputs)
     return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
                             meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})
                   for i, pic in enumerate(pics))
