@@ -147,10 +147,10 @@ class RankFailed(NodeError):
     """Another rank failed while computing its share."""
 
 
-def run_shard(work: Callable[[range], list[Any]], n: int) -> list[Any]:
+def run_shard(work: Callable[[range], list[Any]], n: int, log: Callable[[str], None] | None = None) -> list[Any]:
     """Run ``work(indices)`` on this rank's share of ``n`` items and return all ``n`` results in order on rank 0.
 
-    Every rank reports ok / cancelled / failed; rank 0 raises :class:`RankFailed` naming a rank that
+    ``log`` (rank 0) hears how many items each rank made.  Every rank reports ok / cancelled / failed; rank 0 raises :class:`RankFailed` naming a rank that
     failed, or :class:`Cancelled` if any rank was cancelled.  Other ranks get their own share back.
     """
     part = shard(n)
@@ -173,6 +173,9 @@ def run_shard(work: Callable[[range], list[Any]], n: int) -> list[Any]:
                              hint="the other ranks' work was discarded; fix the cause and run again")
     if any(state == "cancelled" for state, _ in parts):
         raise Cancelled("cancelled on another rank")
+    if log:
+        log(f"{n} item(s) over {_world.size} ranks: " + ", ".join(f"{len(v)} on rank {r}" for r, (_s, v) in
+                                                              enumerate(parts)))
     return [item for _state, value in parts for item in value]
 
 

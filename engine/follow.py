@@ -91,18 +91,16 @@ class Worker:
         self.used: set[str] = set()
 
     def serve(self) -> int:
-        """The follower loop; returns the exit code (130 when the last run was cancelled here)."""
-        cancelled = False
+        """The follower loop; exits 0 when rank 0 says so (rank 0's exit code tells how the run went)."""
         while True:
             msg = dist.broadcast(None)
             op = msg["op"]
             if op == "exit":
-                return 130 if cancelled else 0
+                return 0
             if op == "run":
                 self.used = set()
                 self.cancel.clear()
             elif op == "end":
-                cancelled = self.cancel.is_set()
                 self.live = {k: v for k, v in self.live.items() if k in self.used}
             elif op == "node":
                 self._node(msg)

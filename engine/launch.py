@@ -59,9 +59,13 @@ def route(args: argparse.Namespace, argv: list[str], command: Callable[[argparse
     try:
         if world.owner:
             try:
-                return command(args)
-            finally:
+                code = command(args)
                 dist.broadcast({"op": "exit"})
+                return code
+            except RuntimeError as exc:  # a collective failed: another rank is gone
+                print(f"fluxkiln: rank 0 lost contact with the other workers ({str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                return 1
         return _serve()
     finally:
         dist.shutdown()
@@ -136,14 +140,14 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.gpus))
     # SIGINT reaches every worker from the terminal; the agent must not forward it again and then kill them
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGHUP,SIGQUIT"
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.gpus,
                           run_id=args.rdzv_id if args.nnodes > 1 else uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=args.rdzv_endpoint or "localhost:0",
                           max_restarts=0, monitor_interval=0.2)
     old = signal.signal(signal.SIGINT, lambda s, f: None)
     try:
-        elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *strip_launch_args(argv))
+        elastic_launch(config, sys.executable)("-m", "fluxkiln", *strip_launch_args(argv))
     except ChildFailedError as exc:
         return _report(exc.failures)
     finally:
@@ -153,8 +157,9 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _report(failures: dict[int, Any]) -> int:
     """Exit 130 when every failed rank was interrupted, else name the rank that died first and exit 1."""
-    if all(f.exitcode == 130 for f in failures.values()):
-        return 130
+    if all(f.exitcode in (130, -signal.SIGTERM) for f in failures.values()) and \
+            any(f.exitcode == 130 for f in failures.values()):
+        return 130  # interrupted; a rank still finishing was stopped by the launcher
 
     def cause(f: Any) -> str:
         if f.exitcode < 0:

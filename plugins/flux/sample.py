@@ -236,7 +236,7 @@ def sample(
         prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
         pics = distributed.run_shard(  # several ranks: each makes its share of the images, seed + i for image i
             lambda part: _generate(ctx, pipe, variant, prompt, len(part), w, h, steps, guide, seed + part.start, init,
-                                   prompt_strength), num_outputs)
+                                   prompt_strength), num_outputs, log=ctx.log)
     return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
                             meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})
                   for i, pic in enumerate(pics))
