@@ -133,25 +133,26 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"fluxkiln {args.command}: {problem}", file=sys.stderr)
         return 2
     import torch
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.gpus))
-    # SIGINT reaches every worker from the terminal; the agent must not forward it again and then kill them
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGHUP,SIGQUIT"
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.gpus,
                           run_id=args.rdzv_id if args.nnodes > 1 else uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=args.rdzv_endpoint or "localhost:0",
                           max_restarts=0, monitor_interval=0.2)
-    old = signal.signal(signal.SIGINT, lambda s, f: None)
+    # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
+    # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
     try:
         elastic_launch(config, sys.executable)("-m", "fluxkiln", *strip_launch_args(argv))
     except ChildFailedError as exc:
         return _report(exc.failures)
-    finally:
-        signal.signal(signal.SIGINT, old)
+    except SignalException as exc:
+        print(f"fluxkiln: stopped ({exc.sigval.name})", file=sys.stderr)
+        return 130 if exc.sigval == signal.SIGINT else 1
     return 0
 
 

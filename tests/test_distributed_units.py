@@ -69,3 +69,42 @@ def test_bad_launch_settings_are_refused_before_anything_starts(tmp_path, args, 
     out = subprocess.run([sys.executable, "-m", "fluxkiln", "run", str(recipe), *args], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
+
+
+def _load_with(tmp_path, context_parallel: int):
+    from fluxkiln.engine.runner import Engine
+
+    recipe = tmp_path / "cp.toml"
+    recipe.write_text('[recipe]\nname = "cp"\n\n[nodes.base]\ntype = "load_model"\nmodel = "builtin:tiny-flux"\n'
+                      f"context_parallel = {context_parallel}\n")
+    result = Engine(cache_dir=tmp_path / "cache").run(recipe)
+    return result, [e.data for e in result.events if e.event == "node_failed"]
+
+
+def test_context_parallel_needs_one_process_per_gpu(tmp_path):
+    result, failed = _load_with(tmp_path, 2)
+    assert result.status == "failed"
+    assert "context_parallel = 2 needs 2 processes, one per GPU; this run has 1" in failed[0]["error"]
+    assert "--gpus 2" in failed[0]["hint"]
+
+
+def test_context_parallel_is_refused_on_cpu_in_a_world_of_the_right_size(tmp_path, monkeypatch):
+    from fluxkiln.plugins.flux import parallel
+
+    monkeypatch.setattr(distributed, "_world", distributed.World(0, 2, 0))  # as a launched rank 0 sees it
+    with pytest.raises(distributed.NodeError, match="needs CUDA GPUs") as info:
+        parallel.check(2, "cpu")
+    assert info.value.key == "context_parallel"
+    parallel.check(1, "cpu")  # off: nothing to refuse
+
+
+def test_context_parallel_off_keeps_the_split_and_the_residency_key(tmp_path):
+    from fluxkiln.plugins.flux import parallel
+
+    result, failed = _load_with(tmp_path, 1)
+    assert result.ok, failed
+    (model,) = result.outputs["base"].values()
+    assert model.info["context_parallel"] == 1 and parallel.splits_images(model)
+    assert model.key.endswith("|cpu")  # no context-parallel suffix
+    shared = type(model)(ref="x", kind="flux", key="k", info={"context_parallel": 2})
+    assert not parallel.splits_images(shared)

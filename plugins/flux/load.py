@@ -15,6 +15,8 @@ from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
+from . import parallel
+
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 PREFIX = re.compile(r"^([A-Za-z][\w.-]+):(?![\\/])")
@@ -282,6 +284,9 @@ def load_model(
                         Field(description="fp8 transformer weights (GPU of compute capability >= 8.9)")] = "none",
     download: Annotated[bool, Field(description="allow downloading a hub id missing from the cache "
                                     "(network; HF_TOKEN for gated repos); off = offline")] = False,
+    context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
+                                           "(diffusers' Ulysses context parallelism, for one image's latency); "
+                                           "needs as many processes (--gpus N) and CUDA; 1 = off")] = 1,
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.
 
@@ -298,6 +303,7 @@ def load_model(
     if quantize == "fp8" and offload == "sequential":
         raise NodeError('quantize = "fp8" does not combine with offload = "sequential"', key="quantize",
                         hint='use offload = "model" with fp8 (fp8 already halves the transformer\'s memory)')
+    parallel.check(context_parallel, device)
     src = resolve_source(model, ctx, download=download)
     if src.kind == "single_file":
         if src.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -311,10 +317,10 @@ def load_model(
             raise NodeError("`base` only applies when `model` is a single .safetensors file", key="base",
                             hint="remove `base`")
         check_folder(src.path, src.ref)
-    key = model_key(src, dtype, offload, quantize, device)
+    key = model_key(src, dtype, offload, quantize, device) + (f"|cp{context_parallel}" if context_parallel > 1 else "")
 
     def loader() -> Any:
-        return build_pipeline(src, dtype, device, offload, quantize)
+        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize), context_parallel)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
@@ -322,7 +328,7 @@ def load_model(
     pipe = get_pipeline(out)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path), "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-                "offload": offload, "quantize": quantize, "device": device}
+                "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
     if src.base:
         out.info["base"] = str(src.base)
     how = getattr(pipe, "_fluxkiln_fp8", None)

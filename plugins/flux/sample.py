@@ -12,7 +12,7 @@ from pydantic import Field
 from fluxkiln.engine import distributed
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, node
 
-from . import fast
+from . import fast, parallel
 from .load import get_pipeline
 from .lora import adapter_loader
 from .pipestate import prepare
@@ -234,9 +234,12 @@ def sample(
     else:
         pipe = get_pipeline(model)
         prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
-        pics = distributed.run_shard(  # several ranks: each makes its share of the images, seed + i for image i
-            lambda part: _generate(ctx, pipe, variant, prompt, len(part), w, h, steps, guide, seed + part.start, init,
-                                   prompt_strength), num_outputs, log=ctx.log)
+        if parallel.splits_images(model):  # several ranks: each makes its share of the images, seed + i for image i
+            pics = distributed.run_shard(
+                lambda part: _generate(ctx, pipe, variant, prompt, len(part), w, h, steps, guide, seed + part.start,
+                                       init, prompt_strength), num_outputs, log=ctx.log)
+        else:  # context parallel: every rank computes its part of every image's tokens
+            pics = _generate(ctx, pipe, variant, prompt, num_outputs, w, h, steps, guide, seed, init, prompt_strength)
     return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
                             meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})
                   for i, pic in enumerate(pics))

@@ -1,0 +1,46 @@
+"""Context parallelism: the tokens of one image split over several GPUs with diffusers' Ulysses attention.
+
+``load_model``'s ``context_parallel = N`` turns it on for a run of N processes
+(``fluxkiln run --gpus N``): every rank holds the whole transformer and
+computes its 1/N of the image's tokens; attention exchanges heads and tokens
+with all-to-alls (diffusers' ``ContextParallelConfig(ulysses_degree=N)``).
+Every rank then makes the same images, so ``sample`` does not split them
+across ranks.  diffusers builds the device mesh on an accelerator, so this
+needs CUDA GPUs; on CPU the setting is refused before anything loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxkiln.engine import NodeError, distributed
+
+
+def check(degree: int, device: str) -> None:
+    """Refuse a context-parallel degree this run cannot use (wrong number of processes, no GPU)."""
+    if degree == 1:
+        return
+    size = distributed.current().size
+    if size != degree:
+        raise NodeError(f"context_parallel = {degree} needs {degree} processes, one per GPU; this run has {size}",
+                        key="context_parallel", hint=f"run with fluxkiln run RECIPE --gpus {degree} (or torchrun "
+                        f"--nproc-per-node {degree} -m fluxkiln run RECIPE), or set context_parallel = 1")
+    if device != "cuda":
+        raise NodeError(f"context_parallel = {degree} needs CUDA GPUs: diffusers' context parallelism runs on an "
+                        "accelerator, and this machine has none", key="context_parallel",
+                        hint="use context_parallel = 1 on CPU (several CPU processes still split a sample's images)")
+
+
+def enable(pipe: Any, degree: int) -> Any:
+    """Split the transformer's attention over ``degree`` ranks (diffusers' Ulysses context parallelism)."""
+    if degree > 1:
+        from diffusers import ContextParallelConfig
+
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        pipe._fluxkiln_context_parallel = degree
+    return pipe
+
+
+def splits_images(model: Any) -> bool:
+    """True when a sample's images go to different ranks (data parallel), False when all ranks share each image."""
+    return int(model.info.get("context_parallel", 1)) == 1
