@@ -132,22 +132,32 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     if problem:
         print(f"fluxkiln {args.command}: {problem}", file=sys.stderr)
         return 2
+    return launch_workers(args.gpus, strip_launch_args(argv), nnodes=args.nnodes, endpoint=args.rdzv_endpoint,
+                          rdzv_id=args.rdzv_id)
+
+
+def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: str | None = None,
+                   rdzv_id: str = "fluxkiln") -> int:
+    """Run ``python -m fluxkiln ARGV`` in ``nproc`` workers per host (``nnodes`` hosts) and wait for them.
+
+    Returns 0, 130 when interrupted, or 1 after naming the rank that failed.
+    """
     import torch
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.gpus))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.gpus,
-                          run_id=args.rdzv_id if args.nnodes > 1 else uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint=args.rdzv_endpoint or "localhost:0",
+    config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                          run_id=rdzv_id if nnodes > 1 else uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint or "localhost:0",
                           max_restarts=0, monitor_interval=0.2)
     # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
     # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
     try:
-        elastic_launch(config, sys.executable)("-m", "fluxkiln", *strip_launch_args(argv))
+        elastic_launch(config, sys.executable)("-m", "fluxkiln", *argv)
     except ChildFailedError as exc:
         return _report(exc.failures)
     except SignalException as exc:

@@ -243,3 +243,17 @@ def test_sigint_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
     assert finished and finished[0]["status"] == "cancelled"
     ckpts = list((cache / "state").glob(f"train_lora-*/checkpoints/*{step:06d}*"))
     assert ckpts, "no checkpoint written at the step where the run stopped"
+
+
+def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
+    out = tmp_path / "bench-gpus.json"
+    done = _cli("bench", "--gpus", "2", "--tiny", "--train-steps", "2", "--out", str(out),
+                cache=_cache(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["gpus"] == 2 and res["mode"] == "tiny" and res["device"] == "cpu"
+    dp, ddp = res["data_parallel"], res["ddp"]
+    assert dp["images"] == 4 and dp["one_s"] > 0 and dp["many_s"] > 0 and dp["speedup"] > 0
+    assert ddp["global_batch"] == 2 and ddp["per_process_batch"] == 1 and ddp["one_step_s"] > 0 and ddp["ratio"] > 0
+    assert "needs CUDA GPUs" in res["context_parallel"]["skipped"]
+    assert "fluxkiln bench --gpus 2 (tiny, cpu)" in done.stdout
