@@ -123,9 +123,20 @@ class DiskCache:
             (staging / MANIFEST).write_text(json.dumps(manifest, default=str))
             final = self.entry_dir(fp)
             final.parent.mkdir(parents=True, exist_ok=True)
+            existing = self.lookup(fp, port_versions(port_names, port_types)) if final.exists() else None
+            if existing is not None and existing.manifest.get("files") == files:
+                shutil.rmtree(staging, ignore_errors=True)  # the same bytes, maybe in use by another run: keep
+                return existing
             if final.exists():
                 self.discard(final)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:  # another process stored the same result first: keep theirs if it verifies
+                theirs = self.lookup(fp)
+                if theirs is None:
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+                return theirs
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--only", action="append", default=[], metavar="NODE", help="run only NODE and its ancestors")
     p.add_argument("--force", action="append", nargs="?", const="*", metavar="NODE",
-                   help="rerun everything, or NODE and its dependants")
+                   help="rerun everything, or NODE and its dependants (anywhere on the line; a forced "
+                        "train_lora trains from scratch unless it has resume = \"always\")")
     p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
     p.add_argument("--output", metavar="DIR", help="run folder (default ./runs/<recipe name>)")
     p.add_argument("--explain", action="store_true", help="print the plan with reasons, run nothing")
@@ -112,7 +114,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print("[]")
     else:
-        print(f"{args.recipe}: valid ({len(checked.nodes)} nodes: {' -> '.join(checked.order)})")
+        order = [n for n in checked.order if n in checked.recipe.nodes]
+        cells = sum(len(c) for c in checked.sweeps.values())
+        swept = f", {len(checked.sweeps)} swept into {cells} cells" if checked.sweeps else ""
+        print(f"{args.recipe}: valid ({len(order)} nodes{swept}: {' -> '.join(order)})")
     return EXIT_OK
 
 
@@ -129,6 +134,36 @@ def cmd_graph(args: argparse.Namespace) -> int:
     render = {"text": graphmod.render_text, "mermaid": graphmod.render_mermaid, "dot": graphmod.render_dot}
     print(render[args.format](checked.graph))
     return EXIT_OK
+
+
+_VALUED = ("--set", "--only", "--output")  # options of `run` that take a value
+
+
+def normalize_force(argv: list[str]) -> list[str]:
+    """Let ``--force`` and ``--force NODE`` stand anywhere in ``run``'s arguments.
+
+    ``--force`` takes an optional node id, so ``run --force recipe.toml`` would read the recipe as a node.
+    A word after ``--force`` is taken as the recipe (and ``--force`` as "everything") when it looks like a
+    file (``.toml``, a path separator, an existing file) or when no other word could be the recipe.
+    """
+    words = [i for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in _VALUED)]
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--force" and nxt is not None and not nxt.startswith("-"):
+            others = [w for w in words if w not in (i + 1,)]
+            looks_like_file = nxt.endswith(".toml") or "/" in nxt or "\\" in nxt or Path(nxt).is_file()
+            if looks_like_file or not others:
+                out += ["--force=*", nxt]
+            else:
+                out.append(f"--force={nxt}")
+            i += 2
+            continue
+        out.append("--force=*" if a == "--force" else a)
+        i += 1
+    return out
 
 
 def _force_args(force: list[str] | None) -> tuple[list[str] | None, bool]:
@@ -232,16 +267,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from .cli_output import plugins_table
 
-    table = Table("plugin", "version", "source", "load ms", "node types", "status")
-    for r in rows:
-        status = f"[red]failed: {escape(r['error'])}[/red]" if r["error"] else "ok"
-        table.add_row(escape(r["name"]), r["version"] or "", r["source"], f"{r['load_ms']:.1f}",
-                      escape(", ".join(r["node_types"] + [f"port:{p}" for p in r["port_types"]])), status)
-    Console().print(table)
+    plugins_table(rows)
     return EXIT_OK
 
 
@@ -257,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = _registry().commands
         if argv[0] in commands:  # a command added by a plugin (register_commands hook)
             return commands[argv[0]][1](argv[1:])
+    if argv[:1] == ["run"]:
+        argv = ["run", *normalize_force(argv[1:])]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -11,7 +11,8 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ class RunContext:
     def __init__(self, *, run_id: str, node: str, type: str, run_dir: Path, state_root: Path,
                  emit: Callable[[Event], None], cancel: threading.Event, models: Any,
                  resolver: Callable[[str], str | None], recipe: Any = None, params: dict[str, Any] | None = None,
-                 fingerprint: str = "", identity: dict[str, Any] | None = None, plugin: str = "") -> None:
+                 fingerprint: str = "", identity: dict[str, Any] | None = None, plugin: str = "",
+                 reason: str = "") -> None:
         self.run_id = run_id
         self.node = node
         self.type = type
@@ -34,6 +36,7 @@ class RunContext:
         self.params = dict(params or {})
         self.fingerprint = fingerprint
         self.plugin = plugin
+        self.reason = reason  # why the node runs: "param `seed` changed", "forced", ...
         self.models = models
         self.artifacts: list[str] = []
         self._state_root = state_root
@@ -42,20 +45,39 @@ class RunContext:
         self._resolver = resolver
         self._identity = identity or {}
         self._started = time.perf_counter()
-        self._first_step: tuple[int, float] | None = None
+        self._first_step: tuple[int, float] | None = None  # (step, time) the rate counts from
+        self._resumed_from = 0
+
+    @property
+    def forced(self) -> bool:
+        """True when the user forced this node to run (``--force``, or a node it depends on was forced)."""
+        return self.reason.startswith("forced")
 
     # -------------------------------------------------------------- events
     def _event(self, name: str, data: dict[str, Any], objects: dict[str, Any] | None = None) -> None:
         self._emit(Event(name, self.run_id, self.node, self.type, data, objects or {}))
 
     def progress(self, step: int, total: int | None = None, *, metrics: dict[str, float] | None = None,
-                 preview: Any = None, preview_path: str | Path | None = None, message: str | None = None) -> None:
-        """Report progress (``step`` of ``total``), optional metrics (loss, lr) and a preview image."""
+                 preview: Any = None, preview_path: str | Path | None = None, message: str | None = None,
+                 resumed: bool = False) -> None:
+        """Report progress (``step`` of ``total``), optional metrics (loss, lr) and a preview image.
+
+        ``rate`` (steps per second) and ``eta`` (seconds) in the event count only the steps run in this
+        session.  Pass ``resumed=True`` where the work starts or continues at ``step`` (a training resumed
+        from a checkpoint, or the end of set-up work): the steps up to ``step`` and the time spent so far
+        are then left out of the rate, and the event carries ``resumed_from``.
+        """
         now = time.perf_counter()
         elapsed = now - self._started
         data: dict[str, Any] = {"step": step, "total": total, "elapsed": round(elapsed, 3)}
-        if self._first_step is None:  # a resumed run starts counting where it resumed
+        if resumed:
+            self._first_step = (step, now)
+            if step > 0:
+                self._resumed_from = step
+        elif self._first_step is None:  # a node whose first report is past 0: that step took the time so far
             self._first_step = (step - 1 if step > 0 else 0, self._started)
+        if self._resumed_from:
+            data["resumed_from"] = self._resumed_from
         done = step - self._first_step[0]
         if total and done > 0:
             rate = done / (now - self._first_step[1]) if now > self._first_step[1] else 0.0
@@ -110,6 +132,20 @@ class RunContext:
         d = self._state_root / f"{self.type}-{key}"
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    @contextmanager
+    def using_state(self, *ignore: str) -> Iterator[Path]:
+        """``state_dir(*ignore)``, locked while the block runs (nodes that resume from it should use this).
+
+        Another run resuming the same state (the same node configuration, from any recipe or run folder)
+        waits until this one is done, with a message in its log, then continues from what this one left.
+        """
+        from . import locks
+
+        d = self.state_dir(*ignore)
+        with locks.hold(locks.state_lock(d), f"the resumable state of node '{self.node}' ({d})",
+                        on_wait=lambda m: self.log(m, "warning"), cancel=self._cancel):
+            yield d
 
     # -------------------------------------------------------------- models / device
     def resolve_model(self, ref: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .nodes import REQUIRED, NodeType, ParamSpec
+from .ports import describe_port
 
 
 def default_text(spec: ParamSpec) -> str:
@@ -35,7 +36,7 @@ def node_to_dict(nt: NodeType) -> dict[str, Any]:
 def node_markdown(nt: NodeType, heading: str = "###") -> str:
     """A Markdown section for one node type."""
     lines = [f"{heading} `{nt.name}`", "", nt.doc.strip() or "(no documentation)", ""]
-    outs = ", ".join(f"`{k}` ({v})" for k, v in nt.outputs.items()) or "none"
+    outs = ", ".join(f"`{k}` ({describe_port(v)})" for k, v in nt.outputs.items()) or "none"
     lines += [f"Outputs: {outs}.", "", "| key | accepts | default | description |", "|---|---|---|---|"]
     for s in nt.params.values():
         cells = [f"`{s.name}`", s.allowed(), default_text(s), s.doc]
@@ -67,7 +68,7 @@ def node_rich(nt: NodeType) -> Any:
     for d in node_to_dict(nt)["keys"]:
         spec = nt.params[d["name"]]
         table.add_row(d["name"], d["kind"], escape(d["accepts"]), escape(default_text(spec)), escape(d["doc"]))
-    outs = ", ".join(f"{k} ({v})" for k, v in nt.outputs.items()) or "none"
+    outs = ", ".join(f"{k} ({describe_port(v)})" for k, v in nt.outputs.items()) or "none"
     head = Text.assemble((nt.name, "bold cyan"), f"  (plugin {nt.plugin}, version {nt.version})")
     return Group(head, Text(nt.doc.strip() or "(no documentation)"), Text(f"outputs: {outs}"), table)
 

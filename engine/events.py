@@ -4,7 +4,8 @@ Event names: ``run_started``, ``node_started`` (with ``reason``), ``node_cached`
 (with ``source``: memory or disk), ``node_progress`` (``step``, ``total``,
 ``metrics``, optional ``preview``), ``node_log``, ``node_finished`` (with
 ``artifacts``), ``node_failed`` (with ``error`` and ``hint``), ``node_skipped``,
-``node_cancelled``, ``run_finished`` (with ``status`` and ``nodes``).
+``node_cancelled``, ``run_finished`` (with ``status`` and ``nodes``), and
+``run_waiting`` (``message``, ``run_dir``: another run holds the run folder; this one waits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 EVENT_NAMES = (
     "run_started", "node_started", "node_cached", "node_progress", "node_log", "node_finished",
-    "node_failed", "node_skipped", "node_cancelled", "run_finished",
+    "node_failed", "node_skipped", "node_cancelled", "run_finished", "run_waiting",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,21 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()
 
 
+class NotRegularFile(OSError):
+    """A path that must be hashed is a FIFO, device or socket (reading it could block or never end)."""
+
+
 def hash_bytes_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+    """sha256 of a regular file's bytes; raise :class:`NotRegularFile` for anything else, without blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            from .paths import file_kind
+
+            raise NotRegularFile(f"{path} is not a regular file (it is a {file_kind(mode)}); "
+                                 "only regular files and folders are read")
+        h = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -69,7 +82,8 @@ class FileHasher:
             h = hashlib.sha256()
             for p in sorted(path.rglob("*")):
                 if p.is_file() and not p.is_symlink():
-                    h.update(p.relative_to(path).as_posix().encode() + b"\0" + self.file(p).encode())
+                    name = os.fsencode(p.relative_to(path).as_posix())  # the bytes on disk, UTF-8 or not
+                    h.update(name + b"\0" + self.file(p).encode())
             return h.hexdigest()
         return self.file(path)
 
@@ -79,7 +93,9 @@ class FileHasher:
         with self._lock:
             data = json.dumps(self._index)
             self._dirty = False
-        tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
+        from .paths import temp_name
+
+        tmp = temp_name(self.index_path)
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(data)
         os.replace(tmp, self.index_path)

@@ -12,8 +12,10 @@ report: their node outputs are dropped once the node's collectives are done.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +72,9 @@ class OwnerEngine(Engine):
         for key, link in rn.links.items():
             src = plan.checked.nodes[link.node].type
             if dist.is_live(src, self.registry.port_types):
-                live[key] = (self._payload(plan, link.node, result), link.port)
+                live[key] = (self._payload(plan, link.node, result), link)
             else:
-                inputs[key] = result.outputs[link.node][link.port]
+                inputs[key] = link.take(result.outputs)
         return {"id": nid, "type": rn.type.name, "params": rn.params, "secrets": dict(rn.secrets),
                 "fingerprint": np_.fingerprint, "identity": np_.identity, "inputs": inputs, "live": live}
 
@@ -126,8 +128,8 @@ class Worker:
 
     def _inputs(self, msg: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         inputs = dict(payload["inputs"])
-        for key, (sub, port) in payload["live"].items():
-            inputs[key] = self._live(msg, sub)[port]
+        for key, (sub, link) in payload["live"].items():
+            inputs[key] = link.take({link.node: self._live(msg, sub)})
         return inputs
 
     def _live(self, msg: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -148,10 +150,15 @@ class Worker:
 
 
 class WorkerContext(RunContext):
-    """A node's context on a worker rank: no events, and nothing created in rank 0's run folder."""
+    """A node's context on a worker rank: no events, nothing created in rank 0's run folder, no locks."""
 
     def node_dir(self) -> Path:
         return self.run_dir / self.node
+
+    @contextlib.contextmanager
+    def using_state(self, *ignore: str) -> Iterator[Path]:
+        """The state folder, unlocked: rank 0 holds its lock for the whole world while the node runs."""
+        yield self.state_dir(*ignore)
 
 
 def _drop(event: Event) -> None:

@@ -232,6 +232,9 @@ def _pin(data: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     table = nodes.get(node_id) if node_id else None
     if meta.get("node_type") == "grid" or (isinstance(table, dict) and table.get("type") == "grid"):
         return ["the image is a grid of several images: the recipe is written unchanged"]
+    notes: list[str] = []
+    if not isinstance(table, dict):
+        node_id, table, notes = _pin_cell(nodes, meta)
     if not isinstance(table, dict):
         samplers = [k for k, v in nodes.items() if isinstance(v, dict) and v.get("type") == "sample"]
         if len(samplers) != 1:
@@ -239,7 +242,6 @@ def _pin(data: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         node_id = samplers[0]
     table = nodes[node_id]
     seed = meta.get("seed")
-    notes = []
     if _is_int(seed):
         table["seed"] = seed
         notes.append(f"pinned nodes.{clean(node_id, 100)}.seed = {seed} (this image's own seed)")
@@ -252,6 +254,22 @@ def _pin(data: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _pin_cell(nodes: dict[str, Any], meta: dict[str, Any]) -> tuple[str | None, Any, list[str]]:
+    """An image from a sweep cell: the swept node with the cell's values in place of its sweep table."""
+    params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    record = params.get("sweep")
+    if not isinstance(record, dict) or not isinstance(record.get("set"), dict):
+        return None, None, []
+    node_id = record.get("node")
+    table = nodes.get(node_id) if isinstance(node_id, str) else None
+    if not isinstance(table, dict):
+        return None, None, []
+    table.pop("sweep", None)
+    table.update(record["set"])
+    cell = ", ".join(f"{clean(k, 60)} = {clean(v, 80)}" for k, v in record["set"].items())
+    return node_id, table, [f"replaced the sweep of nodes.{clean(node_id, 100)} by this image's cell: {cell}"]
+
+
 _VAR = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -259,6 +277,8 @@ def _links(value: Any, variables: dict[str, Any]) -> list[str]:
     """Node ids a recipe value links to (``"@id"``, ``"@id.port"``, also through ``${var}``)."""
     if isinstance(value, list):
         return [n for v in value for n in _links(v, variables)]
+    if isinstance(value, dict):  # a sweep table
+        return [n for v in value.values() for n in _links(v, variables)]
     if not isinstance(value, str):
         return []
     value = _VAR.sub(lambda m: str(variables.get(m.group(1), m.group(0))), value)

@@ -2,8 +2,9 @@
 
 A node is an ordinary Python function decorated with :func:`node`.  Its typed
 signature is the declaration: a parameter annotated with a registered port type
-(``Images``, ``Model``, ``Lora``, ``Dataset``, ...) is an *input* that takes a
-link (``"@other"``); any other annotation is a *parameter* that takes a literal
+(``Images``, ``Model``, ``Lora``, ``Dataset``, ...) or a list of one
+(``list[Images]``, ``list[Text]``) is an *input* that takes a link
+(``"@other"``); any other annotation is a *parameter* that takes a literal
 from the recipe, validated by pydantic.  Defaults, ranges (``Field(ge=, le=)``),
 choices (``Literal[...]``) and one-line docs (``Field(description=)``) all come
 from the signature and show in ``fluxkiln nodes TYPE``.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from .errors import PluginError
-from .ports import PortType
+from .ports import PortType, describe_port
 
 REQUIRED = inspect.Parameter.empty
 
@@ -143,7 +144,10 @@ class ParamSpec:
         """Say in words what this key accepts."""
         words: list[str] = []
         if self.ports:
-            words.append("a link to a node's " + " or ".join(f"'{p}'" for p in self.ports) + " output")
+            words.append("a link to a node's " + " or ".join(f"'{describe_port(p)}'" for p in self.ports) + " output")
+            singles = [p[5:-1] for p in self.ports if p.startswith("list[") and p[5:-1] not in self.ports]
+            if singles:
+                words[-1] += " (a single " + " or ".join(f"'{p}'" for p in singles) + " is taken as a list of one)"
         if self.accepts_literal:
             described = _describe_type(self.literal_type, self.constraints, self.choices)
             if self.is_file:
@@ -161,11 +165,26 @@ class ParamSpec:
         bad = _find_nonfinite(value)
         if bad:
             return value, f"{bad} is not allowed; use a finite number"
+        value = self._numeric_choice(value)
         try:
             return self._adapter.validate_python(value, strict=True), None
         except ValidationError as exc:
             msgs = sorted({_pydantic_msg(e) for e in exc.errors()})
             return value, "; ".join(msgs)
+
+
+    def _numeric_choice(self, value: Any) -> Any:
+        """A number given for a choice spelled as a string (``megapixels = 1`` for ``"1"``): that choice."""
+        if isinstance(value, bool) or not isinstance(value, int | float) or value in self.choices:
+            return value
+        for choice in self.choices:
+            if isinstance(choice, str):
+                try:
+                    if float(choice) == value:
+                        return choice
+                except ValueError:
+                    continue
+        return value
 
 
 def _find_nonfinite(value: Any) -> str | None:
@@ -299,8 +318,10 @@ def build_node_type(obj: Any, plugin: str, ports_by_cls: dict[type, PortType]) -
 def _outputs(opts: NodeOptions, ret: Any, ports_by_cls: dict[type, PortType], plugin: str) -> dict[str, str]:
     def port_of(tp: Any, what: str) -> str:
         if tp not in ports_by_cls:
-            raise PluginError(f"plugin '{plugin}', node type '{opts.name}': {what} {getattr(tp, '__name__', tp)!r} "
-                              f"is not a registered port type (known: {', '.join(sorted(p.name for p in ports_by_cls.values()))})")
+            known = sorted({p.name for p in ports_by_cls.values() if p.element is None})
+            raise PluginError(f"plugin '{plugin}', node type '{opts.name}': {what} {tp.__name__ if isinstance(tp, type) else str(tp)!r} "
+                              f"is not a registered port type (known: {', '.join(known)}, and list[C] of any "
+                              "of their classes C)")
         return ports_by_cls[tp].name
 
     if opts.outputs:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import graph as graphmod
 from .cache import CacheEntry, DiskCache, MemoryCache, port_versions
+from .errors import RecipeInvalid
 from .fingerprint import FileHasher, diff_reasons, digest, identity
 from .validate import Checked, ResolvedNode
 
@@ -77,6 +78,18 @@ def _lookup(np_: NodePlan, rn: ResolvedNode, memory: MemoryCache, disk: DiskCach
                 np_.action, np_.source, np_.entry = "cached", "disk", entry
 
 
+def _hash_files(checked: Checked, nid: str, hasher: FileHasher) -> dict[str, str]:
+    """Content hashes of a node's input files; a file that became unreadable is a recipe problem."""
+    out = {}
+    for key, path in checked.nodes[nid].files.items():
+        try:
+            out[key] = hasher.path(path)
+        except OSError as exc:
+            raise RecipeInvalid([checked.recipe.problem(f"cannot read {path}: {exc.strerror or exc}", node=nid,
+                                                        key=key, hint="point it at a regular file or folder")])
+    return out
+
+
 def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCache, disk: DiskCache,
               hasher: FileHasher, port_types: dict[str, Any], previous: dict[str, dict[str, Any]],
               only: list[str] | None = None, force: list[str] | None = None, force_all: bool = False) -> Plan:
@@ -89,7 +102,7 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
         if nid not in selected:
             continue
         rn = checked.nodes[nid]
-        files = {k: hasher.path(p) for k, p in rn.files.items()}
+        files = _hash_files(checked, nid, hasher)
         if rn.type.extra_fingerprint is not None:
             extra = rn.type.extra_fingerprint(dict(rn.params), run_dir / nid, checked.recipe.base_dir)
             for label, value in (extra if isinstance(extra, dict) else {"edited files": extra}).items():

@@ -5,6 +5,12 @@ disk cache can reuse it in a new process).  The built-in ones are defined here
 and registered by the built-in ``fluxkiln.plugins.ports`` plugin through the
 same ``register_port_types`` hook a third-party plugin uses.
 
+Every registered port type X also has a derived list port type ``list[X]``
+(see :func:`list_of`): a node declares it with the annotation ``list[C]``
+(``C`` being X's class), a value is a Python list of X values, and it is
+stored on disk element by element with X's own save/load.  ``prompts``
+(:class:`Prompts`) is the same port type as ``list[text]``.
+
 Nothing here imports torch or Pillow at module level.
 """
 
@@ -14,6 +20,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,9 @@ class PortType:
     ``save(value, folder)`` and ``load(folder)`` store and restore a value for
     the disk cache; a port type without them (a live model) is cached in memory
     only, so a node producing it re-runs in a new process when needed.
+    ``join(values)`` concatenates several values into one (used to join the
+    cells of a sweep); without it, a sweep's cells are joined into a
+    ``list[name]`` value.  ``element`` is set on derived list port types.
     """
 
     name: str
@@ -34,10 +44,23 @@ class PortType:
     save: Callable[[Any, Path], None] | None = None
     load: Callable[[Path], Any] | None = None
     version: str = "1"
+    join: Callable[[list[Any]], Any] | None = None
+    element: PortType | None = None
 
     @property
     def disk_cacheable(self) -> bool:
         return self.save is not None and self.load is not None
+
+    @property
+    def annotation(self) -> Any:
+        """What a node writes in its signature for this port type: ``C``, or ``list[C]`` for a list port type."""
+        return list[self.element.cls] if self.element is not None else self.cls
+
+    def accepts(self, value: Any) -> bool:
+        """True if ``value`` is a value of this port type (each element, for a list port type)."""
+        if self.element is None:
+            return isinstance(value, self.cls) or (self.cls is Text and isinstance(value, str))
+        return isinstance(value, list) and all(self.element.accepts(v) for v in value)
 
 
 # ---------------------------------------------------------------- images
@@ -197,19 +220,84 @@ def _load_text(folder: Path) -> Text:
 
 
 class Prompts(list):
-    """A list of prompt strings (for sweeps)."""
+    """A list of prompt strings: the value of a ``list[text]`` port (also called ``prompts``)."""
 
 
-def _load_prompts(folder: Path) -> Prompts:
-    return Prompts(json.loads((folder / "value.json").read_text()))
+# ---------------------------------------------------------------- lists of any port type
+LIST_INDEX = "list.json"
+ALIASES = {"prompts": "list[text]"}  # older names of derived list port types
+
+
+def list_name(element: str) -> str:
+    return f"list[{element}]"
+
+
+def canonical_port(name: str) -> str:
+    """The port type name behind an alias (``prompts`` -> ``list[text]``)."""
+    return ALIASES.get(name, name)
+
+
+def _save_list(element: PortType, value: list[Any], folder: Path) -> None:
+    """One sub-folder per element, written by the element type's own save."""
+    assert element.save is not None
+    for i, item in enumerate(value):
+        sub = folder / f"{i:05d}"
+        sub.mkdir()
+        element.save(item, sub)
+    (folder / LIST_INDEX).write_text(json.dumps({"element": element.name, "count": len(value)}))
+
+
+def _load_list(element: PortType, folder: Path) -> list[Any]:
+    assert element.load is not None
+    count = int(json.loads((folder / LIST_INDEX).read_text())["count"])
+    items = [element.load(folder / f"{i:05d}") for i in range(count)]
+    return Prompts(items) if element.cls is Text else items
+
+
+def _join_lists(values: list[list[Any]]) -> list[Any]:
+    joined = [v for value in values for v in value]
+    return Prompts(joined) if values and all(isinstance(v, Prompts) for v in values) else joined
+
+
+def list_of(element: PortType) -> PortType:
+    """The derived ``list[X]`` port type of port type X (disk-cacheable iff X is)."""
+    save = partial(_save_list, element) if element.disk_cacheable else None
+    load = partial(_load_list, element) if element.disk_cacheable else None
+    return PortType(list_name(element.name), list, f"A list of '{element.name}' values.", save, load,
+                    version=f"list-{element.version}", join=_join_lists, element=element)
+
+
+def with_lists(port_types: dict[str, PortType]) -> dict[str, PortType]:
+    """The registered port types plus a derived ``list[X]`` for each (lists of lists are not derived)."""
+    out = dict(port_types)
+    for pt in port_types.values():
+        if pt.element is None:
+            out.setdefault(list_name(pt.name), list_of(pt))
+    return out
+
+
+def by_annotation(port_types: dict[str, PortType]) -> dict[Any, PortType]:
+    """Annotation -> port type: ``C`` and ``list[C]`` for every port type, and ``Prompts`` for ``list[text]``."""
+    table: dict[Any, PortType] = {pt.annotation: pt for pt in port_types.values()}
+    if "list[text]" in port_types:
+        table[Prompts] = port_types["list[text]"]
+    return table
+
+
+def describe_port(name: str) -> str:
+    """A port type name for people: ``list[text]`` also says ``prompts``."""
+    return "list[text] (prompts)" if name == "list[text]" else name
+
+
+def _join_images(values: list[Images]) -> Images:
+    return Images(item for value in values for item in value)
 
 
 BUILTIN_PORT_TYPES: tuple[PortType, ...] = (
     PortType("images", Images, "A list of images with seeds, prompts and metadata.", _save_images, _load_images,
-             version="2"),
+             version="2", join=_join_images),
     PortType("model", Model, "A loaded model held by the model residency manager (memory only)."),
     PortType("lora", Lora, "LoRA weights in a .safetensors file.", _save_lora, _load_lora),
     PortType("dataset", Dataset, "Training images with optional captions.", _save_dataset, _load_dataset),
     PortType("text", Text, "A string.", _save_json_value, _load_text),
-    PortType("prompts", Prompts, "A list of prompts.", _save_json_value, _load_prompts),
 )

@@ -1,13 +1,15 @@
 """The recipe language: read a TOML recipe into a :class:`Recipe`.
 
 Handles ``[recipe]``, ``[vars]`` with ``${name}`` substitution, ``[nodes.<id>]``
-tables, ``"@id"`` / ``"@id.port"`` links, the ``"@@"`` escape and
-``--set KEY=VALUE`` overrides.  Checks that need node types (unknown keys,
+tables and their ``[nodes.<id>.sweep]`` tables, ``"@id"`` / ``"@id.port"``
+links, the ``"@@"`` escape and ``--set KEY=VALUE`` overrides.  Checks that need node types (unknown keys,
 types, ranges, links) live in :mod:`fluxkiln.engine.validate`.
 """
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -15,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
+from .paths import probe
 from .tomllines import key_lines, line_of
 
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 VAR_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 TOP_LEVEL = ("recipe", "vars", "nodes")
+MAX_NESTING = 32  # arrays/tables inside one another; real recipes use 2 or 3
+SWEEP = "sweep"  # the reserved node key of a sweep table
 RECIPE_KEYS = ("name", "description", "output_dir", "plugins", "gpu_hour_price", "seed")
 
 
@@ -29,9 +34,15 @@ class Link:
 
     node: str
     port: str | None = None
+    as_list: bool = False  # set by validation: a single value feeding a list[X] input arrives as a list of one
 
     def __str__(self) -> str:
         return f"@{self.node}" + (f".{self.port}" if self.port else "")
+
+    def take(self, outputs: dict[str, dict[str, Any]]) -> Any:
+        """This link's value from the outputs of the nodes that ran (node id -> port -> value)."""
+        value = outputs[self.node][self.port or next(iter(outputs[self.node]))]
+        return [value] if self.as_list else value
 
 
 @dataclass
@@ -43,14 +54,27 @@ class NodeSpec:
     values: dict[str, Any]
     line: int | None = None
     key_lines: dict[str, int] = field(default_factory=dict)
+    sweep: Any = None  # the [nodes.<id>.sweep] table: key -> list of values (links as Link), when given
+    sweep_lines: dict[str, int] = field(default_factory=dict)
 
     def links(self) -> dict[str, list[Link]]:
+        """Every link of this node, its sweep's included."""
         out: dict[str, list[Link]] = {}
-        for key, v in self.values.items():
+        sweep = self.sweep if isinstance(self.sweep, dict) else {}
+        for key, v in [*self.values.items(), *sweep.items()]:
             found = [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, Link)]
             if found:
-                out[key] = found
+                out.setdefault(key, []).extend(found)
         return out
+
+    def cells(self, limit: int = 4096) -> list[dict[str, Any]]:
+        """The values of each sweep cell (the node's values with one value per swept key), or just the values."""
+        sweep = self.sweep if isinstance(self.sweep, dict) else {}
+        axes = {k: v for k, v in sweep.items() if isinstance(v, list) and v}
+        if not axes:
+            return [self.values]
+        combos = itertools.islice(itertools.product(*axes.values()), limit)
+        return [{**self.values, **dict(zip(axes, combo, strict=True))} for combo in combos]
 
 
 @dataclass
@@ -91,6 +115,46 @@ def _toml_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
     return int(m.group(1)) if m else getattr(exc, "lineno", None)
 
 
+def _too_deep(value: Any) -> bool:
+    """True if lists/tables in ``value`` nest deeper than :data:`MAX_NESTING` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth >= MAX_NESTING:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _nesting_problems(data: dict[str, Any], lines: dict[tuple[str, ...], int], file: str) -> list[Problem]:
+    """A problem for every key whose value nests too deeply (later steps recurse over values)."""
+    out = []
+    for top, table in data.items():
+        items = table.items() if isinstance(table, dict) else [("", table)]
+        for key, value in items:
+            rows = value.items() if top == "nodes" and isinstance(value, dict) else [("", value)]
+            for sub, v in rows:
+                if _too_deep(v):
+                    path = [p for p in (top, key, sub) if p]
+                    out.append(Problem(f"the value of {'.'.join(path)} is nested more than {MAX_NESTING} levels "
+                                       "deep", file, line_of(lines, *path),
+                                       node=key if top == "nodes" else None, key=sub or None,
+                                       hint="a recipe value is a string, number, boolean or a short list"))
+    return out
+
+
+def _deep_line(text: str) -> int | None:
+    """The first line where brackets nest past :data:`MAX_NESTING` (to locate a parser recursion error)."""
+    depth = 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        for c in raw:
+            depth += (c in "[{") - (c in "]}")
+            if depth > MAX_NESTING:
+                return lineno
+    return None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``nodes.a.seed=7`` -> (["nodes","a","seed"], 7); the value is read as TOML, else a string."""
     if "=" not in item:
@@ -98,11 +162,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw
+    if _too_deep(value):
+        raise ValueError(f"--set {key}=...: the value is nested more than {MAX_NESTING} levels deep")
     parts = key.strip().split(".")
     if len(parts) < 2 or parts[0] not in TOP_LEVEL or not all(parts):
-        raise ValueError(f"--set {item!r}: KEY must be nodes.<id>.<key>, vars.<name> or recipe.<key>")
+        close = difflib.get_close_matches(parts[0], list(TOP_LEVEL), n=1)
+        guess = f" (did you mean '{'.'.join([close[0], *parts[1:]])}={raw}'?)" if close and len(parts) > 1 else ""
+        raise ValueError(f"--set {item!r}: KEY must be nodes.<id>.<key>, vars.<name> or recipe.<key>{guess}")
     return parts, value
 
 
@@ -147,6 +215,25 @@ def _to_link(value: Any) -> Any:
     return Link(node, port or None)
 
 
+def _sweep_table(raw: Any, subst: _Subst, problems: list[Problem], file: str, nid: str, line: int | None,
+                 lines: dict[tuple[str, ...], int]) -> tuple[Any, dict[str, int]]:
+    """A node's ``sweep`` table with variables substituted and links parsed (checked by validation)."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(f"'{SWEEP}' must be a table of lists, got {raw!r}", file, line, nid, SWEEP,
+                                hint=f'write [nodes.{nid}.sweep] with lists, e.g. seed = [1, 2, 3]'))
+        return None, {}
+    table, klines = {}, {}
+    for key, value in raw.items():
+        kline = lines.get(("nodes", nid, SWEEP, key), line)
+        if kline is not None:
+            klines[key] = kline
+        subst.undefined.clear()
+        table[key] = _to_link(subst(value))
+        for var in subst.undefined:
+            problems.append(Problem(f"undefined variable ${{{var}}}", file, kline, nid, f"{SWEEP}.{key}"))
+    return table, klines
+
+
 def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | None = None) -> tuple[Recipe, list[Problem]]:
     """Parse recipe text; return the recipe and every problem found at this level."""
     file = str(path) if path else "<recipe>"
@@ -157,7 +244,14 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
         msg = str(exc)
         return Recipe(path, text, ""), [Problem(f"TOML syntax error: {msg}", file, _toml_error_line(exc),
                                                 hint="fix the TOML syntax; see https://toml.io")]
+    except RecursionError:
+        return Recipe(path, text, ""), [Problem(f"arrays or tables are nested too deeply to read (more than "
+                                                f"{MAX_NESTING} levels are never needed)", file, _deep_line(text),
+                                                hint="a recipe value is a string, number, boolean or a short list")]
     lines = key_lines(text)
+    deep = _nesting_problems(data, lines, file)
+    if deep:
+        return Recipe(path, text, "", lines=lines), deep
     recipe = Recipe(path, text, "", lines=lines, overrides=list(overrides or []))
     for item in overrides or []:
         try:
@@ -166,7 +260,11 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem(str(exc), "--set"))
             continue
         if parts[0] == "nodes" and parts[1] not in (data.get("nodes") or {}):
-            problems.append(Problem(f"--set {item!r}: there is no node '{parts[1]}'", "--set", node=parts[1]))
+            ids = list(data.get("nodes") or {})
+            close = difflib.get_close_matches(parts[1], ids, n=1)
+            guess = f" (did you mean '{'.'.join(['nodes', close[0], *parts[2:]])}'?)" if close else ""
+            problems.append(Problem(f"--set {item!r}: there is no node '{parts[1]}'{guess}", "--set", node=parts[1],
+                                    hint="nodes: " + ", ".join(ids)))
             continue
         target = data
         for p in parts[:-1]:
@@ -219,6 +317,8 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem(f"nodes.{nid} must be a table", file, nline, node=nid))
             continue
         subst = _Subst(recipe.vars)
+        sweep: Any = None
+        sweep_lines: dict[str, int] = {}
         values: dict[str, Any] = {}
         klines: dict[str, int] = {}
         for key, raw in table.items():
@@ -226,6 +326,9 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             if kline is not None:
                 klines[key] = kline
             if key == "type":
+                continue
+            if key == SWEEP:
+                sweep, sweep_lines = _sweep_table(raw, subst, problems, file, nid, kline, lines)
                 continue
             subst.undefined.clear()
             value = subst(raw)
@@ -238,17 +341,34 @@ def parse_recipe(text: str, path: Path | None = None, overrides: list[str] | Non
             problems.append(Problem("missing 'type'", file, nline, nid, "type",
                                     hint='every node needs type = "<node type>"; `fluxkiln nodes` lists them'))
             ntype = ""
-        recipe.nodes[nid] = NodeSpec(nid, ntype, values, nline, klines)
+        recipe.nodes[nid] = NodeSpec(nid, ntype, values, nline, klines, sweep, sweep_lines)
     return recipe, problems
+
+
+def _missing_recipe(p: Path) -> Problem:
+    """'recipe file not found', with the file the user probably meant (``.toml`` added, or a close name)."""
+    folder = p.parent if p.parent.is_dir() else None
+    candidates = [p.parent / (p.name + ".toml")] if p.suffix != ".toml" else []
+    found = [c for c in candidates if c.is_file()]
+    if not found and folder is not None:
+        names = sorted(c.name for c in folder.glob("*.toml"))
+        found = [folder / n for n in difflib.get_close_matches(p.name, names, n=1, cutoff=0.6)]
+    guess = f" (did you mean {found[0]}?)" if found else ""
+    hint = "give the recipe's .toml file" if found else "check the path (relative to the current folder)"
+    return Problem(f"recipe file not found: {p}{guess}", str(p), hint=hint)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[Problem]]:
     """Read and parse a recipe file."""
     p = Path(path)
+    why = probe(p)
+    if why not in (None, "not found") or p.is_dir():
+        return Recipe(p, "", ""), [Problem(f"cannot read the recipe: {why or 'it is a folder'}", str(p),
+                                           hint="give the path of a .toml recipe file")]
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Recipe(p, "", ""), [Problem(f"recipe file not found: {p}", str(p))]
+        return Recipe(p, "", ""), [_missing_recipe(p)]
     except (OSError, UnicodeDecodeError) as exc:
         return Recipe(p, "", ""), [Problem(f"cannot read recipe: {exc}", str(p))]
     return parse_recipe(text, p, overrides)

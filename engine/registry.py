@@ -30,7 +30,7 @@ from .errors import PluginError
 BUILTIN_COMMANDS = ("run", "watch", "validate", "graph", "nodes", "plugins", "cache", "inspect", "new-plugin", "tui")
 from .events import Event
 from .nodes import NodeType, build_node_type
-from .ports import PortType
+from .ports import ALIASES, PortType, by_annotation, with_lists
 
 ENTRY_POINT_GROUP = "fluxkiln"
 ENV_ALLOW = "FLUXKILN_PLUGINS"
@@ -137,7 +137,8 @@ class Registry:
     def _register_all(self) -> None:
         for impl in self._impls("register_port_types"):
             self._call_register(impl, self._register_port)
-        ports_by_cls = {p.cls: p for p in self.port_types.values()}
+        self.port_types = with_lists(self.port_types)  # list[X] for every port type X
+        ports_by_cls = by_annotation(self.port_types)
         for impl in self._impls("register_node_types"):
             self._call_register(impl, lambda obj, plugin: self._register_node(obj, plugin, ports_by_cls))
         for impl in self._impls("register_commands"):
@@ -181,6 +182,9 @@ class Registry:
     def _register_port(self, pt: PortType, plugin: str) -> None:
         if not isinstance(pt, PortType):
             raise PluginError(f"plugin '{plugin}': register_port_types must register PortType values, got {pt!r}")
+        if "[" in pt.name or pt.name in ALIASES:
+            raise PluginError(f"plugin '{plugin}': port type name '{pt.name}' is reserved; list[X] port types are "
+                              "derived from every port type X by the engine")
         if pt.name in self.port_types:
             raise PluginError(f"plugin '{plugin}': port type '{pt.name}' is already registered")
         self.port_types[pt.name] = pt

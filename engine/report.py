@@ -2,7 +2,9 @@
 
 For each node: what happened, wall time, seconds per step, images per second,
 peak GPU memory (where there is a GPU) and the estimated cost per image from
-``[recipe] gpu_hour_price``; artifacts (images, grids, LoRAs) are linked.
+``[recipe] gpu_hour_price``, and the mean of any ``scores`` the images record;
+one table per sweep (see :mod:`.sweepreport`); artifacts (images, grids,
+LoRAs) are linked.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import sweepreport
+from .paths import temp_name
+
 
 def _count_images(outputs: dict[str, Any]) -> int:
     from .ports import Images
 
     return sum(len(v) for v in outputs.values() if isinstance(v, Images))
+
+
+def _items(outputs: dict[str, Any]) -> list[Any]:
+    from .ports import Images
+
+    return [item for v in outputs.values() if isinstance(v, Images) for item in v]
 
 
 def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -35,9 +46,12 @@ def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[
                 row["steps"] = prog["total"]
                 row["seconds_per_step"] = round(secs / prog["total"], 4)
             n_img = _count_images(st.get("outputs", {}))
-            if n_img and np_.type not in ("save", "safety_check", "grid"):
+            if n_img and np_.type not in ("save", "safety_check", "grid", "sweep"):
                 row["images"] = n_img
                 row["images_per_second"] = round(n_img / secs, 4) if secs > 0 else None
+                row["seconds_per_image"] = round(secs / n_img, 4)
+                row.update({k: v for k, v in sweepreport.image_numbers(_items(st["outputs"])).items()
+                            if k.startswith("score:")})
                 if isinstance(price, (int, float)):
                     row["cost_per_image"] = round(price * secs / 3600 / n_img, 6)
             if st.get("peak_gpu_bytes") is not None:
@@ -53,7 +67,7 @@ def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> No
     recipe = plan.checked.recipe
     data = {"recipe": recipe.name, "file": recipe.file, "run_id": result.run_id, "status": result.status,
             "seconds": round(result.seconds, 3), "gpu_hour_price": recipe.options.get("gpu_hour_price"),
-            "nodes": rows}
+            "nodes": rows, "sweeps": sweepreport.sweep_tables(plan, result)}
     _atomic(plan.run_dir / "report.json", json.dumps(data, indent=1, default=str))
     _atomic(plan.run_dir / "report.md", _markdown(data, plan.run_dir))
 
@@ -66,11 +80,13 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
     lines = [f"# Run report: {data['recipe']}", "",
              f"Run `{data['run_id']}` — status **{data['status']}** in {data['seconds']:.2f} s.", ""]
     cols = ["node", "type", "state", "seconds", "steps", "seconds_per_step", "images", "images_per_second",
-            "peak_gpu_gib", "cost_per_image"]
+            "seconds_per_image", "peak_gpu_gib", "cost_per_image"]
+    cols += sorted({c for r in data["nodes"] for c in r if c.startswith("score:")})
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in data["nodes"]:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines += sweepreport.markdown(data.get("sweeps") or [], _fmt)
     if data.get("gpu_hour_price") is not None:
         lines += ["", f"Cost estimates use gpu_hour_price = {data['gpu_hour_price']} per GPU hour."]
     art_lines = []
@@ -88,6 +104,6 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)

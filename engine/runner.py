@@ -32,6 +32,7 @@ from .recipe import Recipe
 from .registry import Registry
 from .report import write_report
 from .residency import Residency
+from .sweep import with_cells
 from .validate import Checked, check_file
 
 
@@ -115,7 +116,8 @@ class Engine:
         run_dir = resolve_run_dir(checked.recipe, output)
         return make_plan(checked, run_dir=run_dir, run_id=run_id or "plan", memory=self.memory, disk=self.disk,
                          hasher=self.hasher, port_types=self.registry.port_types,
-                         previous=self._load_previous(checked.recipe, run_dir), only=only, force=force,
+                         previous=self._load_previous(checked.recipe, run_dir), only=only,
+                         force=with_cells(checked, force),
                          force_all=force_all)
 
     def run(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
@@ -123,17 +125,31 @@ class Engine:
             observers: list[Any] | None = None) -> RunResult:
         """Validate (unless given a Checked), plan and execute a recipe."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        plan = self.plan(recipe, overrides=overrides, only=only, force=force, force_all=force_all, output=output,
-                         run_id=run_id)
-        result = RunResult(run_id, "ok", run_dir=plan.run_dir, plan=plan)
+        checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
+        result = RunResult(run_id, "ok", run_dir=resolve_run_dir(checked.recipe, output))
         self._cancel.clear()
         self.running = True
         try:
-            with self.registry.observing(_Collector(result.events), *(observers or [])):
-                self._execute(plan, result)
+            with self.registry.observing(_Collector(result.events), *(observers or [])), \
+                    self._run_folder_held(result):
+                result.plan = self.plan(checked, only=only, force=force, force_all=force_all, output=output,
+                                        run_id=run_id)
+                self._execute(result.plan, result)
+        except Cancelled:
+            result.status = "cancelled"  # while waiting for the run folder: nothing ran
         finally:
             self.running = False
         return result
+
+    def _run_folder_held(self, result: RunResult) -> Any:
+        """One run at a time in a run folder (see :mod:`fluxkiln.engine.locks`); a waiting run says so."""
+        from . import locks
+
+        def waiting(message: str) -> None:
+            self._emit(Event("run_waiting", result.run_id, data={"message": message, "run_dir": str(result.run_dir)}))
+
+        return locks.hold(locks.run_folder_lock(result.run_dir), f"run folder {result.run_dir}", on_wait=waiting,
+                          cancel=self._cancel)
 
     # ------------------------------------------------------------ execution
     def _emit(self, event: Event) -> None:
@@ -219,11 +235,12 @@ class Engine:
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         rn = plan.checked.nodes[np_.id]
         nt = rn.type
-        inputs = {k: result.outputs[link.node][link.port] for k, link in rn.links.items()}
+        inputs = {k: link.take(result.outputs) for k, link in rn.links.items()}
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
                          state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
-                         params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin)
+                         params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin,
+                         reason=np_.reason)
         self._emit(Event("node_started", result.run_id, np_.id, nt.name,
                          {"reason": np_.reason, "inputs": summarize_inputs(inputs), "plugin": nt.plugin}))
         gpu = _GpuPeak()
@@ -274,7 +291,7 @@ class Engine:
         prev.update({nid: np_.identity for nid, np_ in plan.nodes.items()})
         p = self._prev_path(plan.run_dir)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
+        tmp = paths.temp_name(p)
         tmp.write_text(json.dumps(prev, default=str))
         os.replace(tmp, p)
 
@@ -293,10 +310,11 @@ def _secrets(rn: Any) -> dict[str, str | None]:
 
 def _check_outputs(nt: Any, outputs: dict[str, Any], port_types: dict[str, Any]) -> None:
     for port, value in outputs.items():
-        cls = port_types[nt.outputs[port]].cls
-        if not isinstance(value, cls):
+        pt = port_types[nt.outputs[port]]
+        if not pt.accepts(value):
+            expected = f"list[{pt.element.cls.__name__}]" if pt.element is not None else pt.cls.__name__
             raise TypeError(f"node type '{nt.name}' returned {type(value).__name__} for output '{port}', "
-                            f"expected {cls.__name__} (plugin '{nt.plugin}')")
+                            f"expected {expected} (plugin '{nt.plugin}')")
 
 
 def _last_progress(events: list[Event], node: str) -> dict[str, Any] | None:

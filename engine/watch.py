@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -136,6 +138,7 @@ class WatchSession:
         self.watcher = RecipeWatcher(self.changes.put, debounce=debounce,
                                      ignore=[self.engine.cache_root])
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _load(self) -> tuple[Any, bool]:
         """(checked recipe to use, whether the file on disk is valid now)."""
@@ -158,6 +161,7 @@ class WatchSession:
             box["result"] = self.engine.run(checked, output=self.output, observers=self.observers)
 
         t = threading.Thread(target=target, name="fluxkiln-run", daemon=True)
+        self._thread = t
         t.start()
         while t.is_alive():
             t.join(0.05)
@@ -165,10 +169,28 @@ class WatchSession:
                 self.engine.cancel()
         return box.get("result")
 
+    def _next_changes(self) -> set[str]:
+        """Wait for the next burst of changes (polling, so that a stop request is seen promptly)."""
+        pending: set[str] = set()
+        while not self._stop.is_set():
+            try:
+                pending |= self.changes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            while not self.changes.empty():
+                pending |= self.changes.get_nowait()
+            break
+        return pending
+
+    @property
+    def running(self) -> bool:
+        """True while a run's worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
+        """Stop watching; a run in progress stops at its next safe point (``loop`` returns after it)."""
         self._stop.set()
         self.engine.cancel()
-        self.changes.put(set())
 
     def loop(self, max_runs: int | None = None) -> int:
         """Run, then rerun on changes; return when stopped (or after ``max_runs`` runs)."""
@@ -186,9 +208,7 @@ class WatchSession:
                     if max_runs is not None and self.reruns >= max_runs:
                         return 0
                 self.say({"event": "watch_waiting", "runs": self.reruns})
-                pending = self.changes.get()
-                while not self.changes.empty():
-                    pending |= self.changes.get_nowait()
+                pending = self._next_changes()
                 if self._stop.is_set():
                     break
                 checked, valid = self._load()
@@ -211,7 +231,10 @@ def watch_main(args: argparse.Namespace) -> int:
     from .cli_output import ConsoleObserver, JsonObserver
 
     if not Path(args.recipe).is_file():
-        print(f"fluxkiln watch: recipe file not found: {args.recipe}", file=sys.stderr)
+        from .recipe import load_recipe
+
+        problem = load_recipe(args.recipe)[1][0]  # "not found", with the file the user probably meant
+        print(f"fluxkiln watch: {problem.message}" + (f" ({problem.hint})" if problem.hint else ""), file=sys.stderr)
         return 2
     from .launch import make_engine
 
@@ -232,12 +255,34 @@ def watch_main(args: argparse.Namespace) -> int:
 
     session = WatchSession(args.recipe, engine=make_engine(), overrides=args.overrides, output=args.output, observers=[observer],
                            debounce=args.debounce, say=say)
+    interrupts = _Interrupts(session)
+    old = signal.signal(signal.SIGINT, interrupts.handle)
     try:
         session.loop()
-    except KeyboardInterrupt:
-        session.stop()
-        return 130
-    return 0
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return 130 if interrupts.count else 0
+
+
+class _Interrupts:
+    """Ctrl-C during ``watch``: the first stops at the next safe point (the run's thread finishes and the
+    interpreter exits with no thread inside torch), a second exits at once without unwinding that thread."""
+
+    def __init__(self, session: WatchSession) -> None:
+        self.session = session
+        self.count = 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            if self.session.running:
+                print("\nfluxkiln: stopping at the next safe point (Ctrl-C again to abort now)", file=sys.stderr)
+            self.session.stop()
+            return
+        print("\nfluxkiln: aborted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # the run thread may be inside native code: never run interpreter teardown under it
 
 
 def _fmt_problem(d: dict[str, Any]) -> str:

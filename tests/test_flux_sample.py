@@ -64,8 +64,8 @@ def test_custom_size_rounds_to_16_and_ranges_are_validated(engine, tmp_path):
     result = run(engine, recipe(tmp_path, body))
     assert result.outputs["img"]["output"][0].image.size == (304, 256)
     with pytest.raises(RecipeInvalid) as err:
-        engine.check(recipe(tmp_path, body.replace("width = 300", "width = 1500"), "bad"))
-    assert any(p.key == "width" and "1440" in p.message for p in err.value.problems)
+        engine.check(recipe(tmp_path, body.replace("width = 300", "width = 2100"), "bad"))
+    assert any(p.key == "width" and "2048" in p.message for p in err.value.problems)
     with pytest.raises(RecipeInvalid) as err:  # caught by `fluxkiln validate`, before anything loads
         engine.check(recipe(tmp_path, body.replace("height = 259", "").replace("width = 300", "width = 9"),
                             "custom"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("sample", "seed"): Check(1, 2),
     ("sample", "image"): Check(None, "in.png", {"prompt_strength": 0.5}),
     ("sample", "prompt_strength"): Check(0.3, 0.9, {"image": "in.png"}),
+    ("sample", "lora_scale"): Check(None, 0.5),  # no LoRA here: recorded and warned about (pixels: test_generation)
     # save
     ("save", "output_format"): Check("png", "jpg"),
     ("save", "output_quality"): Check(20, 90, {"output_format": "jpg"}),
@@ -79,6 +81,9 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("grid", "cell_size"): Check(64, 96),
     ("grid", "font_size"): Check(8, 14),
     ("grid", "background"): Check("white", "black"),
+    ("grid", "row_axis"): Check(None, "seed"),
+    ("grid", "col_axis"): Check(None, "seed"),
+    ("grid", "page_axis"): Check(None, "seed"),
     # safety_check on solid colours (tiny models: red unsafe, rose flagged by stage 1 only)
     ("safety_check", "checker"): Check("builtin:tiny-safety", "none"),
     ("safety_check", "classifier"): Check("builtin:tiny-safety", "none"),
@@ -105,6 +110,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "dataset"): Check("@data", "@data2"),
     ("train_lora", "trigger_word"): Check("TOK", "ZQX"),
     ("train_lora", "steps"): Check(3, 4),
+    ("train_lora", "resume"): Check("auto", "never"),
     ("train_lora", "learning_rate"): Check(1e-3, 1e-2),
     ("train_lora", "batch_size"): Check(1, 2),
     ("train_lora", "resolution"): Check([32], [48]),
@@ -267,7 +273,7 @@ def _digest(value: Any) -> Any:
 
     if isinstance(value, Images):
         return [(hashlib.sha256(it.image.tobytes()).hexdigest(), it.image.size, it.image.mode, it.seed, it.prompt,
-                 json.dumps(it.meta, sort_keys=True, default=str), json.dumps(it.flags, sort_keys=True, default=str))
+                 json.dumps({k: v for k, v in it.meta.items() if k != "timing"}, sort_keys=True, default=str), json.dumps(it.flags, sort_keys=True, default=str))
                 for it in value]
     if isinstance(value, Lora):
         return (_file_digest(Path(value.path)), json.dumps(value.meta, sort_keys=True),
@@ -289,6 +295,9 @@ def _file_digest(path: Path) -> str:
         for k in sorted(tensors):
             h.update(k.encode() + tensors[k].float().numpy().tobytes())
         return h.hexdigest()
+    if path.name == "metrics.csv":  # step, loss, lr, seconds: the wall time differs from run to run
+        rows = [",".join(line.split(",")[:3]) for line in path.read_text().splitlines()]
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -331,6 +340,9 @@ def _run(world: Any, ntype: str, values: dict[str, Any], tag: str) -> dict[str, 
     observed = _observe(result, nodes)
     if ntype == "load_model":  # whether the pipeline was already hot shows in its log, not in what it loads
         observed["x"].pop("logs")
+    if ntype == "train_lora":  # a forced run discards the checkpoints an earlier run of the same values left
+        observed["x"]["logs"] = [re.sub(r"; \d+ earlier checkpoint\(s\) of this configuration discarded", "", m or "")
+                                 for m in observed["x"]["logs"]]
     return observed
 
 

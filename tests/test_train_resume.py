@@ -105,13 +105,52 @@ def test_raising_steps_continues_the_run(tmp_path):
     meta = _lora(longer).meta
     assert meta["fluxkiln.steps"] == "6" and "#   --set nodes.lora.steps=6" in meta["fluxkiln.recipe"]
 
-    # Rerunning a finished configuration (e.g. after the run folder was deleted) trains nothing.
-    again = Engine(cache_dir=cache).run(recipe, output=tmp_path / "out", overrides=["nodes.lora.steps=6"],
-                                        force=["lora"])
+    # Forced with resume = "always", a finished configuration trains nothing more.
+    again = Engine(cache_dir=cache).run(recipe, output=tmp_path / "out", force=["lora"],
+                                        overrides=["nodes.lora.steps=6", "nodes.lora.resume=always"])
     assert again.ok and again.nodes["lora"] == "ran" and losses(again) == []
     assert "resuming from checkpoint at step 6" in _logs(again)
     _same_weights(_lora(longer).path, _lora(again).path)
     assert len((again.run_dir / "lora" / "metrics.csv").read_text().splitlines()) == 7
+
+
+def test_force_retrains_from_scratch_and_resume_never_too(tmp_path):
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=4, save_every=2)
+    cache = tmp_path / "cache"
+    first = run(recipe, cache, tmp_path / "out")
+    assert "training from scratch (no checkpoint of this configuration yet)" in _logs(first)
+    forced = Engine(cache_dir=cache).run(recipe, output=tmp_path / "out", force=["lora"])
+    assert forced.ok and len(losses(forced)) == 4 and losses(forced) == losses(first)
+    assert "training from scratch (the node was forced" in _logs(forced)
+    assert "2 earlier checkpoint(s) of this configuration discarded" in _logs(forced)
+    _same_weights(_lora(first).path, _lora(forced).path)
+    # raising steps resumes by default; resume = "never" trains the whole way again
+    more = run(recipe, cache, tmp_path / "out", overrides=["nodes.lora.steps=5"])
+    assert len(losses(more)) == 1 and "resuming from checkpoint at step 4" in _logs(more)
+    never = run(recipe, cache, tmp_path / "out", overrides=["nodes.lora.steps=5", "nodes.lora.resume=never"])
+    assert len(losses(never)) == 5 and 'training from scratch (resume = "never")' in _logs(never)
+    _same_weights(_lora(more).path, _lora(never).path)
+
+
+def test_rate_and_eta_after_a_resume_count_only_this_session(tmp_path):
+    from clihelp import events, fluxkiln
+
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=12, save_every=0)
+    cache = tmp_path / "cache"
+    assert run(recipe, cache, tmp_path / "out").ok
+    done = fluxkiln("run", str(recipe), "--json", "--set", "nodes.lora.steps=15", "--output",
+                    str(tmp_path / "out"), cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr
+    ticks = [e for e in events(done.stdout) if e["event"] == "node_progress" and e["node"] == "lora"]
+    start = next(e for e in ticks if e.get("message") == "resumed at step 12")
+    steps = [e for e in ticks if e.get("metrics")]
+    assert [e["step"] for e in steps] == [13, 14, 15] and all(e["resumed_from"] == 12 for e in steps)
+    for e in steps:
+        true_rate = (e["step"] - 12) / (e["time"] - start["time"])
+        assert abs(e["rate"] - true_rate) <= 0.15 * true_rate + 0.05, (e, true_rate)
+        assert abs(e["eta"] - (15 - e["step"]) / e["rate"]) < 0.05
 
 
 def test_ctrl_c_in_the_cli_checkpoints_and_exits_130(tmp_path):

@@ -140,3 +140,25 @@ def test_change_during_run_cancels_it_and_starts_new_one(tmp_path, fresh_cache):
         assert restarted["node"] == "a" and restarted["reason"] == "param 'value' changed 'one' -> 'two'"
     finally:
         assert w.stop() == 130
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_torch_run_exits_130_cleanly(presses, tmp_path, fresh_cache):
+    """Ctrl-C while a run is inside torch: no abort at interpreter exit (SIGABRT), exit 130 like `run`."""
+    (tmp_path / "t.toml").write_text('[recipe]\nname = "t"\n[nodes.spin]\ntype = "torch_spin"\n')
+    env = cli_env(fresh_cache, FLUXKILN_PLUGIN_MODULES="helpers.torchnodes")
+    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "watch", "t.toml", "--json"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if '"node_progress"' in line:
+            break
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "terminate called" not in err and "Traceback" not in err, err
+    assert ("aborted" in err) if presses == 2 else ("stopping at the next safe point" in err), err

@@ -22,6 +22,8 @@ def log_text(event: Any) -> Text | None:
     out = _stamp(event)
     if name == "run_started":
         return out.append(f"run {event.run_id} started: {len(data.get('nodes', []))} nodes", style="bold")
+    if name == "run_waiting":
+        return out.append(str(data.get("message", "")), style="yellow")
     if name == "run_finished":
         style = {"ok": "bold green", "failed": "bold red", "cancelled": "bold magenta"}.get(data.get("status"), "")
         return out.append(f"run {data.get('status')} in {data.get('seconds', 0):.2f} s", style=style)

@@ -11,7 +11,7 @@ from pydantic import Field
 from fluxkiln.engine import Dataset, DatasetItem, NodeError, RunContext, node
 
 from .store import CaptionStore, edited_captions_fingerprint, stems_for
-from .text import apply_trigger, compose_generated
+from .text import apply_trigger, clean_caption, compose_generated
 
 DEFAULT_MODEL = "florence-community/Florence-2-large"
 
@@ -67,6 +67,9 @@ def caption(
     for i, it in enumerate(items):
         own = store.user_text(stems[i])
         if own is not None:
+            own, removed = clean_caption(own)  # the file itself stays as the user wrote it
+            if removed:
+                ctx.log(f"caption file {stems[i]}.txt: removed {', '.join(removed)}", "warning")
             finals[i] = (own, "edited")
         elif it.caption and it.caption.strip() and not overwrite:
             finals[i] = (apply_trigger(it.caption.strip(), trigger_word, trigger_placement), "dataset")

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fluxkiln.engine.paths import temp_name
+
 MANIFEST = ".fluxkiln-captions.json"
 _UNSAFE = re.compile(r"[^\w.\-]+")
 
@@ -53,7 +55,7 @@ def _read_text(path: Path) -> str | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

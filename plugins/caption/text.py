@@ -13,6 +13,10 @@
    ``"suffix"`` gives ``"<caption>, TOK"`` (the caption's trailing ``.`` /
    ``,`` and spaces are dropped first), ``"none"`` adds nothing.  An empty
    caption becomes just ``"TOK"`` (prefix/suffix placement).
+3. ``clean_caption(text)`` — for captions read from files (a dataset's ``.txt``
+   files, caption files the user edited): terminal escape sequences,
+   bidirectional overrides and control characters (NUL included) are removed;
+   the caller logs what was removed.
 """
 
 from __future__ import annotations
@@ -52,3 +56,20 @@ def apply_trigger(caption: str, trigger: str | None, placement: str) -> str:
     if placement == "prefix":
         return f"{trigger}, {caption}"
     return f"{caption.rstrip(' .,')}, {trigger}"
+
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def clean_caption(text: str) -> tuple[str, list[str]]:
+    """``text`` without terminal escape sequences, bidirectional overrides and control characters (NUL
+    included); also which kinds were removed (for the log)."""
+    removed = []
+    for label, pattern in (("ANSI escape sequences", _ANSI), ("bidirectional overrides", _BIDI),
+                           ("control characters (NUL and others)", _CONTROL)):
+        text, n = pattern.subn("", text)
+        if n:
+            removed.append(f"{n} {label}")
+    return text, removed

@@ -45,7 +45,7 @@ def dataset(
     folder of the run (``runs/<recipe>/<node>/files``) and the output carries a
     fingerprint of their content.
     """
-    from .archive import Refused
+    from .archive import Refused, printable
     from .ingest import Limits, ingest
 
     src = Path(source)
@@ -57,7 +57,7 @@ def dataset(
         got = ingest(src, staging, limits, log=ctx.log)
     except Refused as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise NodeError(f"dataset source {src.name}: member {exc.member!r} refused: {exc.reason}",
+        raise NodeError(f"dataset source {src.name}: member '{printable(exc.member)}' refused: {exc.reason}",
                         key="source", hint=_hint_for(exc.reason)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

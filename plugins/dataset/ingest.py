@@ -1,7 +1,10 @@
 """Copy a dataset source into a target folder under caps, verify every image, pair captions.
 
 Bytes are counted while they stream (declared sizes in an archive may lie), so
-a zip bomb stops at ``max_total_bytes``.  Each image is opened with an
+a zip bomb stops at ``max_total_bytes``; archive members that are skipped count
+too (a tar decompresses them to pass over them).  Two captions for one image
+are refused, and captions are cleaned of escape sequences, bidirectional
+overrides and control characters (logged).  Each image is opened with an
 allow-list of formats, its pixel count is checked against ``max_pixels`` from
 the header before any decoding (decompression bombs), then it is fully decoded.
 Files are written under names we choose (``00000.png``), never under a name
@@ -19,6 +22,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fluxkiln.plugins.caption.text import clean_caption
 
 from .archive import Member, Refused, iter_members
 
@@ -51,6 +56,7 @@ class Ingested:
     images: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, file, sha256)
     captions: dict[str, str] = field(default_factory=dict)  # name without extension -> caption
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    cleaned: list[tuple[str, list[str]]] = field(default_factory=list)  # caption file -> what was removed
     total_bytes: int = 0
 
     def caption_for(self, name: str) -> str | None:
@@ -64,7 +70,16 @@ class Ingested:
 def ingest(source: Path, target: Path, limits: Limits, log: Callable[[str], None] = lambda _m: None) -> Ingested:
     """Read ``source`` into the (existing, empty) folder ``target``; raise :class:`Refused` on a bad member."""
     out = Ingested()
-    for m in iter_members(source, limits.max_files):
+
+    def charge(name: str, size: int) -> None:  # a skipped member is still decompressed or counted
+        out.total_bytes += size
+        if out.total_bytes > limits.max_total_bytes:
+            raise Refused(name, f"the source holds more than max_total_bytes = {limits.max_total_bytes} bytes, "
+                          "skipped members included (possible zip bomb); raise max_total_bytes if the dataset "
+                          "is really that large")
+
+    headers = 1024 * limits.max_files + 2**20  # tar headers and padding on top of the members' bytes
+    for m in iter_members(source, limits.max_files, charge, limits.max_total_bytes + headers):
         if isinstance(m, tuple):
             out.skipped.append(m)
             continue
@@ -74,10 +89,14 @@ def ingest(source: Path, target: Path, limits: Limits, log: Callable[[str], None
         elif ext == CAPTION_EXT:
             _take_caption(m, limits, out)
         else:
+            if m.in_archive:
+                charge(m.name, m.size or 0)
             out.skipped.append((m.name, f"not an image ({', '.join(IMAGE_EXTS)}) or a .txt caption"))
     stems = {n.rsplit(".", 1)[0] for n, _, _ in out.images}
     for stem in sorted(set(out.captions) - stems):
         out.skipped.append((stem + CAPTION_EXT, "caption without an image of the same name"))
+    for name, removed in out.cleaned[:MAX_SKIP_LOGS]:
+        log(f"caption {name}: removed {', '.join(removed)}")
     for name, reason in out.skipped[:MAX_SKIP_LOGS]:
         log(f"skipped {name}: {reason}")
     if len(out.skipped) > MAX_SKIP_LOGS:
@@ -147,12 +166,19 @@ def _take_image(m: Member, ext: str, target: Path, limits: Limits, out: Ingested
 
 
 def _take_caption(m: Member, limits: Limits, out: Ingested) -> None:
+    stem = m.name.rsplit(".", 1)[0]
+    if stem in out.captions:
+        raise Refused(m.name, f"a second caption for '{stem}' (captions are matched by name, so only one "
+                      f"{stem}.txt may exist); remove the duplicate")
     data, _ = _copy(m, None, limits.max_caption_bytes, limits, out)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise Refused(m.name, f"caption is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    out.captions[m.name.rsplit(".", 1)[0]] = " ".join(text.split())
+    text, removed = clean_caption(text)
+    if removed:
+        out.cleaned.append((m.name, removed))
+    out.captions[stem] = " ".join(text.split())
 
 
 def verify_image(path: Path, name: str, max_pixels: int) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """The ``load_model`` node: a FLUX.1 pipeline from a hub id, a local folder, a single-file
-checkpoint or a plugin prefix (``builtin:tiny-flux``), held hot by the residency manager."""
+checkpoint or a plugin prefix (``builtin:tiny-flux``), held hot by the residency manager;
+optionally sharing another pipeline's text encoders and VAE (``share``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydantic import Field
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
 from . import parallel
+from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -58,10 +60,38 @@ def hub_snapshot(repo: str, *, download: bool = False) -> Path:
     try:
         return Path(snapshot_download(repo, local_files_only=not download))
     except LocalEntryNotFoundError as exc:
-        raise NodeError(f"model '{repo}' is not in the local Hugging Face cache", hint=fetch_hint(repo)) from exc
+        if download:
+            raise _download_failed(repo, exc) from exc
+        raise NodeError(f"model '{repo}' is not in the local Hugging Face cache (download = false: fluxkiln did "
+                        "not try to download it)", key="model",
+                        hint=fetch_hint(repo) + ", or set download = true on this node") from exc
     except Exception as exc:  # noqa: BLE001 - hub client errors (auth, network, offline mode) vary by version
-        raise NodeError(f"could not fetch '{repo}' from the Hugging Face Hub: {type(exc).__name__}: {exc}",
-                        hint=fetch_hint(repo)) from exc
+        raise _download_failed(repo, exc) from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def _download_failed(repo: str, exc: BaseException) -> NodeError:
+    """download = true and the Hub could not deliver: say that it was tried, and why it failed."""
+    cause = _root_cause(exc)
+    why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".rstrip(": ")
+    text = f"{type(exc).__name__} {exc} {why}".lower()
+    if "offline" in text:
+        fix = "HF_HUB_OFFLINE is set: unset it (or download on a machine with network), then rerun"
+    elif any(w in text for w in ("401", "403", "gated", "unauthorized", "authentication")):
+        fix = fetch_hint(repo) + "; the Hub refused access: accept the model's license and export HF_TOKEN"
+    elif any(w in text for w in ("404", "not found", "repositorynotfound")):
+        fix = "check the hub id (owner/name) on huggingface.co"
+    else:
+        fix = "check the network connection (and HF_ENDPOINT / proxy settings), then rerun; " + fetch_hint(repo)
+    return NodeError(f"download = true: tried to download '{repo}' from the Hugging Face Hub and it failed "
+                     f"({why})", key="download", hint=fix)
 
 
 def resolve_source(ref: str, ctx: RunContext, *, download: bool = False, key: str = "model") -> Source:
@@ -116,12 +146,13 @@ def torch_dtype(name: str, device: str) -> Any:
 
 
 def pipeline_bytes(pipe: Any) -> int:
-    """Parameter and buffer bytes of every module of a pipeline."""
+    """Parameter and buffer bytes of every module of a pipeline (less what it borrowed from another)."""
     import torch
 
     total = 0
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
+    borrowed = borrowed_names(pipe)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and name not in borrowed:
             total += sum(t.numel() * t.element_size() for t in comp.parameters())
             total += sum(t.numel() * t.element_size() for t in comp.buffers())
     return total
@@ -135,8 +166,8 @@ def release_pipeline(pipe: Any) -> None:
         pipe.remove_all_hooks()
     except Exception:  # noqa: BLE001 - best effort: hooks may not be installed
         pass
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and not keep_alive(pipe, name, comp):
             comp.to("meta")
     gc.collect()
     if torch.cuda.is_available():
@@ -170,10 +201,10 @@ def quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _from_pretrained(src: Source, dtype: Any) -> Any:
+def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None) -> Any:
     try:
         with quiet_loading():
-            return _load_parts(src, dtype)
+            return _load_parts(src, dtype, parts or {})
     except NodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader errors vary (missing files, bad configs, wrong formats)
@@ -181,14 +212,15 @@ def _from_pretrained(src: Source, dtype: Any) -> Any:
                         hint="check that the folder/file is a complete FLUX.1 diffusers model") from exc
 
 
-def _load_parts(src: Source, dtype: Any) -> Any:
+def _load_parts(src: Source, dtype: Any, parts: dict[str, Any]) -> Any:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     if src.kind == "single_file":
         transformer = FluxTransformer2DModel.from_single_file(
             str(src.path), config=str(src.base), subfolder="transformer", dtype=dtype, local_files_only=True)
-        return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True)
-    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True)
+        return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True,
+                                            **parts)
+    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts)
 
 
 def quantize_fp8(pipe: Any, dtype: Any) -> str:
@@ -219,10 +251,18 @@ def store_fp8(pipe: Any, dtype: Any) -> str:
         return "diffusers layerwise casting (fp8 storage, compute in " + str(dtype).replace("torch.", "") + ")"
 
 
-def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quantize: str) -> Any:
-    """Load and place a pipeline as configured (the residency loader)."""
+def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quantize: str,
+                   share: Model | None = None) -> Any:
+    """Load and place a pipeline as configured (the residency loader); ``share``: borrow its encoders and VAE."""
     dtype = torch_dtype(dtype_name, device)
-    pipe = _from_pretrained(src, dtype)
+    parts: dict[str, Any] = {}
+    if share is not None:
+        donor = get_pipeline(share)
+        parts = donor_parts(donor, dtype, offload)
+        check_compatible(_vae_config(src), donor, src.ref)
+    pipe = _from_pretrained(src, dtype, parts)
+    if parts:
+        adopt(pipe, parts)
     if quantize == "fp8":
         pipe._fluxkiln_fp8 = quantize_fp8(pipe, dtype)
     if offload == "model":
@@ -235,6 +275,16 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
     pipe._fluxkiln_dtype = dtype
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _vae_config(src: Source) -> dict[str, Any]:
+    import json
+
+    folder = src.base if src.kind == "single_file" and src.base else src.path
+    try:
+        return json.loads((Path(folder) / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"`share`: cannot read the VAE configuration of '{src.ref}': {exc}", key="share") from exc
 
 
 def model_key(src: Source, dtype: str, offload: str, quantize: str, device: str) -> str:
@@ -284,6 +334,9 @@ def load_model(
                         Field(description="fp8 transformer weights (GPU of compute capability >= 8.9)")] = "none",
     download: Annotated[bool, Field(description="allow downloading a hub id missing from the cache "
                                     "(network; HF_TOKEN for gated repos); off = offline")] = False,
+    share: Annotated[Model | None, Field(description="another load_model whose text encoders, tokenizers and VAE "
+                                         "this model uses instead of loading its own (one copy in memory; "
+                                         "FLUX.1 dev and schnell have the same ones)")] = None,
     context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
                                            "(diffusers' Ulysses context parallelism, for one image's latency); "
                                            "needs as many processes (--gpus N) and CUDA; 1 = off")] = 1,
@@ -317,10 +370,16 @@ def load_model(
             raise NodeError("`base` only applies when `model` is a single .safetensors file", key="base",
                             hint="remove `base`")
         check_folder(src.path, src.ref)
-    key = model_key(src, dtype, offload, quantize, device) + (f"|cp{context_parallel}" if context_parallel > 1 else "")
+    key = model_key(src, dtype, offload, quantize, device)
+    if share is not None:
+        if share.kind != "flux":
+            raise NodeError(f"`share` needs a FLUX model, got a '{share.kind}' model", key="share")
+        key += f"|share={share.key}"
+    if context_parallel > 1:
+        key += f"|cp{context_parallel}"
 
     def loader() -> Any:
-        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize), context_parallel)
+        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
@@ -331,6 +390,9 @@ def load_model(
                 "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
     if src.base:
         out.info["base"] = str(src.base)
+    if share is not None:
+        out.info["shares_with"] = share.ref
+        ctx.log(f"text encoders, tokenizers and VAE shared with '{share.ref}' (one copy in memory)")
     how = getattr(pipe, "_fluxkiln_fp8", None)
     if how:
         out.info["quantize_method"] = how

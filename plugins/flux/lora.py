@@ -15,7 +15,7 @@ from fluxkiln.engine import InputFile, Lora, Model, NodeError, RunContext, node
 
 from .load import get_pipeline
 from .lora_keys import Converted, to_peft
-from .pipestate import can_merge, load_adapter
+from .pipestate import adapter_errors, can_merge, load_adapter
 
 HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*/.+\.safetensors$")
 def _looks_like_hub_file(value: str) -> bool:
@@ -130,7 +130,8 @@ def convert_checked(state_dict: dict[str, Any], pipe: Any, label: str, log: Any 
                         hint="use a LoRA trained for this FLUX model")
     skipped = [m for m in modules if m not in layers] + conv.unknown
     if skipped and log:
-        log(f"LoRA {label}: {len(skipped)} of its layers/keys were not loaded, e.g. {', '.join(skipped[:3])}")
+        log(f"LoRA {label}: {len(skipped)} of its layers/keys were not loaded, e.g. {', '.join(skipped[:3])}",
+            level="warning")
     conv.state_dict = {k: v for k, v in conv.state_dict.items() if k.rsplit(".lora_", 1)[0] in layers}
     return conv
 
@@ -180,11 +181,13 @@ def apply_lora(
         raise NodeError(f"apply_lora needs a FLUX model, got a '{model.kind}' model", key="model")
     pipe = get_pipeline(model)
     adapters = list(model.adapters)
-    adapters.append(_adapter(lora, lora_scale, fuse, ctx, "lora", pipe))
-    if extra_lora is not None:
-        adapters.append(_adapter(extra_lora, extra_lora_scale, fuse, ctx, "extra_lora", pipe))
+    with adapter_errors(model, "loading the LoRA"):
+        adapters.append(_adapter(lora, lora_scale, fuse, ctx, "lora", pipe))
+        if extra_lora is not None:
+            adapters.append(_adapter(extra_lora, extra_lora_scale, fuse, ctx, "extra_lora", pipe))
     if fuse:
         adapters = [{**a, "fuse": True} for a in adapters]
         if not can_merge(pipe):
-            ctx.log("fuse = true ignored: LoRAs cannot be merged into fp8 or sequentially offloaded weights")
+            ctx.log("fuse = true ignored: LoRAs cannot be merged into fp8 or sequentially offloaded weights",
+                    level="warning")
     return dataclasses.replace(model, adapters=adapters, info=dict(model.info))

@@ -4,7 +4,14 @@ Several Model values (the plain base, the same base with LoRAs) share one
 resident pipeline, so before generating, ``sample`` makes sure exactly its
 model's adapters are loaded (each file once per pipeline), active at its
 scales, fused or not, and that the speed settings match — changing only what
-differs.  On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
+differs.  Every change is undone exactly: fused LoRAs are taken out again by
+restoring a copy of the weights kept in CPU memory (not by subtracting, which
+would leave rounding errors in the base weights), fused QKV, fp8 layers and
+compiled blocks are swapped back; so a node sees the same model in any order.
+An unexpected PEFT error while changing adapters unloads the pipeline (the next
+run loads it afresh) and says so, rather than leaving a half-changed model.
+
+On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
 transformer block and the VAE decoder compiled, fused QKV projections) and
 ``go_fast`` adds fp8 matmuls (see fast.py); on CPU ``go_fast`` fuses the QKV
 projections only.  Training asks for none of it (exact bf16 weights; ``train_lora``
@@ -13,10 +20,13 @@ compiles the blocks itself, with its adapter in them).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
+
+from fluxkiln.engine import NodeError
 
 from . import fast as fastpaths
 
@@ -34,9 +44,39 @@ class PipeState:
     compiled: bool = False
     fp8: bool = False
     current: tuple | None = None
+    originals: list[tuple[Any, Any]] | None = None  # (base layer, its weight before fusing) on the CPU
 
 
 _STATES: weakref.WeakKeyDictionary[Any, PipeState] = weakref.WeakKeyDictionary()
+
+
+def _from_peft(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/peft/" in name or "/diffusers/loaders/" in name:
+            return True
+        tb = tb.tb_next
+    return type(exc).__module__.startswith("peft")
+
+
+@contextlib.contextmanager
+def adapter_errors(model: Any, what: str) -> Iterator[None]:
+    """Turn a PEFT/diffusers adapter error into a NodeError with a hint, and unload the pipeline it may have
+    left half-changed (``model.residency`` loads it afresh on the next run)."""
+    try:
+        yield
+    except NodeError:
+        raise
+    except Exception as exc:
+        if not _from_peft(exc) or "out of memory" in str(exc).lower():  # OOM keeps its own message and hint
+            raise
+        residency, key = getattr(model, "residency", None), getattr(model, "key", None)
+        if residency is not None and key is not None:
+            residency.evict(key)
+        raise NodeError(f"{what} failed in the LoRA library: {type(exc).__name__}: {exc}",
+                        hint="the model was unloaded so that nothing half-changed is reused: run again and it is "
+                             "loaded afresh; if this keeps happening, report it with the recipe") from exc
 
 
 def state_of(pipe: Any) -> PipeState:
@@ -95,8 +135,49 @@ def _unfuse_all(pipe: Any, st: PipeState) -> None:
         st.qkv_fused = False
     if st.fused is not None:
         pipe.unfuse_lora(components=_components(pipe))
+        _restore_originals(st)
         st.fused = None
     st.current = None
+
+
+def _lora_layers(pipe: Any, names: list[str]) -> list[Any]:
+    """The base layers that the adapters ``names`` touch (PEFT LoRA layers in the loadable components)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for comp in _components(pipe):
+        for module in getattr(pipe, comp).modules():
+            if isinstance(module, LoraLayer) and any(n in module.lora_A for n in names):
+                found.append(module.get_base_layer())
+    return found
+
+
+def _free_ram() -> int:
+    import psutil  # an accelerate dependency
+
+    return int(psutil.virtual_memory().available)
+
+
+def _keep_originals(pipe: Any, st: PipeState, names: list[str], log: Callable[..., None] | None) -> None:
+    """Copy the weights a fuse will change to CPU memory, so unfusing restores them bit for bit."""
+    layers = _lora_layers(pipe, names)
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if nbytes > _free_ram() // 2:
+        st.originals = None
+        if log:
+            log(f"fuse: not enough free memory for an exact copy of the {nbytes / 2**30:.1f} GiB of weights the "
+                "LoRAs change; unfusing later subtracts them again (equal to within rounding)", level="warning")
+        return
+    st.originals = [(m, m.weight.detach().to("cpu", copy=True)) for m in layers]
+
+
+def _restore_originals(st: PipeState) -> None:
+    import torch
+
+    with torch.no_grad():
+        for module, weight in st.originals or []:
+            module.weight.copy_(weight)
+    st.originals = None
 
 
 def _prune(pipe: Any, st: PipeState, keep: set[str]) -> None:
@@ -145,7 +226,7 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
-            loader: Any, *, fast: bool = False, log: Callable[[str], None] | None = None) -> Plan:
+            loader: Any, *, fast: bool = False, log: Callable[..., None] | None = None) -> Plan:
     """Bring ``pipe`` to the adapters/fusion/speed state asked for; returns the speed settings.
 
     ``loader(adapter) -> state dict`` reads and converts an adapter's file when
@@ -172,6 +253,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
         pipe.enable_lora()
         pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
         if fuse:
+            _keep_originals(pipe, st, list(scales), log)
             pipe.fuse_lora(components=_components(pipe), lora_scale=1.0, adapter_names=list(scales))
             st.fused = signature
     elif not scales and st.loaded:
@@ -188,7 +270,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
         if log:
             log(f"go_fast: {n} transformer linear layers in fp8 (row-wise scaled weights and activations)")
     elif want.fp8_skipped and log:
-        log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path")
+        log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path", level="warning")
     _compile_state(pipe, st, want.compile, log)
     st.current = desired
     return want
@@ -200,7 +282,7 @@ def _fp8_off(pipe: Any, st: PipeState) -> None:
     st.fp8 = False
 
 
-def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[[str], None] | None) -> None:
+def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] | None) -> None:
     if on and not fastpaths.is_compiled(pipe.transformer):
         fastpaths.compile_blocks(pipe.transformer)
         if log:

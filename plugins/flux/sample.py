@@ -9,20 +9,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from fluxkiln.engine import distributed
-from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, node
+from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, distributed, node
 
-from . import fast, parallel
+from . import parallel
+from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
-from .pipestate import prepare
-from .sizes import ASPECT_RATIOS, CUSTOM_MAX, CUSTOM_MIN, output_size, size_like
+from .pipestate import adapter_errors, prepare
+from .sizes import (ASPECT_RATIOS, CUSTOM_MAX, CUSTOM_MIN, TRAINING_PIXELS, centre_crop, plan_size, size_like)
+
+__all__ = ["DEFAULT_GUIDANCE", "MAX_TEXT_TOKENS", "recipe_problems", "sample"]
 
 DEFAULT_STEPS = {"dev": 28, "schnell": 4}
 MAX_STEPS = {"dev": 50, "schnell": 4}
 DEFAULT_GUIDANCE = 3.0
-MAX_TEXT_TOKENS = {"dev": 512, "schnell": 256}
 MAX_INPUT_PIXELS = 40_000_000
+MAX_PROMPTS = 1000
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 
 
@@ -41,29 +43,41 @@ def _base_ref(recipe: Any, value: Any, depth: int = 0) -> str | None:
 
 
 def recipe_problems(recipe: Any) -> list[Any]:
-    """Checks `fluxkiln validate` can make before running: custom sizes, and schnell misuse on known refs."""
-    problems = []
+    """Checks `fluxkiln validate` can make before running: custom sizes, and schnell misuse on known refs.
+
+    A swept node is checked cell by cell (each problem reported once, at the swept key's line where it is swept).
+    """
+    problems: dict[tuple[str, str, str], Any] = {}
     for nid, spec in recipe.nodes.items():
         if spec.type != "sample":
             continue
-        v = spec.values
-        custom = v.get("aspect_ratio", "1:1") == "custom"
-        for key in ("width", "height"):
-            if custom and v.get(key) is None and v.get("image") is None:
-                problems.append(recipe.problem(f'aspect_ratio = "custom" needs {key}', node=nid, key="aspect_ratio",
-                                               hint="set width and height (256 to 1440, rounded to 16)"))
-            elif not custom and v.get(key) is not None:
-                problems.append(recipe.problem(f'{key} only applies with aspect_ratio = "custom"', node=nid, key=key,
-                                               hint='set aspect_ratio = "custom" or remove it'))
-        if _base_ref(recipe, v.get("model")) in KNOWN_SCHNELL:
-            if v.get("guidance") is not None:
-                problems.append(recipe.problem("FLUX.1 [schnell] has no guidance", node=nid, key="guidance",
-                                               hint="remove guidance (it only applies to [dev])"))
-            steps = v.get("num_inference_steps")
-            if isinstance(steps, int) and steps > MAX_STEPS["schnell"]:
-                problems.append(recipe.problem(f"FLUX.1 [schnell] takes at most 4 steps, got {steps}", node=nid,
-                                               key="num_inference_steps", hint="use 1 to 4"))
-    return problems
+        swept = spec.sweep if isinstance(spec.sweep, dict) else {}
+        for values in spec.cells():
+            for key, message, hint in _cell_problems(recipe, values):
+                line = spec.sweep_lines.get(key) if key in swept else None
+                problems.setdefault((nid, key, message), recipe.problem(message, node=nid, key=key, hint=hint,
+                                                                        line=line))
+    return list(problems.values())
+
+
+def _cell_problems(recipe: Any, v: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, message, hint) for one set of sample values."""
+    found = []
+    custom = v.get("aspect_ratio", "1:1") == "custom"
+    for key in ("width", "height"):
+        if custom and v.get(key) is None and v.get("image") is None:
+            found.append(("aspect_ratio", f'aspect_ratio = "custom" needs {key}',
+                          f"set width and height ({CUSTOM_MIN} to {CUSTOM_MAX}, rounded to 16)"))
+        elif not custom and v.get(key) is not None:
+            found.append((key, f'{key} only applies with aspect_ratio = "custom"',
+                          'set aspect_ratio = "custom" or remove it'))
+    if _base_ref(recipe, v.get("model")) in KNOWN_SCHNELL:
+        if v.get("guidance") is not None:
+            found.append(("guidance", "FLUX.1 [schnell] has no guidance", "remove guidance (it only applies to [dev])"))
+        steps = v.get("num_inference_steps")
+        if isinstance(steps, int) and steps > MAX_STEPS["schnell"]:
+            found.append(("num_inference_steps", f"FLUX.1 [schnell] takes at most 4 steps, got {steps}", "use 1 to 4"))
+    return found
 
 
 def _volatile(params: dict[str, Any]) -> str | None:
@@ -84,11 +98,8 @@ def check_variant(variant: str, steps: int | None, guidance: float | None) -> tu
 
 def read_image(value: Images | str) -> tuple[Any, str]:
     """The input image (RGB) and a label for it; NodeError for unreadable or oversized files."""
-    if isinstance(value, Images) or isinstance(value, list):
-        if not value:
-            raise NodeError("`image` is linked to a node that produced no images", key="image")
-        item = value[0]
-        return item.image.convert("RGB"), item.name or "linked image"
+    if isinstance(value, list):
+        return read_images(value)[0][:2]
     from PIL import Image
 
     path = Path(value)
@@ -109,94 +120,85 @@ def read_image(value: Images | str) -> tuple[Any, str]:
                         hint="give a PNG, JPEG or WebP file (relative to the recipe)") from exc
 
 
-def _callback(ctx: RunContext, total: int) -> Any:
-    def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        ctx.progress(step + 1, total)
-        ctx.check_cancelled()
-        return {}
-    return on_step_end
+def read_images(value: Images | str) -> list[tuple[Any, str, str | None]]:
+    """(RGB image, label, its prompt) of every input image: a file, or each image of an ``images`` link."""
+    if not isinstance(value, list):
+        return [(*read_image(value), None)]
+    if not value:
+        raise NodeError("`image` is linked to a node that produced no images", key="image")
+    return [(item.image.convert("RGB"), item.name or "linked image", item.prompt) for item in value]
 
 
-def _img2img_pipe(pipe: Any) -> Any:
-    from diffusers import FluxImg2ImgPipeline
-
-    from .load import quiet_loading
-
-    cached = getattr(pipe, "_fluxkiln_img2img", None)
-    if cached is None:
-        # the same modules in an img2img pipeline; not from_pipe(), which casts every shared module to
-        # float32 unless told a dtype (and would undo fp8 storage when told one)
-        with quiet_loading():
-            cached = FluxImg2ImgPipeline(**pipe.components)
-        cached.set_progress_bar_config(disable=True)
-        object.__setattr__(pipe, "_fluxkiln_img2img", cached)
-    return cached
+def prompt_list(prompt: str | list[str]) -> list[str]:
+    """The prompts of a call: one string, or a list (literal or linked)."""
+    prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    if not prompts:
+        raise NodeError("`prompt` is an empty list", key="prompt", hint="give a prompt, or a list of at least one")
+    if len(prompts) > MAX_PROMPTS:
+        raise NodeError(f"{len(prompts)} prompts, more than {MAX_PROMPTS} in one sample node", key="prompt",
+                        hint="split them over several sample nodes")
+    return prompts
 
 
-def _generate(ctx: RunContext, pipe: Any, variant: str, prompt: str, n: int, width: int, height: int, steps: int,
-              guidance: float | None, seed: int, init: Any, strength: float) -> list[Any]:
-    if n == 0:  # this rank's share of a data-parallel sample is empty
-        return []
-    import torch
-
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
-    common = dict(prompt=prompt, num_images_per_prompt=n, width=width, height=height, num_inference_steps=steps,
-                  guidance_scale=guidance if guidance is not None else 0.0, generator=generators,
-                  max_sequence_length=MAX_TEXT_TOKENS[variant], output_type="pil")
-    if init is not None and strength < 1.0:
-        from PIL import Image
-
-        total = steps - int(max(steps - min(steps * strength, steps), 0))  # the steps diffusers will run
-        resized = init.resize((width, height), Image.Resampling.LANCZOS)
-        run = _img2img_pipe(pipe)
-        # one copy per output, so image i's VAE sampling and noise both come from seed + i
-        common.update(image=[resized] * n, strength=strength)
+def make_jobs(prompts: list[str], inputs: list[tuple[Any, str, str | None]] | None,
+              size_of: Any) -> list[Job]:
+    """Text-to-image: one job per prompt.  Image-to-image: one per input image (each with its own prompt
+    when ``prompt`` is left empty, the one prompt, or the prompt at its position), or one per prompt for a
+    single input image."""
+    if not inputs:
+        return [Job(p, i, size_of(None)) for i, p in enumerate(prompts)]
+    if len(inputs) == 1:
+        img, label, _ = inputs[0]
+        return [Job(p, i, size_of(img), img, label) for i, p in enumerate(prompts)]
+    if len(prompts) == len(inputs):
+        chosen = prompts
+    elif len(prompts) == 1:
+        chosen = [prompts[0] or (own or "") for _, _, own in inputs]
     else:
-        total, run = steps, pipe
-    ctx.progress(0, total)
-    # no_grad, not inference_mode: with CPU offload the weights moved under inference_mode would become
-    # inference tensors, and later LoRA changes on them fail
-    with torch.no_grad():
-        if ctx.device != "cuda" or fast.compile_disabled():
-            return run(**common, callback_on_step_end=_callback(ctx, total)).images
-        try:
-            with fast.attention_first_cudnn():
-                return run(**common, callback_on_step_end=_callback(ctx, total)).images
-        except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
-            if "cudnn" not in str(exc).lower():
-                raise
-            ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels")
-            for g, i in zip(generators, range(n), strict=True):
-                g.manual_seed(seed + i)
-            return run(**common, callback_on_step_end=_callback(ctx, total)).images
+        raise NodeError(f"{len(inputs)} input images and {len(prompts)} prompts", key="prompt",
+                        hint="give one prompt (or none: each image keeps its own), or one prompt per input image")
+    return [Job(p, i, size_of(img), img, label) for i, (p, (img, label, _)) in enumerate(zip(chosen, inputs, strict=True))]
+
+
+def scaled_adapters(adapters: list[dict[str, Any]], lora_scale: float | None) -> list[dict[str, Any]]:
+    """The model's LoRAs with every scale multiplied by ``lora_scale`` (unchanged when it is None)."""
+    if lora_scale is None:
+        return list(adapters)
+    return [{**a, "scale": float(a["scale"]) * lora_scale} for a in adapters]
 
 
 @distributed.parallel
-@node("sample", version="1", volatile=_volatile, category="flux")
+@node("sample", version="2", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,
     model: Annotated[Model, Field(description="a FLUX model (load_model or apply_lora)")],
-    prompt: Annotated[str, Field(description="text prompt")] = "",
+    prompt: Annotated[str | list[str] | list[Text], Field(
+        description="text prompt, a list of prompts, or a link to a text or list-of-text (prompts) output; "
+                    "num_outputs images per prompt")] = "",
     aspect_ratio: Annotated[AspectRatio, Field(description="output aspect ratio (1 MP sizes: 1:1 1024x1024, "
                                                "16:9 1344x768 ...); custom uses width and height")] = "1:1",
     width: Annotated[int | None, Field(ge=CUSTOM_MIN, le=CUSTOM_MAX, description="custom aspect ratio only: "
-                                       "width in pixels, rounded to a multiple of 16")] = None,
+                                       "width in pixels, rounded to a multiple of 16 (at most about 4 MP)")] = None,
     height: Annotated[int | None, Field(ge=CUSTOM_MIN, le=CUSTOM_MAX, description="custom aspect ratio only: "
-                                        "height in pixels, rounded to a multiple of 16")] = None,
-    megapixels: Annotated[Literal["1", "0.25"], Field(description="approximate megapixels; 0.25 halves both "
-                                                      "sides")] = "1",
-    num_outputs: Annotated[int, Field(ge=1, le=4, description="images to generate (one batch)")] = 1,
+                                        "height in pixels, rounded to a multiple of 16 (at most about 4 MP)")] = None,
+    megapixels: Annotated[Literal["1", "0.25", "2"], Field(
+        description="approximate megapixels; 0.25 halves both sides; 2 is Full HD at 16:9 (1920x1080) and "
+                    "9:16, about 2 MP at other ratios")] = "1",
+    num_outputs: Annotated[int, Field(ge=1, le=4, description="images to generate per prompt")] = 1,
     num_inference_steps: Annotated[int | None, Field(ge=1, le=50, description="denoising steps; default dev 28, "
                                                      "schnell 4 (schnell allows at most 4)")] = None,
     guidance: Annotated[float | None, Field(ge=0.0, le=10.0, description="guidance (dev only; default 3); "
                                             "schnell has none")] = None,
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="random seed; random when unset. Image i "
-                                      "uses seed + i")] = None,
+                                      "of every prompt uses seed + i")] = None,
     image: Annotated[Images | str | None, InputFile(),
                      Field(description="input image for image-to-image (a file relative to the recipe, or an "
-                           "`images` link: its first image); the output takes its aspect ratio")] = None,
+                           "`images` link: each of its images is refined, with its own prompt when `prompt` is "
+                           "empty); the output takes its aspect ratio")] = None,
     prompt_strength: Annotated[float, Field(ge=0.0, le=1.0, description="image-to-image: 0 keeps the input, "
                                             "1 ignores it")] = 0.8,
+    lora_scale: Annotated[float | None, Field(ge=-1.0, le=3.0, description="multiplies the scale of every LoRA "
+                                              "of the model (1 = as apply_lora set them); unset = 1")] = None,
     go_fast: Annotated[bool, Field(description="GPU: fp8 matmuls in the transformer blocks (row-wise scaled "
                                    "weights and activations, compute capability >= 8.9; slightly lossy, not with "
                                    "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
@@ -207,39 +209,67 @@ def sample(
 
     Inputs follow Replicate's flux-dev / flux-schnell predictors.  Their
     `disable_safety_checker` is the `safety_check` node and `output_format` /
-    `output_quality` belong to the `save` node.  Every image records its seed;
-    image i of a batch uses seed + i, so each one is reproducible on its own.
+    `output_quality` belong to the `save` node.  `prompt` may be a list:
+    every prompt gets `num_outputs` images, batched as memory allows.  Every
+    image records its prompt and seed; image i of every prompt uses seed + i,
+    so each one is reproducible on its own.  Sizes go beyond Replicate's 1440
+    cap, to 2048 per side; above about 2 MP (FLUX.1's training resolution) a
+    warning is logged.
     """
     if model.kind != "flux":
         raise NodeError(f"sample needs a FLUX model, got a '{model.kind}' model", key="model")
     variant = model.info.get("variant", "dev")
     steps, guide = check_variant(variant, num_inference_steps, guidance)
-    init, init_label = read_image(image) if image is not None else (None, None)
+    prompts = prompt_list(prompt)
+    inputs = read_images(image) if image is not None else None
     try:
-        w, h = size_like(init.size, megapixels) if init is not None else output_size(aspect_ratio, megapixels, width, height)
+        gen, final = plan_size(aspect_ratio, megapixels, width, height)
     except ValueError as exc:
         raise NodeError(str(exc), key="aspect_ratio", hint="use one of " + ", ".join(ASPECT_RATIOS) + " or custom") from exc
+    jobs = make_jobs(prompts, inputs, lambda img: size_like(img.size, megapixels) if img is not None else gen)
+    _warn_size(ctx, jobs, model)
     seed = secrets.randbelow(2**32) if seed is None else seed
-    meta = {"model": model.ref, "variant": variant, "prompt": prompt, "aspect_ratio": aspect_ratio,
-            "megapixels": megapixels, "width": w, "height": h, "num_outputs": num_outputs,
-            "num_inference_steps": steps, "guidance": guide, "go_fast": go_fast,
-            "loras": [{"file": Path(a["path"]).name, "scale": a["scale"]} for a in model.adapters]}
-    if init is not None:
-        meta.update(image=init_label, prompt_strength=prompt_strength)
-    if init is not None and prompt_strength == 0.0:
+    adapters = scaled_adapters(model.adapters, lora_scale)
+    if lora_scale is not None and not adapters:
+        ctx.log("lora_scale has no effect: the model has no LoRA", level="warning")
+    meta = {"model": model.ref, "variant": variant, "aspect_ratio": aspect_ratio, "megapixels": megapixels,
+            "num_outputs": num_outputs, "num_inference_steps": steps, "guidance": guide, "go_fast": go_fast,
+            "loras": [{"file": Path(a["path"]).name, "scale": a["scale"]} for a in adapters]}
+    if lora_scale is not None:
+        meta["lora_scale"] = lora_scale
+    made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength),
+                 go_fast, image is not None)
+    out = Images()
+    for k, (job, j, pic, timing) in enumerate(made):
+        size = final if job.init is None else job.size
+        item_meta = {**meta, "prompt": job.prompt, "width": size[0], "height": size[1], "seed": seed + j,
+                     "base_seed": seed, "index": k, "prompt_index": job.prompt_index, "timing": timing}
+        if job.init is not None:
+            item_meta.update(image=job.init_label, prompt_strength=prompt_strength)
+        out.append(ImageItem(image=centre_crop(pic, size), seed=seed + j, prompt=job.prompt,
+                             name=f"{ctx.node}-{seed + j}", meta=item_meta))
+    return out
+
+
+def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: list[Job], s: Settings,
+          go_fast: bool, img2img: bool) -> list[tuple[Job, int, Any, dict[str, Any]]]:
+    if img2img and s.strength == 0.0:
         from PIL import Image
 
         ctx.log("prompt_strength = 0: returning the input image unchanged (resized)")
-        pics = [init.resize((w, h), Image.Resampling.LANCZOS) for _ in range(num_outputs)]
-    else:
-        pipe = get_pipeline(model)
-        prepare(pipe, model.adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
-        if parallel.splits_images(model):  # several ranks: each makes its share of the images, seed + i for image i
-            pics = distributed.run_shard(
-                lambda part: _generate(ctx, pipe, variant, prompt, len(part), w, h, steps, guide, seed + part.start,
-                                       init, prompt_strength), num_outputs, log=ctx.log)
-        else:  # context parallel: every rank computes its part of every image's tokens
-            pics = _generate(ctx, pipe, variant, prompt, num_outputs, w, h, steps, guide, seed, init, prompt_strength)
-    return Images(ImageItem(image=pic, seed=seed + i, prompt=prompt, name=f"{ctx.node}-{seed + i}",
-                            meta={**meta, "seed": seed + i, "base_seed": seed, "index": i})
-                  for i, pic in enumerate(pics))
+        return [(job, j, job.init.resize(job.size, Image.Resampling.LANCZOS), {}) for job in jobs for j in range(s.n)]
+    pipe = get_pipeline(model)
+    with adapter_errors(model, "setting up this model's LoRAs"):
+        prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
+    if parallel.splits_images(model):  # several ranks: each makes its share of the images
+        return parallel.generate_split(ctx, pipe, jobs, s, generate)
+    return generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
+
+
+def _warn_size(ctx: RunContext, jobs: list[Job], model: Model) -> None:
+    limit = int(model.info.get("training_pixels") or TRAINING_PIXELS)
+    w, h = max((job.size for job in jobs), key=lambda wh: wh[0] * wh[1])
+    if w * h > limit:
+        ctx.log(f"{w}x{h} ({w * h / 1e6:.1f} MP) is above the model's training resolution (about "
+                f"{limit / 1e6:.1f} MP): expect repeated subjects or broken composition; sample at up to 2 MP and "
+                "upscale instead if it shows", level="warning")

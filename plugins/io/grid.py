@@ -7,6 +7,10 @@ Inputs are ``images`` and optional ``images_2`` … ``images_8``.  Layout:
 * else, with several inputs: each input is one row;
 * else (one input): a near-square grid.
 
+* ``row_axis`` / ``col_axis`` / ``page_axis`` given, or images from a sweep
+  with none of the above: rows, columns and pages by axis (see
+  :mod:`.axes`), labelled with the axis values, one picture per page.
+
 ``transpose`` swaps rows and columns afterwards.  Each image is fitted into a
 ``cell_size`` square (aspect kept, letterboxed).  ``label_from`` writes one
 caption line per key under every cell (e.g. ``num_inference_steps``).
@@ -22,6 +26,7 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, NodeError, RunContext, node
 
+from . import axes
 from .save import provenance
 
 MAX_SIDE = 16384
@@ -51,6 +56,11 @@ def grid(
     cell_size: Annotated[int, Field(ge=32, le=2048, description="Side of each square cell in pixels")] = 256,
     font_size: Annotated[int, Field(ge=6, le=128, description="Label font size in pixels")] = 16,
     background: Annotated[Literal["white", "black", "gray"], Field(description="Background colour")] = "white",
+    row_axis: Annotated[str | None, Field(description="One row per value of this axis: a swept key (e.g. model) "
+                                          "or an image parameter (seed, prompt, num_inference_steps ...)")] = None,
+    col_axis: Annotated[str | None, Field(description="One column per value of this axis")] = None,
+    page_axis: Annotated[str | list[str] | None, Field(
+        description="One grid picture per value of this axis (or combination of these axes), e.g. prompt")] = None,
 ) -> Images:
     """Lay images out in one labelled grid picture (rows × columns, title, per-cell captions).
 
@@ -58,27 +68,51 @@ def grid(
     row 2); with `columns` the images of all inputs fill the grid row by
     row.  `row_labels`/`col_labels` label rows and columns, `label_from`
     captions every cell with a parameter value such as
-    `num_inference_steps` or `seed`.  Outputs one image.
+    `num_inference_steps` or `seed`.  `row_axis`, `col_axis` and
+    `page_axis` lay images out by a swept key or parameter (one picture per
+    page, e.g. a grid per prompt); images of a sweep are laid out by its axes
+    automatically.  Outputs one image per page.
     """
     groups = [g for g in (images, images_2, images_3, images_4, images_5, images_6, images_7, images_8)
               if g is not None]
-    cells = _layout(groups, columns, rows, transpose)
+    flat = [it for g in groups for it in g]
+    pages_by = [page_axis] if isinstance(page_axis, str) else list(page_axis or [])
+    by_axes = bool(row_axis or col_axis or pages_by)
+    if by_axes or (not (columns or rows) and len(groups) == 1):
+        pages_by, row_axis, col_axis = axes.auto_axes(flat, pages_by, row_axis, col_axis)
+        by_axes = by_axes or col_axis is not None
+    if by_axes:
+        if not flat:
+            raise NodeError("grid got no images: every input is empty", hint="check the nodes linked to `images`")
+        pages = axes.layout(flat, pages_by, row_axis, col_axis, _value, _axis_label)
+    else:
+        pages = [axes.Page("", [], [], _layout(groups, columns, rows))]
     keys = [label_from] if isinstance(label_from, str) else list(label_from or [])
-    ncols = max((len(r) for r in cells), default=0)
-    _check_labels(row_labels, len(cells), "row_labels", "rows")
-    _check_labels(col_labels, ncols, "col_labels", "columns")
-    picture = _render(cells, ncols, row_labels or [], col_labels or [], title, keys, cell_size, font_size,
-                      BACKGROUNDS[background])
-    sources = [[_source(it) for it in row] for row in cells]
-    meta = {"node": ctx.node, "node_type": "grid", "params": dict(ctx.params), "rows": len(cells),
-            "columns": ncols, "cells": sources}
-    ctx.progress(1, 1, preview=picture)
-    return Images([ImageItem(image=picture, name=ctx.node, meta=meta, prompt=title)])
+    out = Images()
+    for page in pages:
+        cells, rlabels, clabels = page.cells, page.row_labels, page.col_labels
+        if transpose:
+            cells, rlabels, clabels = [list(c) for c in zip(*cells)], clabels, rlabels
+        rlabels, clabels = row_labels or rlabels, col_labels or clabels  # given labels name the final grid's
+        ncols = max((len(r) for r in cells), default=0)
+        _check_labels(rlabels, len(cells), "row_labels", "rows")
+        _check_labels(clabels, ncols, "col_labels", "columns")
+        heading = " - ".join(t for t in (title, page.title) if t) or None
+        picture = _render(cells, ncols, rlabels, clabels, heading, keys, cell_size, font_size, BACKGROUNDS[background])
+        meta = {"node": ctx.node, "node_type": "grid", "params": dict(ctx.params), "rows": len(cells),
+                "columns": ncols, "cells": [[_source(it) for it in row] for row in cells], "page": page.values}
+        out.append(ImageItem(image=picture, name=ctx.node if len(pages) == 1 else f"{ctx.node}-{len(out)}",
+                             meta=meta, prompt=heading))
+        ctx.progress(len(out), len(pages), preview=picture)
+    return out
+
+
+def _axis_label(axis: str, value: Any) -> str:
+    return f"{SHORT_KEYS.get(axis, axis)}: {clean_label('-' if value is None else value)}"
 
 
 # ------------------------------------------------------------------ layout
-def _layout(groups: list[Images], columns: int | None, rows: int | None,
-            transpose: bool) -> list[list[ImageItem | None]]:
+def _layout(groups: list[Images], columns: int | None, rows: int | None) -> list[list[ImageItem | None]]:
     flat = [it for g in groups for it in g]
     if not flat:
         raise NodeError("grid got no images: every input is empty", hint="check the nodes linked to `images`")
@@ -94,10 +128,7 @@ def _layout(groups: list[Images], columns: int | None, rows: int | None,
         ncol = math.ceil(math.sqrt(len(flat)))
         cells = [list(flat[i:i + ncol]) for i in range(0, len(flat), ncol)]
     width = max(len(r) for r in cells)
-    cells = [r + [None] * (width - len(r)) for r in cells]  # ragged rows get empty cells
-    if transpose:
-        cells = [list(col) for col in zip(*cells)]
-    return cells
+    return [r + [None] * (width - len(r)) for r in cells]  # ragged rows get empty cells
 
 
 def _check_labels(labels: list[str] | None, count: int, key: str, what: str) -> None:

@@ -22,7 +22,8 @@ from fluxkiln.engine import ImageItem, Images, NodeError, RunContext, node
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 EXTENSIONS = {"webp": "webp", "jpg": "jpg", "png": "png"}
 MAX_ALTERNATIVES = 100
-_RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by", "seed"}
+_RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by", "seed",
+                  "timing"}  # timing: how long it took, not how it was made (kept out of files: reruns match)
 
 
 @node("save", version="1", category="io")

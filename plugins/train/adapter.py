@@ -11,7 +11,9 @@ and the training adapter is deleted when training ends.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from typing import Any
 
 from fluxkiln.engine import NodeError
@@ -21,12 +23,22 @@ BLOCKS = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.")
 
 
 def candidate_layers(transformer: Any) -> list[str]:
-    """Names of the linear layers a FLUX LoRA trains (within the transformer blocks)."""
+    """Names of the linear layers a FLUX LoRA trains (within the transformer blocks).
+
+    A layer that already carries LoRA adapters (``apply_lora`` ran on this resident pipeline) is a PEFT
+    wrapper around the linear ``base_layer``: it counts under its own name, so the list is the same
+    whatever adapters are loaded.
+    """
     import torch
 
-    return [name for name, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear) and BLOCKS.match(name) and ".lora_" not in name
-            and not name.endswith("base_layer")]
+    names = []
+    for name, m in transformer.named_modules():
+        if not isinstance(m, torch.nn.Linear) or not BLOCKS.match(name) or ".lora_" in name:
+            continue
+        if ".base_layer" in name and not name.endswith(".base_layer"):
+            continue  # inside an fp8 or other wrapper of a wrapped layer
+        names.append(name.removesuffix(".base_layer"))
+    return names
 
 
 def select_layers(transformer: Any, regex: str | None) -> list[str]:
@@ -47,6 +59,15 @@ def select_layers(transformer: Any, regex: str | None) -> list[str]:
                         hint=f"it is searched in names such as {examples}; e.g. "
                              "'single_transformer_blocks\\.(7|12)\\.proj_out'")
     return chosen
+
+
+def guarded(model: Any, what: str) -> contextlib.AbstractContextManager[None]:
+    """PEFT errors as a NodeError with a hint, the half-changed pipeline unloaded (see the flux plugin)."""
+    try:
+        from fluxkiln.plugins.flux.pipestate import adapter_errors
+    except ImportError:
+        return contextlib.nullcontext()
+    return adapter_errors(model, what)
 
 
 def reset_pipeline_state(pipe: Any, device: str) -> None:
@@ -82,7 +103,8 @@ def attach(pipe: Any, layers: list[str], rank: int, alpha: float, seed: int) -> 
         transformer.delete_adapters(ADAPTER)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=layers, lora_dropout=0.0,
                         init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # LoRAs of apply_lora stay, inactive
         torch.manual_seed(seed)  # lora_A's random init is part of the run's identity
         transformer.add_adapter(config, adapter_name=ADAPTER)
         _reinit_over_fp8(transformer, transformer.dtype)
@@ -119,9 +141,13 @@ def detach(pipe: Any, had_gc: bool) -> None:
     """Remove the training adapter and restore the transformer for inference."""
     transformer = pipe.transformer
     if ADAPTER in (getattr(transformer, "peft_config", None) or {}):
-        transformer.delete_adapters(ADAPTER)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            transformer.delete_adapters(ADAPTER)
         if not getattr(transformer, "peft_config", None):
             transformer.unload_lora()
+        else:  # apply_lora's adapters stay loaded, switched off: the plain base, as before training
+            pipe.disable_lora()
     if not had_gc and getattr(transformer, "gradient_checkpointing", False):
         transformer.disable_gradient_checkpointing()
     transformer.requires_grad_(False)

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,29 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+Log = Callable[[str], Any]
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
 def save(root: Path, step: int, tensors: dict[str, Any], state: dict[str, Any], meta: dict[str, Any],
-         keep_last: int) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically, then prune to the newest ``keep_last``."""
+         keep_last: int, log: Log = _quiet) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically, then prune to the newest ``keep_last``.
+
+    A folder of this step that is already complete and verified is kept; one that is not (torn,
+    or corrupt with the right sizes) is logged and replaced.
+    """
     import torch
     from safetensors.torch import save as st_save
 
     final = root / f"ckpt-{step:06d}"
-    if final.is_dir() and _valid_meta(final) is not None:
-        return final  # the same step is already safely on disk
+    if final.is_dir():
+        _, why = check(final, verify=True)
+        if why is None:
+            return final  # the same step is already safely on disk
+        log(f"checkpoint {final.name} is unusable ({why}): writing it again")
     tmp = root / f".ckpt-{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -106,7 +121,7 @@ def save(root: Path, step: int, tensors: dict[str, Any], state: dict[str, Any], 
         files = {WEIGHTS: [len(weights), _sha(weights)], STATE: [len(blob), _sha(blob)]}
         _write_file(tmp / META, json.dumps({**meta, "step": step, "files": files, "complete": True}).encode())
         fsync_dir(tmp)
-        if final.exists():  # an incomplete folder of this step from a crash: set it aside
+        if final.exists():  # an incomplete or corrupt folder of this step: set it aside
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
@@ -117,31 +132,46 @@ def save(root: Path, step: int, tensors: dict[str, Any], state: dict[str, Any], 
     return final
 
 
-def _valid_meta(folder: Path, verify: bool = False) -> dict[str, Any] | None:
+def check(folder: Path, verify: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """(meta, None) for a complete checkpoint folder, else (None, why it is unusable).
+
+    Sizes are always compared with ``meta.json``; ``verify`` also compares sha256 sums."""
     try:
         meta = json.loads((folder / META).read_text())
-        if not meta.get("complete"):
-            return None
+    except FileNotFoundError:
+        return None, f"{META} is missing (the write was interrupted)"
+    except (OSError, ValueError) as exc:
+        return None, f"{META} cannot be read ({exc})"
+    if not isinstance(meta, dict) or not meta.get("complete") or not isinstance(meta.get("files"), dict):
+        return None, f"{META} does not mark it complete"
+    try:
         for name, (size, sha) in meta["files"].items():
             f = folder / name
             if f.stat().st_size != size:
-                return None
+                return None, f"{name} has {f.stat().st_size} bytes, {META} says {size} (torn write)"
             if verify and _sha(f.read_bytes()) != sha:
-                return None
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+                return None, f"{name} does not match the sha256 in {META} (corrupt file)"
+    except FileNotFoundError as exc:
+        return None, f"{Path(exc.filename or '?').name} is missing"
+    except (OSError, ValueError, TypeError) as exc:
+        return None, f"cannot be checked ({exc})"
+    return meta, None
 
 
-def complete(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, newest first (by step)."""
+def complete(root: Path, log: Log = _quiet) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, newest first (by step); incomplete ones are logged."""
     found = []
     if not root.is_dir():
         return found
     for p in root.iterdir():
         m = NAME.match(p.name)
-        if m and p.is_dir() and _valid_meta(p) is not None:
+        if not (m and p.is_dir()):
+            continue
+        _, why = check(p)
+        if why is None:
             found.append((int(m.group(1)), p))
+        else:
+            log(f"checkpoint {p.name} skipped: {why}")
     return sorted(found, reverse=True)
 
 
@@ -152,24 +182,43 @@ def prune(root: Path, keep_last: int) -> None:
     clean_temporaries(root)
 
 
+def discard_all(root: Path) -> int:
+    """Delete every checkpoint under ``root`` (a run from scratch); returns how many complete ones there were."""
+    found = complete(root)
+    for _, p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    if root.is_dir():
+        for p in root.glob("ckpt-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    clean_temporaries(root)
+    return len(found)
+
+
 def clean_temporaries(root: Path) -> None:
     if root.is_dir():
         for p in root.glob(".ckpt-*.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_latest(root: Path, max_step: int) -> Checkpoint | None:
-    """The newest complete, verified checkpoint at or before ``max_step`` (None: start fresh)."""
+def load_latest(root: Path, max_step: int, log: Log = _quiet) -> Checkpoint | None:
+    """The newest complete, verified checkpoint at or before ``max_step`` (None: start fresh).
+
+    Every checkpoint passed over for being torn or corrupt is logged with the reason."""
     import torch
     from safetensors.torch import load_file
 
-    for step, p in complete(root):
+    for step, p in complete(root, log):
         if step > max_step:
             continue
-        meta = _valid_meta(p, verify=True)
+        meta, why = check(p, verify=True)
         if meta is None:
+            log(f"checkpoint {p.name} skipped: {why}")
             continue
-        tensors = load_file(str(p / WEIGHTS))
-        state = torch.load(p / STATE, map_location="cpu", weights_only=True)
+        try:
+            tensors = load_file(str(p / WEIGHTS))
+            state = torch.load(p / STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
+            log(f"checkpoint {p.name} skipped: it cannot be loaded ({type(exc).__name__}: {exc})")
+            continue
         return Checkpoint(p, step, tensors, state, meta)
     return None

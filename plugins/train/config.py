@@ -19,7 +19,7 @@ EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "kohya")
 
 # Parameters that do not change the weights a step produces: checkpoints are shared across them.
 NOT_IN_STATE = (
-    "steps", "save_every", "keep_last", "sample_every", "sample_prompts", "sample_steps", "sample_guidance",
+    "steps", "resume", "save_every", "keep_last", "sample_every", "sample_prompts", "sample_steps", "sample_guidance",
     "sample_resolution", "sample_seed", "export_formats", "save_dtype", "cache_latents", "cache_latents_to_disk",
     "cache_text_embeddings", "gradient_checkpointing", "gradient_checkpointing_interval",
     "use_pretrained_lora",
@@ -35,6 +35,7 @@ class TrainConfig:
 
     trigger_word: str = "TOK"
     steps: int = 1000
+    resume: str = "auto"
     learning_rate: float = 4e-4
     batch_size: int = 1
     resolution: list[int] = field(default_factory=lambda: [512, 768, 1024])

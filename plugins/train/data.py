@@ -15,6 +15,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from fluxkiln.engine.paths import temp_name
+
 from .buckets import Sample
 
 
@@ -95,7 +97,7 @@ class LatentStore:
                 f.unlink(missing_ok=True)
         lat = self.encode(s)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + f".tmp{os.getpid()}")
+        tmp = temp_name(f)
         save_file({"latent": lat.contiguous()}, str(tmp))
         os.replace(tmp, f)
         return lat

@@ -53,7 +53,7 @@ class DataParallel:
             if box[0] == "error":
                 raise box[1]
             found = box[1]
-        if found is not None:
+        if hasattr(found, "meta"):  # a checkpoint (not None or "train from scratch")
             saved = int(found.meta.get("world_size", 1))
             if saved != self.size:
                 raise NodeError(f"checkpoint {found.path.name} was written by a run with {saved} process(es) "

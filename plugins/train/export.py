@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxkiln.engine import NodeError
+from fluxkiln.engine.paths import temp_name
 
 from .config import TrainConfig, scrub
 from .plot import loss_curve
@@ -61,7 +62,7 @@ def _save(weights: dict[str, Any], path: Path, meta: dict[str, str], dtype: str)
     from safetensors.torch import save_file
 
     dt = getattr(torch, DTYPES[dtype])
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     save_file({k: v.detach().to("cpu", dt).contiguous() for k, v in weights.items()}, str(tmp),
               metadata={"format": "pt", **meta})
     tmp.replace(path)

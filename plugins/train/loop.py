@@ -31,6 +31,9 @@ from .optim import EMA, make_optimizer, make_scheduler, resolve_name
 from .preview import oom_hint, take_samples
 
 
+SCRATCH = "scratch"  # the newest checkpoint is not to be resumed
+
+
 @dataclass
 class TrainResult:
     """What training produced: the final weights (EMA when on) under diffusers/PEFT keys, and the record."""
@@ -76,7 +79,8 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(str(exc)) from None
         finally:
-            adapters.detach(pipe, had_gc)
+            with adapters.guarded(self.model, "removing the training adapter"):
+                adapters.detach(pipe, had_gc)
 
     def _out_of_memory(self, message: str) -> NodeError:
         """Free what training holds and say which settings would fit (call once the exception is handled,
@@ -103,7 +107,8 @@ class Trainer:
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self.optimizer_name = resolve_name(cfg.optimizer, "cuda" if self.device.type == "cuda" else "cpu")
-        adapters.reset_pipeline_state(pipe, self.device.type)
+        with adapters.guarded(self.model, "switching off the LoRAs of other nodes"):
+            adapters.reset_pipeline_state(pipe, self.device.type)
         self.layers = adapters.select_layers(pipe.transformer, cfg.layers_to_optimize_regex)
         self.captions = [cfg.caption(it.caption) for it in self.items]
         try:
@@ -122,7 +127,8 @@ class Trainer:
         self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
         self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
         gpu.transformer_on(pipe, self.device)
-        self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
+        with adapters.guarded(self.model, "adding the training adapter"):
+            self.named = adapters.attach(pipe, self.layers, cfg.lora_rank, cfg.alpha, cfg.seed)
         self.master = self.named if all(p.dtype == torch.float32 for p in self.named.values()) else {
             k: torch.nn.Parameter(p.detach().float().clone()) for k, p in self.named.items()}
         self.params = list(self.master.values())
@@ -141,20 +147,38 @@ class Trainer:
             gpu.checkpointing(pipe.transformer, cfg.gradient_checkpointing_interval, compiled)
         pipe.transformer.train()
 
+    def _from_scratch(self) -> str | None:
+        """Why this run ignores its checkpoints (None: it resumes from the newest one, if any)."""
+        if self.cfg.resume == "never":
+            return 'resume = "never"'
+        if self.cfg.resume == "auto" and getattr(self.ctx, "forced", False):
+            return 'the node was forced; resume = "always" would continue from the newest checkpoint instead'
+        return None
+
     def _resume(self) -> int:
-        def load() -> Any:
+        def load() -> Any:  # rank 0 decides and reads; every rank gets the same answer
             ckpts.clean_temporaries(self.ckpt_dir)
-            return ckpts.load_latest(self.ckpt_dir, self.cfg.steps)
+            why = self._from_scratch()
+            if why is not None:
+                earlier = ckpts.discard_all(self.ckpt_dir)
+                gone = f"; {earlier} earlier checkpoint(s) of this configuration discarded" if earlier else ""
+                self.ctx.log(f"training from scratch ({why}){gone}")
+                return SCRATCH
+            return ckpts.load_latest(self.ckpt_dir, self.cfg.steps, log=self.ctx.log)
 
         found = self.dp.share_checkpoint(load)
+        if found == SCRATCH:
+            return 0
         if found is None:
+            self.ctx.log("training from scratch (no checkpoint of this configuration yet)")
             return 0
         meta, state, tensors = found.meta, found.state, found.tensors
         names = sorted(k[len("param/"):] for k in tensors if k.startswith("param/"))
         if names != sorted(self.named) or meta.get("optimizer") != self.optimizer_name:
             raise NodeError(f"checkpoint {found.path} was written by a different setup (layers or optimizer "
                             f"'{meta.get('optimizer')}' vs '{self.optimizer_name}')",
-                            hint=f"delete {self.state_dir} to start over")
+                            hint=f"force the node to train from scratch (--force {self.ctx.node}), or set "
+                                 f'resume = "never"')
         import torch
 
         with torch.no_grad():
@@ -172,7 +196,8 @@ class Trainer:
                                   cur["epoch"], cur["index"])
         self.history = [list(r) for r in meta.get("history", [])]
         self.elapsed = float(meta.get("elapsed", 0.0))
-        self.ctx.log(f"resuming from checkpoint at step {found.step} ({found.path.name})")
+        self.ctx.log(f"resuming from checkpoint at step {found.step} ({found.path.name}); "
+                     f"--force {self.ctx.node} trains from scratch instead")
         return found.step
 
     # ---------------------------------------------------------------- loop
@@ -194,7 +219,7 @@ class Trainer:
         ctx.log(f"training {len(self.layers)} layers, rank {cfg.lora_rank}, alpha {cfg.alpha:g}, optimizer "
                 f"{self.optimizer_name}, {len(self.samples_list)} samples in "
                 f"{len({(s.width, s.height) for s in self.samples_list})} buckets, on {self.device.type}")
-        ctx.progress(start, cfg.steps, message=f"resumed at step {start}" if start else "training")
+        ctx.progress(start, cfg.steps, message=f"resumed at step {start}" if start else "training", resumed=True)
         t0 = time.perf_counter() - self.elapsed
         for step in range(start + 1, cfg.steps + 1):
             loss, lr = self._step(pipe, step)
@@ -293,7 +318,7 @@ class Trainer:
         meta = {"cursor": self.cursor.state(), "history": self.history, "optimizer": self.optimizer_name,
                 "elapsed": self.elapsed, "layers": len(self.layers), "world_size": self.dp.size}
         try:
-            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last)
+            path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last, log=self.ctx.log)
         except OSError as exc:
             prev = ckpts.complete(self.ckpt_dir)
             kept = f"the checkpoint at step {prev[0][0]} is intact" if prev else "no earlier checkpoint exists"

@@ -28,6 +28,10 @@ def train_lora(
                                        "lack it, and replaces [trigger] in captions and sample prompts")] = "TOK",
     steps: Annotated[int, Field(ge=3, le=6000,
                                 description="training steps; raising it later continues the run")] = 1000,
+    resume: Annotated[Literal["auto", "always", "never"], Field(
+        description="continue from the newest checkpoint of this configuration (an interrupted run, or more "
+                    "steps): auto = yes, except when the node is forced (--force), which trains from scratch; "
+                    "always = also when forced; never = always from scratch")] = "auto",
     learning_rate: Annotated[float, Field(gt=0, description="learning rate")] = 4e-4,
     batch_size: Annotated[int, Field(ge=1, le=64, description="images per step (same bucket size)")] = 1,
     resolution: Annotated[list[Res], Field(
@@ -100,7 +104,8 @@ def train_lora(
     ``captions`` (the captions trained on).  Writes ``metrics.csv``,
     ``loss.png`` and samples into the run folder.  Checkpoints are kept per
     configuration: a rerun after an interruption resumes where it stopped,
-    and raising ``steps`` continues a finished run.
+    and raising ``steps`` continues a finished run.  Forcing the node
+    (``--force lora``) trains from scratch unless ``resume = "always"``.
     """
     params = dict(locals())
     cfg = TrainConfig(**{k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__})
@@ -108,6 +113,10 @@ def train_lora(
     token = hf_token or os.environ.get("HF_TOKEN") or None
     if model.kind != "flux":
         raise NodeError(f"train_lora needs a FLUX model, got a '{model.kind}' model", key="model")
+    if model.adapters:
+        raise NodeError("train_lora trains on a base model, but `model` carries LoRAs from apply_lora "
+                        f"({', '.join(Path(a['path']).name for a in model.adapters)}); they would not be used",
+                        key="model", hint="link `model` to the load_model node (apply the LoRAs after training)")
     if hf_repo_id and not token:
         raise NodeError("hf_repo_id is set but no Hugging Face token was found", key="hf_token",
                         hint='export HF_TOKEN=... or set hf_token = "$MY_TOKEN_VAR"')
@@ -117,9 +126,10 @@ def train_lora(
     if use_pretrained_lora:
         result = job.pretrained(Path(use_pretrained_lora))
     else:
-        result = job.train(ctx.state_dir(*NOT_IN_STATE), wandb_key,
-                           dict(project=wandb_project, run_name=wandb_run, entity=wandb_entity,
-                                sample_interval=wandb_sample_interval, save_interval=wandb_save_interval))
+        with ctx.using_state(*NOT_IN_STATE) as state_dir:  # one run at a time resumes one training state
+            result = job.train(state_dir, wandb_key,
+                               dict(project=wandb_project, run_name=wandb_run, entity=wandb_entity,
+                                    sample_interval=wandb_sample_interval, save_interval=wandb_save_interval))
     if not distributed.current().owner:  # another rank of a data-parallel run: rank 0 exports and publishes
         return {"lora": Lora(path=Path(os.devnull)), "captions": Text("")}
     lora, captions = job.export(result)

@@ -76,3 +76,16 @@ def test_shipped_sweep_recipe_runs(run_recipe):
     run = run_recipe(Path(__file__).parent.parent / "recipes" / "sweep.toml", plugins=[fluxkiln_example])
     prompts = run.output("prompts")
     assert len(prompts) == 12 and prompts[0] == "a photo of a lighthouse in the style of TOK, watercolour"
+
+
+def test_prompt_sweep_feeds_the_built_in_sample_node(run_recipe):
+    from pathlib import Path
+
+    run = run_recipe(Path(__file__).parent.parent / "recipes" / "sweep-images.toml", plugins=[fluxkiln_example])
+    prompts = run.output("prompts")
+    images = run.output("images")
+    assert [item.prompt for item in images] == list(prompts) and len(images) == 4
+    assert [item.seed for item in images] == [1, 1, 1, 1]  # every prompt gets the same seeds
+    [grid] = run.output("grid")
+    assert grid.meta["columns"] == 4 and grid.meta["rows"] == 1
+    assert [p.name for p in run.artifacts("save")] == ["prompts_grid_0.png"]
