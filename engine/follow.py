@@ -21,7 +21,7 @@ from typing import Any
 
 from . import distributed as dist
 from .context import RunContext
-from .errors import Cancelled
+from .errors import Cancelled, NodeError
 from .events import Event
 from .failures import describe_failure
 from .runner import Engine, RunResult
@@ -33,7 +33,6 @@ class OwnerEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cancel = dist.CancelFlag()
-        self._closed = False
 
     def run(self, *args: Any, **kwargs: Any) -> RunResult:
         self._cancel.clear()  # before the workers hear of the run, so none of them sees the last run's cancel
@@ -42,12 +41,6 @@ class OwnerEngine(Engine):
             return super().run(*args, **kwargs)
         finally:
             dist.broadcast({"op": "end"})
-
-    def close(self) -> None:
-        """Tell the workers to exit (end of the command)."""
-        if not self._closed:
-            self._closed = True
-            dist.broadcast({"op": "exit"})
 
     def _run_node(self, plan: Any, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         nt = plan.checked.nodes[np_.id].type
@@ -119,7 +112,7 @@ class Worker:
             return
         try:
             self._call(msg, payload, inputs)
-        except Cancelled:
+        except (Cancelled, NodeError):  # every rank stopped or refused the same way; rank 0 reports it
             pass
         except Exception as exc:  # noqa: BLE001 - a failure mid-collectives: stop this rank, the launcher reports it
             print(f"fluxkiln: rank {dist.current().rank}: node '{payload['id']}' failed: "

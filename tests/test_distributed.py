@@ -289,3 +289,41 @@ def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
     assert ddp["global_batch"] == 2 and ddp["per_process_batch"] == 1 and ddp["one_step_s"] > 0 and ddp["ratio"] > 0
     assert "needs CUDA GPUs" in res["context_parallel"]["skipped"]
     assert "fluxkiln bench --gpus 2 (tiny, cpu)" in done.stdout
+
+
+def _wait_for(proc: subprocess.Popen, events: list[dict], what: str, count: int, timeout: float = 150) -> None:
+    assert proc.stdout is not None
+    end = time.monotonic() + timeout
+    while sum(e["event"] == what for e in events) < count:
+        assert time.monotonic() < end, f"no {what} #{count}: {events[-3:]}"
+        line = proc.stdout.readline()
+        assert line, f"watch ended early: {events[-3:]}"
+        if line.startswith("{"):
+            events.append(json.loads(line))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_watch_keeps_the_workers_and_their_models_hot_between_reruns(tmp_path):
+    recipe = tmp_path / "w.toml"
+    body = RECIPE.split("[nodes.listed]")[0].replace('name = "many"', 'name = "w"')
+    recipe.write_text(body)
+    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln", "watch", str(recipe), "--gpus", "2", "--json",
+                             "--output", str(tmp_path / "out")], env=_env(_cache(tmp_path / "cache")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    try:
+        _wait_for(proc, events, "watch_waiting", 1)
+        worker = _rank_pid(proc.pid, 1)
+        assert worker is not None
+        recipe.write_text(body.replace("seed = 7", "seed = 8"))
+        _wait_for(proc, events, "watch_waiting", 2)
+        reruns = [e for e in events if e["event"] == "watch_rerun"]
+        assert [r["status"] for r in reruns] == ["ok", "ok"]
+        assert "base" in reruns[1]["cached"] and "images" in reruns[1]["ran"]  # the model stayed loaded
+        splits = [e for e in events if e["event"] == "node_log" and "over 2 ranks" in e.get("message", "")]
+        assert len(splits) == 2  # both runs split their images over the same two ranks
+        assert _rank_pid(proc.pid, 1) == worker  # the same worker process served both runs
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 130
