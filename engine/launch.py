@@ -149,7 +149,8 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
 
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # fluxkiln reports a failed or stopped rank itself
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
                           run_id=rdzv_id if nnodes > 1 else uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint or "localhost:0",
