@@ -163,10 +163,12 @@ def run_shard(work: Callable[[range], list[Any]], n: int, log: Callable[[str], N
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which fails the node naming this rank
         mine = ("failed", f"{type(exc).__name__}: {exc}")
     parts = gather(mine)
-    if parts is None:
+    if parts is None:  # not rank 0: rank 0 reports the outcome of every rank
         if mine[0] == "cancelled":
             raise Cancelled("cancelled")
-        return mine[1] or []
+        if mine[0] == "failed":
+            raise NodeError(mine[1])
+        return mine[1]
     for rank, (state, value) in enumerate(parts):
         if state == "failed":
             raise RankFailed(f"rank {rank} of {_world.size} failed: {value}",
