@@ -138,7 +138,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: str | None = None,
                    rdzv_id: str = "fluxkiln") -> int:
-    """Run ``python -m fluxkiln ARGV`` in ``nproc`` workers per host (``nnodes`` hosts) and wait for them.
+    """Run ``python -m fluxkiln.engine.cli ARGV`` (the ``fluxkiln`` command) in ``nproc`` workers per host (``nnodes`` hosts) and wait for them.
 
     Returns 0, 130 when interrupted, or 1 after naming the rank that failed.
     """
@@ -158,7 +158,7 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
     # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
     # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
     try:
-        elastic_launch(config, sys.executable)("-m", "fluxkiln", *argv)
+        elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
     except ChildFailedError as exc:
         return _report(exc.failures)
     except SignalException as exc:

@@ -117,7 +117,7 @@ def _env(cache: Path, tag: str = "") -> dict[str, str]:
 
 
 def _cli(*args: str, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fluxkiln", *args], env=_env(cache), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", *args], env=_env(cache), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -228,7 +228,7 @@ def _train_and_signal(tmp_path: Path, sig: int) -> tuple[subprocess.Popen, list[
     recipe = tmp_path / "train.toml"
     recipe.write_text(TRAIN_ONLY)
     cache = _cache(tmp_path / "cache")
-    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln", "run", str(recipe), "--gpus", "2", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2", "--json",
                              "--output", str(tmp_path / "out")], env=_env(cache), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     events: list[dict] = []
@@ -307,7 +307,7 @@ def test_watch_keeps_the_workers_and_their_models_hot_between_reruns(tmp_path):
     recipe = tmp_path / "w.toml"
     body = RECIPE.split("[nodes.listed]")[0].replace('name = "many"', 'name = "w"')
     recipe.write_text(body)
-    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln", "watch", str(recipe), "--gpus", "2", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "watch", str(recipe), "--gpus", "2", "--json",
                              "--output", str(tmp_path / "out")], env=_env(_cache(tmp_path / "cache")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: list[dict] = []

@@ -66,7 +66,7 @@ def test_a_failed_launch_names_the_rank_that_died_first(capsys):
 def test_bad_launch_settings_are_refused_before_anything_starts(tmp_path, args, message):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[recipe]\nname = "r"\n')
-    out = subprocess.run([sys.executable, "-m", "fluxkiln", "run", str(recipe), *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), *args], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
 
@@ -108,3 +108,9 @@ def test_context_parallel_off_keeps_the_split_and_the_residency_key(tmp_path):
     assert model.key.endswith("|cpu")  # no context-parallel suffix
     shared = type(model)(ref="x", kind="flux", key="k", info={"context_parallel": 2})
     assert not parallel.splits_images(shared)
+
+
+def test_python_dash_m_fluxkiln_is_the_fluxkiln_command():  # what torchrun / accelerate launch -m fluxkiln run
+    out = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--gpus N" in out.stdout and "--rdzv-endpoint" in out.stdout
