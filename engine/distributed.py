@@ -150,8 +150,9 @@ class RankFailed(NodeError):
 def run_shard(work: Callable[[range], list[Any]], n: int, log: Callable[[str], None] | None = None) -> list[Any]:
     """Run ``work(indices)`` on this rank's share of ``n`` items and return all ``n`` results in order on rank 0.
 
-    ``log`` (rank 0) hears how many items each rank made.  Every rank reports ok / cancelled / failed; rank 0 raises :class:`RankFailed` naming a rank that
-    failed, or :class:`Cancelled` if any rank was cancelled.  Other ranks get their own share back.
+    ``log`` (rank 0) hears how many items each rank made.  Every rank reports ok / cancelled / failed;
+    rank 0 raises :class:`RankFailed` naming a rank that failed, or :class:`Cancelled` if any rank was
+    cancelled.  Other ranks get their own share back.
     """
     part = shard(n)
     if not _world.many:

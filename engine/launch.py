@@ -138,7 +138,8 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: str | None = None,
                    rdzv_id: str = "fluxkiln") -> int:
-    """Run ``python -m fluxkiln.engine.cli ARGV`` (the ``fluxkiln`` command) in ``nproc`` workers per host (``nnodes`` hosts) and wait for them.
+    """Run ``python -m fluxkiln.engine.cli ARGV`` (the ``fluxkiln`` command) in ``nproc`` workers per host
+    (``nnodes`` hosts) and wait for them.
 
     Returns 0, 130 when interrupted, or 1 after naming the rank that failed.
     """

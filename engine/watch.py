@@ -253,8 +253,8 @@ def watch_main(args: argparse.Namespace) -> int:
         elif d["event"] == "watch_waiting":
             print("[watch] waiting for changes (Ctrl-C to stop)", file=sys.stderr)
 
-    session = WatchSession(args.recipe, engine=make_engine(), overrides=args.overrides, output=args.output, observers=[observer],
-                           debounce=args.debounce, say=say)
+    session = WatchSession(args.recipe, engine=make_engine(), overrides=args.overrides, output=args.output,
+                           observers=[observer], debounce=args.debounce, say=say)
     interrupts = _Interrupts(session)
     old = signal.signal(signal.SIGINT, interrupts.handle)
     try:

@@ -191,7 +191,8 @@ def test_ddp_training_matches_one_process_with_the_same_global_batch(runs):
     assert len(set(one)) > 1
     # stated tolerance: relative 1e-4 on each step's loss, 1e-5 absolute on every exported weight
     assert one == pytest.approx(two, rel=1e-4)
-    wa, wb = load_file(root / "one" / "lora" / "lora.safetensors"), load_file(root / "two" / "lora" / "lora.safetensors")
+    wa = load_file(root / "one" / "lora" / "lora.safetensors")
+    wb = load_file(root / "two" / "lora" / "lora.safetensors")
     assert wa.keys() == wb.keys() and wa
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k

@@ -386,7 +386,8 @@ def load_model(
         ctx.log(f"loading FLUX pipeline '{model}' from {src.path}")
     pipe = get_pipeline(out)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
-    out.info = {"variant": variant, "source": src.kind, "path": str(src.path), "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+    out.info = {"variant": variant, "source": src.kind, "path": str(src.path),
+                "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
                 "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
     if src.base:
         out.info["base"] = str(src.base)
