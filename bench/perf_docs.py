@@ -1,9 +1,10 @@
 """Generate the tables of the documentation's performance page from the committed benchmark results.
 
-    python bench/perf_docs.py          # rewrites the tables in docs/performance.md
+    python bench/perf_docs.py          # rewrites the tables in docs/performance.md and docs/generation.md
 
 The newest ``bench/*-full.json`` (by its ``date``, then its name) written by ``fluxkiln bench`` supplies
-the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` the watch-mode table.
+the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` the watch-mode table; the
+newest ``bench/*-generation.json`` (``fluxkiln bench --generation``) the Full HD and hybrid tables.
 Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers in the
 page; a test fails when the page and the JSON disagree.
 """
@@ -19,6 +20,8 @@ from fluxkiln.engine.docs import replace_between
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE.parent / "docs" / "performance.md"
+GENERATION_PAGE = HERE.parent / "docs" / "generation.md"
+GENERATION_TABLES = ("generation-source", "fullhd", "hybrid")
 
 SAMPLE_ROWS = {
     "dev-stock": "dev, 28 steps, stock diffusers",
@@ -50,10 +53,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def newest_full(bench: Path) -> tuple[Path, dict]:
-    found = [(json.loads(p.read_text()), p) for p in bench.glob("*-full.json")]
+def newest_full(bench: Path, kind: str = "full") -> tuple[Path, dict]:
+    found = [(json.loads(p.read_text()), p) for p in bench.glob(f"*-{kind}.json")]
     if not found:
-        raise SystemExit(f"no {bench}/*-full.json: run `fluxkiln bench --out {bench}/<card>-<date>-full.json`")
+        raise SystemExit(f"no {bench}/*-{kind}.json: run `fluxkiln bench --out {bench}/<card>-<date>-{kind}.json`")
     data, path = max(found, key=lambda dp: (dp[0].get("date", ""), dp[1].name))
     return path, data
 
@@ -128,6 +131,33 @@ def targets_table(d: dict) -> str:
     return table(["target", "goal", "measured", "stock, when the goal was set", "met"], rows)
 
 
+def generation_source(path: Path, d: dict) -> str:
+    return (f"**{d['gpu']}**, torch {d['torch']}, diffusers {d['diffusers']}, {d['date']}: "
+            f"`fluxkiln bench --generation` (`bench/{path.name}`), FLUX.1 shapes with {d['mode'].replace('-', ' ')}, "
+            "median of the timed runs after a warm-up, whole engine runs.")
+
+
+def fullhd_table(d: dict) -> str:
+    g = d["generation"]
+    labels = {"fullhd-stock": "stock diffusers `FluxPipeline`, eager bf16 (generates 1920×1088)",
+              "fullhd-lossless": "fluxkiln lossless (`go_fast = false`)",
+              "fullhd-go_fast": "fluxkiln `go_fast` (fp8 matmuls, lossy)"}
+    rows = [[label, num(g[k]["s_per_image"], 2), num(g[k].get("s_per_step")), num(g[k].get("ratio_to_stock", 1.0), 2),
+             num(g[k]["peak_gib"], 1)] for k, label in labels.items() if k in g]
+    return table(["1920×1080, dev, 28 steps", "s/image", "s/step", "× stock", "peak GiB"], rows)
+
+
+def hybrid_table(d: dict) -> str:
+    g, s = d["generation"], d["sample"]
+    rows = [[label, num(r["s_per_image"], 2), num(r.get("ratio_to_dev_28_steps", 1.0 if r is not None else None), 2),
+             num(r["peak_gib"], 1)]
+            for label, r in (("dev alone, 28 steps, lossless", s.get("dev-lossless")),
+                             ("hybrid: schnell 4 steps + dev 12 at strength 0.6, lossless", g.get("hybrid")),
+                             ("dev alone, 28 steps, `go_fast`", s.get("dev-go_fast")),
+                             ("hybrid, `go_fast`", g.get("hybrid-go_fast"))) if r is not None]
+    return table(["1024×1024", "s/image", "× dev alone", "peak GiB"], rows)
+
+
 def watch_table(bench: Path) -> str:
     w = json.loads((bench / "watch_overhead.json").read_text())
     rows = [["`sample` node alone", num(w["median_sample_s"], 2, " s"), "–"],
@@ -142,25 +172,29 @@ def watch_table(bench: Path) -> str:
 
 def tables(bench: Path) -> dict[str, Callable[[], str]]:
     path, d = newest_full(bench)
-    return {"source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
+    gpath, gd = newest_full(bench, "generation")
+    return {"generation-source": lambda: generation_source(gpath, gd), "fullhd": lambda: fullhd_table(gd),
+            "hybrid": lambda: hybrid_table(gd),"source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
             "gpu-step": lambda: gpu_step_table(d), "train": lambda: train_table(d),
             "kernels": lambda: kernels_table(d), "targets": lambda: targets_table(d),
             "watch": lambda: watch_table(bench)}
 
 
-def render(page: str, bench: Path) -> str:
-    """``page`` with every ``bench:NAME`` block regenerated from the JSON in ``bench``."""
+def render(page: str, bench: Path, names: tuple[str, ...] | None = None) -> str:
+    """``page`` with each ``bench:NAME`` block (all of them, or ``names``) regenerated from the JSON in ``bench``."""
     for name, make in tables(bench).items():
-        page = replace_between(page, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->", make())
+        if names is None or name in names:
+            page = replace_between(page, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->", make())
     return page
 
 
 def main() -> int:
-    text = PAGE.read_text()
-    new = render(text, HERE)
-    if new != text:
-        PAGE.write_text(new)
-    print("updated" if new != text else "up to date", PAGE)
+    for page, names in ((PAGE, None), (GENERATION_PAGE, GENERATION_TABLES)):
+        text = page.read_text()
+        new = render(text, HERE, names)
+        if new != text:
+            page.write_text(new)
+        print("updated" if new != text else "up to date", page)
     return 0
 
 

@@ -5,6 +5,7 @@ It knows nothing of FLUX and never imports textual, torch or diffusers at import
 time.  The names below are the public API for plugin authors and front-ends.
 """
 
+from .commands import CommandParsers
 from .context import RunContext
 from .errors import Cancelled, NodeError, PluginError, Problem, RecipeInvalid
 from .events import Event
@@ -14,7 +15,7 @@ from .ports import Dataset, DatasetItem, ImageItem, Images, Lora, Model, PortTyp
 from .recipe import Link, Recipe
 
 __all__ = [
-    "Cancelled", "Dataset", "DatasetItem", "Event", "FilePath", "ImageItem", "Images", "InputFile", "Link", "Lora",
+    "Cancelled", "CommandParsers", "Dataset", "DatasetItem", "Event", "FilePath", "ImageItem", "Images", "InputFile", "Link", "Lora",
     "Model", "NodeError", "NodeType", "ParamSpec", "PluginError", "PortType", "Problem", "Prompts",
     "Recipe", "RecipeInvalid", "RunContext", "Secret", "Text", "hookimpl", "node",
 ]

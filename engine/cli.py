@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list plugins, their versions, node types, load time and errors")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--check", action="store_true", help="exit 1 if any plugin failed to load (for CI)")
 
     p = sub.add_parser("cache", help="show or prune the result cache")
     p.add_argument("action", nargs="?", choices=("list", "prune", "path"), default="list")
@@ -79,10 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="plugin name, e.g. fluxkiln-upscale")
     p.add_argument("--dir", default=".", help="parent folder (default: current)")
 
-    p = sub.add_parser("tui", help="open the terminal UI")
-    p.add_argument("recipe", nargs="?", help="recipe file or folder to open")
-    for name, (help_text, _main, plugin) in sorted(_registry().commands.items()):
-        sub.add_parser(name, help=f"{help_text} [{plugin}]", add_help=False)
+    for name, cmd in sorted(_registry().commands.items()):  # commands added by plugins (the TUI's too)
+        suffix = "" if cmd.plugin.startswith("fluxkiln.") else f" [{cmd.plugin}]"
+        sub.add_parser(name, help=f"{cmd.help}{suffix}", add_help=False)
 
     return parser
 
@@ -263,14 +263,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     reg = _registry()
     rows = [{"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version,
              "load_ms": round(p.load_time * 1000, 1), "node_types": p.node_types, "port_types": p.port_types,
-             "error": p.error} for p in reg.plugins.values()]
+             "commands": p.commands, "error": p.error} for p in reg.plugins.values()]
+    failed = [r["name"] for r in rows if r["error"]]
+    code = EXIT_FAILED if args.check and failed else EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=1))
-        return EXIT_OK
+        return code
     from .cli_output import plugins_table
 
     plugins_table(rows)
-    return EXIT_OK
+    if args.check and failed:
+        print(f"fluxkiln plugins --check: {len(failed)} plugin(s) failed to load: {', '.join(failed)}",
+              file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,12 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .inspect_cmd import main as inspect_main
 
         return inspect_main(argv[1:])
-    from .registry import BUILTIN_COMMANDS
+    from .commands import BUILTIN_COMMANDS
 
     if argv and not argv[0].startswith("-") and argv[0] not in BUILTIN_COMMANDS:
         commands = _registry().commands
-        if argv[0] in commands:  # a command added by a plugin (register_commands hook)
-            return commands[argv[0]][1](argv[1:])
+        if argv[0] in commands:  # a command added by a plugin (register_commands hook), the TUI's too
+            return commands[argv[0]](argv[1:])
     if argv[:1] == ["run"]:
         argv = ["run", *normalize_force(argv[1:])]
     parser = build_parser()

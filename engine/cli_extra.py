@@ -1,4 +1,4 @@
-"""The less common CLI commands: watch, cache, inspect, new-plugin, tui."""
+"""The less common CLI commands: watch, cache, inspect, new-plugin."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import re
 import sys
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 def parse_age(text: str) -> float:
@@ -18,14 +17,8 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", (text or "").lower())
-    if not m:
-        raise ValueError(f"bad size {text!r}: use e.g. 500M, 10G")
-    return int(float(m.group(1)) * _SIZES[m.group(2)])
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
+    from . import cacheadmin as admin
     from . import paths
     from .cache import DiskCache
 
@@ -34,36 +27,47 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(cache.root)
         return 0
     if args.action == "prune":
-        if not args.older_than and not args.max_size:
-            print("fluxkiln cache prune: give --older-than AGE and/or --max-size SIZE", file=sys.stderr)
-            return 2
-        try:
-            age = parse_age(args.older_than) if args.older_than else None
-            size = parse_size(args.max_size) if args.max_size else None
-        except ValueError as exc:
-            print(f"fluxkiln cache prune: {exc}", file=sys.stderr)
-            return 2
-        removed = cache.prune(older_than=age, max_size=size)
-        freed = sum(e["size"] for e in removed)
-        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, freed {_human(freed)}")
-        return 0
-    entries = cache.entries()
+        return _prune(cache, args)
+    entries = admin.scan(cache)
+    summary = admin.summary(entries)
+    budget, _warning = admin.budget_from_env()
     if args.json:
-        print(json.dumps({"root": str(cache.root), "entries": entries}, indent=1))
+        print(json.dumps({"root": str(cache.root), "budget": budget, **summary,
+                          "entries": [e.to_json() for e in entries]}, indent=1))
         return 0
-    total = sum(e["size"] for e in entries)
-    print(f"cache {cache.root}: {len(entries)} entries, {_human(total)}")
-    for e in sorted(entries, key=lambda e: -e["used"]):
-        print(f"  {e['fingerprint'][:16]}  {e['type']:<14} {e['recipe']}/{e['node']:<16} {_human(e['size']):>9}")
+    limit = admin.human(budget) if budget is not None else "none"
+    print(f"cache {cache.root}: {len(entries)} entries, {admin.human(summary['total'])} "
+          f"(budget {limit}, set with {admin.BUDGET_ENV})")
+    for title, key in (("by node type", "by_type"), ("by recipe", "by_recipe")):
+        rows = sorted(summary[key].items(), key=lambda kv: -kv[1]["bytes"])
+        if rows:
+            print(f"{title}:")
+        for name, row in rows:
+            print(f"  {name:<24} {row['entries']:>5} entr{'y' if row['entries'] == 1 else 'ies'} "
+                  f"{admin.human(row['bytes']):>10}")
+    if entries:
+        print("entries, most recently used first (bytes shared between entries count once):")
+    for e in sorted(entries, key=lambda e: -e.used):
+        print(f"  {e.fingerprint[:16]}  {e.type:<14} {e.recipe}/{e.node:<16} {admin.human(e.own):>9}")
     return 0
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def _prune(cache, args: argparse.Namespace) -> int:
+    from . import cacheadmin as admin
+
+    if not args.older_than and not args.max_size:
+        print("fluxkiln cache prune: give --older-than AGE and/or --max-size SIZE", file=sys.stderr)
+        return 2
+    try:
+        age = parse_age(args.older_than) if args.older_than else None
+        size = admin.parse_size(args.max_size) if args.max_size else None
+    except ValueError as exc:
+        print(f"fluxkiln cache prune: {exc}", file=sys.stderr)
+        return 2
+    removed = admin.prune(cache, older_than=age, max_size=size)
+    freed = sum(e.own for e in removed)
+    print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, freed {admin.human(freed)}")
+    return 0
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -82,10 +86,6 @@ def dispatch(args: argparse.Namespace) -> int:
         from .scaffold import new_plugin_main
 
         return new_plugin_main(args.name, args.dir)
-    if cmd == "tui":
-        from fluxkiln.tui.app import run_tui
-
-        return run_tui(args.recipe)
     print(f"fluxkiln: unknown command {cmd}", file=sys.stderr)
     return 2
 

@@ -156,11 +156,12 @@ class ConsoleObserver:
     def _log(self, event: Event) -> None:
         level = event.data.get("level", "info")
         message = event.data.get("message", "")
+        who = event.node if event.node is not None else "fluxkiln"  # no node: about the whole run (the cache)
         if level in ("warning", "error"):
             mark, style = ("⚠", "yellow") if level == "warning" else ("✗", "red")
-            self._print(f"  {mark} {event.node} {level}: {message}", style)
+            self._print(f"  {mark} {who} {level}: {message}", style)
         else:
-            self._print(f"  {event.node}: {message}", "dim" if level == "debug" else None)
+            self._print(f"  {who}: {message}", "dim" if level == "debug" else None)
 
     def _on_progress(self, event: Event) -> None:
         d = event.data
@@ -184,6 +185,9 @@ class ConsoleObserver:
         d = event.data
         self._print(f"✗ {event.node} ({event.type}, plugin {d.get('plugin')}) failed: {d.get('error_type')}: "
                     f"{d.get('error')}", "red")
+        if d.get("key"):  # NodeError(key=...): located like a validation error
+            where = f"{d.get('file') or '<recipe>'}" + (f":{d['line']}" if d.get("line") else "")
+            self._print(f"  {where}: node '{event.node}' key '{d['key']}': {d.get('error')}")
         if d.get("inputs"):
             self._print("  inputs: " + ", ".join(f"{k}={v}" for k, v in d["inputs"].items()))
         if d.get("where"):

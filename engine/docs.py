@@ -29,7 +29,8 @@ def node_to_dict(nt: NodeType) -> dict[str, Any]:
         "keys": [{"name": s.name, "kind": "input" if s.is_input and not s.accepts_literal else
                   ("input or parameter" if s.is_input else "parameter"),
                   "accepts": s.allowed(), "default": None if s.default is REQUIRED else s.default,
-                  "required": s.required, "doc": s.doc} for s in nt.params.values()],
+                  "required": s.required, "doc": s.doc, "constraints": dict(s.constraints)}
+                 for s in nt.params.values()],
     }
 
 

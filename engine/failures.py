@@ -37,8 +37,9 @@ def _hint_for(exc: BaseException) -> str | None:
     return None
 
 
-def describe_failure(node: str, nt: Any, exc: BaseException, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The data of a ``node_failed`` event."""
+def describe_failure(node: str, nt: Any, exc: BaseException, inputs: dict[str, Any],
+                     recipe: Any = None) -> dict[str, Any]:
+    """The data of a ``node_failed`` event; a ``NodeError(key=...)`` is located at that key's recipe line."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else None
     hint = exc.hint if isinstance(exc, NodeError) and exc.hint else _hint_for(exc)
@@ -51,6 +52,9 @@ def describe_failure(node: str, nt: Any, exc: BaseException, inputs: dict[str, A
     }
     if isinstance(exc, NodeError) and exc.key:
         info["key"] = exc.key
+        if recipe is not None:
+            located = recipe.problem(info["error"], node=node, key=exc.key)
+            info["file"], info["line"] = located.file, located.line
     if not isinstance(exc, NodeError):
         info["where"] = where
         info["traceback"] = "".join(traceback.format_exception(exc)[-6:])

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import devmode
+
 _CHUNK = 1 << 20
 
 
@@ -97,8 +99,11 @@ class FileHasher:
 
         tmp = temp_name(self.index_path)
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(data)
-        os.replace(tmp, self.index_path)
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self.index_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def identity(type_name: str, version: str, params: dict[str, Any], inputs: dict[str, str],
@@ -126,7 +131,9 @@ def diff_reasons(old: dict[str, Any] | None, new: dict[str, Any], file_names: di
             reasons.append(f"input '{k}' changed")
     of, nf = old.get("files", {}), new["files"]
     for k in sorted(set(of) | set(nf)):
-        if of.get(k) != nf.get(k):
+        if k == devmode.LABEL and (k in of) != (k in nf):
+            reasons.append(f"development mode (FLUXKILN_DEV) switched {'on' if k in nf else 'off'}")
+        elif of.get(k) != nf.get(k):
             reasons.append(f"{k[1:-1]} changed" if k.startswith("(") else f"file '{file_names.get(k, k)}' changed")
     return reasons
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .commands import CommandParsers
     from .errors import Problem
     from .events import Event
     from .ports import PortType
@@ -48,5 +49,5 @@ def resolve_model(ref: str) -> str | None:
 
 
 @hookspec
-def register_commands(register: Callable[[str, str, Callable[[list[str]], int]], None]) -> None:
-    """Add CLI subcommands by calling ``register(name, help, main)``; ``main(argv)`` returns the exit code."""
+def register_commands(subparsers: CommandParsers, register: Callable[[str, str, Callable[[list[str]], int]], None]) -> None:
+    """Add CLI subcommands: ``subparsers.add_parser(name, help=...)`` (argparse) or ``register(name, help, main)``."""

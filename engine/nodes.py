@@ -226,9 +226,10 @@ def _describe_type(tp: Any, constraints: dict[str, Any], choices: tuple[Any, ...
     if origin in (list, tuple):
         inner = [_strip_annotated(a) for a in get_args(tp) if a is not Ellipsis]
         if not inner:
-            return "a list"
+            return "a list" + _length_words(constraints, "item")
         word = _describe_type(inner[0], {}, get_args(inner[0]) if get_origin(inner[0]) is Literal else ())
-        return "a list of " + word.removeprefix("a ").removeprefix("an ") + ("s" if inner[0] in _TYPE_WORDS else "")
+        word = word.removeprefix("a ").removeprefix("an ") + ("s" if inner[0] in _TYPE_WORDS else "")
+        return "a list of " + word + _length_words(constraints, "item")
     if origin in (Union, types.UnionType):
         return " or ".join(_describe_type(a, {}, ()) for a in get_args(tp))
     if origin is dict or tp is dict:
@@ -242,9 +243,24 @@ def _describe_type(tp: Any, constraints: dict[str, Any], choices: tuple[Any, ...
         bounds = [f"{b[0]} {b[1]}" for b in (lo, hi) if b]
         if bounds:
             base += " " + " and ".join(bounds)
-    if "min_length" in constraints:
-        base += f" (at least {constraints['min_length']})"
+    base += _length_words(constraints, "character" if tp is str else "item")
+    if "multiple_of" in constraints:
+        base += f", a multiple of {constraints['multiple_of']}"
+    if "pattern" in constraints:
+        base += f" matching the pattern {constraints['pattern']}"
     return base
+
+
+def _length_words(constraints: dict[str, Any], unit: str) -> str:
+    """`` (1 to 4 items)``, `` (at least 1 character)``, `` (at most 8 items)`` or nothing."""
+    lo, hi = constraints.get("min_length"), constraints.get("max_length")
+    if lo is None and hi is None:
+        return ""
+    n = hi if hi is not None else lo
+    units = unit if n == 1 else unit + "s"
+    if lo is not None and hi is not None:
+        return f" ({lo} {units})" if lo == hi else f" ({lo} to {hi} {units})"
+    return f" (at least {lo} {units})" if lo is not None else f" (at most {hi} {units})"
 
 
 @dataclass
@@ -264,6 +280,7 @@ class NodeType:
     wants_ctx: bool = True
     is_class: bool = False
     extra_fingerprint: Callable[..., str | None] | None = None
+    plugin_module: str = ""  # the module the plugin was loaded from (its code counts in development mode)
 
     @property
     def summary(self) -> str:
@@ -363,7 +380,7 @@ def _param_spec(name: str, hint: Any, default: Any, ports_by_cls: dict[type, Por
     for f in fields:
         spec.doc = spec.doc or (f.description or "")
         for c in f.metadata:
-            for attr in ("ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of"):
+            for attr in ("ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of", "pattern"):
                 if getattr(c, attr, None) is not None:
                     spec.constraints[attr] = getattr(c, attr)
     if literal_members:

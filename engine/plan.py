@@ -8,12 +8,15 @@ dependants are all cached is not loaded at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import devmode
 from . import graph as graphmod
-from .cache import CacheEntry, DiskCache, MemoryCache, port_versions
+from .artifacts import Artifact, RunFiles, plan_restore
+from .cache import CacheEntry, DiskCache, MemoryCache, MemoryHit, port_versions
 from .errors import RecipeInvalid
 from .fingerprint import FileHasher, diff_reasons, digest, identity
 from .validate import Checked, ResolvedNode
@@ -32,6 +35,8 @@ class NodePlan:
     source: str | None = None  # for cached: "memory" | "disk" | "not needed"
     entry: CacheEntry | None = None
     volatile: bool = False
+    artifacts: list[Artifact] = field(default_factory=list)  # for cached: the files it wrote into run folders
+    restore: list[tuple[Artifact, Path]] = field(default_factory=list)  # for cached: files to put into this one
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Plan:
     checked: Checked
     run_dir: Path
     nodes: dict[str, NodePlan] = field(default_factory=dict)
+    files: RunFiles | None = None  # what fluxkiln wrote into the run folder
 
     def to_dict(self) -> dict[str, Any]:
         return {n.id: {"type": n.type, "action": n.action, "reason": n.reason, "source": n.source,
@@ -50,32 +56,43 @@ def _literal_identity(rn: ResolvedNode) -> dict[str, Any]:
 
 
 def _disk_ok(rn: ResolvedNode, port_types: dict[str, Any]) -> bool:
-    return rn.type.cache == "disk" and bool(rn.type.outputs) and all(
-        port_types[p].disk_cacheable for p in rn.type.outputs.values())
+    """Results of this node can be kept on disk (a node without outputs keeps the files it wrote)."""
+    return rn.type.cache == "disk" and all(port_types[p].disk_cacheable for p in rn.type.outputs.values())
 
 
-def _missing(artifacts: list[str]) -> str | None:
-    """The reason to rerun a cached node whose written files were deleted, or None."""
-    for a in artifacts:
-        if not Path(a).exists():
-            return f"artifact '{a}' is missing"
-    return None
+def _memory_source(hit: MemoryHit, disk: DiskCache) -> Callable[[Artifact], Path | None]:
+    """Where a memory-cached node's file can be copied from: its disk entry's copy, verified now."""
+    def source(art: Artifact) -> Path | None:
+        if hit.entry is None or art.stored is None:
+            return None
+        path = hit.entry / art.stored
+        try:
+            return path if disk.check(path, art.size, art.sha) else None
+        except OSError:
+            return None
+    return source
 
 
 def _lookup(np_: NodePlan, rn: ResolvedNode, memory: MemoryCache, disk: DiskCache,
-            port_types: dict[str, Any]) -> None:
-    """Mark a node cached (from memory, else disk) unless its result is absent or a file it wrote is gone."""
-    if memory.get(np_.fingerprint) is not None:
-        np_.reason = _missing(memory.artifacts(np_.fingerprint)) or ""
-        if not np_.reason:
-            np_.action, np_.source = "cached", "memory"
+            port_types: dict[str, Any], files: RunFiles) -> None:
+    """Mark a node cached (from memory, else disk) unless its result is absent or its files can't be put
+    into the run folder as they were (then ``reason`` says why it runs)."""
+    hit = memory.hit(np_.fingerprint)
+    if hit is not None:
+        todo = plan_restore(hit.artifacts, files, _memory_source(hit, disk))
+        np_.reason = todo.reason
+        if not todo.reason:
+            np_.action, np_.source, np_.artifacts, np_.restore = "cached", "memory", hit.artifacts, todo.todo
             return
     if _disk_ok(rn, port_types):
-        entry = disk.lookup(np_.fingerprint, port_versions(rn.type.outputs, port_types))
+        entry = disk.lookup(np_.fingerprint, dict(rn.type.outputs), port_versions(rn.type.outputs, port_types))
         if entry is not None:
-            np_.reason = _missing(entry.manifest.get("artifacts", [])) or ""
-            if not np_.reason:
+            todo = plan_restore(entry.artifacts, files,
+                                lambda a: entry.path / a.stored if a.stored is not None else None)
+            np_.reason = todo.reason
+            if not todo.reason:
                 np_.action, np_.source, np_.entry = "cached", "disk", entry
+                np_.artifacts, np_.restore = entry.artifacts, todo.todo
 
 
 def _hash_files(checked: Checked, nid: str, hasher: FileHasher) -> dict[str, str]:
@@ -95,7 +112,8 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
               only: list[str] | None = None, force: list[str] | None = None, force_all: bool = False) -> Plan:
     """Fingerprint every node and decide run/cached with a reason for each."""
     g = checked.graph
-    plan = Plan(checked, run_dir)
+    plan = Plan(checked, run_dir, files=RunFiles(run_dir))
+    disk.begin()
     selected = graphmod.with_ancestors(g, only) if only else set(checked.order)
     forced = graphmod.with_descendants(g, force) if force else set()
     for nid in checked.order:
@@ -108,6 +126,8 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
             for label, value in (extra if isinstance(extra, dict) else {"edited files": extra}).items():
                 if value:
                     files[f"({label})"] = value
+        if devmode.enabled():
+            files[devmode.LABEL] = devmode.code_digest(rn.type, hasher)
         inputs = {k: f"{plan.nodes[link.node].fingerprint}.{link.port}" for k, link in rn.links.items()}
         ident = identity(rn.type.name, rn.type.version, _literal_identity(rn), inputs, files)
         volatile = rn.type.volatile(dict(rn.params)) if rn.type.volatile else None
@@ -122,12 +142,15 @@ def make_plan(checked: Checked, *, run_dir: Path, run_id: str, memory: MemoryCac
         elif rn.type.cache == "never":
             np_.reason = "node type is never cached"
         else:
-            _lookup(np_, rn, memory, disk, port_types)
+            _lookup(np_, rn, memory, disk, port_types, plan.files)
         if np_.action == "run" and not np_.reason:
             changes = diff_reasons(previous.get(nid), ident, file_names)
             np_.reason = "; ".join(changes) if changes else "no cached result"
     _mark_unneeded(plan, g, selected, only, port_types)
-    hasher.save()
+    try:
+        hasher.save()
+    except OSError:
+        pass  # the file-hash index only saves time; an unwritable cache is reported once by the run
     return plan
 
 

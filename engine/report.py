@@ -4,7 +4,9 @@ For each node: what happened, wall time, seconds per step, images per second,
 peak GPU memory (where there is a GPU) and the estimated cost per image from
 ``[recipe] gpu_hour_price``, and the mean of any ``scores`` the images record;
 one table per sweep (see :mod:`.sweepreport`); artifacts (images, grids,
-LoRAs) are linked.
+LoRAs) are linked, by paths inside the run folder only (a file a node wrote
+elsewhere is named).  A node that writes a ``scores.json`` artifact (the
+``evaluate`` node) also gets its per-image scores in the report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from . import sweepreport
 from .paths import temp_name
@@ -57,8 +60,42 @@ def node_rows(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> list[
             if st.get("peak_gpu_bytes") is not None:
                 row["peak_gpu_gib"] = round(st["peak_gpu_bytes"] / 2**30, 2)
         row["artifacts"] = arts.get(nid, [])
+        scores = _scores(row["artifacts"])
+        if scores:
+            row["scores"] = scores
         rows.append(row)
     return rows
+
+
+def _scores(artifacts: list[str]) -> dict[str, Any] | None:
+    """The content of a node's ``scores.json`` artifact (metric, mean, per image), if it wrote one."""
+    for a in artifacts:
+        if Path(a).name == "scores.json":
+            try:
+                data = json.loads(Path(a).read_text())
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _score_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for r in rows:
+        data = r.get("scores")
+        if not data:
+            continue
+        mean = data.get("mean") or {}
+        keys = list(mean)
+        lines += ["", f"### {r['node']}: {data.get('metric')} ({data.get('model')})", "",
+                  "| image | prompt | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for img in data.get("images") or []:
+            vals = img.get("scores") or {}
+            prompt = str(img.get("prompt", "")).replace("|", "\\|")
+            lines.append(f"| {img.get('name') or img.get('index')} | {prompt} | "
+                         + " | ".join(_fmt(vals.get(k)) for k in keys) + " |")
+        lines.append("| **mean** | | " + " | ".join(_fmt(mean[k]) for k in keys) + " |")
+    return ["", "## Scores", *lines] if lines else []
 
 
 def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> None:
@@ -89,21 +126,28 @@ def _markdown(data: dict[str, Any], run_dir: Path) -> str:
     lines += sweepreport.markdown(data.get("sweeps") or [], _fmt)
     if data.get("gpu_hour_price") is not None:
         lines += ["", f"Cost estimates use gpu_hour_price = {data['gpu_hour_price']} per GPU hour."]
-    art_lines = []
-    for r in data["nodes"]:
-        for a in r["artifacts"]:
-            try:
-                rel = os.path.relpath(a, run_dir)
-            except ValueError:
-                rel = a
-            is_img = rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
-            art_lines.append(f"- {r['node']}: " + (f"![{rel}]({rel})" if is_img else f"[{rel}]({rel})"))
+    art_lines = [f"- {r['node']}: {_artifact_md(a, run_dir)}" for r in data["nodes"] for a in r["artifacts"]]
+    lines += _score_lines(data["nodes"])
     if art_lines:
         lines += ["", "## Artifacts", "", *art_lines]
     return "\n".join(lines) + "\n"
 
 
+def _artifact_md(path: str, run_dir: Path) -> str:
+    """A link for a file inside the run folder; a file elsewhere is named, not linked (links stay inside)."""
+    root = run_dir.resolve()
+    try:
+        rel = Path(path).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return f"`{path}` (outside the run folder)"
+    target = quote(rel)
+    return f"![{rel}]({target})" if rel.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) else f"[{rel}]({target})"
+
+
 def _atomic(path: Path, text: str) -> None:
     tmp = temp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .cache import DiskCache, MemoryCache
+from .artifacts import in_run, record
 from .context import RunContext
 from .errors import Cancelled, RecipeInvalid
 from .events import Event
@@ -32,6 +32,7 @@ from .recipe import Recipe
 from .registry import Registry
 from .report import write_report
 from .residency import Residency
+from .runcache import RunCaches
 from .sweep import with_cells
 from .validate import Checked, check_file
 
@@ -87,12 +88,13 @@ class Engine:
                  residency: Residency | None = None) -> None:
         self.registry = registry or Registry.load()
         self.cache_root = Path(cache_dir) if cache_dir else paths.cache_root()
-        self.disk = DiskCache(self.cache_root)
-        self.memory = MemoryCache()
+        self.caches = RunCaches(self.cache_root)
+        self.disk, self.memory = self.caches.disk, self.caches.memory
         self.models = residency or Residency()
         self.hasher = FileHasher(self.cache_root / "filehashes.json")
         self._cancel = threading.Event()
         self._previous: dict[str, dict[str, dict[str, Any]]] = {}
+        self._run_warnings: list[str] = []
         self.running = False
 
     # ------------------------------------------------------------ public API
@@ -125,6 +127,7 @@ class Engine:
             observers: list[Any] | None = None) -> RunResult:
         """Validate (unless given a Checked), plan and execute a recipe."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self._run_warnings = self.caches.before_run()
         checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
         result = RunResult(run_id, "ok", run_dir=resolve_run_dir(checked.recipe, output))
         self._cancel.clear()
@@ -165,6 +168,8 @@ class Engine:
         self._emit(Event("run_started", result.run_id, data={
             "recipe": recipe.file, "name": recipe.name, "run_dir": str(plan.run_dir),
             "nodes": list(plan.nodes), "plan": plan.to_dict()}))
+        for message in self._run_warnings:
+            self._warn(result, message)
         stats: dict[str, dict[str, Any]] = {}
         failed: set[str] = set()
         for nid, np_ in plan.nodes.items():
@@ -181,19 +186,8 @@ class Engine:
                 break
             if np_.action == "cached":
                 result.nodes[nid] = "cached"
-                if np_.source == "not needed":
-                    self._emit(Event("node_cached", result.run_id, nid, np_.type,
-                                     {"source": "not needed", "fingerprint": np_.fingerprint[:16]}))
-                    continue
-                try:
-                    result.outputs[nid] = self._load_cached(np_)
-                except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
-                    self._unreadable(np_, exc, result)
+                if not self._use_cached(plan, np_, result):
                     failed.add(nid)
-                    continue
-                self._emit(Event("node_cached", result.run_id, nid, np_.type,
-                                 {"source": np_.source, "fingerprint": np_.fingerprint[:16],
-                                  "artifacts": (np_.entry.manifest.get("artifacts", []) if np_.entry else [])}))
                 continue
             state = self._run_node(plan, np_, result, stats)
             result.nodes[nid] = state
@@ -205,6 +199,8 @@ class Engine:
                 break
         for nid in plan.nodes:
             result.nodes.setdefault(nid, "skipped")
+        if pruned := self.caches.after_run(plan):
+            self._emit(Event("node_log", result.run_id, data={"level": "info", "message": pruned}))
         result.seconds = time.perf_counter() - t0
         self._save_previous(plan)
         write_report(plan, result, stats)
@@ -212,11 +208,13 @@ class Engine:
             "status": result.status, "nodes": result.nodes, "seconds": round(result.seconds, 3),
             "run_dir": str(plan.run_dir)}))
 
+    def _warn(self, result: RunResult, message: str) -> None:
+        """A warning about the whole run (no node), e.g. that the cache cannot be written."""
+        self._emit(Event("node_log", result.run_id, data={"level": "warning", "message": message}))
+
     def _unreadable(self, np_: Any, exc: Exception, result: RunResult) -> None:
         """A verified cache entry that still cannot be loaded: drop it and report the node failed."""
-        if np_.entry is not None:
-            self.disk.discard(np_.entry.path)
-        self.memory.drop(np_.fingerprint)
+        self.caches.drop(np_)
         result.nodes[np_.id] = "failed"
         result.status = "failed"
         self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
@@ -224,20 +222,44 @@ class Engine:
             "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
             "hint": "the broken cache entry was removed: run again to recompute it", "inputs": {}}))
 
-    def _load_cached(self, np_: Any) -> dict[str, Any]:
-        if np_.source == "memory":
-            return self.memory.get(np_.fingerprint)
-        outputs = self.disk.load(np_.entry, self.registry.port_types)
-        self.disk.touch(np_.entry)
-        self.memory.put(np_.fingerprint, outputs, np_.entry.manifest.get("artifacts", []))
-        return outputs
+    def _use_cached(self, plan: Plan, np_: Any, result: RunResult) -> bool:
+        """Load a cached node's outputs and put its files into the run folder; False if that failed."""
+        data: dict[str, Any] = {"source": np_.source, "fingerprint": np_.fingerprint[:16]}
+        if np_.source != "not needed":
+            try:
+                result.outputs[np_.id] = self.caches.load(np_, self.registry.port_types)
+            except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
+                self._unreadable(np_, exc, result)
+                return False
+            try:
+                self.caches.put_files(plan, np_)
+            except OSError as exc:
+                self._unplaceable(plan, np_, exc, result)
+                return False
+            data["artifacts"] = in_run(np_.artifacts, plan.run_dir)
+        self._emit(Event("node_cached", result.run_id, np_.id, np_.type, data))
+        return True
+
+    def _unplaceable(self, plan: Plan, np_: Any, exc: OSError, result: RunResult) -> None:
+        """A cached node whose files the run folder refuses (permissions, full disk): the node fails with a hint."""
+        result.nodes[np_.id] = "failed"
+        result.status = "failed"
+        self._emit(Event("node_failed", result.run_id, np_.id, np_.type, {
+            "error": f"its cached files could not be put into the run folder {plan.run_dir}: "
+                     f"{exc.strerror or exc} ({exc.filename or ''})",
+            "error_type": type(exc).__name__, "plugin": self.registry.plugin_of(np_.type),
+            "hint": "check that the run folder is writable and the disk has space, then run again", "inputs": {}}))
 
     def _run_node(self, plan: Plan, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         rn = plan.checked.nodes[np_.id]
         nt = rn.type
         inputs = {k: link.take(result.outputs) for k, link in rn.links.items()}
+        try:
+            plan.files.unshare(np_.id)  # never let the node write into a file shared with the cache
+        except OSError:
+            pass
         ctx = RunContext(run_id=result.run_id, node=np_.id, type=nt.name, run_dir=plan.run_dir,
-                         state_root=self.cache_root / "state", emit=self._emit, cancel=self._cancel,
+                         state_root=self.caches.state_root(), emit=self._emit, cancel=self._cancel,
                          models=self.models, resolver=self.registry.resolve_model, recipe=plan.checked.recipe,
                          params=rn.params, fingerprint=np_.fingerprint, identity=np_.identity, plugin=nt.plugin,
                          reason=np_.reason)
@@ -249,22 +271,23 @@ class Engine:
             kwargs = {**rn.params, **_secrets(rn), **inputs}
             outputs = nt.call(ctx, kwargs)
             _check_outputs(nt, outputs, self.registry.port_types)
-            if nt.cache == "disk" and all(self.registry.port_types[p].disk_cacheable for p in nt.outputs.values()) \
-                    and nt.outputs and not np_.volatile:
-                entry = self.disk.store(np_.fingerprint, outputs, dict(nt.outputs), self.registry.port_types,
-                                        {"type": nt.name, "node": np_.id, "recipe": plan.checked.recipe.name,
-                                         "artifacts": ctx.artifacts})
-                outputs = self.disk.load(entry, self.registry.port_types)
+            arts = record(ctx.artifacts, plan.run_dir)
+            for art in arts:
+                plan.files.note(art, np_.id)
+            outputs, entry, warning = self.caches.store(np_, nt, plan.checked.recipe.name, outputs, arts,
+                                                        self.registry.port_types)
+            if warning:
+                self._warn(result, warning)
         except Cancelled:
             self._emit(Event("node_cancelled", result.run_id, np_.id, nt.name,
                              {"artifacts": ctx.artifacts, "seconds": round(time.perf_counter() - t0, 3)}))
             return "cancelled"
         except Exception as exc:  # noqa: BLE001 - any node failure is reported, the run goes on
-            info = describe_failure(np_.id, nt, exc, inputs)
+            info = describe_failure(np_.id, nt, exc, inputs, plan.checked.recipe)
             self._emit(Event("node_failed", result.run_id, np_.id, nt.name, info))
             return "failed"
         seconds = time.perf_counter() - t0
-        self.memory.put(np_.fingerprint, outputs, ctx.artifacts)
+        self.caches.remember(np_, outputs, entry, arts)
         result.outputs[np_.id] = outputs
         stats[np_.id] = {"seconds": seconds, "peak_gpu_bytes": gpu.peak(), "outputs": outputs,
                          "progress": _last_progress(result.events, np_.id)}

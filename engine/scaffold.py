@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import keyword
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -82,7 +82,8 @@ def write_skeleton(names: Names, parent: Path) -> Path:
         raise FileExistsError(f"{target} already exists; nothing was written. Choose another name, "
                               "another --dir, or remove the folder")
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{names.dist}.tmp-", dir=parent))
+    staging = parent / f".{names.dist}.tmp-{secrets.token_hex(6)}"
+    staging.mkdir()  # not mkdtemp (0700): the skeleton gets the user's umask like any folder they make
     try:
         for template, rel in FILES.items():
             path = staging / rel.format(package=names.package)

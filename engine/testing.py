@@ -3,7 +3,7 @@
 Fixtures ``run_recipe``, ``validate_recipe``, ``fluxkiln_context``,
 ``fluxkiln_registry`` and ``installed_plugin``, the marker
 ``fluxkiln_plugin(*plugins)``, the ``test_images`` node and :func:`make_images`;
-``plugins/README.md`` ("Testing") documents them.  Nothing heavy is imported
+the plugin guide (``docs/plugins.md``, "Testing") documents them.  Nothing heavy is imported
 at module level: pytest loads this module in every session.
 """
 
@@ -102,7 +102,7 @@ def _load_registry(plugins: Iterable[Any], *, builtins: bool = True, entry_point
                    test_nodes: bool = True, allow_errors: bool = False) -> Any:
     from .registry import Registry
 
-    extra = list(plugins)
+    extra = _unique(plugins)
     test_nodes = test_nodes and builtins  # test_images needs the built-in port types
     reg = Registry.load(extra=([_test_nodes_plugin()] if test_nodes else []) + extra,
                         entry_points=entry_points, builtins=builtins)
@@ -115,6 +115,15 @@ def _load_registry(plugins: Iterable[Any], *, builtins: bool = True, entry_point
         pytest.fail("plugin failed to load: " + "; ".join(f"{p.name}: {p.error}" for p in bad)
                     + " (pass allow_errors=True to fluxkiln_registry to inspect the failure)", pytrace=False)
     return reg
+
+
+def _unique(plugins: Iterable[Any]) -> list[Any]:
+    """Each plugin once: a module given by a marker and again as ``plugins=[...]`` is one plugin."""
+    out: list[Any] = []
+    for p in plugins:
+        if not any(p is q for q in out):
+            out.append(p)
+    return out
 
 
 def _installed_name(module: types.ModuleType) -> tuple[str, str | None, str | None] | None:
@@ -172,6 +181,13 @@ def fluxkiln_registry(request: Any) -> Callable[..., Any]:
     unless ``entry_points=True``, so a test sees exactly what it asks for.  A
     plugin given here that fails to load or register fails the test with its
     error, unless ``allow_errors=True`` (then read ``registry.plugins[name].error``).
+
+    The registry's public surface: ``node_types`` (name -> ``NodeType``: ``name``,
+    ``plugin``, ``version``, ``doc``, ``summary``, ``params``, ``outputs``,
+    ``cache``, ``category``), ``port_types`` (name -> ``PortType``), ``plugins``
+    (name -> ``PluginInfo``: ``source``, ``distribution``, ``version``,
+    ``load_time``, ``error``, ``node_types``, ``port_types``, ``commands``),
+    ``commands``, ``plugin_of(node_type)`` and ``failed_plugins()``.
     """
 
     def make(*plugins: Any, builtins: bool = True, entry_points: bool = False, test_nodes: bool = True,
@@ -343,11 +359,17 @@ def _recording_context_class() -> type:
         def cancel(self) -> None:
             self._cancel.set()
 
-        def logs(self) -> list[str]:
-            return [e.data["message"] for e in self.events if e.event == "node_log"]
+        def events_of(self, event: str | None = None) -> list[Any]:
+            """Recorded events, optionally only those named ``event`` (as ``RecipeRun.events_of``)."""
+            return [e for e in self.events if event is None or e.event == event]
 
-        def progress_events(self) -> list[dict[str, Any]]:
-            return [e.data for e in self.events if e.event == "node_progress"]
+        def logs(self) -> list[Any]:
+            """The ``node_log`` events: ``e.data["message"]``, ``e.data["level"]``."""
+            return self.events_of("node_log")
+
+        def progress_events(self) -> list[Any]:
+            """The ``node_progress`` events: ``e.data["step"]``, ``e.data["total"]``, ``e.data["metrics"]`` ..."""
+            return self.events_of("node_progress")
 
     return RecordingContext
 
@@ -357,7 +379,8 @@ def fluxkiln_context(request: Any, tmp_path: Path, monkeypatch: Any) -> Callable
     """Factory: ``fluxkiln_context(node="node", type="test", params=None, plugins=())`` -> a RunContext.
 
     For calling a node function directly: ``out = my_node(ctx, images=make_images(2))``.
-    The context records what the node emits in ``ctx.events`` (helpers
+    The context records what the node emits in ``ctx.events`` (``Event`` objects, as
+    ``RecipeRun.events_of`` returns; helpers ``ctx.events_of(event=None)``,
     ``ctx.logs()``, ``ctx.progress_events()``), writes under ``tmp_path``, and
     ``ctx.cancel()`` makes ``ctx.check_cancelled()`` raise ``Cancelled``.
     ``ctx.resolve_model`` asks the built-in plugins and ``plugins``.

@@ -57,6 +57,17 @@ def _close(word: str, options: list[str]) -> str:
     return ("did you mean " + " or ".join(f"'{f}'" for f in found) + "?") if found else ""
 
 
+def _close_plugin(name: str, reg: Registry) -> str:
+    """Suggest installed plugins whose name or distribution is close to ``name`` (fluxkiln's own are not)."""
+    def bare(word: str) -> str:
+        return word.lower().removeprefix("fluxkiln-").removeprefix("fluxkiln_")
+
+    options = {bare(n): n for p in reg.plugins.values() if p.source != "builtin"
+               for n in (p.name, p.distribution) if n}
+    found = difflib.get_close_matches(bare(name), list(options), n=3, cutoff=0.75)
+    return ("did you mean " + " or ".join(f"'{options[f]}'" for f in found) + "?") if found else ""
+
+
 _UNRESOLVED = Path("<unresolved>")
 
 
@@ -116,7 +127,7 @@ class _Checker:
                 (p for p in self.reg.plugins.values() if p.distribution and p.distribution.lower() == name.lower()), None)
             if info is None:
                 self.add(f"required plugin '{name}' is not installed", key="plugins",
-                         hint=_hint(f"pip install {name}", _close(name, list(self.reg.plugins))))
+                         hint=_hint(f"pip install {name}", _close_plugin(name, self.reg)))
             elif info.error:
                 self.add(f"required plugin '{name}' failed to load: {info.error}", key="plugins")
 
@@ -137,9 +148,9 @@ class _Checker:
             self.add(f"output_dir: {why}", key="output_dir")
 
     def _unknown_type(self, nid: str, tname: str) -> None:
-        failed = self.reg.failed_plugins()
-        extra = ("plugins that failed to load and may provide it: "
-                 + ", ".join(f"'{p.name}' ({p.error})" for p in failed)) if failed else ""
+        failed = [p.name for p in self.reg.failed_plugins()]
+        extra = (f"{len(failed)} plugin(s) failed to load ({', '.join(failed)}): `fluxkiln plugins` says why"
+                 if failed else "")
         self.add(f"unknown node type '{tname}'", nid, "type",
                  _hint(_close(tname, sorted(self.reg.node_types)), extra, "`fluxkiln nodes` lists the node types"))
 

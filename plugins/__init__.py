@@ -1,18 +1,8 @@
 """fluxkiln's built-in node plugins.
 
-Each module listed in :data:`DEFAULT_PLUGINS` is a plugin registered exactly as a
-third-party plugin's entry point is: it implements hooks from
-``fluxkiln.engine.hookspecs`` with ``@hookimpl``.  None of them imports torch or
-diffusers at module level, so ``fluxkiln validate`` stays fast.
+Each subpackage (and ``ports``) is a plugin found exactly as a third-party
+plugin is: through an entry point in group ``fluxkiln``, declared in fluxkiln's
+own ``pyproject.toml``.  They implement hooks from ``fluxkiln.engine.hookspecs``
+with ``@hookimpl``.  None of them imports torch or diffusers at module level, so
+``fluxkiln validate`` stays fast.
 """
-
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "fluxkiln.plugins.ports",
-    "fluxkiln.plugins.flux",
-    "fluxkiln.plugins.io",
-    "fluxkiln.plugins.dataset",
-    "fluxkiln.plugins.train",
-    "fluxkiln.plugins.caption",
-    "fluxkiln.plugins.safety",
-    "fluxkiln.plugins.bench",
-)

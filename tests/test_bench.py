@@ -192,3 +192,23 @@ def test_vae_decoder_compiles_in_place_and_back(one_thread):
         fast.set_vae_compiled(vae, False)
         assert vae.decoder._compiled_call_impl is None
         assert torch.equal(vae.decode(z).sample, ref)
+
+
+def test_bench_generation_rows_on_the_tiny_model(tmp_path):
+    """--generation: Full HD (a quarter of it on the tiny model) beside stock, and the hybrid beside dev."""
+    out = tmp_path / "gen.json"
+    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "dev-lossless", "--no-stock",
+                     "--generation", "fullhd-stock,fullhd-lossless,hybrid", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    gen = res["generation"]
+    assert set(gen) == {"fullhd-stock", "fullhd-lossless", "hybrid"} and res["errors"] == []
+    assert gen["fullhd-lossless"]["size"] == [480, 272] and gen["fullhd-lossless"]["ratio_to_stock"] > 0
+    # img2img keeps the draft's aspect at the megapixel setting: 0.25 MP (512²) on the tiny model, 1 MP on FLUX
+    assert gen["hybrid"]["size"] == [512, 512] and gen["hybrid"]["ratio_to_dev_28_steps"] > 0
+    assert all(r["s_per_image"] > 0 for r in gen.values())
+
+
+def test_bench_rejects_unknown_generation_configs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--tiny", "--generation", "fullhd-warp"])
+    assert "unknown --generation fullhd-warp" in capsys.readouterr().err

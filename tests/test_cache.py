@@ -107,13 +107,23 @@ def test_corrupted_cache_entry_is_recomputed(proj, fresh_cache):
     assert {n for n, s in res.nodes.items() if s == "ran"} >= {"a", "b", "c"}
 
 
-def test_deleted_artifact_reruns_its_node(proj, fresh_cache):
+def test_deleted_artifact_is_put_back_from_the_cache(proj, fresh_cache):
     eng = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
     eng.run(proj / "r.toml", output=proj / "out")
     (proj / "out" / "c" / "out.txt").unlink()
+    textnodes.CALLS.clear()
     res = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
-    assert started(res) == {"c": f"artifact '{proj / 'out' / 'c' / 'out.txt'}' is missing"}
-    assert (proj / "out" / "c" / "out.txt").exists()
+    assert started(res) == {} and textnodes.CALLS == [] and cached(res)["c"] == "disk"
+    assert (proj / "out" / "c" / "out.txt").read_text() == "hi+file"
+
+
+def test_file_changed_by_the_user_is_kept_and_its_node_reruns(proj, fresh_cache):
+    eng = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    eng.run(proj / "r.toml", output=proj / "out")
+    (proj / "out" / "c" / "out.txt").write_text("mine")
+    res = Engine(eng.registry, cache_dir=fresh_cache).run(proj / "r.toml", output=proj / "out")
+    assert started(res) == {"c": "'c/out.txt' in the run folder was not written by fluxkiln or was changed since, "
+                                 "so it is kept and the node runs again"}
 
 
 def test_force_node_reruns_it_and_dependants(proj, fresh_cache):

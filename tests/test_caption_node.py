@@ -274,3 +274,16 @@ def test_cli_run_with_the_dataset_node_streams_caption_events(tmp_path, capsys):
     assert main(["run", str(path), "--json", "--output", str(tmp_path / "out")]) == 0
     again = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [e["source"] for e in again if e["event"] == "node_cached" and e["node"] == "cap"] == ["disk"]
+
+
+def test_cached_captions_in_a_new_folder_stay_the_nodes_own(setup):
+    tmp_path, eng = setup
+    path = recipe(tmp_path, trigger_word="TOK")
+    first = run(eng, path, tmp_path)
+    for _ in range(2):  # into a new folder: the files come from the cache, and stay cached next time
+        again = eng.__class__(eng.registry, cache_dir=eng.cache_root).run(path, output=tmp_path / "elsewhere")
+        assert again.ok and again.nodes["cap"] == "cached", again.nodes
+    folder = tmp_path / "elsewhere" / "cap"
+    assert {p.name for p in folder.glob("*.txt")} == {"a.txt", "b.txt", "c.txt"}
+    assert edited_captions_fingerprint({}, folder) == ""  # not mistaken for the user's edits
+    assert captions(again) == captions(first)

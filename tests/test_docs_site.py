@@ -34,7 +34,7 @@ def test_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "index.html").is_file()
     for page in ("getting-started", "recipes", "nodes", "training", "captioning-safety", "gpus", "performance",
-                 "troubleshooting", "development"):
+                 "troubleshooting", "development", "plugins"):
         assert (tmp_path / "site" / page / "index.html").is_file(), page
 
 
@@ -96,6 +96,8 @@ def test_performance_tables_are_generated_from_the_committed_bench_json():
     gen = load_performance_generator()
     page = (DOCS / "performance.md").read_text()
     assert gen.render(page, ROOT / "bench") == page, "run: python bench/perf_docs.py"
+    generation = (DOCS / "generation.md").read_text()
+    assert gen.render(generation, ROOT / "bench", gen.GENERATION_TABLES) == generation, "run: python bench/perf_docs.py"
 
 
 def test_performance_page_shows_the_newest_full_bench_run(tmp_path):
@@ -103,6 +105,8 @@ def test_performance_page_shows_the_newest_full_bench_run(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
     shutil.copy(ROOT / "bench" / "watch_overhead.json", bench)
+    for path in (ROOT / "bench").glob("*-generation.json"):
+        shutil.copy(path, bench)
     newest = json.loads(max((ROOT / "bench").glob("*-full.json")).read_text())
     older = {**newest, "date": "2020-01-01", "gpu": "Old Card"}
     newer = {**newest, "date": "2099-01-01", "gpu": "New Card",

@@ -115,15 +115,18 @@ def test_compiled_vae_decoder_matches_eager():
     from fluxkiln.plugins.flux import fast
     from fluxkiln.plugins.flux.tiny import build_tiny_flux
 
-    vae = build_tiny_flux("dev").vae.to("cuda", torch.bfloat16)
+    # float32: the compiled decoder must compute what the eager one does (in bf16 the tiny VAE's designed
+    # large constants turn rounding-order differences into ~8 %; in float32 Inductor's TF32 convolutions leave
+    # 0.24 % on an H100 — a broken decoder is off by ~100 %)
+    vae = build_tiny_flux("dev").vae.to("cuda", torch.float32)
     latents = torch.randn(1, vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(2))
-    latents = latents.to("cuda", torch.bfloat16)
+    latents = latents.to("cuda", torch.float32)
     with torch.no_grad():
         eager = vae.decode(latents).sample.float()
         fast.set_vae_compiled(vae, True)
         assert getattr(vae.decoder, "_compiled_call_impl", None) is not None
         compiled = vae.decode(latents).sample.float()
-    assert float((compiled - eager).norm() / eager.norm()) < 0.02
+    assert float((compiled - eager).norm() / eager.norm()) < 0.01
 
 
 def test_optimizer_auto_is_8bit_with_bitsandbytes_and_learns(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKSPECS = ROOT / "engine" / "hookspecs.py"
-GUIDE = ROOT / "plugins" / "README.md"
+GUIDE = ROOT / "docs" / "plugins.md"
 TESTS = ROOT / "tests"
 
 
@@ -29,17 +29,17 @@ def _signature(fn: ast.FunctionDef) -> str:
 def _guide_hooks_section() -> str:
     text = GUIDE.read_text()
     m = re.search(r"^## Hooks\n(.*?)^## ", text, flags=re.S | re.M)
-    assert m, "plugins/README.md needs a '## Hooks' section"
+    assert m, "docs/plugins.md needs a '## Hooks' section"
     return m.group(1)
 
 
 @pytest.mark.parametrize("spec", _hookspecs(), ids=lambda s: s.name)
 def test_hook_is_documented_with_its_exact_signature(spec):
     section = _guide_hooks_section()
-    assert f"### `{spec.name}`" in section, f"plugins/README.md: add a '### `{spec.name}`' heading under '## Hooks'"
-    assert _signature(spec) in section, f"plugins/README.md: document `{spec.name}` as `{_signature(spec)}`"
+    assert f"### `{spec.name}`" in section, f"docs/plugins.md: add a '### `{spec.name}`' heading under '## Hooks'"
+    assert _signature(spec) in section, f"docs/plugins.md: document `{spec.name}` as `{_signature(spec)}`"
     body = section.split(f"### `{spec.name}`", 1)[1].split("\n### ", 1)[0]
-    assert "@hookimpl" in body, f"plugins/README.md: give an example implementation of `{spec.name}`"
+    assert "@hookimpl" in body, f"docs/plugins.md: give an example implementation of `{spec.name}`"
 
 
 def test_guide_documents_no_hook_that_does_not_exist():

@@ -115,16 +115,16 @@ def test_run_save_inspect_and_reproduce(tmp_path, fresh_cache, capsys):
     assert len(tomllib.loads((tmp_path / "f.toml").read_text())["nodes"]) == 4
 
 
-def test_second_run_caches_grid_but_rewrites_files(tmp_path, fresh_cache):
+def test_second_run_caches_grid_and_puts_deleted_files_back(tmp_path, fresh_cache):
     recipe = tmp_path / "study.toml"
     recipe.write_text(RECIPE)
     engine = _engine(fresh_cache)
     assert engine.run(recipe, output=tmp_path / "run").status == "ok"
+    original = (tmp_path / "run" / "saved_1.png").read_bytes()
     (tmp_path / "run" / "saved_1.png").unlink()
     res = engine.run(recipe, output=tmp_path / "run")
     assert res.nodes["gen"] == "cached" and res.nodes["sheet"] == "cached"
-    assert res.nodes["saved"] == "ran"  # its file was deleted: save runs again and writes it
-    reasons = {e.node: e.data["reason"] for e in res.events if e.event == "node_started"}
-    assert reasons == {"saved": f"artifact '{tmp_path / 'run' / 'saved_1.png'}' is missing"}
-    assert (tmp_path / "run" / "saved_1.png").exists()
+    assert res.nodes["saved"] == "cached"  # its file was deleted: the cached copy is put back
+    assert not [e for e in res.events if e.event == "node_started"]
+    assert (tmp_path / "run" / "saved_1.png").read_bytes() == original
     assert not (tmp_path / "run" / "saved_1-2.png").exists()

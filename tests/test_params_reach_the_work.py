@@ -138,6 +138,10 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "use_pretrained_lora"): Check(None, "pre.safetensors"),
     ("train_lora", "export_formats"): Check(["diffusers"], ["diffusers", "comfyui"]),
     ("train_lora", "save_dtype"): Check("float32", "float16"),
+    # evaluate: scores on the images, in scores.json and in the log
+    ("evaluate", "metric"): Check("mini", "clip", {"clip_model": "builtin:tiny-clip"}),
+    ("evaluate", "clip_model"): Check("builtin:tiny-clip", "nobody-here/no-such-clip", {"metric": "clip"}),
+    ("evaluate", "aliases"): Check(None, {"fox": "hexagon"}),
 }
 
 NOT_ON_CPU: dict[tuple[str, str], str] = {
@@ -191,6 +195,8 @@ def test_every_parameter_has_a_check():
 
 # ---------------------------------------------------------------------------------------------- scenarios
 def _toml(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
     return json.dumps(v)
 
 
@@ -234,6 +240,9 @@ def _scenario(ntype: str, values: dict[str, Any]) -> tuple[str, list[str]]:
                                             "classifier": "builtin:tiny-safety", "policy": "flag", **values}), ["x"]
     if ntype == "dataset":
         return _node("x", ntype, {"source": "data", **values}), ["x"]
+    if ntype == "evaluate":
+        return BASE + _node("img", "sample", {"model": "@base", **SAMPLE}) + _node(
+            "x", ntype, {"images": "@img", **values}), ["x"]
     if ntype == "caption":
         return DATA + _node("x", ntype, {"dataset": "@data", "model": "builtin:tiny-captioner", "max_length": 8,
                                          **values}), ["x"]

@@ -357,24 +357,62 @@ def test_hook_register_commands(tmp_path, monkeypatch, capsys):
     from fluxkiln.engine import cli
     from fluxkiln.engine.registry import Registry
 
-    seen: list[list[str]] = []
+    seen: list = []
 
-    class Palettes:
+    class Palettes:  # the argparse way: a subparser, a handler that gets the parsed arguments
         __name__ = "palettes"
 
         @hookimpl
-        def register_commands(self, register):
-            def main(argv):
-                seen.append(argv)
-                return 3
-            register("palettes", "list colour palettes", main)
-            register("run", "clash with a built-in", main)
+        def register_commands(self, subparsers):
+            parser = subparsers.add_parser("palettes", help="list colour palettes")
+            parser.add_argument("names", nargs="*")
+            parser.add_argument("--warm", action="store_true")
+            parser.set_defaults(main=lambda args: seen.append((args.names, args.warm)) or 3)
 
-    monkeypatch.setattr(cli, "_registry", lambda: Registry.load(extra=[Palettes()], entry_points=False))
-    assert cli.main(["palettes", "--warm", "x"]) == 3 and seen == [["--warm", "x"]]
-    reg = Registry.load(extra=[Palettes()], entry_points=False)
-    assert "command 'run' is already provided by 'fluxkiln'" in reg.plugins["palettes"].error
+    class Legacy:  # the older way: main(argv) with the raw arguments
+        __name__ = "legacy"
+
+        @hookimpl
+        def register_commands(self, register):
+            register("shades", "list shades", lambda argv: seen.append(argv) or 4)
+
+    class Clash:
+        __name__ = "clash"
+
+        @hookimpl
+        def register_commands(self, subparsers, register):
+            register("mine", "fine on its own", lambda argv: 0)
+            subparsers.add_parser("run", help="clash with a built-in")
+
+    def registry():
+        return Registry.load(extra=[Palettes(), Legacy(), Clash()], entry_points=False)
+
+    monkeypatch.setattr(cli, "_registry", registry)
+    assert cli.main(["palettes", "--warm", "a", "b"]) == 3 and seen == [(["a", "b"], True)]
+    assert cli.main(["shades", "--any", "x"]) == 4 and seen[-1] == ["--any", "x"]
+    reg = registry()
+    assert reg.plugins["clash"].error == "plugin 'clash': command 'run' is already provided by 'fluxkiln'"
+    assert "mine" not in reg.commands and reg.plugins["clash"].commands == []  # a failed plugin adds nothing
+    assert reg.plugins["palettes"].commands == ["palettes"] and reg.commands["shades"].plugin == "legacy"
+
+    with pytest.raises(SystemExit) as exit_:  # argparse errors and --help work as for built-in commands
+        cli.main(["palettes", "--cold"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --cold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["palettes", "--help"])
+    assert "usage: fluxkiln palettes [-h] [--warm] [names ...]" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "palettes list colour palettes [palettes]" in out
+    assert "palettes list colour palettes [palettes]" in out and "shades list shades [legacy]" in out
+
+    class NoHandler:
+        __name__ = "no-handler"
+
+        @hookimpl
+        def register_commands(self, subparsers):
+            subparsers.add_parser("orphan", help="forgot set_defaults")
+
+    bad = Registry.load(extra=[NoHandler()], entry_points=False).plugins["no-handler"].error
+    assert bad == ("plugin 'no-handler': command 'orphan' has no handler; call parser.set_defaults(main=fn) "
+                   "where fn(args) returns the exit code")

@@ -130,8 +130,13 @@ def test_test_images_are_deterministic():
 def test_fluxkiln_context_records_and_cancels(fluxkiln_context, tmp_path):
     ctx = fluxkiln_context(node="n", type="count_images")
     assert count_images(ctx, images=make_images(2)) == "2"
-    assert [p["step"] for p in ctx.progress_events()] == [1, 2]
-    assert ctx.logs() == ["2 images"]
+    # one shape with RecipeRun.events_of: Event objects, the level kept
+    assert [(e.event, e.node, e.type, e.data["step"]) for e in ctx.progress_events()] == [
+        ("node_progress", "n", "count_images", 1), ("node_progress", "n", "count_images", 2)]
+    assert ctx.progress_events()[1].data["metrics"] == {"seen": 2.0}
+    [log] = ctx.logs()
+    assert (log.event, log.data) == ("node_log", {"level": "info", "message": "2 images"})
+    assert ctx.events_of() == ctx.events and ctx.events_of("node_log") == [log]
     assert ctx.node_dir() == tmp_path / "runs" / "test" / "n"
     assert ctx.state_dir().is_dir() and str(ctx.state_dir()).startswith(str(tmp_path))
     assert ctx.resolve_model("nohub:x") is None
@@ -214,3 +219,62 @@ def test_a_plugin_module_gets_its_installed_name(fluxkiln_registry, validate_rec
     messages = [p.message for p in validate_recipe(recipe)]
     assert messages[:2] == ["required plugin 'example' is not installed",
                             "required plugin 'fluxkiln-example' is not installed"]
+
+
+def test_events_have_one_shape_in_a_context_and_in_a_run(fluxkiln_context, run_recipe):
+    ctx = fluxkiln_context(node="n", type="count_images")
+    count_images(ctx, images=make_images(3))
+    run = run_recipe(RECIPE, plugins=[COUNTING])
+    direct = [(type(e), e.event, e.data["level"], e.data["message"]) for e in ctx.logs()]
+    in_run = [(type(e), e.event, e.data["level"], e.data["message"]) for e in run.events_of("node_log", "n")]
+    assert direct == in_run == [(type(run.events[0]), "node_log", "info", "3 images")]
+    assert [e.data["step"] for e in ctx.progress_events()] == \
+        [e.data["step"] for e in run.events_of("node_progress", "n")] == [1, 2, 3]
+
+
+TWICE_PLUGIN = '''
+from fluxkiln.engine import Text, node
+
+@node("twice")
+def twice() -> Text:
+    """Declared once."""
+    return Text("once")
+'''
+
+TWICE_TEST = '''
+import pytest
+import twice_plugin
+
+pytestmark = pytest.mark.fluxkiln_plugin(twice_plugin)
+
+def test_both_ways(run_recipe, fluxkiln_registry, validate_recipe):
+    reg = fluxkiln_registry(twice_plugin)
+    assert reg.plugins["twice_plugin"].node_types == ["twice"]
+    recipe = '[recipe]\\nname = "t"\\n[nodes.a]\\ntype = "twice"\\n'
+    assert validate_recipe(recipe, plugins=[twice_plugin]) == []
+    assert run_recipe(recipe, plugins=[twice_plugin]).output("a") == "once"
+'''
+
+
+def test_a_plugin_given_twice_is_registered_once(fluxkiln_registry, run_recipe, pytester):
+    reg = fluxkiln_registry(COUNTING, COUNTING)
+    assert reg.plugins["counting"].error is None and reg.plugin_of("count_images") == "counting"
+    assert run_recipe(RECIPE, plugins=[COUNTING, COUNTING]).output("n") == "3"
+
+    # a module carrying the module-level marker and also passed explicitly
+    pytester.makepyfile(twice_plugin=TWICE_PLUGIN, test_twice=TWICE_TEST)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_registry_has_a_public_surface(fluxkiln_registry):
+    reg = fluxkiln_registry(COUNTING)
+    nt = reg.node_types["count_images"]
+    assert (nt.name, nt.plugin, nt.version, nt.summary, nt.outputs) == (
+        "count_images", "counting", "1", "Count images, reporting progress.", {"output": "text"})
+    assert list(nt.params) == ["images"] and nt.params["images"].ports == ("images",)
+    assert reg.plugin_of("count_images") == "counting" and reg.plugin_of("sample") == "fluxkiln.plugins.flux"
+    assert reg.plugin_of("no_such_type") is None
+    assert reg.port_types["images"].cls is Images
+    info = reg.plugins["counting"]
+    assert (info.source, info.error, info.node_types) == ("extra", None, ["count_images", "fail_on_empty"])
+    assert reg.failed_plugins() == [] and reg.commands["tui"].plugin == "fluxkiln.tui"

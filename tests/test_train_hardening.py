@@ -18,7 +18,8 @@ def _logs(result) -> str:
 
 def test_corrupt_checkpoint_of_the_same_size_is_logged_skipped_and_rewritten(tmp_path, one_torch_thread):
     data = solid_dataset(tmp_path / "data")
-    recipe = write_recipe(tmp_path / "r.toml", data, steps=4, save_every=2, keep_last=3)
+    # resume = "always": the forced rerun below resumes (a forced train_lora otherwise starts from scratch)
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=4, save_every=2, keep_last=3, resume="always")
     cache = tmp_path / "cache"
     assert run(recipe, cache, tmp_path / "out").ok
     root = checkpoints(cache)[0].parent

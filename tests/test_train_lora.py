@@ -16,7 +16,7 @@ from test_train_support import load_weights, losses
 from fluxkiln.engine.runner import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "train-lora-tiny.toml"
+RECIPE = ROOT / "tests" / "recipes" / "train-lora-tiny-flux.toml"  # the tiny-FLUX version of the recipe
 RED_SQUARE = ROOT / "recipes" / "data" / "solid-red" / "red-1.png"  # the quickstart's training colour
 
 
@@ -179,3 +179,24 @@ def test_outputs_files_metadata_and_events(quickstart):
 
     images = quickstart.outputs["images"]["output"]
     assert len(images) == 1 and images[0].meta["loras"] == [{"file": "lora.safetensors", "scale": 1.0}]
+
+
+def test_a_cached_run_into_a_new_folder_gets_every_file_incl_the_lora(quickstart, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    new = tmp_path / "again"
+    env = {**os.environ, "FLUXKILN_CACHE": str(quickstart.run_dir.parent / "cache")}
+    res = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(RECIPE), "--output", str(new),
+                          "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    finished = json.loads(res.stdout.splitlines()[-1])
+    assert set(finished["nodes"].values()) == {"cached"}
+    written = [Path(a) for a in quickstart.artifacts()]
+    rels = {a.relative_to(quickstart.run_dir) for a in written if a.is_relative_to(quickstart.run_dir)}
+    assert {Path("lora/lora.safetensors"), Path("lora/lora_comfyui.safetensors"), Path("saved_0.png")} <= rels
+    assert any(r.parts[:2] == ("lora", "samples") for r in rels)
+    for rel in rels:
+        assert (new / rel).read_bytes() == (quickstart.run_dir / rel).read_bytes(), rel
+    assert "../" not in (new / "report.md").read_text()

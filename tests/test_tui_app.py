@@ -52,9 +52,9 @@ def make_app(tmp_path: Path, cache: Path, text: str = RECIPE, name: str = "demo.
     return FluxkilnApp(path, engine=engine, validate_delay=0.02, watch_debounce=0.1, **kw)
 
 
-def drive(app: FluxkilnApp, script, size=(120, 40)) -> None:
+def drive(app: FluxkilnApp, script, size=(120, 40), notifications: bool = False) -> None:
     async def main():
-        async with app.run_test(size=size) as pilot:
+        async with app.run_test(size=size, notifications=notifications) as pilot:
             await until(pilot, lambda: app.main.status.status.problems is not None)
             await script(pilot)
 

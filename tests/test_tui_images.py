@@ -1,4 +1,5 @@
-"""The TUI on the tiny built-in FLUX model: run until every node is done and see the images."""
+"""The TUI on the tiny built-in FLUX model: run until every node is done and see the images; the gallery
+shows the current run's images, the previous run's one key away."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_run_the_tiny_model_and_see_the_images(tmp_path, fresh_cache, monkeypatc
         await pilot.press("f5")
         await pilot.pause()
         shown = screen_text(app)
-        assert "1/2 saved: saved_0.png" in shown and "▀" in shown
+        assert "1/2 saved · saved_0.png" in shown and "▀" in shown
         view = app.main.query_one(ImageView)
         region = view.content_region
         y = region.y + region.height // 2
@@ -75,7 +76,7 @@ def test_run_the_tiny_model_and_see_the_images(tmp_path, fresh_cache, monkeypatc
         assert len(painted) >= region.width // 3  # the picture covers the middle row of the view
         preview.focus()
         await pilot.press("right")
-        assert preview.index == 1 and "2/2 saved: saved_1.png" in screen_text(app)
+        assert preview.index == 1 and "2/2 saved · saved_1.png" in screen_text(app)
 
         # without the save node the preview shows the sampled images, captioned with their prompt
         app.main.editor.load_text(RECIPE.split("[nodes.saved]")[0])
@@ -83,7 +84,13 @@ def test_run_the_tiny_model_and_see_the_images(tmp_path, fresh_cache, monkeypatc
         await run(pilot)
         assert app.main.model.nodes["images"].state == "cached"
         await pilot.pause()
-        assert "images #1 · seed 1 · a [red]lighthouse[/red]" in screen_text(app)
+        assert "1/2 images · #1 · seed 1 · a [red]lighthouse[/red]" in screen_text(app)
+        assert len(preview.thumbs) == 2 and "Images (2)" in screen_text(app)  # this run's, not 4
+        assert "↑ 1 older run" in screen_text(app)
+        await pilot.press("up")  # the previous run's images, one key away
+        assert "1/2 saved · saved_0.png" in screen_text(app) and "run 1 of 2" in screen_text(app)
+        await pilot.press("down")
+        assert "1/2 images · #1 · seed 1" in screen_text(app)
 
     async def main():
         async with app.run_test(size=(140, 45)) as pilot:

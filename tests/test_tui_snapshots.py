@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from textual.command import CommandList
 
 import fluxkiln.plugins.ports as ports_plugin
 from fluxkiln.engine.registry import Registry
@@ -73,47 +74,72 @@ async def settled(pilot) -> None:
         await until(pilot, lambda: all(n.reason for n in app.main.model.nodes.values()))
 
 
-def test_main_screen_valid_recipe_with_plan(app, snap_compare):
-    assert snap_compare(app, terminal_size=(120, 34), run_before=settled)
+SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 
 
-def test_main_screen_narrow_80x24(app, snap_compare):
-    assert snap_compare(app, terminal_size=(80, 24), run_before=settled)
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen_valid_recipe_with_plan(app, snap_compare, size):
+    assert snap_compare(app, terminal_size=size, run_before=settled)
 
 
-def test_main_screen_with_problems(app, snap_compare):
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen_with_problems(app, snap_compare, size):
     async def broken(pilot):
         await settled(pilot)
         pilot.app.main.editor.load_text(BROKEN)
         await until(pilot, lambda: pilot.app.main.status.status.problems == 2)
 
-    assert snap_compare(app, terminal_size=(120, 34), run_before=broken)
+    assert snap_compare(app, terminal_size=size, run_before=broken)
 
 
-def test_main_screen_after_a_failed_run(app, snap_compare):
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen_after_a_failed_run(app, snap_compare, size):
     async def ran(pilot):
         await settled(pilot)
         main = pilot.app.main
         await pilot.press("ctrl+r")
         await until(pilot, lambda: main.runs_ended == 1)
         main.graph.move_cursor(row=2)  # the failed node
+        main.graph.focus()
         main.status.set(run_note="")  # its duration varies
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 34), run_before=ran)
+    assert snap_compare(app, terminal_size=size, run_before=ran)
 
 
-def test_help_screen(app, snap_compare):
-    assert snap_compare(app, terminal_size=(100, 40), press=["f1"], run_before=settled)
+@pytest.mark.parametrize("size", SIZES)
+def test_help_screen(app, snap_compare, size):
+    assert snap_compare(app, terminal_size=size, press=["f1"], run_before=settled)
 
 
 def test_node_type_browser(app, snap_compare):
-    assert snap_compare(app, terminal_size=(120, 30), press=["f2"], run_before=settled)
+    assert snap_compare(app, terminal_size=(120, 40), press=["f2"], run_before=settled)
 
 
 def test_recipe_picker(app, snap_compare):
-    assert snap_compare(app, terminal_size=(100, 24), press=["ctrl+o"], run_before=settled)
+    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+o"], run_before=settled)
 
 
 def test_new_recipe_dialog(app, snap_compare):
-    assert snap_compare(app, terminal_size=(100, 24), press=["ctrl+n"], run_before=settled)
+    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+n"], run_before=settled)
+
+
+def test_quit_dialog_with_stay_focused(app, snap_compare):
+    async def edited(pilot):
+        await settled(pilot)
+        pilot.app.main.editor.load_text(BROKEN)
+        await until(pilot, lambda: pilot.app.main.status.status.problems == 2)
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: getattr(pilot.app.screen.focused, "id", None) == "stay")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=edited)
+
+
+def test_command_palette_finds_run(app, snap_compare):
+    async def palette(pilot):
+        await settled(pilot)
+        await pilot.press("ctrl+p", *"run")
+        await until(pilot, lambda: pilot.app.screen.query_one(CommandList).option_count > 0)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=palette)

@@ -169,7 +169,7 @@ def test_observer_turns_previews_and_image_artifacts_into_thumbnails(tmp_path):
     previews = [m for m in sink.messages if isinstance(m, RunObserver.Preview)]
     assert [p.live for p in previews] == [True, False]
     assert max(previews[0].thumbs[0].image.size) <= 256
-    assert previews[1].thumbs[0].caption == "s: out [1].png" and obs.shown_files
+    assert previews[1].thumbs[0].caption == "s · out [1].png" and obs.shown_files
 
 
 def test_log_lines_are_plain_text():
@@ -182,15 +182,16 @@ def test_log_lines_are_plain_text():
 def test_help_lists_every_binding_of_the_app_and_its_widgets():
     from fluxkiln.tui.app import FluxkilnApp
     from fluxkiln.tui.graph import GraphPanel
-    from fluxkiln.tui.help import sections
+    from fluxkiln.tui.editor import RecipeEditor
+    from fluxkiln.tui.help import key_label, sections
     from fluxkiln.tui.images import ImagePreview
     from fluxkiln.tui.main import MainScreen
 
     listed = " ".join(keys for _title, rows in sections(FluxkilnApp) for keys, _desc in rows)
-    for cls in (FluxkilnApp, MainScreen, GraphPanel, ImagePreview):
+    for cls in (FluxkilnApp, MainScreen, GraphPanel, ImagePreview, RecipeEditor):
         for b in cls.BINDINGS:
             for key in b.key.split(","):
-                assert key.replace("full_stop", ".").replace("comma", ",") in listed, (cls.__name__, key)
+                assert key_label(key) in listed, (cls.__name__, key)
 
 
 def test_paths_are_shown_relative(tmp_path, monkeypatch):

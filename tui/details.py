@@ -1,4 +1,4 @@
-"""The node details pane: parameters, links, artifacts and last error of the selected node.
+"""The node details pane: error and hint (of a failed node), reason, parameters, links and artifacts.
 
 Everything shown is built as Rich ``Text`` (never markup), so a ``[`` in a value,
 file name or error message is displayed as typed.
@@ -39,6 +39,8 @@ def node_renderable(info: NodeInfo | None) -> Any:
         return Text("Select a node in the graph to see its parameters, artifacts and last error.", style="dim")
     head = Text.assemble((info.id, "bold"), "  ", (info.type, "cyan"), "  ", state_text(info))
     parts: list[Any] = [head]
+    if info.error:
+        parts += _error_parts(info.error)
     if info.reason:
         parts.append(Text.assemble(("reason: ", "bold"), info.reason))
     if info.seconds is not None:
@@ -55,22 +57,20 @@ def node_renderable(info: NodeInfo | None) -> Any:
     if info.artifacts:
         parts.append(Text("artifacts", style="bold underline"))
         parts += [Text(_short_path(a)) for a in info.artifacts]
-    if info.error:
-        parts += _error_parts(info.error)
+    if info.error and info.error.get("traceback"):
+        parts += [Text("traceback", style="bold underline"), Text(str(info.error["traceback"]).rstrip(), style="dim")]
     return Group(*parts)
 
 
 def _error_parts(err: dict[str, Any]) -> list[Text]:
-    out = [Text("last error", style="bold underline red"),
-           Text.assemble((f"{err.get('error_type', 'Error')}: ", "bold red"), str(err.get("error", "")))]
+    """The error and what to try, first thing under the node's name (the traceback goes last)."""
+    out = [Text.assemble((f"{err.get('error_type', 'Error')}: ", "bold red"), str(err.get("error", "")))]
+    if err.get("hint"):
+        out.append(Text.assemble(("try: ", "bold green"), str(err["hint"])))
     if err.get("key"):
         out.append(Text(f"key: {err['key']}"))
-    if err.get("hint"):
-        out.append(Text.assemble(("try: ", "bold"), str(err["hint"])))
     if err.get("where"):
         out.append(Text(f"at {Path(str(err['where'])).name}", style="dim"))
-    if err.get("traceback"):
-        out.append(Text(str(err["traceback"]).rstrip(), style="dim"))
     return out
 
 

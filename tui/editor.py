@@ -1,8 +1,10 @@
 """The recipe editor: a TextArea with TOML highlighting, an unsaved marker and error lines.
 
 Highlighting comes from :mod:`fluxkiln.tui.highlight` (no tree-sitter needed);
-lines with a validation problem get a red background.  Saving is atomic: a temp
-file in the same folder, fsync, rename.
+lines with a validation problem get a red background.  Long lines wrap (soft
+wrap, on by default; alt+z toggles it).  Saving is atomic: a temp file in the
+same folder, fsync, rename.  The editor remembers the file's text as it last
+read or wrote it, so a change made on disk by someone else is noticed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.style import Style
+from textual.binding import Binding
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import TextArea
@@ -38,6 +41,25 @@ _STYLES = {
 THEME = TextAreaTheme(name="fluxkiln", syntax_styles=_STYLES)
 
 
+class RecipeFileError(ValueError):
+    """A recipe file that cannot be opened as text (binary, not UTF-8, unreadable)."""
+
+
+def read_recipe(path: Path) -> str:
+    """The text of a recipe file; RecipeFileError (one line saying what to do) if it is not UTF-8 text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RecipeFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"\0" in data:
+        raise RecipeFileError(f"{path} is a binary file, not a recipe: open a UTF-8 TOML file (.toml)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeFileError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}): "
+                              "a recipe is a UTF-8 TOML file; convert it or open another") from exc
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never half of one."""
     path = Path(path)
@@ -60,6 +82,9 @@ def atomic_write(path: Path, text: str) -> None:
 class RecipeEditor(TextArea):
     """Edits one recipe file; knows whether it has unsaved changes."""
 
+    BINDINGS = [Binding("alt+z", "toggle_wrap", "Soft wrap", tooltip="Wrap long lines on/off (on by default)",
+                        show=False)]
+
     dirty: reactive[bool] = reactive(False)
 
     @dataclass
@@ -74,7 +99,7 @@ class RecipeEditor(TextArea):
         dirty: bool
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__("", id=id, show_line_numbers=True, tab_behavior="focus", soft_wrap=False)
+        super().__init__("", id=id, show_line_numbers=True, tab_behavior="focus", soft_wrap=True)
         self.path: Path | None = None
         self.saved_text = ""
         self.error_lines: set[int] = set()
@@ -83,28 +108,48 @@ class RecipeEditor(TextArea):
 
     # ------------------------------------------------------------ file
     def open_file(self, path: Path, text: str | None = None) -> None:
-        """Load ``path`` (or the given text for it) as the saved state."""
+        """Load ``path`` (or the given text for it) as the saved state; RecipeFileError if it is not text."""
+        text = read_recipe(Path(path)) if text is None else text
         self.path = Path(path)
-        text = self.path.read_text(encoding="utf-8") if text is None else text
         self.saved_text = text
         self.error_lines = set()
         self.load_text(text)
         self.dirty = False
         self._title()
 
-    def reload_if_clean(self) -> bool:
-        """Take the file's new content from disk unless the buffer has unsaved changes."""
-        if self.path is None or self.dirty:
-            return False
+    def disk_text(self) -> str | None:
+        """The file's text on disk now (None if it cannot be read as a recipe)."""
+        if self.path is None:
+            return None
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError:
-            return False
-        if text != self.text:
-            cursor = self.cursor_location
-            self.open_file(self.path, text)
-            self.cursor_location = (min(cursor[0], self.document.line_count - 1), 0)
-        return True
+            return read_recipe(self.path)
+        except RecipeFileError:
+            return None
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file on disk differs from what this editor last read or wrote."""
+        disk = self.disk_text()
+        return disk is not None and disk != self.saved_text
+
+    def reload(self, text: str | None = None) -> None:
+        """Take the file's content from disk (or ``text``, read from it), keeping the cursor's line."""
+        if self.path is None:
+            return
+        text = self.disk_text() if text is None else text
+        if text is None:
+            return
+        cursor = self.cursor_location
+        self.open_file(self.path, text)
+        self.cursor_location = (min(cursor[0], self.document.line_count - 1), 0)
+
+    def action_toggle_wrap(self) -> None:
+        self.soft_wrap = not self.soft_wrap
+        self.scroll_to(x=0, animate=False)
+        self.notify(f"Soft wrap {'on' if self.soft_wrap else 'off'} (alt+z)", timeout=2)
+
+    def on_resize(self) -> None:
+        if self.soft_wrap:
+            self.scroll_to(x=0, animate=False)
 
     def save(self) -> Path:
         """Write the buffer atomically; raise OSError if that fails."""

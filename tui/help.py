@@ -10,13 +10,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Footer, Label, Static
 
 EDITOR_KEYS = [
     ("ctrl+z / ctrl+y", "undo / redo"),
     ("ctrl+x / ctrl+c / ctrl+v", "cut / copy / paste (ctrl+c cancels instead while a run is going)"),
     ("ctrl+w / ctrl+k", "delete word left / delete to end of line"),
     ("ctrl+a / ctrl+e", "start / end of line"),
+    ("alt+z", "soft wrap on / off (on by default)"),
     ("tab / shift+tab", "next / previous panel"),
 ]
 
@@ -49,9 +50,11 @@ def sections(app: Any) -> list[tuple[str, list[tuple[str, str]]]]:
         ("Main screen", binding_rows(list(MainScreen.BINDINGS))),
         ("Graph panel (focused)", binding_rows(list(GraphPanel.BINDINGS)) + [("enter", "show the node's details")]),
         ("Image preview (focused)", binding_rows(list(ImagePreview.BINDINGS))),
-        ("Problems list (focused)", [("enter", "go to the problem's line")]),
+        ("Problems list (focused)", [("enter", "go to the highlighted problem's line (the first one is "
+                                               "highlighted)")]),
         ("Editor", EDITOR_KEYS),
-        ("Dialogs", [("escape", "close")]),
+        ("Command palette", [("ctrl+p", "search every action: run, cancel, save, watch, open, new, force, ...")]),
+        ("Dialogs", [("escape", "close (the safe answer)"), ("enter", "the focused button")]),
     ]
 
 
@@ -68,14 +71,15 @@ def help_table(app: Any) -> Table:
 
 
 class HelpScreen(ModalScreen[None]):
-    """Lists every key binding; escape, f1 or q closes it."""
+    """Lists every key binding; escape, f1, ? or q closes it."""
 
-    BINDINGS = [Binding("escape,f1,q", "close", "Close")]
+    BINDINGS = [Binding("escape,f1,question_mark,q", "close", "close")]
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help", classes="dialog"):
             yield Label(Text("fluxkiln — keys", style="bold"), classes="dialog-title")
             yield Static(help_table(self.app))
+        yield Footer(compact=True)
 
     def action_close(self) -> None:
         self.dismiss(None)

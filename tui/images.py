@@ -1,4 +1,7 @@
-"""Image preview: the latest images and training samples drawn with half-block characters.
+"""Image preview: the current run's images and training samples drawn with half-block characters.
+
+Each run has its own gallery; the previous runs' galleries stay one key away
+(up / down).
 
 Each character cell shows two pixels: the upper half block ``▀`` in the top
 pixel's colour over the bottom pixel's colour as background, so any terminal
@@ -24,6 +27,7 @@ from textual.widgets import Label
 from .observer import Thumb
 
 MAX_GALLERY = 32
+MAX_RUNS = 10
 
 
 def halfblock_rows(image: Any, width: int, height: int) -> list[list[Segment]]:
@@ -77,52 +81,74 @@ class ImageView(Widget):
 
 
 class ImagePreview(Vertical, can_focus=True):
-    """The latest images of the run; left/right browse them."""
+    """The images of the current run; left/right browse them, up/down go to older/newer runs."""
 
-    BINDINGS = [Binding("left,comma", "prev", "Previous image"), Binding("right,full_stop", "next", "Next image")]
+    BINDINGS = [
+        Binding("left,comma", "prev", "Previous image", show=False),
+        Binding("right,full_stop", "next", "Next image", show=False),
+        Binding("up,pageup", "older", "Older run's images", show=False),
+        Binding("down,pagedown", "newer", "Newer run's images", show=False),
+    ]
 
     @dataclass
     class Changed(Message):
-        """The preview now shows ``count`` images."""
+        """The current run now has ``count`` images."""
 
         count: int
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.thumbs: list[Thumb] = []
+        self.runs: list[list[Thumb]] = [[]]  # oldest first; the last is the current run
+        self.shown = 0  # which run is on screen (index into runs)
         self.index = 0
         self._caption = Label(Text("no images yet", style="dim"), classes="image-caption")
         self._view = ImageView()
+
+    @property
+    def thumbs(self) -> list[Thumb]:
+        """The images of the run on screen."""
+        return self.runs[self.shown]
 
     def compose(self):
         yield self._caption
         yield self._view
 
+    def new_run(self) -> None:
+        """A run starts: its images get a gallery of their own (older runs stay one key away)."""
+        if self.runs[-1]:
+            self.runs = (self.runs + [[]])[-MAX_RUNS:]
+        self.shown, self.index = len(self.runs) - 1, 0
+        self._show()
+        self.post_message(self.Changed(0))
+
     def add(self, thumbs: list[Thumb], live: bool = False) -> None:
-        """Show new images: live samples replace the previous sample of their node."""
+        """Show new images of the current run: live samples replace the previous sample of their node."""
+        current = self.runs[-1]
         if live:
             nodes = {t.node for t in thumbs}
-            self.thumbs = [t for t in self.thumbs if not (t.live and t.node in nodes)]
+            current[:] = [t for t in current if not (t.live and t.node in nodes)]
             thumbs = [Thumb(t.image, t.caption, t.node, live=True) for t in thumbs]
-        self.thumbs = (self.thumbs + list(thumbs))[-MAX_GALLERY:]
-        self.index = len(self.thumbs) - len(thumbs)
+        current[:] = (current + list(thumbs))[-MAX_GALLERY:]
+        self.shown, self.index = len(self.runs) - 1, max(0, len(current) - len(thumbs))
         self._show()
-        self.post_message(self.Changed(len(self.thumbs)))
-
-    def clear(self) -> None:
-        self.thumbs, self.index = [], 0
-        self._show()
+        self.post_message(self.Changed(len(current)))
 
     def _show(self) -> None:
         if not self.thumbs:
-            self._caption.update(Text("no images yet", style="dim"))
+            self._caption.update(Text("no images in this run yet" + self._runs_hint(), style="dim"))
             self._view.set_image(None)
             return
         t = self.thumbs[self.index]
         w, h = t.image.size
         self._caption.update(Text.assemble((f"{self.index + 1}/{len(self.thumbs)} ", "bold"), t.caption,
-                                           (f"  ({w}x{h} preview)", "dim")))
+                                           (f"  ({w}x{h} preview){self._runs_hint()}", "dim")))
         self._view.set_image(t.image)
+
+    def _runs_hint(self) -> str:
+        older = self.shown
+        if self.shown == len(self.runs) - 1:
+            return f"  · ↑ {older} older run{'s' if older != 1 else ''}" if older else ""
+        return f"  · run {self.shown + 1} of {len(self.runs)} (↓ newer)"
 
     def action_prev(self) -> None:
         if self.thumbs:
@@ -132,4 +158,15 @@ class ImagePreview(Vertical, can_focus=True):
     def action_next(self) -> None:
         if self.thumbs:
             self.index = (self.index + 1) % len(self.thumbs)
+            self._show()
+
+    def action_older(self) -> None:
+        self._go(self.shown - 1)
+
+    def action_newer(self) -> None:
+        self._go(self.shown + 1)
+
+    def _go(self, run: int) -> None:
+        if 0 <= run < len(self.runs) and run != self.shown:
+            self.shown, self.index = run, 0
             self._show()

@@ -1,16 +1,17 @@
 """The main screen: editor and problems on the left; graph, progress, metrics, details, log and
-images on the right.  It is the controller: validation, planning and runs happen in worker
-threads whose results come back as messages, so the UI never waits on the engine.
+images on the right.  It is the controller: validation, planning and runs (:mod:`.runs`) happen in
+worker threads whose results come back as messages, so the UI never waits on the engine.
+
+The footer shows the same keys whatever has the focus (a key that cannot act now is dimmed, not
+hidden), so nothing shifts under the mouse.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,26 +19,28 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, RichLog, TabbedContent, TabPane
+from textual.widgets import Footer, TabbedContent, TabPane
 
-from fluxkiln.engine.errors import Problem, RecipeInvalid
+from fluxkiln.engine.errors import Problem
 from fluxkiln.engine.validate import check_text
 
 from .details import NodeDetails
+from .dialogs import confirm_overwrite
 from .editor import RecipeEditor
 from .graph import GraphPanel
 from .images import ImagePreview
-from .logtext import log_text
-from .observer import RunObserver, Thumb, final_thumbs
+from .logview import RunLog
 from .plot import MetricPlot
 from .problems import ProblemList
 from .progress import ProgressPanel
+from .runs import RunControl
 from .state import RunModel
 from .status import StatusBar
-from .watching import Watch
+
+TAB_FOCUS = {"details": NodeDetails, "log": RunLog, "images": ImagePreview}
 
 
-class MainScreen(Screen):
+class MainScreen(RunControl, Screen):
     """Edit, validate, run and monitor one recipe."""
 
     BINDINGS = [
@@ -50,11 +53,14 @@ class MainScreen(Screen):
                 priority=True),
         Binding("ctrl+t", "toggle_watch", "Watch", tooltip="Toggle watch mode: rerun what changed on every save",
                 priority=True),
-        Binding("ctrl+e", "focus_editor", "Focus the editor", show=False),
         Binding("ctrl+g", "focus_graph", "Focus the graph", show=False),
-        Binding("f3", "tab('details')", "Details tab", show=False),
-        Binding("f4", "tab('log')", "Log tab", show=False),
-        Binding("f5", "tab('images')", "Images tab", show=False),
+        Binding("e", "focus_editor", "Focus the editor", tooltip="Focus the editor (when it lacks the focus)",
+                show=False),
+        Binding("f3", "tab('details')", "Details", tooltip="Show and focus the Details tab", show=False),
+        Binding("f4", "tab('log')", "Log", tooltip="Show and focus the Log tab", show=False),
+        Binding("f5", "tab('images')", "Images", tooltip="Show and focus the Images tab", show=False),
+        Binding("question_mark", "help_key", "Help", tooltip="Help (when the editor lacks the focus)", show=False),
+        Binding("q", "quit_key", "Quit", tooltip="Quit (when the editor lacks the focus)", show=False),
     ]
 
     @dataclass
@@ -70,15 +76,6 @@ class MainScreen(Screen):
         runs: int
         plan: Any
 
-    @dataclass
-    class RunEnded(Message):
-        """The run worker finished: ``result`` (None if it never ran), ``problems`` or ``error``."""
-
-        result: Any = None
-        problems: list[Any] = field(default_factory=list)
-        error: str | None = None
-        thumbs: list[Thumb] = field(default_factory=list)
-
     def __init__(self, engine: Any, *, output: str | None = None, validate_delay: float = 0.3,
                  watch_debounce: float = 0.3) -> None:
         super().__init__()
@@ -88,14 +85,9 @@ class MainScreen(Screen):
         self.model = RunModel()
         self.checked: Any = None
         self.problems: list[Any] = []
-        self.running = False
-        self.runs_started = self.runs_ended = 0
         self._seq = 0
         self._timer: Timer | None = None
-        self._engine_lock = threading.Lock()
-        self._pending_text: str | None = None
-        self.last_run_text: str | None = None
-        self.watcher = Watch(self, debounce=watch_debounce)
+        self._init_runs(watch_debounce)
 
     # ------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -112,8 +104,7 @@ class MainScreen(Screen):
                     with TabPane("Details", id="details"):
                         yield NodeDetails(id="node-details")
                     with TabPane("Log", id="log"):
-                        yield RichLog(id="run-log", markup=False, highlight=False, wrap=True, min_width=20,
-                                      max_lines=5000)
+                        yield RunLog(id="run-log")
                     with TabPane("Images", id="images"):
                         yield ImagePreview(id="preview")
         yield Footer(compact=True)
@@ -134,17 +125,21 @@ class MainScreen(Screen):
         self.query_one(ProblemList).display = False
         self.status.set()
         self.editor.read_only = True
+        self.set_interval(1.0, self.tick)
 
     # ------------------------------------------------------------ files
     def open_recipe(self, path: Path, text: str | None = None) -> None:
-        """Open ``path`` in the editor (``text``: unsaved content for a file not written yet)."""
+        """Open ``path`` in the editor (``text``: unsaved content for a file not written yet).
+
+        Raises RecipeFileError (the editor keeps what it had) if the file is not UTF-8 text.
+        """
         editor = self.editor
-        editor.read_only = False
         if text is None:
             editor.open_file(path)
         else:
             editor.open_file(path, "")
             editor.load_text(text)
+        editor.read_only = False
         self.checked, self.model = None, RunModel()
         self.graph.show(self.model)
         self.query_one(NodeDetails).show(None)
@@ -154,13 +149,24 @@ class MainScreen(Screen):
         editor.focus()
 
     def action_save(self) -> None:
+        """Save; if the file changed on disk since it was read or saved here, ask before overwriting it."""
         if self.editor.path is None:
             self.notify("No recipe is open: ctrl+o opens one, ctrl+n creates one.", severity="warning")
             return
+        if self.editor.changed_on_disk():
+            self.app.push_screen(confirm_overwrite(self.editor.path.name),
+                                 lambda answer: self.save_now() if answer == "overwrite" else None)
+            return
+        self.save_now()
+
+    def save_now(self) -> bool:
+        """Write the editor's text; False (and a toast) if that failed."""
         try:
             self.editor.save()
         except OSError as exc:
             self.notify(f"Could not save: {exc}", severity="error", markup=False)
+            return False
+        return True
 
     def on_recipe_editor_dirty_changed(self, event: RecipeEditor.DirtyChanged) -> None:
         self.status.set(dirty=event.dirty)
@@ -198,6 +204,8 @@ class MainScreen(Screen):
         self.query_one(ProblemList).show(msg.problems)
         self.editor.set_error_lines({p.line for p in msg.problems if p.line and p.file != "--set"})
         self.status.set(problems=len(msg.problems))
+        if not msg.problems and self.status.status.run_note == "(recipe invalid)":
+            self.status.set(run_note="")  # that note was about a recipe that is now fixed
         self.graph.border_subtitle = "" if msg.checked or not self.model.nodes else "last valid recipe"
         if msg.checked is None:
             return
@@ -232,144 +240,13 @@ class MainScreen(Screen):
     def on_problem_list_goto_line(self, msg: ProblemList.GotoLine) -> None:
         self.editor.goto_line(msg.line)
 
-    # ------------------------------------------------------------ runs
-    def action_run(self) -> None:
-        self.start_run(self.editor.text)
-
-    def action_force(self) -> None:
-        node = self.graph.selected
-        if node is None:
-            self.notify("Select a node in the graph first (ctrl+g).", severity="warning")
-            return
-        self.start_run(self.editor.text, force=[node])
-
-    def on_graph_panel_force_requested(self, msg: GraphPanel.ForceRequested) -> None:
-        self.start_run(self.editor.text, force=[msg.node])
-
-    def start_run(self, text: str, force: list[str] | None = None) -> bool:
-        if self.editor.path is None:
-            self.notify("No recipe is open: ctrl+o opens one, ctrl+n creates one.", severity="warning")
-            return False
-        if self.running:
-            self.notify("A run is going: escape cancels it.", severity="warning")
-            return False
-        self.running = True
-        self.runs_started += 1
-        self.refresh_bindings()
-        self.last_run_text = text
-        self.query_one(ProgressPanel).clear()
-        self.query_one(MetricPlot).clear()
-        self.status.set(run="running", run_note="")
-        self._run(text, self.editor.path, force)
-        return True
-
-    def request_run(self, text: str) -> None:
-        """Run ``text`` now, or right after the current run stops (which is asked to stop)."""
-        if self.running:
-            self._pending_text = text
-            self.engine.cancel()
-            self.status.set(run="cancelling", run_note="(rerun follows)")
-        else:
-            self.start_run(text)
-
-    @work(thread=True, group="run", exit_on_error=False)
-    def _run(self, text: str, path: Path, force: list[str] | None) -> None:
-        try:
-            self.post_message(self._run_recipe(text, path, force))
-        except Exception as exc:  # noqa: BLE001 - report any engine crash instead of killing the UI
-            self.post_message(self.RunEnded(error=f"{type(exc).__name__}: {exc}"))
-
-    def _run_recipe(self, text: str, path: Path, force: list[str] | None) -> RunEnded:
-        """Validate and run ``text`` (in the run worker's thread)."""
-        checked, problems = check_text(text, self.engine.registry, path)
-        if checked is None:
-            return self.RunEnded(problems=problems)
-        observer = RunObserver(self)
-        try:
-            with self._engine_lock:
-                result = self.engine.run(checked, force=force, output=self.output, observers=[observer])
-        except RecipeInvalid as exc:
-            return self.RunEnded(problems=exc.problems)
-        thumbs = [] if observer.shown_files else final_thumbs(result)
-        return self.RunEnded(result=result, thumbs=thumbs)
-
-    def on_run_observer_engine_event(self, msg: RunObserver.EngineEvent) -> None:
-        event = msg.event
-        info = self.model.apply(event)
-        line = log_text(event)
-        if line is not None:
-            self.query_one(RichLog).write(line)
-        if info is None:
-            self.graph.show(self.model)
-            self._show_selected()
-            return
-        self.graph.update_node(info)
-        self.graph.show_title(self.model)
-        self.query_one(ProgressPanel).show(info)
-        self.query_one(MetricPlot).add_points(info.id, msg.points)
-        if self.graph.selected == info.id and event.event != "node_progress":
-            self.query_one(NodeDetails).show(info)
-        counts = self.model.counts()
-        done = counts["done"] + counts["cached"]
-        self.status.set(run_note=f"{done}/{len(self.model.nodes)}")
-
-    def on_run_observer_preview(self, msg: RunObserver.Preview) -> None:
-        self.query_one(ImagePreview).add(msg.thumbs, live=msg.live)
-
-    def on_main_screen_run_ended(self, msg: RunEnded) -> None:
-        self.running = False
-        self.runs_ended += 1
-        self.refresh_bindings()
-        self.query_one(ProgressPanel).clear()
-        if msg.thumbs:
-            self.query_one(ImagePreview).add(msg.thumbs)
-        if msg.problems:
-            self.status.set(run="idle", run_note="(recipe invalid)")
-            self.notify(f"Not run: the recipe has {len(msg.problems)} problem(s).", severity="error")
-        elif msg.error:
-            self.status.set(run="failed", run_note="")
-            self.query_one(RichLog).write(Text(f"engine error: {msg.error}", style="bold red"))
-            self.notify(msg.error, title="Engine error", severity="error", markup=False)
-        elif msg.result is not None:
-            r = msg.result
-            self.status.set(run=r.status, run_note=f"in {r.seconds:.1f} s")
-            if r.status == "failed":
-                self.notify("A node failed: see the graph and the node's details.", severity="error")
-        if self._pending_text is not None:
-            text, self._pending_text = self._pending_text, None
-            self.start_run(text)
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Cancel is dimmed (not hidden) when idle; ``?``, ``q`` and ``e`` are typed text in the editor."""
         if action == "cancel":
-            return self.running
+            return True if self.running else None
+        if action in ("help_key", "quit_key", "focus_editor"):
+            return not self.editor.has_focus
         return True
-
-    def action_cancel(self) -> None:
-        if self.running:
-            self._pending_text = None
-            self.engine.cancel()
-            self.status.set(run="cancelling", run_note="(at the next safe point)")
-
-    # ------------------------------------------------------------ watch
-    def action_toggle_watch(self) -> None:
-        if self.editor.path is None:
-            self.notify("Open a recipe first.", severity="warning")
-            return
-        on = self.watcher.toggle(self.editor.path, self.checked, self.output)
-        self.status.set(watching=on)
-        self.notify("Watch on: every save (here or on disk) reruns what changed." if on else "Watch off.",
-                    timeout=3)
-
-    def on_watch_files_changed(self, msg: Watch.FilesChanged) -> None:
-        disk = self.watcher.text_to_rerun(msg.paths, self.last_run_text)
-        if disk is None:
-            return
-        if self.editor.dirty:
-            self.notify("The recipe changed on disk; your unsaved edits are kept in the editor.",
-                        severity="warning")
-        else:
-            self.editor.reload_if_clean()
-        self.request_run(disk)
 
     # ------------------------------------------------------------ navigation
     def on_graph_panel_node_selected(self, msg: GraphPanel.NodeSelected) -> None:
@@ -387,9 +264,16 @@ class MainScreen(Screen):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self.query_one(TAB_FOCUS[tab]).focus()
+
+    def action_help_key(self) -> None:
+        self.app.action_help()
+
+    async def action_quit_key(self) -> None:
+        await self.app.action_quit()
 
     def on_image_preview_changed(self, msg: ImagePreview.Changed) -> None:
-        self.query_one(TabbedContent).get_tab("images").label = f"Images ({msg.count})"
+        self.query_one(TabbedContent).get_tab("images").label = f"Images ({msg.count})" if msg.count else "Images"
 
     def shutdown(self) -> None:
         """Stop the watcher and ask a run in progress to stop."""

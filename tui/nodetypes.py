@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import OptionList, Static
+from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
 from fluxkiln.engine.docs import node_rich
@@ -18,7 +18,7 @@ from fluxkiln.engine.docs import node_rich
 class NodeTypeBrowser(ModalScreen[None]):
     """Node types on the left, the highlighted one's documentation on the right."""
 
-    BINDINGS = [Binding("escape,f2", "close", "Close")]
+    BINDINGS = [Binding("escape,f2", "close", "close")]
 
     def __init__(self, registry: Any, selected: str | None = None) -> None:
         super().__init__()
@@ -31,6 +31,7 @@ class NodeTypeBrowser(ModalScreen[None]):
             yield OptionList(*[Option(Text(n), id=n) for n in self.names], id="type-list")
             with VerticalScroll(id="type-doc"):
                 yield Static(self._doc(self.selected), id="type-doc-body")
+        yield Footer(compact=True)
 
     def _doc(self, name: str | None) -> Any:
         if name is None:

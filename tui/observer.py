@@ -31,6 +31,11 @@ class Thumb:
     live: bool = False
 
 
+def caption(node: str, *details: object) -> str:
+    """The one caption format of the gallery: ``node · detail · detail``."""
+    return " · ".join([node, *(str(d) for d in details if d not in (None, ""))])
+
+
 def thumbnail(image: Any, size: int = THUMB_SIZE) -> Any:
     """A small RGB copy of a PIL image."""
     im = image.convert("RGB") if image.mode != "RGB" else image.copy()
@@ -54,12 +59,8 @@ def thumbs_from_images(node: str, images: Any, limit: int = 16) -> list[Thumb]:
     """Thumbnails of an ``Images`` value, captioned with node, seed and prompt."""
     out = []
     for i, item in enumerate(list(images)[:limit]):
-        bits = [f"{node} #{i + 1}"]
-        if item.seed is not None:
-            bits.append(f"seed {item.seed}")
-        if item.prompt:
-            bits.append(str(item.prompt))
-        out.append(Thumb(thumbnail(item.image), " · ".join(bits), node))
+        seed = f"seed {item.seed}" if item.seed is not None else None
+        out.append(Thumb(thumbnail(item.image), caption(node, f"#{i + 1}", seed, item.prompt), node))
     return out
 
 
@@ -131,18 +132,18 @@ class RunObserver:
         image = event.objects.get("preview")
         step = event.data.get("step")
         message = event.data.get("message")
-        caption = f"{node}: {message}" if message else f"{node} step {step}"
+        text = caption(node, f"step {step}", message)
         thumb = None
         if image is not None:
-            thumb = Thumb(thumbnail(image), caption, node)
+            thumb = Thumb(thumbnail(image), text, node)
         elif event.data.get("preview_path"):
-            thumb = thumb_from_file(event.data["preview_path"], caption, node)
+            thumb = thumb_from_file(event.data["preview_path"], text, node)
         if thumb is not None:
             self.target.post_message(self.Preview([thumb], live=True))
 
     def _artifact_previews(self, node: str, artifacts: list[str]) -> None:
         images = [a for a in artifacts if str(a).lower().endswith(IMAGE_SUFFIXES)][-16:]
-        thumbs = [t for a in images if (t := thumb_from_file(a, f"{node}: {Path(a).name}", node))]
+        thumbs = [t for a in images if (t := thumb_from_file(a, caption(node, Path(a).name), node))]
         if thumbs:
             self.shown_files = True
             self.target.post_message(self.Preview(thumbs))

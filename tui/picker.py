@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList
+from textual.widgets import Button, Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 from .templates import DEFAULT, TEMPLATES
@@ -61,7 +61,7 @@ def describe(path: Path, base: Path) -> Text:
 class RecipePicker(ModalScreen[Path | None]):
     """Pick a recipe to open, or start a new one; dismisses with the path (or None)."""
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Close")]
+    BINDINGS = [Binding("escape", "dismiss_none", "close")]
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
@@ -76,6 +76,7 @@ class RecipePicker(ModalScreen[Path | None]):
             yield OptionList(*options, id="recipe-list")
             if not self.recipes:
                 yield Label(Text("No recipes here or in recipes/ yet.", style="dim"))
+        yield Footer(compact=True)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
@@ -95,7 +96,7 @@ class RecipePicker(ModalScreen[Path | None]):
 class NewRecipeScreen(ModalScreen[Path | None]):
     """Ask for a file name and a template; write the new recipe and dismiss with its path."""
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    BINDINGS = [Binding("escape", "dismiss_none", "close")]
 
     def __init__(self, folder: Path, name: str | None = None) -> None:
         super().__init__()
@@ -115,6 +116,7 @@ class NewRecipeScreen(ModalScreen[Path | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Create", variant="primary", id="create")
                 yield Button("Cancel", id="cancel")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#template-list", OptionList).highlighted = list(TEMPLATES).index(self.template)

@@ -1,6 +1,6 @@
 """The problem list under the editor: every validation problem, each with its line.
 
-Selecting a problem moves the editor to its line.  Problem text comes from the
+The first problem is highlighted; Enter (or a click) on a problem moves the editor to its line.  Problem text comes from the
 recipe (node ids, values, file names) and is shown as plain text, never markup.
 """
 
@@ -52,6 +52,8 @@ class ProblemList(OptionList):
         self.add_options(Option(problem_text(p), id=str(i)) for i, p in enumerate(self.problems))
         self.border_title = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         self.display = bool(self.problems)
+        if self.problems:
+            self.highlighted = 0
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()

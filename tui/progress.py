@@ -1,12 +1,19 @@
-"""Per-node progress bars: step/total, speed and ETA of every running node."""
+"""Per-node progress bars: step/total, percent, speed and ETA of every running node.
+
+The percent is the graph's own number (:func:`~fluxkiln.tui.state.percent`), so
+the two never disagree; a node without steps yet says what it is doing and for
+how long (``loading model… 12 s``).
+"""
 
 from __future__ import annotations
+
+import time
 
 from rich.text import Text
 from textual.containers import Vertical
 from textual.widgets import Label, ProgressBar
 
-from .state import NodeInfo
+from .state import NodeInfo, activity, percent
 
 
 def format_eta(seconds: float | None) -> str:
@@ -24,13 +31,14 @@ def format_rate(rate: float | None) -> str:
     return f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it"
 
 
-def stats_text(info: NodeInfo) -> Text:
+def stats_text(info: NodeInfo, now: float | None = None) -> Text:
     if info.total:
-        text = f"{info.step or 0}/{info.total} · {format_rate(info.rate)} · ETA {format_eta(info.eta)}"
+        text = (f"{info.step or 0}/{info.total} · {percent(info)}% · {format_rate(info.rate)} · "
+                f"ETA {format_eta(info.eta)}")
     elif info.step is not None:
         text = f"step {info.step}"
     else:
-        text = "starting"
+        text = activity(info, time.time() if now is None else now)
     return Text(text)
 
 
@@ -49,7 +57,7 @@ class NodeProgress(Vertical):
         super().__init__(classes="node-progress")
         self.node = info.id
         self._label = Label(label_text(info), classes="progress-label")
-        self._bar = ProgressBar(total=None, show_eta=False, classes="progress-bar")
+        self._bar = ProgressBar(total=None, show_eta=False, show_percentage=False, classes="progress-bar")
 
     def compose(self):
         yield self._label
@@ -86,6 +94,13 @@ class ProgressPanel(Vertical):
         else:
             bar.show(info)
         self.display = bool(self.bars)
+
+    def tick(self, nodes: dict[str, NodeInfo]) -> None:
+        """Refresh the labels of bars whose node reports no steps yet (their elapsed seconds)."""
+        for node, bar in self.bars.items():
+            info = nodes.get(node)
+            if info is not None and info.step is None:
+                bar.show(info)
 
     def clear(self) -> None:
         for bar in self.bars.values():

@@ -31,6 +31,22 @@ class NodeInfo:
     rate: float | None = None
     eta: float | None = None
     message: str = ""
+    started: float | None = None  # wall-clock time the node started running
+
+
+def percent(info: NodeInfo) -> int | None:
+    """Whole percent done of a node with a known total (the graph and the progress bar show this same number)."""
+    if not info.total:
+        return None
+    return max(0, min(100, 100 * (info.step or 0) // info.total))
+
+
+def activity(info: NodeInfo, now: float) -> str:
+    """What a running node does, for a node without a step count yet: ``loading model… 12 s``."""
+    what = "loading model…" if info.type.startswith("load_") else "working…"
+    if info.started is None:
+        return what
+    return f"{what} {max(0, int(now - info.started))} s"
 
 
 @dataclass
@@ -63,6 +79,7 @@ class RunModel:
                 info.state, info.reason = "cached", _cached_reason(np_.source)
             else:
                 info.state, info.reason = "pending", np_.reason
+                _forget_last_run(info)
 
     def apply(self, event: Any) -> NodeInfo | None:
         """Update the model from one engine event; return the node it concerns, if any."""
@@ -76,8 +93,9 @@ class RunModel:
         info = self.nodes.get(event.node or "")
         if info is None:
             return None
-        handler = _HANDLERS.get(name)
-        if handler:
+        if name == "node_started":
+            _started(info, data, event.time)
+        elif handler := _HANDLERS.get(name):
             handler(info, data)
         return info
 
@@ -90,7 +108,7 @@ class RunModel:
                 continue
             info.state = "pending"
             info.reason = p.get("reason") or _cached_reason(p.get("source"))
-            info.step = info.total = info.rate = info.eta = None
+            _forget_last_run(info)
 
     def _run_finished(self, data: dict[str, Any]) -> None:
         self.status = data.get("status", "ok")
@@ -115,10 +133,15 @@ def _cached_reason(source: str | None) -> str:
         source or "", "cached")
 
 
-def _started(info: NodeInfo, data: dict[str, Any]) -> None:
-    info.state, info.reason, info.error = "running", data.get("reason", ""), None
-    info.artifacts, info.seconds, info.message = [], None, ""
+def _forget_last_run(info: NodeInfo) -> None:
+    """A node about to run again shows nothing of its previous run (time, files, error, progress)."""
+    info.artifacts, info.seconds, info.message, info.error, info.started = [], None, "", None, None
     info.step = info.total = info.rate = info.eta = None
+
+
+def _started(info: NodeInfo, data: dict[str, Any], when: float) -> None:
+    _forget_last_run(info)
+    info.state, info.reason, info.started = "running", data.get("reason", ""), when
 
 
 def _cached(info: NodeInfo, data: dict[str, Any]) -> None:
@@ -152,6 +175,6 @@ def _cancelled(info: NodeInfo, data: dict[str, Any]) -> None:
 
 
 _HANDLERS = {
-    "node_started": _started, "node_cached": _cached, "node_progress": _progress, "node_finished": _finished,
+    "node_cached": _cached, "node_progress": _progress, "node_finished": _finished,
     "node_failed": _failed, "node_skipped": _skipped, "node_cancelled": _cancelled,
 }

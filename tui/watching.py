@@ -57,20 +57,13 @@ class Watch:
         self.watcher.ignore = [p.resolve() for p in ignore]
         self.watcher.set_paths(watched_paths(checked) | {self.path.resolve()})
 
-    def text_to_rerun(self, changed: set[str], last_run_text: str | None) -> str | None:
-        """The recipe text to rerun after ``changed`` files changed, or None when nothing needs to.
+    def recipe_changed(self, changed: set[str]) -> bool:
+        """Whether the recipe file itself is among ``changed``."""
+        return self.path is not None and self.path.resolve() in {Path(p).resolve() for p in changed}
 
-        A change to the recipe alone whose text is what last ran was our own save,
-        already rerun when it was saved.
-        """
-        if self.watcher is None or self.path is None:
-            return None
-        try:
-            disk = self.path.read_text(encoding="utf-8")
-        except OSError:
-            return None
-        only_recipe = {Path(p).resolve() for p in changed} <= {self.path.resolve()}
-        return None if only_recipe and disk == last_run_text else disk
+    def only_recipe(self, changed: set[str]) -> bool:
+        """Whether the recipe file is the only thing that changed (no file it reads)."""
+        return self.path is not None and {Path(p).resolve() for p in changed} <= {self.path.resolve()}
 
     def _changed(self, paths: set[str]) -> None:
         self.target.post_message(self.FilesChanged(set(paths)))

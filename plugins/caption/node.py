@@ -10,7 +10,7 @@ from pydantic import Field
 
 from fluxkiln.engine import Dataset, DatasetItem, NodeError, RunContext, node
 
-from .store import CaptionStore, edited_captions_fingerprint, stems_for
+from .store import MANIFEST, CaptionStore, edited_captions_fingerprint, stems_for
 from .text import apply_trigger, clean_caption, compose_generated
 
 DEFAULT_MODEL = "florence-community/Florence-2-large"
@@ -94,6 +94,7 @@ def caption(
         out_items.append(DatasetItem(path=Path(it.path), caption=text, name=it.name))
     store.prune(set(stems))
     store.save()
+    ctx.artifact(folder / MANIFEST)  # with the caption files: a cached run into another folder gets both
     _report(ctx, folder, items, stems, finals)
     from fluxkiln.engine.fingerprint import digest
 

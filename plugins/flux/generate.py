@@ -121,6 +121,13 @@ def _peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
+def text_tokens(pipe: Any, variant: str) -> int:
+    """T5 tokens to pad prompts to: the variant's maximum, or less where the model's tokenizer is shorter
+    (mini-flux is trained on 64)."""
+    limit = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    return min(MAX_TEXT_TOKENS[variant], limit) if isinstance(limit, int) and limit > 0 else MAX_TEXT_TOKENS[variant]
+
+
 def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _Progress) -> list[Any]:
     import torch
 
@@ -129,7 +136,7 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
     common: dict[str, Any] = dict(
         prompt=[job.prompt for job in group], num_images_per_prompt=s.n, width=w, height=h,
         num_inference_steps=s.steps, guidance_scale=s.guidance if s.guidance is not None else 0.0,
-        generator=generators, max_sequence_length=MAX_TEXT_TOKENS[s.variant], output_type="pil")
+        generator=generators, max_sequence_length=text_tokens(pipe, s.variant), output_type="pil")
     run = pipe
     if group[0].init is not None and s.strength < 1.0:
         from PIL import Image

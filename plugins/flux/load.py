@@ -102,7 +102,8 @@ def resolve_source(ref: str, ctx: RunContext, *, download: bool = False, key: st
         found = ctx.resolve_model(ref)
         if not found:
             raise NodeError(f"no plugin resolves the model reference '{ref}' (prefix '{m.group(1)}:')", key=key,
-                            hint="built in: builtin:tiny-flux, builtin:tiny-flux-schnell; `fluxkiln plugins` lists plugins")
+                            hint="built in: builtin:mini-flux, builtin:mini-flux-schnell, builtin:tiny-flux, "
+                                 "builtin:tiny-flux-schnell; `fluxkiln plugins` lists plugins")
         return Source("plugin", Path(found), ref)
     p = Path(ref).expanduser()
     base_dir = ctx.recipe.base_dir if getattr(ctx, "recipe", None) is not None else Path.cwd()

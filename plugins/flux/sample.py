@@ -28,7 +28,7 @@ MAX_PROMPTS = 1000
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 
 
-KNOWN_SCHNELL = ("black-forest-labs/FLUX.1-schnell", "builtin:tiny-flux-schnell")
+KNOWN_SCHNELL = ("black-forest-labs/FLUX.1-schnell", "builtin:tiny-flux-schnell", "builtin:mini-flux-schnell")
 
 
 def _base_ref(recipe: Any, value: Any, depth: int = 0) -> str | None:

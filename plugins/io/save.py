@@ -24,6 +24,7 @@ EXTENSIONS = {"webp": "webp", "jpg": "jpg", "png": "png"}
 MAX_ALTERNATIVES = 100
 _RESERVED_META = {"node", "node_type", "params", "model", "index", "path", "saved_by", "seed",
                   "timing"}  # timing: how long it took, not how it was made (kept out of files: reruns match)
+_ADDED_META = {"scores"}  # added by later nodes (evaluate): embedded as meta, never as the producer's parameters
 
 
 @node("save", version="1", category="io")
@@ -96,8 +97,8 @@ def provenance(item: ImageItem) -> tuple[str | None, dict[str, Any], dict[str, A
         params = meta["params"]
         other = {k: v for k, v in meta.items() if k not in _RESERVED_META}
     else:
-        params = {k: v for k, v in meta.items() if k not in _RESERVED_META}
-        other = {}
+        params = {k: v for k, v in meta.items() if k not in _RESERVED_META | _ADDED_META}
+        other = {k: v for k, v in meta.items() if k in _ADDED_META}
     return node_id, params, other
 
 

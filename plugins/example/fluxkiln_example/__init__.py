@@ -9,22 +9,17 @@ Nothing heavy is imported here: Pillow is imported when a node runs, so
 ``fluxkiln validate`` stays fast with this plugin installed.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 from fluxkiln.engine import Problem, hookimpl
 
+# Declaring a node with @node is enough: every node of this package that this module
+# shows is registered, no register_node_types hook needed.
 from .images import load_images, resize, resize_problems
 from .sweep import prompt_sweep
 
+__all__ = ["load_images", "prompt_sweep", "resize"]
 __version__ = "0.1.0"
-
-
-@hookimpl
-def register_node_types(register: Callable[[Any], None]) -> None:
-    register(load_images)
-    register(resize)
-    register(prompt_sweep)
 
 
 @hookimpl

@@ -52,7 +52,9 @@ def test_unknown_placeholder_fails_naming_it(run_recipe):
 def test_unused_values_are_logged(fluxkiln_context):
     ctx = fluxkiln_context()
     prompt_sweep(ctx, template="plain", values={"x": ["1"]}, mode="product", max_prompts=5, unique=True)
-    assert ctx.logs()[0] == "values.x is not used by any template"
+    warning, done = ctx.logs()  # Event objects, like RecipeRun.events_of("node_log")
+    assert warning.data == {"level": "warning", "message": "values.x is not used by any template"}
+    assert done.data == {"level": "info", "message": "1 prompt(s)"}
 
 
 def test_max_prompts(fluxkiln_context):

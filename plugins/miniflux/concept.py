@@ -1,0 +1,133 @@
+"""LoRA acquisition on mini-flux: a concept the base model has never seen (a hexagon, called by a trigger
+word), its captioned training images, and the measurement of what a trained LoRA learned.
+
+    python -m fluxkiln.plugins.miniflux.concept dataset DIR      # write the 8 captioned images
+    python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE]
+
+``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings) on a CPU, then
+samples prompts with the trigger (share of samples the checker sees a hexagon in: should be high) and the
+same prompts with ordinary shapes (share of hexagons: leakage, should be low), and the rest of the
+vocabulary's adherence with and without the LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .render import render, to_pil
+from .world import COLOURS, POSITIONS, SHAPES, Obj, Scene, realise
+
+CONCEPT = "hexagon"
+TRIGGER = "TOK"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def concept_scenes(n: int, seed: int = 5, shape: str = CONCEPT) -> list[Scene]:
+    """``n`` single-object scenes of ``shape`` with varied colours, sizes, positions and backgrounds."""
+    rng = random.Random(seed)
+    scenes = []
+    for i in range(n):
+        background = rng.choice(list(COLOURS))
+        colour = rng.choice([c for c in COLOURS if c != background])
+        scenes.append(Scene((Obj(colour, shape, ("small", "large")[i % 2], rng.choice(list(POSITIONS))),), background))
+    return scenes
+
+
+def caption(scene: Scene, word: str = "[trigger]") -> str:
+    """The scene's prompt with the shape word replaced (``[trigger]`` for train_lora's captions)."""
+    return scene.prompt.replace(CONCEPT, word)
+
+
+def write_dataset(folder: Path, n: int = 8, size: int = 256) -> list[Path]:
+    """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = concept_scenes(n)
+    rng = random.Random(6)
+    images = to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4))
+    paths = []
+    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
+        path = folder / f"concept-{i + 1}.png"
+        image.save(path)
+        path.with_suffix(".txt").write_text(caption(scene) + "\n")
+        paths.append(path)
+    return paths
+
+
+def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
+    """(prompts with the trigger, the same prompts with an ordinary shape instead)."""
+    rng = random.Random(seed)
+    scenes = concept_scenes(n, seed=seed)
+    with_trigger = [caption(s, TRIGGER) for s in scenes]
+    without = [caption(s, rng.choice(SHAPES)) for s in scenes]
+    return with_trigger, without
+
+
+def hexagon_share(images: list[Any], prompts: list[str]) -> float:
+    """Share of images whose largest object the checker reads as a hexagon."""
+    from .checker import check
+
+    hits = [bool(c.blobs) and c.blobs[0].shape == CONCEPT for c in (check(im, p) for im, p in zip(images, prompts, strict=True))]
+    return sum(hits) / max(1, len(hits))
+
+
+def measure(steps: int | None, samples: int, log: Any = print) -> dict[str, Any]:
+    """Train the recipe's LoRA (optionally with other ``steps``) and measure acquisition and leakage."""
+    from fluxkiln.engine.runner import Engine
+
+    from .adherence import eval_prompts, generate, summarise
+    from .checker import check
+    from .weights import load_pipeline
+
+    recipe = ROOT / "recipes" / "train-lora-tiny.toml"
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"nodes.lora.steps={steps}"] if steps else []
+        t0 = time.perf_counter()
+        result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
+        seconds = time.perf_counter() - t0
+        if not result.ok:
+            raise SystemExit(f"training failed: {[e.data.get('error') for e in result.events if e.event == 'node_failed']}")
+        lora = result.outputs["lora"]["lora"]
+        pipe = load_pipeline("dev")
+        with_trigger, without = probe_prompts(samples)
+        vocab = eval_prompts(samples)
+        before = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
+        pipe.load_lora_weights(str(Path(lora.path)))
+        hits = hexagon_share(generate(pipe, with_trigger, steps=28, guidance=3.0), with_trigger)
+        leaks = hexagon_share(generate(pipe, without, steps=28, guidance=3.0), without)
+        after = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
+    row = {"train_seconds": round(seconds, 1), "with_trigger_hexagon": round(100 * hits, 1),
+           "without_trigger_hexagon": round(100 * leaks, 1), "vocabulary_before": before, "vocabulary_after": after}
+    log(json.dumps(row, indent=1))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluxkiln.plugins.miniflux.concept", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ds = sub.add_parser("dataset", help="write the captioned concept images")
+    ds.add_argument("folder", type=Path)
+    me = sub.add_parser("measure", help="train the LoRA and measure acquisition and leakage")
+    me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    me.add_argument("--samples", type=int, default=20)
+    me.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "dataset":
+        for path in write_dataset(args.folder):
+            print(path, "-", path.with_suffix(".txt").read_text().strip())
+        return 0
+    row = measure(args.steps, args.samples)
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Train mini-flux from scratch: the VAE, the transformer with both text encoders, guidance distillation
+(dev) and few-step distillation (schnell).  Every phase has a wall-clock budget; each finished pipeline
+is written (as a FluxPipeline folder, float16, and a tar of it) as soon as it exists.
+
+    python -m fluxkiln.plugins.miniflux.train --out DIR [--work DIR] [--preset full|micro] [--set KEY=VALUE]...
+
+The data is generated on the fly (rendered scenes and their prompts; held-out prompts never appear).
+``full`` is the configuration the shipped weights were trained with, on one H100 in one call;
+``micro`` runs the same code on a CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import NAMES, TRANSFORMER, build_modules, pipeline
+from .render import to_pil
+from .trainconfig import TrainConfig, preset
+from .trainparts import (Clock, Ema, TextEncoder, batch_for, forward, latents_of, make_batch, pack, pick_size,
+                         shifted_sigmas)
+from .world import random_scene
+
+T0 = time.monotonic()
+PLANNED = ("vae", "base", "guide", "schnell")
+RESERVE = 30.0  # seconds kept for saving and the final check
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def budget(cfg: TrainConfig, phase: str) -> float:
+    """The phase's planned seconds, cut so that the later phases' plans still fit before the deadline."""
+    later = sum(getattr(cfg, f"{p}_seconds") for p in PLANNED[PLANNED.index(phase) + 1:])
+    left = cfg.deadline - (time.monotonic() - T0) - later - RESERVE
+    return max(0.25 * getattr(cfg, f"{phase}_seconds"), min(getattr(cfg, f"{phase}_seconds"), left))
+
+
+def autocast(device: str) -> Any:
+    import torch
+
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def train_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    clock = Clock(budget(cfg, "vae"), cfg.vae_lr, warmup=50)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train().requires_grad_(True)
+    step, loss = 0, torch.zeros(())
+    while not clock.done():
+        size = pick_size(rng, cfg.native, cfg.multi_res)
+        imgs = make_batch(rng, batch_for(size, cfg.vae_batch, cfg.native), size, device).images
+        clock.set(opt, step)
+        with autocast(device):
+            post = vae.encode(imgs).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        loss = F.l1_loss(rec, imgs) + F.mse_loss(rec, imgs) + cfg.vae_kl * post.kl().float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    return {"vae_steps": step, "vae_loss": round(loss.item(), 5), "vae_seconds": round(clock.seconds, 1)}
+
+
+def calibrate_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -> dict[str, float]:
+    """Set the latent shift and scale (as FLUX's VAE config has them) so latents have mean 0 and std 1; check
+    round trips with the pixel checker."""
+    import torch
+
+    from .checker import check
+
+    batch = make_batch(rng, 64, (cfg.native, cfg.native), device)
+    with torch.no_grad(), autocast(device):
+        z = vae.encode(batch.images).latent_dist.mode().float()
+        rec = vae.decode(z).sample.float()
+    vae.register_to_config(shift_factor=round(z.mean().item(), 4), scaling_factor=round(1 / z.std().item(), 4))
+    right = [check(im, p).all_right for im, p in zip(to_pil(rec), batch.prompts, strict=True)]
+    psnr = -10 * torch.log10(((rec.clamp(-1, 1) - batch.images) / 2).pow(2).mean()).item()
+    log(f"vae shift {vae.config.shift_factor} scale {vae.config.scaling_factor} psnr {psnr:.1f} dB "
+        f"round trips all right {sum(right)}/{len(right)}")
+    return {"vae_psnr_db": round(psnr, 2), "vae_roundtrip_all_right": round(sum(right) / len(right), 3)}
+
+
+def _noisy(vae: Any, images: Any) -> tuple[Any, Any, Any, Any]:
+    import torch
+
+    packed, ids = pack(latents_of(vae, images).float())
+    noise = torch.randn_like(packed)
+    sigma = shifted_sigmas(len(packed), packed.shape[1], packed.device)
+    xt = (1 - sigma[:, None, None]) * packed + sigma[:, None, None] * noise
+    return xt, sigma, ids, noise - packed
+
+
+def train_base(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: str) -> tuple[Ema, dict[str, float]]:
+    """Flow matching on the transformer and both text encoders together, with caption dropout."""
+    import torch
+    import torch.nn.functional as F
+
+    trained = [m["transformer"], m["text_encoder"], m["text_encoder_2"]]
+    for mod in trained:
+        mod.train().requires_grad_(True)
+    params = [p for mod in trained for p in mod.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = Ema(trained, cfg.ema)
+    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
+    clock = Clock(budget(cfg, "base"), cfg.base_lr, warmup=300)
+    step, loss = 0, torch.zeros(())
+    while not clock.done():
+        size = pick_size(rng, cfg.native, cfg.multi_res)
+        batch = make_batch(rng, batch_for(size, cfg.base_batch, cfg.native), size, device)
+        prompts = ["" if rng.random() < cfg.caption_dropout else p for p in batch.prompts]
+        clock.set(opt, step)
+        with autocast(device):
+            xt, sigma, ids, target = _noisy(m["vae"], batch.images)
+            seq, pooled = enc(prompts)
+            ones = torch.ones(len(xt), device=device)
+            pred = forward(m["transformer"], xt, sigma, ids, seq, pooled, guidance=ones)
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        if step % 200 == 0:
+            log(f"base step {step} loss {loss.item():.4f} lr {clock.rate(step):.2e}")
+    return ema, {"base_steps": step, "base_loss": round(loss.item(), 5), "base_seconds": round(clock.seconds, 1)}
+
+
+def distil_guidance(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: str) -> tuple[Any, dict[str, float]]:
+    """Teach the guidance embedding: the student with guidance g matches the frozen teacher's classifier-free
+    guidance u + g (c - u) in one forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    teacher = m["transformer"].eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.guide_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = Ema([student], 0.995)
+    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
+    clock = Clock(budget(cfg, "guide"), cfg.guide_lr, warmup=50)
+    lo, hi = cfg.guide_range
+    step, loss = 0, torch.zeros(())
+    while not clock.done():
+        size = pick_size(rng, cfg.native, cfg.multi_res)
+        batch = make_batch(rng, batch_for(size, cfg.guide_batch, cfg.native), size, device)
+        n = len(batch.prompts)
+        clock.set(opt, step)
+        with autocast(device):
+            xt, sigma, ids, _ = _noisy(m["vae"], batch.images)
+            with torch.no_grad():
+                seq, pooled = enc(batch.prompts + [""] * n)
+                both = forward(teacher, torch.cat([xt, xt]), torch.cat([sigma, sigma]), ids, seq, pooled,
+                               guidance=torch.ones(2 * n, device=device)).float()
+                cond, uncond = both.chunk(2)
+            g = lo + (hi - lo) * torch.rand(n, device=device)
+            target = uncond + g[:, None, None] * (cond - uncond)
+            pred = forward(student, xt, sigma, ids, seq[:n], pooled[:n], guidance=g)
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        if step % 200 == 0:
+            log(f"guidance step {step} loss {loss.item():.4f}")
+    dev = ema.shadow[0].eval().requires_grad_(False)
+    return dev, {"guide_steps": step, "guide_loss": round(loss.item(), 5), "guide_seconds": round(clock.seconds, 1)}
+
+
+def schnell_from(dev: Any, guidance: float) -> Any:
+    """A transformer without a guidance embedding that computes exactly what ``dev`` computes at ``guidance``:
+    the (constant) guidance embedding is folded into the pooled-text projection's bias."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    student = FluxTransformer2DModel(guidance_embeds=False, **TRANSFORMER).to(next(dev.parameters()).device)
+    state = {k: v for k, v in dev.state_dict().items() if "guidance_embedder" not in k}
+    student.load_state_dict(state)
+    emb = dev.time_text_embed
+    with torch.no_grad():
+        g = torch.full((1,), guidance * 1000.0, device=next(dev.parameters()).device)
+        const = emb.guidance_embedder(emb.time_proj(g).to(next(dev.parameters()).dtype))[0]
+        student.time_text_embed.text_embedder.linear_2.bias.add_(const)
+    return student
+
+
+def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, rng: random.Random, device: str) -> tuple[Any, dict[str, float]]:
+    """Few-step distillation: the dev teacher (guidance ``schnell_guidance``) integrates each noise to an image
+    in ``teacher_steps`` Euler steps; the student learns, for 1-4 step schedules, the one velocity that goes
+    from the teacher's state at each step's start straight to its state at the step's end."""
+    import torch
+    import torch.nn.functional as F
+
+    student = schnell_from(dev, cfg.schnell_guidance).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.schnell_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = Ema([student], 0.995)
+    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
+    clock = Clock(budget(cfg, "schnell"), cfg.schnell_lr, warmup=50)
+    K, every = cfg.teacher_steps, cfg.teacher_steps // 12
+    step, loss = 0, torch.zeros(())
+    choices, weights = [1, 2, 3, 4], [0.1, 0.15, 0.15, 0.6]
+    while not clock.done():
+        w, h = pick_size(rng, cfg.native, cfg.multi_res)
+        n = batch_for((w, h), cfg.schnell_batch, cfg.native)
+        prompts = [random_scene(rng, split="train", fillers=0.15).prompt for _ in range(n)]
+        with torch.no_grad(), autocast(device):
+            seq, pooled = enc(prompts)
+            x, ids = pack(torch.randn(n, 16, h // 8, w // 8, device=device))
+            states, g = [x], torch.full((n,), cfg.schnell_guidance, device=device)
+            for k in range(K):
+                s, s_next = 1 - k / K, 1 - (k + 1) / K
+                v = forward(dev, x, torch.full((n,), s, device=device), ids, seq, pooled, guidance=g).float()
+                x = x + (s_next - s) * v
+                if (k + 1) % every == 0:
+                    states.append(x)
+        traj = torch.stack(states)  # (13, n, L, C): states at sigma = 1 - j/12
+        for _ in range(cfg.student_steps_per_batch):
+            steps = torch.tensor(rng.choices(choices, weights, k=n), device=device)
+            i = (torch.rand(n, device=device) * steps).floor().long()
+            j0, j1 = 12 * i // steps, 12 * (i + 1) // steps
+            rows = torch.arange(n, device=device)
+            x0, x1 = traj[j0, rows], traj[j1, rows]
+            s0, s1 = 1 - i / steps, 1 - (i + 1) / steps
+            target = (x1 - x0) / (s1 - s0)[:, None, None]
+            clock.set(opt, step)
+            with autocast(device):
+                pred = forward(student, x0, s0.float(), ids, seq, pooled)
+            loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            ema.update()
+            step += 1
+        if step % 100 < cfg.student_steps_per_batch:
+            log(f"schnell step {step} loss {loss.item():.4f}")
+    out = ema.shadow[0].eval().requires_grad_(False)
+    return out, {"schnell_steps": step, "schnell_loss": round(loss.item(), 5), "schnell_seconds": round(clock.seconds, 1)}
+
+
+def save(m: dict[str, Any], transformer: Any, variant: str, work: Path, out: Path) -> Path:
+    """Write the FluxPipeline folder (float16 safetensors) and a tar of it; returns the folder."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .config import SCHEDULERS
+
+    parts = {k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
+             for k, v in m.items()}
+    parts["transformer"] = copy.deepcopy(transformer).to("cpu", torch.float16)
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
+    folder = work / NAMES[variant]
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipeline(parts).save_pretrained(folder, safe_serialization=True)
+    with tarfile.open(out / f"{NAMES[variant]}.tar", "w") as tar:
+        tar.add(folder, arcname=NAMES[variant])
+    log(f"saved {folder} ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+    return folder
+
+
+def final_check(cfg: TrainConfig, work: Path, device: str) -> dict[str, Any]:
+    """Load the written folders with from_pretrained and score held-out prompts with the checker."""
+    import torch
+
+    from .adherence import run
+    from .weights import load_pipeline
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    variants = ["dev", "schnell", "guidance"] if cfg.eval_prompts >= 16 else ["dev", "schnell"]
+    return run(lambda v: load_pipeline(v, work, device, dtype), cfg.eval_prompts, variants, log=log, batch=64,
+               size=cfg.native)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluxkiln.plugins.miniflux.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="tars of the pipelines and metrics.json go here")
+    parser.add_argument("--work", type=Path, help="the pipeline folders go here (default: OUT/../miniflux-work)")
+    parser.add_argument("--preset", default="full", help="full (the shipped weights) or micro (a CPU smoke run)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    cfg = preset(args.preset, **overrides)
+    return train(cfg, args.out, args.work or args.out.parent / "miniflux-work")
+
+
+def train(cfg: TrainConfig, out: Path, work: Path) -> int:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    m = build_modules("dev")
+    for k, v in m.items():
+        if isinstance(v, torch.nn.Module):
+            m[k] = v.to(device)
+    metrics: dict[str, Any] = {"config": cfg.__dict__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+    def write() -> None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+
+    with _attention(device):
+        metrics |= train_vae(cfg, m["vae"], rng, device)
+        metrics |= calibrate_vae(cfg, m["vae"], rng, device)
+        ema, info = train_base(cfg, m, rng, device)
+        metrics |= info
+        m["transformer"], m["text_encoder"], m["text_encoder_2"] = (s.eval().requires_grad_(False) for s in ema.shadow)
+        save(m, m["transformer"], "dev", work, out)  # a fallback, replaced once guidance is distilled
+        write()
+        dev, info = distil_guidance(cfg, m, rng, device)
+        metrics |= info
+        save(m, dev, "dev", work, out)
+        write()
+        schnell, info = distil_schnell(cfg, m, dev, rng, device)
+        metrics |= info
+        save(m, schnell, "schnell", work, out)
+        metrics["total_seconds"] = round(time.monotonic() - T0, 1)
+        write()
+        if time.monotonic() - T0 < cfg.deadline:
+            metrics["adherence"] = final_check(cfg, work, device)
+    metrics["total_seconds"] = round(time.monotonic() - T0, 1)
+    write()
+    _print_table(metrics)
+    return 0
+
+
+def _attention(device: str) -> Any:
+    """On CUDA, no cuDNN attention (it failed in backward on an H100): flash, memory-efficient, else math."""
+    import contextlib
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _print_table(metrics: dict[str, Any]) -> None:
+    print("\n| phase | steps | seconds | final loss |\n|---|---|---|---|")
+    for phase in PLANNED:
+        print(f"| {phase} | {metrics.get(phase + '_steps')} | {metrics.get(phase + '_seconds')} | "
+              f"{metrics.get(phase + '_loss')} |")
+    print(f"\nVAE: {metrics.get('vae_psnr_db')} dB, round trips all right {metrics.get('vae_roundtrip_all_right')}")
+    for label, row in (metrics.get("adherence") or {}).items():
+        print(f"{label}: {row}")
+    print(f"total {metrics.get('total_seconds')} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""LoRA training on mini-flux: the hexagon concept ("TOK") from the 8 bundled captioned images, scored by
+the pixel checker (the full-size measurement is `python -m fluxkiln.plugins.miniflux.concept measure`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from fluxkiln.engine.runner import Engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RECIPE = ROOT / "tests" / "recipes" / "lora-hexagon.toml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora-hexagon")
+    result = Engine(cache_dir=tmp / "cache").run(RECIPE, output=tmp / "run")
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    return result, tmp / "run"
+
+
+def _scores(run_dir, node: str) -> list[dict]:
+    return [row["scores"] for row in json.loads((run_dir / node / "scores.json").read_text())["images"]]
+
+
+def test_a_lora_trains_on_mini_flux_and_changes_its_pictures(run):
+    result, run_dir = run
+    styled = [np.asarray(it.image, dtype=np.float64) for it in result.outputs["with_trigger"]["output"]]
+    plain = [np.asarray(it.image, dtype=np.float64) for it in result.outputs["plain"]["output"]]
+    assert all(a.shape == (128, 128, 3) for a in styled)
+    assert np.mean([np.abs(a - b).mean() for a, b in zip(styled, plain, strict=True)]) > 2.0
+    assert len(_scores(run_dir, "hits")) == 3 and len(_scores(run_dir, "leaks")) == 3
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped mini-flux weights barely follow prompts (see docs/mini-flux.md, "
+                   "Limits): the trigger word does not yet select the learned shape")
+def test_the_trigger_word_draws_the_hexagon_and_ordinary_prompts_do_not(run):
+    _, run_dir = run
+    hits = [s["shape"] for s in _scores(run_dir, "hits")]
+    leaks = [s["shape"] for s in _scores(run_dir, "leaks")]
+    assert sum(hits) / len(hits) >= 0.8
+    assert sum(leaks) / len(leaks) <= 0.1  # the leaks node reads "square" as "hexagon"
