@@ -25,6 +25,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .launch import add_launch_args
+
     parser = argparse.ArgumentParser(prog="fluxkiln", description="Run TOML recipes for FLUX.1 image generation "
                                      "and LoRA fine-tuning.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -39,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
     p.add_argument("--output", metavar="DIR", help="run folder (default ./runs/<recipe name>)")
     p.add_argument("--explain", action="store_true", help="print the plan with reasons, run nothing")
+    add_launch_args(p)
 
     p = sub.add_parser("watch", help="run, then rerun what changed on every save")
     _add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
     p.add_argument("--output", metavar="DIR")
     p.add_argument("--debounce", type=float, default=0.3, metavar="SECONDS", help="quiet time before a rerun")
+    add_launch_args(p)
 
     p = sub.add_parser("validate", help="check a recipe; exit 0 valid, 2 invalid")
     _add_recipe_args(p)
@@ -171,9 +175,9 @@ def _force_args(force: list[str] | None) -> tuple[list[str] | None, bool]:
 def cmd_run(args: argparse.Namespace) -> int:
     from .cli_output import ConsoleObserver, JsonObserver
     from .errors import RecipeInvalid
-    from .runner import Engine
+    from .launch import make_engine
 
-    engine = Engine(_registry())
+    engine = make_engine(_registry())
     force, force_all = _force_args(args.force)
     try:
         if args.explain:
@@ -186,10 +190,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         return EXIT_INVALID
     observer = JsonObserver() if args.json else ConsoleObserver()
-    interrupts = {"n": 0}
+    interrupts = {"n": 0, "at": 0.0}
 
     def on_sigint(signum: int, frame: Any) -> None:
+        import time
+
+        if interrupts["n"] and time.monotonic() - interrupts["at"] < 2.0:
+            return  # the same Ctrl-C forwarded by a launcher (torchrun) to its workers
         interrupts["n"] += 1
+        interrupts["at"] = time.monotonic()
         if interrupts["n"] > 1:
             raise KeyboardInterrupt
         print("\nfluxkiln: stopping at the next safe point (Ctrl-C again to abort now)", file=sys.stderr)
@@ -295,10 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     handlers = {"run": cmd_run, "validate": cmd_validate, "graph": cmd_graph, "nodes": cmd_nodes,
                 "plugins": cmd_plugins}
-    if args.command in handlers:
-        return handlers[args.command](args)
     from . import cli_extra
 
+    if args.command in ("run", "watch"):  # --gpus N, or one rank of a launched world
+        from .launch import route
+
+        return route(args, argv, handlers.get(args.command, cli_extra.dispatch))
+    if args.command in handlers:
+        return handlers[args.command](args)
     return cli_extra.dispatch(args)
 
 

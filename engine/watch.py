@@ -236,6 +236,8 @@ def watch_main(args: argparse.Namespace) -> int:
         problem = load_recipe(args.recipe)[1][0]  # "not found", with the file the user probably meant
         print(f"fluxkiln watch: {problem.message}" + (f" ({problem.hint})" if problem.hint else ""), file=sys.stderr)
         return 2
+    from .launch import make_engine
+
     observer = JsonObserver() if args.json else ConsoleObserver(quiet=True)
 
     def say(d: dict[str, Any]) -> None:
@@ -251,8 +253,8 @@ def watch_main(args: argparse.Namespace) -> int:
         elif d["event"] == "watch_waiting":
             print("[watch] waiting for changes (Ctrl-C to stop)", file=sys.stderr)
 
-    session = WatchSession(args.recipe, overrides=args.overrides, output=args.output, observers=[observer],
-                           debounce=args.debounce, say=say)
+    session = WatchSession(args.recipe, engine=make_engine(), overrides=args.overrides, output=args.output,
+                           observers=[observer], debounce=args.debounce, say=say)
     interrupts = _Interrupts(session)
     old = signal.signal(signal.SIGINT, interrupts.handle)
     try:

@@ -149,6 +149,8 @@ NOT_ON_CPU: dict[tuple[str, str], str] = {
                                "in test_flux_load; the GPU effect in test_gpu_paths)",
     ("load_model", "quantize"): "fp8 weights need a GPU of compute capability >= 8.9 (test_gpu_paths; the CPU "
                                 "refusal in test_flux_load)",
+    ("load_model", "context_parallel"): "splits each image's tokens over N GPUs with diffusers' context parallelism: "
+                                        "needs N CUDA processes (the refusals on CPU are tested in test_distributed)",
     ("sample", "go_fast"): "fp8 matmuls and compiled blocks exist only on CUDA; on a CPU it changes nothing by "
                            "design (test_gpu_paths checks the fast path runs and stays within the quality guard)",
     ("caption", "batch_size"): "how many images go through the captioner at once: the captions are the same by "

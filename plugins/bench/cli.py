@@ -33,7 +33,12 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 2; tiny 1)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps per configuration (default 8)")
     p.add_argument("--train-resolution", type=int, default=None, help="training resolution (default 1024)")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here (default bench.json)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results here (default bench.json; "
+                   "bench-gpus.json with --gpus)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="N workers: data-parallel images/s, DDP step time at N x the global batch and context-"
+                        "parallel latency, each beside one process in the same run (CPU processes with gloo where "
+                        "there is no GPU)")
     return p
 
 
@@ -46,6 +51,10 @@ def main(argv: list[str]) -> int:
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
+    if args.gpus is not None:
+        from .many import main_many
+
+        return main_many(args, argv)
     bench = BenchSession(args)
     try:
         bench.setup()

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
+from . import parallel
 from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
@@ -337,6 +338,9 @@ def load_model(
     share: Annotated[Model | None, Field(description="another load_model whose text encoders, tokenizers and VAE "
                                          "this model uses instead of loading its own (one copy in memory; "
                                          "FLUX.1 dev and schnell have the same ones)")] = None,
+    context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
+                                           "(diffusers' Ulysses context parallelism, for one image's latency); "
+                                           "needs as many processes (--gpus N) and CUDA; 1 = off")] = 1,
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.
 
@@ -353,6 +357,7 @@ def load_model(
     if quantize == "fp8" and offload == "sequential":
         raise NodeError('quantize = "fp8" does not combine with offload = "sequential"', key="quantize",
                         hint='use offload = "model" with fp8 (fp8 already halves the transformer\'s memory)')
+    parallel.check(context_parallel, device)
     src = resolve_source(model, ctx, download=download)
     if src.kind == "single_file":
         if src.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -371,17 +376,20 @@ def load_model(
         if share.kind != "flux":
             raise NodeError(f"`share` needs a FLUX model, got a '{share.kind}' model", key="share")
         key += f"|share={share.key}"
+    if context_parallel > 1:
+        key += f"|cp{context_parallel}"
 
     def loader() -> Any:
-        return build_pipeline(src, dtype, device, offload, quantize, share)
+        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
         ctx.log(f"loading FLUX pipeline '{model}' from {src.path}")
     pipe = get_pipeline(out)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
-    out.info = {"variant": variant, "source": src.kind, "path": str(src.path), "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-                "offload": offload, "quantize": quantize, "device": device}
+    out.info = {"variant": variant, "source": src.kind, "path": str(src.path),
+                "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+                "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
     if src.base:
         out.info["base"] = str(src.base)
     if share is not None:

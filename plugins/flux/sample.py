@@ -9,8 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, node
+from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, distributed, node
 
+from . import parallel
 from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
@@ -166,6 +167,7 @@ def scaled_adapters(adapters: list[dict[str, Any]], lora_scale: float | None) ->
     return [{**a, "scale": float(a["scale"]) * lora_scale} for a in adapters]
 
 
+@distributed.parallel
 @node("sample", version="2", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,
@@ -259,7 +261,9 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
     pipe = get_pipeline(model)
     with adapter_errors(model, "setting up this model's LoRAs"):
         prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
-    return generate(ctx, pipe, jobs, s)
+    if parallel.splits_images(model):  # several ranks: each makes its share of the images
+        return parallel.generate_split(ctx, pipe, jobs, s, generate)
+    return generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
 
 
 def _warn_size(ctx: RunContext, jobs: list[Job], model: Model) -> None:

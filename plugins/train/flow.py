@@ -60,14 +60,24 @@ def image_ids(h: int, w: int, device: Any, dtype: Any) -> Any:
 
 
 def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
-              device: Any, dtype: Any) -> Any:
-    """One batch's loss (a scalar float32 tensor with a graph to the trainable weights)."""
+              device: Any, dtype: Any, part: range | None = None) -> Any:
+    """One batch's loss (a scalar float32 tensor with a graph to the trainable weights).
+
+    With ``part`` (data-parallel training) the noise and times are drawn for the whole batch, so the
+    generator stays in step on every rank, and the loss covers only the samples in ``part`` (None if empty).
+    """
     import torch
     import torch.nn.functional as F
 
     b, _c, h, w = latents.shape
     noise = torch.randn(latents.shape, generator=gen)
     t = sample_times(b, gen, method, (h // 2) * (w // 2))
+    if part is not None:
+        if not len(part):
+            return None
+        pick = slice(part.start, part.stop)
+        latents, noise, t, embeds, pooled = latents[pick], noise[pick], t[pick], embeds[pick], pooled[pick]
+        b = len(part)
     x0 = latents.to(device, dtype)
     noise = noise.to(device, dtype)
     tt = t.view(b, 1, 1, 1).to(device, dtype)

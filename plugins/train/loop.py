@@ -17,17 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxkiln.engine import NodeError
+from fluxkiln.engine import Cancelled, NodeError
 
 from . import adapter as adapters
 from . import checkpoint as ckpts
 from . import gpu
 from .buckets import BatchCursor, build_samples
 from .config import TrainConfig
+from .ddp import DataParallel
 from .data import LatentStore, TextStore
 from .flow import flow_loss
 from .optim import EMA, make_optimizer, make_scheduler, resolve_name
 from .preview import oom_hint, take_samples
+
+
+SCRATCH = "scratch"  # the newest checkpoint is not to be resumed
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Trainer:
         self.ckpt_dir = state_dir / "checkpoints"
         self.logger = logger
         self.samples: list[tuple[str, Path, Any]] = []
+        self.dp = DataParallel()
 
     # ---------------------------------------------------------------- entry
     def run(self) -> TrainResult:
@@ -112,6 +117,8 @@ class Trainer:
         except ValueError as exc:
             raise NodeError(f"a dataset image is too small: {exc}", key="dataset") from exc
         mode = "disk" if cfg.cache_latents_to_disk else "memory" if cfg.cache_latents else "none"
+        if mode == "disk" and not self.dp.owner:  # rank 0 alone writes files
+            mode = "memory"
         self.latents = LatentStore(pipe.vae, [Path(it.path) for it in self.items], self.device, mode,
                                    self.state_dir / "latents")
         self.texts = TextStore(pipe, self.device, cfg.max_sequence_length, cfg.cache_text_embeddings)
@@ -132,7 +139,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
         self.ema = EMA(self.master, cfg.ema_decay) if cfg.ema else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.cursor = BatchCursor(self.samples_list, cfg.batch_size, cfg.seed)
+        self.cursor = BatchCursor(self.samples_list, cfg.batch_size * self.dp.size, cfg.seed)  # the global batch
         self.history: list[list[float]] = []
         self.elapsed = 0.0
         compiled = gpu.compile_blocks(pipe, self.device, ctx.log)
@@ -149,14 +156,19 @@ class Trainer:
         return None
 
     def _resume(self) -> int:
-        ckpts.clean_temporaries(self.ckpt_dir)
-        why = self._from_scratch()
-        if why is not None:
-            earlier = ckpts.discard_all(self.ckpt_dir)
-            gone = f"; {earlier} earlier checkpoint(s) of this configuration discarded" if earlier else ""
-            self.ctx.log(f"training from scratch ({why}){gone}")
+        def load() -> Any:  # rank 0 decides and reads; every rank gets the same answer
+            ckpts.clean_temporaries(self.ckpt_dir)
+            why = self._from_scratch()
+            if why is not None:
+                earlier = ckpts.discard_all(self.ckpt_dir)
+                gone = f"; {earlier} earlier checkpoint(s) of this configuration discarded" if earlier else ""
+                self.ctx.log(f"training from scratch ({why}){gone}")
+                return SCRATCH
+            return ckpts.load_latest(self.ckpt_dir, self.cfg.steps, log=self.ctx.log)
+
+        found = self.dp.share_checkpoint(load)
+        if found == SCRATCH:
             return 0
-        found = ckpts.load_latest(self.ckpt_dir, self.cfg.steps, log=self.ctx.log)
         if found is None:
             self.ctx.log("training from scratch (no checkpoint of this configuration yet)")
             return 0
@@ -180,7 +192,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load({k: tensors[f"ema/{k}"] for k in self.master}, int(state["ema_updates"]))
         cur = meta["cursor"]
-        self.cursor = BatchCursor(self.samples_list, self.cfg.batch_size, self.cfg.seed, cur["epoch"], cur["index"])
+        self.cursor = BatchCursor(self.samples_list, self.cfg.batch_size * self.dp.size, self.cfg.seed,
+                                  cur["epoch"], cur["index"])
         self.history = [list(r) for r in meta.get("history", [])]
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.ctx.log(f"resuming from checkpoint at step {found.step} ({found.path.name}); "
@@ -215,8 +228,8 @@ class Trainer:
             ctx.progress(step, cfg.steps, metrics={"loss": loss, "lr": lr})
             if self.logger:
                 self.logger.log(step, {"train/loss": loss, "train/lr": lr})
-            if cfg.sample_at(step, self.logger.sample_interval if self.logger else None) or \
-                    (step == cfg.steps and cfg.sample_prompts and cfg.sample_every):
+            if self.dp.owner and (cfg.sample_at(step, self.logger.sample_interval if self.logger else None) or
+                                  (step == cfg.steps and cfg.sample_prompts and cfg.sample_every)):
                 self._sample(pipe, step)
             if self.logger and self.logger.save_due(step):
                 self.logger.save_lora(step, self.export_weights())
@@ -224,11 +237,11 @@ class Trainer:
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 self._checkpoint(step)
                 saved = True
-            if ctx.cancelled and step < cfg.steps:
+            if self.dp.agree_stop(ctx.cancelled) and step < cfg.steps:  # every rank stops after the same step
                 if not saved:
                     self._checkpoint(step)
                 ctx.log(f"stopped at step {step}; checkpoint written, rerun to continue")
-                ctx.check_cancelled()
+                raise Cancelled(f"node '{ctx.node}' cancelled")
         if cfg.steps > start:
             self._checkpoint(cfg.steps)
         return TrainResult(self.export_weights(), self.history, cfg.steps, self.optimizer_name, self.layers,
@@ -238,27 +251,31 @@ class Trainer:
         import torch
 
         cfg = self.cfg
-        batch = self.cursor.next()
+        batch = self.cursor.next()  # the global batch: every rank draws the same batch, dropout and noise
         drop = (torch.rand(len(batch), generator=self.gen) < cfg.caption_dropout_rate).tolist()
         caps = ["" if d else self.captions[s.item] for s, d in zip(batch, drop, strict=True)]
+        part = self.dp.part(len(batch))
         latents = self.latents.batch(batch)
         embeds, pooled = self.texts.batch(caps)
         lr = float(self.optimizer.param_groups[0]["lr"])
         with gpu.attention_backends(self.device):
             loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
-                             self.device, self.dtype)
-            loss.backward()  # queued before the loss is read, so the GPU never waits for the check
-        value = float(loss.detach().item())
-        if not math.isfinite(value):
-            raise NodeError(f"the loss became {value} at step {step}; training stopped (no checkpoint "
-                            "was written for this step)", key="learning_rate",
-                            hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
+                             self.device, self.dtype, part=part if self.dp.size > 1 else None)
+            share = len(part) / len(batch)
+            if loss is not None:
+                (loss * share if share != 1 else loss).backward()  # queued before the loss is read
+        value = float(loss.detach().item()) * share if loss is not None else 0.0
         if self.master is not self.named:  # low-precision weights in the model: step the float32 masters
             model = list(self.named.values())
             torch._foreach_copy_([p.grad for p in self.params],
                                  [p.grad if p.grad is not None else torch.zeros_like(p) for p in model])
             for p in model:
                 p.grad = None
+        value = self.dp.sync(self.params, value)  # several ranks: the gradients of the global batch's mean loss
+        if not math.isfinite(value):
+            raise NodeError(f"the loss became {value} at step {step}; training stopped (no checkpoint "
+                            "was written for this step)", key="learning_rate",
+                            hint="lower learning_rate, use max_grad_norm = 1.0, or check the dataset images")
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
@@ -286,6 +303,8 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         import torch
 
+        if not self.dp.owner:  # rank 0 alone writes checkpoints
+            return
         bad = [k for k, p in self.master.items() if not bool(torch.isfinite(p).all())]
         if bad:
             raise NodeError(f"weights became non-finite by step {step} ({bad[0]}); no checkpoint written",
@@ -297,7 +316,7 @@ class Trainer:
                  "generator": self.gen.get_state(), "rng": ckpts.rng_state(),
                  "ema_updates": self.ema.updates if self.ema else 0}
         meta = {"cursor": self.cursor.state(), "history": self.history, "optimizer": self.optimizer_name,
-                "elapsed": self.elapsed, "layers": len(self.layers)}
+                "elapsed": self.elapsed, "layers": len(self.layers), "world_size": self.dp.size}
         try:
             path = ckpts.save(self.ckpt_dir, step, tensors, state, meta, self.cfg.keep_last, log=self.ctx.log)
         except OSError as exc:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from fluxkiln.engine import Dataset, InputFile, Lora, Model, NodeError, RunContext, Secret, Text, node
+from fluxkiln.engine import Dataset, InputFile, Lora, Model, NodeError, RunContext, Secret, Text, distributed, node
 
 from .config import NOT_IN_STATE, TrainConfig
 
@@ -18,6 +18,7 @@ Optimizer = Literal["auto", "adamw", "adam", "adamw8bit", "adam8bit", "lion", "l
 ExportFormat = Literal["diffusers", "peft", "comfyui", "kohya"]
 
 
+@distributed.parallel
 @node("train_lora", version="1", outputs={"lora": Lora, "captions": Text}, category="training")
 def train_lora(
     ctx: RunContext,
@@ -129,6 +130,8 @@ def train_lora(
             result = job.train(state_dir, wandb_key,
                                dict(project=wandb_project, run_name=wandb_run, entity=wandb_entity,
                                     sample_interval=wandb_sample_interval, save_interval=wandb_save_interval))
+    if not distributed.current().owner:  # another rank of a data-parallel run: rank 0 exports and publishes
+        return {"lora": Lora(path=Path(os.devnull)), "captions": Text("")}
     lora, captions = job.export(result)
     if hf_repo_id:
         job.publish(hf_repo_id, hf_private, token, lora, result)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fluxkiln.engine import Lora, NodeError, Text
+from fluxkiln.engine import Lora, NodeError, Text, distributed
 
 from . import export as ex
 from .config import TrainConfig, scrub
@@ -36,7 +36,7 @@ class Job:
             raise NodeError("train_lora needs a dataset with at least one image", key="dataset",
                             hint='link a dataset node: dataset = "@data" (or give use_pretrained_lora)')
         logger = None
-        if wandb_key:
+        if wandb_key and distributed.current().owner:  # rank 0 alone logs
             from .wandb_log import WandbLogger
 
             logger = WandbLogger(key=wandb_key, state_dir=state_dir, log_dir=self.out_dir,

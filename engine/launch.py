@@ -1,0 +1,195 @@
+"""Starting many workers: ``--gpus N`` through PyTorch's elastic launcher, and what each rank then does.
+
+``fluxkiln run RECIPE --gpus N`` (and ``watch``) starts N copies of the same
+command with ``torch.distributed.launcher`` (what ``torchrun`` uses), without
+the launch options.  A process that finds ``WORLD_SIZE`` > 1 in its
+environment (set by that launcher, ``torchrun`` or ``accelerate launch``)
+joins the process group: rank 0 runs the command with an
+:class:`~.follow.OwnerEngine`, the others serve as :class:`~.follow.Worker`.
+On a machine without CUDA the workers are CPU processes talking over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import distributed as dist
+
+LAUNCH_FLAGS = {"--gpus": 1, "--procs": 1, "--nnodes": 1, "--rdzv-endpoint": 1, "--rdzv-id": 1}
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """The ``run`` / ``watch`` options that start several workers."""
+    p.add_argument("--gpus", "--procs", dest="gpus", type=int, default=None, metavar="N",
+                   help="start N workers on this machine (one per GPU; CPU processes with gloo where there is "
+                        "no GPU) through PyTorch's elastic launcher")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M",
+                   help="with --gpus: hosts taking part (start the same command on each; needs --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="with --nnodes > 1: the rendezvous address every host can reach (e.g. the first host)")
+    p.add_argument("--rdzv-id", default="fluxkiln", metavar="ID", help="rendezvous id shared by the hosts of one run")
+
+
+def make_engine(registry: Any = None) -> Any:
+    """The engine for this process: an :class:`~.follow.OwnerEngine` on rank 0 of several, else an Engine."""
+    if dist.current().many:
+        from .follow import OwnerEngine
+
+        return OwnerEngine(registry)
+    from .runner import Engine
+
+    return Engine(registry)
+
+
+def route(args: argparse.Namespace, argv: list[str], command: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``command`` as this process's part: launch workers, serve as a worker, or just run it."""
+    launched = dist.from_env().many
+    if not launched and (args.gpus is not None or args.nnodes != 1):
+        return launch(args, argv)
+    if not launched:
+        return command(args)
+    world = dist.init(timeout_s=7 * 24 * 3600.0 if args.command == "watch" else None)
+    try:
+        if world.owner:
+            try:
+                code = command(args)
+                dist.broadcast({"op": "exit"})
+                return code
+            except RuntimeError as exc:  # a collective failed: another rank is gone
+                print(f"fluxkiln: rank 0 lost contact with the other workers ({str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                return 1
+        return _serve()
+    finally:
+        dist.shutdown()
+
+
+def _serve() -> int:
+    from . import paths
+    from .follow import Worker
+    from .registry import Registry
+
+    worker = Worker(Registry.load(), paths.cache_root())
+    _on_sigint(worker.cancel.set)
+    return worker.serve()
+
+
+def _on_sigint(cancel: Callable[[], None]) -> None:
+    """First SIGINT: cancel at the next safe point; one more within 2 s (a launcher forwarding it) is the same."""
+    import time
+
+    state = {"at": 0.0, "n": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if state["n"] and now - state["at"] < 2.0:
+            return
+        state["n"] += 1
+        state["at"] = now
+        if state["n"] > 1:
+            raise KeyboardInterrupt
+        cancel()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def strip_launch_args(argv: list[str]) -> list[str]:
+    """``argv`` without the launch options (the workers must not launch again)."""
+    out: list[str] = []
+    skip = 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = item.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = 0 if "=" in item else LAUNCH_FLAGS[name]
+            continue
+        out.append(item)
+    return out
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.gpus is None or args.gpus < 1:
+        return "--gpus N needs N >= 1 (workers on this host)"
+    if args.nnodes < 1:
+        return "--nnodes needs at least 1"
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        return "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (an address of the first host every host can reach)"
+    return None
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start ``--gpus`` workers (per host) running this command; report a failed rank by number."""
+    problem = _check(args)
+    if problem:
+        print(f"fluxkiln {args.command}: {problem}", file=sys.stderr)
+        return 2
+    return launch_workers(args.gpus, strip_launch_args(argv), nnodes=args.nnodes, endpoint=args.rdzv_endpoint,
+                          rdzv_id=args.rdzv_id)
+
+
+def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: str | None = None,
+                   rdzv_id: str = "fluxkiln") -> int:
+    """Run ``python -m fluxkiln.engine.cli ARGV`` (the ``fluxkiln`` command) in ``nproc`` workers per host
+    (``nnodes`` hosts) and wait for them.
+
+    Returns 0, 130 when interrupted, or 1 after naming the rank that failed.
+    """
+    import torch
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # fluxkiln reports a failed or stopped rank itself
+    config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                          run_id=rdzv_id if nnodes > 1 else uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint or "localhost:0",
+                          max_restarts=0, monitor_interval=0.2)
+    # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
+    # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
+    try:
+        elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
+    except ChildFailedError as exc:
+        return _report(exc.failures)
+    except SignalException as exc:
+        print(f"fluxkiln: stopped ({exc.sigval.name})", file=sys.stderr)
+        return 130 if exc.sigval == signal.SIGINT else 1
+    return 0
+
+
+def _report(failures: dict[int, Any]) -> int:
+    """Exit 130 when every failed rank was interrupted, else name the rank that died first and exit 1."""
+    if all(f.exitcode in (130, -signal.SIGTERM) for f in failures.values()) and \
+            any(f.exitcode == 130 for f in failures.values()):
+        return 130  # interrupted; a rank still finishing was stopped by the launcher
+
+    def cause(f: Any) -> str:
+        if f.exitcode < 0:
+            try:
+                return f"was killed by {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                return f"was killed by signal {-f.exitcode}"
+        return f"exited with code {f.exitcode}"
+
+    def order(item: tuple[int, Any]) -> tuple[int, int]:  # killed first, then errors, then SIGTERMed by the launcher
+        f = item[1]
+        killed = f.exitcode < 0 and f.exitcode != -signal.SIGTERM
+        return (0 if killed else 1 if f.exitcode > 0 and f.exitcode != 130 else 2, item[0])
+
+    rank, first = min(failures.items(), key=order)
+    others = ", ".join(f"rank {r} {cause(f)}" for r, f in sorted(failures.items()) if r != rank)
+    print(f"fluxkiln: worker rank {rank} (pid {first.pid}) {cause(first)}; the run failed and every worker was "
+          f"stopped{'; ' + others if others else ''}. Finished results stay cached; nothing of the failed node "
+          "was stored.", file=sys.stderr)
+    return 1

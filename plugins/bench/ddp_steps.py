@@ -1,0 +1,66 @@
+"""LoRA training steps for ``fluxkiln bench --gpus N``, made of the trainer's own parts.
+
+Random latents and text embeddings of the right shapes, the flow-matching loss
+on this rank's slice of the global batch (``flow_loss(part=...)``), and the
+gradient sum across ranks (``DataParallel.sync``): what ``train_lora`` does per
+step, without a dataset, so one process at batch B and N processes at N × B can
+be timed in the same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxkiln.engine import distributed
+from fluxkiln.plugins.train import adapter
+from fluxkiln.plugins.train.ddp import DataParallel
+from fluxkiln.plugins.train.flow import flow_loss
+
+
+class DdpSteps:
+    """A rank-16 LoRA on ``pipe``'s transformer and an optimizer, stepped on random data."""
+
+    def __init__(self, pipe: Any, device: str, resolution: int, rank: int = 16) -> None:
+        import torch
+
+        self.pipe, self.resolution, self.rank = pipe, resolution, rank
+        self.device = torch.device(device)
+        self.had_gc = bool(getattr(pipe.transformer, "gradient_checkpointing", False))
+        adapter.reset_pipeline_state(pipe, device)
+        named = adapter.attach(pipe, adapter.select_layers(pipe.transformer, None), rank, float(rank), 0)
+        self.params = list(named.values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        if device == "cuda":
+            pipe.transformer.enable_gradient_checkpointing()
+        pipe.transformer.train()
+        cfg = pipe.transformer.config
+        self.channels, self.text_dim, self.pooled_dim = cfg.in_channels // 4, cfg.joint_attention_dim, \
+            cfg.pooled_projection_dim
+        self.text_len = 512 if resolution >= 512 else 32
+        self.gen = torch.Generator().manual_seed(0)
+        self.dtype = pipe.transformer.dtype
+
+    def step(self, global_batch: int, alone: bool) -> float:
+        """One optimizer step on a global batch; ``alone`` = rank 0 as a world of one (the baseline)."""
+        import torch
+
+        dp = DataParallel()
+        if alone:
+            dp.world = distributed.World()
+        part = dp.part(global_batch)
+        side = self.resolution // 8
+        latents = torch.randn(global_batch, self.channels, side, side, generator=self.gen)
+        embeds = torch.randn(global_batch, self.text_len, self.text_dim, generator=self.gen)
+        pooled = torch.randn(global_batch, self.pooled_dim, generator=self.gen)
+        loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,
+                         self.dtype, part=part if dp.size > 1 else None)
+        share = len(part) / global_batch
+        if loss is not None:
+            (loss * share).backward()
+        value = dp.sync(self.params, float(loss.detach().item()) * share if loss is not None else 0.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def close(self) -> None:
+        adapter.detach(self.pipe, self.had_gc)

@@ -1,0 +1,222 @@
+"""``fluxkiln bench --gpus N``: data-parallel throughput, DDP step time and context-parallel latency on N workers.
+
+The command starts N workers through the same elastic launcher as ``fluxkiln
+run --gpus N``.  In that world every measurement has its one-process baseline
+in the same call: rank 0 runs it alone while the other ranks wait at a
+barrier, then all N run the parallel version.
+
+- data parallel: ``2 × N`` images (2 per process) through the pipeline with
+  the split ``sample`` uses (:func:`~fluxkiln.engine.distributed.run_shard`);
+  images/s on N processes vs one.
+- DDP: LoRA training steps with the trainer's own loss and gradient sum
+  (``flow_loss`` on this rank's slice, ``DataParallel.sync``): one process at
+  batch B vs N processes at the global batch N × B.
+- context parallel: one image's latency with diffusers' stock
+  ``ContextParallelConfig(ulysses_degree=N)`` vs one process.  diffusers builds
+  its device mesh on an accelerator, so on CPU this part records why it was
+  skipped.
+
+Results go to JSON (``--out``, default ``bench-gpus.json``) like the rest of the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fluxkiln.engine import distributed
+
+from .session import PROMPT
+
+TARGETS = {2: {"dp_speedup": 1.9, "cp_ratio": 0.60, "ddp_ratio": 1.1},
+           4: {"dp_speedup": 3.7, "cp_ratio": 0.35, "ddp_ratio": 1.1}}
+
+
+def main_many(args: argparse.Namespace, argv: list[str]) -> int:
+    """Launch the workers (from the command line), or measure (inside a launched world)."""
+    if not distributed.from_env().many:
+        if args.gpus < 2:
+            print("fluxkiln bench: --gpus N needs N >= 2 (the one-process baseline is measured in the same run)")
+            return 2
+        from fluxkiln.engine.launch import launch_workers
+
+        return launch_workers(args.gpus, ["bench", *argv])
+    world = distributed.init()
+    try:
+        results = Many(args, world).run()
+    finally:
+        distributed.shutdown()
+    if world.owner:
+        out = args.out or Path("bench-gpus.json")
+        out.write_text(json.dumps(results, indent=2, default=str))
+        print(render(results))
+        print(f"results: {out}")
+    return 0
+
+
+class Many:
+    """The measurements of one ``bench --gpus N`` run, on every rank."""
+
+    def __init__(self, args: argparse.Namespace, world: distributed.World) -> None:
+        import torch
+
+        self.args, self.world = args, world
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tiny = args.tiny
+        self.size = 256 if self.tiny else 1024
+        self.steps = 4 if self.tiny else 28
+        self.train_res = args.train_resolution or (64 if self.tiny else 1024)
+        self.train_steps = args.train_steps or (4 if self.tiny else 8)
+
+    def run(self) -> dict[str, Any]:
+        import diffusers
+        import torch
+
+        torch.manual_seed(0)
+        self.pipe = self._build()
+        results: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d"), "mode": "tiny" if self.tiny else "random-weights",
+            "device": self.device, "gpus": self.world.size, "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "gpu": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
+            "size": self.size, "steps": self.steps}
+        results["data_parallel"] = self.data_parallel()
+        results["ddp"] = self.ddp()
+        results["context_parallel"] = self.context_parallel()
+        results["targets"] = targets(results)
+        return results
+
+    def _build(self) -> Any:
+        if self.tiny:
+            from fluxkiln.plugins.flux.tiny import build_tiny_flux
+
+            pipe = build_tiny_flux("dev").to(self.device)
+        else:
+            from .models import build_full_size
+
+            pipe = build_full_size(self.device)["dev"]
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # ------------------------------------------------------------------ helpers
+    def _sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        self._sync()
+        dist.barrier()
+
+    def _images(self, n: int, seed: int) -> list[Any]:
+        import torch
+
+        if n == 0:
+            return []
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+        with torch.no_grad():
+            return self.pipe(PROMPT, num_images_per_prompt=n, width=self.size, height=self.size,
+                             num_inference_steps=self.steps, guidance_scale=3.5, generator=gens,
+                             output_type="pil").images
+
+    def _alone(self, fn: Any) -> float | None:
+        """Time ``fn`` on rank 0 alone (the one-process baseline); the others wait."""
+        self._barrier()
+        seconds = None
+        if self.world.owner:
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            seconds = time.perf_counter() - t0
+        self._barrier()
+        return seconds
+
+    def _together(self, fn: Any) -> float:
+        self._barrier()
+        t0 = time.perf_counter()
+        fn()
+        self._barrier()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ parts
+    def data_parallel(self) -> dict[str, Any]:
+        n = 2 * self.world.size
+        self._images(1, 0)  # warm-up on every rank
+        one = self._alone(lambda: [self._images(2, 2 * i) for i in range(self.world.size)])
+        many = self._together(lambda: distributed.run_shard(lambda part: self._images(len(part), part.start), n))
+        return {"images": n, "per_process_batch": 2, "one_s": _r(one), "many_s": _r(many),
+                "one_images_per_s": _r(n / one) if one else None, "many_images_per_s": _r(n / many),
+                "speedup": _r(one / many) if one else None}
+
+    def ddp(self) -> dict[str, Any]:
+        from .ddp_steps import DdpSteps
+
+        steps = DdpSteps(self.pipe, self.device, self.train_res)
+        per_process = 1
+        steps.step(per_process, alone=True)  # warm-up
+        self._barrier()
+        one = self._alone(lambda: [steps.step(per_process, alone=True) for _ in range(self.train_steps)])
+        steps.step(per_process * self.world.size, alone=False)
+        many = self._together(lambda: [steps.step(per_process * self.world.size, alone=False)
+                                        for _ in range(self.train_steps)])
+        steps.close()
+        one_step = one / self.train_steps if one else None
+        many_step = many / self.train_steps
+        return {"resolution": self.train_res, "rank": steps.rank, "per_process_batch": per_process,
+                "global_batch": per_process * self.world.size, "steps": self.train_steps,
+                "one_step_s": _r(one_step), "many_step_s": _r(many_step),
+                "ratio": _r(many_step / one_step) if one_step else None}
+
+    def context_parallel(self) -> dict[str, Any]:
+        if self.device != "cuda":
+            return {"skipped": "diffusers' context parallelism builds its device mesh on an accelerator: "
+                               "it needs CUDA GPUs"}
+        one = self._alone(lambda: self._images(1, 0))
+        from fluxkiln.plugins.flux import parallel
+
+        parallel.enable(self.pipe, self.world.size)
+        self._images(1, 0)  # warm-up with the all-to-alls
+        many = self._together(lambda: self._images(1, 0))
+        return {"stock": {"ulysses_degree": self.world.size, "one_s": _r(one), "many_s": _r(many),
+                          "ratio": _r(many / one) if one else None}}
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue beside the measured value (met / missed / not measured)."""
+    want = TARGETS.get(results["gpus"])
+    if want is None or results["device"] != "cuda":
+        return []
+    got = {"dp_speedup": results["data_parallel"].get("speedup"), "ddp_ratio": results["ddp"].get("ratio"),
+           "cp_ratio": (results["context_parallel"].get("stock") or {}).get("ratio")}
+    rows = []
+    for name, goal in want.items():
+        value = got[name]
+        ok = None if value is None else (value >= goal if name == "dp_speedup" else value <= goal)
+        rows.append({"target": name, "goal": goal, "value": value, "met": ok})
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    dp, ddp, cp = results["data_parallel"], results["ddp"], results["context_parallel"]
+    lines = [f"fluxkiln bench --gpus {results['gpus']} ({results['mode']}, {results['gpu']})",
+             f"  data parallel: {dp['images']} images, {dp['one_images_per_s']} img/s on 1, "
+             f"{dp['many_images_per_s']} img/s on {results['gpus']}: {dp['speedup']}x",
+             f"  DDP: {ddp['one_step_s']} s/step at batch {ddp['per_process_batch']} on 1, {ddp['many_step_s']} s/step "
+             f"at global batch {ddp['global_batch']}: {ddp['ratio']}x"]
+    if "skipped" in cp:
+        lines.append(f"  context parallel: skipped ({cp['skipped']})")
+    else:
+        s = cp["stock"]
+        lines.append(f"  context parallel (diffusers, ulysses {s['ulysses_degree']}): {s['one_s']} s on 1, "
+                     f"{s['many_s']} s on {results['gpus']}: {s['ratio']}x")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The parts of running on many processes that need no process group: splitting work, the launch options,
+what a failed launch reports, and refusing bad launch settings before anything starts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fluxkiln.engine import distributed
+from fluxkiln.engine.launch import _report, strip_launch_args
+
+
+@given(st.integers(0, 200), st.integers(1, 9))
+def test_shards_cover_every_item_once_in_order_and_rank_0_is_never_idle(n, size):
+    parts = [distributed.shard(n, distributed.World(r, size, r)) for r in range(size)]
+    assert [i for p in parts for i in p] == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    if n:
+        assert len(parts[0]) >= 1
+
+
+def test_world_from_the_launcher_environment():
+    w = distributed.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.owner, w.many) == (1, 4, 1, False, True)
+    assert distributed.from_env({}) == distributed.World()
+    with pytest.raises(distributed.NodeError, match="outside WORLD_SIZE"):
+        distributed.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(distributed.NodeError, match="whole numbers"):
+        distributed.from_env({"WORLD_SIZE": "two"})
+
+
+def test_a_world_of_one_runs_the_whole_share_here():
+    assert distributed.run_shard(lambda part: [i * 10 for i in part], 3) == [0, 10, 20]
+    assert distributed.broadcast("x") == "x" and distributed.all_gather(5) == [5]
+
+
+def test_workers_are_started_without_the_launch_options():
+    argv = ["run", "r.toml", "--gpus", "2", "--nnodes=2", "--rdzv-endpoint", "h:29400", "--rdzv-id", "x",
+            "--procs", "3", "--set", "nodes.a.seed=1"]
+    assert strip_launch_args(argv) == ["run", "r.toml", "--set", "nodes.a.seed=1"]
+
+
+def _failure(code: int, pid: int = 10) -> SimpleNamespace:
+    return SimpleNamespace(exitcode=code, pid=pid)
+
+
+def test_a_failed_launch_names_the_rank_that_died_first(capsys):
+    assert _report({0: _failure(-signal.SIGTERM, 1), 1: _failure(-signal.SIGKILL, 2)}) == 1
+    err = capsys.readouterr().err
+    assert "worker rank 1 (pid 2) was killed by SIGKILL" in err and "rank 0 was killed by SIGTERM" in err
+    assert _report({0: _failure(1, 3)}) == 1
+    assert "worker rank 0 (pid 3) exited with code 1" in capsys.readouterr().err
+    assert _report({0: _failure(130), 1: _failure(-signal.SIGTERM)}) == 130  # interrupted, not failed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0"], "--gpus N needs N >= 1"),
+    (["--gpus", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
+])
+def test_bad_launch_settings_are_refused_before_anything_starts(tmp_path, args, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "r"\n')
+    out = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def _load_with(tmp_path, context_parallel: int):
+    from fluxkiln.engine.runner import Engine
+
+    recipe = tmp_path / "cp.toml"
+    recipe.write_text('[recipe]\nname = "cp"\n\n[nodes.base]\ntype = "load_model"\nmodel = "builtin:tiny-flux"\n'
+                      f"context_parallel = {context_parallel}\n")
+    result = Engine(cache_dir=tmp_path / "cache").run(recipe)
+    return result, [e.data for e in result.events if e.event == "node_failed"]
+
+
+def test_context_parallel_needs_one_process_per_gpu(tmp_path):
+    result, failed = _load_with(tmp_path, 2)
+    assert result.status == "failed"
+    assert "context_parallel = 2 needs 2 processes, one per GPU; this run has 1" in failed[0]["error"]
+    assert "--gpus 2" in failed[0]["hint"]
+
+
+def test_context_parallel_is_refused_on_cpu_in_a_world_of_the_right_size(tmp_path, monkeypatch):
+    from fluxkiln.plugins.flux import parallel
+
+    monkeypatch.setattr(distributed, "_world", distributed.World(0, 2, 0))  # as a launched rank 0 sees it
+    with pytest.raises(distributed.NodeError, match="needs CUDA GPUs") as info:
+        parallel.check(2, "cpu")
+    assert info.value.key == "context_parallel"
+    parallel.check(1, "cpu")  # off: nothing to refuse
+
+
+def test_context_parallel_off_keeps_the_split_and_the_residency_key(tmp_path):
+    from fluxkiln.plugins.flux import parallel
+
+    result, failed = _load_with(tmp_path, 1)
+    assert result.ok, failed
+    (model,) = result.outputs["base"].values()
+    assert model.info["context_parallel"] == 1 and parallel.splits_images(model)
+    assert model.key.endswith("|cpu")  # no context-parallel suffix
+    shared = type(model)(ref="x", kind="flux", key="k", info={"context_parallel": 2})
+    assert not parallel.splits_images(shared)
+
+
+def test_python_dash_m_fluxkiln_is_the_fluxkiln_command():  # what torchrun / accelerate launch -m fluxkiln run
+    out = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--gpus N" in out.stdout and "--rdzv-endpoint" in out.stdout
