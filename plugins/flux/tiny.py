@@ -192,7 +192,7 @@ def _byte_chars() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def _clip_tokenizer() -> Any:
+def _clip_tokenizer(model_max_length: int = 77) -> Any:
     """A CLIP BPE tokenizer with no merges: every byte is a token (so every prompt encodes distinctly)."""
     from transformers import CLIPTokenizer
 
@@ -204,7 +204,7 @@ def _clip_tokenizer() -> Any:
         vocab[c + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
 def _t5_tokenizer() -> Any:

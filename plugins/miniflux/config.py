@@ -51,20 +51,10 @@ def t5_tokenizer() -> Any:
 
 
 def clip_tokenizer() -> Any:
-    """A CLIP byte-level BPE tokenizer without merges: every byte is a token."""
-    from transformers import CLIPTokenizer
+    """A CLIP byte-level BPE tokenizer without merges: every byte is a token (the tiny model's, longer)."""
+    from fluxkiln.plugins.flux.tiny import _clip_tokenizer
 
-    from fluxkiln.plugins.flux.tiny import _byte_chars
-
-    chars = _byte_chars()
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_TOKENS)
+    return _clip_tokenizer(CLIP_TOKENS)
 
 
 def build_modules(variant: str = "dev") -> dict[str, Any]:
