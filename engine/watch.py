@@ -261,7 +261,14 @@ def watch_main(args: argparse.Namespace) -> int:
         session.loop()
     finally:
         signal.signal(signal.SIGINT, old)
-    return 130 if interrupts.count else 0
+    if interrupts.count:
+        # Stopped by Ctrl-C, every run finished at a safe point: exit now.  Interpreter teardown (seconds, with
+        # torch loaded) restores the default SIGINT handler, so a second Ctrl-C during it killed the process
+        # by signal instead of exiting 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return 0
 
 
 class _Interrupts:
