@@ -149,8 +149,7 @@ def fullhd_table(d: dict) -> str:
 
 def hybrid_table(d: dict) -> str:
     g, s = d["generation"], d["sample"]
-    rows = [[label, num(r["s_per_image"], 2), num(r.get("ratio_to_dev_28_steps", 1.0 if r is not None else None), 2),
-             num(r["peak_gib"], 1)]
+    rows = [[label, num(r["s_per_image"], 2), num(r.get("ratio_to_dev_28_steps", 1.0), 2), num(r["peak_gib"], 1)]
             for label, r in (("dev alone, 28 steps, lossless", s.get("dev-lossless")),
                              ("hybrid: schnell 4 steps + dev 12 at strength 0.6, lossless", g.get("hybrid")),
                              ("dev alone, 28 steps, `go_fast`", s.get("dev-go_fast")),
