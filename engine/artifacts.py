@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -242,20 +241,8 @@ def restore(todo: list[tuple[Artifact, Path]], files: RunFiles, node: str) -> No
     for art, src in todo:
         dest = files.run_dir / str(art.rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _place(src, dest, link=art.size >= LINK_MIN)
+        link_or_copy(src, dest, link=art.size >= LINK_MIN)
         files.note(art, node)
-
-
-def _place(src: Path, dest: Path, link: bool, tries: int = 5) -> None:
-    """``link_or_copy``, waiting out the moment a concurrent run swaps the same cache entry into place."""
-    for attempt in range(tries):
-        try:
-            link_or_copy(src, dest, link=link)
-            return
-        except FileNotFoundError:
-            if attempt == tries - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
 
 
 def in_run(arts: list[Artifact], run_dir: Path) -> list[str]:

@@ -226,16 +226,26 @@ class Engine:
         """Load a cached node's outputs and put its files into the run folder; False if that failed."""
         data: dict[str, Any] = {"source": np_.source, "fingerprint": np_.fingerprint[:16]}
         if np_.source != "not needed":
-            try:
-                result.outputs[np_.id] = self.caches.load(np_, self.registry.port_types)
-            except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
-                self._unreadable(np_, exc, result)
-                return False
-            try:
-                self.caches.put_files(plan, np_)
-            except OSError as exc:
-                self._unplaceable(plan, np_, exc, result)
-                return False
+            for attempt in range(5):  # a concurrent run may be swapping this very entry into place
+                try:
+                    result.outputs[np_.id] = self.caches.load(np_, self.registry.port_types)
+                    self.caches.put_files(plan, np_)
+                    break
+                except FileNotFoundError as exc:
+                    if attempt < 4:
+                        time.sleep(0.05 * (attempt + 1))
+                        continue
+                    self._unreadable(np_, exc, result)
+                    return False
+                except OSError as exc:
+                    if np_.id in result.outputs:  # loaded: the run folder refused the files
+                        self._unplaceable(plan, np_, exc, result)
+                    else:
+                        self._unreadable(np_, exc, result)
+                    return False
+                except Exception as exc:  # noqa: BLE001 - an unreadable entry fails this node, not the run
+                    self._unreadable(np_, exc, result)
+                    return False
             data["artifacts"] = in_run(np_.artifacts, plan.run_dir)
         self._emit(Event("node_cached", result.run_id, np_.id, np_.type, data))
         return True
