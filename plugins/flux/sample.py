@@ -204,6 +204,10 @@ def sample(
                                    "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
                                    "QKV, compiled VAE decoder); false restores the exact bf16 weights. CPU: fused QKV "
                                    "projections only")] = True,
+    cache_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="step cache, lossy, off at 0: a step "
+                                            "whose first transformer block's output changed by less than this "
+                                            "(relative) since the last full step skips the other blocks and "
+                                            "reuses their last change; 0.05-0.15 skips some steps")] = 0.0,
 ) -> Images:
     """Generate images with FLUX.1 [dev] or [schnell] (text-to-image or image-to-image).
 
@@ -237,8 +241,10 @@ def sample(
             "loras": [{"file": Path(a["path"]).name, "scale": a["scale"]} for a in adapters]}
     if lora_scale is not None:
         meta["lora_scale"] = lora_scale
-    made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength),
-                 go_fast, image is not None)
+    if cache_threshold > 0:
+        meta["cache_threshold"] = cache_threshold
+    made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength,
+                                                      cache_threshold), go_fast, image is not None)
     out = Images()
     for k, (job, j, pic, timing) in enumerate(made):
         size = final if job.init is None else job.size
