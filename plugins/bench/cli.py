@@ -39,7 +39,49 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    help="N workers: data-parallel images/s, DDP step time at N x the global batch and context-"
                         "parallel latency, each beside one process in the same run (CPU processes with gloo where "
                         "there is no GPU)")
+    p.add_argument("--e2e", action="store_true", help="end to end instead: fresh processes of `fluxkiln run` "
+                   "(load_model -> 3 images -> save) and of stock diffusers on a saved random-weight model folder, "
+                   "compile cache cold and warm (default --out bench-e2e.json)")
+    p.add_argument("--e2e-folder", type=Path, default=None, metavar="PATH",
+                   help="--e2e: the model folder to reuse, or to write there when missing (kept afterwards)")
+    p.add_argument("--e2e-warmup", action="store_true", help="--e2e: also `fluxkiln warmup` the recipe in a new "
+                   "cache folder, then run it in a fresh process")
+    p.add_argument("--e2e-go-fast", action="store_true", help="--e2e: go_fast = true in the recipe (default "
+                   "false: lossless)")
     return p
+
+
+def main_e2e(args: argparse.Namespace) -> int:
+    """``--e2e``: the end-to-end processes only, their JSON and a summary."""
+    import json
+    import tempfile
+    import time
+
+    from .e2e import EndToEnd
+    from .report import render_e2e
+
+    work = Path(tempfile.mkdtemp(prefix="fluxkiln-e2e-"))
+    out = args.out or Path("bench-e2e.json")
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "mode": "tiny" if args.tiny else "random-weights",
+                     "errors": []}
+
+    def record(part: str, fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - record one part's failure, measure the rest
+            results["errors"].append({"part": part, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"[bench] {part} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            return None
+
+    try:
+        results["e2e"] = EndToEnd(work, args.tiny, args.e2e_folder, args.e2e_warmup, args.e2e_go_fast).run(record)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(render_e2e(results))
+    print(f"results: {out}")
+    return 1 if results["errors"] else 0
 
 
 def main(argv: list[str]) -> int:
@@ -51,6 +93,8 @@ def main(argv: list[str]) -> int:
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
+    if args.e2e:
+        return main_e2e(args)
     if args.gpus is not None:
         from .many import main_many
 

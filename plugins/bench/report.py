@@ -80,3 +80,28 @@ def render_table(results: dict[str, Any]) -> str:
     for e in results.get("errors", []):
         lines.append(f"error in {e['part']}: {e['error']}")
     return "\n".join(lines)
+
+
+def render_e2e(results: dict[str, Any]) -> str:
+    """The end-to-end summary: one row per fresh process, then the targets."""
+    e2e = results.get("e2e", {})
+    head = f"{'process':<22}{'wall s':>8}{'start s':>9}{'load s':>8}{'to loaded':>11}{'images s':>22}{'1-image s':>11}"
+    lines = [f"fluxkiln bench --e2e — {e2e.get('size')}², {e2e.get('steps')} steps, {results.get('mode')}, "
+             f"folder {e2e.get('folder', {}).get('path')}", "", head, "-" * len(head)]
+    for name in ("stock", "fluxkiln_cold", "fluxkiln_warm", "fluxkiln_after_warmup"):
+        r = e2e.get(name)
+        if not r:
+            continue
+        start = r.get("startup_s", (r.get("python_start_s") or 0) + (r.get("import_s") or 0))
+        load = r.get("load_model_s", r.get("load_s"))
+        imgs = " / ".join(f"{v:.2f}" for v in r["images_s"])
+        lines.append(f"{name:<22}{_fmt(r['wall_s'], '.2f'):>8}{_fmt(start, '.2f'):>9}{_fmt(load, '.2f'):>8}"
+                     f"{_fmt(r['to_loaded_s'], '.2f'):>11}{imgs:>22}{_fmt(r['one_image_process_s'], '.2f'):>11}")
+    if e2e.get("targets"):
+        lines += ["", f"{'target':<58}{'measured':>10}{'limit':>8}  met"]
+        for t in e2e["targets"]:
+            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {met}")
+    for e in results.get("errors", []):
+        lines.append(f"error in {e['part']}: {e['error']}")
+    return "\n".join(lines)
