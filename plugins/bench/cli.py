@@ -9,7 +9,7 @@ from pathlib import Path
 from .generation import CONFIGS as GENERATION_CONFIGS
 from .generation import GenerationBench
 from .report import render_table, targets
-from .sampling import CONFIGS, SamplingBench, configs
+from .sampling import CONFIGS, DEFAULT_CONFIGS, SamplingBench, configs
 from .session import BenchSession
 from .training import CONFIGS as TRAIN_CONFIGS
 from .training import training
@@ -22,9 +22,17 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", default=True,
                    help="full-size FLUX.1 shapes with random weights (default; nothing is downloaded)")
     p.add_argument("--tiny", action="store_true", help="the tiny built-in model instead (CPU-sized; for CI)")
-    p.add_argument("--only", choices=["sample", "train"], help="run one part only")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="sampling configurations, comma-separated: "
-                   + ", ".join(CONFIGS))
+    p.add_argument("--only", choices=["sample", "train", "quality"], help="run one part only")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="sampling configurations, comma-separated "
+                   "(default: the first three): " + ", ".join(CONFIGS) + "; -cache rows use --cache-threshold, "
+                   "-graphs rows compile the blocks with CUDA graphs (mode reduce-overhead)")
+    p.add_argument("--cache-threshold", type=float, default=0.1, help="the step cache's threshold in -cache rows "
+                   "(default 0.1)")
+    p.add_argument("--quality", action="store_true", help="also the quality guard on mini-flux: adherence of eager, "
+                   "compiled, go_fast and the step cache (--only quality: that alone)")
+    p.add_argument("--quality-prompts", type=int, default=None, help="held-out prompts per quality row "
+                   "(default 100; tiny 4)")
+    p.add_argument("--quality-thresholds", default="0.05,0.1", help="step-cache thresholds of the quality guard")
     p.add_argument("--train-configs", default=",".join(TRAIN_CONFIGS), help="training configurations, "
                    "comma-separated: " + ", ".join(TRAIN_CONFIGS))
     p.add_argument("--generation", default="", help="also time these, comma-separated: "
@@ -84,6 +92,19 @@ def main_e2e(args: argparse.Namespace) -> int:
     return 1 if results["errors"] else 0
 
 
+def quality(bench: BenchSession) -> None:
+    """The quality guard on mini-flux (fewer prompts and steps with --tiny)."""
+    from .quality import QualityGuard, render_quality
+
+    args = bench.args
+    thresholds = tuple(float(t) for t in args.quality_thresholds.split(",") if t.strip())
+    guard = QualityGuard(bench.device, prompts=args.quality_prompts or (4 if bench.tiny else 100),
+                         thresholds=thresholds, steps={"dev": 8} if bench.tiny else None,
+                         sample_rows=bench.results.get("sample"), batch=4 if bench.tiny else 8)
+    bench.results["quality"] = guard.run(("dev",) if bench.tiny else ("dev", "schnell"))
+    print(render_quality(bench.results["quality"]), flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = parse(argv)
     args = parser.parse_args(argv)
@@ -107,6 +128,8 @@ def main(argv: list[str]) -> int:
             GenerationBench(bench).run(configs(args, "generation"))
         if args.only in (None, "train"):
             bench.guarded("training", training, bench, configs(args, "train_configs"))
+        if args.quality or args.only == "quality":
+            bench.guarded("quality", quality, bench)
         bench.results["targets"] = targets(bench.results)
         bench.save()
         print(render_table(bench.results))

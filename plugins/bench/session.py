@@ -26,6 +26,7 @@ class BenchSession:
         self.size = 256 if self.tiny else 1024
         self.steps = {"dev": 4, "schnell": 2} if self.tiny else {"dev": 28, "schnell": 4}
         self.repeats = args.repeats or (1 if self.tiny else 2)
+        self.cache_threshold = getattr(args, "cache_threshold", 0.1)
         self.train_steps = args.train_steps or (4 if self.tiny else 8)
         self.train_res = args.train_resolution or (64 if self.tiny else 1024)
         self.out = args.out or Path("bench.json")

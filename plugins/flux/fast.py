@@ -72,14 +72,22 @@ def is_compiled(transformer: Any) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(transformer))
 
 
+def compile_mode() -> str | None:
+    """``FLUXKILN_COMPILE_MODE``: Inductor's mode for the blocks (e.g. ``reduce-overhead`` for CUDA graphs,
+    ``max-autotune-no-cudagraphs``); unset = Inductor's default."""
+    return os.environ.get("FLUXKILN_COMPILE_MODE", "").strip() or None
+
+
 def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
-    """Compile every block in place (static shapes, default Inductor mode); returns how many were newly compiled."""
+    """Compile every block in place (static shapes, Inductor's default mode unless :func:`compile_mode` says
+    otherwise); returns how many were newly compiled."""
     if backend == "inductor":
         setup_compile_cache()
+    mode = compile_mode() if backend == "inductor" else None
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(backend=backend, dynamic=False)
+            block.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
             n += 1
     return n
 
