@@ -212,3 +212,36 @@ def test_bench_rejects_unknown_generation_configs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--tiny", "--generation", "fullhd-warp"])
     assert "unknown --generation fullhd-warp" in capsys.readouterr().err
+
+
+def test_bench_step_cache_and_compile_mode_rows(tmp_path):
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "dev-go_fast-cache,dev-go_fast-graphs",
+                     "--cache-threshold", "1.0", "--no-stock", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    cached = res["sample"]["dev-go_fast-cache"]
+    assert cached["cache_threshold"] == 1.0 and cached["cache_skipped_steps"] >= 1
+    assert cached["cache_computed_steps"] + cached["cache_skipped_steps"] == 4
+    assert "cache_threshold" not in res["sample"]["dev-go_fast-graphs"]
+    import os
+
+    assert "FLUXKILN_COMPILE_MODE" not in os.environ  # put back after the -graphs row
+
+
+def test_compile_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FLUXKILN_COMPILE_MODE", raising=False)
+    assert fast.compile_mode() is None
+    monkeypatch.setenv("FLUXKILN_COMPILE_MODE", "reduce-overhead")
+    assert fast.compile_mode() == "reduce-overhead"
+    block = torch.nn.Linear(2, 2)
+    seen = {}
+    monkeypatch.setattr(torch.nn.Linear, "compile", lambda self, **kw: seen.update(kw), raising=False)
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([block])
+
+    assert fast.compile_blocks(T(), backend="eager") == 1 and "mode" not in seen  # only Inductor takes a mode
+    monkeypatch.setattr(fast, "setup_compile_cache", lambda: "")
+    assert fast.compile_blocks(T(), backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
