@@ -78,6 +78,8 @@ def test_bench_only_sample_one_config(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["sample"]) == {"schnell-go_fast"} and res["train"] == {}
     assert "ratio_to_stock" not in res["sample"]["schnell-go_fast"]
+    phases = res["sample"]["schnell-go_fast"]["engine"]["phases_ms"]
+    assert phases["pipeline call"] > 0 and phases["cache store"] > 0
 
 
 def _transformer_inputs(pipe):
@@ -245,3 +247,28 @@ def test_compile_mode_from_the_environment(monkeypatch):
     assert fast.compile_blocks(T(), backend="eager") == 1 and "mode" not in seen  # only Inductor takes a mode
     monkeypatch.setattr(fast, "setup_compile_cache", lambda: "")
     assert fast.compile_blocks(T(), backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
+
+
+def test_engine_phases_are_timed_and_put_back(tmp_path):
+    from fluxkiln.engine.runner import Engine
+    from fluxkiln.plugins.bench.overhead import engine_phases, per_run_ms
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "r"\n[nodes.a]\ntype = "test_images"\n')
+    from fluxkiln.engine.testing import _load_registry
+
+    engine = Engine(_load_registry([]), cache_dir=tmp_path / "cache")
+    before = Engine.plan
+    with engine_phases() as spent:
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(2):
+            assert engine.run(recipe, force_all=True, output=tmp_path / "runs").ok
+        wall = time.perf_counter() - t0
+    assert Engine.plan is before  # unwrapped again
+    assert {"validate", "plan", "run-folder lock", "cache store", "report", "events"} <= set(spent)
+    ms = per_run_ms(spent, 2, wall)
+    assert ms["cache store"] > 0 and "pipeline call" not in ms
+    accounted = sum(v for k, v in ms.items() if k != "events")
+    assert abs(accounted - 1000 * wall / 2) < 0.5  # the phases and the rest add up to the wall time

@@ -12,6 +12,7 @@ from typing import Any
 
 from .guard import block_inputs, block_output, guard_inputs, rel_diff
 from .kernels import kernel_probe
+from .overhead import engine_phases, per_run_ms
 from .profile import kernel_breakdown, stage_times
 from .session import PROMPT, BenchSession
 
@@ -167,7 +168,9 @@ go_fast = {str(go_fast).lower()}
         pipe = self.bench.pipes[variant]
         recipe = self.recipe(variant, mode == "go_fast", cache)
         self.bench.reset_peak()
-        runs = [self.engine_run(recipe) for _ in range(1 + self.bench.repeats)]
+        runs = [self.engine_run(recipe)]
+        with engine_phases() as spent:
+            runs += [self.engine_run(recipe) for _ in range(self.bench.repeats)]
         peak = self.bench.peak_gib()
         walls, nodes = [r[0] for r in runs], [r[1] for r in runs]
         per, node_per = statistics.median(walls[1:]), statistics.median(nodes[1:])
@@ -188,6 +191,7 @@ go_fast = {str(go_fast).lower()}
                "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
                           "overhead_run_pct": round(100 * (per / bare - 1), 2),
                           "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **cache_store_seconds(runs[-1][2])}}
+        row["engine"]["phases_ms"] = per_run_ms(spent, self.bench.repeats, sum(walls[1:]))
         row["stages_s"] = stage_times(pipe, lambda: self.bare_call(variant), self.bench.sync)
         if self.bench.device == "cuda":
             row["gpu_step"] = self.step_profile(pipe, inputs, name)
