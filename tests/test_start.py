@@ -142,3 +142,20 @@ def test_warmup_runs_each_sample_at_one_step_and_keeps_nothing(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fluxkiln", "warmup", "bad.toml"], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2 and "cache_threshold" in bad.stderr
+
+
+def test_sample_logs_how_long_compilation_took(monkeypatch):
+    from types import SimpleNamespace
+
+    from fluxkiln.plugins.flux import fast
+    from fluxkiln.plugins.flux import sample as sample_module
+
+    assert set(fast.compile_seconds()) == {"compile", "inductor"}  # this torch says how long it compiled
+    logs = []
+    ctx = SimpleNamespace(log=lambda message, **_kw: logs.append(message))
+    monkeypatch.setattr(fast, "compile_seconds", lambda: {"compile": 10.0, "inductor": 3.0})
+    sample_module._log_compile(ctx, {"compile": 2.0, "inductor": 1.0})
+    assert logs == ["torch.compile: 8.0 s in this call (Inductor 2.0 s; from the compile cache where it was warm)"]
+    sample_module._log_compile(ctx, {"compile": 9.8, "inductor": 3.0})  # nothing worth saying
+    sample_module._log_compile(ctx, {})  # not on a GPU
+    assert len(logs) == 1

@@ -76,7 +76,26 @@ def phases(events: list[dict[str, Any]], start: float, wall: float) -> dict[str,
     row = {"wall_s": round(wall, 2), "startup_s": round(run_started - start, 2),
            "load_model_s": took("base"), "to_loaded_s": round(finished["base"]["time"] - start, 2),
            "images_s": imgs, "save_s": saves, "exit_s": round(start + wall - run_finished["time"], 2)}
+    row.update(logged(events))
     return finish(row)
+
+
+def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the nodes said about themselves: background imports (load_model) and compile time per image."""
+    import re
+
+    out: dict[str, Any] = {"compile_s": []}
+    for e in events:
+        if e["event"] != "node_log":
+            continue
+        text = str(e.get("message", ""))
+        m = re.search(r"imported in the background in ([\d.]+) s \(waited ([\d.]+) s", text)
+        if m:
+            out.update(background_import_s=float(m.group(1)), import_waited_s=float(m.group(2)))
+        m = re.search(r"torch\.compile: ([\d.]+) s in this call \(Inductor ([\d.]+) s", text)
+        if m:
+            out["compile_s"].append({"node": e.get("node"), "s": float(m.group(1)), "inductor_s": float(m.group(2))})
+    return out
 
 
 def finish(row: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,19 @@ def setup_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far: in all (``entire_frame_compile``) and in Inductor
+    (code generation, or loading it from the cache); empty where torch does not say."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        spent = calculate_time_spent()
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+    return {"compile": float(spent.get("entire_frame_compile", 0.0)),
+            "inductor": float(spent.get("inductor_compile", 0.0))}
+
+
 def blocks(transformer: Any) -> list[Any]:
     """The repeated blocks (double-stream then single-stream) of a FLUX transformer."""
     out = []
