@@ -20,7 +20,7 @@ def test_e2e_tiny_times_stock_and_fluxkiln_processes(tmp_path, monkeypatch, caps
     assert results["errors"] == []
     e2e = results["e2e"]
     assert (folder / "model_index.json").is_file() and e2e["folder"]["reused"] is False  # kept for reuse
-    assert e2e["folder"]["folder_gb"] > 0
+    assert e2e["folder"]["folder_bytes"] > 100_000
     for name in ("stock", "fluxkiln_cold", "fluxkiln_warm"):
         row = e2e[name]
         assert len(row["images_s"]) == len(SEEDS) == len(row["save_s"])
@@ -66,3 +66,12 @@ def test_e2e_recipe_is_valid_and_phases_read_events(tmp_path):
     failed = events[:-1] + [{"event": "run_finished", "time": clock, "status": "failed", "nodes": {"img1": "failed"}}]
     with pytest.raises(RuntimeError, match="failed"):
         phases(failed, t, 20)
+
+
+def test_e2e_options_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--e2e", "--tiny", "--e2e-depth", "five"])
+    assert exc.value.code == 2 and "DOUBLE,SINGLE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--e2e", "--tiny", "--e2e-cache", str(tmp_path)])
+    assert exc.value.code == 2 and "cold cache" in capsys.readouterr().err

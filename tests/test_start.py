@@ -159,3 +159,26 @@ def test_sample_logs_how_long_compilation_took(monkeypatch):
     sample_module._log_compile(ctx, {"compile": 9.8, "inductor": 3.0})  # nothing worth saying
     sample_module._log_compile(ctx, {})  # not on a GPU
     assert len(logs) == 1
+
+
+def test_build_pipeline_loads_through_device_map_and_falls_back(monkeypatch, tmp_path):
+    from fluxkiln.plugins.flux import load
+    from fluxkiln.plugins.flux.tiny import tiny_flux_path
+
+    monkeypatch.setenv("FLUXKILN_CACHE", str(tmp_path / "cache"))
+    src = load.Source("folder", tiny_flux_path("dev"), "builtin:tiny-flux")
+    asked = []
+    real = load._load_parts
+
+    def spy(src, dtype, parts, device_map=None):
+        asked.append(device_map)
+        return real(src, dtype, parts, device_map)
+
+    monkeypatch.setattr(load, "_load_parts", spy)
+    monkeypatch.setattr(load, "direct_device", lambda *_a: "cpu")  # the device_map path, for real, on a CPU
+    pipe = load.build_pipeline(src, "auto", "cpu", "none", "none")
+    assert asked == ["cpu"] and pipe.transformer.device.type == "cpu"
+    monkeypatch.setattr(load, "direct_device", lambda *_a: "no-such-device")  # diffusers refuses it
+    asked.clear()
+    pipe = load.build_pipeline(src, "auto", "cpu", "none", "none")
+    assert asked == ["no-such-device", None] and pipe.transformer is not None  # loaded through CPU memory instead

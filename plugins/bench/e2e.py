@@ -111,12 +111,17 @@ def finish(row: dict[str, Any]) -> dict[str, Any]:
 class EndToEnd:
     """One ``--e2e`` measurement: the folder, the stock process and the fluxkiln processes."""
 
-    def __init__(self, work: Path, tiny: bool, folder: Path | None, warmup: bool, go_fast: bool):
-        self.work, self.tiny, self.warmup, self.go_fast = work, tiny, warmup, go_fast
+    def __init__(self, work: Path, tiny: bool, folder: Path | None, warmup: bool, go_fast: bool,
+                 cache: Path | None = None, depth: tuple[int, int] | None = None):
+        self.work, self.tiny, self.warmup, self.go_fast, self.depth = work, tiny, warmup, go_fast, depth
+        if cache is not None and cache.exists():
+            raise ValueError(f"--e2e-cache {cache} exists: the first run must start with a cold cache; give a new "
+                             "folder")
+        self.cache = (cache or work / "cache-e2e").resolve()
         self.folder = folder or work / "e2e-model"
         self.size, self.steps = (256, 4) if tiny else (1024, 28)
         self.results: dict[str, Any] = {"size": self.size, "steps": self.steps, "images": len(SEEDS),
-                                        "go_fast": go_fast}
+                                        "go_fast": go_fast, "depth": list(depth) if depth else "full"}
 
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
@@ -128,7 +133,7 @@ class EndToEnd:
             return
         folder.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.python("-m", "fluxkiln.plugins.bench.e2e_worker", "save", str(folder)) + (
-            ["--tiny"] if self.tiny else [])
+            ["--tiny"] if self.tiny else []) + ([f"--depth={self.depth[0]},{self.depth[1]}"] if self.depth else [])
         _, wall, out = launch(cmd, child_env(self.work / "cache-save"), self.work)
         self.results["folder"] = {"path": str(folder), "reused": False, "process_s": round(wall, 2), **last_json(out)}
 
@@ -162,8 +167,8 @@ class EndToEnd:
         """Every part; ``record(name, fn)`` runs one part and records a failure without stopping the others."""
         record("e2e-folder", self.ensure_folder)
         for name, fn in (("stock", self.stock),
-                         ("fluxkiln_cold", lambda: self.fluxkiln(self.work / "cache-e2e", "e2e-cold")),
-                         ("fluxkiln_warm", lambda: self.fluxkiln(self.work / "cache-e2e", "e2e-warm"))):
+                         ("fluxkiln_cold", lambda: self.fluxkiln(self.cache, "e2e-cold")),
+                         ("fluxkiln_warm", lambda: self.fluxkiln(self.cache, "e2e-warm"))):
             row = record(f"e2e-{name}", fn)
             if row is not None:
                 self.results[name] = row

@@ -1,7 +1,7 @@
 """The fresh processes of ``fluxkiln bench --e2e`` that are not ``fluxkiln run``: writing the model folder, and
 stock diffusers doing a recipe's work (load, the same images, save), timing its own phases.
 
-    python -m fluxkiln.plugins.bench.e2e_worker save FOLDER [--tiny]
+    python -m fluxkiln.plugins.bench.e2e_worker save FOLDER [--tiny] [--depth=DOUBLE,SINGLE]
     python -m fluxkiln.plugins.bench.e2e_worker stock FOLDER OUT_DIR SIZE STEPS SEEDS
 
 Each prints one JSON object on its last line of stdout.
@@ -18,8 +18,9 @@ T_START = time.perf_counter()
 PROMPT = "a lighthouse on a cliff at dusk, volumetric light, 35mm photo"
 
 
-def save_folder(folder: Path, tiny: bool) -> dict[str, float]:
-    """Build a FLUX.1-dev pipeline with random weights (full size on the GPU, or the tiny one) and save it."""
+def save_folder(folder: Path, tiny: bool, depth: tuple[int, int] | None = None) -> dict[str, float]:
+    """Build a FLUX.1-dev pipeline with random weights (full size on the GPU, or the tiny one) and save it;
+    ``depth``: (double, single) transformer blocks instead of FLUX.1's 19 and 38."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,14 +32,14 @@ def save_folder(folder: Path, tiny: bool) -> dict[str, float]:
     else:
         from .models import build_full_size
 
-        pipe = build_full_size(device)["dev"]
+        pipe = build_full_size(device, depth)["dev"]
     built = time.perf_counter() - t0
     tmp = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(tmp)
     tmp.rename(folder)  # only a complete folder is ever reused
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return {"build_s": round(built, 2), "write_s": round(time.perf_counter() - t0 - built, 2),
-            "folder_gb": round(size / 1e9, 2)}
+            "folder_gb": round(size / 1e9, 2), "folder_bytes": size}
 
 
 def stock(folder: Path, out: Path, size: int, steps: int, seeds: list[int]) -> dict[str, object]:
@@ -75,7 +76,9 @@ def stock(folder: Path, out: Path, size: int, steps: int, seeds: list[int]) -> d
 
 def main(argv: list[str]) -> int:
     if argv[0] == "save":
-        result = save_folder(Path(argv[1]), "--tiny" in argv[2:])
+        depth = next((tuple(int(n) for n in a.split("=", 1)[1].split(",")) for a in argv[2:]
+                      if a.startswith("--depth=")), None)
+        result = save_folder(Path(argv[1]), "--tiny" in argv[2:], depth)
     elif argv[0] == "stock":
         result = stock(Path(argv[1]), Path(argv[2]), int(argv[3]), int(argv[4]), [int(s) for s in argv[5].split(",")])
     else:

@@ -37,8 +37,9 @@ class BenchSession:
         self.pipes: dict[str, Any] = {}
         self.refs: dict[str, str] = {}
 
-    def setup(self) -> None:
-        """Build the pipelines and hand them to a fresh Engine's residency under the keys ``load_model`` computes."""
+    def setup(self, build: bool = True) -> None:
+        """Build the pipelines and hand them to a fresh Engine's residency under the keys ``load_model`` computes
+        (``build=False``: only the versions and the device, for parts that bring their own models)."""
         import torch
         from diffusers import __version__ as dv
 
@@ -50,6 +51,8 @@ class BenchSession:
         info = self.results
         info.update(torch=torch.__version__, diffusers=dv,
                     gpu=torch.cuda.get_device_name() if self.device == "cuda" else "cpu")
+        if not build:
+            return
         t0 = time.perf_counter()
         self.pipes = self._build()
         info["build_s"] = round(time.perf_counter() - t0, 2)

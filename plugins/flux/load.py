@@ -275,7 +275,13 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
         donor = get_pipeline(share)
         parts = donor_parts(donor, dtype, offload)
         check_compatible(_vae_config(src), donor, src.ref)
-    pipe = _from_pretrained(src, dtype, parts, direct_device(device, offload, parts))
+    direct = direct_device(device, offload, parts)
+    try:
+        pipe = _from_pretrained(src, dtype, parts, direct)
+    except NodeError:
+        if direct is None:
+            raise
+        pipe = _from_pretrained(src, dtype, parts)  # loading straight to the device failed: through CPU memory
     if parts:
         adopt(pipe, parts)
     if quantize == "fp8":
