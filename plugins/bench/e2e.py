@@ -132,6 +132,11 @@ class EndToEnd:
             self.results["folder"] = {"path": str(folder), "reused": True}
             return
         folder.parent.mkdir(parents=True, exist_ok=True)
+        if self.tiny:  # seconds in this process; a full-size folder is built in its own (it holds the GPU)
+            from .e2e_worker import save_folder
+
+            self.results["folder"] = {"path": str(folder), "reused": False, **save_folder(folder, True)}
+            return
         cmd = self.python("-m", "fluxkiln.plugins.bench.e2e_worker", "save", str(folder)) + (
             ["--tiny"] if self.tiny else []) + ([f"--depth={self.depth[0]},{self.depth[1]}"] if self.depth else [])
         _, wall, out = launch(cmd, child_env(self.work / "cache-save"), self.work)

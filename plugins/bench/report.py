@@ -15,6 +15,7 @@ TARGETS = [
     ("one-time compile per shape", "sample", "dev-lossless", "compile_warmup_s", "-", 30.0),
     ("engine overhead (sample node vs bare pipeline)", "sample", "dev-lossless", "engine.overhead_run_pct", "-",
      2.0),
+    ("engine overhead, schnell go_fast", "sample", "schnell-go_fast", "engine.overhead_run_pct", "-", 2.0),
 ]
 
 
