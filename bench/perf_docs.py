@@ -172,7 +172,7 @@ SPEED_ROWS = {"schnell-go_fast": "schnell, 4 steps, `go_fast`",
 
 
 def where(d: dict, path: Path, what: str) -> str:
-    device = d.get("gpu") or d.get("device") or d.get("e2e", {}).get("device") or "cpu"
+    device = d.get("gpu") or d.get("e2e", {}).get("stock", {}).get("gpu") or d.get("device") or "cpu"
     return f"**{device}**, {d.get('date')}: {what} (`bench/{path.name}`, {d.get('mode', 'mini-flux')})."
 
 

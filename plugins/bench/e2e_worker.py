@@ -71,7 +71,8 @@ def stock(folder: Path, out: Path, size: int, steps: int, seeds: list[int]) -> d
         saves_s.append(round(time.perf_counter() - t, 3))
     return {"python_start_s": round(t0 - T_START, 3), "import_s": round(imported - t0, 2),
             "load_s": round(loaded - imported, 2), "loaded_at": round(time.time() - (time.perf_counter() - loaded), 3),
-            "images_s": images_s, "save_s": saves_s, "device": device}
+            "images_s": images_s, "save_s": saves_s, "device": device, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
 
 def main(argv: list[str]) -> int:
