@@ -10,6 +10,7 @@ engine's own start (planning, run folder) and with each other.  ``load_model`` w
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -79,7 +80,7 @@ def start(recipe: Any) -> bool:
     if files:
         threading.Thread(target=_read_ahead, args=(files,), name="fluxkiln-read-ahead", daemon=True).start()
     with _lock:
-        if "thread" not in _state and not all(m in __import__("sys").modules for m in MODULES):
+        if "thread" not in _state and not all(m in sys.modules for m in MODULES):
             _state["started"] = time.perf_counter()
             _state["thread"] = thread = threading.Thread(target=_import_all, name="fluxkiln-imports", daemon=True)
             thread.start()
