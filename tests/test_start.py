@@ -107,15 +107,44 @@ def test_a_flux_run_imports_in_the_background_and_reads_model_files_ahead(tmp_pa
     assert off.stdout.strip().splitlines()[1] == "False"
 
 
-def test_run_logs_the_background_imports(tmp_path):
+def test_run_logs_the_background_imports_and_exits_without_teardown(tmp_path):
     (tmp_path / "f.toml").write_text(FLUX.format(model="builtin:tiny-flux"))
-    proc = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "f.toml", "--json"], capture_output=True,
-                          text=True, cwd=tmp_path, env={**os.environ, "FLUXKILN_CACHE": str(tmp_path / "cache")},
-                          timeout=300)
+    code = """
+        import atexit, sys
+        atexit.register(lambda: print("TEARDOWN", flush=True))
+        sys.argv = ["fluxkiln", "run", "f.toml", "--json"]
+        from fluxkiln.engine.cli import entry
+        entry()
+        """
+    proc = py(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    logs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = proc.stdout.splitlines()
+    logs = [json.loads(line) for line in lines if line.startswith("{")]
     messages = [e["message"] for e in logs if e["event"] == "node_log" and e.get("node") == "base"]
     assert any("imported in the background" in m for m in messages), messages
+    assert logs[-1]["event"] == "run_finished" and lines[-1].startswith("{")  # flushed, and no teardown ran
+    assert "TEARDOWN" not in proc.stdout
+
+
+def test_fast_exit_only_after_a_single_process_run_with_torch(monkeypatch):
+    import torch  # noqa: F401 - imported, as after any FLUX run
+
+    from fluxkiln.engine import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    for var in ("FLUXKILN_FAST_EXIT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cli.fast_exit(1, ["run", "r.toml"])
+    assert exits == [1]
+    cli.fast_exit(0, ["validate", "r.toml"])
+    cli.fast_exit(0, ["run", "r.toml", "--gpus", "2"])
+    monkeypatch.setenv("RANK", "0")
+    cli.fast_exit(0, ["run", "r.toml"])
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("FLUXKILN_FAST_EXIT", "0")
+    cli.fast_exit(0, ["run", "r.toml"])
+    assert exits == [1]
 
 
 def test_weights_load_straight_to_the_gpu_only_when_the_whole_pipeline_goes_there(monkeypatch):

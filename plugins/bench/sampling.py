@@ -224,19 +224,26 @@ go_fast = {str(go_fast).lower()}
         prepare(self.bench.pipes[variant], [], False, self.bench.device, lambda _a: {})
 
     def run(self) -> None:
-        """Every wanted configuration of each variant, after that variant's eager reference."""
-        wanted = configs(self.bench.args)
+        """The wanted configurations in the order given (so a run cut short has the first ones), each variant's
+        eager reference taken before its first configuration; back to eager before switching variants (the
+        two full-size pipelines share their blocks)."""
+        wanted = [c for c in CONFIGS if c in configs(self.bench.args)]
+        wanted.sort(key=configs(self.bench.args).index)
         if self.bench.device == "cuda":
             self.bench.results["kernels"] = self.bench.guarded("kernel-probe", kernel_probe, self.bench.device)
-        for variant in ("dev", "schnell"):
-            mine = [c for c in wanted if c.startswith(variant + "-")]
-            if not mine:
-                continue
-            self.bench.guarded(f"{variant}-reference", self.reference, variant)
-            for name in mine:
-                if variant in self.guards:
-                    self.bench.guarded(name, self.fluxkiln_sample, name)
-            self.bench.guarded(f"{variant}-reset", self.reset, variant)
+        current = None
+        for name in wanted:
+            variant = name.split("-")[0]
+            if variant != current:
+                if current is not None:
+                    self.bench.guarded(f"{current}-reset", self.reset, current)
+                current = variant
+                if variant not in self.guards:
+                    self.bench.guarded(f"{variant}-reference", self.reference, variant)
+            if variant in self.guards:
+                self.bench.guarded(name, self.fluxkiln_sample, name)
+        if current is not None:
+            self.bench.guarded(f"{current}-reset", self.reset, current)
 
 
 def configs(args: Any, field: str = "configs") -> list[str]:
