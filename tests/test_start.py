@@ -113,6 +113,7 @@ def test_run_logs_the_background_imports_and_exits_without_teardown(tmp_path):
         import atexit, sys
         atexit.register(lambda: print("TEARDOWN", flush=True))
         sys.argv = ["fluxkiln", "run", "f.toml", "--json"]
+        sys.modules.pop("coverage", None)  # (under a coverage run: it would keep the teardown)
         from fluxkiln.engine.cli import entry
         entry()
         """
@@ -133,6 +134,7 @@ def test_fast_exit_only_after_a_single_process_run_with_torch(monkeypatch):
 
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.delitem(sys.modules, "coverage", raising=False)
     for var in ("FLUXKILN_FAST_EXIT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     cli.fast_exit(1, ["run", "r.toml"])
@@ -143,6 +145,9 @@ def test_fast_exit_only_after_a_single_process_run_with_torch(monkeypatch):
     cli.fast_exit(0, ["run", "r.toml"])
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("FLUXKILN_FAST_EXIT", "0")
+    cli.fast_exit(0, ["run", "r.toml"])
+    monkeypatch.delenv("FLUXKILN_FAST_EXIT")
+    monkeypatch.setitem(sys.modules, "wandb", object())
     cli.fast_exit(0, ["run", "r.toml"])
     assert exits == [1]
 
