@@ -229,16 +229,20 @@ def phases_table(d: dict) -> str:
 
 
 def quality_table(d: dict) -> str:
+    from fluxkiln.plugins.bench.quality import attribute_mean
+
     q = d["quality"]
     rows = []
     for variant in ("dev", "schnell"):
+        eager = (q.get(variant) or {}).get("eager", {}).get("adherence", {})
         for name, r in (q.get(variant) or {}).items():
             rd = r.get("random_weight_transformer_rel_diff")
+            mean = attribute_mean(r["adherence"])
             rows.append([f"{variant}: {name}", num(r["adherence"]["all"], 1), num(r["delta_points"], 1),
-                         num(r["s_per_image"], 3), num(r.get("skipped_step_pct"), 1, " %"),
-                         "–" if rd is None else f"{rd:.4f}"])
-    return table([f"mini-flux, {q['prompts']} held-out prompts", "adherence %", "Δ points", "s/image",
-                  "steps skipped", "random-weight Δ transformer"], rows)
+                         num(mean, 1), num(mean - attribute_mean(eager), 1), num(r["s_per_image"], 3),
+                         num(r.get("skipped_step_pct"), 1, " %"), "–" if rd is None else f"{rd:.4f}"])
+    return table([f"mini-flux, {q['prompts']} held-out prompts", "all attributes right %", "Δ points",
+                  "attribute mean %", "Δ points", "s/image", "steps skipped", "random-weight Δ transformer"], rows)
 
 
 def watch_table(bench: Path) -> str:

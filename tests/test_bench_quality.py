@@ -30,6 +30,9 @@ def test_quality_guard_scores_eager_and_the_step_cache_on_mini_flux(monkeypatch)
     assert cached["on"] == "go_fast" and cached["cache_threshold"] == 1.0
     assert 0 < cached["skipped_step_pct"] < 100  # the first step always runs; threshold 1 skips later ones
     assert cached["delta_points"] == round(cached["adherence"]["all"] - eager["adherence"]["all"], 1)
+    six = [eager["adherence"][k] for k in ("colour", "shape", "size", "position", "background", "count")]
+    assert eager["attribute_mean"] == round(sum(six) / 6, 1)
+    assert cached["delta_attribute_mean_points"] == round(cached["attribute_mean"] - eager["attribute_mean"], 1)
     assert cached["delta_vs_path_points"] == round(cached["adherence"]["all"] - fast["adherence"]["all"], 1)
     assert len(logged) == 3 and result["prompts"] == 2
     table = render_quality(result)

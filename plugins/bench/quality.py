@@ -22,6 +22,15 @@ GUARD_ROWS = {("dev", "compiled"): "dev-lossless", ("dev", "go_fast"): "dev-go_f
               ("schnell", "go_fast"): "schnell-go_fast"}
 
 
+ATTRIBUTES = ("colour", "shape", "size", "position", "background", "count")
+
+
+def attribute_mean(adherence: dict[str, float]) -> float:
+    """The mean of the per-attribute scores (more sensitive than ``all`` while every image misses something)."""
+    vals = [adherence[k] for k in ATTRIBUTES if adherence.get(k) == adherence.get(k) and k in adherence]
+    return round(sum(vals) / len(vals), 1) if vals else float("nan")
+
+
 def paths_for(device: str) -> list[str]:
     """The speed paths measured here before the step cache: eager, plus compiled and go_fast on a GPU."""
     return ["eager", "compiled", "go_fast"] if device == "cuda" else ["eager"]
@@ -90,10 +99,13 @@ class QualityGuard:
             self.log(f"[bench] quality {variant} {name}: {rows[name]}")
         self.set_path(pipe, "eager")
         eager = rows["eager"]["adherence"]["all"]
+        eager_mean = attribute_mean(rows["eager"]["adherence"])
         for name, row in rows.items():
             base = rows[row["on"]]["adherence"]["all"] if "on" in row else eager
             row["delta_points"] = round(row["adherence"]["all"] - eager, 1)
             row["delta_vs_path_points"] = round(row["adherence"]["all"] - base, 1)
+            row["attribute_mean"] = attribute_mean(row["adherence"])
+            row["delta_attribute_mean_points"] = round(row["attribute_mean"] - eager_mean, 1)
             guard = self.sample_rows.get(GUARD_ROWS.get((variant, name), ""), {})
             if "transformer_rel_diff" in guard:
                 row["random_weight_transformer_rel_diff"] = guard["transformer_rel_diff"]
@@ -112,13 +124,15 @@ class QualityGuard:
 
 def render_quality(q: dict[str, Any]) -> str:
     """The quality rows as a table."""
-    head = f"{'mini-flux adherence':<30}{'all %':>8}{'Δ pts':>8}{'s/image':>9}{'skipped %':>10}{'rand Δ transf.':>16}"
+    head = (f"{'mini-flux adherence':<30}{'all %':>8}{'Δ pts':>8}{'attr. %':>9}{'Δ pts':>8}{'s/image':>9}"
+            f"{'skipped %':>10}{'rand Δ transf.':>16}")
     lines = [f"quality guard on mini-flux: {q.get('prompts')} held-out prompts, {q.get('device')}", head,
              "-" * len(head)]
     for variant in ("dev", "schnell"):
         for name, r in (q.get(variant) or {}).items():
             rd = r.get("random_weight_transformer_rel_diff")
             lines.append(f"{variant + ' ' + name:<30}{r['adherence']['all']:>8.1f}{r['delta_points']:>8.1f}"
+                         f"{r['attribute_mean']:>9.1f}{r['delta_attribute_mean_points']:>8.1f}"
                          f"{r['s_per_image']:>9.4f}{r.get('skipped_step_pct', '-')!s:>10}"
                          f"{'-' if rd is None else format(rd, '.4f'):>16}")
     return "\n".join(lines)
