@@ -212,8 +212,8 @@ def speed_table(d: dict) -> str:
         if r is None:
             continue
         skipped = r.get("cache_skipped_steps")
-        rows.append([label, num(r["s_per_image"]), num(r.get("first_run_s"), 1),
-                     num(r.get("engine", {}).get("overhead_run_pct"), 1, " %"),
+        overhead = None if "cache" in key else r.get("engine", {}).get("overhead_run_pct")  # bare call: no cache
+        rows.append([label, num(r["s_per_image"]), num(r.get("first_run_s"), 1), num(overhead, 1, " %"),
                      "–" if skipped is None else f"{skipped} of {skipped + r['cache_computed_steps']}"])
     return table(["sampling path", "s/image", "first run s", "engine overhead", "steps skipped"], rows)
 
@@ -239,10 +239,12 @@ def quality_table(d: dict) -> str:
             rd = r.get("random_weight_transformer_rel_diff")
             mean = attribute_mean(r["adherence"])
             rows.append([f"{variant}: {name}", num(r["adherence"]["all"], 1), num(r["delta_points"], 1),
-                         num(mean, 1), num(mean - attribute_mean(eager), 1), num(r["s_per_image"], 3),
+                         num(mean, 1), num(mean - attribute_mean(eager), 1),
+                         num(r.get("cpu_s_per_image", r["s_per_image"]), 3),
                          num(r.get("skipped_step_pct"), 1, " %"), "–" if rd is None else f"{rd:.4f}"])
     return table([f"mini-flux, {q['prompts']} held-out prompts", "all attributes right %", "Δ points",
-                  "attribute mean %", "Δ points", "s/image", "steps skipped", "random-weight Δ transformer"], rows)
+                  "attribute mean %", "Δ points", "s/image" + (" (CPU time)" if q.get("device") == "cpu" else ""),
+                  "steps skipped", "random-weight Δ transformer"], rows)
 
 
 def watch_table(bench: Path) -> str:

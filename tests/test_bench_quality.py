@@ -26,6 +26,7 @@ def test_quality_guard_scores_eager_and_the_step_cache_on_mini_flux(monkeypatch)
     assert fast["random_weight_image_rel_diff"] == 0.0075 and "random_weight_transformer_rel_diff" not in eager
     for row in rows.values():
         assert set(row["adherence"]) >= {"colour", "shape", "all"} and row["s_per_image"] > 0
+        assert row["cpu_s_per_image"] > 0  # CPU time beside wall time on a CPU
     assert eager["delta_points"] == 0.0 and "skipped_step_pct" not in eager
     assert cached["on"] == "go_fast" and cached["cache_threshold"] == 1.0
     assert 0 < cached["skipped_step_pct"] < 100  # the first step always runs; threshold 1 skips later ones
@@ -33,6 +34,7 @@ def test_quality_guard_scores_eager_and_the_step_cache_on_mini_flux(monkeypatch)
     six = [eager["adherence"][k] for k in ("colour", "shape", "size", "position", "background", "count")]
     assert eager["attribute_mean"] == round(sum(six) / 6, 1)
     assert cached["delta_attribute_mean_points"] == round(cached["attribute_mean"] - eager["attribute_mean"], 1)
+    assert cached["speedup_vs_eager"] == round(eager["cpu_s_per_image"] / cached["cpu_s_per_image"], 2)
     assert cached["delta_vs_path_points"] == round(cached["adherence"]["all"] - fast["adherence"]["all"], 1)
     assert len(logged) == 3 and result["prompts"] == 2
     table = render_quality(result)
