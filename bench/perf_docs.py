@@ -173,7 +173,9 @@ SPEED_ROWS = {"schnell-go_fast": "schnell, 4 steps, `go_fast`",
 
 def where(d: dict, path: Path, what: str) -> str:
     device = d.get("gpu") or d.get("e2e", {}).get("stock", {}).get("gpu") or d.get("device") or "cpu"
-    return f"**{device}**, {d.get('date')}: {what} (`bench/{path.name}`, {d.get('mode', 'mini-flux')})."
+    note = (" The tiny built-in model on a shared CPU: this shows the measurement working, not the speeds that "
+            "count (`bench/speed_gpu.sh` measures those on a GPU).") if d.get("mode") == "tiny" else ""
+    return f"**{device}**, {d.get('date')}: {what} (`bench/{path.name}`, {d.get('mode', 'mini-flux')}).{note}"
 
 
 def e2e_source(path: Path, d: dict) -> str:

@@ -43,12 +43,12 @@ def render_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed last."""
     lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
              f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
-    head = f"{'sample':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
+    head = f"{'sample':<24}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
            f"{'Δ block':>9}{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
     lines += [head, "-" * len(head)]
     for name, r in results.get("sample", {}).items():
         eng = r.get("engine", {})
-        lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+        lines.append(f"{name:<24}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
                      f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
                      f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
                      f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
@@ -72,7 +72,7 @@ def render_table(results: dict[str, Any]) -> str:
         lines += ["", "one transformer forward, GPU kernel ms by kind (idle = GPU waiting)"]
         for name, g in steps.items():
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in g["ms_by_kind"].items())
-            lines.append(f"{name:<18}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
+            lines.append(f"{name:<24}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
     if results.get("targets"):
         lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
         for t in results["targets"]:
