@@ -7,8 +7,8 @@ the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` 
 newest ``bench/*-generation.json`` (``fluxkiln bench --generation``) the Full HD and hybrid tables.
 The newest ``bench/*-e2e.json`` (``fluxkiln bench --e2e``) supplies the end-to-end tables, the newest
 ``bench/*-speed.json`` (``fluxkiln bench --only sample`` with the CUDA-graphs and step-cache rows) the speed-path
-and engine-phase tables, and the newest ``bench/*-quality.json`` (``fluxkiln bench --only quality`` or
-``bench/step_cache_quality.py``) the quality-guard table.
+and engine-phase tables, and the newest ``bench/*-quality.json`` or ``*-speed.json`` with a quality guard
+(``fluxkiln bench --quality``, or ``bench/step_cache_quality.py`` on a CPU) the quality-guard table.
 Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers in the
 page; a test fails when the page and the JSON disagree.
 """
@@ -61,6 +61,16 @@ def newest_full(bench: Path, kind: str = "full") -> tuple[Path, dict]:
     found = [(json.loads(p.read_text()), p) for p in bench.glob(f"*-{kind}.json")]
     if not found:
         raise SystemExit(f"no {bench}/*-{kind}.json: run `fluxkiln bench --out {bench}/<card>-<date>-{kind}.json`")
+    data, path = max(found, key=lambda dp: (dp[0].get("date", ""), dp[1].name))
+    return path, data
+
+
+def newest_with(bench: Path, kinds: tuple[str, ...], key: str) -> tuple[Path, dict]:
+    """The newest ``bench/*-KIND.json`` of any of ``kinds`` that has ``key`` (by its date, then its name)."""
+    found = [(d, p) for kind in kinds for p in bench.glob(f"*-{kind}.json")
+             if key in (d := json.loads(p.read_text()))]
+    if not found:
+        raise SystemExit(f"no {bench}/*-{{{','.join(kinds)}}}.json with {key!r}")
     data, path = max(found, key=lambda dp: (dp[0].get("date", ""), dp[1].name))
     return path, data
 
@@ -266,7 +276,7 @@ def tables(bench: Path) -> dict[str, Callable[[], str]]:
     gpath, gd = newest_full(bench, "generation")
     epath, ed = newest_full(bench, "e2e")
     spath, sd = newest_full(bench, "speed")
-    qpath, qd = newest_full(bench, "quality")
+    qpath, qd = newest_with(bench, ("quality", "speed"), "quality")
     return {"generation-source": lambda: generation_source(gpath, gd), "fullhd": lambda: fullhd_table(gd),
             "hybrid": lambda: hybrid_table(gd),"source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
             "gpu-step": lambda: gpu_step_table(d), "train": lambda: train_table(d),
