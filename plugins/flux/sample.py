@@ -207,7 +207,8 @@ def sample(
     cache_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="step cache, lossy, off at 0: a step "
                                             "whose first transformer block's output changed by less than this "
                                             "(relative) since the last full step skips the other blocks and "
-                                            "reuses their last change; 0.05-0.15 skips some steps")] = 0.0,
+                                            "reuses their last change; higher skips more steps and costs more quality "
+                                            "(e.g. 0.05 to 0.1)")] = 0.0,
 ) -> Images:
     """Generate images with FLUX.1 [dev] or [schnell] (text-to-image or image-to-image).
 
