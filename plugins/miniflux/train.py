@@ -148,10 +148,24 @@ def train_base(cfg: TrainConfig, m: dict[str, Any], pools: Pools, device: str) -
         step += 1
         pools.refresh()
         if step % 500 == 0:
-            log(f"base step {step}/{plan.total} loss {loss.item():.4f} lr {plan.rate(step):.2e} "
+            log(f"base step {step}/{plan.total} loss {loss.item():.4f} (captions shuffled: "
+                f"{_shuffled_loss(m, enc, xt, sigma, ids, target, clip, t5):.4f}) lr {plan.rate(step):.2e} "
                 f"scenes made {pools.made()}")
     return ema, {"base_steps": step, "base_loss": round(loss.item(), 5), "base_seconds": round(plan.elapsed(), 1),
                  "scenes_made": pools.made()}
+
+
+def _shuffled_loss(m: dict[str, Any], enc: TextEncoder, xt: Any, sigma: Any, ids: Any, target: Any, clip: Any,
+                   t5: Any) -> float:
+    """The batch's loss with its captions shuffled: above the true loss once the text conditions the model."""
+    import torch
+    import torch.nn.functional as F
+
+    perm = torch.randperm(len(xt), device=xt.device)
+    with torch.no_grad(), autocast(xt.device.type):
+        seq, pooled = enc.encode(clip[perm], t5[perm])
+        pred = forward(m["transformer"], xt, sigma, ids, seq, pooled, guidance=torch.ones(len(xt), device=xt.device))
+    return F.mse_loss(pred.float(), target).item()
 
 
 def distil_guidance(cfg: TrainConfig, m: dict[str, Any], pools: Pools, device: str) -> tuple[Ema, dict[str, float]]:

@@ -24,7 +24,7 @@ class TrainConfig:
     pool_chunk: int = 1024  # scenes rendered and encoded at once
     refresh_share: float = 0.12  # share of the wall clock spent re-rendering pool chunks while training
     # (b) transformer + both text encoders, from scratch
-    base_seconds: float = 275.0
+    base_seconds: float = 265.0
     base_batch: int = 256
     base_lr: float = 8e-4
     base_warmup: int = 300
@@ -46,7 +46,7 @@ class TrainConfig:
     # end
     select_prompts: int = 64  # held-out prompts (another seed than the evaluation's) for EMA-or-raw choices
     eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant
-    deadline: float = 530.0  # seconds after start by which everything must be written
+    deadline: float = 520.0  # seconds after start by which everything must be written
 
 
 PRESETS = {
