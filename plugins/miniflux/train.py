@@ -31,7 +31,6 @@ from .trainparts import Ema, Plan, TextEncoder, batch_for, forward, make_batch, 
 
 T0 = time.monotonic()
 PLANNED = ("vae", "pool", "base", "guide", "schnell")
-RESERVE = 25.0  # seconds kept for choosing EMA or raw weights, saving and the final check
 
 
 def log(msg: str) -> None:
@@ -41,7 +40,7 @@ def log(msg: str) -> None:
 def budget(cfg: TrainConfig, phase: str) -> float:
     """The phase's planned seconds, cut so that the later phases' plans still fit before the deadline."""
     later = sum(getattr(cfg, f"{p}_seconds") for p in PLANNED[PLANNED.index(phase) + 1:])
-    left = cfg.deadline - (time.monotonic() - T0) - later - RESERVE
+    left = cfg.deadline - (time.monotonic() - T0) - later - cfg.reserve
     return max(0.25 * getattr(cfg, f"{phase}_seconds"), min(getattr(cfg, f"{phase}_seconds"), left))
 
 
@@ -300,6 +299,9 @@ def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: flo
 def choose(cfg: TrainConfig, name: str, candidates: dict[str, dict[str, Any]], variant: str,
            guidance: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
     """The candidate (a dict of modules replacing ``m``'s) the checker scores higher; recorded in ``metrics``."""
+    if cfg.select_prompts <= 0:
+        metrics[f"{name}_choice"] = {"kept": "ema", "scores": None}
+        return candidates["ema"]
     scores = {label: quick_score(cfg, parts, variant, guidance) for label, parts in candidates.items()}
     best = max(scores, key=lambda k: scores[k])
     metrics[f"{name}_choice"] = {"scores": scores, "kept": best}
@@ -370,7 +372,7 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    m = build_modules("dev")
+    m = build_modules("dev") if not cfg.init else _load(Path(cfg.init))
     for k, v in m.items():
         if isinstance(v, torch.nn.Module):
             m[k] = v.to(device)
@@ -380,8 +382,9 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
 
     with _attention(device):
-        metrics |= train_vae(cfg, m["vae"], rng, device)
-        metrics |= calibrate_vae(cfg, m["vae"], rng, device)
+        if cfg.vae_seconds > 0:
+            metrics |= train_vae(cfg, m["vae"], rng, device)
+            metrics |= calibrate_vae(cfg, m["vae"], rng, device)
         pools = Pools(cfg.native, cfg.pool_size, cfg.pool_multi, cfg.pool_chunk, m["vae"], _text(m, device), rng,
                       device, cfg.refresh_share, cfg.two)
         metrics |= pools.fill(budget(cfg, "pool"), log)
@@ -410,12 +413,21 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
         save(m, schnell["transformer"].eval().requires_grad_(False), "schnell", work, out)
         metrics["total_seconds"] = round(time.monotonic() - T0, 1)
         write()
-        if time.monotonic() - T0 < cfg.deadline:
+        if cfg.eval_prompts > 0 and time.monotonic() - T0 < cfg.deadline:
             metrics["adherence"] = final_check(cfg, work, device)
     metrics["total_seconds"] = round(time.monotonic() - T0, 1)
     write()
     _print_table(metrics)
     return 0
+
+
+def _load(folder: Path) -> dict[str, Any]:
+    """The modules of a saved mini-flux (dev) pipeline, in float32, to continue training from."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    return dict(pipe.components)
 
 
 def _attention(device: str) -> Any:

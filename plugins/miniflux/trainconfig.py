@@ -9,10 +9,11 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 20261128
+    init: str = ""  # a mini-flux (dev) pipeline folder to continue from; empty: every module from scratch
     native: int = 256  # training image side (the pipelines' native size)
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
-    # (a) VAE
+    # (a) VAE (0 seconds: keep the VAE of ``init``)
     vae_seconds: float = 70.0
     vae_batch: int = 48
     vae_lr: float = 1e-3
@@ -44,8 +45,9 @@ class TrainConfig:
     teacher_steps: int = 12  # Euler steps of the dev teacher per trajectory (a multiple of 12)
     student_steps_per_batch: int = 6
     # end
-    select_prompts: int = 64  # held-out prompts (another seed than the evaluation's) for EMA-or-raw choices
-    eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant
+    select_prompts: int = 64  # held-out prompts (another seed than the evaluation's) for EMA-or-raw choices (0: EMA)
+    eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant (0: none)
+    reserve: float = 25.0  # seconds kept for the choices, saving and the final check
     deadline: float = 520.0  # seconds after start by which everything must be written
 
 
