@@ -56,8 +56,8 @@ class Pool:
 
 
 class Pools:
-    """The native-size pool and one small pool per 0.25 MP aspect-ratio size; refreshes within ``share`` of
-    the wall clock since creation."""
+    """The native-size pool and one small pool per 0.25 MP aspect-ratio size (none if ``multi_capacity`` is
+    0); refreshes within ``share`` of the wall clock since the first fill."""
 
     def __init__(self, native: int, capacity: int, multi_capacity: int, chunk: int, vae: Any, enc: TextEncoder,
                  rng: random.Random, device: Any, share: float, two: float = 0.4) -> None:
@@ -67,7 +67,7 @@ class Pools:
         self.pools: dict[tuple[int, int], Pool] = {(native, native): Pool((native, native), capacity, chunk, vae,
                                                                           enc, rng, device, two)}
         scale = native / 256
-        for w, h in SIZES_025:
+        for w, h in SIZES_025 if multi_capacity > 0 else ():
             size = (max(32, round(w * scale / 16) * 16), max(32, round(h * scale / 16) * 16))
             per = batch_for(size, chunk, native)
             self.pools.setdefault(size, Pool(size, max(per, multi_capacity * per // chunk), per, vae, enc, rng,
