@@ -7,8 +7,9 @@ from its measured step time, and keeps the EMA or the raw weights, whichever the
     python -m fluxkiln.plugins.miniflux.train --out DIR [--work DIR] [--preset full|micro] [--set KEY=VALUE]...
 
 The data is generated on the fly (rendered scenes and their prompts; held-out prompts never appear).
-``full`` is the configuration the shipped weights were trained with, on one H100 in one call;
-``micro`` runs the same code on a CPU in about a minute.
+``full`` is sized for one call of under ten minutes on an H100 or H200 (the shipped weights come from
+an earlier version of this script, see docs/mini-flux.md); ``micro`` runs the same code on a CPU in a
+few minutes.
 """
 
 from __future__ import annotations

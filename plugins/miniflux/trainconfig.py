@@ -1,5 +1,6 @@
-"""The training configuration of mini-flux (the one the shipped weights were trained with, and a micro
-preset that runs the same code on a CPU in a minute, for testing the script)."""
+"""The training configuration of mini-flux: the ``full`` preset (one GPU call of under ten minutes, every
+module from scratch) and a ``micro`` preset that runs the same code on a CPU in a few minutes, for testing
+the script."""
 
 from __future__ import annotations
 
