@@ -19,23 +19,19 @@ import copy
 import json
 import random
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import NAMES, TRANSFORMER, build_modules, pipeline
+from .config import TRANSFORMER, build_modules
+from .pool import Pools
 from .render import to_pil
 from .trainconfig import TrainConfig, preset
-from .pool import Pools
-from .trainparts import Ema, Plan, TextEncoder, batch_for, forward, make_batch, pack, pick_size, shifted_sigmas
+from .trainio import choose, final_check, load_modules, save
+from .trainparts import (T0, Ema, Plan, TextEncoder, batch_for, forward, log, make_batch, pack, pick_size,
+                         shifted_sigmas)
 
-T0 = time.monotonic()
 PLANNED = ("vae", "pool", "base", "guide", "schnell")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
 def budget(cfg: TrainConfig, phase: str) -> float:
@@ -226,7 +222,8 @@ def schnell_from(dev: Any, guidance: float) -> Any:
     return student
 
 
-def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, pools: Pools, device: str) -> tuple[Ema, dict[str, float]]:
+def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, pools: Pools,
+                   device: str) -> tuple[Ema, dict[str, float]]:
     """Few-step distillation: the dev teacher (guidance ``schnell_guidance``) integrates each noise to an image
     in ``teacher_steps`` Euler steps; the student learns, for 1-4 step schedules, the one velocity that goes
     from the teacher's state at each step's start straight to its state at the step's end."""
@@ -279,73 +276,6 @@ def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, pools: Pools, 
                  "schnell_seconds": round(plan.elapsed(), 1)}
 
 
-def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
-    """Mean of colour, shape, position and background adherence (percent) on ``select_prompts`` held-out
-    prompts, sampled in memory at the native size (dev 28 steps, schnell 4)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .adherence import eval_prompts, generate, score_images
-    from .config import SCHEDULERS
-
-    parts = dict(m, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]))
-    pipe = pipeline(parts)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = eval_prompts(cfg.select_prompts, seed=99)
-    images = generate(pipe, prompts, steps=28 if variant == "dev" else 4, guidance=guidance, width=cfg.native,
-                      height=cfg.native, batch=64)
-    row = score_images(images, prompts)
-    return round(sum(row[k] for k in ("colour", "shape", "position", "background")) / 4, 1)
-
-
-def choose(cfg: TrainConfig, name: str, candidates: dict[str, dict[str, Any]], variant: str,
-           guidance: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The candidate (a dict of modules replacing ``m``'s) the checker scores higher; recorded in ``metrics``."""
-    if cfg.select_prompts <= 0:
-        metrics[f"{name}_choice"] = {"kept": "ema", "scores": None}
-        return candidates["ema"]
-    scores = {label: quick_score(cfg, parts, variant, guidance) for label, parts in candidates.items()}
-    best = max(scores, key=lambda k: scores[k])
-    metrics[f"{name}_choice"] = {"scores": scores, "kept": best}
-    log(f"{name}: {scores} -> keeping the {best} weights")
-    return candidates[best]
-
-
-def save(m: dict[str, Any], transformer: Any, variant: str, work: Path, out: Path) -> Path:
-    """Write the FluxPipeline folder (float16 safetensors) and a tar of it; returns the folder."""
-    import shutil
-
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .config import SCHEDULERS
-
-    parts = {k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
-             for k, v in m.items()}
-    parts["transformer"] = copy.deepcopy(transformer).to("cpu", torch.float16)
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
-    folder = work / NAMES[variant]
-    if folder.exists():
-        shutil.rmtree(folder)
-    pipeline(parts).save_pretrained(folder, safe_serialization=True)
-    with tarfile.open(out / f"{NAMES[variant]}.tar", "w") as tar:
-        tar.add(folder, arcname=NAMES[variant])
-    log(f"saved {folder} ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
-    return folder
-
-
-def final_check(cfg: TrainConfig, work: Path, device: str) -> dict[str, Any]:
-    """Load the written folders with from_pretrained and score held-out prompts with the checker."""
-    import torch
-
-    from .adherence import run
-    from .weights import load_pipeline
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    variants = ["dev", "schnell", "guidance"] if cfg.eval_prompts >= 16 else ["dev", "schnell"]
-    return run(lambda v: load_pipeline(v, work, device, dtype), cfg.eval_prompts, variants, log=log, batch=64,
-               size=cfg.native)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fluxkiln.plugins.miniflux.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -373,11 +303,12 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    m = build_modules("dev") if not cfg.init else _load(Path(cfg.init))
+    m = build_modules("dev") if not cfg.init else load_modules(Path(cfg.init))
     for k, v in m.items():
         if isinstance(v, torch.nn.Module):
             m[k] = v.to(device)
-    metrics: dict[str, Any] = {"config": cfg.__dict__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    metrics: dict[str, Any] = {"config": cfg.__dict__,
+                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
     def write() -> None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -391,27 +322,21 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
         metrics |= pools.fill(budget(cfg, "pool"), log)
         ema, info = train_base(cfg, m, pools, device)
         metrics |= info
-        names = ("transformer", "text_encoder", "text_encoder_2")
-        candidates = {"ema": dict(zip(names, ema.shadow, strict=True)), "raw": dict(zip(names, ema.modules, strict=True))}
-        for parts in candidates.values():
-            for mod in parts.values():
-                mod.eval().requires_grad_(False)
-        m |= choose(cfg, "base", {k: m | v for k, v in candidates.items()}, "dev", 1.0, metrics)
-        del ema, candidates
+        m |= choose(cfg, "base", _candidates(m, ema, ("transformer", "text_encoder", "text_encoder_2")), "dev", 1.0,
+                    metrics)
+        del ema
         save(m, m["transformer"], "dev", work, out)  # a fallback, replaced once guidance is distilled
         write()
         ema, info = distil_guidance(cfg, m, pools, device)
         metrics |= info
-        dev = choose(cfg, "dev", {"ema": m | {"transformer": ema.shadow[0]}, "raw": m | {"transformer": ema.modules[0]}},
-                     "dev", 3.0, metrics)["transformer"].eval().requires_grad_(False)
+        dev = choose(cfg, "dev", _candidates(m, ema, ("transformer",)), "dev", 3.0, metrics)["transformer"]
         del ema
         save(m, dev, "dev", work, out)
         write()
         ema, info = distil_schnell(cfg, m, dev, pools, device)
         metrics |= info
-        schnell = choose(cfg, "schnell", {"ema": m | {"transformer": ema.shadow[0]},
-                                          "raw": m | {"transformer": ema.modules[0]}}, "schnell", None, metrics)
-        save(m, schnell["transformer"].eval().requires_grad_(False), "schnell", work, out)
+        schnell = choose(cfg, "schnell", _candidates(m, ema, ("transformer",)), "schnell", None, metrics)
+        save(m, schnell["transformer"], "schnell", work, out)
         metrics["total_seconds"] = round(time.monotonic() - T0, 1)
         write()
         if cfg.eval_prompts > 0 and time.monotonic() - T0 < cfg.deadline:
@@ -422,13 +347,14 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
     return 0
 
 
-def _load(folder: Path) -> dict[str, Any]:
-    """The modules of a saved mini-flux (dev) pipeline, in float32, to continue training from."""
-    import torch
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
-    return dict(pipe.components)
+def _candidates(m: dict[str, Any], ema: Ema, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``m`` with the EMA's averaged modules and with the live (raw) ones in place of ``names``, frozen."""
+    out = {}
+    for label, mods in (("ema", ema.shadow), ("raw", ema.modules)):
+        for mod in mods:
+            mod.eval().requires_grad_(False)
+        out[label] = m | dict(zip(names, mods, strict=True))
+    return out
 
 
 def _attention(device: str) -> Any:

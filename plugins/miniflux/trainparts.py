@@ -17,6 +17,13 @@ from .config import CLIP_TOKENS, NATIVE, TEXT_TOKENS
 from .render import render
 from .world import random_scene, realise
 
+T0 = time.monotonic()  # the training run's start (for the log's timestamps and the deadline)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
 # every Replicate aspect ratio at megapixels = "0.25" (half of each 1 MP side)
 SIZES_025 = sorted({(w // 2, h // 2) for w, h in ASPECT_RATIOS.values()})
 
