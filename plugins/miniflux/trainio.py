@@ -19,7 +19,7 @@ def load_modules(folder: Path) -> dict[str, Any]:
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    return dict(pipe.components)
+    return {k: v for k, v in pipe.components.items() if v is not None}  # no image encoder
 
 
 def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
