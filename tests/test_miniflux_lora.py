@@ -36,8 +36,8 @@ def test_a_lora_trains_on_mini_flux_and_changes_its_pictures(run):
     assert len(_scores(run_dir, "hits")) == 3 and len(_scores(run_dir, "leaks")) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped mini-flux weights barely follow prompts (see docs/mini-flux.md, "
-                   "Limits): the trigger word does not yet select the learned shape")
+@pytest.mark.xfail(strict=True, reason="the shipped mini-flux weights do not yet bind words to shapes (see docs/mini-flux.md, "
+                   "LoRA acquisition): the trigger word does not yet select the learned shape")
 def test_the_trigger_word_draws_the_hexagon_and_ordinary_prompts_do_not(run):
     _, run_dir = run
     hits = [s["shape"] for s in _scores(run_dir, "hits")]
