@@ -80,3 +80,19 @@ def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
     native.fill_chunk()
     native.fill_chunk()  # wraps round, over the oldest entries
     assert native.filled == 8 and native.cursor == 4 and native.made == 12
+
+
+def test_saved_pipelines_do_not_record_where_they_were_continued_from(tmp_path):
+    """Continuing from a folder makes diffusers write its absolute path into the configs; save drops it."""
+    from fluxkiln.plugins.miniflux import trainio
+    from fluxkiln.plugins.miniflux.weights import model_path
+
+    modules = trainio.load_modules(model_path("dev"))
+    assert modules["transformer"].config.get("_name_or_path")  # what would leak
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = trainio.save(modules, modules["transformer"], "dev", tmp_path / "work", out)
+    configs = list(folder.glob("*/config.json"))
+    assert {c.parent.name for c in configs} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    assert not [c for c in configs if "_name_or_path" in c.read_text() or str(tmp_path) in c.read_text()]
+    assert (out / "mini-flux.tar").is_file()

@@ -70,10 +70,22 @@ def save(m: dict[str, Any], transformer: Any, variant: str, work: Path, out: Pat
     if folder.exists():
         shutil.rmtree(folder)
     pipeline(parts).save_pretrained(folder, safe_serialization=True)
+    forget_origin(folder)
     with tarfile.open(out / f"{NAMES[variant]}.tar", "w") as tar:
         tar.add(folder, arcname=NAMES[variant])
     log(f"saved {folder} ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
     return folder
+
+
+def forget_origin(folder: Path) -> None:
+    """Drop ``_name_or_path`` from the components' configs: a pipeline continued from a folder records that
+    folder's absolute path there, which must not ship with the weights."""
+    import json
+
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def final_check(cfg: TrainConfig, work: Path, device: str) -> dict[str, Any]:
