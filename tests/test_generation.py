@@ -256,7 +256,8 @@ def test_dev_vs_schnell_recipe_on_mini_flux_reports_scores_per_cell(engine, tmp_
     assert "Scores: `study_scores` (mini, mini-flux pixel checker)" in md
     assert (tmp_path / "dvs" / "study_1.png").is_file() and (tmp_path / "dvs" / "steps_0.png").is_file()
     prompts = ('vars.prompts=["a large red circle at the top left on a blue background", '
-               '"a small yellow star in the center on a purple background", "a small white square on a black background"]')
+               '"a small yellow star in the center on a purple background", '
+               '"a small white square on a black background"]')
     wider = engine.run(path, overrides=[*sets, prompts], output=tmp_path / "dvs")
     ran = [e.node for e in wider.events if e.event == "node_started" and e.type in ("sample", "evaluate")]
     assert ran == ["study[prompt=#3,aspect_ratio=1:1,model=dev]", "study[prompt=#3,aspect_ratio=1:1,model=schnell]",

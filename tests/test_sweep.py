@@ -308,7 +308,8 @@ def test_a_downstream_evaluate_reports_its_scores_per_cell_of_the_sweep(engine, 
     sweep_md = md.split("## Sweep `study`")[1].split("##")[0]
     assert "Scores: `judged` (mini, mini-flux pixel checker)" in sweep_md
     assert "| state | prompt | background | images | score:score | score:colour |" in sweep_md
-    assert "| cell |" not in md.split("## Scores")[0] and "study[prompt=#2,background=white]" in md.split("## Scores")[1]
+    before, scores_md = md.split("## Scores")
+    assert "| cell |" not in before and "study[prompt=#2,background=white]" in scores_md
 
 
 def test_sweep_scores_survive_the_cache_and_widening_runs_only_new_cells(engine, tmp_path):
