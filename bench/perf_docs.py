@@ -4,7 +4,9 @@
 
 The newest ``bench/*-full.json`` (by its ``date``, then its name) written by ``fluxkiln bench`` supplies
 the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` the watch-mode table; the
-newest ``bench/*-generation.json`` (``fluxkiln bench --generation``) the Full HD and hybrid tables.
+newest ``bench/*-generation.json`` (``fluxkiln bench --generation``) the Full HD and hybrid tables;
+``bench/hybrid_quality.json`` (``bench/hybrid_quality.py``) the hybrid's quality table and the verdict
+on when it is worth it, written from its numbers.
 The newest ``bench/*-e2e.json`` (``fluxkiln bench --e2e``) supplies the end-to-end tables, the newest
 ``bench/*-speed.json`` (``fluxkiln bench --only sample`` with the CUDA-graphs and step-cache rows) the speed-path
 and engine-phase tables, and the newest ``bench/*-quality.json`` or ``*-speed.json`` with a quality guard
@@ -25,7 +27,9 @@ from fluxkiln.engine.docs import replace_between
 HERE = Path(__file__).resolve().parent
 PAGE = HERE.parent / "docs" / "performance.md"
 GENERATION_PAGE = HERE.parent / "docs" / "generation.md"
-GENERATION_TABLES = ("generation-source", "fullhd", "hybrid")
+GENERATION_TABLES = ("generation-source", "fullhd", "hybrid", "hybrid-quality")
+GENERATION_ONLY = ("hybrid-quality",)  # blocks on the generation page only
+HYBRID_QUALITY = "hybrid_quality.json"  # written by bench/hybrid_quality.py
 
 SAMPLE_ROWS = {
     "dev-stock": "dev, 28 steps, stock diffusers",
@@ -171,6 +175,72 @@ def hybrid_table(d: dict) -> str:
     return table(["1024×1024", "s/image", "× dev alone", "peak GiB"], rows)
 
 
+QUALITY_KEYS = (("score", "score"), ("colour", "colour"), ("shape", "shape"), ("size", "size"),
+                ("position", "position"), ("background", "background"), ("count", "count"), ("all", "all right"))
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def hybrid_quality_table(q: dict) -> str:
+    keys = [(k, name) for k, name in QUALITY_KEYS if any(k in r["mean"] for r in q["paths"].values())]
+    rows = [[r["label"], *(pct(r["mean"].get(k)) for k, _ in keys), num(r["cpu_s_per_image"], 2),
+             num(r.get("h100_s_per_image"), 2)] for r in q["paths"].values()]
+    return table(["path (checker, % right)", *(name for _, name in keys), f"CPU s/image ({q['size']})",
+                  "H100 s/image (1024²)"], rows)
+
+
+def _diff(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return f"{100 * c['mean']:+.1f} points (95 % interval {100 * lo:+.1f} to {100 * hi:+.1f})"
+
+
+def _above(c: dict) -> bool:
+    return c["ci95"][0] > 0
+
+
+def _below(c: dict) -> bool:
+    return c["ci95"][1] < 0
+
+
+def hybrid_verdict(q: dict) -> str:
+    """When the hybrid is worth it, said from the measured scores and times (nothing typed by hand)."""
+    p, c = q["paths"], q["compare"]
+    hd, dd, hdr = c["hybrid - dev"], c["dev - draft"], c["hybrid - draft"]
+    gpu = [p[k].get("h100_s_per_image") for k in ("hybrid", "dev")]
+    ratio = gpu[0] / gpu[1] if None not in gpu else p["hybrid"]["cpu_s_per_image"] / p["dev"]["cpu_s_per_image"]
+    on = "on the H100" if None not in gpu else "on the CPU"
+    said = (f"Mean checker score, hybrid against dev alone: {_diff(hd)}; dev against the draft: {_diff(dd)}; "
+            f"hybrid against the draft: {_diff(hdr)}. The hybrid takes {ratio:.2f}× dev's time {on} "
+            f"and {p['hybrid']['cpu_s_per_image'] / p['dev']['cpu_s_per_image']:.2f}× on the CPU.")
+    if not _above(dd):
+        verdict = ("Dev alone does not score measurably higher than the schnell draft here, so the refinement has "
+                   "nothing to add that the checker can see: with these weights the draft alone is the cheapest "
+                   "choice, and these numbers cannot show whether the hybrid is worth it.")
+    elif not _below(hd):
+        verdict = (f"The hybrid is not measurably worse than dev alone: **it is worth it**, dev's prompt adherence "
+                   f"at {ratio:.2f}× the time.")
+    elif _above(hdr):
+        verdict = (f"The hybrid scores measurably below dev alone and above the draft, with "
+                   f"{100 * hdr['mean'] / dd['mean']:.0f} % of dev's gain over the draft at {ratio:.2f}× dev's time: "
+                   "worth it where that share of dev's adherence is enough (previews, batches of drafts, picking a "
+                   "seed); render with dev alone where prompt adherence is the point.")
+    else:
+        verdict = ("The refinement adds no measurable adherence over the draft and stays below dev alone: the "
+                   "hybrid is not worth it with these weights; use the draft for speed and dev alone for adherence.")
+    return f"{said}\n\n**Verdict:** {verdict}"
+
+
+def hybrid_quality(bench: Path) -> str:
+    q = json.loads((bench / HYBRID_QUALITY).read_text())
+    source = (f"mini-flux, {q['prompts']} held-out prompts at {q['size']}, seed {q['seed']}, refinement "
+              f"{q['refine']['steps']} steps at strength {q['refine']['strength']}: `python bench/hybrid_quality.py` "
+              f"(`bench/{HYBRID_QUALITY}`, {q['date']}); CPU: {q['cpu']}, process time of the sample nodes; "
+              f"H100: `{q['h100_source']}`, {q['h100_what']}.")
+    return "\n\n".join([source, hybrid_quality_table(q), hybrid_verdict(q)])
+
+
 E2E_ROWS = {"stock": "stock diffusers (`FluxPipeline.from_pretrained`, images, PNG files)",
             "fluxkiln_cold": "`fluxkiln run`, compile cache cold", "fluxkiln_warm": "`fluxkiln run`, compile cache warm",
             "fluxkiln_after_warmup": "`fluxkiln run` after `fluxkiln warmup`"}
@@ -278,7 +348,8 @@ def tables(bench: Path) -> dict[str, Callable[[], str]]:
     spath, sd = newest_full(bench, "speed")
     qpath, qd = newest_with(bench, ("quality", "speed"), "quality")
     return {"generation-source": lambda: generation_source(gpath, gd), "fullhd": lambda: fullhd_table(gd),
-            "hybrid": lambda: hybrid_table(gd),"source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
+            "hybrid": lambda: hybrid_table(gd), "hybrid-quality": lambda: hybrid_quality(bench),
+            "source": lambda: source(path, d), "sample": lambda: sample_table(d), "stages": lambda: stages_table(d),
             "gpu-step": lambda: gpu_step_table(d), "train": lambda: train_table(d),
             "kernels": lambda: kernels_table(d), "targets": lambda: targets_table(d),
             "watch": lambda: watch_table(bench),
@@ -291,9 +362,10 @@ def tables(bench: Path) -> dict[str, Callable[[], str]]:
 
 
 def render(page: str, bench: Path, names: tuple[str, ...] | None = None) -> str:
-    """``page`` with each ``bench:NAME`` block (all of them, or ``names``) regenerated from the JSON in ``bench``."""
+    """``page`` with each ``bench:NAME`` block (``names``, or all but the generation page's own) regenerated
+    from the JSON in ``bench``."""
     for name, make in tables(bench).items():
-        if names is None or name in names:
+        if (name in names) if names is not None else (name not in GENERATION_ONLY):
             page = replace_between(page, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->", make())
     return page
 
