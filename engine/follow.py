@@ -35,12 +35,15 @@ class OwnerEngine(Engine):
         self._cancel = dist.CancelFlag()
 
     def run(self, *args: Any, **kwargs: Any) -> RunResult:
-        self._cancel.clear()  # before the workers hear of the run, so none of them sees the last run's cancel
         dist.broadcast({"op": "run"})
         try:
             return super().run(*args, **kwargs)
         finally:
             dist.broadcast({"op": "end"})
+            self._cancel.clear()  # after every rank left the run: the next run (watch) starts uncancelled
+
+    def _fresh_cancel(self) -> None:
+        """Keep a cancel that came before the run started (a Ctrl-C on any rank while the processes started)."""
 
     def _run_node(self, plan: Any, np_: Any, result: RunResult, stats: dict[str, dict[str, Any]]) -> str:
         nt = plan.checked.nodes[np_.id].type
@@ -93,10 +96,10 @@ class Worker:
             if op == "exit":
                 return 0
             if op == "run":
-                self.used = set()
-                self.cancel.clear()
+                self.used = set()  # a Ctrl-C that came before the run stays set: the run stops at once
             elif op == "end":
                 self.live = {k: v for k, v in self.live.items() if k in self.used}
+                self.cancel.clear()
             elif op == "node":
                 self._node(msg)
 

@@ -96,7 +96,7 @@ source = "{DATA}"
 type = "train_lora"
 model = "@base"
 dataset = "@data"
-steps = 400
+steps = 6000
 batch_size = 1
 resolution = [64]
 lora_rank = 4
@@ -224,27 +224,94 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+class _Run:
+    """A two-rank training run whose output is read as it comes (threads drain both pipes: nothing blocks)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import queue
+        import threading
+
+        recipe = tmp_path / "train.toml"
+        recipe.write_text(TRAIN_ONLY)
+        self.cache = _cache(tmp_path / "cache")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2",
+                                      "--json", "--output", str(tmp_path / "out")], env=_env(self.cache),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict] = []
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, put) -> None:
+        for line in stream:
+            put(line)
+        put(None)
+
+    def wait_for(self, test, timeout: float = 240) -> dict:
+        """The first event (already seen or still to come) for which ``test`` is true."""
+        import queue
+
+        for e in self.events:
+            if test(e):
+                return e
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out; last events: {self.events[-3:]}") from None
+            assert line is not None, f"the run ended first: {self.events[-3:]} {''.join(e for e in self.err if e)[-2000:]}"
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+                if test(self.events[-1]):
+                    return self.events[-1]
+
+    def rank_pid(self, rank: int, timeout: float = 120) -> int:
+        end = time.monotonic() + timeout
+        while (pid := _rank_pid(self.proc.pid, rank)) is None:
+            assert time.monotonic() < end and self.proc.poll() is None, f"rank {rank} never started"
+            time.sleep(0.005)
+        return pid
+
+    def finish(self, timeout: float = 180) -> tuple[int, list[dict], str]:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=30)) is not None:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+        end = time.monotonic() + 30
+        while (not self.err or self.err[-1] is not None) and time.monotonic() < end:
+            time.sleep(0.02)  # the stderr pump reaches the end of its pipe
+        return code, self.events, "".join(e for e in self.err if e)
+
+
+def _training_step(e: dict) -> bool:
+    return e["event"] == "node_progress" and e.get("node") == "lora" and (e.get("step") or 0) >= 1 \
+        and "loss" in (e.get("metrics") or {})
+
+
 def _train_and_signal(tmp_path: Path, sig: int) -> tuple[subprocess.Popen, list[dict], str, Path]:
-    """Train on two ranks; at step 3 send ``sig`` to rank 1; return the process, events, stderr, cache."""
-    recipe = tmp_path / "train.toml"
-    recipe.write_text(TRAIN_ONLY)
-    cache = _cache(tmp_path / "cache")
-    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2", "--json",
-                             "--output", str(tmp_path / "out")], env=_env(cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    events: list[dict] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        e = events[-1]
-        if e["event"] == "node_progress" and e.get("node") == "lora" and (e.get("step") or 0) >= 3:
-            pid = _rank_pid(proc.pid, 1)
-            assert pid is not None, "rank 1 not found"
-            os.kill(pid, sig)
-            break
-    out, err = proc.communicate(timeout=120)
-    events += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return proc, events, err, cache
+    """Train on two ranks; after the first training step send ``sig`` to rank 1; the process, events, stderr, cache."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    os.kill(run.rank_pid(1), sig)
+    _code, events, err = run.finish()
+    return run.proc, events, err, run.cache
+
+
+def _stopped_with_checkpoint(code: int, events: list[dict], err: str, cache: Path) -> int:
+    """The run stopped at a safe point after a checkpoint (exit 130); the step it stopped at."""
+    assert code == 130, err[-3000:]
+    logs = [e["message"] for e in events if e["event"] == "node_log" and e.get("node") == "lora"]
+    stopped = [m for m in logs if m.startswith("stopped at step")]
+    assert stopped, (logs, err[-2000:])
+    step = int(stopped[0].split()[3].rstrip(";"))
+    finished = [e for e in events if e["event"] == "run_finished"]
+    assert finished and finished[0]["status"] == "cancelled"
+    ckpts = list((cache / "state").glob(f"train_lora-*/checkpoints/*{step:06d}*"))
+    assert ckpts, "no checkpoint written at the step where the run stopped"
+    return step
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
@@ -266,16 +333,33 @@ def test_a_dead_worker_fails_the_run_naming_its_rank_and_leaves_the_cache_clean(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
 def test_sigint_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
     proc, events, err, cache = _train_and_signal(tmp_path, signal.SIGINT)
-    assert proc.returncode == 130, err[-2000:]
-    logs = [e["message"] for e in events if e["event"] == "node_log" and e.get("node") == "lora"]
-    stopped = [m for m in logs if m.startswith("stopped at step")]
-    assert stopped, logs
-    step = int(stopped[0].split()[3].rstrip(";"))
-    assert 3 <= step < 400
+    step = _stopped_with_checkpoint(proc.returncode, events, err, cache)
+    assert 1 <= step < 6000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_sigint_twice_on_every_rank_is_one_ctrl_c_and_still_checkpoints(tmp_path):
+    """Ctrl-C under torchrun reaches each worker twice (terminal and launcher): still one stop at a safe point."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    ranks = [run.rank_pid(0), run.rank_pid(1)]
+    for pid in ranks + ranks:
+        os.kill(pid, signal.SIGINT)
+    code, events, err = run.finish()
+    _stopped_with_checkpoint(code, events, err, run.cache)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
+def test_sigint_before_the_workers_are_up_stops_the_run_cleanly(tmp_path):
+    """A Ctrl-C on a rank that is still starting (importing, joining the group) is never lost."""
+    run = _Run(tmp_path)
+    os.kill(run.rank_pid(1), signal.SIGINT)  # as soon as the process exists
+    code, events, err = run.finish()
+    assert code == 130, err[-3000:]
+    assert not any(e["event"] == "node_finished" and e.get("node") == "lora" for e in events)
     finished = [e for e in events if e["event"] == "run_finished"]
-    assert finished and finished[0]["status"] == "cancelled"
-    ckpts = list((cache / "state").glob(f"train_lora-*/checkpoints/*{step:06d}*"))
-    assert ckpts, "no checkpoint written at the step where the run stopped"
+    assert not finished or finished[0]["status"] == "cancelled"  # the run never started, or stopped at once
+    assert not list((run.cache / "state").glob("train_lora-*/checkpoints/*"))  # no training step ran
 
 
 def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
