@@ -12,12 +12,14 @@ On a machine without CUDA the workers are CPU processes talking over gloo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import distributed as dist
@@ -56,6 +58,7 @@ def route(args: argparse.Namespace, argv: list[str], command: Callable[[argparse
     if not launched:
         return command(args)
     signal.signal(signal.SIGINT, GATE)  # from here on a Ctrl-C is never lost, even before the run starts
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while starting arrives now
     try:
         world = dist.init(timeout_s=7 * 24 * 3600.0 if args.command == "watch" else None)
         return _own(args, command) if world.owner else _serve()
@@ -200,13 +203,38 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
     # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
     # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
     try:
-        elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
+        with _sigint_held_for_children():
+            elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
     except ChildFailedError as exc:
         return _report(exc.failures)
     except SignalException as exc:
         print(f"fluxkiln: stopped ({exc.sigval.name})", file=sys.stderr)
         return 130 if exc.sigval == signal.SIGINT else 1
     return 0
+
+
+@contextlib.contextmanager
+def _sigint_held_for_children() -> Iterator[None]:
+    """Start the workers with SIGINT blocked: a Ctrl-C reaching one while its interpreter still starts then
+    waits (pending) until :func:`route` has put the gate in place, instead of killing it half-started.
+
+    The signal mask is inherited across fork and exec, so the main thread (which spawns the workers) blocks
+    SIGINT; a helper thread started before keeps it unblocked, so this launcher still hears Ctrl-C (the
+    kernel hands a process's signal to a thread that does not block it; Python runs the handler on the
+    main thread, which the elastic agent's monitor loop reaches every few tenths of a second).
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+    listener = threading.Thread(target=done.wait, name="fluxkiln-sigint", daemon=True)
+    listener.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        done.set()
 
 
 def _report(failures: dict[int, Any]) -> int:

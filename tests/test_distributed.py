@@ -61,6 +61,24 @@ type = "save"
 images = "@listed"
 output_format = "png"
 
+[nodes.swept]
+type = "sample"
+model = "@base"
+prompt = "a red fox"
+num_inference_steps = 2
+aspect_ratio = "custom"
+width = 256
+height = 256
+megapixels = "0.25"
+
+[nodes.swept.sweep]
+seed = [1, 2, 3, 4, 5]
+
+[nodes.swept_saved]
+type = "save"
+images = "@swept"
+output_format = "png"
+
 [nodes.data]
 type = "dataset"
 source = "{DATA}"
@@ -174,6 +192,26 @@ def test_a_prompt_list_is_split_image_by_image_and_gathered_in_order(runs):
         # mid-prompt), and float rounding then differs: stated tolerance 1 of 255 on a rare pixel
         diff = abs(_pixels(a) - _pixels(b))
         assert a.name == b.name and diff.max() <= 1 and diff.mean() < 1e-3, a.name
+
+
+def test_sweep_cells_are_dealt_out_whole_to_the_ranks_and_cached_one_by_one(runs):
+    from fluxkiln.engine.cache import DiskCache
+
+    root, cache2 = runs
+    logs = [json.loads(line) for line in (root / "two.jsonl").read_text().splitlines() if line.startswith("{")]
+    messages = [(e.get("node"), e["message"]) for e in logs if e["event"] == "node_log"]
+    # 5 cells over 2 ranks: 4 whole cells (2 each, concurrently); the fifth splits its images like any call
+    assert ("swept", "4 cell(s) over 2 ranks, whole cells: 2 on rank 0, 2 on rank 1") in messages
+    elsewhere = sorted(node for node, m in messages if m == "made on rank 1")
+    assert elsewhere == ["swept[seed=3]", "swept[seed=4]"]
+    assert ("swept[seed=5]", "1 item(s) over 2 ranks: 1 on rank 0, 0 on rank 1") in messages
+    one = sorted((root / "one").glob("swept_saved*.png"))
+    two = sorted((root / "two").glob("swept_saved*.png"))
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two, strict=True):  # each cell made by one rank with its own seed: the same pixels
+        assert a.name == b.name and (_pixels(a) == _pixels(b)).all(), a.name
+    cells = [e for e in DiskCache(cache2).entries() if e.get("type") == "sample" and "swept[" in str(e.get("node"))]
+    assert len(cells) == 5  # every cell cached on its own, whichever rank made it
 
 
 def _losses(path: Path) -> list[float]:
