@@ -39,6 +39,9 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    help="N workers: data-parallel images/s, DDP step time at N x the global batch and context-"
                         "parallel latency, each beside one process in the same run (CPU processes with gloo where "
                         "there is no GPU)")
+    p.add_argument("--cp-variants", default="", help="with --gpus: context-parallel variants to time, comma-"
+                   "separated (default: one-eager, one-compiled, ulysses-eager, ulysses-compiled, allgather-compiled, "
+                   "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole)")
     return p
 
 

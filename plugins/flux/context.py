@@ -120,10 +120,15 @@ def _gatherer(state: Split) -> Any:
     return post
 
 
-def _gather_tokens(x: Any, state: Split) -> Any:
+def _all_gather(x: Any, dim: int, state: Split) -> Any:
     import torch.distributed._functional_collectives as funcol
 
-    return _waited(funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=state.group))
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.12
+    return _waited(gather(x.contiguous(), gather_dim=dim, group=state.group))
+
+
+def _gather_tokens(x: Any, state: Split) -> Any:
+    return _all_gather(x, 1, state)
 
 
 def _waited(x: Any) -> Any:
@@ -165,12 +170,11 @@ def _ulysses(q: Any, k: Any, v: Any, state: Split) -> Any:
 
 def _allgather(q: Any, k: Any, v: Any, state: Split) -> Any:
     import torch
-    import torch.distributed._functional_collectives as funcol
     import torch.nn.functional as F
 
     n = state.degree
     b, s, h, d = k.shape
-    kv = _waited(funcol.all_gather_tensor(torch.stack([k, v]).contiguous(), gather_dim=0, group=state.group))
+    kv = _all_gather(torch.stack([k, v]), 0, state)
     kv = kv.view(n, 2, b, s, h, d).permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, n * s, d)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
     return out.transpose(1, 2)
