@@ -81,7 +81,7 @@ class CpLatency:
         if self.world.owner and latents:
             if name == "one-eager" or self.reference is None:
                 self.reference = latents[-1].float()
-            res["max_rel_diff"] = _r(_rel_diff(latents[-1].float(), self.reference), 6)
+            res["max_rel_diff"] = float(f"{_rel_diff(latents[-1].float(), self.reference):.3g}")
         return res
 
     def _switch_on(self, kind: str) -> Callable[[], None]:

@@ -43,6 +43,9 @@ def main_many(args: argparse.Namespace, argv: list[str]) -> int:
         from fluxkiln.engine.launch import launch_workers
 
         return launch_workers(args.gpus, ["bench", *argv])
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # workers start with it blocked (see launch)
     world = distributed.init()
     try:
         results = Many(args, world).run()
