@@ -8,6 +8,11 @@ makes it.  :class:`Worker` on every other rank runs those nodes with the same
 inputs, loading live models itself (and keeping them for the next run, by
 fingerprint).  Workers never touch the cache, the run folder, events or the
 report: their node outputs are dropped once the node's collectives are done.
+
+The cells of a sweep whose node type allows it (:func:`~.distributed.whole_cells`)
+are dealt out whole instead: each rank makes its contiguous share of the
+cells alone, at the same time, and rank 0 gathers the outcomes and stores
+every cell as if it had made it (:class:`CellDeal`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class OwnerEngine(Engine):
                                          "cells": [self._payload(plan, c, result) for c in group]}, self._log(result))
         if np_.id in self._cells.rank_of:
             return self._run_cell(plan, np_, result, stats)
+        self._cells.collect()  # the workers are done with any cells before they hear of another node
         dist.broadcast({"op": "node", "run_id": result.run_id, "run_dir": str(plan.run_dir),
                         "recipe": plan.checked.recipe, "node": self._payload(plan, np_.id, result)})
         ready = dist.all_gather(None)  # every rank has its inputs (its own live models) or says why not
