@@ -387,6 +387,16 @@ def test_sigint_twice_on_every_rank_is_one_ctrl_c_and_still_checkpoints(tmp_path
     _stopped_with_checkpoint(code, events, err, run.cache)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_ctrl_c_on_the_launcher_reaches_every_rank_which_checkpoints_and_stops(tmp_path):
+    """The launcher keeps hearing Ctrl-C although it starts its workers with SIGINT blocked."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    os.kill(run.proc.pid, signal.SIGINT)
+    code, events, err = run.finish()
+    _stopped_with_checkpoint(code, events, err, run.cache)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
 def test_sigint_before_the_workers_are_up_stops_the_run_cleanly(tmp_path):
     """A Ctrl-C on a rank that is still starting (importing, joining the group) is never lost."""
