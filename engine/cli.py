@@ -310,6 +310,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_extra.dispatch(args)
 
 
+def fast_exit(code: int, argv: Sequence[str]) -> None:
+    """After ``fluxkiln run`` in a process that imported torch, end it without the interpreter's teardown, which
+    takes seconds once torch, diffusers and a loaded model are in memory (and adds nothing: every file is
+    written and closed by then).  Output is flushed and logging shut down first; ``atexit`` handlers do not run.
+    Not for several processes (``--gpus``, torchrun's ``RANK``) or with W&B or coverage loaded (they write at exit);
+    ``FLUXKILN_FAST_EXIT=0`` turns it off.  Returns when it does not apply."""
+    import os
+
+    if argv[:1] != ["run"] or "torch" not in sys.modules or "--gpus" in argv:
+        return
+    if any(name in sys.modules for name in ("wandb", "coverage")):  # they write their data at exit
+        return
+    if os.environ.get("FLUXKILN_FAST_EXIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def entry() -> None:
     """Console-script entry point: exit with main()'s code; a closed pipe (``| head``) is not an error."""
     try:
@@ -320,6 +347,7 @@ def entry() -> None:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    fast_exit(code if isinstance(code, int) else 1, sys.argv[1:])
     sys.exit(code)
 
 

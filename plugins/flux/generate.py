@@ -17,6 +17,7 @@ from typing import Any
 from fluxkiln.engine import Cancelled, RunContext, distributed
 
 from . import fast
+from .stepcache import step_cache
 
 BATCH_PIXELS = 4 * 1024 * 1024  # pixels per pipeline call (4 images at 1 MP, 16 at 0.25 MP)
 MAX_TEXT_TOKENS = {"dev": 512, "schnell": 256}
@@ -43,6 +44,7 @@ class Settings:
     guidance: float | None
     seed: int
     strength: float
+    cache_threshold: float = 0.0  # the step cache (lossy); 0 = off
 
 
 def steps_run(steps: int, init: Any, strength: float) -> int:
@@ -102,7 +104,8 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
 
     t0 = time.perf_counter()
     try:
-        pics = _call(ctx, pipe, group, s, progress)
+        with step_cache(pipe.transformer, s.cache_threshold) as count:
+            pics = _call(ctx, pipe, group, s, progress)
     except torch.cuda.OutOfMemoryError:
         if len(group) == 1:
             raise
@@ -115,6 +118,8 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
     progress.done += steps
     timing = {"seconds_per_image": round(seconds / len(pics), 4), "seconds_per_step": round(seconds / steps, 4),
               "batch": len(pics), "steps": steps}
+    if s.cache_threshold > 0:
+        timing.update(count.as_dict())
     peak = _peak_gib()
     if peak is not None:
         timing["peak_gpu_gib"] = peak

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
-from . import parallel
+from . import parallel, warm
 from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
@@ -202,10 +202,11 @@ def quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None) -> Any:
+def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None,
+                     device_map: str | None = None) -> Any:
     try:
         with quiet_loading():
-            return _load_parts(src, dtype, parts or {})
+            return _load_parts(src, dtype, parts or {}, device_map)
     except NodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader errors vary (missing files, bad configs, wrong formats)
@@ -213,15 +214,28 @@ def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = Non
                         hint="check that the folder/file is a complete FLUX.1 diffusers model") from exc
 
 
-def _load_parts(src: Source, dtype: Any, parts: dict[str, Any]) -> Any:
+def _load_parts(src: Source, dtype: Any, parts: dict[str, Any], device_map: str | None = None) -> Any:
+    """The pipeline from its files; ``device_map`` (a device) makes safetensors load each weight straight onto it
+    instead of into CPU memory first."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
+    placed = {"device_map": device_map} if device_map else {}
     if src.kind == "single_file":
         transformer = FluxTransformer2DModel.from_single_file(
             str(src.path), config=str(src.base), subfolder="transformer", dtype=dtype, local_files_only=True)
         return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True,
                                             **parts)
-    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts)
+    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts, **placed)
+
+
+def direct_device(device: str, offload: str, parts: dict[str, Any]) -> str | None:
+    """Where weights can be loaded straight to: the GPU when the whole pipeline goes there unchanged and no part is
+    borrowed; None (CPU first, then moved) otherwise.  ``FLUXKILN_LOAD_DIRECT=0`` turns it off."""
+    import os
+
+    if os.environ.get("FLUXKILN_LOAD_DIRECT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return device if device == "cuda" and offload == "none" and not parts else None
 
 
 def quantize_fp8(pipe: Any, dtype: Any) -> str:
@@ -261,7 +275,13 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
         donor = get_pipeline(share)
         parts = donor_parts(donor, dtype, offload)
         check_compatible(_vae_config(src), donor, src.ref)
-    pipe = _from_pretrained(src, dtype, parts)
+    direct = direct_device(device, offload, parts)
+    try:
+        pipe = _from_pretrained(src, dtype, parts, direct)
+    except NodeError:
+        if direct is None:
+            raise
+        pipe = _from_pretrained(src, dtype, parts)  # loading straight to the device failed: through CPU memory
     if parts:
         adopt(pipe, parts)
     if quantize == "fp8":
@@ -351,6 +371,10 @@ def load_model(
     The variant is detected from the transformer (guidance embedding = dev) and
     exposed as ``info["variant"]``; ``sample`` uses it for defaults and checks.
     """
+    waited = warm.wait_imports()  # before anything here imports torch (ctx.device does)
+    if waited is not None:
+        ctx.log(f"torch and diffusers imported in the background in {waited['import_s']:.1f} s "
+                f"(waited {waited['waited_s']:.1f} s for them here)")
     device = ctx.device
     if offload != "none" and device != "cuda":
         raise NodeError(f"offload = \"{offload}\" needs a CUDA GPU; this machine has none", key="offload",
