@@ -81,7 +81,13 @@ def init(timeout_s: float | None = None) -> World:
 
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1))
+            if local > torch.cuda.device_count():
+                raise RuntimeError(
+                    f"{local} workers were started on this host but it has {torch.cuda.device_count()} visible CUDA "
+                    "GPU(s): start at most one worker per GPU (torchrun --nproc-per-node, accelerate "
+                    "--num_processes), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run CPU workers with gloo")
+            torch.cuda.set_device(world.local_rank)
             backend = "cpu:gloo,cuda:nccl"
         else:
             backend = "gloo"

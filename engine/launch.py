@@ -170,9 +170,24 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _gpu_shortage(nproc: int) -> str | None:
+    """Why ``nproc`` workers cannot each have a GPU of this host (None when they can, or when there is no GPU:
+    then the workers are CPU processes talking over gloo)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0 or nproc <= visible:
+        return None
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
+    return (f"--gpus {nproc} starts one worker per GPU, but this host has {visible} visible CUDA GPU"
+            f"{'s' if visible > 1 else ''}{where}: use --gpus {visible} or fewer, or hide the GPUs to run {nproc} "
+            f"CPU workers with gloo (CUDA_VISIBLE_DEVICES= fluxkiln ... --gpus {nproc})")
+
+
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Start ``--gpus`` workers (per host) running this command; report a failed rank by number."""
-    problem = _check(args)
+    problem = _check(args) or _gpu_shortage(args.gpus)
     if problem:
         print(f"fluxkiln {args.command}: {problem}", file=sys.stderr)
         return 2

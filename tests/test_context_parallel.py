@@ -133,7 +133,7 @@ def _run(tmp_path, name: str, *extra: str):
     recipe.write_text(CP_RECIPE)
     done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--output",
                            str(tmp_path / name), "--json", *extra], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
     assert done.returncode == 0, done.stderr[-3000:]
     return done, sorted((tmp_path / name).glob("saved_*.png"))
 

@@ -131,7 +131,9 @@ def _cache(path: Path) -> Path:
 
 
 def _env(cache: Path, tag: str = "") -> dict[str, str]:
-    return dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", FLUXKILN_TEST_TAG=tag)
+    # CPU workers with gloo on any machine: on a GPU host, two workers would ask for two GPUs
+    return dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", FLUXKILN_TEST_TAG=tag,
+                CUDA_VISIBLE_DEVICES="")
 
 
 def _cli(*args: str, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -132,3 +132,34 @@ def test_the_sigint_gate_keeps_an_early_ctrl_c_counts_a_forwarded_repeat_once_an
     with pytest.raises(KeyboardInterrupt):
         gate()  # a second Ctrl-C after the window: abort now
     assert gate.aborted and calls == ["cancel"]
+
+
+def _one_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_more_workers_than_gpus_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from fluxkiln.engine.cli import main
+
+    _one_gpu(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "r"\n')
+    assert main(["run", str(recipe), "--gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpus 2 starts one worker per GPU, but this host has 1 visible CUDA GPU (CUDA_VISIBLE_DEVICES='3')" in err
+    assert "use --gpus 1 or fewer" in err and "CUDA_VISIBLE_DEVICES= fluxkiln ... --gpus 2" in err
+
+
+def test_a_launcher_that_started_more_workers_than_gpus_gets_a_clear_error(monkeypatch):
+    from fluxkiln.engine import distributed
+
+    _one_gpu(monkeypatch)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=r"2 workers were started on this host but it has 1 visible CUDA GPU"):
+        distributed.init(timeout_s=5)
+    assert not distributed.current().many  # nothing was joined
