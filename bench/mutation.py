@@ -72,8 +72,8 @@ GROUPS = [
     Group("validate", ("engine/validate.py",),
           (f"{_ENGINE}validate.xǁ_Checkerǁ_check_value__*", f"{_ENGINE}validate.xǁ_Checkerǁ_check_link__*",
            f"{_ENGINE}validate.xǁ_Checkerǁ_local_file__*", f"{_ENGINE}validate.xǁ_Checkerǁ_check_node__*"),
-          ("tests/test_validate.py", "tests/test_hostile_recipes.py", "-k",
-           "not validate_hostile_recipe and not run_refuses")),
+          ("tests/test_validate.py", "tests/test_hostile_recipes.py", "tests/test_list_ports.py", "-k",
+           "not validate_hostile_recipe and not run_refuses and not fuzzed")),
     Group("cache", ("engine/cache.py", "engine/fingerprint.py", "engine/plan.py"),
           (f"{_ENGINE}fingerprint.x_canonical__*", f"{_ENGINE}fingerprint.x_digest__*",
            f"{_ENGINE}fingerprint.x_identity__*", f"{_ENGINE}fingerprint.x_diff_reasons__*",
@@ -90,11 +90,15 @@ GROUPS = [
           ("tests/test_flux_sample.py", "tests/test_flux_units.py", "tests/test_params_reach_the_work.py",
            "-k", "not every_aspect_ratio and (not test_two_values or (sample and not train_lora))")),
     Group("train", ("plugins/train/loop.py", "plugins/train/flow.py", "plugins/train/optim.py"),
-          (f"{_TRAIN}loop.xǁTrainerǁ_step__*", f"{_TRAIN}loop.xǁTrainerǁexport_weights__*",
-           f"{_TRAIN}flow.x_sample_times__*", f"{_TRAIN}flow.x_flux_mu__*", f"{_TRAIN}optim.x_lr_lambda__*",
-           f"{_TRAIN}optim.xǁEMAǁupdate__*", f"{_TRAIN}optim.xǁEMAǁload__*"),
+          (f"{_TRAIN}loop.xǁTrainerǁexport_weights__*", f"{_TRAIN}flow.x_sample_times__*",
+           f"{_TRAIN}flow.x_flux_mu__*", f"{_TRAIN}optim.x_lr_lambda__*", f"{_TRAIN}optim.xǁEMAǁupdate__*",
+           f"{_TRAIN}optim.xǁEMAǁload__*"),
           ("tests/test_train_units.py", "tests/test_train_lora.py", "tests/test_params_reach_the_work.py", "-k",
            "not test_two_values or train_lora")),
+    # The training step (caption dropout, loss, clipping, optimizer, EMA): every mutant that a test does
+    # not kill at once costs a full set of short training runs, so it is a group of its own.
+    Group("train-step", ("plugins/train/loop.py",), (f"{_TRAIN}loop.xǁTrainerǁ_step__*",),
+          ("tests/test_train_lora.py", "tests/test_params_reach_the_work.py", "-k", "train_lora")),
 ]
 MODULES = [m for g in GROUPS for m in g.modules]
 
@@ -203,8 +207,7 @@ def _original_path(staged: Path) -> str:
 
 
 # Imported at start-up by every Python process started with the PYTHONPATH below: mutmut's string
-# mutations are switched off before it generates mutants, a mutant's tests run fastest first, and
-# a test's subprocess (the CLI tests),
+# mutations are switched off before it generates mutants, and a test's subprocess (the CLI tests),
 # which runs in another folder, loads mutmut's settings from the work folder before it imports
 # the mutated code (mutmut reads them from the working folder on first use).
 SHIM = '''"""Mutation check only (bench/mutation.py): set mutmut up in every process it starts."""
@@ -217,15 +220,6 @@ if _work:
 
     _skip = os.environ.get("FLUXKILN_MUTATION_SKIP", "").split(",")
     _mutators.mutation_operators[:] = [op for op in _mutators.mutation_operators if op[1].__name__ not in _skip]
-    import mutmut.runners.harness as _harness
-    from mutmut.state import state as _state
-
-    _args = _harness.PytestRunner._pytest_args_regular_run
-
-    def _fastest_first(self, tests):
-        return _args(self, sorted(tests, key=lambda t: _state().duration_by_test.get(t, 0.0)))
-
-    _harness.PytestRunner._pytest_args_regular_run = _fastest_first
     _here = os.getcwd()
     os.chdir(_work)
     try:
@@ -338,23 +332,42 @@ def _in_group(name: str, group: Group) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+def _unchecked(work: Path, group: Group) -> list[str] | None:
+    """The group's mutants without a result yet, so that a stopped run goes on; None before mutmut ran."""
+    metas = list((work / "mutants" / "src").rglob("*.py.meta"))
+    if not metas:
+        return None
+    return [name for meta in metas for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
+            if code is None and any(fnmatch.fnmatch(name, f) for f in group.functions)]
+
+
+def _same_selection(work: Path, group: Group) -> bool:
+    """Whether the results in ``work`` came from this group's test selection (else they are stale)."""
+    staged = work / "pyproject.toml"
+    if not staged.exists():
+        return False
+    return tomllib.loads(staged.read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == list(group.tests)
+
+
 def check_group(group: Group, work: Path, args: argparse.Namespace, seconds: float) -> float | None:
-    """Stage and run one group; the seconds it took (unchanged for a re-check of named mutants)."""
+    """Stage and run one group; the seconds it took (added to a stopped run's; unchanged for a re-check)."""
     names = [n for n in args.mutants if _in_group(n, group)]
     if args.mutants and not names:
         return seconds
-    targeted = bool(names)
-    names = names or list(group.functions)
-    if args.fresh and work.exists():
+    if work.exists() and (args.fresh or not _same_selection(work, group)):
         shutil.rmtree(work)
+        seconds = 0.0
+    pending = _unchecked(work, group)
+    if not names and pending == []:
+        return seconds  # every mutant has its result
     work.mkdir(parents=True, exist_ok=True)
     stage(work, group)
     start = time.monotonic()
-    code = run_mutmut(work, args.max_children, names)
+    code = run_mutmut(work, args.max_children, names or pending or list(group.functions))
     if code != 0:
         print(f"mutmut exited {code} in group {group.name}; see its output above", file=sys.stderr)
         return None
-    return seconds if targeted else round(time.monotonic() - start, 1)
+    return seconds if names else round(seconds + time.monotonic() - start, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
