@@ -299,8 +299,8 @@ def collect(work: Path, group: Group) -> tuple[dict[str, int], list[Survivor], s
                     continue
                 status = STATUS.get(code, "suspicious")
                 counts[status] = counts.get(status, 0) + 1
-                if status in ("killed", "caught by type check"):
-                    continue
+                if status in ("killed", "caught by type check", "not checked"):
+                    continue  # a stopped run: "not checked" is counted, not listed
                 if name in EQUIVALENT:
                     equivalent.add(name)
                     continue

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typing import Annotated
 
-from fluxkiln.engine import Images, Secret, Text, hookimpl, node
+from fluxkiln.engine import Images, InputFile, Secret, Text, hookimpl, node
 from fluxkiln.engine.recipe import Link
 from fluxkiln.engine.registry import Registry
 from fluxkiln.engine.validate import check_text
@@ -262,6 +262,46 @@ def test_port_type_mismatch_says_what_the_input_takes(list_registry):
     text = HEAD + '[nodes.a.sweep]\nvalue=["p"]\n[nodes.b]\ntype="concat"\nleft="@a"\n'
     p = find(problems_of(list_registry, text), "port type mismatch")
     assert p.message.endswith("but 'left' takes 'text'") and p.hint == "link a node whose output is 'text'"
+
+
+class FileNodes:
+    """File parameters that may name something other than a local file."""
+
+    @staticmethod
+    @node("maybe_file")
+    def maybe_file(path: Annotated[str, InputFile(must_exist=False)] = "x",
+                   hub: Annotated[str, InputFile(optional_prefixes=("hf:",))] = "hf:a/b") -> Text:
+        """Reads a file when there is one."""
+        return Text(path)
+
+    @hookimpl
+    def register_node_types(self, register):
+        register(self.maybe_file)
+
+
+def test_a_file_parameter_passes_what_names_no_local_file_and_resolves_what_does(tmp_path):
+    reg = Registry.load(extra=[FileNodes()], entry_points=False)
+    (tmp_path / "here.txt").write_text("x")
+    checked, problems = check_text('[recipe]\nname="x"\n[nodes.a]\ntype="maybe_file"\npath="elsewhere"\n'
+                                   'hub="hf:org/repo"\n[nodes.b]\ntype="maybe_file"\npath="here.txt"\n'
+                                   'hub="here.txt"\n', reg, tmp_path / "r.toml")
+    assert problems == []
+    assert checked.nodes["a"].params == {"path": "elsewhere", "hub": "hf:org/repo"} and checked.nodes["a"].files == {}
+    here = (tmp_path / "here.txt").resolve()
+    assert checked.nodes["b"].params == {"path": str(here), "hub": str(here)}
+    assert checked.nodes["b"].files == {"path": here, "hub": here}
+    p = find(problems_of(reg, '[recipe]\nname="x"\n[nodes.a]\ntype="maybe_file"\nhub="org/repo"\n',
+                         path=tmp_path / "r.toml"), "file not found: org/repo")
+    assert (p.node, p.key, p.hint) == ("a", "hub", "paths are relative to the recipe file")
+
+
+def test_an_unreadable_file_is_a_problem(registry, tmp_path, monkeypatch):
+    (tmp_path / "locked.txt").write_text("x")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("locked.txt") else real(path, mode))
+    p = find(problems_of(registry, '[recipe]\nname="x"\n[nodes.b]\ntype="read_file"\npath="locked.txt"\n',
+                         path=tmp_path / "r.toml"), "not readable")
+    assert (p.message, p.node, p.key, p.hint) == ("file is not readable: locked.txt", "b", "path", "check its permissions")
 
 
 def test_file_problems_name_node_and_key(registry, tmp_path):
