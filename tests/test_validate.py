@@ -255,6 +255,36 @@ def test_link_problems_name_node_key_and_what_fits(list_registry):
     assert (p.node, p.key, p.hint) == ("d", "left", "expected a link to a node's 'text' output")
 
 
+def test_hints_say_what_is_allowed_and_how_to_write_it(registry):
+    problems = problems_of(registry, HEAD + 'valeu="x"\n[nodes.b]\ntype="concat"\nleft="text"\nsep="@a"\n')
+    assert find(problems, "unknown parameter 'valeu'").hint == \
+        "did you mean 'value' or 'scale'?; allowed: value, repeat, scale, mode"
+    assert find(problems, "expected a link, got the literal").hint == \
+        "expected a link to a node's 'text' output; write \"@<node id>\" to link a node's output"
+    assert find(problems, "where a literal belongs").hint == "expected a string; write '@@…' for a string starting with '@'"
+
+
+class Required:
+    """Required parameters: a literal one, an input, and an input that also takes a literal."""
+
+    @staticmethod
+    @node("needs")
+    def needs(n: int, text: Text, words: Text | str) -> Text:
+        """Needs all three."""
+        return Text(text * n + words)
+
+    @hookimpl
+    def register_node_types(self, register):
+        register(self.needs)
+
+
+def test_a_missing_required_value_is_called_a_parameter_or_an_input():
+    reg = Registry.load(extra=[textnodes, Required()], entry_points=False)
+    problems = problems_of(reg, '[recipe]\nname="x"\n[nodes.a]\ntype="needs"\n')
+    assert sorted(p.message for p in problems) == ["missing required input 'text'", "missing required parameter 'n'",
+                                                  "missing required parameter 'words'"]
+
+
 def test_port_type_mismatch_says_what_the_input_takes(list_registry):
     text = HEAD + '[nodes.c]\ntype="count_items"\nitems="@a"\n[nodes.b]\ntype="concat"\nleft="@c"\n'
     checked, problems = check_text(text, list_registry, Path("/r/x.toml"))
