@@ -7,8 +7,9 @@ import json
 import pytest
 
 from fluxkiln.engine.artifacts import Artifact
-from fluxkiln.engine.cache import MANIFEST, DiskCache
+from fluxkiln.engine.cache import MANIFEST, DiskCache, MemoryCache
 from fluxkiln.engine.registry import Registry
+from fluxkiln.engine.runner import Engine
 from helpers import textnodes
 
 
@@ -74,3 +75,38 @@ def test_artifacts_must_have_their_copy_in_the_entry_unless_not_stored(stored):
     assert entry is not None and len(entry.artifacts) == 2
     edit_manifest(disk, fp, lambda m: m["artifacts"].append({**extra, "stored": "files/missing.txt"}))
     assert disk.lookup(fp) is None, "a copy the manifest does not list: a miss"
+
+
+def test_the_entry_knows_its_fingerprint_and_a_copy_of_another_size_is_a_miss(stored):
+    disk, fp = stored
+    entry = disk.lookup(fp)
+    assert entry.fingerprint == fp and entry.path == disk.entry_dir(fp)
+    target = next(p for p in entry.path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    with open(target, "ab") as f:
+        f.write(b" ")  # one byte more: the size differs, whatever the hash would say
+    disk.begin()
+    assert disk.lookup(fp) is None
+
+
+def test_a_memory_hit_whose_disk_entry_is_gone_is_dropped(tmp_path):
+    memory = MemoryCache()
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    memory.put("a", {"output": 1}, entry=entry)
+    memory.put("b", {"output": 2})
+    assert memory.hit("a").outputs == {"output": 1} and memory.hit("b").entry is None
+    entry.rmdir()
+    assert memory.hit("a") is None and memory.keys() == {"b"}
+    assert memory.get("b") == {"output": 2}
+
+
+def test_a_recipe_moved_with_its_files_reruns_nothing(tmp_path, fresh_cache):
+    """A file parameter enters the fingerprint by content, not by where the recipe folder is."""
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "data.txt").write_text("same")
+        (tmp_path / folder / "r.toml").write_text('[recipe]\nname="m"\n[nodes.r]\ntype="read_file"\npath="data.txt"\n')
+    engine = Engine(Registry.load(extra=[textnodes], entry_points=False), cache_dir=fresh_cache)
+    first = engine.run(tmp_path / "one" / "r.toml", output=tmp_path / "out1")
+    second = engine.run(tmp_path / "two" / "r.toml", output=tmp_path / "out2")
+    assert first.ok and second.nodes == {"r": "cached"}
