@@ -240,6 +240,15 @@ def test_reasons_name_every_difference_in_words():
         "file 'k' changed"]
 
 
+def test_reasons_against_an_identity_of_an_older_format_and_new_keys():
+    new = identity("t", "1", {"p": 1}, {"in": "f"}, {"k": "h"})
+    assert diff_reasons({"type": "t", "version": "1"}, new, {}) == [
+        "param 'p' changed null -> 1", "input 'in' changed", "file 'k' changed"]
+    old = identity("t", "1", {}, {}, {})
+    assert diff_reasons(old, new, {}) == ["param 'p' changed null -> 1", "input 'in' changed", "file 'k' changed"]
+    assert diff_reasons(new, old, {}) == ["param 'p' changed 1 -> null", "input 'in' changed", "file 'k' changed"]
+
+
 def test_reasons_say_when_development_mode_switched():
     plain = identity("t", "1", {}, {}, {})
     dev = identity("t", "1", {}, {}, {devmode.LABEL: "code"})
@@ -267,3 +276,12 @@ def test_file_hashes_are_remembered_by_size_and_time_and_saved(tmp_path):
     f.write_bytes(b"333")
     os.utime(f, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
     assert again.file(f) == hashlib.sha256(b"two").hexdigest(), "the saved index is read back"
+
+
+def test_file_hashes_are_remembered_per_file(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"aaa")
+    b.write_bytes(b"bbb")
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))  # same size and time, other content
+    hasher = FileHasher()
+    assert (hasher.file(a), hasher.file(b)) == (hashlib.sha256(b"aaa").hexdigest(), hashlib.sha256(b"bbb").hexdigest())
