@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -315,12 +316,16 @@ class DiskCache:
         return final, True
 
     def discard(self, d: Path) -> None:
+        """Take an entry out of place at once (a rename); its files are deleted in the background, off the run's
+        critical path (a process that exits first leaves them in ``tmp``, where the next start cleans up)."""
         trash = unique_tmp(self.tmp, "trash")
         try:
             os.replace(d, trash)
         except OSError:
-            trash = d
-        shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(d, ignore_errors=True)
+            return
+        threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
+                         name="fluxkiln-discard", daemon=True).start()
 
 
 def _with_copy(art: Artifact, files: dict[str, list[Any]]) -> Artifact:

@@ -190,21 +190,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         return EXIT_INVALID
     observer = JsonObserver() if args.json else ConsoleObserver()
-    interrupts = {"n": 0, "at": 0.0}
+    from .launch import GATE, SigintGate
 
-    def on_sigint(signum: int, frame: Any) -> None:
-        import time
-
-        if interrupts["n"] and time.monotonic() - interrupts["at"] < 2.0:
-            return  # the same Ctrl-C forwarded by a launcher (torchrun) to its workers
-        interrupts["n"] += 1
-        interrupts["at"] = time.monotonic()
-        if interrupts["n"] > 1:
-            raise KeyboardInterrupt
+    def stop() -> None:
         print("\nfluxkiln: stopping at the next safe point (Ctrl-C again to abort now)", file=sys.stderr)
         engine.cancel()
 
-    old = signal.signal(signal.SIGINT, on_sigint)
+    # one of several processes: the gate installed at start-up (it kept a Ctrl-C that came before now)
+    gate = GATE if signal.getsignal(signal.SIGINT) is GATE else SigintGate()
+    old = signal.signal(signal.SIGINT, gate)
+    gate.bind(stop)
     try:
         result = engine.run(checked, only=args.only or None, force=force, force_all=force_all, output=args.output,
                             observers=[observer])
@@ -315,6 +310,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_extra.dispatch(args)
 
 
+def fast_exit(code: int, argv: Sequence[str]) -> None:
+    """After ``fluxkiln run`` in a process that imported torch, end it without the interpreter's teardown, which
+    takes seconds once torch, diffusers and a loaded model are in memory (and adds nothing: every file is
+    written and closed by then).  Output is flushed and logging shut down first; ``atexit`` handlers do not run.
+    Not for several processes (``--gpus``, torchrun's ``RANK``) or with W&B or coverage loaded (they write at exit);
+    ``FLUXKILN_FAST_EXIT=0`` turns it off.  Returns when it does not apply."""
+    import os
+
+    if argv[:1] != ["run"] or "torch" not in sys.modules or "--gpus" in argv:
+        return
+    if any(name in sys.modules for name in ("wandb", "coverage")):  # they write their data at exit
+        return
+    if os.environ.get("FLUXKILN_FAST_EXIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def entry() -> None:
     """Console-script entry point: exit with main()'s code; a closed pipe (``| head``) is not an error."""
     try:
@@ -325,6 +347,7 @@ def entry() -> None:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    fast_exit(code if isinstance(code, int) else 1, sys.argv[1:])
     sys.exit(code)
 
 

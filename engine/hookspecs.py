@@ -43,6 +43,11 @@ def check_recipe(recipe: Recipe) -> list[Problem] | None:
     """Return extra problems found in a parsed recipe, reported with the built-in validation errors."""
 
 
+@hookspec
+def prepare_run(recipe: Recipe) -> None:
+    """A valid recipe is about to run (never on validate): start slow preparations in the background, return at once."""
+
+
 @hookspec(firstresult=True)
 def resolve_model(ref: str) -> str | None:
     """Turn a model reference with a custom prefix (``myhub:name``) into a local path; None if not yours."""

@@ -320,6 +320,16 @@ class Registry:
             for obs in observers:
                 self.pm.unregister(obs)
 
+    def prepare_run(self, recipe: Any) -> None:
+        """Let plugins start their background preparations for a recipe about to run; a failure is reported,
+        never fatal (the run does the work itself then)."""
+        for impl in self.pm.hook.prepare_run.get_hookimpls():
+            try:
+                impl.function(recipe=recipe)
+            except Exception as exc:  # noqa: BLE001 - a preparation must not stop a run
+                print(f"fluxkiln: plugin '{impl.plugin_name}' failed to prepare the run: {short_error(exc)}",
+                      file=sys.stderr)
+
     def resolve_model(self, ref: str) -> str | None:
         """Ask plugins to resolve a prefixed model reference; None if no plugin claims it."""
         return self.pm.hook.resolve_model(ref=ref)

@@ -6,7 +6,8 @@ peak GPU memory (where there is a GPU) and the estimated cost per image from
 one table per sweep (see :mod:`.sweepreport`); artifacts (images, grids,
 LoRAs) are linked, by paths inside the run folder only (a file a node wrote
 elsewhere is named).  A node that writes a ``scores.json`` artifact (the
-``evaluate`` node) also gets its per-image scores in the report.
+``evaluate`` node) also gets its per-image scores in the report, and where
+those images came from a sweep, their per-cell means in that sweep's table.
 """
 
 from __future__ import annotations
@@ -87,14 +88,19 @@ def _score_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         mean = data.get("mean") or {}
         keys = list(mean)
+        images = [i for i in data.get("images") or [] if isinstance(i, dict)]
+        cells = any(isinstance(i.get("sweep"), dict) for i in images)
+        head = ["image", *(["cell"] if cells else []), "prompt", *keys]
         lines += ["", f"### {r['node']}: {data.get('metric')} ({data.get('model')})", "",
-                  "| image | prompt | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
-        for img in data.get("images") or []:
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for img in images:
             vals = img.get("scores") or {}
-            prompt = str(img.get("prompt", "")).replace("|", "\\|")
-            lines.append(f"| {img.get('name') or img.get('index')} | {prompt} | "
+            cell = [str((img.get("sweep") or {}).get("cell", ""))] if cells else []
+            first = [str(img.get("name") or img.get("index")), *cell, str(img.get("prompt", ""))]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in first) + " | "
                          + " | ".join(_fmt(vals.get(k)) for k in keys) + " |")
-        lines.append("| **mean** | | " + " | ".join(_fmt(mean[k]) for k in keys) + " |")
+        lines.append("| **mean** | " + "| " * (len(head) - len(keys) - 1) + " | ".join(_fmt(mean[k]) for k in keys)
+                     + " |")
     return ["", "## Scores", *lines] if lines else []
 
 
@@ -104,7 +110,8 @@ def write_report(plan: Any, result: Any, stats: dict[str, dict[str, Any]]) -> No
     recipe = plan.checked.recipe
     data = {"recipe": recipe.name, "file": recipe.file, "run_id": result.run_id, "status": result.status,
             "seconds": round(result.seconds, 3), "gpu_hour_price": recipe.options.get("gpu_hour_price"),
-            "nodes": rows, "sweeps": sweepreport.sweep_tables(plan, result)}
+            "nodes": rows,
+            "sweeps": sweepreport.sweep_tables(plan, result, {r["node"]: r["scores"] for r in rows if r.get("scores")})}
     _atomic(plan.run_dir / "report.json", json.dumps(data, indent=1, default=str))
     _atomic(plan.run_dir / "report.md", _markdown(data, plan.run_dir))
 

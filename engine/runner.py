@@ -106,6 +106,10 @@ class Engine:
         """Ask the current run to stop at the next safe point."""
         self._cancel.set()
 
+    def _fresh_cancel(self) -> None:
+        """A new run starts uncancelled (an engine of several processes keeps a cancel that came early)."""
+        self._cancel.clear()
+
     def plan(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
              force: list[str] | None = None, force_all: bool = False, output: str | Path | None = None,
              run_id: str | None = None) -> Plan:
@@ -129,8 +133,9 @@ class Engine:
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         self._run_warnings = self.caches.before_run()
         checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
+        self.registry.prepare_run(checked.recipe)
         result = RunResult(run_id, "ok", run_dir=resolve_run_dir(checked.recipe, output))
-        self._cancel.clear()
+        self._fresh_cancel()
         self.running = True
         try:
             with self.registry.observing(_Collector(result.events), *(observers or [])), \
@@ -359,22 +364,26 @@ def _last_progress(events: list[Event], node: str) -> dict[str, Any] | None:
     return None
 
 
+def _torch_if_imported() -> Any:
+    """torch if it is imported completely (a plugin may be importing it in a background thread), else None."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return None if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False) else torch
+
+
 class _GpuPeak:
     """Peak GPU memory during a node, if torch is already imported and a GPU is present."""
 
     def __init__(self) -> None:
-        import sys
-
-        self.torch = sys.modules.get("torch")
+        self.torch = _torch_if_imported()
         self.active = bool(self.torch and self.torch.cuda.is_available())
         if self.active:
             self.torch.cuda.reset_peak_memory_stats()
 
     def peak(self) -> int | None:
         if not self.active:
-            import sys
-
-            torch = sys.modules.get("torch")
+            torch = _torch_if_imported()
             if torch is None or not torch.cuda.is_available():
                 return None
             self.torch = torch

@@ -93,6 +93,18 @@ def cell_id(node: str, combo: tuple[tuple[str, AxisValue], ...]) -> str:
     return f"{node}[" + ",".join(f"{key}={v.label}" for key, v in combo) + "]"
 
 
+def cell_of(meta: dict[str, Any] | None) -> dict[str, str] | None:
+    """The sweep cell an image came from, ``{"node": swept node, "cell": cell id}``, read from the
+    ``meta["sweep"]`` record a join gives it (None for an image from no sweep).  A node that scores images
+    keeps this beside each score, so the report can put the scores in the sweep's table, cell by cell."""
+    record = (meta or {}).get("sweep")
+    if not isinstance(record, dict) or not isinstance(record.get("node"), str) \
+            or not isinstance(record.get("axes"), dict):
+        return None
+    axes = record["axes"]
+    return {"node": record["node"], "cell": f"{record['node']}[" + ",".join(f"{k}={v}" for k, v in axes.items()) + "]"}
+
+
 def joined_type(port: str, port_types: dict[str, PortType]) -> str:
     """The port type of a swept node's output ``port``: itself if it can be joined, else ``list[port]``."""
     pt = port_types[port]

@@ -78,6 +78,8 @@ def test_bench_only_sample_one_config(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["sample"]) == {"schnell-go_fast"} and res["train"] == {}
     assert "ratio_to_stock" not in res["sample"]["schnell-go_fast"]
+    phases = res["sample"]["schnell-go_fast"]["engine"]["phases_ms"]
+    assert phases["pipeline call"] > 0 and phases["cache store"] > 0
 
 
 def _transformer_inputs(pipe):
@@ -212,3 +214,61 @@ def test_bench_rejects_unknown_generation_configs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--tiny", "--generation", "fullhd-warp"])
     assert "unknown --generation fullhd-warp" in capsys.readouterr().err
+
+
+def test_bench_step_cache_and_compile_mode_rows(tmp_path):
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "dev-go_fast-cache,dev-go_fast-graphs",
+                     "--cache-threshold", "1.0", "--no-stock", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    cached = res["sample"]["dev-go_fast-cache"]
+    assert cached["cache_threshold"] == 1.0 and cached["cache_skipped_steps"] >= 1
+    assert cached["cache_computed_steps"] + cached["cache_skipped_steps"] == 4
+    assert "cache_threshold" not in res["sample"]["dev-go_fast-graphs"]
+    import os
+
+    assert "FLUXKILN_COMPILE_MODE" not in os.environ  # put back after the -graphs row
+
+
+def test_compile_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FLUXKILN_COMPILE_MODE", raising=False)
+    assert fast.compile_mode() is None
+    monkeypatch.setenv("FLUXKILN_COMPILE_MODE", "reduce-overhead")
+    assert fast.compile_mode() == "reduce-overhead"
+    block = torch.nn.Linear(2, 2)
+    seen = {}
+    monkeypatch.setattr(torch.nn.Linear, "compile", lambda self, **kw: seen.update(kw), raising=False)
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([block])
+
+    assert fast.compile_blocks(T(), backend="eager") == 1 and "mode" not in seen  # only Inductor takes a mode
+    monkeypatch.setattr(fast, "setup_compile_cache", lambda: "")
+    assert fast.compile_blocks(T(), backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
+
+
+def test_engine_phases_are_timed_and_put_back(tmp_path):
+    from fluxkiln.engine.runner import Engine
+    from fluxkiln.plugins.bench.overhead import engine_phases, per_run_ms
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "r"\n[nodes.a]\ntype = "test_images"\n')
+    from fluxkiln.engine.testing import _load_registry
+
+    engine = Engine(_load_registry([]), cache_dir=tmp_path / "cache")
+    before = Engine.plan
+    with engine_phases() as spent:
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(2):
+            assert engine.run(recipe, force_all=True, output=tmp_path / "runs").ok
+        wall = time.perf_counter() - t0
+    assert Engine.plan is before  # unwrapped again
+    assert {"validate", "plan", "run-folder lock", "cache store", "report", "events"} <= set(spent)
+    ms = per_run_ms(spent, 2, wall)
+    assert ms["cache store"] > 0 and "pipeline call" not in ms
+    accounted = sum(v for k, v in ms.items() if k != "events")
+    assert abs(accounted - 1000 * wall / 2) < 0.5  # the phases and the rest add up to the wall time

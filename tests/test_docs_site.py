@@ -105,8 +105,9 @@ def test_performance_page_shows_the_newest_full_bench_run(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
     shutil.copy(ROOT / "bench" / "watch_overhead.json", bench)
-    for path in (ROOT / "bench").glob("*-generation.json"):
-        shutil.copy(path, bench)
+    for kind in ("generation", "e2e", "speed", "quality"):
+        for path in (ROOT / "bench").glob(f"*-{kind}.json"):
+            shutil.copy(path, bench)
     newest = json.loads(max((ROOT / "bench").glob("*-full.json")).read_text())
     older = {**newest, "date": "2020-01-01", "gpu": "Old Card"}
     newer = {**newest, "date": "2099-01-01", "gpu": "New Card",

@@ -1,5 +1,5 @@
 """Generation on the tiny FLUX models: prompt lists, sample-level LoRA scale in a sweep, large sizes,
-the dev + schnell hybrid (shared encoders and VAE) and the dev-vs-schnell sweep recipe."""
+the dev + schnell hybrid (shared encoders and VAE); the dev-vs-schnell sweep recipe on mini-flux, scored per cell."""
 
 from __future__ import annotations
 
@@ -217,26 +217,52 @@ def test_share_refuses_a_different_dtype(engine, tmp_path):
     assert failed["key"] == "share" and "same dtype" in failed["hint"]
 
 
-def test_dev_vs_schnell_recipe_runs_on_the_tiny_models(engine, tmp_path):
-    path = ROOT / "recipes" / "dev-vs-schnell.toml"
-    sets = TINY + ['nodes.study.sweep.aspect_ratio=["1:1"]', "nodes.study.num_inference_steps=1",
-                   'vars.prompts=["a fox", "a boat"]', "nodes.dev_steps.sweep.num_inference_steps=[1, 2]",
-                   "nodes.schnell_steps.sweep.num_inference_steps=[1]", "vars.dev_steps=1",
-                   "nodes.dev_guidance.sweep.guidance=[1.5, 6.0]"]
+def _cell_means(scores_json: Path) -> dict[str, dict[str, float]]:
+    """Cell id -> mean of each numeric score over its images, straight from an evaluate node's scores.json."""
+    by_cell: dict[str, list[dict]] = {}
+    for row in json.loads(scores_json.read_text())["images"]:
+        by_cell.setdefault(row["sweep"]["cell"], []).append(row["scores"])
+    return {cell: {k: round(float(np.mean([s[k] for s in rows if s[k] is not None])), 4)
+                   for k in rows[0] if any(s[k] is not None for s in rows)} for cell, rows in by_cell.items()}
+
+
+def test_dev_vs_schnell_recipe_on_mini_flux_reports_scores_per_cell(engine, tmp_path):
+    path = ROOT / "recipes" / "dev-vs-schnell.toml"  # mini-flux by default, scored by the pixel checker
+    sets = ['nodes.study.sweep.aspect_ratio=["1:1"]', "nodes.study.num_inference_steps=2",
+            "nodes.dev_steps.sweep.num_inference_steps=[1, 2]", "nodes.schnell_steps.sweep.num_inference_steps=[1]",
+            "vars.dev_steps=2", "nodes.dev_guidance.sweep.guidance=[1.5, 6.0]"]
     result = engine.run(path, overrides=sets, output=tmp_path / "dvs")
     assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
     grids = result.outputs["study_grids"]["output"]
-    assert [g.meta["page"] for g in grids] == [{"prompt": "a fox"}, {"prompt": "a boat"}]  # a grid per prompt
+    assert [g.meta["page"]["prompt"] for g in grids] == [
+        "a large red circle at the top left on a blue background",
+        "a small yellow star in the center on a purple background"]  # a grid per prompt of mini-flux's world
     assert (grids[0].meta["rows"], grids[0].meta["columns"]) == (1, 2)  # one aspect ratio, two models
     steps = result.outputs["steps_grid"]["output"][0]
     assert [[c is not None for c in row] for row in steps.meta["cells"]] == [[True, True], [True, False]]
     report = json.loads((tmp_path / "dvs" / "report.json").read_text())
-    study = next(t for t in report["sweeps"] if t["node"] == "study")
-    assert study["axes"] == ["prompt", "aspect_ratio", "model"]
+    tables = {t["node"]: t for t in report["sweeps"]}
+    study = tables["study"]
+    assert study["axes"] == ["prompt", "aspect_ratio", "model"] and study["scored_by"][0]["node"] == "study_scores"
     assert {r["model"] for r in study["rows"]} == {"dev", "schnell"}
     assert all(r["seconds_per_step"] > 0 and r["cost_per_image"] > 0 for r in study["rows"])
+    means = _cell_means(tmp_path / "dvs" / "study_scores" / "scores.json")
+    for r in study["rows"]:  # the mean score and every attribute the prompts name, per cell
+        assert {k: r[f"score:{k}"] for k in ("score", "colour", "shape", "size", "position", "background")} == {
+            k: means[r["cell"]][k] for k in ("score", "colour", "shape", "size", "position", "background")}
+    for name in ("dev_steps", "schnell_steps", "dev_guidance"):
+        assert all("score:score" in r and r["scored"] == 1 for r in tables[name]["rows"]), name
+    md = (tmp_path / "dvs" / "report.md").read_text()
+    assert "Scores: `study_scores` (mini, mini-flux pixel checker)" in md
     assert (tmp_path / "dvs" / "study_1.png").is_file() and (tmp_path / "dvs" / "steps_0.png").is_file()
-    wider = engine.run(path, overrides=[*sets, 'vars.prompts=["a fox", "a boat", "a tree"]'],
-                       output=tmp_path / "dvs")
-    ran = [e.node for e in wider.events if e.event == "node_started" and e.type == "sample"]
-    assert ran == ["study[prompt=#3,aspect_ratio=1:1,model=dev]", "study[prompt=#3,aspect_ratio=1:1,model=schnell]"]
+    prompts = ('vars.prompts=["a large red circle at the top left on a blue background", '
+               '"a small yellow star in the center on a purple background", '
+               '"a small white square on a black background"]')
+    wider = engine.run(path, overrides=[*sets, prompts], output=tmp_path / "dvs")
+    ran = [e.node for e in wider.events if e.event == "node_started" and e.type in ("sample", "evaluate")]
+    assert ran == ["study[prompt=#3,aspect_ratio=1:1,model=dev]", "study[prompt=#3,aspect_ratio=1:1,model=schnell]",
+                   "study_scores"]
+    rows = json.loads((tmp_path / "dvs" / "report.json").read_text())["sweeps"][0]["rows"]
+    assert [r["state"] for r in rows] == ["cached"] * 4 + ["ran"] * 2 and all("score:shape" in r for r in rows)
+    assert [r["score:score"] for r in rows[:4]] == [r["score:score"] for r in study["rows"]]
+

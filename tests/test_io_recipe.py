@@ -1,4 +1,4 @@
-"""recipes/dev-vs-schnell.toml validates (real and tiny models) and its schnell branch runs on the tiny model."""
+"""recipes/dev-vs-schnell.toml validates (mini-flux, real and tiny models) and its schnell branch runs on the tiny model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ TINY = ["vars.dev_model=builtin:tiny-flux", "vars.schnell_model=builtin:tiny-flu
 def test_recipe_validates(capsys):
     assert cli_main(["validate", str(RECIPE)]) == 0
     assert cli_main(["validate", str(RECIPE), *[a for s in TINY for a in ("--set", s)]]) == 0
-    assert "12 nodes, 4 swept into 21 cells" in capsys.readouterr().out
+    real = ["vars.dev_model=black-forest-labs/FLUX.1-dev", "vars.schnell_model=black-forest-labs/FLUX.1-schnell",
+            "vars.metric=clip", 'vars.megapixels="1"']  # as the recipe's header says, for the real models
+    assert cli_main(["validate", str(RECIPE), *[a for s in real for a in ("--set", s)]]) == 0
+    assert "16 nodes, 4 swept into 21 cells" in capsys.readouterr().out
 
 
 def test_schnell_steps_sweep_runs_on_tiny_model(tmp_path, fresh_cache):

@@ -43,10 +43,26 @@ def count(ctx: RunContext, items: list[Text]) -> Text:
     return Text("+".join(items))
 
 
+@node("draw", version="1")
+def draw(ctx: RunContext, prompt: str, background: str | None = None) -> Images:
+    """A mini-flux scene drawn exactly as its prompt says (the background replaced by ``background`` if given):
+    what the `evaluate` node's pixel checker scores right, or wrong in one known attribute."""
+    import dataclasses
+    import random
+
+    from fluxkiln.plugins.miniflux import render, world
+
+    layout = world.realise(world.parse(prompt), random.Random(0))
+    if background:
+        layout = dataclasses.replace(layout, background=background)
+    [image] = render.to_pil(render.render([layout], 128, 128, supersample=1))
+    return Images([ImageItem(image=image, seed=0, prompt=prompt)])
+
+
 class Plugin:
     @hookimpl
     def register_node_types(self, register):
-        for n in (paint, model_stub, word_of, count):
+        for n in (paint, model_stub, word_of, count, draw):
             register(n)
 
 
@@ -249,3 +265,80 @@ def test_inspect_writes_the_recipe_of_one_cell(engine, tmp_path):
     (tmp_path / "again.toml").write_text(again)
     checked = engine.check(tmp_path / "again.toml")
     assert list(checked.nodes) == ["b", "study", "saved"] and checked.nodes["study"].params["seed"] == 20
+
+
+# ------------------------------------------------------------------ scores of a downstream evaluate node
+SCORED = """
+[recipe]
+name = "scored"
+
+[nodes.study]
+type = "draw"
+
+[nodes.study.sweep]
+prompt = ["a large red circle at the top left on a blue background",
+          "a small yellow star at the right on a green background"]
+background = BACKGROUNDS
+
+[nodes.judged]
+type = "evaluate"
+images = "@study"
+metric = "mini"
+"""
+
+
+def _scored_table(run_dir: Path) -> dict:
+    return next(t for t in json.loads((run_dir / "report.json").read_text())["sweeps"] if t["node"] == "study")
+
+
+def test_a_downstream_evaluate_reports_its_scores_per_cell_of_the_sweep(engine, tmp_path):
+    text = SCORED.replace("BACKGROUNDS", '["", "white"]')  # as the prompt says, and wrong
+    result = engine.run(write(tmp_path, text), output=tmp_path / "run")
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    table = _scored_table(tmp_path / "run")
+    assert table["scored_by"] == [{"node": "judged", "metric": "mini", "model": "mini-flux pixel checker"}]
+    right, wrong = table["rows"][0], table["rows"][1]
+    assert right["background"] == "" and wrong["background"] == "white" and right["prompt"].startswith("a large red")
+    assert right["score:score"] == 1.0 and right["score:background"] == 1.0 and right["score:position"] == 1.0
+    assert wrong["score:background"] == 0.0 and wrong["score:colour"] == 1.0 and wrong["score:all"] == 0.0
+    assert 0 < wrong["score:score"] < 1 and right["scored"] == 1
+    scores = json.loads((tmp_path / "run" / "judged" / "scores.json").read_text())
+    assert scores["images"][3]["sweep"] == {"node": "study", "cell": table["rows"][3]["cell"]}
+    md = (tmp_path / "run" / "report.md").read_text()
+    sweep_md = md.split("## Sweep `study`")[1].split("##")[0]
+    assert "Scores: `judged` (mini, mini-flux pixel checker)" in sweep_md
+    assert "| state | prompt | background | images | score:score | score:colour |" in sweep_md
+    before, scores_md = md.split("## Scores")
+    assert "| cell |" not in before and "study[prompt=#2,background=white]" in scores_md
+
+
+def test_sweep_scores_survive_the_cache_and_widening_runs_only_new_cells(engine, tmp_path):
+    text = SCORED.replace("BACKGROUNDS", '["white"]')
+    path = write(tmp_path, text)
+    engine.run(path, output=tmp_path / "run")
+    fresh = Engine(engine.registry, cache_dir=tmp_path / "cache")  # a new process: the disk cache only
+    again = fresh.run(path, output=tmp_path / "run")
+    assert set(again.nodes.values()) == {"cached"}
+    assert [r["score:background"] for r in _scored_table(tmp_path / "run")["rows"]] == [0.0, 0.0]
+    wider = fresh.run(path, output=tmp_path / "run", overrides=['nodes.study.sweep.background=["white", "blue"]'])
+    assert [n for n in started(wider) if n.startswith("study[")] == ["study[prompt=#1,background=blue]",
+                                                                   "study[prompt=#2,background=blue]"]
+    assert "judged" in started(wider)  # the evaluate node scores the widened sweep again
+    rows = _scored_table(tmp_path / "run")["rows"]
+    assert [(r["state"], r["background"], r["score:background"]) for r in rows] == [
+        ("cached", "white", 0.0), ("ran", "blue", 1.0), ("cached", "white", 0.0), ("ran", "blue", 0.0)]
+
+
+def test_two_scoring_nodes_on_one_sweep_get_their_own_columns(engine, tmp_path):
+    text = SCORED.replace("BACKGROUNDS", '["white"]') + """
+[nodes.checked_again]
+type = "evaluate"
+images = "@study"
+aliases = { ring = "circle" }
+"""
+    assert engine.run(write(tmp_path, text), output=tmp_path / "run").ok
+    table = _scored_table(tmp_path / "run")
+    assert [b["node"] for b in table["scored_by"]] == ["judged", "checked_again"]
+    row = table["rows"][0]
+    assert row["score:judged.background"] == row["score:checked_again.background"] == 0.0
+    assert row["scored:judged"] == 1 and "score:score" not in row

@@ -7,7 +7,9 @@ and the pipeline is put into the Engine's residency under exactly the key ``load
 so the recipes run unchanged through :class:`~fluxkiln.engine.runner.Engine`.  ``--tiny`` runs the same code on
 the tiny built-in model (CI).  One module per job: ``session`` (pipelines, Engine, results, timing helpers),
 ``sampling``, ``training``, ``guard`` (quality), ``kernels`` and ``profile`` (what the GPU does), ``models``
-(the random-weight pipelines), ``report`` (targets and table), ``cli``.
+(the random-weight pipelines), ``report`` (targets and table), ``cli``; ``e2e`` and ``e2e_worker`` (``--e2e``:
+fresh processes of ``fluxkiln run`` and stock diffusers), ``quality`` (the quality guard on mini-flux) and
+``overhead`` (the engine's time outside the pipeline call, by phase).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ SCHEDULERS = {"dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, 
                           base_image_seq_len=256, max_image_seq_len=4096),
               "schnell": dict(shift=1.0, use_dynamic_shifting=False)}
 WEIGHT_SCALE = 0.5  # random weights x 0.5 keep activations finite through 57 blocks
-def build_full_size(device: str) -> dict[str, Any]:
-    """FLUX.1-dev and -schnell pipelines of full size with random bf16 weights (schnell shares dev's blocks)."""
+def build_full_size(device: str, depth: tuple[int, int] | None = None) -> dict[str, Any]:
+    """FLUX.1-dev and -schnell pipelines of full size with random bf16 weights (schnell shares dev's blocks);
+    ``depth`` = (double, single) blocks instead of 19 and 38 (every block keeps its full size)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -31,8 +32,9 @@ def build_full_size(device: str) -> dict[str, Any]:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
+        config = FLUX_DEV if depth is None else {**FLUX_DEV, "num_layers": depth[0], "num_single_layers": depth[1]}
         with torch.device(device):
-            dev = FluxTransformer2DModel(**FLUX_DEV)
+            dev = FluxTransformer2DModel(**config)
             schnell = FluxTransformer2DModel(**{**FLUX_DEV, "guidance_embeds": False, "num_layers": 0,
                                                 "num_single_layers": 0})
             vae = AutoencoderKL(**VAE_FULL)
@@ -55,7 +57,7 @@ def build_full_size(device: str) -> dict[str, Any]:
         module.to(torch.bfloat16).eval().requires_grad_(False)
     schnell.transformer_blocks = dev.transformer_blocks
     schnell.single_transformer_blocks = dev.single_transformer_blocks
-    schnell.register_to_config(num_layers=FLUX_DEV["num_layers"], num_single_layers=FLUX_DEV["num_single_layers"])
+    schnell.register_to_config(num_layers=config["num_layers"], num_single_layers=config["num_single_layers"])
     return {variant: FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]), vae=vae,
                                   text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
                                   transformer=transformer)

@@ -15,6 +15,7 @@ TARGETS = [
     ("one-time compile per shape", "sample", "dev-lossless", "compile_warmup_s", "-", 30.0),
     ("engine overhead (sample node vs bare pipeline)", "sample", "dev-lossless", "engine.overhead_run_pct", "-",
      2.0),
+    ("engine overhead, schnell go_fast", "sample", "schnell-go_fast", "engine.overhead_run_pct", "-", 2.0),
 ]
 
 
@@ -42,12 +43,12 @@ def render_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed last."""
     lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
              f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
-    head = f"{'sample':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
+    head = f"{'sample':<24}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
            f"{'Δ block':>9}{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
     lines += [head, "-" * len(head)]
     for name, r in results.get("sample", {}).items():
         eng = r.get("engine", {})
-        lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
+        lines.append(f"{name:<24}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
                      f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
                      f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
                      f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
@@ -71,12 +72,37 @@ def render_table(results: dict[str, Any]) -> str:
         lines += ["", "one transformer forward, GPU kernel ms by kind (idle = GPU waiting)"]
         for name, g in steps.items():
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in g["ms_by_kind"].items())
-            lines.append(f"{name:<18}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
+            lines.append(f"{name:<24}{g['wall_ms']:>8.1f} ms  idle {g['idle_pct']}%  {kinds}")
     if results.get("targets"):
         lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
         for t in results["targets"]:
             met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
             lines.append(f"{t['work']:<48}{t['stock_here']:>8}{t['target']:>9}{_fmt(t['measured']):>10}  {met}")
+    for e in results.get("errors", []):
+        lines.append(f"error in {e['part']}: {e['error']}")
+    return "\n".join(lines)
+
+
+def render_e2e(results: dict[str, Any]) -> str:
+    """The end-to-end summary: one row per fresh process, then the targets."""
+    e2e = results.get("e2e", {})
+    head = f"{'process':<22}{'wall s':>8}{'start s':>9}{'load s':>8}{'to loaded':>11}{'images s':>22}{'1-image s':>11}"
+    lines = [f"fluxkiln bench --e2e — {e2e.get('size')}², {e2e.get('steps')} steps, {results.get('mode')}, "
+             f"folder {e2e.get('folder', {}).get('path')}", "", head, "-" * len(head)]
+    for name in ("stock", "fluxkiln_cold", "fluxkiln_warm", "fluxkiln_after_warmup"):
+        r = e2e.get(name)
+        if not r:
+            continue
+        start = r.get("startup_s", (r.get("python_start_s") or 0) + (r.get("import_s") or 0))
+        load = r.get("load_model_s", r.get("load_s"))
+        imgs = " / ".join(f"{v:.2f}" for v in r["images_s"])
+        lines.append(f"{name:<22}{_fmt(r['wall_s'], '.2f'):>8}{_fmt(start, '.2f'):>9}{_fmt(load, '.2f'):>8}"
+                     f"{_fmt(r['to_loaded_s'], '.2f'):>11}{imgs:>22}{_fmt(r['one_image_process_s'], '.2f'):>11}")
+    if e2e.get("targets"):
+        lines += ["", f"{'target':<58}{'measured':>10}{'limit':>8}  met"]
+        for t in e2e["targets"]:
+            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {met}")
     for e in results.get("errors", []):
         lines.append(f"error in {e['part']}: {e['error']}")
     return "\n".join(lines)

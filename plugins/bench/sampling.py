@@ -12,10 +12,14 @@ from typing import Any
 
 from .guard import block_inputs, block_output, guard_inputs, rel_diff
 from .kernels import kernel_probe
+from .overhead import engine_phases, per_run_ms
 from .profile import kernel_breakdown, stage_times
 from .session import PROMPT, BenchSession
 
-CONFIGS = ("dev-lossless", "dev-go_fast", "schnell-go_fast")
+CONFIGS = ("dev-lossless", "dev-go_fast", "schnell-go_fast", "dev-go_fast-cache", "schnell-go_fast-cache",
+           "dev-go_fast-graphs", "schnell-go_fast-graphs")
+DEFAULT_CONFIGS = CONFIGS[:3]
+GRAPHS_MODE = "reduce-overhead"  # "-graphs" rows: the blocks compiled with CUDA graphs
 
 
 class SamplingBench:
@@ -97,9 +101,11 @@ class SamplingBench:
                 lambda: pipe.transformer(**inputs, return_dict=False), self.bench.work / "profile" / f"{variant}-stock")
         print(f"[bench] {variant}-stock: {per:.3f} s/image", flush=True)
 
-    def recipe(self, variant: str, go_fast: bool) -> Path:
-        path = self.bench.work / f"sample-{variant}-{'fast' if go_fast else 'lossless'}.toml"
+    def recipe(self, variant: str, go_fast: bool, cache: float = 0.0) -> Path:
+        path = self.bench.work / f"sample-{variant}-{'fast' if go_fast else 'lossless'}{'-cache' if cache else ''}.toml"
         guidance = "" if variant == "schnell" else "guidance = 3.0\n"
+        if cache:
+            guidance += f"cache_threshold = {cache}\n"
         path.write_text(f'''[recipe]
 name = "bench-{variant}"
 
@@ -120,8 +126,8 @@ go_fast = {str(go_fast).lower()}
 ''')
         return path
 
-    def engine_run(self, recipe: Path) -> tuple[float, float, Any]:
-        """One ``fluxkiln run`` of the recipe: (wall seconds, sample node seconds, first image)."""
+    def engine_run(self, recipe: Path) -> tuple[float, float, Any, dict[str, Any]]:
+        """One ``fluxkiln run`` of the recipe: (wall seconds, sample node seconds, first image, its timing)."""
         self.bench.sync()
         t0 = time.perf_counter()
         result = self.bench.engine.run(recipe, force=["images"], output=self.bench.work / "runs" / recipe.stem)
@@ -131,18 +137,40 @@ go_fast = {str(go_fast).lower()}
             failed = [e.data for e in result.events if e.event == "node_failed"]
             raise RuntimeError(f"recipe {recipe.name} failed: {failed}")
         node_s = next(e.data["seconds"] for e in result.events if e.event == "node_finished" and e.node == "images")
-        return wall, node_s, result.outputs["images"]["output"][0].image
+        first = result.outputs["images"]["output"][0]
+        return wall, node_s, first.image, first.meta.get("timing", {})
 
     def fluxkiln_sample(self, name: str) -> None:
+        variant, mode, *extra = name.split("-")
+        cache = self.bench.cache_threshold if "cache" in extra else 0.0
+        if "graphs" in extra:
+            self.with_compile_mode(variant, GRAPHS_MODE, lambda: self.measure(name, variant, mode, cache))
+        else:
+            self.measure(name, variant, mode, cache)
+
+    def with_compile_mode(self, variant: str, mode: str, fn: Any) -> None:
+        """Run ``fn`` with the blocks compiled afresh in Inductor ``mode``; back to the default mode afterwards."""
+        import os
+
+        self.reset(variant)
+        os.environ["FLUXKILN_COMPILE_MODE"] = mode
+        try:
+            fn()
+        finally:
+            os.environ.pop("FLUXKILN_COMPILE_MODE", None)
+            self.reset(variant)
+
+    def measure(self, name: str, variant: str, mode: str, cache: float) -> None:
         import torch
 
         from fluxkiln.plugins.flux.pipestate import state_of
 
-        variant, mode = name.split("-")
         pipe = self.bench.pipes[variant]
-        recipe = self.recipe(variant, mode == "go_fast")
+        recipe = self.recipe(variant, mode == "go_fast", cache)
         self.bench.reset_peak()
-        runs = [self.engine_run(recipe) for _ in range(1 + self.bench.repeats)]
+        runs = [self.engine_run(recipe)]
+        with engine_phases() as spent:
+            runs += [self.engine_run(recipe) for _ in range(self.bench.repeats)]
         peak = self.bench.peak_gib()
         walls, nodes = [r[0] for r in runs], [r[1] for r in runs]
         per, node_per = statistics.median(walls[1:]), statistics.median(nodes[1:])
@@ -163,6 +191,7 @@ go_fast = {str(go_fast).lower()}
                "engine": {"run_s": round(per, 3), "node_s": round(node_per, 3), "bare_pipeline_s": round(bare, 3),
                           "overhead_run_pct": round(100 * (per / bare - 1), 2),
                           "overhead_node_pct": round(100 * (node_per / bare - 1), 2), **cache_store_seconds(runs[-1][2])}}
+        row["engine"]["phases_ms"] = per_run_ms(spent, self.bench.repeats, sum(walls[1:]))
         row["stages_s"] = stage_times(pipe, lambda: self.bare_call(variant), self.bench.sync)
         if self.bench.device == "cuda":
             row["gpu_step"] = self.step_profile(pipe, inputs, name)
@@ -170,6 +199,10 @@ go_fast = {str(go_fast).lower()}
         if stock:
             row["ratio_to_stock"] = round(per / stock["s_per_image"], 3)
             row["image_rel_diff"] = rel_diff(runs[-1][2], self.stock_images[variant])
+        if cache:
+            timing = runs[-1][3]
+            row.update(cache_threshold=cache, cache_skipped_steps=timing.get("cache_skipped_steps"),
+                       cache_computed_steps=timing.get("cache_computed_steps"))
         self.bench.results["sample"][name] = row
         print(f"[bench] {name}: {per:.3f} s/image (first {walls[0]:.1f} s), diff {row['transformer_rel_diff']}",
               flush=True)
@@ -191,19 +224,26 @@ go_fast = {str(go_fast).lower()}
         prepare(self.bench.pipes[variant], [], False, self.bench.device, lambda _a: {})
 
     def run(self) -> None:
-        """Every wanted configuration of each variant, after that variant's eager reference."""
-        wanted = configs(self.bench.args)
+        """The wanted configurations in the order given (so a run cut short has the first ones), each variant's
+        eager reference taken before its first configuration; back to eager before switching variants (the
+        two full-size pipelines share their blocks)."""
+        wanted = [c for c in CONFIGS if c in configs(self.bench.args)]
+        wanted.sort(key=configs(self.bench.args).index)
         if self.bench.device == "cuda":
             self.bench.results["kernels"] = self.bench.guarded("kernel-probe", kernel_probe, self.bench.device)
-        for variant in ("dev", "schnell"):
-            mine = [c for c in wanted if c.startswith(variant + "-")]
-            if not mine:
-                continue
-            self.bench.guarded(f"{variant}-reference", self.reference, variant)
-            for name in mine:
-                if variant in self.guards:
-                    self.bench.guarded(name, self.fluxkiln_sample, name)
-            self.bench.guarded(f"{variant}-reset", self.reset, variant)
+        current = None
+        for name in wanted:
+            variant = name.split("-")[0]
+            if variant != current:
+                if current is not None:
+                    self.bench.guarded(f"{current}-reset", self.reset, current)
+                current = variant
+                if variant not in self.guards:
+                    self.bench.guarded(f"{variant}-reference", self.reference, variant)
+            if variant in self.guards:
+                self.bench.guarded(name, self.fluxkiln_sample, name)
+        if current is not None:
+            self.bench.guarded(f"{current}-reset", self.reset, current)
 
 
 def configs(args: Any, field: str = "configs") -> list[str]:

@@ -26,6 +26,7 @@ class BenchSession:
         self.size = 256 if self.tiny else 1024
         self.steps = {"dev": 4, "schnell": 2} if self.tiny else {"dev": 28, "schnell": 4}
         self.repeats = args.repeats or (1 if self.tiny else 2)
+        self.cache_threshold = getattr(args, "cache_threshold", 0.1)
         self.train_steps = args.train_steps or (4 if self.tiny else 8)
         self.train_res = args.train_resolution or (64 if self.tiny else 1024)
         self.out = args.out or Path("bench.json")
@@ -36,8 +37,9 @@ class BenchSession:
         self.pipes: dict[str, Any] = {}
         self.refs: dict[str, str] = {}
 
-    def setup(self) -> None:
-        """Build the pipelines and hand them to a fresh Engine's residency under the keys ``load_model`` computes."""
+    def setup(self, build: bool = True) -> None:
+        """Build the pipelines and hand them to a fresh Engine's residency under the keys ``load_model`` computes
+        (``build=False``: only the versions and the device, for parts that bring their own models)."""
         import torch
         from diffusers import __version__ as dv
 
@@ -49,6 +51,8 @@ class BenchSession:
         info = self.results
         info.update(torch=torch.__version__, diffusers=dv,
                     gpu=torch.cuda.get_device_name() if self.device == "cuda" else "cpu")
+        if not build:
+            return
         t0 = time.perf_counter()
         self.pipes = self._build()
         info["build_s"] = round(time.perf_counter() - t0, 2)

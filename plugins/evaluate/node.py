@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, NodeError, RunContext, node
+from fluxkiln.engine.sweep import cell_of
 
 from .metrics import clip_scores, load_clip, mini_scores
 
@@ -57,6 +58,14 @@ def _clip_model(ctx: RunContext, ref: str) -> tuple[Any, Any]:
                           size=size, release=release, kind="inference")
 
 
+def _row(index: int, item: ImageItem, prompt: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """One image's entry of scores.json; an image from a sweep names its cell (the report's sweep tables
+    join the scores to their cells by it)."""
+    row = {"index": index, "name": item.name, "prompt": prompt, "seed": item.seed, "scores": scores}
+    cell = cell_of(item.meta)
+    return {**row, "sweep": cell} if cell else row
+
+
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = list(dict.fromkeys(k for r in rows for k in r["scores"]))
     means = {}
@@ -75,7 +84,7 @@ def _write(ctx: RunContext, data: dict[str, Any]) -> None:
     ctx.artifact(path)
 
 
-@node("evaluate", version="1", category="images")
+@node("evaluate", version="2", category="images")
 def evaluate(
     ctx: RunContext,
     images: Annotated[Images, Field(description="images to score; each is scored against its own prompt")],
@@ -91,7 +100,9 @@ def evaluate(
 
     Each output image is the input image with `meta["scores"]` added (the
     `save` node embeds it in the file).  The scores are also written to
-    `runs/<recipe>/<node>/scores.json` and shown in the run report.  The
+    `runs/<recipe>/<node>/scores.json` and shown in the run report; for
+    images from a sweep, each cell's mean scores also go into that sweep's
+    table in the report.  The
     mini metric scores every attribute the prompt names (1 right, 0 wrong)
     and `score`, the fraction right; clip gives `clip_score` (0-100).
     """
@@ -110,8 +121,8 @@ def evaluate(
             ctx.check_cancelled()
             per_image.append(mini_scores(item.image, prompt, aliases or {}))
             ctx.progress(i + 1, len(images))
-    rows = [{"index": i, "name": item.name, "prompt": prompt, "seed": item.seed, "scores": scores}
-            for i, (item, prompt, scores) in enumerate(zip(images, prompts, per_image, strict=True))]
+    rows = [_row(i, item, prompt, scores) for i, (item, prompt, scores) in
+            enumerate(zip(images, prompts, per_image, strict=True))]
     means = _means(rows)
     _write(ctx, {"metric": metric, "model": clip_model if metric == "clip" else "mini-flux pixel checker",
                  "count": len(rows), "mean": means, "images": rows})

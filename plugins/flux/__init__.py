@@ -33,3 +33,17 @@ def resolve_model(ref: str) -> str | None:
 def check_recipe(recipe):
     return recipe_problems(recipe)
 
+
+@hookimpl
+def prepare_run(recipe):
+    from . import warm
+
+    warm.start(recipe)
+
+
+
+@hookimpl
+def register_commands(subparsers):
+    from .warmup import add_parser
+
+    add_parser(subparsers)

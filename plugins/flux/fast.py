@@ -60,6 +60,19 @@ def setup_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far: in all (``entire_frame_compile``) and in Inductor
+    (code generation, or loading it from the cache); empty where torch does not say."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        spent = calculate_time_spent()
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+    return {"compile": float(spent.get("entire_frame_compile", 0.0)),
+            "inductor": float(spent.get("inductor_compile", 0.0))}
+
+
 def blocks(transformer: Any) -> list[Any]:
     """The repeated blocks (double-stream then single-stream) of a FLUX transformer."""
     out = []
@@ -72,14 +85,22 @@ def is_compiled(transformer: Any) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(transformer))
 
 
+def compile_mode() -> str | None:
+    """``FLUXKILN_COMPILE_MODE``: Inductor's mode for the blocks (e.g. ``reduce-overhead`` for CUDA graphs,
+    ``max-autotune-no-cudagraphs``); unset = Inductor's default."""
+    return os.environ.get("FLUXKILN_COMPILE_MODE", "").strip() or None
+
+
 def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
-    """Compile every block in place (static shapes, default Inductor mode); returns how many were newly compiled."""
+    """Compile every block in place (static shapes, Inductor's default mode unless :func:`compile_mode` says
+    otherwise); returns how many were newly compiled."""
     if backend == "inductor":
         setup_compile_cache()
+    mode = compile_mode() if backend == "inductor" else None
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(backend=backend, dynamic=False)
+            block.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
             n += 1
     return n
 

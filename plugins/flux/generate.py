@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fluxkiln.engine import RunContext
+from fluxkiln.engine import Cancelled, RunContext, distributed
 
 from . import fast
+from .stepcache import step_cache
 
 BATCH_PIXELS = 4 * 1024 * 1024  # pixels per pipeline call (4 images at 1 MP, 16 at 0.25 MP)
 MAX_TEXT_TOKENS = {"dev": 512, "schnell": 256}
@@ -43,6 +44,7 @@ class Settings:
     guidance: float | None
     seed: int
     strength: float
+    cache_threshold: float = 0.0  # the step cache (lossy); 0 = off
 
 
 def steps_run(steps: int, init: Any, strength: float) -> int:
@@ -74,8 +76,14 @@ class _Progress:
 
     def callback(self) -> Any:
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            from . import parallel
+
             self.ctx.progress(self.done + step + 1, self.total)
-            self.ctx.check_cancelled()
+            if parallel.every_rank_works(pipe):  # context parallel: the ranks stop at the same step or not at all
+                if distributed.any_rank(self.ctx.cancelled):
+                    raise Cancelled(f"node '{self.ctx.node}' cancelled")
+            else:
+                self.ctx.check_cancelled()
             return {}
         return on_step_end
 
@@ -96,7 +104,8 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
 
     t0 = time.perf_counter()
     try:
-        pics = _call(ctx, pipe, group, s, progress)
+        with step_cache(pipe.transformer, s.cache_threshold) as count:
+            pics = _call(ctx, pipe, group, s, progress)
     except torch.cuda.OutOfMemoryError:
         if len(group) == 1:
             raise
@@ -109,6 +118,8 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
     progress.done += steps
     timing = {"seconds_per_image": round(seconds / len(pics), 4), "seconds_per_step": round(seconds / steps, 4),
               "batch": len(pics), "steps": steps}
+    if s.cache_threshold > 0:
+        timing.update(count.as_dict())
     peak = _peak_gib()
     if peak is not None:
         timing["peak_gpu_gib"] = peak

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
-from . import parallel
+from . import parallel, warm
 from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
@@ -202,10 +202,11 @@ def quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None) -> Any:
+def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = None,
+                     device_map: str | None = None) -> Any:
     try:
         with quiet_loading():
-            return _load_parts(src, dtype, parts or {})
+            return _load_parts(src, dtype, parts or {}, device_map)
     except NodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader errors vary (missing files, bad configs, wrong formats)
@@ -213,15 +214,28 @@ def _from_pretrained(src: Source, dtype: Any, parts: dict[str, Any] | None = Non
                         hint="check that the folder/file is a complete FLUX.1 diffusers model") from exc
 
 
-def _load_parts(src: Source, dtype: Any, parts: dict[str, Any]) -> Any:
+def _load_parts(src: Source, dtype: Any, parts: dict[str, Any], device_map: str | None = None) -> Any:
+    """The pipeline from its files; ``device_map`` (a device) makes safetensors load each weight straight onto it
+    instead of into CPU memory first."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
+    placed = {"device_map": device_map} if device_map else {}
     if src.kind == "single_file":
         transformer = FluxTransformer2DModel.from_single_file(
             str(src.path), config=str(src.base), subfolder="transformer", dtype=dtype, local_files_only=True)
         return FluxPipeline.from_pretrained(str(src.base), transformer=transformer, dtype=dtype, local_files_only=True,
                                             **parts)
-    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts)
+    return FluxPipeline.from_pretrained(str(src.path), dtype=dtype, local_files_only=True, **parts, **placed)
+
+
+def direct_device(device: str, offload: str, parts: dict[str, Any]) -> str | None:
+    """Where weights can be loaded straight to: the GPU when the whole pipeline goes there unchanged and no part is
+    borrowed; None (CPU first, then moved) otherwise.  ``FLUXKILN_LOAD_DIRECT=0`` turns it off."""
+    import os
+
+    if os.environ.get("FLUXKILN_LOAD_DIRECT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return device if device == "cuda" and offload == "none" and not parts else None
 
 
 def quantize_fp8(pipe: Any, dtype: Any) -> str:
@@ -261,7 +275,13 @@ def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quan
         donor = get_pipeline(share)
         parts = donor_parts(donor, dtype, offload)
         check_compatible(_vae_config(src), donor, src.ref)
-    pipe = _from_pretrained(src, dtype, parts)
+    direct = direct_device(device, offload, parts)
+    try:
+        pipe = _from_pretrained(src, dtype, parts, direct)
+    except NodeError:
+        if direct is None:
+            raise
+        pipe = _from_pretrained(src, dtype, parts)  # loading straight to the device failed: through CPU memory
     if parts:
         adopt(pipe, parts)
     if quantize == "fp8":
@@ -339,14 +359,22 @@ def load_model(
                                          "this model uses instead of loading its own (one copy in memory; "
                                          "FLUX.1 dev and schnell have the same ones)")] = None,
     context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
-                                           "(diffusers' Ulysses context parallelism, for one image's latency); "
-                                           "needs as many processes (--gpus N) and CUDA; 1 = off")] = 1,
+                                           "(context parallelism, for one image's latency); needs as many "
+                                           "processes (--gpus N); 1 = off")] = 1,
+    context_parallel_mode: Annotated[Literal["auto", "ulysses", "allgather", "diffusers"], Field(
+        description="how the ranks exchange tokens in attention: auto = ulysses when the attention heads (24) "
+                    "divide by context_parallel, else allgather (fluxkiln's own, compile-friendly, also on CPU); "
+                    "diffusers = diffusers' stock Ulysses (CUDA only, the baseline)")] = "auto",
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.
 
     The variant is detected from the transformer (guidance embedding = dev) and
     exposed as ``info["variant"]``; ``sample`` uses it for defaults and checks.
     """
+    waited = warm.wait_imports()  # before anything here imports torch (ctx.device does)
+    if waited is not None:
+        ctx.log(f"torch and diffusers imported in the background in {waited['import_s']:.1f} s "
+                f"(waited {waited['waited_s']:.1f} s for them here)")
     device = ctx.device
     if offload != "none" and device != "cuda":
         raise NodeError(f"offload = \"{offload}\" needs a CUDA GPU; this machine has none", key="offload",
@@ -357,7 +385,7 @@ def load_model(
     if quantize == "fp8" and offload == "sequential":
         raise NodeError('quantize = "fp8" does not combine with offload = "sequential"', key="quantize",
                         hint='use offload = "model" with fp8 (fp8 already halves the transformer\'s memory)')
-    parallel.check(context_parallel, device)
+    parallel.check(context_parallel, device, context_parallel_mode)
     src = resolve_source(model, ctx, download=download)
     if src.kind == "single_file":
         if src.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -377,10 +405,11 @@ def load_model(
             raise NodeError(f"`share` needs a FLUX model, got a '{share.kind}' model", key="share")
         key += f"|share={share.key}"
     if context_parallel > 1:
-        key += f"|cp{context_parallel}"
+        key += f"|cp{context_parallel}-{context_parallel_mode}"
 
     def loader() -> Any:
-        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel)
+        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel,
+                               context_parallel_mode)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
@@ -390,6 +419,10 @@ def load_model(
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path),
                 "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
                 "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
+    if context_parallel > 1:
+        out.info["context_parallel_mode"] = getattr(pipe, "_fluxkiln_context_parallel_mode", context_parallel_mode)
+        ctx.log(f"context parallel: each image's tokens split over {context_parallel} ranks "
+                f"({out.info['context_parallel_mode']} attention)")
     if src.base:
         out.info["base"] = str(src.base)
     if share is not None:

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, distributed, node
 
-from . import parallel
+from . import fast, parallel
 from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
@@ -168,6 +168,7 @@ def scaled_adapters(adapters: list[dict[str, Any]], lora_scale: float | None) ->
 
 
 @distributed.parallel
+@distributed.whole_cells(lambda inputs: parallel.splits_images(inputs["model"]))  # a sweep: one rank per cell
 @node("sample", version="2", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,
@@ -204,6 +205,11 @@ def sample(
                                    "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
                                    "QKV, compiled VAE decoder); false restores the exact bf16 weights. CPU: fused QKV "
                                    "projections only")] = True,
+    cache_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="step cache, lossy, off at 0: a step "
+                                            "whose first transformer block's output changed by less than this "
+                                            "(relative) since the last full step skips the other blocks and "
+                                            "reuses their last change; higher skips more steps and costs more quality "
+                                            "(e.g. 0.05 to 0.1)")] = 0.0,
 ) -> Images:
     """Generate images with FLUX.1 [dev] or [schnell] (text-to-image or image-to-image).
 
@@ -237,8 +243,10 @@ def sample(
             "loras": [{"file": Path(a["path"]).name, "scale": a["scale"]} for a in adapters]}
     if lora_scale is not None:
         meta["lora_scale"] = lora_scale
-    made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength),
-                 go_fast, image is not None)
+    if cache_threshold > 0:
+        meta["cache_threshold"] = cache_threshold
+    made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength,
+                                                      cache_threshold), go_fast, image is not None)
     out = Images()
     for k, (job, j, pic, timing) in enumerate(made):
         size = final if job.init is None else job.size
@@ -261,9 +269,22 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
     pipe = get_pipeline(model)
     with adapter_errors(model, "setting up this model's LoRAs"):
         prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
+    before = fast.compile_seconds() if ctx.device == "cuda" else {}
     if parallel.splits_images(model):  # several ranks: each makes its share of the images
-        return parallel.generate_split(ctx, pipe, jobs, s, generate)
-    return generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
+        made = parallel.generate_split(ctx, pipe, jobs, s, generate)
+    else:
+        made = generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
+    _log_compile(ctx, before)
+    return made
+
+
+def _log_compile(ctx: RunContext, before: dict[str, float]) -> None:
+    """Say how long torch.compile took in this call (the first image of a size in a process pays it)."""
+    after = fast.compile_seconds() if before else {}
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    if spent.get("compile", 0.0) >= 0.5:
+        ctx.log(f"torch.compile: {spent['compile']:.1f} s in this call (Inductor {spent['inductor']:.1f} s; "
+                "from the compile cache where it was warm)")
 
 
 def _warn_size(ctx: RunContext, jobs: list[Job], model: Model) -> None:

@@ -1,12 +1,15 @@
 """Train mini-flux from scratch: the VAE, the transformer with both text encoders, guidance distillation
 (dev) and few-step distillation (schnell).  Every phase has a wall-clock budget; each finished pipeline
-is written (as a FluxPipeline folder, float16, and a tar of it) as soon as it exists.
+is written (as a FluxPipeline folder, float16, and a tar of it) as soon as it exists.  The transformer
+phases draw their data from pools of pre-encoded scenes (:mod:`.pool`); each phase plans its step count
+from its measured step time, and keeps the EMA or the raw weights, whichever the checker scores higher.
 
     python -m fluxkiln.plugins.miniflux.train --out DIR [--work DIR] [--preset full|micro] [--set KEY=VALUE]...
 
 The data is generated on the fly (rendered scenes and their prompts; held-out prompts never appear).
-``full`` is the configuration the shipped weights were trained with, on one H100 in one call;
-``micro`` runs the same code on a CPU in about a minute.
+``full`` is sized for one call of under ten minutes on an H100 or H200 (the shipped weights come from
+an earlier version of this script, see docs/mini-flux.md); ``micro`` runs the same code on a CPU in a
+few minutes.
 """
 
 from __future__ import annotations
@@ -16,31 +19,25 @@ import copy
 import json
 import random
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import NAMES, TRANSFORMER, build_modules, pipeline
+from .config import TRANSFORMER, build_modules
+from .pool import Pools
 from .render import to_pil
 from .trainconfig import TrainConfig, preset
-from .trainparts import (Clock, Ema, TextEncoder, batch_for, forward, latents_of, make_batch, pack, pick_size,
+from .trainio import choose, final_check, load_modules, save
+from .trainparts import (T0, Ema, Plan, TextEncoder, batch_for, forward, log, make_batch, pack, pick_size,
                          shifted_sigmas)
-from .world import random_scene
 
-T0 = time.monotonic()
-PLANNED = ("vae", "base", "guide", "schnell")
-RESERVE = 30.0  # seconds kept for saving and the final check
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+PLANNED = ("vae", "pool", "base", "guide", "schnell")
 
 
 def budget(cfg: TrainConfig, phase: str) -> float:
     """The phase's planned seconds, cut so that the later phases' plans still fit before the deadline."""
     later = sum(getattr(cfg, f"{p}_seconds") for p in PLANNED[PLANNED.index(phase) + 1:])
-    left = cfg.deadline - (time.monotonic() - T0) - later - RESERVE
+    left = cfg.deadline - (time.monotonic() - T0) - later - cfg.reserve
     return max(0.25 * getattr(cfg, f"{phase}_seconds"), min(getattr(cfg, f"{phase}_seconds"), left))
 
 
@@ -50,18 +47,24 @@ def autocast(device: str) -> Any:
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
 
 
+def adamw(params: Any, lr: float, device: str, weight_decay: float = 0.0) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=device == "cuda")
+
+
 def train_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    clock = Clock(budget(cfg, "vae"), cfg.vae_lr, warmup=50)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    plan = Plan(budget(cfg, "vae"), cfg.vae_lr, warmup=50)
+    opt = adamw(vae.parameters(), cfg.vae_lr, device)
     vae.train().requires_grad_(True)
     step, loss = 0, torch.zeros(())
-    while not clock.done():
+    while not plan.done(step):
         size = pick_size(rng, cfg.native, cfg.multi_res)
         imgs = make_batch(rng, batch_for(size, cfg.vae_batch, cfg.native), size, device).images
-        clock.set(opt, step)
+        plan.set(opt, step)
         with autocast(device):
             post = vae.encode(imgs).latent_dist
             rec = vae.decode(post.sample()).sample.float()
@@ -71,10 +74,10 @@ def train_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -> di
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 200 == 0:
-            log(f"vae step {step} loss {loss.item():.4f}")
+        if step % 500 == 0:
+            log(f"vae step {step}/{plan.total} loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
-    return {"vae_steps": step, "vae_loss": round(loss.item(), 5), "vae_seconds": round(clock.seconds, 1)}
+    return {"vae_steps": step, "vae_loss": round(loss.item(), 5), "vae_seconds": round(plan.elapsed(), 1)}
 
 
 def calibrate_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -> dict[str, float]:
@@ -96,17 +99,22 @@ def calibrate_vae(cfg: TrainConfig, vae: Any, rng: random.Random, device: str) -
     return {"vae_psnr_db": round(psnr, 2), "vae_roundtrip_all_right": round(sum(right) / len(right), 3)}
 
 
-def _noisy(vae: Any, images: Any) -> tuple[Any, Any, Any, Any]:
+def _noisy(latents: Any) -> tuple[Any, Any, Any, Any]:
+    """Flow-matching inputs of normalised latents: (noisy packed latents, sigma, image ids, velocity target)."""
     import torch
 
-    packed, ids = pack(latents_of(vae, images).float())
+    packed, ids = pack(latents)
     noise = torch.randn_like(packed)
     sigma = shifted_sigmas(len(packed), packed.shape[1], packed.device)
     xt = (1 - sigma[:, None, None]) * packed + sigma[:, None, None] * noise
     return xt, sigma, ids, noise - packed
 
 
-def train_base(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: str) -> tuple[Ema, dict[str, float]]:
+def _text(m: dict[str, Any], device: str) -> TextEncoder:
+    return TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
+
+
+def train_base(cfg: TrainConfig, m: dict[str, Any], pools: Pools, device: str) -> tuple[Ema, dict[str, float]]:
     """Flow matching on the transformer and both text encoders together, with caption dropout."""
     import torch
     import torch.nn.functional as F
@@ -115,21 +123,18 @@ def train_base(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: 
     for mod in trained:
         mod.train().requires_grad_(True)
     params = [p for mod in trained for p in mod.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = adamw(params, cfg.base_lr, device, weight_decay=0.01)
     ema = Ema(trained, cfg.ema)
-    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
-    clock = Clock(budget(cfg, "base"), cfg.base_lr, warmup=300)
+    enc = _text(m, device)
+    plan = Plan(budget(cfg, "base"), cfg.base_lr, warmup=cfg.base_warmup)
     step, loss = 0, torch.zeros(())
-    while not clock.done():
-        size = pick_size(rng, cfg.native, cfg.multi_res)
-        batch = make_batch(rng, batch_for(size, cfg.base_batch, cfg.native), size, device)
-        prompts = ["" if rng.random() < cfg.caption_dropout else p for p in batch.prompts]
-        clock.set(opt, step)
+    while not plan.done(step):
+        latents, clip, t5 = pools.batch(cfg.base_batch, cfg.multi_res, cfg.caption_dropout)
+        plan.set(opt, step)
         with autocast(device):
-            xt, sigma, ids, target = _noisy(m["vae"], batch.images)
-            seq, pooled = enc(prompts)
-            ones = torch.ones(len(xt), device=device)
-            pred = forward(m["transformer"], xt, sigma, ids, seq, pooled, guidance=ones)
+            xt, sigma, ids, target = _noisy(latents)
+            seq, pooled = enc.encode(clip, t5)
+            pred = forward(m["transformer"], xt, sigma, ids, seq, pooled, guidance=torch.ones(len(xt), device=device))
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,12 +142,29 @@ def train_base(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: 
         opt.step()
         ema.update()
         step += 1
-        if step % 200 == 0:
-            log(f"base step {step} loss {loss.item():.4f} lr {clock.rate(step):.2e}")
-    return ema, {"base_steps": step, "base_loss": round(loss.item(), 5), "base_seconds": round(clock.seconds, 1)}
+        pools.refresh()
+        if step % 500 == 0:
+            log(f"base step {step}/{plan.total} loss {loss.item():.4f} (captions shuffled: "
+                f"{_shuffled_loss(m, enc, xt, sigma, ids, target, clip, t5):.4f}) lr {plan.rate(step):.2e} "
+                f"scenes made {pools.made()}")
+    return ema, {"base_steps": step, "base_loss": round(loss.item(), 5), "base_seconds": round(plan.elapsed(), 1),
+                 "scenes_made": pools.made()}
 
 
-def distil_guidance(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, device: str) -> tuple[Any, dict[str, float]]:
+def _shuffled_loss(m: dict[str, Any], enc: TextEncoder, xt: Any, sigma: Any, ids: Any, target: Any, clip: Any,
+                   t5: Any) -> float:
+    """The batch's loss with its captions shuffled: above the true loss once the text conditions the model."""
+    import torch
+    import torch.nn.functional as F
+
+    perm = torch.randperm(len(xt), device=xt.device)
+    with torch.no_grad(), autocast(xt.device.type):
+        seq, pooled = enc.encode(clip[perm], t5[perm])
+        pred = forward(m["transformer"], xt, sigma, ids, seq, pooled, guidance=torch.ones(len(xt), device=xt.device))
+    return F.mse_loss(pred.float(), target).item()
+
+
+def distil_guidance(cfg: TrainConfig, m: dict[str, Any], pools: Pools, device: str) -> tuple[Ema, dict[str, float]]:
     """Teach the guidance embedding: the student with guidance g matches the frozen teacher's classifier-free
     guidance u + g (c - u) in one forward pass."""
     import torch
@@ -150,21 +172,21 @@ def distil_guidance(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, dev
 
     teacher = m["transformer"].eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.guide_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = Ema([student], 0.995)
-    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
-    clock = Clock(budget(cfg, "guide"), cfg.guide_lr, warmup=50)
+    opt = adamw(student.parameters(), cfg.guide_lr, device)
+    ema = Ema([student], cfg.distil_ema)
+    enc = _text(m, device)
+    plan = Plan(budget(cfg, "guide"), cfg.guide_lr, warmup=50)
     lo, hi = cfg.guide_range
     step, loss = 0, torch.zeros(())
-    while not clock.done():
-        size = pick_size(rng, cfg.native, cfg.multi_res)
-        batch = make_batch(rng, batch_for(size, cfg.guide_batch, cfg.native), size, device)
-        n = len(batch.prompts)
-        clock.set(opt, step)
+    while not plan.done(step):
+        latents, clip, t5 = pools.batch(cfg.guide_batch, cfg.multi_res)
+        n = len(latents)
+        plan.set(opt, step)
         with autocast(device):
-            xt, sigma, ids, _ = _noisy(m["vae"], batch.images)
+            xt, sigma, ids, _ = _noisy(latents)
             with torch.no_grad():
-                seq, pooled = enc(batch.prompts + [""] * n)
+                seq, pooled = enc.encode(torch.cat([clip, pools.empty[0].expand(n, -1)]),
+                                         torch.cat([t5, pools.empty[1].expand(n, -1)]))
                 both = forward(teacher, torch.cat([xt, xt]), torch.cat([sigma, sigma]), ids, seq, pooled,
                                guidance=torch.ones(2 * n, device=device)).float()
                 cond, uncond = both.chunk(2)
@@ -179,9 +201,8 @@ def distil_guidance(cfg: TrainConfig, m: dict[str, Any], rng: random.Random, dev
         ema.update()
         step += 1
         if step % 200 == 0:
-            log(f"guidance step {step} loss {loss.item():.4f}")
-    dev = ema.shadow[0].eval().requires_grad_(False)
-    return dev, {"guide_steps": step, "guide_loss": round(loss.item(), 5), "guide_seconds": round(clock.seconds, 1)}
+            log(f"guidance step {step}/{plan.total} loss {loss.item():.4f}")
+    return ema, {"guide_steps": step, "guide_loss": round(loss.item(), 5), "guide_seconds": round(plan.elapsed(), 1)}
 
 
 def schnell_from(dev: Any, guidance: float) -> Any:
@@ -201,7 +222,8 @@ def schnell_from(dev: Any, guidance: float) -> Any:
     return student
 
 
-def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, rng: random.Random, device: str) -> tuple[Any, dict[str, float]]:
+def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, pools: Pools,
+                   device: str) -> tuple[Ema, dict[str, float]]:
     """Few-step distillation: the dev teacher (guidance ``schnell_guidance``) integrates each noise to an image
     in ``teacher_steps`` Euler steps; the student learns, for 1-4 step schedules, the one velocity that goes
     from the teacher's state at each step's start straight to its state at the step's end."""
@@ -209,20 +231,19 @@ def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, rng: random.Ra
     import torch.nn.functional as F
 
     student = schnell_from(dev, cfg.schnell_guidance).train().requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.schnell_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = Ema([student], 0.995)
-    enc = TextEncoder(m["text_encoder"], m["tokenizer"], m["text_encoder_2"], m["tokenizer_2"], device)
-    clock = Clock(budget(cfg, "schnell"), cfg.schnell_lr, warmup=50)
+    opt = adamw(student.parameters(), cfg.schnell_lr, device)
+    ema = Ema([student], cfg.distil_ema)
+    enc = _text(m, device)
+    plan = Plan(budget(cfg, "schnell"), cfg.schnell_lr, warmup=50, probe=2 * cfg.student_steps_per_batch)
     K, every = cfg.teacher_steps, cfg.teacher_steps // 12
     step, loss = 0, torch.zeros(())
     choices, weights = [1, 2, 3, 4], [0.1, 0.15, 0.15, 0.6]
-    while not clock.done():
-        w, h = pick_size(rng, cfg.native, cfg.multi_res)
-        n = batch_for((w, h), cfg.schnell_batch, cfg.native)
-        prompts = [random_scene(rng, split="train", fillers=0.15).prompt for _ in range(n)]
+    while not plan.done(step):
+        latents, clip, t5 = pools.batch(cfg.schnell_batch, cfg.multi_res)
+        n = len(latents)
         with torch.no_grad(), autocast(device):
-            seq, pooled = enc(prompts)
-            x, ids = pack(torch.randn(n, 16, h // 8, w // 8, device=device))
+            seq, pooled = enc.encode(clip, t5)
+            x, ids = pack(torch.randn_like(latents))
             states, g = [x], torch.full((n,), cfg.schnell_guidance, device=device)
             for k in range(K):
                 s, s_next = 1 - k / K, 1 - (k + 1) / K
@@ -232,14 +253,14 @@ def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, rng: random.Ra
                     states.append(x)
         traj = torch.stack(states)  # (13, n, L, C): states at sigma = 1 - j/12
         for _ in range(cfg.student_steps_per_batch):
-            steps = torch.tensor(rng.choices(choices, weights, k=n), device=device)
+            steps = torch.tensor(pools.rng.choices(choices, weights, k=n), device=device)
             i = (torch.rand(n, device=device) * steps).floor().long()
             j0, j1 = 12 * i // steps, 12 * (i + 1) // steps
             rows = torch.arange(n, device=device)
             x0, x1 = traj[j0, rows], traj[j1, rows]
             s0, s1 = 1 - i / steps, 1 - (i + 1) / steps
             target = (x1 - x0) / (s1 - s0)[:, None, None]
-            clock.set(opt, step)
+            plan.set(opt, step)
             with autocast(device):
                 pred = forward(student, x0, s0.float(), ids, seq, pooled)
             loss = F.mse_loss(pred.float(), target)
@@ -249,46 +270,10 @@ def distil_schnell(cfg: TrainConfig, m: dict[str, Any], dev: Any, rng: random.Ra
             opt.step()
             ema.update()
             step += 1
-        if step % 100 < cfg.student_steps_per_batch:
-            log(f"schnell step {step} loss {loss.item():.4f}")
-    out = ema.shadow[0].eval().requires_grad_(False)
-    return out, {"schnell_steps": step, "schnell_loss": round(loss.item(), 5), "schnell_seconds": round(clock.seconds, 1)}
-
-
-def save(m: dict[str, Any], transformer: Any, variant: str, work: Path, out: Path) -> Path:
-    """Write the FluxPipeline folder (float16 safetensors) and a tar of it; returns the folder."""
-    import shutil
-
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .config import SCHEDULERS
-
-    parts = {k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
-             for k, v in m.items()}
-    parts["transformer"] = copy.deepcopy(transformer).to("cpu", torch.float16)
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
-    folder = work / NAMES[variant]
-    if folder.exists():
-        shutil.rmtree(folder)
-    pipeline(parts).save_pretrained(folder, safe_serialization=True)
-    with tarfile.open(out / f"{NAMES[variant]}.tar", "w") as tar:
-        tar.add(folder, arcname=NAMES[variant])
-    log(f"saved {folder} ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
-    return folder
-
-
-def final_check(cfg: TrainConfig, work: Path, device: str) -> dict[str, Any]:
-    """Load the written folders with from_pretrained and score held-out prompts with the checker."""
-    import torch
-
-    from .adherence import run
-    from .weights import load_pipeline
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    variants = ["dev", "schnell", "guidance"] if cfg.eval_prompts >= 16 else ["dev", "schnell"]
-    return run(lambda v: load_pipeline(v, work, device, dtype), cfg.eval_prompts, variants, log=log, batch=64,
-               size=cfg.native)
+        if step % 200 < cfg.student_steps_per_batch:
+            log(f"schnell step {step}/{plan.total} loss {loss.item():.4f}")
+    return ema, {"schnell_steps": step, "schnell_loss": round(loss.item(), 5),
+                 "schnell_seconds": round(plan.elapsed(), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,38 +303,58 @@ def train(cfg: TrainConfig, out: Path, work: Path) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    m = build_modules("dev")
+    m = build_modules("dev") if not cfg.init else load_modules(Path(cfg.init))
     for k, v in m.items():
         if isinstance(v, torch.nn.Module):
             m[k] = v.to(device)
-    metrics: dict[str, Any] = {"config": cfg.__dict__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    metrics: dict[str, Any] = {"config": cfg.__dict__,
+                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
     def write() -> None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
 
     with _attention(device):
-        metrics |= train_vae(cfg, m["vae"], rng, device)
-        metrics |= calibrate_vae(cfg, m["vae"], rng, device)
-        ema, info = train_base(cfg, m, rng, device)
+        if cfg.vae_seconds > 0:
+            metrics |= train_vae(cfg, m["vae"], rng, device)
+            metrics |= calibrate_vae(cfg, m["vae"], rng, device)
+        pools = Pools(cfg.native, cfg.pool_size, cfg.pool_multi, cfg.pool_chunk, m["vae"], _text(m, device), rng,
+                      device, cfg.refresh_share, cfg.two)
+        metrics |= pools.fill(budget(cfg, "pool"), log)
+        ema, info = train_base(cfg, m, pools, device)
         metrics |= info
-        m["transformer"], m["text_encoder"], m["text_encoder_2"] = (s.eval().requires_grad_(False) for s in ema.shadow)
+        m |= choose(cfg, "base", _candidates(m, ema, ("transformer", "text_encoder", "text_encoder_2")), "dev", 1.0,
+                    metrics)
+        del ema
         save(m, m["transformer"], "dev", work, out)  # a fallback, replaced once guidance is distilled
         write()
-        dev, info = distil_guidance(cfg, m, rng, device)
+        ema, info = distil_guidance(cfg, m, pools, device)
         metrics |= info
+        dev = choose(cfg, "dev", _candidates(m, ema, ("transformer",)), "dev", 3.0, metrics)["transformer"]
+        del ema
         save(m, dev, "dev", work, out)
         write()
-        schnell, info = distil_schnell(cfg, m, dev, rng, device)
+        ema, info = distil_schnell(cfg, m, dev, pools, device)
         metrics |= info
-        save(m, schnell, "schnell", work, out)
+        schnell = choose(cfg, "schnell", _candidates(m, ema, ("transformer",)), "schnell", None, metrics)
+        save(m, schnell["transformer"], "schnell", work, out)
         metrics["total_seconds"] = round(time.monotonic() - T0, 1)
         write()
-        if time.monotonic() - T0 < cfg.deadline:
+        if cfg.eval_prompts > 0 and time.monotonic() - T0 < cfg.deadline:
             metrics["adherence"] = final_check(cfg, work, device)
     metrics["total_seconds"] = round(time.monotonic() - T0, 1)
     write()
     _print_table(metrics)
     return 0
+
+
+def _candidates(m: dict[str, Any], ema: Ema, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``m`` with the EMA's averaged modules and with the live (raw) ones in place of ``names``, frozen."""
+    out = {}
+    for label, mods in (("ema", ema.shadow), ("raw", ema.modules)):
+        for mod in mods:
+            mod.eval().requires_grad_(False)
+        out[label] = m | dict(zip(names, mods, strict=True))
+    return out
 
 
 def _attention(device: str) -> Any:

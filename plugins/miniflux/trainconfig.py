@@ -1,5 +1,6 @@
-"""The training configuration of mini-flux (the one the shipped weights were trained with, and a micro
-preset that runs the same code on a CPU in a minute, for testing the script)."""
+"""The training configuration of mini-flux: the ``full`` preset (one GPU call of under ten minutes, every
+module from scratch) and a ``micro`` preset that runs the same code on a CPU in a few minutes, for testing
+the script."""
 
 from __future__ import annotations
 
@@ -9,40 +10,53 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 20261128
+    init: str = ""  # a mini-flux (dev) pipeline folder to continue from; empty: every module from scratch
     native: int = 256  # training image side (the pipelines' native size)
-    multi_res: float = 0.15  # fraction of batches at a 0.25 MP aspect-ratio size
-    # (a) VAE
-    vae_seconds: float = 85.0
+    multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
+    two: float = 0.4  # fraction of training scenes with two objects
+    # (a) VAE (0 seconds: keep the VAE of ``init``)
+    vae_seconds: float = 70.0
     vae_batch: int = 48
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    # data pools for the transformer phases (scenes rendered, VAE-encoded and tokenised in chunks)
+    pool_seconds: float = 25.0  # the first fill's time limit
+    pool_size: int = 65536  # scenes at the native size
+    pool_multi: int = 4096  # per 0.25 MP size, in native-size equivalents (same token count)
+    pool_chunk: int = 1024  # scenes rendered and encoded at once
+    refresh_share: float = 0.12  # share of the wall clock spent re-rendering pool chunks while training
     # (b) transformer + both text encoders, from scratch
-    base_seconds: float = 240.0
+    base_seconds: float = 265.0
     base_batch: int = 256
-    base_lr: float = 6e-4
+    base_lr: float = 8e-4
+    base_warmup: int = 300
     caption_dropout: float = 0.1
     ema: float = 0.999
     # (c) guidance distillation into the guidance embedding (teacher: classifier-free guidance of (b))
-    guide_seconds: float = 80.0
+    guide_seconds: float = 50.0
     guide_batch: int = 192
     guide_lr: float = 2e-4
     guide_range: tuple[float, float] = (1.0, 6.0)
+    distil_ema: float = 0.995
     # (d) schnell: few-step trajectory distillation from dev at guidance 3
-    schnell_seconds: float = 90.0
-    schnell_batch: int = 192
+    schnell_seconds: float = 60.0
+    schnell_batch: int = 256
     schnell_lr: float = 2e-4
     schnell_guidance: float = 3.0
-    teacher_steps: int = 24  # Euler steps of the dev teacher per trajectory (a multiple of 12)
-    student_steps_per_batch: int = 4
+    teacher_steps: int = 12  # Euler steps of the dev teacher per trajectory (a multiple of 12)
+    student_steps_per_batch: int = 6
     # end
-    eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant
-    deadline: float = 555.0  # seconds after start by which everything must be written
+    select_prompts: int = 64  # held-out prompts (another seed than the evaluation's) for EMA-or-raw choices (0: EMA)
+    eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant (0: none)
+    reserve: float = 25.0  # seconds kept for the choices, saving and the final check
+    deadline: float = 520.0  # seconds after start by which everything must be written
 
 
 PRESETS = {
     "full": TrainConfig(),
-    "micro": TrainConfig(native=64, vae_seconds=6, vae_batch=4, base_seconds=10, base_batch=4, guide_seconds=6,
-                         guide_batch=4, schnell_seconds=6, schnell_batch=4, teacher_steps=12, eval_prompts=2,
+    "micro": TrainConfig(native=64, vae_seconds=6, vae_batch=4, pool_seconds=5, pool_size=256, pool_multi=32,
+                         pool_chunk=32, base_seconds=10, base_batch=4, base_warmup=20, guide_seconds=6,
+                         guide_batch=4, schnell_seconds=6, schnell_batch=4, select_prompts=4, eval_prompts=2,
                          deadline=300.0),
 }
 

@@ -1,0 +1,208 @@
+"""``fluxkiln bench --e2e``: what a user pays in a new process, measured from the outside.
+
+A FLUX.1-dev diffusers folder with random weights is saved (or reused, ``--e2e-folder``); then, each in a FRESH
+process, stock diffusers (``FluxPipeline.from_pretrained`` + the same images + PNG files) and the real
+``fluxkiln run --json`` of a recipe ``load_model -> 3 x sample -> save`` run, the latter with the compile cache
+cold (a new cache folder), warm (the same folder again) and, when asked, after ``fluxkiln warmup`` in a new
+folder.  Each row has the process's wall time from the outside and its phases from the inside (fluxkiln's JSON
+events; the stock worker's own clock): start-up (interpreter, imports, plugins), load, each image, each save,
+exit.  ``--tiny`` does the same on the CPU with the tiny model in seconds (CI runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .session import PROMPT
+
+SEEDS = (1, 2, 3)
+
+
+def recipe_text(folder: Path, size: int, steps: int, go_fast: bool = False) -> str:
+    """load_model -> one sample node per seed -> one save node each (PNG, like the stock worker)."""
+    text = f'[recipe]\nname = "e2e"\n\n[nodes.base]\ntype = "load_model"\nmodel = {json.dumps(str(folder))}\n'
+    for i, seed in enumerate(SEEDS, 1):
+        text += (f'\n[nodes.img{i}]\ntype = "sample"\nmodel = "@base"\nprompt = {json.dumps(PROMPT)}\n'
+                 f'aspect_ratio = "custom"\nwidth = {size}\nheight = {size}\nnum_inference_steps = {steps}\n'
+                 f'guidance = 3.0\nseed = {seed}\ngo_fast = {str(go_fast).lower()}\n'
+                 f'\n[nodes.save{i}]\ntype = "save"\nimages = "@img{i}"\noutput_format = "png"\n')
+    return text
+
+
+def child_env(cache: Path | None) -> dict[str, str]:
+    """The environment of a fresh process: fluxkiln's cache (and with it the compile cache) at ``cache``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    if cache is not None:
+        env["FLUXKILN_CACHE"] = str(cache)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """Run ``cmd``; (start epoch, wall seconds, stdout).  A failure raises with the end of its output."""
+    start, t0 = time.time(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+    return start, wall, proc.stdout
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def phases(events: list[dict[str, Any]], start: float, wall: float) -> dict[str, Any]:
+    """A fluxkiln run's phases from its JSON events (epoch times) and its launch time."""
+    started = {e["node"]: e["time"] for e in events if e["event"] == "node_started"}
+    finished = {e["node"]: e for e in events if e["event"] == "node_finished"}
+    run_started = next(e["time"] for e in events if e["event"] == "run_started")
+    run_finished = next(e for e in events if e["event"] == "run_finished")
+    if run_finished.get("status") != "ok":
+        raise RuntimeError(f"fluxkiln run ended {run_finished.get('status')}: {run_finished.get('nodes')}")
+
+    def took(node: str) -> float:
+        return round(finished[node]["time"] - started[node], 3)
+
+    imgs = [took(f"img{i}") for i in range(1, len(SEEDS) + 1)]
+    saves = [took(f"save{i}") for i in range(1, len(SEEDS) + 1)]
+    row = {"wall_s": round(wall, 2), "startup_s": round(run_started - start, 2),
+           "load_model_s": took("base"), "to_loaded_s": round(finished["base"]["time"] - start, 2),
+           "images_s": imgs, "save_s": saves, "exit_s": round(start + wall - run_finished["time"], 2)}
+    row.update(logged(events))
+    return finish(row)
+
+
+def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the nodes said about themselves: background imports (load_model) and compile time per image."""
+    import re
+
+    out: dict[str, Any] = {"compile_s": []}
+    for e in events:
+        if e["event"] != "node_log":
+            continue
+        text = str(e.get("message", ""))
+        m = re.search(r"imported in the background in ([\d.]+) s \(waited ([\d.]+) s", text)
+        if m:
+            out.update(background_import_s=float(m.group(1)), import_waited_s=float(m.group(2)))
+        m = re.search(r"torch\.compile: ([\d.]+) s in this call \(Inductor ([\d.]+) s", text)
+        if m:
+            out["compile_s"].append({"node": e.get("node"), "s": float(m.group(1)), "inductor_s": float(m.group(2))})
+    return out
+
+
+def finish(row: dict[str, Any]) -> dict[str, Any]:
+    """Derived fields: the first image's extra time over the later ones, and a one-image process's wall time."""
+    imgs, saves = row["images_s"], row["save_s"]
+    steady = statistics.median(imgs[1:])
+    row["steady_image_s"] = round(steady, 3)
+    row["first_image_extra_s"] = round(imgs[0] - steady, 3)
+    row["one_image_process_s"] = round(row["wall_s"] - sum(imgs[1:]) - sum(saves[1:]), 2)
+    return row
+
+
+class EndToEnd:
+    """One ``--e2e`` measurement: the folder, the stock process and the fluxkiln processes."""
+
+    def __init__(self, work: Path, tiny: bool, folder: Path | None, warmup: bool, go_fast: bool,
+                 cache: Path | None = None, depth: tuple[int, int] | None = None):
+        depth = None if tiny else depth  # the tiny model has its own depth
+        self.work, self.tiny, self.warmup, self.go_fast, self.depth = work, tiny, warmup, go_fast, depth
+        if cache is not None and cache.exists():
+            raise ValueError(f"--e2e-cache {cache} exists: the first run must start with a cold cache; give a new "
+                             "folder")
+        self.cache = (cache or work / "cache-e2e").resolve()
+        self.folder = folder or work / "e2e-model"
+        self.size, self.steps = (256, 4) if tiny else (1024, 28)
+        self.results: dict[str, Any] = {"size": self.size, "steps": self.steps, "images": len(SEEDS),
+                                        "go_fast": go_fast,
+                                        "depth": "tiny" if tiny else list(depth) if depth else "full"}
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def ensure_folder(self) -> None:
+        folder = self.folder.resolve()
+        if (folder / "model_index.json").is_file():
+            self.results["folder"] = {"path": str(folder), "reused": True}
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if self.tiny:  # seconds in this process; a full-size folder is built in its own (it holds the GPU)
+            from .e2e_worker import save_folder
+
+            self.results["folder"] = {"path": str(folder), "reused": False, **save_folder(folder, True)}
+            return
+        cmd = self.python("-m", "fluxkiln.plugins.bench.e2e_worker", "save", str(folder)) + (
+            ["--tiny"] if self.tiny else []) + ([f"--depth={self.depth[0]},{self.depth[1]}"] if self.depth else [])
+        _, wall, out = launch(cmd, child_env(self.work / "cache-save"), self.work)
+        self.results["folder"] = {"path": str(folder), "reused": False, "process_s": round(wall, 2), **last_json(out)}
+
+    def stock(self) -> dict[str, Any]:
+        cmd = self.python("-m", "fluxkiln.plugins.bench.e2e_worker", "stock", str(self.folder.resolve()),
+                          str(self.work / "stock-out"), str(self.size), str(self.steps),
+                          ",".join(map(str, SEEDS)))
+        start, wall, out = launch(cmd, child_env(self.work / "cache-stock"), self.work)
+        row = last_json(out)
+        row.update(wall_s=round(wall, 2), to_loaded_s=round(row.pop("loaded_at") - start, 2))
+        return finish(row)
+
+    def fluxkiln(self, cache: Path, name: str) -> dict[str, Any]:
+        recipe = self.work / f"{name}.toml"
+        recipe.write_text(recipe_text(self.folder.resolve(), self.size, self.steps, self.go_fast))
+        cmd = self.python("-m", "fluxkiln", "run", str(recipe), "--json", "--force")
+        start, wall, out = launch(cmd, child_env(cache), self.work)
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return phases(events, start, wall)
+
+    def warmed(self, cache: Path) -> dict[str, Any]:
+        """``fluxkiln warmup`` of the recipe in a new cache folder, then a fresh ``fluxkiln run``."""
+        recipe = self.work / "e2e-warmup.toml"
+        recipe.write_text(recipe_text(self.folder.resolve(), self.size, self.steps, self.go_fast))
+        _, wall, _ = launch(self.python("-m", "fluxkiln", "warmup", str(recipe)), child_env(cache), self.work)
+        row = self.fluxkiln(cache, "e2e-after-warmup")
+        row["warmup_process_s"] = round(wall, 2)
+        return row
+
+    def run(self, record: Any) -> dict[str, Any]:
+        """Every part; ``record(name, fn)`` runs one part and records a failure without stopping the others."""
+        record("e2e-folder", self.ensure_folder)
+        for name, fn in (("stock", self.stock),
+                         ("fluxkiln_cold", lambda: self.fluxkiln(self.cache, "e2e-cold")),
+                         ("fluxkiln_warm", lambda: self.fluxkiln(self.cache, "e2e-warm"))):
+            row = record(f"e2e-{name}", fn)
+            if row is not None:
+                self.results[name] = row
+                print(f"[bench] e2e {name}: {json.dumps(row)}", flush=True)
+        if self.warmup:
+            row = record("e2e-warmup", lambda: self.warmed(self.work / "cache-warmup"))
+            if row is not None:
+                self.results["fluxkiln_after_warmup"] = row
+        self.results["targets"] = e2e_targets(self.results, judge=not self.tiny)
+        return self.results
+
+
+def e2e_targets(r: dict[str, Any], judge: bool = True) -> list[dict[str, Any]]:
+    """The end-to-end targets with what this run measured (``met`` only when ``judge``: full-size shapes)."""
+    stock, cold, warm = r.get("stock"), r.get("fluxkiln_cold"), r.get("fluxkiln_warm")
+    out = []
+
+    def add(what: str, value: Any, limit: Any) -> None:
+        met = None if value is None or limit is None or not judge else value <= limit
+        out.append({"work": what, "measured": value, "target": limit, "met": met})
+
+    if warm:
+        add("first image, compile cache on disk: s (<= steady + 2)", warm["images_s"][0],
+            round(warm["steady_image_s"] + 2, 3))
+    if cold:
+        add("first image, cold compile cache: s", cold["images_s"][0], 20.0)
+    if warm and stock:
+        add("process start to loaded model: s (<= stock + 1)", warm["to_loaded_s"], round(stock["to_loaded_s"] + 1, 2))
+        add("whole process, one image: s (<= stock)", warm["one_image_process_s"], stock["one_image_process_s"])
+    return out

@@ -1,0 +1,99 @@
+"""A cheaper start for recipes that use FLUX: as a run starts (``prepare_run``, never on ``validate``), import
+torch, diffusers and transformers in a background thread, and ask the kernel to read the local model files of
+``load_model`` nodes ahead (``posix_fadvise(WILLNEED)``), so that importing and reading from disk overlap with the
+engine's own start (planning, run folder) and with each other.  ``load_model`` waits for the imports
+(:func:`wait_imports`) before its own, and logs what the background saved.
+
+``FLUXKILN_PREWARM=0`` turns it off.  Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FLUX_NODE_TYPES = frozenset({"load_model", "sample", "apply_lora", "train_lora"})
+MODULES = ("torch", "diffusers", "transformers")
+_state: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get("FLUXKILN_PREWARM", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _import_all() -> None:
+    t0 = time.perf_counter()
+    try:
+        import torch  # noqa: F401
+        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+        from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the node's own import reports a missing or broken package
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+    _state["import_s"] = time.perf_counter() - t0
+
+
+def _read_ahead(files: list[Path]) -> None:
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    _state["read_ahead_files"] = len(files)
+
+
+def model_files(recipe: Any) -> list[Path]:
+    """The weight files of the local folders or files the recipe's load_model nodes name."""
+    files: list[Path] = []
+    for spec in recipe.nodes.values():
+        ref = spec.values.get("model") if spec.type == "load_model" else None
+        if not isinstance(ref, str) or (":" in ref.split("/")[0]):
+            continue
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = Path(recipe.base_dir) / path
+        if path.is_file() and path.suffix == ".safetensors":
+            files.append(path)
+        elif path.is_dir():
+            files += sorted(path.glob("*/*.safetensors")) + sorted(path.glob("*.safetensors"))
+    return files
+
+
+def start(recipe: Any) -> bool:
+    """Start the background imports (once per process) and read-ahead for a recipe with FLUX nodes."""
+    if not enabled() or not any(spec.type in FLUX_NODE_TYPES for spec in recipe.nodes.values()):
+        return False
+    files = model_files(recipe)
+    if files:
+        threading.Thread(target=_read_ahead, args=(files,), name="fluxkiln-read-ahead", daemon=True).start()
+    with _lock:
+        if "thread" not in _state and not all(m in sys.modules for m in MODULES):
+            _state["started"] = time.perf_counter()
+            _state["thread"] = thread = threading.Thread(target=_import_all, name="fluxkiln-imports", daemon=True)
+            thread.start()
+    return True
+
+
+def wait_imports() -> dict[str, float] | None:
+    """Wait for the background imports, if any were started and are not yet waited for: (seconds they took,
+    seconds waited now); None otherwise."""
+    with _lock:
+        thread = _state.pop("thread", None)
+    if thread is None:
+        return None
+    t0 = time.perf_counter()
+    thread.join()
+    return {"import_s": round(_state.get("import_s", 0.0), 2), "waited_s": round(time.perf_counter() - t0, 2)}

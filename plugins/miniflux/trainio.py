@@ -1,0 +1,89 @@
+"""Pipelines during mini-flux's training: load one to continue from, score candidates with the checker
+(to keep the EMA or the raw weights), write the finished FluxPipeline folders, and the final check."""
+
+from __future__ import annotations
+
+import copy
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from .config import NAMES, pipeline
+from .trainconfig import TrainConfig
+from .trainparts import log
+
+
+def load_modules(folder: Path) -> dict[str, Any]:
+    """The modules of a saved mini-flux (dev) pipeline, in float32, to continue training from."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    return {k: v for k, v in pipe.components.items() if v is not None}  # no image encoder
+
+
+def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
+    """Mean of colour, shape, position and background adherence (percent) on ``select_prompts`` held-out
+    prompts, sampled in memory at the native size (dev 28 steps, schnell 4)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .adherence import eval_prompts, generate, score_images
+    from .config import SCHEDULERS
+
+    parts = dict(m, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]))
+    pipe = pipeline(parts)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = eval_prompts(cfg.select_prompts, seed=99)
+    images = generate(pipe, prompts, steps=28 if variant == "dev" else 4, guidance=guidance, width=cfg.native,
+                      height=cfg.native, batch=64)
+    row = score_images(images, prompts)
+    return round(sum(row[k] for k in ("colour", "shape", "position", "background")) / 4, 1)
+
+
+def choose(cfg: TrainConfig, name: str, candidates: dict[str, dict[str, Any]], variant: str,
+           guidance: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The candidate (a dict of modules replacing ``m``'s) the checker scores higher; recorded in ``metrics``."""
+    if cfg.select_prompts <= 0:
+        metrics[f"{name}_choice"] = {"kept": "ema", "scores": None}
+        return candidates["ema"]
+    scores = {label: quick_score(cfg, parts, variant, guidance) for label, parts in candidates.items()}
+    best = max(scores, key=lambda k: scores[k])
+    metrics[f"{name}_choice"] = {"scores": scores, "kept": best}
+    log(f"{name}: {scores} -> keeping the {best} weights")
+    return candidates[best]
+
+
+def save(m: dict[str, Any], transformer: Any, variant: str, work: Path, out: Path) -> Path:
+    """Write the FluxPipeline folder (float16 safetensors) and a tar of it; returns the folder."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .config import SCHEDULERS
+
+    parts = {k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
+             for k, v in m.items()}
+    parts["transformer"] = copy.deepcopy(transformer).to("cpu", torch.float16)
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
+    folder = work / NAMES[variant]
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipeline(parts).save_pretrained(folder, safe_serialization=True)
+    with tarfile.open(out / f"{NAMES[variant]}.tar", "w") as tar:
+        tar.add(folder, arcname=NAMES[variant])
+    log(f"saved {folder} ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+    return folder
+
+
+def final_check(cfg: TrainConfig, work: Path, device: str) -> dict[str, Any]:
+    """Load the written folders with from_pretrained and score held-out prompts with the checker."""
+    import torch
+
+    from .adherence import run
+    from .weights import load_pipeline
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    variants = ["dev", "schnell", "guidance"] if cfg.eval_prompts >= 16 else ["dev", "schnell"]
+    return run(lambda v: load_pipeline(v, work, device, dtype), cfg.eval_prompts, variants, log=log, batch=64,
+               size=cfg.native)

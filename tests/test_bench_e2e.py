@@ -1,0 +1,78 @@
+"""``fluxkiln bench --e2e --tiny``: fresh processes of stock diffusers and the real ``fluxkiln run`` on a saved model
+folder, timed from the outside and from their own events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fluxkiln.plugins.bench.cli import main
+from fluxkiln.plugins.bench.e2e import SEEDS, phases, recipe_text
+
+
+def test_e2e_tiny_times_stock_and_fluxkiln_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "model"
+    out = tmp_path / "e2e.json"
+    assert main(["--e2e", "--tiny", "--e2e-folder", str(folder), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["errors"] == []
+    e2e = results["e2e"]
+    assert (folder / "model_index.json").is_file() and e2e["folder"]["reused"] is False  # kept for reuse
+    assert e2e["folder"]["folder_bytes"] > 100_000
+    for name in ("stock", "fluxkiln_cold", "fluxkiln_warm"):
+        row = e2e[name]
+        assert len(row["images_s"]) == len(SEEDS) == len(row["save_s"])
+        inside = row["to_loaded_s"] + sum(row["images_s"]) + sum(row["save_s"])
+        assert 0 < inside <= row["wall_s"] + 0.05, name  # phases from the inside fit in the outside wall time
+        assert row["one_image_process_s"] < row["wall_s"]
+    assert e2e["fluxkiln_cold"]["startup_s"] > 0 and e2e["fluxkiln_cold"]["load_model_s"] > 0
+    assert e2e["stock"]["import_s"] > 0 and e2e["stock"]["load_s"] > 0
+    assert {t["work"].split(":")[0] for t in e2e["targets"]} >= {"first image, cold compile cache"}
+    assert all(t["met"] is None for t in e2e["targets"])  # the tiny model says nothing about the targets
+    table = capsys.readouterr().out
+    assert "fluxkiln_warm" in table and "stock" in table
+
+
+def test_e2e_recipe_is_valid_and_phases_read_events(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tmp_path / "m", 256, 4))
+    proc = subprocess.run([sys.executable, "-m", "fluxkiln", "graph", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"img{i}" in proc.stdout and f"save{i}" in proc.stdout for i in (1, 2, 3))
+    t = 1000.0
+    events = [{"event": "run_started", "time": t + 2}]
+    clock = t + 2
+    for node, took in [("base", 5), ("img1", 9), ("save1", 0.1), ("img2", 3), ("save2", 0.1), ("img3", 3.2),
+                       ("save3", 0.1)]:
+        events += [{"event": "node_started", "node": node, "time": clock},
+                   {"event": "node_finished", "node": node, "time": clock + took}]
+        clock += took
+    events.append({"event": "run_finished", "time": clock, "status": "ok"})
+    events.insert(2, {"event": "node_log", "node": "base", "time": t + 3, "message": "torch and diffusers imported "
+                      "in the background in 4.2 s (waited 1.5 s for them here)"})
+    events.insert(5, {"event": "node_log", "node": "img1", "time": t + 8, "message": "torch.compile: 6.5 s in this "
+                      "call (Inductor 2.0 s; from the compile cache where it was warm)"})
+    row = phases(events, t, clock - t + 1.5)
+    assert row["startup_s"] == 2 and row["load_model_s"] == 5 and row["to_loaded_s"] == 7
+    assert row["images_s"] == [9, 3, 3.2] and row["exit_s"] == 1.5
+    assert row["background_import_s"] == 4.2 and row["import_waited_s"] == 1.5
+    assert row["compile_s"] == [{"node": "img1", "s": 6.5, "inductor_s": 2.0}]
+    assert row["steady_image_s"] == 3.1 and row["first_image_extra_s"] == 5.9
+    assert row["one_image_process_s"] == pytest.approx(row["wall_s"] - 6.2 - 0.2, abs=0.01)
+    failed = events[:-1] + [{"event": "run_finished", "time": clock, "status": "failed", "nodes": {"img1": "failed"}}]
+    with pytest.raises(RuntimeError, match="failed"):
+        phases(failed, t, 20)
+
+
+def test_e2e_options_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--e2e", "--tiny", "--e2e-depth", "five"])
+    assert exc.value.code == 2 and "DOUBLE,SINGLE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--e2e", "--tiny", "--e2e-cache", str(tmp_path)])
+    assert exc.value.code == 2 and "cold cache" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""mini-flux's training pieces: word-cached tokenisation (the same ids as the tokenizers), the step plan
+(steps from the measured step time, cosine by step), and the pools of pre-encoded scenes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fluxkiln.plugins.miniflux import trainparts
+from fluxkiln.plugins.miniflux.config import CLIP_TOKENS, TEXT_TOKENS, clip_tokenizer, t5_tokenizer
+from fluxkiln.plugins.miniflux.world import random_scene
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {"clip": (clip_tokenizer(), CLIP_TOKENS), "t5": (t5_tokenizer(), TEXT_TOKENS)}
+
+
+@pytest.mark.parametrize("which", ["clip", "t5"])
+def test_word_cached_ids_equal_the_tokenizers_own(which, tokenizers):
+    tok, length = tokenizers[which]
+    rng = random.Random(3)
+    prompts = [random_scene(rng, fillers=0.6).prompt for _ in range(60)]
+    prompts += ["", "A Red circle, at the LEFT!", "a  red circle", " a red", "zzz qqq " * 21, "a tok hexagon"]
+    cached = trainparts.WordTokens(tok, length)(prompts)
+    own = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    assert cached.shape == own.shape == (len(prompts), length)
+    assert (cached == own).all()
+
+
+def test_the_plan_counts_steps_from_the_measured_step_time(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
+    plan = trainparts.Plan(seconds=10.0, lr=1.0, warmup=4, probe=5)
+    step = 0
+    while not plan.done(step):
+        clock[0] += 0.1  # every step takes 0.1 s
+        step += 1
+        assert step < 1000
+    assert plan.total == 100 and step == 100
+    assert plan.rate(0) == pytest.approx(0.25)  # warm-up
+    assert plan.rate(50) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine, by steps
+    assert plan.rate(100) == pytest.approx(0.1)
+
+
+def test_the_plan_stops_at_its_budget_whatever_the_step_count(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
+    plan = trainparts.Plan(seconds=10.0, lr=1.0, warmup=4, probe=5)
+    step = 0
+    while not plan.done(step):
+        clock[0] += 0.01 if step < 10 else 1.0  # the steps slow down after the probe
+        step += 1
+    assert plan.total == 1000 and step < 30
+
+
+def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux.config import VAE
+    from fluxkiln.plugins.miniflux.pool import Pools
+
+    torch.manual_seed(0)
+    enc = trainparts.TextEncoder(None, tokenizers["clip"][0], None, tokenizers["t5"][0], "cpu")  # ids only
+    pools = Pools(32, capacity=8, multi_capacity=0, chunk=4, vae=AutoencoderKL(**VAE), enc=enc,
+                  rng=random.Random(1), device="cpu", share=0.0)
+    pools.fill(0.0, log=lambda _: None)
+    native = pools.pools[(32, 32)]
+    assert list(pools.pools) == [(32, 32)] and native.filled == 4
+    assert native.latents.shape == (8, 16, 4, 4)
+    latents, clip, t5 = pools.batch(6, multi_res=0.0)
+    assert latents.shape == (6, 16, 4, 4) and clip.shape == (6, CLIP_TOKENS) and t5.shape == (6, TEXT_TOKENS)
+    assert not (t5 == pools.empty[1]).all(dim=1).any()
+    _, clip, t5 = pools.batch(6, multi_res=0.0, dropout=1.0)
+    assert (t5 == pools.empty[1]).all() and (clip == pools.empty[0]).all()
+    native.fill_chunk()
+    native.fill_chunk()  # wraps round, over the oldest entries
+    assert native.filled == 8 and native.cursor == 4 and native.made == 12
