@@ -22,4 +22,5 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 [ "$1" = "--install-only" ] && exit 0
 python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1 || true
-python3 -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider -rfEs --junitxml="${OUT:-/tmp}/gpu-suite.xml" "$@"
+# -v names each test as it ends, so a call cut short by its time limit still says what ran and what failed
+python3 -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider -p no:benchmark -rfEs --junitxml="${OUT:-/tmp}/gpu-suite.xml" "$@"
