@@ -190,21 +190,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         return EXIT_INVALID
     observer = JsonObserver() if args.json else ConsoleObserver()
-    interrupts = {"n": 0, "at": 0.0}
+    from .launch import GATE, SigintGate
 
-    def on_sigint(signum: int, frame: Any) -> None:
-        import time
-
-        if interrupts["n"] and time.monotonic() - interrupts["at"] < 2.0:
-            return  # the same Ctrl-C forwarded by a launcher (torchrun) to its workers
-        interrupts["n"] += 1
-        interrupts["at"] = time.monotonic()
-        if interrupts["n"] > 1:
-            raise KeyboardInterrupt
+    def stop() -> None:
         print("\nfluxkiln: stopping at the next safe point (Ctrl-C again to abort now)", file=sys.stderr)
         engine.cancel()
 
-    old = signal.signal(signal.SIGINT, on_sigint)
+    # one of several processes: the gate installed at start-up (it kept a Ctrl-C that came before now)
+    gate = GATE if signal.getsignal(signal.SIGINT) is GATE else SigintGate()
+    old = signal.signal(signal.SIGINT, gate)
+    gate.bind(stop)
     try:
         result = engine.run(checked, only=args.only or None, force=force, force_all=force_all, output=args.output,
                             observers=[observer])

@@ -13,9 +13,10 @@ torch is imported only when a world of several processes is set up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from .errors import Cancelled, NodeError
 
 PARALLEL_ATTR = "__fluxkiln_parallel__"
+CELLS_ATTR = "__fluxkiln_cells__"
 CANCEL_KEY = "fluxkiln/cancel"
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -79,7 +81,13 @@ def init(timeout_s: float | None = None) -> World:
 
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1))
+            if local > torch.cuda.device_count():
+                raise RuntimeError(
+                    f"{local} workers were started on this host but it has {torch.cuda.device_count()} visible CUDA "
+                    "GPU(s): start at most one worker per GPU (torchrun --nproc-per-node, accelerate "
+                    "--num_processes), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run CPU workers with gloo")
+            torch.cuda.set_device(world.local_rank)
             backend = "cpu:gloo,cuda:nccl"
         else:
             backend = "gloo"
@@ -132,6 +140,18 @@ def all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * _world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. to stop together at the same step)."""
+    if not _world.many:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32)  # a CPU tensor: gloo, beside NCCL on GPUs
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 # ------------------------------------------------------------------ splitting work
@@ -190,6 +210,35 @@ def parallel(obj: Any) -> Any:
 
 def is_parallel(node_type: Any) -> bool:
     return bool(getattr(node_type.func, PARALLEL_ATTR, False))
+
+
+def whole_cells(when: Callable[[dict[str, Any]], bool]) -> Callable[[Any], Any]:
+    """Mark a parallel node type whose sweep cells may run whole, one rank per cell.
+
+    ``when(inputs)`` (the cell's input values, on rank 0) says whether a cell can: it then runs alone on
+    one rank (in a world of one, see :func:`alone`), must write no files and return picklable outputs.
+    The cells of a sweep are then dealt out to the ranks instead of splitting each cell's images.
+    """
+    def mark(obj: Any) -> Any:
+        setattr(obj, CELLS_ATTR, when)
+        return obj
+    return mark
+
+
+def runs_whole_cells(node_type: Any, inputs: dict[str, Any]) -> bool:
+    when = getattr(node_type.func, CELLS_ATTR, None)
+    return bool(is_parallel(node_type) and when is not None and when(inputs))
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[World]:
+    """Inside: this process acts as a world of one (no collectives), e.g. to make a whole sweep cell."""
+    global _world
+    saved, _world = _world, World()
+    try:
+        yield _world
+    finally:
+        _world = saved
 
 
 def is_live(node_type: Any, port_types: Mapping[str, Any]) -> bool:

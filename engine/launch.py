@@ -12,12 +12,14 @@ On a machine without CUDA the workers are CPU processes talking over gloo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import distributed as dist
@@ -55,20 +57,36 @@ def route(args: argparse.Namespace, argv: list[str], command: Callable[[argparse
         return launch(args, argv)
     if not launched:
         return command(args)
-    world = dist.init(timeout_s=7 * 24 * 3600.0 if args.command == "watch" else None)
+    signal.signal(signal.SIGINT, GATE)  # from here on a Ctrl-C is never lost, even before the run starts
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while starting arrives now
     try:
-        if world.owner:
-            try:
-                code = command(args)
-                dist.broadcast({"op": "exit"})
-                return code
-            except RuntimeError as exc:  # a collective failed: another rank is gone
-                print(f"fluxkiln: rank 0 lost contact with the other workers ({str(exc).splitlines()[0]})",
-                      file=sys.stderr)
-                return 1
-        return _serve()
+        world = dist.init(timeout_s=7 * 24 * 3600.0 if args.command == "watch" else None)
+        return _own(args, command) if world.owner else _serve()
+    except KeyboardInterrupt:  # a second Ctrl-C: abort now (the launcher stops the other ranks)
+        _abort()
+        raise
     finally:
         dist.shutdown()
+
+
+def _own(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    try:
+        code = command(args)
+        if GATE.aborted:  # the other ranks may be inside a collective: leave without another one
+            _abort()
+        dist.broadcast({"op": "exit"})
+        return code
+    except RuntimeError as exc:  # a collective failed: another rank is gone
+        print(f"fluxkiln: rank 0 lost contact with the other workers ({str(exc).splitlines()[0]})",
+              file=sys.stderr)
+        return 1
+
+
+def _abort() -> None:
+    """Leave at once with the interrupted exit code, without the collectives of a clean shutdown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _serve() -> int:
@@ -77,27 +95,53 @@ def _serve() -> int:
     from .registry import Registry
 
     worker = Worker(Registry.load(), paths.cache_root())
-    _on_sigint(worker.cancel.set)
+    GATE.bind(worker.cancel.set)
     return worker.serve()
 
 
-def _on_sigint(cancel: Callable[[], None]) -> None:
-    """First SIGINT: cancel at the next safe point; one more within 2 s (a launcher forwarding it) is the same."""
-    import time
+class SigintGate:
+    """Ctrl-C for a run of several processes, at any moment of its life.
 
-    state = {"at": 0.0, "n": 0}
+    The first SIGINT calls the bound ``cancel`` (stop at the next safe point); one that arrives before
+    anything is bound (the process is still joining the group or loading the registry) is kept and
+    delivered by :meth:`bind`.  A repeat within ``window`` seconds is the same Ctrl-C forwarded by a
+    launcher (``torchrun`` sends it to its workers as the terminal does) and is ignored; a later one
+    raises KeyboardInterrupt (abort now) and marks the gate ``aborted``.
+    """
 
-    def handler(signum: int, frame: Any) -> None:
+    def __init__(self, window: float = 2.0) -> None:
+        self.window = window
+        self.count = 0
+        self.at = 0.0
+        self.pending = False
+        self.aborted = False
+        self._cancel: Callable[[], None] | None = None
+
+    def __call__(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
+        import time
+
         now = time.monotonic()
-        if state["n"] and now - state["at"] < 2.0:
+        if self.count and now - self.at < self.window:
             return
-        state["n"] += 1
-        state["at"] = now
-        if state["n"] > 1:
+        self.count += 1
+        self.at = now
+        if self.count > 1:
+            self.aborted = True
             raise KeyboardInterrupt
-        cancel()
+        if self._cancel is None:
+            self.pending = True
+        else:
+            self._cancel()
 
-    signal.signal(signal.SIGINT, handler)
+    def bind(self, cancel: Callable[[], None]) -> None:
+        """Where the first Ctrl-C goes from now on (delivered at once if one already came)."""
+        self._cancel = cancel
+        if self.pending:
+            self.pending = False
+            cancel()
+
+
+GATE = SigintGate()
 
 
 def strip_launch_args(argv: list[str]) -> list[str]:
@@ -126,9 +170,24 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _gpu_shortage(nproc: int) -> str | None:
+    """Why ``nproc`` workers cannot each have a GPU of this host (None when they can, or when there is no GPU:
+    then the workers are CPU processes talking over gloo)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0 or nproc <= visible:
+        return None
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
+    return (f"--gpus {nproc} starts one worker per GPU, but this host has {visible} visible CUDA GPU"
+            f"{'s' if visible > 1 else ''}{where}: use --gpus {visible} or fewer, or hide the GPUs to run {nproc} "
+            f"CPU workers with gloo (CUDA_VISIBLE_DEVICES= fluxkiln ... --gpus {nproc})")
+
+
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Start ``--gpus`` workers (per host) running this command; report a failed rank by number."""
-    problem = _check(args)
+    problem = _check(args) or _gpu_shortage(args.gpus)
     if problem:
         print(f"fluxkiln {args.command}: {problem}", file=sys.stderr)
         return 2
@@ -159,7 +218,8 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
     # the workers run in sessions of their own: Ctrl-C reaches this launcher, which forwards SIGINT once to
     # every worker and gives them 30 s to stop at a safe point (training checkpoints first) before killing them
     try:
-        elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
+        with _sigint_held_for_children():
+            elastic_launch(config, sys.executable)("-m", "fluxkiln.engine.cli", *argv)
     except ChildFailedError as exc:
         return _report(exc.failures)
     except SignalException as exc:
@@ -168,10 +228,35 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
     return 0
 
 
+@contextlib.contextmanager
+def _sigint_held_for_children() -> Iterator[None]:
+    """Start the workers with SIGINT blocked: a Ctrl-C reaching one while its interpreter still starts then
+    waits (pending) until :func:`route` has put the gate in place, instead of killing it half-started.
+
+    The signal mask is inherited across fork and exec, so the main thread (which spawns the workers) blocks
+    SIGINT; a helper thread started before keeps it unblocked, so this launcher still hears Ctrl-C (the
+    kernel hands a process's signal to a thread that does not block it; Python runs the handler on the
+    main thread, which the elastic agent's monitor loop reaches every few tenths of a second).
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+    listener = threading.Thread(target=done.wait, name="fluxkiln-sigint", daemon=True)
+    listener.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        done.set()
+
+
 def _report(failures: dict[int, Any]) -> int:
     """Exit 130 when every failed rank was interrupted, else name the rank that died first and exit 1."""
-    if all(f.exitcode in (130, -signal.SIGTERM) for f in failures.values()) and \
-            any(f.exitcode == 130 for f in failures.values()):
+    stopped = (130, -signal.SIGINT)
+    if all(f.exitcode in (*stopped, -signal.SIGTERM) for f in failures.values()) and \
+            any(f.exitcode in stopped for f in failures.values()):
         return 130  # interrupted; a rank still finishing was stopped by the launcher
 
     def cause(f: Any) -> str:
@@ -184,7 +269,7 @@ def _report(failures: dict[int, Any]) -> int:
 
     def order(item: tuple[int, Any]) -> tuple[int, int]:  # killed first, then errors, then SIGTERMed by the launcher
         f = item[1]
-        killed = f.exitcode < 0 and f.exitcode != -signal.SIGTERM
+        killed = f.exitcode < 0 and f.exitcode not in (-signal.SIGTERM, -signal.SIGINT)
         return (0 if killed else 1 if f.exitcode > 0 and f.exitcode != 130 else 2, item[0])
 
     rank, first = min(failures.items(), key=order)

@@ -106,6 +106,10 @@ class Engine:
         """Ask the current run to stop at the next safe point."""
         self._cancel.set()
 
+    def _fresh_cancel(self) -> None:
+        """A new run starts uncancelled (an engine of several processes keeps a cancel that came early)."""
+        self._cancel.clear()
+
     def plan(self, recipe: str | Path | Checked, *, overrides: list[str] | None = None, only: list[str] | None = None,
              force: list[str] | None = None, force_all: bool = False, output: str | Path | None = None,
              run_id: str | None = None) -> Plan:
@@ -131,7 +135,7 @@ class Engine:
         checked = recipe if isinstance(recipe, Checked) else self.check(recipe, overrides)
         self.registry.prepare_run(checked.recipe)
         result = RunResult(run_id, "ok", run_dir=resolve_run_dir(checked.recipe, output))
-        self._cancel.clear()
+        self._fresh_cancel()
         self.running = True
         try:
             with self.registry.observing(_Collector(result.events), *(observers or [])), \

@@ -61,6 +61,24 @@ type = "save"
 images = "@listed"
 output_format = "png"
 
+[nodes.swept]
+type = "sample"
+model = "@base"
+prompt = "a red fox"
+num_inference_steps = 2
+aspect_ratio = "custom"
+width = 256
+height = 256
+megapixels = "0.25"
+
+[nodes.swept.sweep]
+seed = [1, 2, 3, 4, 5]
+
+[nodes.swept_saved]
+type = "save"
+images = "@swept"
+output_format = "png"
+
 [nodes.data]
 type = "dataset"
 source = "{DATA}"
@@ -96,7 +114,7 @@ source = "{DATA}"
 type = "train_lora"
 model = "@base"
 dataset = "@data"
-steps = 400
+steps = 6000
 batch_size = 1
 resolution = [64]
 lora_rank = 4
@@ -113,7 +131,9 @@ def _cache(path: Path) -> Path:
 
 
 def _env(cache: Path, tag: str = "") -> dict[str, str]:
-    return dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", FLUXKILN_TEST_TAG=tag)
+    # CPU workers with gloo on any machine: on a GPU host, two workers would ask for two GPUs
+    return dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", FLUXKILN_TEST_TAG=tag,
+                CUDA_VISIBLE_DEVICES="")
 
 
 def _cli(*args: str, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -176,6 +196,26 @@ def test_a_prompt_list_is_split_image_by_image_and_gathered_in_order(runs):
         assert a.name == b.name and diff.max() <= 1 and diff.mean() < 1e-3, a.name
 
 
+def test_sweep_cells_are_dealt_out_whole_to_the_ranks_and_cached_one_by_one(runs):
+    from fluxkiln.engine.cache import DiskCache
+
+    root, cache2 = runs
+    logs = [json.loads(line) for line in (root / "two.jsonl").read_text().splitlines() if line.startswith("{")]
+    messages = [(e.get("node"), e["message"]) for e in logs if e["event"] == "node_log"]
+    # 5 cells over 2 ranks: 4 whole cells (2 each, concurrently); the fifth splits its images like any call
+    assert ("swept", "4 cell(s) over 2 ranks, whole cells: 2 on rank 0, 2 on rank 1") in messages
+    elsewhere = sorted(node for node, m in messages if m == "made on rank 1")
+    assert elsewhere == ["swept[seed=3]", "swept[seed=4]"]
+    assert ("swept[seed=5]", "1 item(s) over 2 ranks: 1 on rank 0, 0 on rank 1") in messages
+    one = sorted((root / "one").glob("swept_saved*.png"))
+    two = sorted((root / "two").glob("swept_saved*.png"))
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two, strict=True):  # each cell made by one rank with its own seed: the same pixels
+        assert a.name == b.name and (_pixels(a) == _pixels(b)).all(), a.name
+    cells = [e for e in DiskCache(cache2).entries() if e.get("type") == "sample" and "swept[" in str(e.get("node"))]
+    assert len(cells) == 5  # every cell cached on its own, whichever rank made it
+
+
 def _losses(path: Path) -> list[float]:
     with path.open() as f:
         return [float(r["loss"]) for r in csv.DictReader(f)]
@@ -224,27 +264,94 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+class _Run:
+    """A two-rank training run whose output is read as it comes (threads drain both pipes: nothing blocks)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import queue
+        import threading
+
+        recipe = tmp_path / "train.toml"
+        recipe.write_text(TRAIN_ONLY)
+        self.cache = _cache(tmp_path / "cache")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2",
+                                      "--json", "--output", str(tmp_path / "out")], env=_env(self.cache),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict] = []
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, put) -> None:
+        for line in stream:
+            put(line)
+        put(None)
+
+    def wait_for(self, test, timeout: float = 240) -> dict:
+        """The first event (already seen or still to come) for which ``test`` is true."""
+        import queue
+
+        for e in self.events:
+            if test(e):
+                return e
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out; last events: {self.events[-3:]}") from None
+            assert line is not None, f"the run ended first: {self.events[-3:]} {''.join(e for e in self.err if e)[-2000:]}"
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+                if test(self.events[-1]):
+                    return self.events[-1]
+
+    def rank_pid(self, rank: int, timeout: float = 120) -> int:
+        end = time.monotonic() + timeout
+        while (pid := _rank_pid(self.proc.pid, rank)) is None:
+            assert time.monotonic() < end and self.proc.poll() is None, f"rank {rank} never started"
+            time.sleep(0.005)
+        return pid
+
+    def finish(self, timeout: float = 180) -> tuple[int, list[dict], str]:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=30)) is not None:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+        end = time.monotonic() + 30
+        while (not self.err or self.err[-1] is not None) and time.monotonic() < end:
+            time.sleep(0.02)  # the stderr pump reaches the end of its pipe
+        return code, self.events, "".join(e for e in self.err if e)
+
+
+def _training_step(e: dict) -> bool:
+    return e["event"] == "node_progress" and e.get("node") == "lora" and (e.get("step") or 0) >= 1 \
+        and "loss" in (e.get("metrics") or {})
+
+
 def _train_and_signal(tmp_path: Path, sig: int) -> tuple[subprocess.Popen, list[dict], str, Path]:
-    """Train on two ranks; at step 3 send ``sig`` to rank 1; return the process, events, stderr, cache."""
-    recipe = tmp_path / "train.toml"
-    recipe.write_text(TRAIN_ONLY)
-    cache = _cache(tmp_path / "cache")
-    proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2", "--json",
-                             "--output", str(tmp_path / "out")], env=_env(cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    events: list[dict] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        e = events[-1]
-        if e["event"] == "node_progress" and e.get("node") == "lora" and (e.get("step") or 0) >= 3:
-            pid = _rank_pid(proc.pid, 1)
-            assert pid is not None, "rank 1 not found"
-            os.kill(pid, sig)
-            break
-    out, err = proc.communicate(timeout=120)
-    events += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return proc, events, err, cache
+    """Train on two ranks; after the first training step send ``sig`` to rank 1; the process, events, stderr, cache."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    os.kill(run.rank_pid(1), sig)
+    _code, events, err = run.finish()
+    return run.proc, events, err, run.cache
+
+
+def _stopped_with_checkpoint(code: int, events: list[dict], err: str, cache: Path) -> int:
+    """The run stopped at a safe point after a checkpoint (exit 130); the step it stopped at."""
+    assert code == 130, err[-3000:]
+    logs = [e["message"] for e in events if e["event"] == "node_log" and e.get("node") == "lora"]
+    stopped = [m for m in logs if m.startswith("stopped at step")]
+    assert stopped, (logs, err[-2000:])
+    step = int(stopped[0].split()[3].rstrip(";"))
+    finished = [e for e in events if e["event"] == "run_finished"]
+    assert finished and finished[0]["status"] == "cancelled"
+    ckpts = list((cache / "state").glob(f"train_lora-*/checkpoints/*{step:06d}*"))
+    assert ckpts, "no checkpoint written at the step where the run stopped"
+    return step
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
@@ -266,16 +373,43 @@ def test_a_dead_worker_fails_the_run_naming_its_rank_and_leaves_the_cache_clean(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
 def test_sigint_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
     proc, events, err, cache = _train_and_signal(tmp_path, signal.SIGINT)
-    assert proc.returncode == 130, err[-2000:]
-    logs = [e["message"] for e in events if e["event"] == "node_log" and e.get("node") == "lora"]
-    stopped = [m for m in logs if m.startswith("stopped at step")]
-    assert stopped, logs
-    step = int(stopped[0].split()[3].rstrip(";"))
-    assert 3 <= step < 400
+    step = _stopped_with_checkpoint(proc.returncode, events, err, cache)
+    assert 1 <= step < 6000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_sigint_twice_on_every_rank_is_one_ctrl_c_and_still_checkpoints(tmp_path):
+    """Ctrl-C under torchrun reaches each worker twice (terminal and launcher): still one stop at a safe point."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    ranks = [run.rank_pid(0), run.rank_pid(1)]
+    for pid in ranks + ranks:
+        os.kill(pid, signal.SIGINT)
+    code, events, err = run.finish()
+    _stopped_with_checkpoint(code, events, err, run.cache)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_ctrl_c_on_the_launcher_reaches_every_rank_which_checkpoints_and_stops(tmp_path):
+    """The launcher keeps hearing Ctrl-C although it starts its workers with SIGINT blocked."""
+    run = _Run(tmp_path)
+    run.wait_for(_training_step)
+    os.kill(run.proc.pid, signal.SIGINT)
+    code, events, err = run.finish()
+    _stopped_with_checkpoint(code, events, err, run.cache)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 through /proc")
+def test_sigint_before_the_workers_are_up_stops_the_run_cleanly(tmp_path):
+    """A Ctrl-C on a rank that is still starting (importing, joining the group) is never lost."""
+    run = _Run(tmp_path)
+    os.kill(run.rank_pid(1), signal.SIGINT)  # as soon as the process exists
+    code, events, err = run.finish()
+    assert code == 130, err[-3000:]
+    assert not any(e["event"] == "node_finished" and e.get("node") == "lora" for e in events)
     finished = [e for e in events if e["event"] == "run_finished"]
-    assert finished and finished[0]["status"] == "cancelled"
-    ckpts = list((cache / "state").glob(f"train_lora-*/checkpoints/*{step:06d}*"))
-    assert ckpts, "no checkpoint written at the step where the run stopped"
+    assert not finished or finished[0]["status"] == "cancelled"  # the run never started, or stopped at once
+    assert not list((run.cache / "state").glob("train_lora-*/checkpoints/*"))  # no training step ran
 
 
 def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
@@ -288,8 +422,13 @@ def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
     dp, ddp = res["data_parallel"], res["ddp"]
     assert dp["images"] == 4 and dp["one_s"] > 0 and dp["many_s"] > 0 and dp["speedup"] > 0
     assert ddp["global_batch"] == 2 and ddp["per_process_batch"] == 1 and ddp["one_step_s"] > 0 and ddp["ratio"] > 0
-    assert "needs CUDA GPUs" in res["context_parallel"]["skipped"]
-    assert "fluxkiln bench --gpus 2 (tiny, cpu)" in done.stdout
+    cp = res["context_parallel"]["variants"]
+    assert list(cp) == ["one-eager", "ulysses-eager", "allgather-eager", "diffusers-eager"]
+    for name in ("ulysses-eager", "allgather-eager"):  # fluxkiln's own runs on CPU with gloo
+        assert cp[name]["s"] > 0 and cp[name]["ratio"] > 0 and cp[name]["max_rel_diff"] < 1e-3, cp[name]
+    assert "needs CUDA GPUs" in cp["diffusers-eager"]["skipped"]
+    assert res["context_parallel"]["best"]["variant"] in ("ulysses-eager", "allgather-eager")
+    assert "fluxkiln bench --gpus 2 (tiny, cpu)" in done.stdout and "ulysses-eager" in done.stdout
 
 
 def _wait_for(proc: subprocess.Popen, events: list[dict], what: str, count: int, timeout: float = 150) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -88,14 +89,16 @@ def test_context_parallel_needs_one_process_per_gpu(tmp_path):
     assert "--gpus 2" in failed[0]["hint"]
 
 
-def test_context_parallel_is_refused_on_cpu_in_a_world_of_the_right_size(tmp_path, monkeypatch):
+def test_only_diffusers_context_parallel_is_refused_on_cpu_in_a_world_of_the_right_size(tmp_path, monkeypatch):
     from fluxkiln.plugins.flux import parallel
 
     monkeypatch.setattr(distributed, "_world", distributed.World(0, 2, 0))  # as a launched rank 0 sees it
     with pytest.raises(distributed.NodeError, match="needs CUDA GPUs") as info:
-        parallel.check(2, "cpu")
-    assert info.value.key == "context_parallel"
-    parallel.check(1, "cpu")  # off: nothing to refuse
+        parallel.check(2, "cpu", "diffusers")
+    assert info.value.key == "context_parallel_mode" and "auto" in info.value.hint
+    for mode in ("auto", "ulysses", "allgather"):  # fluxkiln's own runs on CPU with gloo
+        parallel.check(2, "cpu", mode)
+    parallel.check(1, "cpu", "diffusers")  # off: nothing to refuse
 
 
 def test_context_parallel_off_keeps_the_split_and_the_residency_key(tmp_path):
@@ -114,3 +117,49 @@ def test_python_dash_m_fluxkiln_is_the_fluxkiln_command():  # what torchrun / ac
     out = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--gpus N" in out.stdout and "--rdzv-endpoint" in out.stdout
+
+
+def test_the_sigint_gate_keeps_an_early_ctrl_c_counts_a_forwarded_repeat_once_and_aborts_on_a_second():
+    from fluxkiln.engine.launch import SigintGate
+
+    gate, calls = SigintGate(window=0.2), []
+    gate()  # before anything is bound (the worker is still joining the group): kept, not lost
+    assert gate.pending and not calls
+    gate()  # the same Ctrl-C forwarded by a launcher within the window: ignored
+    gate.bind(lambda: calls.append("cancel"))
+    assert calls == ["cancel"] and not gate.pending and not gate.aborted
+    time.sleep(0.25)
+    with pytest.raises(KeyboardInterrupt):
+        gate()  # a second Ctrl-C after the window: abort now
+    assert gate.aborted and calls == ["cancel"]
+
+
+def _one_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_more_workers_than_gpus_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from fluxkiln.engine.cli import main
+
+    _one_gpu(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "r"\n')
+    assert main(["run", str(recipe), "--gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpus 2 starts one worker per GPU, but this host has 1 visible CUDA GPU (CUDA_VISIBLE_DEVICES='3')" in err
+    assert "use --gpus 1 or fewer" in err and "CUDA_VISIBLE_DEVICES= fluxkiln ... --gpus 2" in err
+
+
+def test_a_launcher_that_started_more_workers_than_gpus_gets_a_clear_error(monkeypatch):
+    from fluxkiln.engine import distributed
+
+    _one_gpu(monkeypatch)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=r"2 workers were started on this host but it has 1 visible CUDA GPU"):
+        distributed.init(timeout_s=5)
+    assert not distributed.current().many  # nothing was joined

@@ -149,8 +149,12 @@ NOT_ON_CPU: dict[tuple[str, str], str] = {
                                "in test_flux_load; the GPU effect in test_gpu_paths)",
     ("load_model", "quantize"): "fp8 weights need a GPU of compute capability >= 8.9 (test_gpu_paths; the CPU "
                                 "refusal in test_flux_load)",
-    ("load_model", "context_parallel"): "splits each image's tokens over N GPUs with diffusers' context parallelism: "
-                                        "needs N CUDA processes (the refusals on CPU are tested in test_distributed)",
+    ("load_model", "context_parallel"): "splits each image's tokens over N processes: needs N of them (a CLI "
+                                        "run on two gloo processes equals one process in test_context_parallel; "
+                                        "the refusals in test_distributed_units)",
+    ("load_model", "context_parallel_mode"): "how the N processes exchange tokens: needs N of them (ulysses and "
+                                             "allgather each equal one process in test_context_parallel; diffusers' "
+                                             "is CUDA only, its CPU refusal in test_distributed_units)",
     ("sample", "go_fast"): "fp8 matmuls and compiled blocks exist only on CUDA; on a CPU it changes nothing by "
                            "design (test_gpu_paths checks the fast path runs and stays within the quality guard)",
     ("caption", "batch_size"): "how many images go through the captioner at once: the captions are the same by "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import pytest
@@ -77,6 +78,28 @@ def test_timestep_samplers():
     assert flux_mu(256) == pytest.approx(0.5) and flux_mu(4096) == pytest.approx(1.15)
 
 
+def test_timestep_samplers_follow_their_formulas_and_stay_inside_the_open_interval():
+    n = 200_000
+
+    def draw(method, seq_len=1024):
+        return sample_times(n, torch.Generator().manual_seed(3), method, seq_len)
+
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    logit_normal = torch.sigmoid(torch.randn(n, generator=torch.Generator().manual_seed(3)))
+    lo, hi = 1e-4, 1 - 1e-4
+    assert torch.equal(draw("linear"), u.clamp(lo, hi))
+    assert torch.allclose(draw("shift"), (3 * u / (1 + 2 * u)).clamp(lo, hi))
+    assert torch.allclose(draw("sigmoid"), logit_normal.clamp(lo, hi))
+    for seq_len in (256, 1024, 4096):
+        em = math.exp(flux_mu(seq_len))
+        assert torch.allclose(draw("flux_shift", seq_len), (em / (em + (1 / logit_normal - 1))).clamp(lo, hi))
+    assert draw("flux_shift", 4096).mean() > draw("flux_shift", 256).mean() + 0.05, "more tokens, more noise"
+    assert torch.equal(draw("anything else"), draw("sigmoid")), "the default is logit-normal"
+    linear = draw("linear")  # 200k uniform draws reach both clamped ends
+    assert float(linear.min()) == pytest.approx(lo, rel=1e-3) and float(linear.max()) == pytest.approx(hi, rel=1e-6)
+    assert flux_mu(2176) == pytest.approx(0.825)
+
+
 def test_captions_get_the_trigger_word():
     cfg = TrainConfig(trigger_word="TOK")
     assert cfg.caption("a photo of [trigger] on grass") == "a photo of TOK on grass"
@@ -136,6 +159,20 @@ def test_lr_schedules():
     assert lr_lambda("linear", 0, 10)(10) == 0.0 and lr_lambda("cosine", 0, 10)(5) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_decaying_schedules_warm_up_then_decay_to_zero_and_stay_there(kind):
+    f = lr_lambda(kind, 2, 10)  # warm-up over steps 0-1, then decay over the 8 steps after it
+    assert [f(s) for s in (0, 1, 2, 6, 10, 14)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert f(4) == pytest.approx(0.75 if kind == "linear" else 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_lambda(kind, 10, 10)(11) == 0.0, "warm-up as long as the run: decay in one step"
+    assert lr_lambda(kind, 0, 10)(0) == 1.0
+
+
+def test_constant_schedule_ignores_the_warm_up_and_constant_with_warmup_does_not():
+    assert [lr_lambda("constant", 4, 10)(s) for s in (0, 2, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_lambda("constant_with_warmup", 4, 10)(s) for s in (0, 2, 30)] == [0.25, 0.75, 1.0]
+
+
 def test_ema_warms_up_then_uses_the_decay():
     p = torch.zeros(3)
     ema = EMA({"p": p}, decay=0.99)
@@ -145,6 +182,25 @@ def test_ema_warms_up_then_uses_the_decay():
     for _ in range(2000):
         ema.update({"p": p})
     assert float(ema.shadow["p"][0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ema_decay_schedule_step_by_step_and_after_a_reload():
+    p = torch.ones(2)
+    ema = EMA({"p": p}, decay=0.15)
+    assert ema.shadow["p"] is not p and ema.updates == 0
+    expected = 1.0
+    for n, target in enumerate((3.0, -1.0, 2.0)):
+        p.fill_(target)
+        ema.update({"p": p})
+        d = min(0.15, (1 + n) / (10 + n))  # 0.1, then the decay 0.15 from the second update on
+        expected = expected * d + target * (1 - d)
+        assert float(ema.shadow["p"][0]) == pytest.approx(expected)
+    assert ema.updates == 3
+    other = EMA({"p": torch.zeros(2)}, decay=0.5)
+    other.load({"p": torch.full((2,), 4.0)}, updates=7)
+    assert other.updates == 7 and torch.equal(other.shadow["p"], torch.full((2,), 4.0))
+    other.update({"p": torch.zeros(2)})  # decay min(0.5, 8/17)
+    assert float(other.shadow["p"][1]) == pytest.approx(4.0 * 8 / 17)
 
 
 def test_checkpoints_are_complete_pruned_and_restore_rng(tmp_path):

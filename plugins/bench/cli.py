@@ -50,6 +50,9 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    help="N workers: data-parallel images/s, DDP step time at N x the global batch and context-"
                         "parallel latency, each beside one process in the same run (CPU processes with gloo where "
                         "there is no GPU)")
+    p.add_argument("--cp-variants", default="", help="with --gpus: context-parallel variants to time, comma-"
+                   "separated (default: one-eager, one-compiled, ulysses-eager, ulysses-compiled, allgather-compiled, "
+                   "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole)")
     p.add_argument("--e2e", action="store_true", help="end to end instead: fresh processes of `fluxkiln run` "
                    "(load_model -> 3 images -> save) and of stock diffusers on a saved random-weight model folder, "
                    "compile cache cold and warm (default --out bench-e2e.json)")

@@ -11,10 +11,9 @@ barrier, then all N run the parallel version.
 - DDP: LoRA training steps with the trainer's own loss and gradient sum
   (``flow_loss`` on this rank's slice, ``DataParallel.sync``): one process at
   batch B vs N processes at the global batch N × B.
-- context parallel: one image's latency with diffusers' stock
-  ``ContextParallelConfig(ulysses_degree=N)`` vs one process.  diffusers builds
-  its device mesh on an accelerator, so on CPU this part records why it was
-  skipped.
+- context parallel: one image's latency on one GPU vs split over N, for
+  fluxkiln's own context parallelism and diffusers' stock Ulysses, eager and
+  compiled, side by side (:mod:`.cp_latency`).
 
 Results go to JSON (``--out``, default ``bench-gpus.json``) like the rest of the bench.
 """
@@ -44,6 +43,9 @@ def main_many(args: argparse.Namespace, argv: list[str]) -> int:
         from fluxkiln.engine.launch import launch_workers
 
         return launch_workers(args.gpus, ["bench", *argv])
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # workers start with it blocked (see launch)
     world = distributed.init()
     try:
         results = Many(args, world).run()
@@ -174,17 +176,22 @@ class Many:
                 "ratio": _r(many_step / one_step) if one_step else None}
 
     def context_parallel(self) -> dict[str, Any]:
-        if self.device != "cuda":
-            return {"skipped": "diffusers' context parallelism builds its device mesh on an accelerator: "
-                               "it needs CUDA GPUs"}
-        one = self._alone(lambda: self._images(1, 0))
-        from fluxkiln.plugins.flux import parallel
+        from .cp_latency import CpLatency
 
-        parallel.enable(self.pipe, self.world.size)
-        self._images(1, 0)  # warm-up with the all-to-alls
-        many = self._together(lambda: self._images(1, 0))
-        return {"stock": {"ulysses_degree": self.world.size, "one_s": _r(one), "many_s": _r(many),
-                          "ratio": _r(many / one) if one else None}}
+        return CpLatency(self, cp_variants(self.args, self.device)).run()
+
+
+def cp_variants(args: argparse.Namespace, device: str) -> list[str]:
+    """The context-parallel variants to time, in the order they must run (diffusers' last: it stays on)."""
+    from .cp_latency import CPU_VARIANTS, EXTRA_VARIANTS, VARIANTS
+
+    known = VARIANTS + EXTRA_VARIANTS
+    wanted = [v for v in (getattr(args, "cp_variants", None) or "").split(",") if v] or \
+        list(VARIANTS if device == "cuda" else CPU_VARIANTS)
+    bad = [v for v in wanted if v not in known]
+    if bad:
+        raise SystemExit(f"fluxkiln bench: unknown --cp-variants {', '.join(bad)}; choose from {', '.join(known)}")
+    return sorted(dict.fromkeys(wanted), key=lambda v: (v.startswith("diffusers-"), known.index(v)))
 
 
 def _r(x: float | None) -> float | None:
@@ -197,7 +204,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if want is None or results["device"] != "cuda":
         return []
     got = {"dp_speedup": results["data_parallel"].get("speedup"), "ddp_ratio": results["ddp"].get("ratio"),
-           "cp_ratio": (results["context_parallel"].get("stock") or {}).get("ratio")}
+           "cp_ratio": (results["context_parallel"].get("best") or {}).get("ratio")}
     rows = []
     for name, goal in want.items():
         value = got[name]
@@ -213,10 +220,15 @@ def render(results: dict[str, Any]) -> str:
              f"{dp['many_images_per_s']} img/s on {results['gpus']}: {dp['speedup']}x",
              f"  DDP: {ddp['one_step_s']} s/step at batch {ddp['per_process_batch']} on 1, {ddp['many_step_s']} s/step "
              f"at global batch {ddp['global_batch']}: {ddp['ratio']}x"]
-    if "skipped" in cp:
-        lines.append(f"  context parallel: skipped ({cp['skipped']})")
-    else:
-        s = cp["stock"]
-        lines.append(f"  context parallel (diffusers, ulysses {s['ulysses_degree']}): {s['one_s']} s on 1, "
-                     f"{s['many_s']} s on {results['gpus']}: {s['ratio']}x")
+    lines.append(f"  context parallel ({cp['what']}):")
+    for name, v in cp["variants"].items():
+        if "skipped" in v:
+            lines.append(f"    {name:<20} skipped ({v['skipped']})")
+            continue
+        ratio = f"  {v['ratio']}x of one GPU" if v.get("ratio") is not None else ""
+        diff = f"  max rel. diff {v['max_rel_diff']}" if v.get("max_rel_diff") is not None else ""
+        lines.append(f"    {name:<20} {v['s']} s (first {v['first_s']} s){ratio}{diff}")
+    if cp.get("best"):
+        b = cp["best"]
+        lines.append(f"    best split: {b['variant']} {b['s']} s vs one GPU's fastest {b['one_s']} s: {b['ratio']}x")
     return "\n".join(lines)

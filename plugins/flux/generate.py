@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fluxkiln.engine import RunContext
+from fluxkiln.engine import Cancelled, RunContext, distributed
 
 from . import fast
 from .stepcache import step_cache
@@ -76,8 +76,14 @@ class _Progress:
 
     def callback(self) -> Any:
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            from . import parallel
+
             self.ctx.progress(self.done + step + 1, self.total)
-            self.ctx.check_cancelled()
+            if parallel.every_rank_works(pipe):  # context parallel: the ranks stop at the same step or not at all
+                if distributed.any_rank(self.ctx.cancelled):
+                    raise Cancelled(f"node '{self.ctx.node}' cancelled")
+            else:
+                self.ctx.check_cancelled()
             return {}
         return on_step_end
 

@@ -359,8 +359,12 @@ def load_model(
                                          "this model uses instead of loading its own (one copy in memory; "
                                          "FLUX.1 dev and schnell have the same ones)")] = None,
     context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
-                                           "(diffusers' Ulysses context parallelism, for one image's latency); "
-                                           "needs as many processes (--gpus N) and CUDA; 1 = off")] = 1,
+                                           "(context parallelism, for one image's latency); needs as many "
+                                           "processes (--gpus N); 1 = off")] = 1,
+    context_parallel_mode: Annotated[Literal["auto", "ulysses", "allgather", "diffusers"], Field(
+        description="how the ranks exchange tokens in attention: auto = ulysses when the attention heads (24) "
+                    "divide by context_parallel, else allgather (fluxkiln's own, compile-friendly, also on CPU); "
+                    "diffusers = diffusers' stock Ulysses (CUDA only, the baseline)")] = "auto",
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.
 
@@ -381,7 +385,7 @@ def load_model(
     if quantize == "fp8" and offload == "sequential":
         raise NodeError('quantize = "fp8" does not combine with offload = "sequential"', key="quantize",
                         hint='use offload = "model" with fp8 (fp8 already halves the transformer\'s memory)')
-    parallel.check(context_parallel, device)
+    parallel.check(context_parallel, device, context_parallel_mode)
     src = resolve_source(model, ctx, download=download)
     if src.kind == "single_file":
         if src.path.suffix.lower() in PICKLE_SUFFIXES:
@@ -401,10 +405,11 @@ def load_model(
             raise NodeError(f"`share` needs a FLUX model, got a '{share.kind}' model", key="share")
         key += f"|share={share.key}"
     if context_parallel > 1:
-        key += f"|cp{context_parallel}"
+        key += f"|cp{context_parallel}-{context_parallel_mode}"
 
     def loader() -> Any:
-        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel)
+        return parallel.enable(build_pipeline(src, dtype, device, offload, quantize, share), context_parallel,
+                               context_parallel_mode)
 
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
@@ -414,6 +419,10 @@ def load_model(
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path),
                 "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
                 "offload": offload, "quantize": quantize, "device": device, "context_parallel": context_parallel}
+    if context_parallel > 1:
+        out.info["context_parallel_mode"] = getattr(pipe, "_fluxkiln_context_parallel_mode", context_parallel_mode)
+        ctx.log(f"context parallel: each image's tokens split over {context_parallel} ranks "
+                f"({out.info['context_parallel_mode']} attention)")
     if src.base:
         out.info["base"] = str(src.base)
     if share is not None:

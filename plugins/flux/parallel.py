@@ -1,12 +1,14 @@
-"""Context parallelism: the tokens of one image split over several GPUs with diffusers' Ulysses attention.
+"""Context parallelism for ``load_model``: the tokens of one image split over several processes.
 
 ``load_model``'s ``context_parallel = N`` turns it on for a run of N processes
 (``fluxkiln run --gpus N``): every rank holds the whole transformer and
-computes its 1/N of the image's tokens; attention exchanges heads and tokens
-with all-to-alls (diffusers' ``ContextParallelConfig(ulysses_degree=N)``).
+computes 1/N of the image's tokens.  ``context_parallel_mode`` picks how
+attention reaches the other ranks' tokens: fluxkiln's own compile-friendly
+path (:mod:`.context`: ``ulysses``, ``allgather``, or ``auto`` choosing by
+head count; runs on CPU with gloo too), or ``diffusers`` — diffusers' stock
+``ContextParallelConfig(ulysses_degree=N)``, kept as the baseline (CUDA only).
 Every rank then makes the same images, so ``sample`` does not split them
-across ranks.  diffusers builds the device mesh on an accelerator, so this
-needs CUDA GPUs; on CPU the setting is refused before anything loads.
+across ranks, and the ranks agree on a cancel at every step.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 from fluxkiln.engine import NodeError, distributed
 
 
-def check(degree: int, device: str) -> None:
-    """Refuse a context-parallel degree this run cannot use (wrong number of processes, no GPU)."""
+def check(degree: int, device: str, mode: str = "auto") -> None:
+    """Refuse a context-parallel degree this run cannot use (wrong number of processes, no GPU for diffusers')."""
     if degree == 1:
         return
     size = distributed.current().size
@@ -25,20 +27,35 @@ def check(degree: int, device: str) -> None:
         raise NodeError(f"context_parallel = {degree} needs {degree} processes, one per GPU; this run has {size}",
                         key="context_parallel", hint=f"run with fluxkiln run RECIPE --gpus {degree} (or torchrun "
                         f"--nproc-per-node {degree} -m fluxkiln run RECIPE), or set context_parallel = 1")
-    if device != "cuda":
-        raise NodeError(f"context_parallel = {degree} needs CUDA GPUs: diffusers' context parallelism runs on an "
-                        "accelerator, and this machine has none", key="context_parallel",
-                        hint="use context_parallel = 1 on CPU (several CPU processes still split a sample's images)")
+    if mode == "diffusers" and device != "cuda":
+        raise NodeError(f"context_parallel_mode = \"diffusers\" needs CUDA GPUs: diffusers' context parallelism "
+                        "runs on an accelerator, and this machine has none", key="context_parallel_mode",
+                        hint='use context_parallel_mode = "auto" (fluxkiln\'s own, which also runs on CPU)')
 
 
-def enable(pipe: Any, degree: int) -> Any:
-    """Split the transformer's attention over ``degree`` ranks (diffusers' Ulysses context parallelism)."""
+def enable(pipe: Any, degree: int, mode: str = "auto") -> Any:
+    """Split the transformer's tokens over ``degree`` ranks (see the module doc for ``mode``)."""
     if degree > 1:
-        from diffusers import ContextParallelConfig
+        if mode == "diffusers":
+            from diffusers import ContextParallelConfig
 
-        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+            chosen = "diffusers"
+        else:
+            from . import context
+
+            try:
+                chosen = context.enable(pipe.transformer, degree, mode).mode
+            except ValueError as exc:
+                raise NodeError(str(exc), key="context_parallel_mode") from exc
         pipe._fluxkiln_context_parallel = degree
+        pipe._fluxkiln_context_parallel_mode = chosen
     return pipe
+
+
+def every_rank_works(pipe: Any) -> bool:
+    """True when every rank takes part in each image (context parallel): collectives at every step."""
+    return int(getattr(pipe, "_fluxkiln_context_parallel", 1)) > 1 and distributed.current().many
 
 
 def splits_images(model: Any) -> bool:

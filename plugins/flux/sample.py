@@ -168,6 +168,7 @@ def scaled_adapters(adapters: list[dict[str, Any]], lora_scale: float | None) ->
 
 
 @distributed.parallel
+@distributed.whole_cells(lambda inputs: parallel.splits_images(inputs["model"]))  # a sweep: one rank per cell
 @node("sample", version="2", volatile=_volatile, category="flux")
 def sample(
     ctx: RunContext,

@@ -123,7 +123,12 @@ class Trainer:
                                    self.state_dir / "latents")
         self.texts = TextStore(pipe, self.device, cfg.max_sequence_length, cfg.cache_text_embeddings)
         ctx.progress(0, cfg.steps, message=f"caching {len(self.samples_list)} latents and text embeddings")
-        self.latents.warm(self.samples_list, on_each=lambda i, n: ctx.check_cancelled())
+        if self.dp.size == 1:
+            self.latents.warm(self.samples_list, on_each=lambda i, n: ctx.check_cancelled())
+        else:  # several ranks stop together or not at all: a rank leaving alone would strand the others
+            self.latents.warm(self.samples_list)
+            if self.dp.agree_stop(ctx.cancelled):
+                raise Cancelled(f"node '{ctx.node}' cancelled")
         self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
         self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
         gpu.transformer_on(pipe, self.device)

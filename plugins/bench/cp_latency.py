@@ -1,0 +1,148 @@
+"""Context-parallel latency for ``fluxkiln bench --gpus N``: one image on one GPU vs split over N, side by side.
+
+One call measures every variant on the same machine, so the numbers decide
+which to use: one GPU (rank 0 alone, the others waiting) eager and with the
+project's lossless fast path (regionally compiled blocks), then fluxkiln's own
+context parallelism (:mod:`fluxkiln.plugins.flux.context`: ``ulysses`` and
+``allgather``) and diffusers' stock Ulysses (``diffusers``, last: it cannot be
+switched off again), each eager and compiled.  What is timed is the
+transformer's work for one image: the pipeline's denoising loop
+(``output_type="latent"``) with the prompt embeddings given, as the stock
+numbers were taken.  Each variant's latents are compared with one GPU's
+(``max_rel_diff``): context parallelism is lossless up to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "allgather-compiled",
+            "diffusers-eager", "diffusers-compiled")
+EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole")  # on request: --cp-variants
+CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "diffusers-eager")
+
+
+class CpLatency:
+    """The context-parallel measurements of one bench run (every rank runs this; rank 0 keeps the numbers)."""
+
+    def __init__(self, many: Any, variants: list[str]) -> None:
+        self.m, self.pipe, self.world = many, many.pipe, many.world
+        self.cuda = many.device == "cuda"
+        self.variants = variants
+        self.reference: Any = None
+
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            embeds = self.pipe.encode_prompt(prompt="a lighthouse on a cliff at dusk", prompt_2=None,
+                                             max_sequence_length=512 if not self.m.tiny else 32)[:2]
+        # rank 0's embeddings everywhere: split ranks must see one prompt (an encoder left in training mode,
+        # e.g. with dropout, would give each rank its own)
+        self.embeds = [t.contiguous() for t in embeds]
+        for t in self.embeds:
+            dist.broadcast(t, src=0)
+        out: dict[str, Any] = {
+            "what": f"one image's denoising loop: {self.m.steps} steps at {self.m.size}x{self.m.size}, prompt "
+                    "embeddings given, no VAE decode (the transformer's work)",
+            "size": self.m.size, "steps": self.m.steps, "ranks": self.world.size, "variants": {}}
+        for name in self.variants:
+            out["variants"][name] = self._variant(name)
+        out.update(summary(out["variants"]))
+        return out
+
+    # ------------------------------------------------------------------ one variant
+    def _variant(self, name: str) -> dict[str, Any]:
+        kind, how = name.split("-", 1)
+        if not self.cuda and how != "eager":
+            return {"skipped": "compiled variants are measured on CUDA GPUs only"}
+        if not self.cuda and kind == "diffusers":
+            return {"skipped": "diffusers' context parallelism builds its device mesh on an accelerator: it needs "
+                               "CUDA GPUs"}
+        if kind == "diffusers" and getattr(self.pipe, "_fluxkiln_context_parallel_mode", None) != "diffusers":
+            from fluxkiln.plugins.flux import parallel
+
+            parallel.enable(self.pipe, self.world.size, "diffusers")  # for good: measured last
+        off = self._switch_on(kind)
+        try:
+            self._compile(how)
+            run = self.m._alone if kind == "one" else self.m._together
+            latents: list[Any] = []
+            warm = run(lambda: latents.append(self._image()))  # compiles where compiled
+            timed = run(lambda: latents.append(self._image()))
+        finally:
+            self._compile("eager")
+            off()
+        res: dict[str, Any] = {"s": _r(timed), "first_s": _r(warm)}
+        if self.world.owner and latents:
+            if name == "one-eager" or self.reference is None:
+                self.reference = latents[-1].float()
+            res["max_rel_diff"] = float(f"{_rel_diff(latents[-1].float(), self.reference):.3g}")
+        return res
+
+    def _switch_on(self, kind: str) -> Callable[[], None]:
+        if kind not in ("ulysses", "allgather"):
+            return lambda: None
+        from fluxkiln.plugins.flux import context
+
+        context.enable(self.pipe.transformer, self.world.size, kind)
+        return lambda: context.disable(self.pipe.transformer)
+
+    def _compile(self, how: str) -> None:
+        import torch
+
+        from fluxkiln.plugins.flux import fast
+
+        tr = self.pipe.transformer
+        fast.uncompile_blocks(tr)
+        if getattr(tr, "_compiled_call_impl", None) is not None:
+            tr._compiled_call_impl = None
+        torch._dynamo.reset()
+        if how == "compiled":
+            fast.compile_blocks(tr)
+        elif how == "whole":  # the whole transformer as one graph per rank (hooks and collectives inside)
+            fast.setup_compile_cache()
+            tr.compile(dynamic=False)
+
+    def _image(self) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.pipe(prompt_embeds=self.embeds[0], pooled_prompt_embeds=self.embeds[1], width=self.m.size,
+                             height=self.m.size, num_inference_steps=self.m.steps, guidance_scale=3.5,
+                             generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+
+
+def _rel_diff(a: Any, b: Any) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def summary(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each variant's ratio to one GPU in the same mode, and the best split one against one GPU's fastest."""
+    def secs(name: str) -> float | None:
+        return variants.get(name, {}).get("s")
+
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        kind, how = name.split("-", 1)
+        base = secs(f"one-{'compiled' if how == 'whole' else how}")
+        if kind != "one" and v.get("s") and base:
+            v["ratio"] = _r(v["s"] / base, 3)
+    one = min((s for n in ("one-eager", "one-compiled") if (s := secs(n))), default=None)
+    split = [(v["s"], n) for n, v in variants.items() if not n.startswith("one-") and v.get("s")]
+    if one and split:
+        s, name = min(split)
+        out["best"] = {"variant": name, "s": s, "one_s": one, "ratio": _r(s / one, 3)}
+    stock = [(v["s"], n) for n, v in variants.items() if n.startswith("diffusers-") and v.get("s")]
+    if one and stock:
+        s, name = min(stock)
+        out["stock_best"] = {"variant": name, "s": s, "one_s": one, "ratio": _r(s / one, 3)}
+    return out

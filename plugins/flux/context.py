@@ -1,0 +1,214 @@
+"""fluxkiln's own context parallelism for the FLUX transformer: one image's tokens split over N ranks.
+
+Every rank holds the whole transformer and computes 1/N of the tokens — of the
+image tokens *and* of the text tokens, so nothing is computed twice.  A
+forward pre-hook cuts the transformer's inputs (``hidden_states``, ``img_ids``,
+``encoder_hidden_states``, ``txt_ids``) into contiguous shares; rotary
+embeddings follow from the ids, so every token keeps its own position.  Only
+attention needs the other ranks' tokens; :class:`ContextAttnProcessor` (the
+stock FLUX processor with the attention call replaced) exchanges them with
+functional collectives (``torch.distributed._functional_collectives``), which
+``torch.compile`` traces into the graph instead of breaking it:
+
+- ``ulysses`` (heads divisible by N): ONE all-to-all of the stacked q, k, v
+  turns "my tokens, all heads" into "all tokens, my heads"; plain SDPA (the
+  fast flash / cuDNN kernels, no log-sum-exp needed); one all-to-all back.
+- ``allgather`` (any head count): the ranks all-gather k and v once and
+  attend with their own queries (ring attention's result in one exchange).
+
+The order of the gathered keys differs from one process's (rank-major), which
+attention does not see: the output equals one GPU's within float rounding.  A
+forward hook all-gathers the output tokens at the end.  Inputs whose token
+counts do not divide by N run unsplit on every rank (no exchange), so the
+result is always right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("auto", "ulysses", "allgather")
+
+
+@dataclass
+class Split:
+    """The state one transformer shares with its attention processors."""
+
+    degree: int
+    rank: int
+    mode: str  # ulysses | allgather
+    group: Any = None
+    active: bool = False  # True while a forward runs split (its token counts divide by the degree)
+    handles: list[Any] = field(default_factory=list)
+    saved_processors: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_mode(mode: str, heads: int, degree: int) -> str:
+    """``auto``: Ulysses when the heads divide by the degree (fewest bytes moved), else all-gather of k/v."""
+    if mode not in MODES:
+        raise ValueError(f"unknown context-parallel mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "auto":
+        return "ulysses" if heads % degree == 0 else "allgather"
+    if mode == "ulysses" and heads % degree:
+        raise ValueError(f"ulysses needs the {heads} attention heads to divide by {degree} ranks; "
+                         "use allgather (or auto)")
+    return mode
+
+
+def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None) -> Split:
+    """Split ``transformer`` (a diffusers FluxTransformer2DModel) over ``degree`` ranks of ``group`` (default: all)."""
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    heads = int(transformer.config.num_attention_heads)
+    state = Split(degree, dist.get_rank(group), choose_mode(mode, heads, degree), group)
+    state.saved_processors = dict(transformer.attn_processors)
+    transformer.set_attn_processor(ContextAttnProcessor(state))
+    state.handles = [transformer.register_forward_pre_hook(_splitter(state), with_kwargs=True),
+                     transformer.register_forward_hook(_gatherer(state), with_kwargs=True)]
+    transformer._fluxkiln_context = state
+    return state
+
+
+def disable(transformer: Any) -> None:
+    """Undo :func:`enable`: the stock processors back, the hooks gone."""
+    state = getattr(transformer, "_fluxkiln_context", None)
+    if state is None:
+        return
+    for h in state.handles:
+        h.remove()
+    transformer.set_attn_processor(state.saved_processors)
+    del transformer._fluxkiln_context
+
+
+# ------------------------------------------------------------------ splitting the inputs, gathering the output
+def _share(x: Any, dim: int, state: Split) -> Any:
+    n = x.shape[dim] // state.degree
+    return x.narrow(dim, state.rank * n, n)
+
+
+def _ids(x: Any) -> Any:
+    return x[0] if x is not None and x.ndim == 3 else x
+
+
+def _splitter(state: Split) -> Any:
+    def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kw = dict(kwargs)
+        if args:  # the pipelines call with keywords; a positional hidden_states is accepted too
+            kw["hidden_states"], args = args[0], args[1:]
+        img, txt = kw["hidden_states"], kw.get("encoder_hidden_states")
+        img_ids, txt_ids = _ids(kw.get("img_ids")), _ids(kw.get("txt_ids"))
+        state.active = (txt is not None and img_ids is not None and txt_ids is not None
+                        and img.shape[1] % state.degree == 0 and txt.shape[1] % state.degree == 0)
+        if state.active:
+            kw.update(hidden_states=_share(img, 1, state), encoder_hidden_states=_share(txt, 1, state),
+                      img_ids=_share(img_ids, 0, state), txt_ids=_share(txt_ids, 0, state))
+        return args, kw
+    return pre
+
+
+def _gatherer(state: Split) -> Any:
+    def post(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        if not state.active:
+            return output
+        state.active = False
+        if isinstance(output, tuple):
+            return (_gather_tokens(output[0], state), *output[1:])
+        output.sample = _gather_tokens(output.sample, state)
+        return output
+    return post
+
+
+def _all_gather(x: Any, dim: int, state: Split) -> Any:
+    import torch.distributed._functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.12
+    return _waited(gather(x.contiguous(), gather_dim=dim, group=state.group))
+
+
+def _gather_tokens(x: Any, state: Split) -> Any:
+    return _all_gather(x, 1, state)
+
+
+def _waited(x: Any) -> Any:
+    import torch.distributed._functional_collectives as funcol
+
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
+# ------------------------------------------------------------------ attention across ranks
+def attention(q: Any, k: Any, v: Any, state: Split) -> Any:
+    """Attention of this rank's queries over every rank's keys; (B, S_local, H, D) in, the same shape out."""
+    import torch.nn.functional as F
+
+    if not state.active:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if state.mode == "ulysses":
+        return _ulysses(q, k, v, state)
+    return _allgather(q, k, v, state)
+
+
+def _ulysses(q: Any, k: Any, v: Any, state: Split) -> Any:
+    import torch
+    import torch.distributed._functional_collectives as funcol
+    import torch.nn.functional as F
+
+    n = state.degree
+    b, s, h, d = q.shape
+    # (3, B, S, H, D) -> (N head groups, 3, B, S, H/N, D): group g goes to rank g
+    x = torch.stack([q, k, v]).view(3, b, s, n, h // n, d).permute(3, 0, 1, 2, 4, 5).contiguous()
+    y = _waited(funcol.all_to_all_single(x, None, None, state.group))
+    # now dim 0 is the rank the tokens came from: (N, 3, B, S, H/N, D) -> 3 x (B, H/N, N*S, D)
+    y = y.view(n, 3, b, s, h // n, d).permute(1, 2, 4, 0, 3, 5).reshape(3, b, h // n, n * s, d)
+    out = F.scaled_dot_product_attention(y[0], y[1], y[2])  # (B, H/N, N*S, D)
+    # back: the tokens of rank r go home to rank r, with this rank's heads
+    o = out.view(b, h // n, n, s, d).permute(2, 0, 3, 1, 4).contiguous()  # (N, B, S, H/N, D)
+    o = _waited(funcol.all_to_all_single(o, None, None, state.group))
+    return o.view(n, b, s, h // n, d).permute(1, 2, 0, 3, 4).reshape(b, s, h, d)
+
+
+def _allgather(q: Any, k: Any, v: Any, state: Split) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    n = state.degree
+    b, s, h, d = k.shape
+    kv = _all_gather(torch.stack([k, v]), 0, state)
+    kv = kv.view(n, 2, b, s, h, d).permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, n * s, d)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
+    return out.transpose(1, 2)
+
+
+class ContextAttnProcessor:
+    """diffusers' FLUX attention processor with the attention over every rank's tokens (see module doc)."""
+
+    def __init__(self, state: Split) -> None:
+        self.state = state
+
+    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
+                 image_rotary_emb: Any = None) -> Any:
+        import torch
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise ValueError("context parallel attention takes no attention mask")
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            query = torch.cat([attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+            value = torch.cat([ev.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = attention(query, key, value, self.state).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] -
+                                            encoder_hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())

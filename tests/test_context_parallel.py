@@ -1,0 +1,155 @@
+"""fluxkiln's context parallelism on CPU with gloo: two processes split one forward's tokens and get one process's
+output (Ulysses and all-gather attention, an odd token count that cannot split, the hooks removed again)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from fluxkiln.plugins.flux import context  # noqa: E402
+
+
+def _transformer(heads: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6]).eval()
+
+
+def _inputs(img_tokens: int, txt_tokens: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    side = int(img_tokens ** 0.5)
+    ids = torch.zeros(side, img_tokens // side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(img_tokens // side)[None, :]
+    return dict(hidden_states=torch.randn(1, img_tokens, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, txt_tokens, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
+                guidance=torch.tensor([3.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(txt_tokens, 3),
+                return_dict=False)
+
+
+def _worker(rank: int, port: int, cases: list, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for name, heads, mode, img, txt in cases:
+            model = _transformer(heads)
+            with torch.no_grad():
+                alone = model(**_inputs(img, txt))[0]
+                state = context.enable(model, 2, mode)
+                split = model(**_inputs(img, txt))[0]
+                context.disable(model)
+                again = model(**_inputs(img, txt))[0]
+            if rank == 0:
+                out[name] = (state.mode, float((split - alone).abs().max()), float(alone.abs().max()),
+                             tuple(split.shape), bool(torch.equal(again, alone)),
+                             type(model.attn_processors[next(iter(model.attn_processors))]).__name__)
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [("ulysses", 2, "auto", 64, 8), ("allgather", 3, "auto", 64, 8), ("forced-allgather", 2, "allgather", 64, 8),
+         ("odd", 2, "auto", 63, 8)]
+
+
+@pytest.fixture(scope="module")
+def results():
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(port, CASES, out), nprocs=2, join=True)
+        return dict(out)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+@pytest.mark.parametrize(("case", "mode"), [("ulysses", "ulysses"), ("allgather", "allgather"),
+                                            ("forced-allgather", "allgather"), ("odd", "ulysses")])
+def test_two_ranks_make_one_process_output(results, case, mode):
+    chosen, diff, scale, shape, restored, processor = results[case]
+    assert chosen == mode  # auto: Ulysses when the heads divide by the ranks, else all-gather of k and v
+    assert shape[1] == (63 if case == "odd" else 64)  # every token back, in order, on every rank
+    assert scale > 0.1 and diff <= 1e-5 * max(1.0, scale), (case, diff)
+    assert restored and processor == "FluxAttnProcessor"  # disable() gives the stock model back exactly
+
+
+def test_ulysses_refuses_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="divide by 2 ranks"):
+        context.choose_mode("ulysses", 3, 2)
+    assert context.choose_mode("auto", 24, 4) == "ulysses" and context.choose_mode("auto", 24, 5) == "allgather"
+
+
+CP_RECIPE = """
+[recipe]
+name = "cp"
+
+[nodes.base]
+type = "load_model"
+model = "builtin:tiny-flux"
+context_parallel = 2
+
+[nodes.images]
+type = "sample"
+model = "@base"
+prompt = "a red fox"
+num_inference_steps = 3
+aspect_ratio = "custom"
+width = 256
+height = 256
+seed = 5
+
+[nodes.saved]
+type = "save"
+images = "@images"
+output_format = "png"
+"""
+
+
+def _run(tmp_path, name: str, *extra: str):
+    import subprocess
+    from pathlib import Path
+
+    builtin = Path(os.environ["FLUXKILN_CACHE"]) / "builtin"
+    builtin.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path / f"cache-{name}"
+    cache.mkdir()
+    (cache / "builtin").symlink_to(builtin, target_is_directory=True)
+    recipe = tmp_path / "cp.toml"
+    recipe.write_text(CP_RECIPE)
+    done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--output",
+                           str(tmp_path / name), "--json", *extra], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, sorted((tmp_path / name).glob("saved_*.png"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+def test_context_parallel_through_the_cli_makes_the_one_process_image(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    two, [split] = _run(tmp_path, "two", "--gpus", "2")
+    _one, [alone] = _run(tmp_path, "one", "--set", "nodes.base.context_parallel=1")
+    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (split, alone))
+    assert a.std() > 10 and abs(a - b).max() <= 2  # float rounding of a differently ordered attention sum
+    logs = [json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")]
+    assert not any("item(s) over 2 ranks" in e.get("message", "") for e in logs)  # one image, made by both ranks
+    assert any(e.get("message") == "context parallel: each image's tokens split over 2 ranks (ulysses attention)"
+               for e in logs)
