@@ -62,6 +62,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("sample", "seed"): Check(1, 2),
     ("sample", "image"): Check(None, "in.png", {"prompt_strength": 0.5}),
     ("sample", "prompt_strength"): Check(0.3, 0.9, {"image": "in.png"}),
+    ("sample", "cache_threshold"): Check(0.0, 0.9),  # 0.9 reuses the cached blocks on later steps: other pixels
     ("sample", "lora_scale"): Check(None, 0.5),  # no LoRA here: recorded and warned about (pixels: test_generation)
     # save
     ("save", "output_format"): Check("png", "jpg"),
