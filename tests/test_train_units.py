@@ -233,3 +233,21 @@ def test_loss_curve_png(tmp_path):
         assert len(im.convert("RGB").getcolors(maxcolors=100_000)) > 3
     loss_curve([], [], tmp_path / "empty.png")
     assert (tmp_path / "empty.png").is_file()
+
+
+def test_the_published_weights_are_the_ema_ones_when_ema_is_on_else_the_trained_ones():
+    from types import SimpleNamespace
+
+    from fluxkiln.plugins.train.loop import Trainer
+
+    name = "transformer_blocks.0.attn.to_q.lora_A.fluxkiln_train.weight"
+    trained = torch.full((2, 2), 3.0, dtype=torch.bfloat16)
+    ema = EMA({name: torch.zeros(2, 2)}, decay=0.5)
+    ema.update({name: trained})  # first update: decay 0.1 -> shadow 2.7
+    for owner, expected in ((SimpleNamespace(ema=ema, master={name: trained}), 2.7),
+                            (SimpleNamespace(ema=None, master={name: trained}), 3.0)):
+        out = Trainer.export_weights(owner)
+        assert list(out) == ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+        weight = out["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+        assert weight.dtype == torch.float32 and torch.allclose(weight, torch.full((2, 2), expected))
+    assert out["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"] is not trained  # a copy, not the live weight
