@@ -61,12 +61,28 @@ def route(args: argparse.Namespace, argv: list[str], command: Callable[[argparse
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while starting arrives now
     try:
         world = dist.init(timeout_s=7 * 24 * 3600.0 if args.command == "watch" else None)
-        return _own(args, command) if world.owner else _serve()
+        code = _own(args, command) if world.owner else _serve()
     except KeyboardInterrupt:  # a second Ctrl-C: abort now (the launcher stops the other ranks)
         _abort()
         raise
     finally:
         dist.shutdown()
+    _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End a worker process of a launched run now that its work is done and the process group is left,
+    without the interpreter's teardown: torch.distributed's C++ threads (gloo, the rendezvous store) racing
+    the static destructors there can abort the process ("terminate called without an active exception",
+    SIGABRT) after a run that ended well.  Not with W&B or coverage loaded: they write their data at exit."""
+    if any(name in sys.modules for name in ("wandb", "coverage")):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _own(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
