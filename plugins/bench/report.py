@@ -18,6 +18,8 @@ TARGETS = [
     ("engine overhead, schnell go_fast", "sample", "schnell-go_fast", "engine.overhead_run_pct", "-", 2.0),
 ]
 
+MET = {True: "yes", False: "NO", None: "n/a"}  # a target met, missed, or not judged (tiny/CPU runs)
+
 
 def _field(row: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
@@ -76,11 +78,9 @@ def render_table(results: dict[str, Any]) -> str:
     if results.get("targets"):
         lines += ["", f"{'target':<48}{'stock':>8}{'target':>9}{'measured':>10}  met"]
         for t in results["targets"]:
-            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-            lines.append(f"{t['work']:<48}{t['stock_here']:>8}{t['target']:>9}{_fmt(t['measured']):>10}  {met}")
-    for e in results.get("errors", []):
-        lines.append(f"error in {e['part']}: {e['error']}")
-    return "\n".join(lines)
+            lines.append(f"{t['work']:<48}{t['stock_here']:>8}{t['target']:>9}{_fmt(t['measured']):>10}  "
+                         f"{MET[t['met']]}")
+    return "\n".join(lines + _errors(results))
 
 
 def render_e2e(results: dict[str, Any]) -> str:
@@ -101,8 +101,10 @@ def render_e2e(results: dict[str, Any]) -> str:
     if e2e.get("targets"):
         lines += ["", f"{'target':<58}{'measured':>10}{'limit':>8}  met"]
         for t in e2e["targets"]:
-            met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {met}")
-    for e in results.get("errors", []):
-        lines.append(f"error in {e['part']}: {e['error']}")
-    return "\n".join(lines)
+            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {MET[t['met']]}")
+    return "\n".join(lines + _errors(results))
+
+
+def _errors(results: dict[str, Any]) -> list[str]:
+    """One line per part of the bench that failed."""
+    return [f"error in {e['part']}: {e['error']}" for e in results.get("errors", [])]
