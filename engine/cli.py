@@ -318,23 +318,17 @@ def fast_exit(code: int, argv: Sequence[str]) -> None:
     ``FLUXKILN_FAST_EXIT=0`` turns it off.  Returns when it does not apply."""
     import os
 
+    from .launch import exit_now, writes_at_exit
+
     if argv[:1] != ["run"] or "torch" not in sys.modules or "--gpus" in argv:
         return
-    if any(name in sys.modules for name in ("wandb", "coverage")):  # they write their data at exit
+    if writes_at_exit():
         return
     if os.environ.get("FLUXKILN_FAST_EXIT", "1").strip().lower() in ("0", "false", "no", "off"):
         return
     if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    exit_now(code)
 
 
 def entry() -> None:

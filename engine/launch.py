@@ -75,9 +75,22 @@ def _leave(code: int) -> None:
     """End a worker process of a launched run now that its work is done and the process group is left,
     without the interpreter's teardown: torch.distributed's C++ threads (gloo, the rendezvous store) racing
     the static destructors there can abort the process ("terminate called without an active exception",
-    SIGABRT) after a run that ended well.  Not with W&B or coverage loaded: they write their data at exit."""
-    if any(name in sys.modules for name in ("wandb", "coverage")):
-        return
+    SIGABRT) after a run that ended well."""
+    if not writes_at_exit():
+        exit_now(code)
+
+
+WRITES_AT_EXIT = ("wandb", "coverage")
+
+
+def writes_at_exit() -> bool:
+    """True when a loaded library writes its data in the interpreter's teardown (W&B, coverage)."""
+    return any(name in sys.modules for name in WRITES_AT_EXIT)
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` at once, without the interpreter's teardown: logging and the standard
+    streams are flushed first; ``atexit`` handlers do not run."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
@@ -100,9 +113,7 @@ def _own(args: argparse.Namespace, command: Callable[[argparse.Namespace], int])
 
 def _abort() -> None:
     """Leave at once with the interrupted exit code, without the collectives of a clean shutdown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    exit_now(130)
 
 
 def _serve() -> int:
