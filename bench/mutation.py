@@ -39,6 +39,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "mutation.json"
@@ -88,7 +89,8 @@ GROUPS = [
            "fluxkiln.plugins.flux.sample.x_scaled_adapters__*", "fluxkiln.plugins.flux.sample.x_check_variant__*",
            "fluxkiln.plugins.flux.sample.x_prompt_list__*", "fluxkiln.plugins.flux.sample.x__make__*"),
           ("tests/test_flux_sample.py", "tests/test_flux_units.py", "tests/test_params_reach_the_work.py",
-           "-k", "not every_aspect_ratio and (not test_two_values or (sample and not train_lora))")),
+           "tests/test_sample_contract.py", "-k",
+           "not every_aspect_ratio and (not test_two_values or (sample and not train_lora))")),
     Group("train", ("plugins/train/loop.py", "plugins/train/flow.py", "plugins/train/optim.py"),
           (f"{_TRAIN}loop.xǁTrainerǁexport_weights__*", f"{_TRAIN}flow.x_sample_times__*",
            f"{_TRAIN}flow.x_flux_mu__*", f"{_TRAIN}optim.x_lr_lambda__*", f"{_TRAIN}optim.xǁEMAǁupdate__*",
@@ -98,7 +100,8 @@ GROUPS = [
     # The training step (caption dropout, loss, clipping, optimizer, EMA): every mutant that a test does
     # not kill at once costs a full set of short training runs, so it is a group of its own.
     Group("train-step", ("plugins/train/loop.py",), (f"{_TRAIN}loop.xǁTrainerǁ_step__*",),
-          ("tests/test_train_lora.py", "tests/test_params_reach_the_work.py", "-k", "train_lora")),
+          ("tests/test_train_lora.py", "tests/test_params_reach_the_work.py", "tests/test_train_step_contract.py",
+           "-k", "train_lora or train_step_contract")),
 ]
 MODULES = [m for g in GROUPS for m in g.modules]
 
@@ -115,10 +118,32 @@ SKIPPED_OPERATORS = ("operator_string",)
 _LOOKUP_DROPS = "lookup() catches this ValueError and drops its message (the entry is a miss either way)"
 _JOINED_HAS_EVERY_PORT = ("output_types[node] is built from the same node type's outputs and `port` was "
                           "checked to be one of them, so the default is never used")
+_STEP_STRICT = "zip(batch, drop): `drop` is drawn with len(batch) values, so the lengths always match"
+_STEP_WHOLE_BATCH = ("with two or more ranks each would compute the loss of the whole global batch instead of its "
+                     "share, weighted by its share (0 for an idle rank), so the summed gradients and loss are the "
+                     "same (to rounding); only the work per rank grows, which a test cannot time reliably")
+_STEP_FOREACH = "foreach only picks clip_grad_norm_'s kernels (one fused call or a loop), not the arithmetic"
+_STEP_ZEROS = ("zero-filled gradients instead of None: the next backward reaches every LoRA weight and adds into "
+               "the zeros, and the gradient sync turns None into zeros anyway")
+_STEP_GLOBAL_RNG = ("the dropout draws from torch's global generator instead of the run's: adapter.attach seeds it "
+                    "with the run's seed and checkpoints save and restore it, so runs stay reproducible and resume "
+                    "bit for bit; only which stream the draws come from differs")
+_STEP_EQUIVALENT = {
+    5: _STEP_GLOBAL_RNG, 7: _STEP_GLOBAL_RNG,
+    8: "rand() < rate vs <= rate differs only for a draw of exactly 0.0 (probability 2**-24 per sample)",
+    14: _STEP_STRICT, 17: _STEP_STRICT, 18: _STEP_STRICT,
+    38: _STEP_WHOLE_BATCH, 47: _STEP_WHOLE_BATCH, 48: _STEP_WHOLE_BATCH, 51: _STEP_WHOLE_BATCH,
+    49: "one process: part is range(0, len(batch)), and slicing the whole batch changes nothing",
+    50: "one process: part is range(0, len(batch)), and slicing the whole batch changes nothing",
+    56: "share == 1 multiplies the loss by 1.0, which leaves it and its gradient bit for bit unchanged",
+    59: "share is len(part) / len(batch) <= 1, never 2",
+    96: _STEP_FOREACH, 99: _STEP_FOREACH, 100: _STEP_FOREACH,
+    102: _STEP_ZEROS, 103: _STEP_ZEROS,
+}
 EQUIVALENT: dict[str, str] = {
     f"{_ENGINE}validate.xǁ_Checkerǁ_check_link__mutmut_50": _JOINED_HAS_EVERY_PORT,
     f"{_ENGINE}validate.xǁ_Checkerǁ_check_link__mutmut_52": _JOINED_HAS_EVERY_PORT,
-    **{f"{_ENGINE}cache.xǁDiskCacheǁ_validate__mutmut_{n}": _LOOKUP_DROPS for n in (5, 10, 15, 27, 41)},
+    **{f"{_ENGINE}cache.xǁDiskCacheǁ_validate__mutmut_{n}": _LOOKUP_DROPS for n in (5, 10, 15, 27)},
     f"{_ENGINE}fingerprint.x_canonical__mutmut_5": "ensure_ascii=None is falsy, exactly as ensure_ascii=False",
     **{f"{_TRAIN}optim.xǁEMAǁupdate__mutmut_{n}": "torch._foreach_add_ promotes a bfloat16 value into the float32 "
                                                  "average exactly as .float() does (the conversion is there for "
@@ -126,6 +151,23 @@ EQUIVALENT: dict[str, str] = {
     f"{_TRAIN}optim.xǁEMAǁupdate__mutmut_16": ".float() of a float32 tensor is the tensor itself, and of any other "
                                               "dtype exactly what the original computes",
     "fluxkiln.plugins.flux.sample.x__make__mutmut_4": "only the wording of a log line",
+    "fluxkiln.plugins.flux.sample.x__make__mutmut_37": "reading torch.compile's counters on CPU too: nothing is "
+                                                       "compiled there (plan() compiles only on CUDA), so they do "
+                                                       "not move and no line is logged",
+    **{f"fluxkiln.plugins.flux.sample.x_make_jobs__mutmut_{n}": "zip(chosen, inputs): `chosen` is the prompts "
+       "when there is one per input (checked just above) or built from `inputs` item by item, so the lengths "
+       "always match" for n in (53, 56, 57)},
+    **{f"{_TRAIN}loop.xǁTrainerǁ_step__mutmut_{n}": why for n, why in _STEP_EQUIVALENT.items()},
+}
+
+# Mutants that only a run on a CUDA GPU can tell apart (on CPU the code takes the branch where the mutated
+# value does not matter), each with the test that kills it there.  Counted apart from the unexplained.
+_GO_FAST_GPU = "tests/test_gpu_paths.py::test_go_fast_compiles_the_blocks_and_the_vae_and_stays_close"
+_COMPILE_LOG_GPU = "tests/test_sample_contract.py::test_the_call_that_compiles_logs_its_compile_time"
+GPU_ONLY: dict[str, str] = {
+    **{f"fluxkiln.plugins.flux.sample.x__make__mutmut_{n}": _GO_FAST_GPU for n in (19, 21, 28, 34)},
+    **{f"fluxkiln.plugins.flux.sample.x__make__mutmut_{n}": _COMPILE_LOG_GPU for n in (35, 36, 38, 60, 61)},
+    f"{_TRAIN}loop.xǁTrainerǁ_step__mutmut_36": "tests/test_train_gpu.py::test_tiny_model_trains_in_bf16_on_the_gpu",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
@@ -175,6 +217,10 @@ class Summary:
     groups: list[GroupResult]
     survivors: list[Survivor] = field(default_factory=list)
     stale_exceptions: list[str] = field(default_factory=list)
+    gpu_only: dict[str, str] = field(default_factory=dict)  # survived here; the test that kills each on a GPU
+    equivalent_mutants: list[str] = field(default_factory=list)
+    rechecked: dict[str, str] = field(default_factory=dict)  # --merge: mutant -> outcome of its re-check
+    note: str = ""
 
 
 def stage(work: Path, group: Group) -> None:
@@ -298,7 +344,8 @@ def mutant_line(path: Path, key: str, diff: str) -> int | None:
 
 
 def collect(work: Path, group: Group) -> tuple[dict[str, int], list[Survivor], set[str], float]:
-    """Read one group's results: counts by outcome, the unexplained survivors, the equivalent ones."""
+    """Read one group's results: counts by outcome, the unexplained survivors, the explained ones (equivalent
+    or GPU-only)."""
     here = os.getcwd()
     os.chdir(work)  # mutmut reads its settings and files relative to the working folder
     try:
@@ -319,8 +366,8 @@ def collect(work: Path, group: Group) -> tuple[dict[str, int], list[Survivor], s
                 counts[status] = counts.get(status, 0) + 1
                 if status in ("killed", "caught by type check", "not checked"):
                     continue  # a stopped run: "not checked" is counted, not listed
-                if name in EQUIVALENT:
-                    equivalent.add(name)
+                if name in EQUIVALENT or name in GPU_ONLY:
+                    equivalent.add(name)  # explained: the caller tells the two kinds apart
                     continue
                 diff = get_diff_for_mutant(name, path=rel)
                 original = _original_path(rel)
@@ -328,6 +375,64 @@ def collect(work: Path, group: Group) -> tuple[dict[str, int], list[Survivor], s
         return counts, survivors, equivalent, round(busy, 1)
     finally:
         os.chdir(here)
+
+
+def outcomes(work: Path, group: Group) -> dict[str, str]:
+    """The outcome of every mutant of the group that has one in ``work`` (not-checked ones left out)."""
+    found: dict[str, str] = {}
+    for meta in (work / "mutants" / "src").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if code is not None and any(fnmatch.fnmatch(name, f) for f in group.functions):
+                found[name] = STATUS.get(code, "suspicious")
+    return found
+
+
+def merge(previous: dict[str, Any], root: Path) -> Summary:
+    """The earlier complete run (``previous``, as read from the JSON) with the outcome of every mutant re-checked
+    in ``root`` in place of its earlier one; every other mutant keeps the earlier run's outcome.  For a work
+    folder that holds only re-checks, e.g. when the complete run was made on another machine."""
+    stale = set(previous.get("stale_exceptions", []))
+    listed = {s["name"]: s for s in previous.get("survivors", [])}
+    explained_before = set(previous.get("equivalent_mutants", [])) | set(previous.get("gpu_only", {})) or {
+        n for n in EQUIVALENT if n not in listed and n not in stale}
+    survived_before = {n: listed[n]["status"] if n in listed else "survived" for n in (*listed, *explained_before)}
+    rechecked: dict[str, str] = dict(previous.get("rechecked", {}))
+    fresh: dict[str, Survivor] = {}
+    for group in GROUPS:
+        work = root / group.name
+        if (work / "mutants").exists():
+            rechecked.update(outcomes(work, group))
+            fresh.update({s.name: s for s in collect(work, group)[1]})
+    groups = []
+    for g in previous["groups"]:
+        counts = dict(g["counts"])
+        for name, now in rechecked.items():
+            if any(fnmatch.fnmatch(name, f) for f in g["functions"]):
+                was = survived_before.get(name, "killed")
+                counts[was] -= 1
+                counts[now] = counts.get(now, 0) + 1
+        current = next(x for x in GROUPS if x.name == g["name"])  # re-checks ran with today's selection
+        kept = {k: v for k, v in counts.items() if v}
+        groups.append(GroupResult(**{**g, "tests": list(current.tests), "counts": kept}))
+    dead = ("killed", "caught by type check")
+    alive = {n: st for n, st in survived_before.items() if rechecked.get(n, st) not in dead}
+    alive.update({n: st for n, st in rechecked.items() if st not in dead})
+    survivors = [fresh[n] if n in fresh else Survivor(**{**listed[n], "status": st})
+                 for n, st in sorted(alive.items()) if n not in EQUIVALENT and n not in GPU_ONLY]
+    totals: dict[str, int] = {}
+    for g in groups:
+        for k, v in g.counts.items():
+            totals[k] = totals.get(k, 0) + v
+    equivalent = sorted(n for n in alive if n in EQUIVALENT)
+    return Summary(tool="mutmut", version=previous["version"], date=dt.date.today().isoformat(),
+                   modules=previous["modules"], skipped_operators=previous["skipped_operators"],
+                   seconds=previous["seconds"], max_children=previous["max_children"], total=sum(totals.values()),
+                   counts=totals, equivalent=len(equivalent), unexplained=len(survivors), groups=groups,
+                   survivors=survivors, stale_exceptions=sorted(set(EQUIVALENT) - set(alive)),
+                   gpu_only={n: GPU_ONLY[n] for n in sorted(alive) if n in GPU_ONLY}, equivalent_mutants=equivalent,
+                   rechecked=dict(sorted(rechecked.items())),
+                   note=f"the complete run of {previous['date']} ({previous['max_children']} at once) with the "
+                        f"outcomes of {len(rechecked)} mutants re-checked since (--merge) in place of theirs")
 
 
 def table(summary: Summary) -> str:
@@ -339,9 +444,11 @@ def table(summary: Summary) -> str:
         lines.append(f"  {g.name:<10}" + "".join(f"{g.counts.get(k, 0):>12}" for k in order)
                      + f"{g.seconds:>10.0f}{g.mutant_seconds:>10.0f}")
     lines += ["", f"  equivalent (reviewed, in EQUIVALENT): {summary.equivalent}",
+              f"  GPU-only (killed by a CUDA test):     {len(summary.gpu_only)}",
               f"  unexplained (survived or untested):   {summary.unexplained}"]
     lines += [f"    {s.file}:{s.line}  {s.status}  {s.name}" for s in summary.survivors]
     lines += [f"    stale exception (no such surviving mutant): {n}" for n in summary.stale_exceptions]
+    lines += [f"  {summary.note}"] if summary.note else []
     return "\n".join(lines)
 
 
@@ -400,9 +507,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="forget earlier results and check every mutant")
     parser.add_argument("--report-only", action="store_true", help="only read the results of the last run")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON to write (default: bench/mutation.json)")
+    parser.add_argument("--merge", action="store_true",
+                        help="the work folder holds only re-checks: put their outcomes into the JSON in place of "
+                             "the earlier ones, keeping every other outcome of the earlier complete run")
     args = parser.parse_args(argv)
     root: Path = args.workdir.resolve()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.merge:
+        if not previous:
+            parser.error(f"--merge needs an earlier complete run in {args.out}")
+        summary = merge(previous, root)
+        args.out.write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False) + "\n")
+        print(table(summary))
+        return 0
     before = {g["name"]: g["seconds"] for g in previous.get("groups", [])}
     results: list[GroupResult] = []
     survivors: list[Survivor] = []
@@ -428,10 +545,15 @@ def main(argv: list[str] | None = None) -> int:
             totals[k] = totals.get(k, 0) + v
     summary = Summary(tool="mutmut", version=metadata.version("mutmut"), date=dt.date.today().isoformat(),
                       modules=[m for g in results for m in g.modules], skipped_operators=list(SKIPPED_OPERATORS),
-                      seconds=round(sum(g.seconds for g in results), 1), max_children=args.max_children,
-                      total=sum(totals.values()), counts=totals, equivalent=len(equivalent),
+                      seconds=round(sum(g.seconds for g in results), 1),
+                      # what the checks ran with: a report or a re-check of named mutants keeps the run's value
+                      max_children=args.max_children if not (args.report_only or args.mutants)
+                      else previous.get("max_children", args.max_children),
+                      total=sum(totals.values()), counts=totals, equivalent=len(equivalent & set(EQUIVALENT)),
                       unexplained=len(survivors), groups=results, survivors=survivors,
-                      stale_exceptions=sorted(set(EQUIVALENT) - equivalent))
+                      stale_exceptions=sorted(set(EQUIVALENT) - equivalent),
+                      gpu_only={n: GPU_ONLY[n] for n in sorted(equivalent) if n in GPU_ONLY},
+                      equivalent_mutants=sorted(equivalent & set(EQUIVALENT)))
     args.out.write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False) + "\n")
     print(table(summary))
     return 0
