@@ -96,3 +96,59 @@ def test_saved_pipelines_do_not_record_where_they_were_continued_from(tmp_path):
     assert {c.parent.name for c in configs} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert not [c for c in configs if "_name_or_path" in c.read_text() or str(tmp_path) in c.read_text()]
     assert (out / "mini-flux.tar").is_file()
+
+
+FAST = ["--preset", "micro", "--set", "vae_seconds=2", "--set", "pool_seconds=1", "--set", "text_seconds=2",
+        "--set", "base_seconds=4", "--set", "guide_seconds=2", "--set", "schnell_seconds=2", "--set",
+        "check_every=4", "--set", "select_prompts=1", "--set", "eval_prompts=0"]
+
+
+def _run_training(tmp_path, launcher: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, *launcher, "-m", "fluxkiln.plugins.miniflux.train", "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _check_outputs(tmp_path, ranks: int):
+    import json
+    import tarfile
+
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ranks"] == ranks and metrics["ranks_agree"] is True
+    assert metrics["text_steps"] > 0 and set(metrics["text_accuracy"]) >= {"role", "colour", "pooled background"}
+    assert metrics["base_checks"] and {"true", "shuffled", "roles swapped"} <= set(metrics["base_checks"][-1])
+    assert {"colour", "shape", "position", "background"} <= set(metrics["vae_roundtrip"])
+    for name in ("mini-flux", "mini-flux-schnell"):
+        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
+            assert f"{name}/transformer/diffusion_pytorch_model.safetensors" in tar.getnames()
+    from fluxkiln.plugins.miniflux.config import build_modules
+
+    pipe = load_pipeline("dev", tmp_path / "work")  # a standard FluxPipeline folder: the aux heads are not in it
+    fresh = build_modules("dev")
+    for part in ("text_encoder", "text_encoder_2", "transformer"):
+        assert set(getattr(pipe, part).state_dict()) == set(fresh[part].state_dict())
+    return metrics
+
+
+def test_the_micro_preset_trains_every_phase_in_one_process(tmp_path):
+    out = _run_training(tmp_path, [])
+    metrics = _check_outputs(tmp_path, 1)
+    assert metrics["base_choice"]["kept"] in ("ema", "raw")
+    assert out.count("saved ") == 3  # dev after base, dev after guidance distillation, schnell
+
+
+def test_two_gloo_ranks_train_together_and_only_rank_0_writes(tmp_path):
+    out = _run_training(tmp_path, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    _check_outputs(tmp_path, 2)
+    assert out.count("saved ") == 3 and out.count("text: ") == 1  # rank 1 neither logs nor saves
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "mini-flux-schnell.tar",
+                                                                      "mini-flux.tar"]
