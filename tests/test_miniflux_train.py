@@ -71,15 +71,33 @@ def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
     pools.fill(0.0, log=lambda _: None)
     native = pools.pools[(32, 32)]
     assert list(pools.pools) == [(32, 32)] and native.filled == 4
-    assert native.latents.shape == (8, 16, 4, 4)
-    latents, clip, t5 = pools.batch(6, multi_res=0.0)
-    assert latents.shape == (6, 16, 4, 4) and clip.shape == (6, CLIP_TOKENS) and t5.shape == (6, TEXT_TOKENS)
-    assert not (t5 == pools.empty[1]).all(dim=1).any()
-    _, clip, t5 = pools.batch(6, multi_res=0.0, dropout=1.0)
-    assert (t5 == pools.empty[1]).all() and (clip == pools.empty[0]).all()
+    assert native.tensors["latents"].shape == (8, 16, 4, 4)
+    d = pools.batch(6, multi_res=0.0)
+    assert d.latents.shape == (6, 16, 4, 4) and d.clip.shape == (6, CLIP_TOKENS) and d.t5.shape == (6, TEXT_TOKENS)
+    assert d.t5_labels.shape == (6, TEXT_TOKENS, 5) and d.pooled_labels.shape == (6, 4)
+    assert d.cover.shape == (6, 4) and 0 <= d.cover.min() and d.cover.max() <= 1 and d.cover.sum() > 0
+    assert not (d.t5 == pools.empty[1]).all(dim=1).any()
+    assert ((d.t5_labels[..., 0] >= 0).sum(1) > 0).all()  # every caption has labelled words
+    d = pools.batch(6, multi_res=0.0, dropout=1.0)
+    assert (d.t5 == pools.empty[1]).all() and (d.clip == pools.empty[0]).all()
+    assert (d.t5_labels == -1).all() and (d.pooled_labels == -1).all()  # dropped captions teach no roles
     native.fill_chunk()
     native.fill_chunk()  # wraps round, over the oldest entries
     assert native.filled == 8 and native.cursor == 4 and native.made == 12
+
+
+def test_object_coverage_marks_the_objects_latent_tokens():
+    import torch
+
+    from fluxkiln.plugins.miniflux.render import render
+    from fluxkiln.plugins.miniflux.world import Drawn, Layout
+
+    layout = Layout("blue", (Drawn("red", "square", 0.25, 0.25, 0.2),))
+    images, cover = render([layout], 64, 64, masks=True)
+    assert cover.shape == (1, 64, 64)
+    red = (images[0, 0] > 0.5) & (images[0, 2] < 0)
+    assert torch.equal(cover[0] > 0.5, red)
+    assert torch.equal(render([layout], 64, 64), images)
 
 
 def test_saved_pipelines_do_not_record_where_they_were_continued_from(tmp_path):
@@ -152,3 +170,41 @@ def test_two_gloo_ranks_train_together_and_only_rank_0_writes(tmp_path):
     assert out.count("saved ") == 3 and out.count("text: ") == 1  # rank 1 neither logs nor saves
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "mini-flux-schnell.tar",
                                                                       "mini-flux.tar"]
+
+
+def test_role_swapped_pairs_are_training_scenes_drawn_side_by_side(tokenizers):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux.config import VAE
+    from fluxkiln.plugins.miniflux.pool import Pool
+    from fluxkiln.plugins.miniflux.roles import swap_roles
+    from fluxkiln.plugins.miniflux.world import Scene, held_out
+
+    batch = trainparts.make_batch(random.Random(4), 200, (32, 32), "cpu", pairs=1.0, fillers=0.0)
+    scenes = batch.scenes
+    swapped = [k for k in range(1, 200, 2) if scenes[k] == swap_roles(scenes[k - 1])]
+    assert len(swapped) > 60  # most pairs (not those without a background or where a swap would be held out)
+    assert not any(held_out(Scene(s.objects, s.background).prompt) for s in scenes)
+    k = swapped[0]
+    assert scenes[k].background == scenes[k - 1].objects[0].colour
+    assert scenes[k].objects[0].colour == scenes[k - 1].background
+    torch.manual_seed(0)
+    enc = trainparts.TextEncoder(None, tokenizers["clip"][0], None, tokenizers["t5"][0], "cpu")
+    pool = Pool((32, 32), 16, 8, AutoencoderKL(**VAE), enc, random.Random(2), "cpu", pairs=1.0)
+    pool.fill_chunk()
+    pool.fill_chunk()
+    pool.tensors["t5"] = torch.arange(16)[:, None]  # row numbers, to see which rows a sample takes
+    rows = pool.sample(10).t5[:, 0].tolist()
+    assert all(a % 2 == 0 and b == a + 1 for a, b in zip(rows[::2], rows[1::2], strict=True))
+
+
+def test_the_flow_loss_weights_object_tokens_up():
+    import torch
+
+    from fluxkiln.plugins.miniflux.base import flow_loss
+
+    pred, target = torch.zeros(1, 2, 4), torch.tensor([[[1.0] * 4, [0.0] * 4]])  # error on token 0 only
+    assert flow_loss(pred, target, torch.zeros(1, 2), 3.0).item() == pytest.approx(0.5)  # plain mean
+    assert flow_loss(pred, target, torch.tensor([[1.0, 0.0]]), 3.0).item() == pytest.approx(4 / 5)
+    assert flow_loss(pred, target, torch.tensor([[0.0, 1.0]]), 3.0).item() == pytest.approx(1 / 5)

@@ -37,8 +37,10 @@ class Pool:
     and each latent token's object coverage."""
 
     def __init__(self, size: tuple[int, int], capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, two: float = 0.4) -> None:
+                 rng: random.Random, device: Any, two: float = 0.4, pairs: float = 0.0) -> None:
         self.size, self.capacity, self.chunk, self.two = size, capacity, min(chunk, capacity), two
+        # role-swapped pairs sit at rows (2i, 2i + 1) and are drawn together, when every chunk keeps them aligned
+        self.pairs = pairs if self.chunk % 2 == 0 and capacity % 2 == 0 else 0.0
         self.vae, self.enc, self.rng, self.device = vae, enc, rng, device
         self.tensors: dict[str, Any] = {}
         self.filled = self.cursor = self.made = 0
@@ -51,7 +53,7 @@ class Pool:
         import torch.nn.functional as F
 
         n = min(self.chunk, self.capacity - self.cursor)
-        batch = make_batch(self.rng, n, self.size, self.device, two=self.two, masks=True)
+        batch = make_batch(self.rng, n, self.size, self.device, two=self.two, masks=True, pairs=self.pairs)
         with torch.autocast(device_type=str(self.device).split(":")[0], dtype=torch.bfloat16,
                             enabled=str(self.device).startswith("cuda")):
             z = latents_of(self.vae, batch.images).to(torch.bfloat16)
@@ -75,7 +77,11 @@ class Pool:
         """``n`` random entries."""
         import torch
 
-        idx = torch.randint(self.filled, (n,), device=self.device, generator=generator)
+        if self.pairs > 0:
+            first = 2 * torch.randint(self.filled // 2, ((n + 1) // 2,), device=self.device, generator=generator)
+            idx = torch.stack([first, first + 1], dim=1).flatten()[:n]
+        else:
+            idx = torch.randint(self.filled, (n,), device=self.device, generator=generator)
         t = {k: v[idx] for k, v in self.tensors.items()}
         return Draw(t["latents"].float(), t["clip"], t["t5"], t["t5_labels"], t["pooled_labels"], t["cover"].float())
 
@@ -85,12 +91,12 @@ class Pools:
     0); refreshes within ``share`` of the wall clock since the first fill."""
 
     def __init__(self, native: int, capacity: int, multi_capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, share: float, two: float = 0.4) -> None:
+                 rng: random.Random, device: Any, share: float, two: float = 0.4, pairs: float = 0.0) -> None:
         from .trainparts import SIZES_025, batch_for
 
         self.rng, self.share, self.native = rng, share, native
         self.pools: dict[tuple[int, int], Pool] = {(native, native): Pool((native, native), capacity, chunk, vae,
-                                                                          enc, rng, device, two)}
+                                                                          enc, rng, device, two, pairs)}
         scale = native / 256
         for w, h in SIZES_025 if multi_capacity > 0 else ():
             size = (max(32, round(w * scale / 16) * 16), max(32, round(h * scale / 16) * 16))

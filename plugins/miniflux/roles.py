@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, describe
+from .world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, describe, held_out
 
 ROLES = ("other", "object 1", "object 2", "background")
 IGNORE = -1  # label of tokens (and attributes) that carry no target
@@ -86,13 +86,18 @@ def scene_labels(scenes: list[Scene]) -> Any:
     return torch.tensor(rows, dtype=torch.int8)
 
 
-def swap_roles(scene: Scene) -> Scene | None:
-    """The scene with the first object's and the background's colours exchanged (None without both)."""
+def swap_roles(scene: Scene, split: str = "train") -> Scene | None:
+    """The scene with the first object's and the background's colours exchanged; None where that is not a
+    scene of ``split`` (a held-out prompt for "train"), or without both colours, or where another object
+    has the first one's colour (it would vanish into the new background)."""
     if not scene.background or not scene.objects or scene.objects[0].colour is None:
         return None
     first = scene.objects[0]
+    if any(o.colour == first.colour for o in scene.objects[1:]):
+        return None
     objects = (Obj(scene.background, first.shape, first.size, first.position),) + scene.objects[1:]
-    return Scene(objects, first.colour, scene.fillers)
+    swapped = Scene(objects, first.colour, scene.fillers)
+    return swapped if held_out(Scene(objects, first.colour).prompt) == (split == "eval") else None
 
 
 def aux_heads(t5_dim: int, pooled_dim: int) -> Any:

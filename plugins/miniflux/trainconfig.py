@@ -16,6 +16,7 @@ class TrainConfig:
     native: int = 256  # training image side (the pipelines' native size)
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
+    swap_pairs: float = 0.5  # share of native-size scenes paired with their role-swapped twin (drawn together)
     # (a) VAE (0 seconds: keep the VAE of ``init`` / ``vae_init``; more: train it, from there or from scratch)
     vae_seconds: float = 70.0
     vae_batch: int = 48

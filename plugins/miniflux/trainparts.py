@@ -55,9 +55,16 @@ def batch_for(size: tuple[int, int], base_batch: int, native: int) -> int:
 
 
 def make_batch(rng: random.Random, n: int, size: tuple[int, int], device: Any, *, fillers: float = 0.15,
-               supersample: int = 2, two: float = 0.4, masks: bool = False) -> Batch:
-    w, h = size
-    scenes = [random_scene(rng, two=two, split="train", fillers=fillers) for _ in range(n)]
+               supersample: int = 2, two: float = 0.4, masks: bool = False, pairs: float = 0.0) -> Batch:
+    """``n`` random training scenes drawn; with ``pairs``, that share of the odd-numbered scenes is the scene
+    before it with the first object's and the background's colours exchanged (where that is a training
+    scene), so a model that only knows which colours a prompt names cannot fit both."""
+    from .roles import swap_roles
+
+    scenes: list[Scene] = []
+    for k in range(n):
+        swapped = swap_roles(scenes[-1]) if k % 2 and rng.random() < pairs else None
+        scenes.append(swapped or random_scene(rng, two=two, split="train", fillers=fillers))
     return draw_scenes(scenes, rng, size, device, supersample=supersample, masks=masks)
 
 
