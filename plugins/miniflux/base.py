@@ -154,7 +154,8 @@ def train_base(cfg: TrainConfig, m: dict[str, Any], heads: Any, pools: Pools, en
         opt.step()
         ema.update()
         step += 1
-        pools.refresh()
+        if step % cfg.refresh_every == 0:
+            pools.refresh(lambda due: world.agree(float(due))[0] > 0)
         if step % cfg.check_every == 0 and world.main:
             row = {"step": step, "flow": round(flow.item(), 5), "aux": round(aux.item(), 5)}
             row |= check.losses(m["transformer"], enc) if check else {}

@@ -127,9 +127,16 @@ class Pools:
             f"others {sum(p.filled for s, p in self.pools.items() if p is not native)}")
         return {"pool_native": native.filled, "pool_seconds": round(took, 1)}
 
-    def refresh(self) -> None:
-        """Re-render one chunk of a random pool when refreshing has used less than its share of the time."""
-        if self.spent >= self.share * (time.monotonic() - self.start):
+    def due(self) -> bool:
+        """Whether refreshing has used less than its share of the time so far."""
+        return self.spent < self.share * (time.monotonic() - self.start)
+
+    def refresh(self, decide: Any = None) -> None:
+        """Re-render one chunk of a random pool when refreshing has used less than its share of the time.
+        ``decide`` (the local verdict -> the verdict to follow) lets several ranks refresh at the same step,
+        so that none waits for another's refresh in the next all-reduce."""
+        due = self.due()
+        if not (decide(due) if decide else due):
             return
         t0 = time.monotonic()
         pool = self.pools[(self.native, self.native)] if self.rng.random() < 0.85 else \

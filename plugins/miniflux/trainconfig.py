@@ -28,6 +28,7 @@ class TrainConfig:
     pool_multi: int = 4096  # per 0.25 MP size, in native-size equivalents (same token count)
     pool_chunk: int = 1024  # scenes rendered and encoded at once
     refresh_share: float = 0.12  # share of the wall clock spent re-rendering pool chunks while training
+    refresh_every: int = 5  # base steps between refresh decisions (rank 0's, followed by every rank)
     # (b0) both text encoders alone on the auxiliary role losses (see .roles)
     text_seconds: float = 10.0
     text_batch: int = 512
@@ -65,9 +66,9 @@ class TrainConfig:
 
 
 PRESETS = {
-    "full": TrainConfig(vae_init="shipped", vae_seconds=0.0, pool_seconds=20.0, text_seconds=10.0,
-                        base_seconds=330.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=30.0,
-                        deadline=510.0),
+    "full": TrainConfig(vae_init="shipped", vae_seconds=0.0, pool_seconds=20.0, text_seconds=15.0,
+                        base_seconds=320.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=40.0,
+                        deadline=490.0),
     "micro": TrainConfig(native=64, vae_seconds=6, vae_batch=4, pool_seconds=5, pool_size=256, pool_multi=32,
                          pool_chunk=32, text_seconds=4, text_batch=32, base_seconds=10, base_batch=4,
                          base_warmup=20, check_every=20, check_scenes=4, guide_seconds=6, guide_batch=4,
