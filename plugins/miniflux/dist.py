@@ -75,6 +75,12 @@ class World:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return bool(torch.equal(low, high))
 
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def close(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

@@ -107,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: TrainConfig, out: Path, work: Path) -> int:
-    import torch
-
+    """Every phase; under ``torchrun`` on every rank (rank 0 writes ``out`` and ``work``)."""
     world = join()
     QUIET[0] = not world.main
-    try:
-        return _train(cfg, out, work, world)
-    finally:
-        world.close()
+    code = _train(cfg, out, work, world)
+    world.close()
+    if world.size > 1:  # no interpreter teardown: gloo/NCCL threads racing static destructors can abort it
+        from fluxkiln.engine.launch import exit_now
+
+        exit_now(code)
+    return code
 
 
 def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
@@ -179,16 +181,16 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
         metrics |= info
         schnell = _choose(world, cfg, "schnell", _candidates(m, ema, ("transformer",)), "schnell", None, metrics)
         metrics["ranks_agree"] = world.agreeing([m["text_encoder"], m["text_encoder_2"], dev, schnell["transformer"]])
-        if not world.main:
-            return 0
-        save(m, schnell["transformer"], "schnell", work, out)
-        metrics["total_seconds"] = round(time.monotonic() - T0, 1)
-        write()
-        if cfg.eval_prompts > 0 and time.monotonic() - T0 < cfg.deadline:
-            metrics["adherence"] = final_check(cfg, work, device)
-    metrics["total_seconds"] = round(time.monotonic() - T0, 1)
-    write()
-    _print_table(metrics)
+        if world.main:
+            save(m, schnell["transformer"], "schnell", work, out)
+            metrics["total_seconds"] = round(time.monotonic() - T0, 1)
+            write()
+            if cfg.eval_prompts > 0 and time.monotonic() - T0 < cfg.deadline:
+                metrics["adherence"] = final_check(cfg, work, device)
+            metrics["total_seconds"] = round(time.monotonic() - T0, 1)
+            write()
+            _print_table(metrics)
+    world.barrier()  # the other ranks wait for rank 0's writing, then all leave together
     return 0
 
 
