@@ -121,14 +121,14 @@ FAST = ["--preset", "micro", "--set", "vae_seconds=2", "--set", "pool_seconds=1"
         "check_every=4", "--set", "select_prompts=1", "--set", "eval_prompts=0"]
 
 
-def _run_training(tmp_path, launcher: list[str]):
+def _run_training(tmp_path, launcher: list[str], *extra: str):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, *launcher, "-m", "fluxkiln.plugins.miniflux.train", "--out", str(tmp_path / "out"),
-           "--work", str(tmp_path / "work"), *FAST]
+           "--work", str(tmp_path / "work"), *FAST, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -157,11 +157,46 @@ def _check_outputs(tmp_path, ranks: int):
     return metrics
 
 
-def test_the_micro_preset_trains_every_phase_in_one_process(tmp_path):
-    out = _run_training(tmp_path, [])
+def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_vae(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux.weights import model_path
+
+    out = _run_training(tmp_path, [], "--set", 'vae_init="shipped"', "--set", "vae_seconds=0")
     metrics = _check_outputs(tmp_path, 1)
-    assert metrics["base_choice"]["kept"] in ("ema", "raw")
+    assert metrics["base_choice"]["kept"] in ("ema", "raw") and "vae_steps" not in metrics
     assert out.count("saved ") == 3  # dev after base, dev after guidance distillation, schnell
+    shipped = AutoencoderKL.from_pretrained(str(model_path("dev") / "vae")).state_dict()
+    saved = AutoencoderKL.from_pretrained(str(tmp_path / "work" / "mini-flux" / "vae")).state_dict()
+    assert all(torch.equal(shipped[k], saved[k]) for k in shipped)
+
+
+def test_a_vae_init_without_a_vae_is_refused_with_the_folder_named(tmp_path):
+    from fluxkiln.plugins.miniflux.trainio import load_vae
+
+    with pytest.raises(SystemExit, match=f"vae_init: {tmp_path} has no vae/config.json"):
+        load_vae(str(tmp_path))
+
+
+def test_the_plan_follows_rank_0s_decisions():
+    """Another rank's own clock does not matter: at the planning step and every ``every`` steps it takes rank 0's
+    verdict (stop or not) and step count."""
+
+    class Rank1:
+        size, calls = 2, []
+
+        def agree(self, *values):
+            self.calls.append(values)
+            return [0.0, 40.0] if len(self.calls) < 3 else [1.0, 40.0]
+
+    world = Rank1()
+    plan = trainparts.Plan(seconds=1e9, lr=1.0, warmup=1, probe=5, world=world, every=10)
+    steps = 0
+    while not plan.done(steps):
+        steps += 1
+    assert plan.total == 40 and steps == 20  # agreed at 0, 10 (the planning step), then told to stop at 20
+    assert len(world.calls) == 3
 
 
 def test_two_gloo_ranks_train_together_and_only_rank_0_writes(tmp_path):
