@@ -120,8 +120,9 @@ EQUIVALENT: dict[str, str] = {
     f"{_ENGINE}validate.xǁ_Checkerǁ_check_link__mutmut_52": _JOINED_HAS_EVERY_PORT,
     **{f"{_ENGINE}cache.xǁDiskCacheǁ_validate__mutmut_{n}": _LOOKUP_DROPS for n in (5, 10, 15, 27, 41)},
     f"{_ENGINE}fingerprint.x_canonical__mutmut_5": "ensure_ascii=None is falsy, exactly as ensure_ascii=False",
-    f"{_TRAIN}optim.xǁEMAǁupdate__mutmut_11": "on a CPU, where the check runs, every tensor is on one device and "
-                                              "moving it there anyway is a no-op",
+    **{f"{_TRAIN}optim.xǁEMAǁupdate__mutmut_{n}": "torch._foreach_add_ promotes a bfloat16 value into the float32 "
+                                                 "average exactly as .float() does (the conversion is there for "
+                                                 "CUDA's fast path, which needs one dtype)" for n in (17, 18)},
     f"{_TRAIN}optim.xǁEMAǁupdate__mutmut_16": ".float() of a float32 tensor is the tensor itself, and of any other "
                                               "dtype exactly what the original computes",
     "fluxkiln.plugins.flux.sample.x__make__mutmut_4": "only the wording of a log line",

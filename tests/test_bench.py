@@ -246,7 +246,19 @@ def test_compile_mode_from_the_environment(monkeypatch):
 
     assert fast.compile_blocks(T(), backend="eager") == 1 and "mode" not in seen  # only Inductor takes a mode
     monkeypatch.setattr(fast, "setup_compile_cache", lambda: "")
-    assert fast.compile_blocks(T(), backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
+    t = T()
+    assert fast.compile_blocks(t, backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
+    # CUDA graphs: every transformer call (a denoising step) starts a new generation of graphs
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    block._compiled_call_impl = None  # the stand-in compile above set nothing
+    t.forward = lambda x: t.transformer_blocks[0](x)
+    t(torch.zeros(1, 2))
+    t(torch.zeros(1, 2))
+    assert len(steps) == 2
+    fast.uncompile_blocks(t)
+    t(torch.zeros(1, 2))
+    assert len(steps) == 2 and not t._forward_pre_hooks  # eager again: no marks
 
 
 def test_engine_phases_are_timed_and_put_back(tmp_path):

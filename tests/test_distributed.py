@@ -431,6 +431,19 @@ def test_bench_gpus_measures_each_part_beside_one_process(tmp_path):
     assert "fluxkiln bench --gpus 2 (tiny, cpu)" in done.stdout and "ulysses-eager" in done.stdout
 
 
+def test_bench_gpus_parts_measures_only_those_and_refuses_unknown_ones(tmp_path):
+    out = tmp_path / "ddp.json"
+    done = _cli("bench", "--gpus", "2", "--tiny", "--train-steps", "1", "--parts", "ddp", "--out", str(out),
+                cache=_cache(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert "ddp" in res and "data_parallel" not in res and "context_parallel" not in res
+    assert res["ddp"]["steps"] == 1 and "DDP:" in done.stdout and "data parallel" not in done.stdout
+    bad = _cli("bench", "--gpus", "2", "--tiny", "--parts", "ddp,pipeline", cache=_cache(tmp_path / "c2"))
+    assert bad.returncode != 0 and "unknown --parts pipeline" in bad.stdout + bad.stderr
+    assert "data_parallel, ddp, context_parallel" in bad.stdout + bad.stderr
+
+
 def _wait_for(proc: subprocess.Popen, events: list[dict], what: str, count: int, timeout: float = 150) -> None:
     assert proc.stdout is not None
     end = time.monotonic() + timeout

@@ -184,6 +184,18 @@ def test_ema_warms_up_then_uses_the_decay():
     assert float(ema.shadow["p"][0]) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_ema_follows_weights_that_moved_to_another_device():
+    # a resumed run loads the average on the CPU while the weights live on the GPU: the average follows them
+    # there ("meta" stands in for the other device on a machine without a GPU: shapes only, no values)
+    ema = EMA({"p": torch.zeros(3)}, decay=0.5)
+    ema.update({"p": torch.ones(3, device="meta")})
+    assert ema.shadow["p"].device.type == "meta" and ema.shadow["p"].shape == (3,) and ema.updates == 1
+    if torch.cuda.is_available():  # and with values, where there is a GPU
+        ema = EMA({"p": torch.zeros(3)}, decay=0.5)
+        ema.update({"p": torch.ones(3, device="cuda")})
+        assert ema.shadow["p"].is_cuda and float(ema.shadow["p"][0]) == pytest.approx(0.9)
+
+
 def test_ema_decay_schedule_step_by_step_and_after_a_reload():
     p = torch.ones(2)
     ema = EMA({"p": p}, decay=0.15)

@@ -53,6 +53,8 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--cp-variants", default="", help="with --gpus: context-parallel variants to time, comma-"
                    "separated (default: one-eager, one-compiled, ulysses-eager, ulysses-compiled, allgather-compiled, "
                    "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole)")
+    p.add_argument("--parts", default="", help="with --gpus: which measurements, comma-separated, in this order "
+                   "(default: data_parallel, ddp, context_parallel); each is written to --out as soon as it ends")
     p.add_argument("--e2e", action="store_true", help="end to end instead: fresh processes of `fluxkiln run` "
                    "(load_model -> 3 images -> save) and of stock diffusers on a saved random-weight model folder, "
                    "compile cache cold and warm (default --out bench-e2e.json)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluxkiln.engine import distributed
-from fluxkiln.plugins.train import adapter
+from fluxkiln.plugins.train import adapter, gpu
 from fluxkiln.plugins.train.ddp import DataParallel
 from fluxkiln.plugins.train.flow import flow_loss
 
@@ -52,11 +52,12 @@ class DdpSteps:
         latents = torch.randn(global_batch, self.channels, side, side, generator=self.gen)
         embeds = torch.randn(global_batch, self.text_len, self.text_dim, generator=self.gen)
         pooled = torch.randn(global_batch, self.pooled_dim, generator=self.gen)
-        loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,
-                         self.dtype, part=part if dp.size > 1 else None)
         share = len(part) / global_batch
-        if loss is not None:
-            (loss * share).backward()
+        with gpu.attention_backends(self.device):  # the kernels (and gradient layout) train_lora's step uses
+            loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,
+                             self.dtype, part=part if dp.size > 1 else None)
+            if loss is not None:
+                (loss * share).backward()
         value = dp.sync(self.params, float(loss.detach().item()) * share if loss is not None else 0.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,7 @@ TARGETS = {2: {"dp_speedup": 1.9, "cp_ratio": 0.60, "ddp_ratio": 1.1},
 
 def main_many(args: argparse.Namespace, argv: list[str]) -> int:
     """Launch the workers (from the command line), or measure (inside a launched world)."""
+    parts = many_parts(args)  # refused before any worker starts
     if not distributed.from_env().many:
         if args.gpus < 2:
             print("fluxkiln bench: --gpus N needs N >= 2 (the one-process baseline is measured in the same run)")
@@ -47,16 +48,27 @@ def main_many(args: argparse.Namespace, argv: list[str]) -> int:
 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # workers start with it blocked (see launch)
     world = distributed.init()
+    out = args.out or Path("bench-gpus.json")
     try:
-        results = Many(args, world).run()
+        results = Many(args, world).run(parts, lambda r: out.write_text(json.dumps(r, indent=2, default=str)))
     finally:
         distributed.shutdown()
     if world.owner:
-        out = args.out or Path("bench-gpus.json")
-        out.write_text(json.dumps(results, indent=2, default=str))
         print(render(results))
         print(f"results: {out}")
     return 0
+
+
+PARTS = ("data_parallel", "ddp", "context_parallel")
+
+
+def many_parts(args: argparse.Namespace) -> list[str]:
+    """The measurements ``--parts`` asks for (all three by default), refused by name when unknown."""
+    wanted = [p.strip() for p in (getattr(args, "parts", "") or "").split(",") if p.strip()] or list(PARTS)
+    bad = [p for p in wanted if p not in PARTS]
+    if bad:
+        raise SystemExit(f"fluxkiln bench: unknown --parts {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    return list(dict.fromkeys(wanted))
 
 
 class Many:
@@ -73,7 +85,9 @@ class Many:
         self.train_res = args.train_resolution or (64 if self.tiny else 1024)
         self.train_steps = args.train_steps or (4 if self.tiny else 8)
 
-    def run(self) -> dict[str, Any]:
+    def run(self, parts: list[str], save: Any) -> dict[str, Any]:
+        """Measure ``parts`` in order; after each, rank 0 hands the results so far to ``save``, so a worker
+        lost in a later part (a crashed kernel takes its process with it) leaves the earlier ones on disk."""
         import diffusers
         import torch
 
@@ -85,10 +99,11 @@ class Many:
             "diffusers": diffusers.__version__,
             "gpu": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "size": self.size, "steps": self.steps}
-        results["data_parallel"] = self.data_parallel()
-        results["ddp"] = self.ddp()
-        results["context_parallel"] = self.context_parallel()
-        results["targets"] = targets(results)
+        for part in parts:
+            results[part] = getattr(self, part)()
+            results["targets"] = targets(results)
+            if self.world.owner:
+                save(results)
         return results
 
     def _build(self) -> Any:
@@ -203,8 +218,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     want = TARGETS.get(results["gpus"])
     if want is None or results["device"] != "cuda":
         return []
-    got = {"dp_speedup": results["data_parallel"].get("speedup"), "ddp_ratio": results["ddp"].get("ratio"),
-           "cp_ratio": (results["context_parallel"].get("best") or {}).get("ratio")}
+    got = {"dp_speedup": results.get("data_parallel", {}).get("speedup"),
+           "ddp_ratio": results.get("ddp", {}).get("ratio"),
+           "cp_ratio": (results.get("context_parallel", {}).get("best") or {}).get("ratio")}
     rows = []
     for name, goal in want.items():
         value = got[name]
@@ -214,13 +230,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render(results: dict[str, Any]) -> str:
-    dp, ddp, cp = results["data_parallel"], results["ddp"], results["context_parallel"]
-    lines = [f"fluxkiln bench --gpus {results['gpus']} ({results['mode']}, {results['gpu']})",
-             f"  data parallel: {dp['images']} images, {dp['one_images_per_s']} img/s on 1, "
-             f"{dp['many_images_per_s']} img/s on {results['gpus']}: {dp['speedup']}x",
-             f"  DDP: {ddp['one_step_s']} s/step at batch {ddp['per_process_batch']} on 1, {ddp['many_step_s']} s/step "
-             f"at global batch {ddp['global_batch']}: {ddp['ratio']}x"]
-    lines.append(f"  context parallel ({cp['what']}):")
+    lines = [f"fluxkiln bench --gpus {results['gpus']} ({results['mode']}, {results['gpu']})"]
+    if dp := results.get("data_parallel"):
+        lines.append(f"  data parallel: {dp['images']} images, {dp['one_images_per_s']} img/s on 1, "
+                     f"{dp['many_images_per_s']} img/s on {results['gpus']}: {dp['speedup']}x")
+    if ddp := results.get("ddp"):
+        lines.append(f"  DDP: {ddp['one_step_s']} s/step at batch {ddp['per_process_batch']} on 1, "
+                     f"{ddp['many_step_s']} s/step at global batch {ddp['global_batch']}: {ddp['ratio']}x")
+    if cp := results.get("context_parallel"):
+        lines += _render_cp(cp)
+    return "\n".join(lines)
+
+
+def _render_cp(cp: dict[str, Any]) -> list[str]:
+    lines = [f"  context parallel ({cp['what']}):"]
     for name, v in cp["variants"].items():
         if "skipped" in v:
             lines.append(f"    {name:<20} skipped ({v['skipped']})")
@@ -231,4 +254,4 @@ def render(results: dict[str, Any]) -> str:
     if cp.get("best"):
         b = cp["best"]
         lines.append(f"    best split: {b['variant']} {b['s']} s vs one GPU's fastest {b['one_s']} s: {b['ratio']}x")
-    return "\n".join(lines)
+    return lines

@@ -102,7 +102,18 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
             n += 1
+    if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
+        transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return n
+
+
+def _new_graph_step(_module: Any, _args: Any) -> None:
+    """Each transformer call (a denoising step) begins a new generation of CUDA graphs: the blocks' graphs
+    replay in order within a step, and no output of the previous step is read again (the transformer's own
+    output layers are eager), so its buffers may be reused."""
+    import torch
+
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def uncompile_blocks(transformer: Any) -> int:
@@ -112,6 +123,9 @@ def uncompile_blocks(transformer: Any) -> int:
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
             n += 1
+    if (handle := getattr(transformer, "_fk_graph_steps", None)) is not None:
+        handle.remove()
+        transformer._fk_graph_steps = None
     return n
 
 
