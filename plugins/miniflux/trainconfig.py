@@ -67,8 +67,8 @@ class TrainConfig:
 
 PRESETS = {
     "full": TrainConfig(vae_init="shipped", vae_seconds=0.0, pool_seconds=20.0, text_seconds=15.0,
-                        base_seconds=320.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=40.0,
-                        deadline=490.0),
+                        base_seconds=310.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=40.0,
+                        deadline=480.0),
     "micro": TrainConfig(native=64, vae_seconds=6, vae_batch=4, pool_seconds=5, pool_size=256, pool_multi=32,
                          pool_chunk=32, text_seconds=4, text_batch=32, base_seconds=10, base_batch=4,
                          base_warmup=20, check_every=20, check_scenes=4, guide_seconds=6, guide_batch=4,
