@@ -81,6 +81,15 @@ def test_a_non_finite_loss_stops_with_the_step_the_key_and_a_hint(engine, tmp_pa
     assert err["key"] == "learning_rate" and "lower learning_rate" in err["hint"], err
 
 
+def test_the_loss_is_a_mean_over_the_batch_not_a_sum(engine, tmp_path):
+    """At the first step the LoRA adds nothing yet (lora_B starts at zero): a batch of four identical images
+    gives about the loss of a batch of one, not a multiple of it."""
+    data = solid_dataset(tmp_path / "four", n=4)
+    first = {b: losses(_train(engine, tmp_path, data, f"batch{b}", **{**SGD, "batch_size": b}))[0]
+             for b in (1, 4)}
+    assert 1 / 1.5 < first[4] / first[1] < 1.5, first
+
+
 def test_gradients_are_cleared_between_steps(tmp_path, data):
     """Five steps straight equal three and then two more after a resume (fresh gradients)."""
     recipe = write_recipe(tmp_path / "r.toml", data, steps=3, **SGD)
