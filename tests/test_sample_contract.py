@@ -89,6 +89,26 @@ def test_a_fuse_without_room_for_an_exact_copy_warns(engine, tmp_path, monkeypat
     assert any(m.startswith("fuse: not enough free memory for an exact copy") for m in _logs(result, "s"))
 
 
+def test_a_failure_in_the_lora_library_names_the_step_and_unloads_the_half_changed_model(engine, tmp_path,
+                                                                                        monkeypatch):
+    from diffusers import FluxPipeline
+
+    real, seen = FluxPipeline.set_adapters, []
+
+    def failing(self, names, *args, **kwargs):  # the library fails: asked for an adapter it does not hold
+        seen.append(self)
+        return real(self, ["not-loaded"], *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "set_adapters", failing)
+    lora = _lora_file(tmp_path / "l.safetensors", seed=7)
+    body = BASE + f'[nodes.lora]\ntype = "apply_lora"\nmodel = "@base"\nlora = "{lora}"\n\n' + _sample("s", "lora")
+    result = run(engine, recipe(tmp_path, body), expect="failed")
+    [err] = [e.data for e in result.events if e.event == "node_failed" and e.node == "s"]
+    assert err["error"].startswith("setting up this model's LoRAs failed in the LoRA library: ValueError"), err
+    assert "unloaded" in err["hint"]
+    assert seen and result.outputs["base"]["output"].get() is not seen[-1]  # evicted: the next use loads it afresh
+
+
 def test_helper_errors_name_the_key_and_say_how_to_fix():
     with pytest.raises(NodeError) as err:
         check_variant("schnell", None, 3.5)
