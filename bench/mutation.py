@@ -397,11 +397,16 @@ def merge(previous: dict[str, Any], root: Path) -> Summary:
         n for n in EQUIVALENT if n not in listed and n not in stale}
     survived_before = {n: listed[n]["status"] if n in listed else "survived" for n in (*listed, *explained_before)}
     rechecked: dict[str, str] = dict(previous.get("rechecked", {}))
+    dead = ("killed", "caught by type check")
     fresh: dict[str, Survivor] = {}
     for group in GROUPS:
         work = root / group.name
-        if (work / "mutants").exists():
-            rechecked.update(outcomes(work, group))
+        if not (work / "mutants").exists():
+            continue
+        here = outcomes(work, group)
+        rechecked.update(here)
+        if any(st not in dead and n not in listed and n not in EQUIVALENT and n not in GPU_ONLY
+               for n, st in here.items()):  # a new unexplained survivor: its diff is read from the work folder
             fresh.update({s.name: s for s in collect(work, group)[1]})
     groups = []
     for g in previous["groups"]:
@@ -414,7 +419,6 @@ def merge(previous: dict[str, Any], root: Path) -> Summary:
         current = next(x for x in GROUPS if x.name == g["name"])  # re-checks ran with today's selection
         kept = {k: v for k, v in counts.items() if v}
         groups.append(GroupResult(**{**g, "tests": list(current.tests), "counts": kept}))
-    dead = ("killed", "caught by type check")
     alive = {n: st for n, st in survived_before.items() if rechecked.get(n, st) not in dead}
     alive.update({n: st for n, st in rechecked.items() if st not in dead})
     survivors = [fresh[n] if n in fresh else Survivor(**{**listed[n], "status": st})
