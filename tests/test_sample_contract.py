@@ -100,7 +100,7 @@ def test_a_failure_in_the_lora_library_names_the_step_and_unloads_the_half_chang
         return real(self, ["not-loaded"], *args, **kwargs)
 
     monkeypatch.setattr(FluxPipeline, "set_adapters", failing)
-    lora = _lora_file(tmp_path / "l.safetensors", seed=7)
+    lora = _lora_file(tmp_path / "l.safetensors", seed=77)  # a LoRA no other test samples (no cache hit)
     body = BASE + f'[nodes.lora]\ntype = "apply_lora"\nmodel = "@base"\nlora = "{lora}"\n\n' + _sample("s", "lora")
     result = run(engine, recipe(tmp_path, body), expect="failed")
     [err] = [e.data for e in result.events if e.event == "node_failed" and e.node == "s"]
