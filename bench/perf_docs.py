@@ -1,6 +1,6 @@
 """Generate the tables of the documentation's performance page from the committed benchmark results.
 
-    python bench/perf_docs.py          # rewrites the tables in docs/performance.md and docs/generation.md
+    python bench/perf_docs.py   # rewrites the tables in docs/performance.md, generation.md and gpus-many.md
 
 The newest ``bench/*-full.json`` (by its ``date``, then its name) written by ``fluxkiln bench`` supplies
 the sampling, training, kernel and target tables; ``bench/watch_overhead.json`` the watch-mode table; the
@@ -11,6 +11,7 @@ The newest ``bench/*-e2e.json`` (``fluxkiln bench --e2e``) supplies the end-to-e
 ``bench/*-speed.json`` (``fluxkiln bench --only sample`` with the CUDA-graphs and step-cache rows) the speed-path
 and engine-phase tables, and the newest ``bench/*-quality.json`` or ``*-speed.json`` with a quality guard
 (``fluxkiln bench --quality``, or ``bench/step_cache_quality.py`` on a CPU) the quality-guard table.
+Every ``bench/*-gpus-*.json`` (``fluxkiln bench --gpus N``) is a row of the many-GPU table.
 Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers in the
 page; a test fails when the page and the JSON disagree.
 """
@@ -29,6 +30,9 @@ PAGE = HERE.parent / "docs" / "performance.md"
 GENERATION_PAGE = HERE.parent / "docs" / "generation.md"
 GENERATION_TABLES = ("generation-source", "fullhd", "hybrid", "hybrid-quality")
 GENERATION_ONLY = ("hybrid-quality",)  # blocks on the generation page only
+GPUS_PAGE = HERE.parent / "docs" / "gpus-many.md"
+GPUS_TABLES = ("gpus",)
+OWN_PAGE_ONLY = GENERATION_ONLY + GPUS_TABLES  # not on the performance page
 HYBRID_QUALITY = "hybrid_quality.json"  # written by bench/hybrid_quality.py
 
 SAMPLE_ROWS = {
@@ -341,6 +345,41 @@ def watch_table(bench: Path) -> str:
                   "time", "over sampling"], rows)
 
 
+def _met(ok: bool | None) -> str:
+    return "" if ok is None else (" (**met**)" if ok else " (**missed**)")
+
+
+def gpus_table(bench: Path) -> str:
+    """One row per ``fluxkiln bench --gpus N`` result (``bench/*-gpus-*.json``), fewest GPUs first."""
+    from fluxkiln.plugins.bench.many import TARGETS
+
+    rows = []
+    for path in sorted(bench.glob("*-gpus-*.json"), key=lambda p: (json.loads(p.read_text())["gpus"], p.name)):
+        d = json.loads(path.read_text())
+        n, want = d["gpus"], TARGETS.get(d["gpus"], {})
+        dp, ddp, cp = d.get("data_parallel", {}), d.get("ddp", {}), d.get("context_parallel", {})
+        best, stock = cp.get("best") or {}, cp.get("stock_best") or {}
+        rows.append([
+            f"{n} × {d['gpu']}, {d['date']} (`bench/{path.name}`)",
+            f"{num(dp.get('speedup'), 2, '×')}: {num(dp.get('one_images_per_s'), 3)} → "
+            f"{num(dp.get('many_images_per_s'), 3)} images/s" + _met(_at_least(dp.get("speedup"), want.get("dp_speedup"))),
+            f"{num(best.get('ratio'), 3, '×')}: {num(best.get('one_s'), 2)} → {num(best.get('s'), 2)} s "
+            f"(`{best.get('variant', '–')}`)" + _met(_at_most(best.get("ratio"), want.get("cp_ratio"))),
+            f"{num(stock.get('ratio'), 3, '×')} (`{stock.get('variant', '–')}`)",
+            f"{num(ddp.get('ratio'), 3, '×')}: {num(ddp.get('one_step_s'), 3)} → {num(ddp.get('many_step_s'), 3)} s "
+            f"at global batch {ddp.get('global_batch', '–')}" + _met(_at_most(ddp.get("ratio"), want.get("ddp_ratio")))])
+    return table(["GPUs", "data parallel: speed-up", "context parallel: time vs one GPU (fastest split)",
+                  "stock diffusers CP", "DDP step at N × the global batch vs one GPU"], rows)
+
+
+def _at_least(value: float | None, goal: float | None) -> bool | None:
+    return None if value is None or goal is None else value >= goal
+
+
+def _at_most(value: float | None, goal: float | None) -> bool | None:
+    return None if value is None or goal is None else value <= goal
+
+
 def tables(bench: Path) -> dict[str, Callable[[], str]]:
     path, d = newest_full(bench)
     gpath, gd = newest_full(bench, "generation")
@@ -357,21 +396,22 @@ def tables(bench: Path) -> dict[str, Callable[[], str]]:
             "e2e-targets": lambda: e2e_targets_table(ed),
             "speed-source": lambda: where(sd, spath, "`fluxkiln bench --only sample`, median of the timed runs"),
             "speed": lambda: speed_table(sd), "phases": lambda: phases_table(sd),
-            "quality-source": lambda: where(qd, qpath, "the quality guard on mini-flux"),
-            "quality": lambda: quality_table(qd)}
+            "quality-source": lambda: where({**qd, "mode": "mini-flux"} if qd.get("mode") == "random-weights" else qd,
+                                            qpath, "the quality guard on mini-flux"),
+            "quality": lambda: quality_table(qd), "gpus": lambda: gpus_table(bench)}
 
 
 def render(page: str, bench: Path, names: tuple[str, ...] | None = None) -> str:
     """``page`` with each ``bench:NAME`` block (``names``, or all but the generation page's own) regenerated
     from the JSON in ``bench``."""
     for name, make in tables(bench).items():
-        if (name in names) if names is not None else (name not in GENERATION_ONLY):
+        if (name in names) if names is not None else (name not in OWN_PAGE_ONLY):
             page = replace_between(page, f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->", make())
     return page
 
 
 def main() -> int:
-    for page, names in ((PAGE, None), (GENERATION_PAGE, GENERATION_TABLES)):
+    for page, names in ((PAGE, None), (GENERATION_PAGE, GENERATION_TABLES), (GPUS_PAGE, GPUS_TABLES)):
         text = page.read_text()
         new = render(text, HERE, names)
         if new != text:

@@ -3,25 +3,28 @@
 # each part has its own time limit and writes its JSON as it goes, so a call cut short keeps what it measured.
 #   bash bench/run_on_gpu.sh bash bench/speed_gpu.sh        (carry .whl and .whl-extra; results in $OUT)
 # Parts (seconds are limits, not estimates):
-#   1. e2e: random-weight FLUX.1-dev folder with full-size blocks (DEPTH=5,10 double/single blocks by default,
+#   1. e2e (with --e2e-warmup): random-weight FLUX.1-dev folder with full-size blocks (DEPTH=5,10 double/single blocks by default,
 #      with full T5-XXL, CLIP and VAE, about 16 GB; DEPTH=full for all 19/38, 32 GB and ~60 s more), stock vs
 #      `fluxkiln run` (go_fast) in fresh processes, compile cache cold then warm  -> $OUT/e2e.json
 #   2. sampling: schnell/dev go_fast with and without CUDA graphs, dev go_fast + step cache (compile cache from
 #      part 1, so dev go_fast is warm), engine phases for schnell                -> $OUT/speed.json "sample"
 #      then, in the same process (so each row has the random-weight Δ beside it), the quality guard on mini-flux
 #      dev: eager, compiled, go_fast, go_fast + step cache 0.05 / 0.1             -> $OUT/speed.json "quality"
-# Limits: T_E2E=130 T_SAMPLE=210 seconds (about 6 minutes with the installs).
+#   3. fp8_ckpt_24gb training (the 24 GB-card setup)                          -> $OUT/train.json
+# Limits: T_E2E=330 T_SAMPLE=300 T_TRAIN=150 seconds (the e2e part alone took about 5 minutes on an H200).
 set -uo pipefail
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 CACHE=/tmp/fk-speed-cache
 rm -rf "$CACHE" /tmp/fk-e2e-model
-T_E2E=${T_E2E:-130} T_SAMPLE=${T_SAMPLE:-210} DEPTH=${DEPTH:-5,10}
+T_E2E=${T_E2E:-330} T_SAMPLE=${T_SAMPLE:-300} T_TRAIN=${T_TRAIN:-150} DEPTH=${DEPTH:-5,10}
 depth=(); [ "$DEPTH" != full ] && depth=(--e2e-depth "$DEPTH")
-timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
+timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-warmup --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
   "${depth[@]}" --out "$OUT/e2e.json" 2>&1 | tail -25
 FLUXKILN_CACHE="$CACHE" timeout "$T_SAMPLE" fluxkiln bench --only sample --no-stock --repeats 1 \
   --configs schnell-go_fast,schnell-go_fast-graphs,dev-go_fast,dev-go_fast-graphs,dev-go_fast-cache \
   --cache-threshold 0.1 --quality --quality-prompts 64 --quality-variants dev --quality-thresholds 0.05,0.1 \
   --out "$OUT/speed.json" 2>&1 | grep -v '^\[transformers\]' | tail -45
+timeout "$T_TRAIN" fluxkiln bench --only train --train-configs fp8_ckpt_24gb --no-stock --out "$OUT/train.json" \
+  2>&1 | tail -12
 ls -la "$OUT"

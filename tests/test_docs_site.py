@@ -131,3 +131,15 @@ def test_performance_page_shows_the_newest_full_bench_run(tmp_path):
     assert "| dev, 28 steps, lossless (`go_fast = false`) | 1.234 |" in page
     with pytest.raises(ValueError, match="bench:sample:start"):
         gen.render(page.replace("<!-- bench:sample:start -->", ""), bench)
+
+
+def test_many_gpu_table_is_generated_from_every_committed_gpus_json():
+    gen = load_performance_generator()
+    page = (DOCS / "gpus-many.md").read_text()
+    assert gen.render(page, ROOT / "bench", gen.GPUS_TABLES) == page, "run: python bench/perf_docs.py"
+    runs = sorted((ROOT / "bench").glob("*-gpus-*.json"))
+    assert runs, "no committed fluxkiln bench --gpus results"
+    for path in runs:
+        d = json.loads(path.read_text())
+        assert f"{d['gpus']} × {d['gpu']}, {d['date']} (`bench/{path.name}`)" in page
+        assert f"{d['data_parallel']['speedup']:.2f}×" in page and f"{d['ddp']['ratio']:.3f}×" in page

@@ -71,15 +71,33 @@ def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
     pools.fill(0.0, log=lambda _: None)
     native = pools.pools[(32, 32)]
     assert list(pools.pools) == [(32, 32)] and native.filled == 4
-    assert native.latents.shape == (8, 16, 4, 4)
-    latents, clip, t5 = pools.batch(6, multi_res=0.0)
-    assert latents.shape == (6, 16, 4, 4) and clip.shape == (6, CLIP_TOKENS) and t5.shape == (6, TEXT_TOKENS)
-    assert not (t5 == pools.empty[1]).all(dim=1).any()
-    _, clip, t5 = pools.batch(6, multi_res=0.0, dropout=1.0)
-    assert (t5 == pools.empty[1]).all() and (clip == pools.empty[0]).all()
+    assert native.tensors["latents"].shape == (8, 16, 4, 4)
+    d = pools.batch(6, multi_res=0.0)
+    assert d.latents.shape == (6, 16, 4, 4) and d.clip.shape == (6, CLIP_TOKENS) and d.t5.shape == (6, TEXT_TOKENS)
+    assert d.t5_labels.shape == (6, TEXT_TOKENS, 5) and d.pooled_labels.shape == (6, 4)
+    assert d.cover.shape == (6, 4) and 0 <= d.cover.min() and d.cover.max() <= 1 and d.cover.sum() > 0
+    assert not (d.t5 == pools.empty[1]).all(dim=1).any()
+    assert ((d.t5_labels[..., 0] >= 0).sum(1) > 0).all()  # every caption has labelled words
+    d = pools.batch(6, multi_res=0.0, dropout=1.0)
+    assert (d.t5 == pools.empty[1]).all() and (d.clip == pools.empty[0]).all()
+    assert (d.t5_labels == -1).all() and (d.pooled_labels == -1).all()  # dropped captions teach no roles
     native.fill_chunk()
     native.fill_chunk()  # wraps round, over the oldest entries
     assert native.filled == 8 and native.cursor == 4 and native.made == 12
+
+
+def test_object_coverage_marks_the_objects_latent_tokens():
+    import torch
+
+    from fluxkiln.plugins.miniflux.render import render
+    from fluxkiln.plugins.miniflux.world import Drawn, Layout
+
+    layout = Layout("blue", (Drawn("red", "square", 0.25, 0.25, 0.2),))
+    images, cover = render([layout], 64, 64, masks=True)
+    assert cover.shape == (1, 64, 64)
+    red = (images[0, 0] > 0.5) & (images[0, 2] < 0)
+    assert torch.equal(cover[0] > 0.5, red)
+    assert torch.equal(render([layout], 64, 64), images)
 
 
 def test_saved_pipelines_do_not_record_where_they_were_continued_from(tmp_path):
@@ -96,3 +114,132 @@ def test_saved_pipelines_do_not_record_where_they_were_continued_from(tmp_path):
     assert {c.parent.name for c in configs} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert not [c for c in configs if "_name_or_path" in c.read_text() or str(tmp_path) in c.read_text()]
     assert (out / "mini-flux.tar").is_file()
+
+
+FAST = ["--preset", "micro", "--set", "vae_seconds=2", "--set", "pool_seconds=1", "--set", "text_seconds=2",
+        "--set", "base_seconds=4", "--set", "guide_seconds=2", "--set", "schnell_seconds=2", "--set",
+        "check_every=4", "--set", "select_prompts=1", "--set", "eval_prompts=0"]
+
+
+def _run_training(tmp_path, launcher: list[str], *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, *launcher, "-m", "fluxkiln.plugins.miniflux.train", "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), *FAST, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _check_outputs(tmp_path, ranks: int):
+    import json
+    import tarfile
+
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ranks"] == ranks and metrics["ranks_agree"] is True
+    assert metrics["text_steps"] > 0 and set(metrics["text_accuracy"]) >= {"role", "colour", "pooled background"}
+    assert metrics["base_checks"] and {"true", "shuffled", "roles swapped"} <= set(metrics["base_checks"][-1])
+    assert {"colour", "shape", "position", "background"} <= set(metrics["vae_roundtrip"])
+    for name in ("mini-flux", "mini-flux-schnell"):
+        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
+            assert f"{name}/transformer/diffusion_pytorch_model.safetensors" in tar.getnames()
+    from fluxkiln.plugins.miniflux.config import build_modules
+
+    pipe = load_pipeline("dev", tmp_path / "work")  # a standard FluxPipeline folder: the aux heads are not in it
+    fresh = build_modules("dev")
+    for part in ("text_encoder", "text_encoder_2", "transformer"):
+        assert set(getattr(pipe, part).state_dict()) == set(fresh[part].state_dict())
+    return metrics
+
+
+def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_vae(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux.weights import model_path
+
+    out = _run_training(tmp_path, [], "--set", 'vae_init="shipped"', "--set", "vae_seconds=0")
+    metrics = _check_outputs(tmp_path, 1)
+    assert metrics["base_choice"]["kept"] in ("ema", "raw") and "vae_steps" not in metrics
+    assert out.count("saved ") == 3  # dev after base, dev after guidance distillation, schnell
+    shipped = AutoencoderKL.from_pretrained(str(model_path("dev") / "vae")).state_dict()
+    saved = AutoencoderKL.from_pretrained(str(tmp_path / "work" / "mini-flux" / "vae")).state_dict()
+    assert all(torch.equal(shipped[k], saved[k]) for k in shipped)
+
+
+def test_a_vae_init_without_a_vae_is_refused_with_the_folder_named(tmp_path):
+    from fluxkiln.plugins.miniflux.trainio import load_vae
+
+    with pytest.raises(SystemExit, match=f"vae_init: {tmp_path} has no vae/config.json"):
+        load_vae(str(tmp_path))
+
+
+def test_the_plan_follows_rank_0s_decisions():
+    """Another rank's own clock does not matter: at the planning step and every ``every`` steps it takes rank 0's
+    verdict (stop or not) and step count."""
+
+    class Rank1:
+        size, calls = 2, []
+
+        def agree(self, *values):
+            self.calls.append(values)
+            return [0.0, 40.0] if len(self.calls) < 3 else [1.0, 40.0]
+
+    world = Rank1()
+    plan = trainparts.Plan(seconds=1e9, lr=1.0, warmup=1, probe=5, world=world, every=10)
+    steps = 0
+    while not plan.done(steps):
+        steps += 1
+    assert plan.total == 40 and steps == 20  # agreed at 0, 10 (the planning step), then told to stop at 20
+    assert len(world.calls) == 3
+
+
+def test_two_gloo_ranks_train_together_and_only_rank_0_writes(tmp_path):
+    out = _run_training(tmp_path, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    _check_outputs(tmp_path, 2)
+    assert out.count("saved ") == 3 and out.count("text: ") == 1  # rank 1 neither logs nor saves
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "mini-flux-schnell.tar",
+                                                                      "mini-flux.tar"]
+
+
+def test_role_swapped_pairs_are_training_scenes_drawn_side_by_side(tokenizers):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux.config import VAE
+    from fluxkiln.plugins.miniflux.pool import Pool
+    from fluxkiln.plugins.miniflux.roles import swap_roles
+    from fluxkiln.plugins.miniflux.world import Scene, held_out
+
+    batch = trainparts.make_batch(random.Random(4), 200, (32, 32), "cpu", pairs=1.0, fillers=0.0)
+    scenes = batch.scenes
+    swapped = [k for k in range(1, 200, 2) if scenes[k] == swap_roles(scenes[k - 1])]
+    assert len(swapped) > 60  # most pairs (not those without a background or where a swap would be held out)
+    assert not any(held_out(Scene(s.objects, s.background).prompt) for s in scenes)
+    k = swapped[0]
+    assert scenes[k].background == scenes[k - 1].objects[0].colour
+    assert scenes[k].objects[0].colour == scenes[k - 1].background
+    torch.manual_seed(0)
+    enc = trainparts.TextEncoder(None, tokenizers["clip"][0], None, tokenizers["t5"][0], "cpu")
+    pool = Pool((32, 32), 16, 8, AutoencoderKL(**VAE), enc, random.Random(2), "cpu", pairs=1.0)
+    pool.fill_chunk()
+    pool.fill_chunk()
+    pool.tensors["t5"] = torch.arange(16)[:, None]  # row numbers, to see which rows a sample takes
+    rows = pool.sample(10).t5[:, 0].tolist()
+    assert all(a % 2 == 0 and b == a + 1 for a, b in zip(rows[::2], rows[1::2], strict=True))
+
+
+def test_the_flow_loss_weights_object_tokens_up():
+    import torch
+
+    from fluxkiln.plugins.miniflux.base import flow_loss
+
+    pred, target = torch.zeros(1, 2, 4), torch.tensor([[[1.0] * 4, [0.0] * 4]])  # error on token 0 only
+    assert flow_loss(pred, target, torch.zeros(1, 2), 3.0).item() == pytest.approx(0.5)  # plain mean
+    assert flow_loss(pred, target, torch.tensor([[1.0, 0.0]]), 3.0).item() == pytest.approx(4 / 5)
+    assert flow_loss(pred, target, torch.tensor([[0.0, 1.0]]), 3.0).item() == pytest.approx(1 / 5)

@@ -39,19 +39,29 @@ class DdpSteps:
         self.text_len = 512 if resolution >= 512 else 32
         self.gen = torch.Generator().manual_seed(0)
         self.dtype = pipe.transformer.dtype
+        self.data: tuple[Any, Any, Any] | None = None
+
+    def _batch(self, n: int) -> tuple[Any, Any, Any]:
+        """``n`` samples of random latents, text embeddings and pooled vectors, made once on the device.
+
+        Drawing a global batch of text embeddings on the CPU every step (8 M values at batch 4) is work a real
+        run does not do (it reads cached embeddings), and it grew with N, so it would count against DDP."""
+        import torch
+
+        if self.data is None or self.data[0].shape[0] < n:
+            side = self.resolution // 8
+            make = [(self.channels, side, side), (self.text_len, self.text_dim), (self.pooled_dim,)]
+            self.data = tuple(torch.randn(n, *shape, generator=self.gen).to(self.device, self.dtype)
+                              for shape in make)
+        return tuple(t[:n] for t in self.data)
 
     def step(self, global_batch: int, alone: bool) -> float:
         """One optimizer step on a global batch; ``alone`` = rank 0 as a world of one (the baseline)."""
-        import torch
-
         dp = DataParallel()
         if alone:
             dp.world = distributed.World()
         part = dp.part(global_batch)
-        side = self.resolution // 8
-        latents = torch.randn(global_batch, self.channels, side, side, generator=self.gen)
-        embeds = torch.randn(global_batch, self.text_len, self.text_dim, generator=self.gen)
-        pooled = torch.randn(global_batch, self.pooled_dim, generator=self.gen)
+        latents, embeds, pooled = self._batch(global_batch)
         share = len(part) / global_batch
         with gpu.attention_backends(self.device):  # the kernels (and gradient layout) train_lora's step uses
             loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,

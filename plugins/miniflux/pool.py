@@ -12,47 +12,78 @@ import random
 import time
 from typing import Any
 
+from dataclasses import dataclass
+
+from .roles import IGNORE, scene_labels, token_labels
 from .trainparts import TextEncoder, latents_of, make_batch, pick_size
+
+COVER_PATCH = 16  # pixels per side of one packed latent token (VAE /8, then 2x2 packing)
+
+
+@dataclass
+class Draw:
+    """A training batch from a pool."""
+
+    latents: Any  # (B, C, h, w) normalised latents, float32
+    clip: Any  # (B, CLIP_TOKENS) ids
+    t5: Any  # (B, TEXT_TOKENS) ids
+    t5_labels: Any  # (B, TEXT_TOKENS, 5) role labels of the T5 tokens (see .roles)
+    pooled_labels: Any  # (B, 4) labels of the prompt for CLIP's pooled vector
+    cover: Any  # (B, h/2 * w/2) object coverage of each packed latent token, in [0, 1]
 
 
 class Pool:
-    """Up to ``capacity`` scenes of one image size: normalised latents and both token-id tensors."""
+    """Up to ``capacity`` scenes of one image size: normalised latents, both token-id tensors, the role labels
+    and each latent token's object coverage."""
 
     def __init__(self, size: tuple[int, int], capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, two: float = 0.4) -> None:
+                 rng: random.Random, device: Any, two: float = 0.4, pairs: float = 0.0) -> None:
         self.size, self.capacity, self.chunk, self.two = size, capacity, min(chunk, capacity), two
+        # role-swapped pairs sit at rows (2i, 2i + 1) and are drawn together, when every chunk keeps them aligned
+        self.pairs = pairs if self.chunk % 2 == 0 and capacity % 2 == 0 else 0.0
         self.vae, self.enc, self.rng, self.device = vae, enc, rng, device
-        self.latents: Any = None
-        self.clip_ids: Any = None
-        self.t5_ids: Any = None
+        self.tensors: dict[str, Any] = {}
         self.filled = self.cursor = self.made = 0
 
     def fill_chunk(self) -> None:
         """Render, encode and tokenise one chunk into the pool (over the oldest entries once it is full)."""
         import torch
 
+        import torch
+        import torch.nn.functional as F
+
         n = min(self.chunk, self.capacity - self.cursor)
-        batch = make_batch(self.rng, n, self.size, self.device, two=self.two)
+        batch = make_batch(self.rng, n, self.size, self.device, two=self.two, masks=True, pairs=self.pairs)
         with torch.autocast(device_type=str(self.device).split(":")[0], dtype=torch.bfloat16,
                             enabled=str(self.device).startswith("cuda")):
             z = latents_of(self.vae, batch.images).to(torch.bfloat16)
         clip, t5 = self.enc.ids(batch.prompts)
-        if self.latents is None:
-            self.latents = torch.empty((self.capacity, *z.shape[1:]), dtype=z.dtype, device=self.device)
-            self.clip_ids = torch.empty((self.capacity, clip.shape[1]), dtype=clip.dtype, device=self.device)
-            self.t5_ids = torch.empty((self.capacity, t5.shape[1]), dtype=t5.dtype, device=self.device)
-        rows = slice(self.cursor, self.cursor + n)
-        self.latents[rows], self.clip_ids[rows], self.t5_ids[rows] = z, clip, t5
+        scenes = batch.scenes or []
+        rows = {"latents": z, "clip": clip, "t5": t5,
+                "t5_labels": token_labels(scenes, self.enc.t5_tok).to(self.device),
+                "pooled_labels": scene_labels(scenes).to(self.device),
+                "cover": F.avg_pool2d(batch.cover[:, None], COVER_PATCH).flatten(1).to(torch.bfloat16)}
+        if not self.tensors:
+            self.tensors = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                            for k, v in rows.items()}
+        at = slice(self.cursor, self.cursor + n)
+        for k, v in rows.items():
+            self.tensors[k][at] = v
         self.cursor = (self.cursor + n) % self.capacity
         self.filled = min(self.capacity, self.filled + n)
         self.made += n
 
-    def sample(self, n: int, generator: Any = None) -> tuple[Any, Any, Any]:
-        """``n`` random entries: (latents float32, CLIP ids, T5 ids)."""
+    def sample(self, n: int, generator: Any = None) -> Draw:
+        """``n`` random entries."""
         import torch
 
-        idx = torch.randint(self.filled, (n,), device=self.device, generator=generator)
-        return self.latents[idx].float(), self.clip_ids[idx], self.t5_ids[idx]
+        if self.pairs > 0:
+            first = 2 * torch.randint(self.filled // 2, ((n + 1) // 2,), device=self.device, generator=generator)
+            idx = torch.stack([first, first + 1], dim=1).flatten()[:n]
+        else:
+            idx = torch.randint(self.filled, (n,), device=self.device, generator=generator)
+        t = {k: v[idx] for k, v in self.tensors.items()}
+        return Draw(t["latents"].float(), t["clip"], t["t5"], t["t5_labels"], t["pooled_labels"], t["cover"].float())
 
 
 class Pools:
@@ -60,12 +91,12 @@ class Pools:
     0); refreshes within ``share`` of the wall clock since the first fill."""
 
     def __init__(self, native: int, capacity: int, multi_capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, share: float, two: float = 0.4) -> None:
+                 rng: random.Random, device: Any, share: float, two: float = 0.4, pairs: float = 0.0) -> None:
         from .trainparts import SIZES_025, batch_for
 
         self.rng, self.share, self.native = rng, share, native
         self.pools: dict[tuple[int, int], Pool] = {(native, native): Pool((native, native), capacity, chunk, vae,
-                                                                          enc, rng, device, two)}
+                                                                          enc, rng, device, two, pairs)}
         scale = native / 256
         for w, h in SIZES_025 if multi_capacity > 0 else ():
             size = (max(32, round(w * scale / 16) * 16), max(32, round(h * scale / 16) * 16))
@@ -96,9 +127,16 @@ class Pools:
             f"others {sum(p.filled for s, p in self.pools.items() if p is not native)}")
         return {"pool_native": native.filled, "pool_seconds": round(took, 1)}
 
-    def refresh(self) -> None:
-        """Re-render one chunk of a random pool when refreshing has used less than its share of the time."""
-        if self.spent >= self.share * (time.monotonic() - self.start):
+    def due(self) -> bool:
+        """Whether refreshing has used less than its share of the time so far."""
+        return self.spent < self.share * (time.monotonic() - self.start)
+
+    def refresh(self, decide: Any = None) -> None:
+        """Re-render one chunk of a random pool when refreshing has used less than its share of the time.
+        ``decide`` (the local verdict -> the verdict to follow) lets several ranks refresh at the same step,
+        so that none waits for another's refresh in the next all-reduce."""
+        due = self.due()
+        if not (decide(due) if decide else due):
             return
         t0 = time.monotonic()
         pool = self.pools[(self.native, self.native)] if self.rng.random() < 0.85 else \
@@ -107,9 +145,9 @@ class Pools:
         self._sync()
         self.spent += time.monotonic() - t0
 
-    def batch(self, base_batch: int, multi_res: float, dropout: float = 0.0) -> tuple[Any, Any, Any]:
-        """A batch from one pool (the native size most of the time): latents, CLIP ids, T5 ids; a
-        ``dropout`` share of the captions is replaced by the empty prompt."""
+    def batch(self, base_batch: int, multi_res: float, dropout: float = 0.0) -> Draw:
+        """A batch from one pool (the native size most of the time); a ``dropout`` share of the captions is
+        replaced by the empty prompt (and loses its role labels)."""
         import torch
 
         from .trainparts import batch_for
@@ -119,12 +157,14 @@ class Pools:
         if pool is None or pool.filled == 0:
             pool = self.pools[(self.native, self.native)]
         n = batch_for(pool.size, base_batch, self.native)
-        latents, clip, t5 = pool.sample(n)
+        d = pool.sample(n)
         if dropout > 0:
-            drop = torch.rand(n, device=latents.device) < dropout
-            clip = torch.where(drop[:, None], self.empty[0], clip)
-            t5 = torch.where(drop[:, None], self.empty[1], t5)
-        return latents, clip, t5
+            drop = torch.rand(n, device=d.latents.device) < dropout
+            d.clip = torch.where(drop[:, None], self.empty[0], d.clip)
+            d.t5 = torch.where(drop[:, None], self.empty[1], d.t5)
+            d.t5_labels = torch.where(drop[:, None, None], IGNORE, d.t5_labels)
+            d.pooled_labels = torch.where(drop[:, None], IGNORE, d.pooled_labels)
+        return d
 
     def made(self) -> int:
         return sum(p.made for p in self.pools.values())

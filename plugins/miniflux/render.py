@@ -65,8 +65,10 @@ def grid(width: int, height: int, device: Any = "cpu", supersample: int = 1) -> 
     return u[None, :].expand(h, w), v[:, None].expand(h, w)
 
 
-def render(layouts: list[Layout], width: int, height: int, device: Any = "cpu", supersample: int = 2) -> Any:
-    """Images (B, 3, height, width) in [-1, 1], antialiased by ``supersample``-times supersampling.
+def render(layouts: list[Layout], width: int, height: int, device: Any = "cpu", supersample: int = 2, *,
+           masks: bool = False) -> Any:
+    """Images (B, 3, height, width) in [-1, 1], antialiased by ``supersample``-times supersampling; with
+    ``masks``, also each pixel's object coverage (B, height, width) in [0, 1] (0: background).
 
     Vectorised over the batch: one pass per object slot and shape, whatever the batch size."""
     import torch
@@ -79,6 +81,7 @@ def render(layouts: list[Layout], width: int, height: int, device: Any = "cpu", 
     sx, sy = width / short, height / short
     bg = torch.tensor([names.index(lay.background) for lay in layouts], device=device)
     out = palette[bg][:, :, None, None].expand(-1, -1, *u.shape).clone()
+    cover = torch.zeros((len(layouts), *u.shape), device=device)
     for slot in range(max((len(lay.objects) for lay in layouts), default=0)):
         rows = [(i, lay.objects[slot]) for i, lay in enumerate(layouts) if len(lay.objects) > slot]
         idx = torch.tensor([i for i, _ in rows], device=device)
@@ -91,9 +94,11 @@ def render(layouts: list[Layout], width: int, height: int, device: Any = "cpu", 
         colour = palette[torch.tensor([names.index(o.colour) for _, o in rows], device=device)]
         part = out[idx]
         out[idx] = torch.where(mask[:, None], colour[:, :, None, None], part)
+        cover[idx] = torch.where(mask, 1.0, cover[idx])
     if supersample > 1:
         out = F.avg_pool2d(out, supersample)
-    return out
+        cover = F.avg_pool2d(cover[:, None], supersample)[:, 0]
+    return (out, cover) if masks else out
 
 
 def to_pil(images: Any) -> list[Any]:

@@ -1,6 +1,7 @@
-"""The training configuration of mini-flux: the ``full`` preset (one GPU call of under ten minutes, every
-module from scratch) and a ``micro`` preset that runs the same code on a CPU in a few minutes, for testing
-the script."""
+"""The training configuration of mini-flux: the ``full`` preset (one call of under ten minutes on a machine
+of four GPUs, launched with ``torchrun``: the transformer and text encoders from scratch, the shipped VAE
+kept) and a ``micro`` preset that runs the same code on a CPU in a minute or two, for testing the script.
+Batch sizes are per rank."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from dataclasses import dataclass, fields, replace
 class TrainConfig:
     seed: int = 20261128
     init: str = ""  # a mini-flux (dev) pipeline folder to continue from; empty: every module from scratch
+    vae_init: str = ""  # take only the VAE from this pipeline folder ("shipped": the shipped mini-flux's)
     native: int = 256  # training image side (the pipelines' native size)
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
-    # (a) VAE (0 seconds: keep the VAE of ``init``)
+    swap_pairs: float = 0.5  # share of native-size scenes paired with their role-swapped twin (drawn together)
+    # (a) VAE (0 seconds: keep the VAE of ``init`` / ``vae_init``; more: train it, from there or from scratch)
     vae_seconds: float = 70.0
     vae_batch: int = 48
     vae_lr: float = 1e-3
@@ -25,13 +28,23 @@ class TrainConfig:
     pool_multi: int = 4096  # per 0.25 MP size, in native-size equivalents (same token count)
     pool_chunk: int = 1024  # scenes rendered and encoded at once
     refresh_share: float = 0.12  # share of the wall clock spent re-rendering pool chunks while training
-    # (b) transformer + both text encoders, from scratch
+    refresh_every: int = 5  # base steps between refresh decisions (rank 0's, followed by every rank)
+    # (b0) both text encoders alone on the auxiliary role losses (see .roles)
+    text_seconds: float = 10.0
+    text_batch: int = 512
+    text_lr: float = 2e-3
+    # (b) transformer + both text encoders, from scratch (text side at text_lr_scale x the rate)
     base_seconds: float = 265.0
     base_batch: int = 256
     base_lr: float = 8e-4
     base_warmup: int = 300
+    text_lr_scale: float = 2.0
+    aux_weight: float = 0.1  # weight of the auxiliary role losses beside the flow loss
+    object_weight: float = 3.0  # flow loss of a latent token weighted 1 + this x its object coverage
     caption_dropout: float = 0.1
     ema: float = 0.999
+    check_every: int = 500  # base steps between the logged conditioning checks (true/shuffled/roles swapped)
+    check_scenes: int = 128
     # (c) guidance distillation into the guidance embedding (teacher: classifier-free guidance of (b))
     guide_seconds: float = 50.0
     guide_batch: int = 192
@@ -53,11 +66,13 @@ class TrainConfig:
 
 
 PRESETS = {
-    "full": TrainConfig(),
+    "full": TrainConfig(vae_init="shipped", vae_seconds=0.0, pool_seconds=20.0, text_seconds=15.0,
+                        base_seconds=310.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=40.0,
+                        deadline=480.0),
     "micro": TrainConfig(native=64, vae_seconds=6, vae_batch=4, pool_seconds=5, pool_size=256, pool_multi=32,
-                         pool_chunk=32, base_seconds=10, base_batch=4, base_warmup=20, guide_seconds=6,
-                         guide_batch=4, schnell_seconds=6, schnell_batch=4, select_prompts=4, eval_prompts=2,
-                         deadline=300.0),
+                         pool_chunk=32, text_seconds=4, text_batch=32, base_seconds=10, base_batch=4,
+                         base_warmup=20, check_every=20, check_scenes=4, guide_seconds=6, guide_batch=4,
+                         schnell_seconds=6, schnell_batch=4, select_prompts=4, eval_prompts=2, deadline=300.0),
 }
 
 

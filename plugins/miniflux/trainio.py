@@ -22,6 +22,19 @@ def load_modules(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in pipe.components.items() if v is not None}  # no image encoder
 
 
+def load_vae(source: str) -> Any:
+    """The VAE of a saved mini-flux pipeline folder ("shipped": the shipped weights'), in float32."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .weights import model_path
+
+    folder = model_path("dev") if source == "shipped" else Path(source)
+    if not (folder / "vae" / "config.json").is_file():
+        raise SystemExit(f"vae_init: {folder} has no vae/config.json; give a mini-flux pipeline folder or 'shipped'")
+    return AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32)
+
+
 def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
     """Mean of colour, shape, position and background adherence (percent) on ``select_prompts`` held-out
     prompts, sampled in memory at the native size (dev 28 steps, schnell 4)."""

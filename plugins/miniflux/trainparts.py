@@ -15,13 +15,17 @@ from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
 
 from .config import CLIP_TOKENS, NATIVE, TEXT_TOKENS
 from .render import render
-from .world import random_scene, realise
+from .world import Scene, random_scene, realise
 
 T0 = time.monotonic()  # the training run's start (for the log's timestamps and the deadline)
 
 
+QUIET = [False]  # True on every rank but the first of a distributed run
+
+
 def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+    if not QUIET[0]:
+        print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
 # every Replicate aspect ratio at megapixels = "0.25" (half of each 1 MP side)
@@ -32,6 +36,8 @@ SIZES_025 = sorted({(w // 2, h // 2) for w, h in ASPECT_RATIOS.values()})
 class Batch:
     images: Any  # (B, 3, H, W) in [-1, 1]
     prompts: list[str]
+    scenes: list[Scene] | None = None
+    cover: Any = None  # (B, H, W) object coverage in [0, 1], when asked for
 
 
 def pick_size(rng: random.Random, native: int, multi_res: float) -> tuple[int, int]:
@@ -49,11 +55,26 @@ def batch_for(size: tuple[int, int], base_batch: int, native: int) -> int:
 
 
 def make_batch(rng: random.Random, n: int, size: tuple[int, int], device: Any, *, fillers: float = 0.15,
-               supersample: int = 2, two: float = 0.4) -> Batch:
+               supersample: int = 2, two: float = 0.4, masks: bool = False, pairs: float = 0.0) -> Batch:
+    """``n`` random training scenes drawn; with ``pairs``, that share of the odd-numbered scenes is the scene
+    before it with the first object's and the background's colours exchanged (where that is a training
+    scene), so a model that only knows which colours a prompt names cannot fit both."""
+    from .roles import swap_roles
+
+    scenes: list[Scene] = []
+    for k in range(n):
+        swapped = swap_roles(scenes[-1]) if k % 2 and rng.random() < pairs else None
+        scenes.append(swapped or random_scene(rng, two=two, split="train", fillers=fillers))
+    return draw_scenes(scenes, rng, size, device, supersample=supersample, masks=masks)
+
+
+def draw_scenes(scenes: list[Scene], rng: random.Random, size: tuple[int, int], device: Any, *,
+                supersample: int = 2, masks: bool = False) -> Batch:
     w, h = size
-    scenes = [random_scene(rng, two=two, split="train", fillers=fillers) for _ in range(n)]
     layouts = [realise(s, rng, w / h) for s in scenes]
-    return Batch(render(layouts, w, h, device, supersample), [s.prompt for s in scenes])
+    drawn = render(layouts, w, h, device, supersample, masks=masks)
+    images, cover = drawn if masks else (drawn, None)
+    return Batch(images, [s.prompt for s in scenes], scenes, cover)
 
 
 PLAIN = re.compile(r"[a-z]+( [a-z]+)*")
@@ -80,13 +101,17 @@ class WordTokens:
             return self.tok(prompt, padding="max_length", max_length=self.length, truncation=True).input_ids
         body: list[int] = []
         for word in prompt.split(" "):
-            ids = self.words.get(word)
-            if ids is None:
-                ids = self.words[word] = self.tok(word, add_special_tokens=False).input_ids
-            body += ids
+            body += self.word_ids(word)
         body = body[:self.length - len(self.prefix) - len(self.suffix)]
         ids = self.prefix + body + self.suffix
         return ids + [self.tok.pad_token_id] * (self.length - len(ids))
+
+    def word_ids(self, word: str) -> list[int]:
+        """The ids of one word (no spaces), cached."""
+        ids = self.words.get(word)
+        if ids is None:
+            ids = self.words[word] = self.tok(word, add_special_tokens=False).input_ids
+        return ids
 
     def __call__(self, prompts: list[str]) -> Any:
         import torch
@@ -176,12 +201,17 @@ class Plan:
     """A phase's learning-rate schedule by steps (linear warm-up, then cosine to 10 % at the last step).
 
     The number of steps comes from the phase's budget in seconds and the step time measured over steps
-    ``probe`` .. ``2 * probe``; the schedule then depends on steps only.  The budget is also a hard stop."""
+    ``probe`` .. ``2 * probe``; the schedule then depends on steps only.  The budget is also a hard stop.
+    With several ranks, rank 0's clock decides both, every ``every`` steps (and at the planning step), so
+    all ranks stop at the same step."""
 
-    def __init__(self, seconds: float, lr: float, warmup: int, probe: int = 15) -> None:
+    def __init__(self, seconds: float, lr: float, warmup: int, probe: int = 15, world: Any = None,
+                 every: int = 10) -> None:
         self.start, self.seconds, self.lr, self.warmup, self.probe = time.monotonic(), seconds, lr, warmup, probe
+        self.world, self.every = world, every
         self.total: int | None = None
         self._probe_start = self.start
+        self._stop = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -190,10 +220,16 @@ class Plan:
         """True once the planned steps are taken (or the budget is spent); plans the steps at ``2 * probe``."""
         if step == self.probe:
             self._probe_start = time.monotonic()
-        elif step == 2 * self.probe and self.total is None:
+        planning = step == 2 * self.probe and self.total is None
+        if planning:
             per_step = (time.monotonic() - self._probe_start) / self.probe
             self.total = max(step + 1, int(step + (self.seconds - self.elapsed()) / per_step))
-        return self.elapsed() >= self.seconds or (self.total is not None and step >= self.total)
+        if self.world is None or self.world.size == 1:
+            self._stop = self.elapsed() >= self.seconds
+        elif planning or step % self.every == 0:
+            stop, total = self.world.agree(float(self.elapsed() >= self.seconds), float(self.total or -1))
+            self._stop, self.total = stop > 0, (int(total) if total > 0 else None)
+        return self._stop or (self.total is not None and step >= self.total)
 
     def rate(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup)
@@ -201,7 +237,41 @@ class Plan:
         return self.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
 
     def set(self, optimizer: Any, step: int) -> float:
+        """Set every parameter group's rate (times the group's own ``scale``, 1 if none)."""
         lr = self.rate(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("scale", 1.0)
         return lr
+
+
+PLANNED = ("vae", "pool", "text", "base", "guide", "schnell")  # the phases with a budget, in order
+
+
+def budget(cfg: Any, phase: str) -> float:
+    """The phase's planned seconds, cut so that the later phases' plans still fit before the deadline."""
+    later = sum(getattr(cfg, f"{p}_seconds") for p in PLANNED[PLANNED.index(phase) + 1:])
+    left = cfg.deadline - (time.monotonic() - T0) - later - cfg.reserve
+    return max(0.25 * getattr(cfg, f"{phase}_seconds"), min(getattr(cfg, f"{phase}_seconds"), left))
+
+
+def autocast(device: str) -> Any:
+    import torch
+
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def adamw(params: Any, lr: float, device: str, weight_decay: float = 0.0) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=device == "cuda")
+
+
+def noisy(latents: Any) -> tuple[Any, Any, Any, Any]:
+    """Flow-matching inputs of normalised latents: (noisy packed latents, sigma, image ids, velocity target)."""
+    import torch
+
+    packed, ids = pack(latents)
+    noise = torch.randn_like(packed)
+    sigma = shifted_sigmas(len(packed), packed.shape[1], packed.device)
+    xt = (1 - sigma[:, None, None]) * packed + sigma[:, None, None] * noise
+    return xt, sigma, ids, noise - packed
