@@ -29,7 +29,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
   >"$OUT/pip-fluxkiln.log" 2>&1 || { echo "installing fluxkiln failed:"; tail -20 "$OUT/pip-fluxkiln.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD/bench PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python3 -c "import setuptools" 2>/dev/null || echo "warning: no setuptools here: the plugin-install tests skip"
+python3 -c "import setuptools.command.bdist_wheel" 2>/dev/null || python3 -c "import setuptools, wheel" 2>/dev/null ||
+  echo "warning: no setuptools >= 70.1 (or setuptools + wheel) here: the plugin-install tests skip"
 [ "$1" = "--install-only" ] && exit 0
 python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1 || true
 common=(-v --tb=short -p no:cacheprovider -p no:benchmark -p pytest_live_report --live-report "$OUT"
