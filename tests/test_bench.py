@@ -40,7 +40,8 @@ def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, ca
         assert row["transformer_rel_diff"] < limit and row["block_rel_diff"] < limit
         assert row["engine"]["cache_store_s"] > 0
     assert res["sample"]["dev-go_fast"]["fast_paths"]["fused_qkv"] is True
-    assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": CUDA, "fused_qkv": False,
+    # the lossless path: on a GPU compiled blocks and VAE decoder and fused QKV; on CPU none of them
+    assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": CUDA, "fused_qkv": CUDA,
                                                            "fp8": False, "compiled_vae": CUDA}
     assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock", "ckpt_every_2nd", "fp8_ckpt_24gb"}
     if not CUDA:
@@ -114,6 +115,39 @@ def test_fp8_skips_projections_replaced_by_fused_qkv():
     t.fuse_qkv_projections()
     names = [attr for _p, attr, _m in fast._fp8_candidates(t)]
     assert "to_qkv" in names and "to_q" not in names and len(names) < unfused
+
+
+def test_fp8_swaps_the_same_layers_when_lora_adapters_are_loaded():
+    """A plain image must not depend on whether LoRAs were ever loaded on the resident pipeline: with adapters
+    loaded (switched off, or merged), fp8 swaps the base linear inside each LoRA wrapper."""
+    pipe = build_tiny_flux("dev")
+    t = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    with torch.no_grad():
+        fast.fp8_apply(t)
+        plain = t(**inputs, return_dict=False)[0]
+        fast.fp8_restore(t)
+    gen = torch.Generator().manual_seed(0)
+    lora = {}
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
+                 "single_transformer_blocks.0.proj_out"):
+        layer = t.get_submodule(name)
+        lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=gen)
+        lora[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=gen)
+    plain_count = len(fast._fp8_candidates(t))
+    pipe.load_lora_weights(lora, adapter_name="style")
+    pipe.disable_lora()
+    assert len(fast._fp8_candidates(t)) == plain_count
+    with torch.no_grad():
+        n = fast.fp8_apply(t)
+        assert n == plain_count and isinstance(t.get_submodule("transformer_blocks.0.ff.net.2.base_layer"),
+                                                 fast.fp8_linear_class())
+        assert torch.equal(t(**inputs, return_dict=False)[0], plain)
+        assert fast.fp8_restore(t) == n and isinstance(
+            t.get_submodule("transformer_blocks.0.ff.net.2.base_layer"), torch.nn.Linear)
+    t.fuse_qkv_projections()  # to_q's base layer is then replaced by to_qkv, like a plain to_q
+    names = [attr for _p, attr, _m in fast._fp8_candidates(t)]
+    assert "to_qkv" in names and names.count("base_layer") == 2
 
 
 def test_compile_blocks_in_place_and_back():

@@ -108,7 +108,8 @@ def test_context_parallel_off_keeps_the_split_and_the_residency_key(tmp_path):
     assert result.ok, failed
     (model,) = result.outputs["base"].values()
     assert model.info["context_parallel"] == 1 and parallel.splits_images(model)
-    assert model.key.endswith("|cpu")  # no context-parallel suffix
+    assert model.key.endswith(f"|{model.info['device']}")  # no context-parallel suffix (device: cpu or cuda)
+    assert model.info["device"] == ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     shared = type(model)(ref="x", kind="flux", key="k", info={"context_parallel": 2})
     assert not parallel.splits_images(shared)
 

@@ -92,12 +92,24 @@ def load_performance_generator():
     return module
 
 
+def _stale(name: str, page: str, rendered: str) -> str:
+    """What the generator would change in a page (a failure far from here, e.g. on a GPU machine, says what)."""
+    import difflib
+
+    diff = difflib.unified_diff(page.splitlines(), rendered.splitlines(), f"docs/{name}", "generated", n=1,
+                                lineterm="")
+    newest = sorted(p.name for p in (ROOT / "bench").glob("*.json"))
+    return f"run: python bench/perf_docs.py\n{chr(10).join(list(diff)[:40])}\nbench JSON files: {newest}"
+
+
 def test_performance_tables_are_generated_from_the_committed_bench_json():
     gen = load_performance_generator()
     page = (DOCS / "performance.md").read_text()
-    assert gen.render(page, ROOT / "bench") == page, "run: python bench/perf_docs.py"
+    rendered = gen.render(page, ROOT / "bench")
+    assert rendered == page, _stale("performance.md", page, rendered)
     generation = (DOCS / "generation.md").read_text()
-    assert gen.render(generation, ROOT / "bench", gen.GENERATION_TABLES) == generation, "run: python bench/perf_docs.py"
+    rendered = gen.render(generation, ROOT / "bench", gen.GENERATION_TABLES)
+    assert rendered == generation, _stale("generation.md", generation, rendered)
 
 
 def test_performance_page_shows_the_newest_full_bench_run(tmp_path):

@@ -13,6 +13,7 @@ from flux_support import failure, run_body
 from fluxkiln.engine.errors import RecipeInvalid
 from fluxkiln.engine.runner import Engine
 
+CUDA = torch.cuda.is_available()  # load_model's dtype "auto" is bfloat16 there
 RANK = 4
 # (diffusers module, out features, in features) of the tiny transformer
 LAYERS = [("single_transformer_blocks.0.proj_out", 32, 160), ("transformer_blocks.0.attn.to_q", 32, 32),
@@ -79,6 +80,18 @@ def px(result, node: str) -> np.ndarray:
     return np.asarray(result.outputs[node]["output"][0].image).astype(np.float32)
 
 
+def assert_same_image(a: np.ndarray, b: np.ndarray, cpu_max: float) -> None:
+    """Pixels equal to within ``cpu_max`` levels on a CPU (float32).  On a GPU the model runs in bfloat16: a merged
+    LoRA rounds W + BA to bfloat16, go_fast adds fp8 matmuls and the compiled blocks use other kernels, which moves
+    a few pixels by a few levels (bfloat16 with the GPU plan, emulated on a CPU: at most 6, 0.23 on average); the
+    LoRA itself moves them by about 19 on average."""
+    diff = np.abs(a - b)
+    if CUDA:
+        assert diff.mean() <= 0.75 and diff.max() <= 16, (diff.mean(), diff.max())
+    else:
+        assert diff.max() <= cpu_max
+
+
 def test_lora_changes_the_image_scale_zero_does_not_and_formats_agree(engine, loras):
     body = (BASE + lora_node("peft", loras / "peft.safetensors") + lora_node("kohya", loras / "kohya.safetensors")
             + lora_node("zero", loras / "peft.safetensors", "lora_scale = 0.0")
@@ -90,10 +103,11 @@ def test_lora_changes_the_image_scale_zero_does_not_and_formats_agree(engine, lo
     result = run_body(engine, loras, body)
     plain = px(result, "plain")
     assert np.abs(px(result, "with_peft") - plain).mean() > 2  # the LoRA changes the image
-    assert np.abs(px(result, "with_kohya") - px(result, "with_peft")).max() <= 2  # same LoRA, other format
-    assert np.abs(px(result, "with_zero") - plain).max() <= 1  # scale 0 = no LoRA
-    assert np.abs(px(result, "with_fused") - px(result, "with_peft")).max() <= 2  # fused = unfused
-    assert np.abs(px(result, "plain_again") - plain).max() <= 2  # LoRAs removed again, fused QKV is lossless
+    assert_same_image(px(result, "with_kohya"), px(result, "with_peft"), 2)  # same LoRA, other format
+    assert_same_image(px(result, "with_zero"), plain, 1)  # scale 0 = no LoRA
+    assert_same_image(px(result, "with_fused"), px(result, "with_peft"), 2)  # fused = unfused
+    # LoRAs removed again; fused QKV is lossless (on a GPU go_fast also means fp8 matmuls: slightly lossy)
+    assert_same_image(px(result, "plain_again"), plain, 2)
     item = result.outputs["with_kohya"]["output"][0]
     assert item.meta["loras"] == [{"file": "kohya.safetensors", "scale": 1.0}]
     logs = [e.data["message"] for e in result.events if e.event == "node_log"]

@@ -34,7 +34,10 @@ def pixels(item) -> np.ndarray:
 
 
 
-def test_every_aspect_ratio_and_megapixel_setting_gives_replicates_pixel_sizes(engine, tmp_path):
+def test_every_aspect_ratio_and_megapixel_setting_gives_replicates_pixel_sizes(engine, tmp_path, monkeypatch):
+    # on a GPU every new image size compiles the blocks and the VAE decoder again (seconds each, 20 sizes here):
+    # this test is about the sizes, so it samples eagerly there
+    monkeypatch.setenv("FLUXKILN_COMPILE", "0")
     nodes = f"[nodes.base]\n{DEV}\n"
     for i, ratio in enumerate(ASPECT_RATIOS):
         for mp in ("1", "0.25"):

@@ -108,7 +108,9 @@ def test_development_mode_reruns_nodes_when_their_plugin_code_changes(tmp_path):
     helper.write_text("def suffix():\n    return '!'\n")
     recipe = tmp_path / "r.toml"
     recipe.write_text('[recipe]\nname = "dev"\n[nodes.hi]\ntype = "greet"\n')
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "src"), FLUXKILN_CACHE=str(tmp_path / "cache"))
+    # prepended: where fluxkiln itself is on PYTHONPATH (a `pip install --target` folder) it must stay there
+    path = os.pathsep.join(p for p in (str(tmp_path / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, FLUXKILN_CACHE=str(tmp_path / "cache"))
 
     def run(**extra: str) -> dict[str, str]:
         return _states(fluxkiln("run", str(recipe), "--json", env=env, cwd=tmp_path,

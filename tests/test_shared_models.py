@@ -17,6 +17,7 @@ from flux_support import failure, recipe, run
 from fluxkiln.engine.runner import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()  # load_model's dtype "auto" is bfloat16 there
 DATA = ROOT / "recipes" / "data" / "solid-red"
 LAYERS = [("single_transformer_blocks.0.proj_out", 32, 160), ("transformer_blocks.0.attn.to_q", 32, 32),
           ("transformer_blocks.0.ff.net.2", 32, 128)]
@@ -125,7 +126,11 @@ def test_fuse_then_unfuse_restores_the_base_weights_exactly(tmp_path, loras):
     ref = fresh(tmp_path, unfused_body, "fuse")
     assert np.array_equal(pixels(unfused, "images"), pixels(ref, "images"))
     assert np.array_equal(pixels(unfused, "plain"), pixels(ref, "plain"))
-    assert np.abs(pixels(fused, "images").astype(int) - pixels(ref, "images")).max() <= 2  # fused = unfused
+    diff = np.abs(pixels(fused, "images").astype(int) - pixels(ref, "images"))  # fused = unfused:
+    if CUDA:  # bfloat16 there: W + BA rounded to bfloat16, and go_fast's fp8 matmuls once
+        assert diff.mean() <= 0.75 and diff.max() <= 16, (diff.mean(), diff.max())  # merged (emulated: max 8)
+    else:
+        assert diff.max() <= 2
     mine = base_weights(engine, unfused.outputs["base"]["output"])
     theirs = base_weights(Engine(), ref.outputs["base"]["output"])
     assert mine.keys() == theirs.keys()

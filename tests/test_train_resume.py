@@ -23,6 +23,20 @@ def _same_weights(a, b) -> None:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
+def _close_weights(a, b) -> None:
+    """Bit for bit on a CPU.  A GPU trains in bfloat16 with compiled blocks (recomputed with other fusions under
+    gradient checkpointing) and backward reductions that are not bit-exact: there each tensor agrees to within
+    5 % of its norm (a different setting that mattered would move the weights by about their own size)."""
+    if not torch.cuda.is_available():
+        _same_weights(a, b)
+        return
+    wa, wb = load_weights(a), load_weights(b)
+    assert sorted(wa) == sorted(wb) and wa
+    for k in wa:
+        x, y = wa[k].float(), wb[k].float()
+        assert (x - y).norm() <= 0.05 * x.norm() + 1e-8, f"{k} differs: {(x - y).norm()} vs {x.norm()}"
+
+
 def _logs(result) -> str:
     return "\n".join(e.data["message"] for e in result.events if e.event == "node_log" and e.node == "lora")
 
@@ -190,7 +204,8 @@ def test_ctrl_c_in_the_cli_checkpoints_and_exits_130(tmp_path):
 
 def test_memory_settings_do_not_change_the_weights(tmp_path):
     """gradient_checkpointing and the latent/text caches trade memory for time only (so they are not part
-    of the checkpoint key): on CPU every combination trains the same weights, bit for bit."""
+    of the checkpoint key): on CPU every combination trains the same weights, bit for bit (on a GPU, to within
+    bfloat16's rounding)."""
     data = solid_dataset(tmp_path / "data")
     variants = [{}, {"gradient_checkpointing": True}, {"cache_latents": False, "cache_text_embeddings": False},
                 {"cache_latents_to_disk": True}]
@@ -201,5 +216,5 @@ def test_memory_settings_do_not_change_the_weights(tmp_path):
         assert result.ok, extra
         results.append(result)
     for other in results[1:]:
-        _same_weights(_lora(results[0]).path, _lora(other).path)
+        _close_weights(_lora(results[0]).path, _lora(other).path)
     assert list((tmp_path / "cache3").glob("state/train_lora-*/latents/*-64x64.safetensors"))

@@ -13,16 +13,33 @@ from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.train import gpu
 
 
+CUDA = torch.cuda.is_available()  # train_lora compiles the blocks there, in bfloat16
+
+
 @pytest.fixture
 def counted_checkpoints(monkeypatch):
+    """Counts the blocks run under a checkpoint: eager blocks (CPU) call torch's checkpoint on every call;
+    compiled ones (GPU) call the one compiled "checkpoint this block" function, inside which torch's checkpoint
+    runs only while Dynamo traces it."""
     calls: list[int] = []
-    real = torch.utils.checkpoint.checkpoint
+    real, real_inside = torch.utils.checkpoint.checkpoint, gpu._compiled_checkpoint
 
     def counting(fn, *args, **kw):
-        calls.append(1)
+        if not torch.compiler.is_compiling():
+            calls.append(1)
         return real(fn, *args, **kw)
 
+    def counting_inside(backend):
+        compiled = real_inside(backend)
+
+        def call(block, *args):
+            calls.append(1)
+            return compiled(block, *args)
+
+        return call
+
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(gpu, "_compiled_checkpoint", counting_inside)
     return calls
 
 
@@ -40,8 +57,11 @@ def test_checkpointing_any_interval_gives_the_same_losses(tmp_path, counted_chec
     assert got["off"][1] == 0
     assert got["all"][1] == 4 * blocks  # every block of every step
     assert got["half"][1] == 4 * 2  # blocks 0 and 2
-    assert got["all"][0] == pytest.approx(got["off"][0], rel=1e-5)
-    assert got["half"][0] == pytest.approx(got["off"][0], rel=1e-5)
+    # a GPU trains in bfloat16 with compiled blocks, whose recomputation fuses other kernels, and its backward
+    # reductions are not bit-exact: the losses agree to bfloat16's precision there (float32 on a CPU)
+    rel = 2e-2 if CUDA else 1e-5
+    assert got["all"][0] == pytest.approx(got["off"][0], rel=rel)
+    assert got["half"][0] == pytest.approx(got["off"][0], rel=rel)
 
 
 def test_gradient_checkpointing_interval_is_checked(tmp_path, capsys):

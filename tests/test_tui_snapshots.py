@@ -11,6 +11,7 @@ import time
 
 import pytest
 from textual.command import CommandList
+from textual.widgets import Input
 
 import fluxkiln.plugins.ports as ports_plugin
 from fluxkiln.engine.registry import Registry
@@ -136,10 +137,19 @@ def test_quit_dialog_with_stay_focused(app, snap_compare):
 
 
 def test_command_palette_finds_run(app, snap_compare):
+    def searched(pilot) -> bool:
+        """The search for all of "run" has finished and its hits are listed.  Each key starts a new search (for
+        "r", then "ru"): on a busy machine the hits of an earlier one may still be showing, or the list may
+        still be filling, when the first hits appear."""
+        palette = pilot.app.screen
+        searching = any(w.group == palette._GATHER_COMMANDS_GROUP and not w.is_finished for w in pilot.app.workers)
+        return (palette.query_one(Input).value == "run" and not searching
+                and palette.query_one(CommandList).option_count > 0)
+
     async def palette(pilot):
         await settled(pilot)
         await pilot.press("ctrl+p", *"run")
-        await until(pilot, lambda: pilot.app.screen.query_one(CommandList).option_count > 0)
+        await until(pilot, lambda: searched(pilot))
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=(120, 40), run_before=palette)

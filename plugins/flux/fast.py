@@ -220,7 +220,10 @@ def fp8_linear_class() -> Any:
 
 
 def _fp8_candidates(transformer: Any) -> list[tuple[Any, str, Any]]:
-    """(parent, attribute, linear) of the block linears worth fp8: token-wise ones with sizes % 16 == 0."""
+    """(parent, attribute, linear) of the block linears worth fp8: token-wise ones with sizes % 16 == 0.
+
+    A layer that carries LoRA adapters (fp8 only runs with them merged or switched off) gets its base linear
+    swapped, so the same layers compute in fp8 whether or not adapters were ever loaded on the pipeline."""
     import torch
 
     found = []
@@ -228,17 +231,26 @@ def _fp8_candidates(transformer: Any) -> list[tuple[Any, str, Any]]:
         for name, module in block.named_modules():
             parts = name.split(".")
             if not isinstance(module, torch.nn.Linear) or "original" in parts or any(
-                    "norm" in p or "lora_" in p or p == "base_layer" for p in parts):
+                    "norm" in p or "lora_" in p for p in parts):
                 continue
             if module.in_features % 16 or module.out_features % 16 or module.weight.dtype not in (
                     torch.bfloat16, torch.float16, torch.float32):
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            if getattr(parent, "fused_projections", False) and attr in UNFUSED:
+            owner, role = _owner(block, parent_name, attr)
+            if getattr(owner, "fused_projections", False) and role in UNFUSED:
                 continue  # replaced by to_qkv / to_added_qkv while the projections are fused
             found.append((parent, attr, module))
     return found
+
+
+def _owner(block: Any, parent_name: str, attr: str) -> tuple[Any, str]:
+    """The module that uses a linear and the linear's role there (a LoRA wrapper's base layer: the wrapper's)."""
+    if attr != "base_layer":
+        return (block.get_submodule(parent_name) if parent_name else block), attr
+    grand, _, role = parent_name.rpartition(".")
+    return (block.get_submodule(grand) if grand else block), role
 
 
 def fp8_apply(transformer: Any) -> int:

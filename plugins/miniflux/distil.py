@@ -44,12 +44,7 @@ def distil_guidance(cfg: TrainConfig, m: dict[str, Any], pools: Pools, enc: Text
             target = uncond + g[:, None, None] * (cond - uncond)
             pred = forward(student, xt, sigma, ids, seq[:n], pooled[:n], guidance=g)
         loss = F.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        world.average_grads(list(student.parameters()))
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        ema.update()
+        _update(student, loss, opt, world, ema)
         step += 1
         if step % 200 == 0:
             log(f"guidance step {step}/{plan.total} loss {loss.item():.4f}")
@@ -116,14 +111,21 @@ def distil_schnell(cfg: TrainConfig, dev: Any, pools: Pools, enc: TextEncoder,
             with autocast(device):
                 pred = forward(student, x0, s0.float(), ids, seq, pooled)
             loss = F.mse_loss(pred.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            world.average_grads(list(student.parameters()))
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            ema.update()
+            _update(student, loss, opt, world, ema)
             step += 1
         if step % 200 < cfg.student_steps_per_batch:
             log(f"schnell step {step}/{plan.total} loss {loss.item():.4f}")
     return ema, {"schnell_steps": step, "schnell_loss": round(loss.item(), 5),
                  "schnell_seconds": round(plan.elapsed(), 1)}
+
+
+def _update(student: Any, loss: Any, opt: Any, world: Any, ema: Any) -> None:
+    """One optimizer step of a distillation student: gradients averaged over the ranks, clipped at 1."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    world.average_grads(list(student.parameters()))
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    ema.update()
