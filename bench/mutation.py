@@ -13,12 +13,15 @@ packages (``engine/`` installs as ``fluxkiln.engine``), so the script stages a
 copy laid out as the import names (``src/fluxkiln/engine/...``) in a work folder,
 runs mutmut there, and ``PYTHONPATH`` points subprocesses (the CLI tests) at the
 mutated copy too.  Results are kept in the work folder, so a second run only
-re-checks what changed; ``--fresh`` starts over.
+re-checks what changed; ``--fresh`` starts over.  ``python bench/mutation.py NAME...`` re-checks named
+mutants, and ``--merge`` folds a work folder of such re-checks into the JSON of a complete run made
+elsewhere (each re-checked outcome replaces the earlier one; the JSON's ``note`` says so).
 
 Prints a table and writes ``bench/mutation.json``: tool and version, date,
 modules, mutant counts by outcome, seconds, and every surviving mutant (file,
 line, diff) that is not in :data:`EQUIVALENT`, the reviewed list of mutants that
-cannot change behaviour.
+cannot change behaviour, nor in :data:`GPU_ONLY`, those only a CUDA run tells apart (with the test
+that kills each there).
 """
 
 from __future__ import annotations
@@ -432,7 +435,7 @@ def merge(previous: dict[str, Any], root: Path) -> Summary:
                    modules=previous["modules"], skipped_operators=previous["skipped_operators"],
                    seconds=previous["seconds"], max_children=previous["max_children"], total=sum(totals.values()),
                    counts=totals, equivalent=len(equivalent), unexplained=len(survivors), groups=groups,
-                   survivors=survivors, stale_exceptions=sorted(set(EQUIVALENT) - set(alive)),
+                   survivors=survivors, stale_exceptions=sorted((set(EQUIVALENT) | set(GPU_ONLY)) - set(alive)),
                    gpu_only={n: GPU_ONLY[n] for n in sorted(alive) if n in GPU_ONLY}, equivalent_mutants=equivalent,
                    rechecked=dict(sorted(rechecked.items())),
                    note=f"the complete run of {previous['date']} ({previous['max_children']} at once) with the "
@@ -555,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                       else previous.get("max_children", args.max_children),
                       total=sum(totals.values()), counts=totals, equivalent=len(equivalent & set(EQUIVALENT)),
                       unexplained=len(survivors), groups=results, survivors=survivors,
-                      stale_exceptions=sorted(set(EQUIVALENT) - equivalent),
+                      stale_exceptions=sorted((set(EQUIVALENT) | set(GPU_ONLY)) - equivalent),
                       gpu_only={n: GPU_ONLY[n] for n in sorted(equivalent) if n in GPU_ONLY},
                       equivalent_mutants=sorted(equivalent & set(EQUIVALENT)))
     args.out.write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False) + "\n")
