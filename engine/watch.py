@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import signal
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeInvalid
+from .launch import exit_now
 
 
 class RecipeWatcher:
@@ -265,9 +265,7 @@ def watch_main(args: argparse.Namespace) -> int:
         # Stopped by Ctrl-C, every run finished at a safe point: exit now.  Interpreter teardown (seconds, with
         # torch loaded) restores the default SIGINT handler, so a second Ctrl-C during it killed the process
         # by signal instead of exiting 130.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        exit_now(130)
     return 0
 
 
@@ -287,9 +285,7 @@ class _Interrupts:
             self.session.stop()
             return
         print("\nfluxkiln: aborted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # the run thread may be inside native code: never run interpreter teardown under it
+        exit_now(130)  # the run thread may be inside native code: never run interpreter teardown under it
 
 
 def _fmt_problem(d: dict[str, Any]) -> str:
