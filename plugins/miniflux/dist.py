@@ -8,9 +8,10 @@ many steps it plans (:meth:`World.agree`), which weights to keep, and it alone l
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
+
+from fluxkiln.engine import distributed
 
 
 @dataclass
@@ -82,25 +83,14 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
-        if self.size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def join() -> World:
     """This process's place in a ``torchrun`` launch (``WORLD_SIZE`` > 1), with its process group started
-    and its GPU chosen; a one-process world otherwise."""
+    and its GPU chosen by fluxkiln's own :func:`~fluxkiln.engine.distributed.init`; a one-process world
+    otherwise."""
     import torch
 
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if size == 1:
-        return World(0, 1, "cuda" if cuda else "cpu")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
-    return World(dist.get_rank(), dist.get_world_size(), "cuda" if cuda else "cpu")  # "cuda": the set device
+    joined = distributed.init()
+    return World(joined.rank, joined.size, "cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the set device
