@@ -350,34 +350,25 @@ def _met(ok: bool | None) -> str:
 
 
 def gpus_table(bench: Path) -> str:
-    """One row per ``fluxkiln bench --gpus N`` result (``bench/*-gpus-*.json``), fewest GPUs first."""
-    from fluxkiln.plugins.bench.many import TARGETS
-
+    """One row per ``fluxkiln bench --gpus N`` result (``bench/*-gpus-*.json``), fewest GPUs first; met or
+    missed as the run's own ``targets`` say."""
     rows = []
     for path in sorted(bench.glob("*-gpus-*.json"), key=lambda p: (json.loads(p.read_text())["gpus"], p.name)):
         d = json.loads(path.read_text())
-        n, want = d["gpus"], TARGETS.get(d["gpus"], {})
+        met = {t["target"]: t["met"] for t in d.get("targets", [])}
         dp, ddp, cp = d.get("data_parallel", {}), d.get("ddp", {}), d.get("context_parallel", {})
         best, stock = cp.get("best") or {}, cp.get("stock_best") or {}
         rows.append([
-            f"{n} × {d['gpu']}, {d['date']} (`bench/{path.name}`)",
+            f"{d['gpus']} × {d['gpu']}, {d['date']} (`bench/{path.name}`)",
             f"{num(dp.get('speedup'), 2, '×')}: {num(dp.get('one_images_per_s'), 3)} → "
-            f"{num(dp.get('many_images_per_s'), 3)} images/s" + _met(_at_least(dp.get("speedup"), want.get("dp_speedup"))),
+            f"{num(dp.get('many_images_per_s'), 3)} images/s" + _met(met.get("dp_speedup")),
             f"{num(best.get('ratio'), 3, '×')}: {num(best.get('one_s'), 2)} → {num(best.get('s'), 2)} s "
-            f"(`{best.get('variant', '–')}`)" + _met(_at_most(best.get("ratio"), want.get("cp_ratio"))),
+            f"(`{best.get('variant', '–')}`)" + _met(met.get("cp_ratio")),
             f"{num(stock.get('ratio'), 3, '×')} (`{stock.get('variant', '–')}`)",
             f"{num(ddp.get('ratio'), 3, '×')}: {num(ddp.get('one_step_s'), 3)} → {num(ddp.get('many_step_s'), 3)} s "
-            f"at global batch {ddp.get('global_batch', '–')}" + _met(_at_most(ddp.get("ratio"), want.get("ddp_ratio")))])
+            f"at global batch {ddp.get('global_batch', '–')}" + _met(met.get("ddp_ratio"))])
     return table(["GPUs", "data parallel: speed-up", "context parallel: time vs one GPU (fastest split)",
                   "stock diffusers CP", "DDP step at N × the global batch vs one GPU"], rows)
-
-
-def _at_least(value: float | None, goal: float | None) -> bool | None:
-    return None if value is None or goal is None else value >= goal
-
-
-def _at_most(value: float | None, goal: float | None) -> bool | None:
-    return None if value is None or goal is None else value <= goal
 
 
 def tables(bench: Path) -> dict[str, Callable[[], str]]:
