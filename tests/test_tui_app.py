@@ -13,6 +13,7 @@ from fluxkiln.engine.registry import Registry
 from fluxkiln.engine.runner import Engine
 from fluxkiln.tui.app import FluxkilnApp
 from fluxkiln.tui.problems import ProblemList
+from fluxkiln.tui.watching import Watch
 from helpers import textnodes
 
 RECIPE = '''[recipe]
@@ -267,6 +268,24 @@ def test_watch_reruns_only_affected_nodes_on_save_and_on_disk_change(tmp_path, f
         assert 'value = "changed"' in editor.text and not editor.dirty
         await pilot.press("ctrl+t")
         assert not app.main.watcher.active
+
+    drive(app, script)
+
+
+def test_watch_runs_a_save_once_when_the_file_event_comes_before_the_saved_message(tmp_path, fresh_cache):
+    app = make_app(tmp_path, fresh_cache)
+    path = tmp_path / "demo.toml"
+
+    async def script(pilot):
+        main, editor = app.main, app.main.editor
+        await pilot.press("ctrl+t")
+        editor.load_text(RECIPE.replace('value = "hi"', 'value = "mine"'))
+        editor.save()  # posts Saved; a loaded machine can deliver the watcher's event first
+        main.on_watch_files_changed(Watch.FilesChanged({str(path)}))
+        assert main.runs_started == 0  # the event left the rerun to the save
+        await until(pilot, lambda: main.runs_ended == 1)
+        await pilot.pause(0.5)
+        assert main.runs_started == 1 and states(app)["a"] == "done"
 
     drive(app, script)
 

@@ -202,13 +202,16 @@ class RunControl:
     def on_watch_files_changed(self, msg: Watch.FilesChanged) -> None:
         """Files changed on disk while watching: take an outside change of the recipe, then rerun."""
         editor = self.editor
-        if self.watcher.recipe_changed(msg.paths) and editor.changed_on_disk():
-            if editor.dirty:
-                self._ask_about_disk_change(rerun=not self.watcher.only_recipe(msg.paths))
+        if self.watcher.recipe_changed(msg.paths):
+            if editor.changed_on_disk():
+                if editor.dirty:
+                    self._ask_about_disk_change(rerun=not self.watcher.only_recipe(msg.paths))
+                    return
+                editor.reload()
+            elif self.watcher.only_recipe(msg.paths):
+                # The file holds what the editor saved: that save reruns (RecipeEditor.Saved), even when
+                # this event arrives before the Saved message does.
                 return
-            editor.reload()
-        if self.watcher.only_recipe(msg.paths) and editor.text == self.last_run_text:
-            return  # our own save, already rerun when it was saved
         self.request_run(editor.text)
 
     def _ask_about_disk_change(self, rerun: bool) -> None:
