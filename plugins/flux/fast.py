@@ -4,8 +4,8 @@
   (``nn.Module.compile``); blocks of one class share the compiled code, so a
   shape costs two compilations (double and single block), and Inductor's FX
   graph cache under ``cache_root()/inductor`` makes later processes reuse them.
-* With ``fluxkiln warmup``'s files on disk (:mod:`.precompiled`), a block call that matches one runs the
-  precompiled function instead: no tracing in a new process.
+* With ``fluxkiln warmup``'s files on disk (:mod:`.precompiled`), a block (or VAE decoder) call that matches
+  one runs the precompiled function instead: no tracing in a new process.
 * :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
   (float8 e4m3 weights and activations with row-wise scales, multiplied by
@@ -108,23 +108,28 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
     otherwise); returns how many were newly compiled."""
     if backend == "inductor":
         setup_compile_cache()
-    import torch
-
-    from . import precompiled
-
     mode = compile_mode() if backend == "inductor" else None
-    variants = precompiled.table(_device_type(transformer)) if backend == "inductor" and mode is None else {}
-    serve = bool(variants) or precompiled.recording()
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            regular = torch.compile(block._call_impl, backend=backend, dynamic=False,
-                                    **({"mode": mode} if mode else {}))
-            block._compiled_call_impl = precompiled.Dispatch(block, regular, variants) if serve else regular
+            _compile_in_place(block, _device_type(transformer), backend, mode)
             n += 1
     if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return n
+
+
+def _compile_in_place(module: Any, device: str, backend: str, mode: str | None) -> None:
+    """``module.compile(...)``, through :class:`.precompiled.Dispatch` when `fluxkiln warmup` saved variants
+    (Inductor's default mode only) or one is recording them."""
+    import torch
+
+    from . import precompiled
+
+    regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
+    variants = precompiled.table(device) if backend == "inductor" and mode is None else {}
+    serve = bool(variants) or (precompiled.recording() and backend == "inductor" and mode is None)
+    module._compiled_call_impl = precompiled.Dispatch(module, regular, variants) if serve else regular
 
 
 def _device_type(transformer: Any) -> str:
@@ -164,7 +169,7 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
     decoder = vae.decoder
     if on and getattr(decoder, "_compiled_call_impl", None) is None:
         setup_compile_cache()
-        decoder.compile(dynamic=False)
+        _compile_in_place(decoder, _device_type(decoder), "inductor", None)
     elif not on:
         decoder._compiled_call_impl = None
 

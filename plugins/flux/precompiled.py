@@ -1,5 +1,5 @@
-"""Ahead-of-time compiled transformer blocks: what ``fluxkiln warmup`` leaves on disk so that a fresh process's
-first image skips torch.compile's tracing.
+"""Ahead-of-time compiled transformer blocks (and VAE decoder): what ``fluxkiln warmup`` leaves on disk so that
+a fresh process's first image skips torch.compile's tracing.
 
 Inductor's caches already keep the generated code between processes, but every new process still traces each
 block with Dynamo and looks its graphs up again before the first image (6.5 s of 8.9 s on an H200 for a first
@@ -11,8 +11,9 @@ that loads without tracing:
   compiles each ahead of time into ``<cache>/precompiled/<environment>/``.
 * :func:`start_preload` deserializes those files in a background thread (``load_model`` starts it before the
   weights load); :func:`table` waits for it.
-* :class:`Dispatch` is what :func:`fluxkiln.plugins.flux.fast.compile_blocks` installs on each block: a call that
-  matches a saved variant runs the precompiled function, anything else the block's ordinary ``torch.compile``.
+* :class:`Dispatch` is what :func:`fluxkiln.plugins.flux.fast.compile_blocks` installs on each block (and
+  ``set_vae_compiled`` on the VAE decoder): a call that matches a saved variant runs the precompiled function,
+  anything else the module's ordinary ``torch.compile``.
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
 Inductor's default mode; training, CUDA graphs and adapters keep ordinary compilation.  Each block's first call of
