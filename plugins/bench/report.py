@@ -41,34 +41,41 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
+# the tables of render_table: (heading, field (a dotted path into the row), format, column width)
+Column = tuple[str, str, str, int]
+SAMPLE_COLUMNS: list[Column] = [
+    ("s/image", "s_per_image", ".3f", 9), ("s/step", "s_per_step", ".4f", 9), ("peak GiB", "peak_gib", ".1f", 10),
+    ("compile s", "compile_warmup_s", ".1f", 10), ("x stock", "ratio_to_stock", ".3f", 9),
+    ("Δ block", "block_rel_diff", ".4f", 9), ("Δ transf.", "transformer_rel_diff", ".4f", 11),
+    ("Δ image", "image_rel_diff", ".4f", 9), ("overhead %", "engine.overhead_run_pct", ".1f", 11)]
+GENERATION_COLUMNS: list[Column] = [
+    ("s/image", "s_per_image", ".3f", 9), ("s/step", "s_per_step", ".4f", 9), ("peak GiB", "peak_gib", ".1f", 10),
+    ("x stock", "ratio_to_stock", ".3f", 9), ("x dev 28", "ratio_to_dev_28_steps", ".3f", 10)]
+TRAIN_COLUMNS: list[Column] = [
+    ("s/step", "s_per_step", ".4f", 9), ("peak GiB", "peak_gib", ".1f", 10),
+    ("reserved", "peak_reserved_gib", ".1f", 10), ("x stock", "ratio_to_stock", ".3f", 9)]
+
+
+def _table(title: str, width: int, columns: list[Column], rows: dict[str, dict[str, Any]]) -> list[str]:
+    """A heading line, a rule, then one line per row: its name, then each column's field formatted (``-`` if absent);
+    a skipped row says why at the end."""
+    head = f"{title:<{width}}" + "".join(f"{label:>{w}}" for label, _, _, w in columns)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        cells = "".join(f"{_fmt(_field(r, field), spec):>{w}}" for _, field, spec, w in columns)
+        lines.append(f"{name:<{width}}{cells}" + (f"  skipped: {r['skipped']}" if r.get("skipped") else ""))
+    return lines
+
+
 def render_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed last."""
     lines = [f"fluxkiln bench — {results.get('gpu', '?')}, torch {results.get('torch', '?')}, "
              f"diffusers {results.get('diffusers', '?')}, {results.get('mode')}, {results.get('date')}", ""]
-    head = f"{'sample':<24}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'compile s':>10}{'x stock':>9}" \
-           f"{'Δ block':>9}{'Δ transf.':>11}{'Δ image':>9}{'overhead %':>11}"
-    lines += [head, "-" * len(head)]
-    for name, r in results.get("sample", {}).items():
-        eng = r.get("engine", {})
-        lines.append(f"{name:<24}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
-                     f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('compile_warmup_s'), '.1f'):>10}"
-                     f"{_fmt(r.get('ratio_to_stock')):>9}{_fmt(r.get('block_rel_diff'), '.4f'):>9}"
-                     f"{_fmt(r.get('transformer_rel_diff'), '.4f'):>11}"
-                     f"{_fmt(r.get('image_rel_diff'), '.4f'):>9}{_fmt(eng.get('overhead_run_pct'), '.1f'):>11}")
+    lines += _table("sample", 24, SAMPLE_COLUMNS, results.get("sample", {}))
     if results.get("generation"):
-        head = f"{'generation':<18}{'s/image':>9}{'s/step':>9}{'peak GiB':>10}{'x stock':>9}{'x dev 28':>10}"
-        lines += ["", head, "-" * len(head)]
-        for name, r in results["generation"].items():
-            lines.append(f"{name:<18}{_fmt(r.get('s_per_image')):>9}{_fmt(r.get('s_per_step'), '.4f'):>9}"
-                         f"{_fmt(r.get('peak_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
-                         f"{_fmt(r.get('ratio_to_dev_28_steps')):>10}")
+        lines += ["", *_table("generation", 18, GENERATION_COLUMNS, results["generation"])]
     if results.get("train"):
-        head = f"{'train':<18}{'s/step':>9}{'peak GiB':>10}{'reserved':>10}{'x stock':>9}"
-        lines += ["", head, "-" * len(head)]
-        for name, r in results["train"].items():
-            lines.append(f"{name:<18}{_fmt(r.get('s_per_step'), '.4f'):>9}{_fmt(r.get('peak_gib'), '.1f'):>10}"
-                         f"{_fmt(r.get('peak_reserved_gib'), '.1f'):>10}{_fmt(r.get('ratio_to_stock')):>9}"
-                         + (f"  skipped: {r['skipped']}" if r.get("skipped") else ""))
+        lines += ["", *_table("train", 18, TRAIN_COLUMNS, results["train"])]
     steps = {n: r["gpu_step"] for n, r in results.get("sample", {}).items() if r.get("gpu_step")}
     if steps:
         lines += ["", "one transformer forward, GPU kernel ms by kind (idle = GPU waiting)"]

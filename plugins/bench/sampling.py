@@ -4,9 +4,7 @@ breakdown of one step and the engine's overhead over a bare pipeline call."""
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from .guard import block_inputs, block_output, guard_inputs, rel_diff
 from .kernels import kernel_probe
 from .overhead import engine_phases, per_run_ms
 from .profile import kernel_breakdown, stage_times
-from .session import PROMPT, BenchSession
+from .session import PROMPT, BenchSession, per_image, recipe_head, sample_head
 
 CONFIGS = ("dev-lossless", "dev-go_fast", "schnell-go_fast", "dev-go_fast-cache", "schnell-go_fast-cache",
            "dev-go_fast-graphs", "schnell-go_fast-graphs")
@@ -54,12 +52,12 @@ class SamplingBench:
         import torch
 
         pipe = self.bench.pipes[variant]
-        self.bench.sync()
-        t0 = time.perf_counter()
-        with torch.no_grad(), self.attention():
-            images = pipe(**self.call_args(variant)).images
-        self.bench.sync()
-        return time.perf_counter() - t0, images[0]
+
+        def call() -> Any:
+            with torch.no_grad(), self.attention():
+                return pipe(**self.call_args(variant)).images[0]
+
+        return self.bench.timed(call)
 
     def reference(self, variant: str) -> None:
         """Eager bf16 reference: one transformer forward (quality guard) and stock FluxPipeline timings."""
@@ -80,21 +78,19 @@ class SamplingBench:
         stock = FluxPipeline(**pipe.components)
         stock.set_progress_bar_config(disable=True)
         self.bench.reset_peak()
-        runs, images = [], []
-        for _ in range(1 + self.bench.repeats):
-            self.bench.sync()
-            t0 = time.perf_counter()
+
+        def call() -> Any:
             with torch.no_grad():
-                images.append(stock(**self.call_args(variant)).images[0])
-            self.bench.sync()
-            runs.append(time.perf_counter() - t0)
+                return stock(**self.call_args(variant)).images[0]
+
+        runs, images = self.bench.timed_repeats(call)
         self.stock_images[variant] = images[-1]
         self.bench.results["eager_noise_floor"][variant]["image_rel_diff"] = rel_diff(images[0], images[-1])
         per = statistics.median(runs[1:])
         self.bench.results["sample"][f"{variant}-stock"] = {
             "what": "stock diffusers FluxPipeline, eager bf16, same text encoders", "steps": self.bench.steps[variant],
-            "s_per_image": round(per, 3), "s_per_step": round(per / self.bench.steps[variant], 4),
-            "runs_s": [round(r, 3) for r in runs], "warmup_s": round(runs[0], 3), "peak_gib": self.bench.peak_gib(),
+            **per_image(runs, self.bench.steps[variant]), "warmup_s": round(runs[0], 3),
+            "peak_gib": self.bench.peak_gib(),
             "stages_s": stage_times(stock, lambda: stock(**self.call_args(variant)), self.bench.sync)}
         if self.bench.device == "cuda":
             self.bench.results["sample"][f"{variant}-stock"]["gpu_step"] = kernel_breakdown(
@@ -106,18 +102,8 @@ class SamplingBench:
         guidance = "" if variant == "schnell" else "guidance = 3.0\n"
         if cache:
             guidance += f"cache_threshold = {cache}\n"
-        path.write_text(f'''[recipe]
-name = "bench-{variant}"
-
-[nodes.base]
-type = "load_model"
-model = {json.dumps(self.bench.refs[variant])}
-
-[nodes.images]
-type = "sample"
-model = "@base"
-prompt = {json.dumps(PROMPT)}
-aspect_ratio = "custom"
+        head = recipe_head(f"bench-{variant}", {"base": self.bench.refs[variant]}) + sample_head("images", "base")
+        path.write_text(head + f'''aspect_ratio = "custom"
 width = {self.bench.size}
 height = {self.bench.size}
 num_inference_steps = {self.bench.steps[variant]}
@@ -128,14 +114,7 @@ go_fast = {str(go_fast).lower()}
 
     def engine_run(self, recipe: Path) -> tuple[float, float, Any, dict[str, Any]]:
         """One ``fluxkiln run`` of the recipe: (wall seconds, sample node seconds, first image, its timing)."""
-        self.bench.sync()
-        t0 = time.perf_counter()
-        result = self.bench.engine.run(recipe, force=["images"], output=self.bench.work / "runs" / recipe.stem)
-        self.bench.sync()
-        wall = time.perf_counter() - t0
-        if not result.ok:
-            failed = [e.data for e in result.events if e.event == "node_failed"]
-            raise RuntimeError(f"recipe {recipe.name} failed: {failed}")
+        wall, result = self.bench.run_recipe(recipe, "images")
         node_s = next(e.data["seconds"] for e in result.events if e.event == "node_finished" and e.node == "images")
         first = result.outputs["images"]["output"][0]
         return wall, node_s, first.image, first.meta.get("timing", {})
@@ -182,8 +161,7 @@ go_fast = {str(go_fast).lower()}
             got_block = block_output(pipe, block_in)
         st = state_of(pipe)
         row = {"what": f"fluxkiln sample node through Engine.run, go_fast={mode == 'go_fast'}",
-               "steps": self.bench.steps[variant], "s_per_image": round(per, 3),
-               "s_per_step": round(per / self.bench.steps[variant], 4), "runs_s": [round(w, 3) for w in walls],
+               "steps": self.bench.steps[variant], **per_image(walls, self.bench.steps[variant]),
                "first_run_s": round(walls[0], 2), "compile_warmup_s": round(walls[0] - per, 2), "peak_gib": peak,
                "fast_paths": {"compiled_blocks": st.compiled, "fused_qkv": st.qkv_fused, "fp8": st.fp8,
                               "compiled_vae": st.vae_compiled},

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,49 @@ class BenchSession:
             return None
         read = torch.cuda.max_memory_reserved if counter == "reserved" else torch.cuda.max_memory_allocated
         return round(read() / 2**30, 2)
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        """(wall seconds, value) of one call of ``fn``, the device synchronised before and after it."""
+        self.sync()
+        t0 = time.perf_counter()
+        value = fn()
+        self.sync()
+        return time.perf_counter() - t0, value
+
+    def timed_repeats(self, fn: Callable[[], Any]) -> tuple[list[float], list[Any]]:
+        """:meth:`timed` 1 + ``repeats`` times, the first call being the warm-up: (the seconds, the values)."""
+        calls = [self.timed(fn) for _ in range(1 + self.repeats)]
+        return [wall for wall, _ in calls], [value for _, value in calls]
+
+    def run_recipe(self, recipe: Path, force: str) -> tuple[float, Any]:
+        """One timed ``Engine.run`` of ``recipe`` (node ``force`` on run again) into the work folder's
+        ``runs/<stem>``: (wall seconds, the run's result); a failed run raises with what its nodes said."""
+        wall, result = self.timed(lambda: self.engine.run(recipe, force=[force], output=self.work / "runs" /
+                                                          recipe.stem))
+        if not result.ok:
+            failed = [e.data for e in result.events if e.event == "node_failed"]
+            raise RuntimeError(f"recipe {recipe.name} failed: {failed}")
+        return wall, result
+
+
+def per_image(walls: list[float], steps: int | None = None) -> dict[str, Any]:
+    """A row's timing fields from the wall seconds of 1 + repeats runs: the median of the runs after the first (the
+    warm-up) per image and, given the steps, per step, and every run."""
+    per = statistics.median(walls[1:])
+    row: dict[str, Any] = {"s_per_image": round(per, 3)}
+    if steps:
+        row["s_per_step"] = round(per / steps, 4)
+    row["runs_s"] = [round(w, 3) for w in walls]
+    return row
+
+
+def recipe_head(name: str, models: dict[str, str]) -> str:
+    """A bench recipe's start: ``[recipe]`` named ``name``, then one ``load_model`` node per (node id, model)."""
+    loads = "".join(f'\n[nodes.{node}]\ntype = "load_model"\nmodel = {json.dumps(ref)}\n'
+                    for node, ref in models.items())
+    return f'[recipe]\nname = "{name}"\n{loads}'
+
+
+def sample_head(node: str, model: str) -> str:
+    """The start of a ``sample`` node on the ``model`` node with the bench's prompt (its settings follow)."""
+    return f'\n[nodes.{node}]\ntype = "sample"\nmodel = "@{model}"\nprompt = {json.dumps(PROMPT)}\n'

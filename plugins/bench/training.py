@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .session import recipe_head
+
 CARD_GIB = 22.0  # what a 24 GB card leaves a process, after the CUDA context and the display
 # name -> (gradient checkpointing, interval, 24 GB-card setup)
 CONFIGS = {"no_ckpt": (False, 1, False), "ckpt": (True, 1, False), "ckpt_every_2nd": (True, 2, False),
@@ -50,13 +52,8 @@ def dataset(bench: Any) -> Path:
 def recipe(bench: Any, name: str, data: Path, load_extra: str) -> Path:
     ckpt, interval, _card = CONFIGS[name]
     path = bench.work / f"train-{name}.toml"
-    path.write_text(f'''[recipe]
-name = "bench-train-{name}"
-
-[nodes.base]
-type = "load_model"
-model = {json.dumps(bench.refs["dev"])}
-{load_extra}
+    head = recipe_head(f"bench-train-{name}", {"base": bench.refs["dev"]})
+    path.write_text(head + f'''{load_extra}
 [nodes.data]
 type = "dataset"
 source = {json.dumps(str(data))}
