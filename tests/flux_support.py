@@ -1,11 +1,17 @@
-"""Helpers shared by the flux plugin tests: write a recipe, run it, read a node's failure."""
+"""Helpers shared by the flux plugin tests: write a recipe, run it, read a node's failure or an image's pixels."""
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+
+def pixels(item) -> np.ndarray:
+    """An output image item's RGB pixels as float32."""
+    return np.asarray(item.image.convert("RGB")).astype(np.float32)
 
 
 def recipe(folder: Path, body: str, name: str = "t") -> Path:

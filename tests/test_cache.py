@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,10 @@ from fluxkiln.engine.fingerprint import FileHasher, canonical, diff_reasons, dig
 from fluxkiln.engine.registry import Registry
 from fluxkiln.engine.runner import Engine
 from helpers import textnodes
+from helpers.recipes import CONST_HI, node, recipe_text
 
-RECIPE = textwrap.dedent('''\
-    [recipe]
-    name = "inc"
-    [nodes.src]
-    type = "read_file"
-    path = "data.txt"
-    [nodes.a]
-    type = "const"
-    value = "hi"
-    [nodes.b]
-    type = "concat"
-    left = "@a"
-    right = "@src"
-    [nodes.c]
-    type = "concat"
-    left = "@b"
-    ''')
+RECIPE = recipe_text("inc", node("src", "read_file", path="data.txt"), CONST_HI,
+                     node("b", "concat", left="@a", right="@src"), node("c", "concat", left="@b"))
 
 
 @pytest.fixture
@@ -154,7 +139,7 @@ def test_explain_prints_plan_without_running(proj, fresh_cache):
 
 
 def test_volatile_and_never_cached_nodes_always_run(proj, engine):
-    (proj / "v.toml").write_text(RECIPE + '[nodes.s]\ntype = "slow"\ntext = "@c"\nsteps = 1\ndelay = 0\n')
+    (proj / "v.toml").write_text(RECIPE + node("s", "slow", text="@c", steps=1, delay=0))
     engine.run(proj / "v.toml", output=proj / "out")
     res = engine.run(proj / "v.toml", output=proj / "out")
     assert started(res) == {"s": "node type is never cached"}

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -20,27 +19,14 @@ from fluxkiln.engine.cache import MANIFEST, DiskCache, MemoryCache
 from fluxkiln.engine.registry import Registry
 from fluxkiln.engine.runner import Engine
 from helpers import imagenodes, textnodes
+from helpers.recipes import IMAGE_PLUGINS, checked_and_saved, node, recipe_text
 
-PLUGINS = {"FLUXKILN_PLUGIN_MODULES": "helpers.textnodes,helpers.imagenodes"}
-RECIPE = textwrap.dedent('''\
-    [recipe]
-    name = "{name}"
-    [nodes.gen]
-    type = "fake_image"
-    seed = {seed}
-    width = {size}
-    height = {size}
-    [nodes.checked]
-    type = "pass_check"
-    images = "@gen"
-    [nodes.saved]
-    type = "save"
-    images = "@checked"
-    ''')
+PLUGINS = IMAGE_PLUGINS
 
 
 def write(proj, name="lean", seed=1, size=32, file="r.toml"):
-    (proj / file).write_text(RECIPE.format(name=name, seed=seed, size=size))
+    gen = node("gen", "fake_image", seed=seed, width=size, height=size)
+    (proj / file).write_text(recipe_text(name, gen, checked_and_saved()))
     return proj / file
 
 

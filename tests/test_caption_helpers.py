@@ -7,6 +7,7 @@ Dataset; ``fixture_colors`` makes solid-colour images.  They stand in for the
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Annotated
@@ -60,6 +61,14 @@ def write_recipe(folder: Path, body: str, name: str = "t") -> Path:
     path = folder / "recipe.toml"
     path.write_text(f'[recipe]\nname = "{name}"\n\n' + textwrap.dedent(body))
     return path
+
+
+def caption_recipe(folder: Path, **params) -> Path:
+    """Write a recipe: ``fixture_dataset`` of ``folder/data`` as node ``data``, captioned by node ``cap`` with
+    ``params`` (each written as JSON, in the order given)."""
+    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in params.items())
+    data = '[nodes.data]\ntype = "fixture_dataset"\nfolder = "data"\n\n'
+    return write_recipe(folder, data + '[nodes.cap]\ntype = "caption"\ndataset = "@data"\n' + lines)
 
 
 def make_images(folder: Path, specs: dict[str, tuple[tuple[int, int, int], str | None]]) -> Path:

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
 from fluxkiln.plugins.caption.tiny import tiny_captioner_path
 
-from test_caption_helpers import engine, failure, logs, make_images, write_recipe
+from test_caption_helpers import caption_recipe, engine, failure, logs, make_images
 
 
 def recipe(tmp_path, model, **params):
-    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-    return write_recipe(tmp_path, f"""
-        [nodes.data]
-        type = "fixture_dataset"
-        folder = "data"
-
-        [nodes.cap]
-        type = "caption"
-        dataset = "@data"
-        model = "{model}"
-        max_length = 12
-        batch_size = 2
-        """ + extra)
+    return caption_recipe(tmp_path, model=model, max_length=12, batch_size=2, **params)
 
 
 def run(tmp_path, model, **params):

@@ -10,7 +10,7 @@ import pytest
 from fluxkiln.plugins.caption.store import MANIFEST, edited_captions_fingerprint
 from fluxkiln.plugins.caption.text import apply_trigger, compose_generated
 
-from test_caption_helpers import engine, failure, logs, make_images, write_recipe
+from test_caption_helpers import caption_recipe, engine, failure, logs, make_images, write_recipe
 
 DATA = {"a": ((200, 10, 10), "a kept caption"), "b": ((10, 200, 10), None), "c": ((10, 10, 200), None)}
 
@@ -18,17 +18,7 @@ DATA = {"a": ((200, 10, 10), "a kept caption"), "b": ((10, 200, 10), None), "c":
 def recipe(tmp_path, **params):
     params.setdefault("model", "builtin:tiny-captioner")
     params.setdefault("max_length", 16)
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-    return write_recipe(tmp_path, f"""
-        [nodes.data]
-        type = "fixture_dataset"
-        folder = "data"
-
-        [nodes.cap]
-        type = "caption"
-        dataset = "@data"
-        {lines}
-        """.replace("        {lines}", lines))
+    return caption_recipe(tmp_path, **params)
 
 
 def captions(result):

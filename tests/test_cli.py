@@ -6,29 +6,15 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from clihelp import cli_env, events, fluxkiln
+from helpers.recipes import CONCAT_AA, node, recipe_text
 
-RECIPE = textwrap.dedent('''\
-    [recipe]
-    name = "demo"
-    [vars]
-    word = "hi"
-    [nodes.a]
-    type = "const"
-    value = "${word}"
-    [nodes.b]
-    type = "concat"
-    left = "@a"
-    right = "@a"
-    [nodes.other]
-    type = "const"
-    value = "zz"
-    ''')
+RECIPE = recipe_text("demo", '[vars]\nword = "hi"\n', node("a", "const", value="${word}"), CONCAT_AA,
+                     node("other", "const", value="zz"))
 
 
 @pytest.fixture
@@ -73,15 +59,8 @@ def test_output_option(proj, fresh_cache, tmp_path):
 
 
 def test_failing_node_exit_1_keeps_finished_outputs(proj, fresh_cache):
-    (proj / "f.toml").write_text(RECIPE + textwrap.dedent('''\
-        [nodes.bad]
-        type = "boom"
-        text = "@b"
-        message = "the flux capacitor broke"
-        [nodes.after]
-        type = "concat"
-        left = "@bad"
-        '''))
+    (proj / "f.toml").write_text(RECIPE + node("bad", "boom", text="@b", message="the flux capacitor broke")
+                                 + node("after", "concat", left="@bad"))
     res = fluxkiln("run", "f.toml", "--json", cwd=proj, cache=fresh_cache)
     assert res.returncode == 1
     evs = events(res.stdout)
@@ -99,7 +78,7 @@ def test_failing_node_exit_1_keeps_finished_outputs(proj, fresh_cache):
 
 
 def test_ctrl_c_stops_at_safe_point_exit_130(proj, fresh_cache):
-    (proj / "s.toml").write_text(RECIPE + '[nodes.slow]\ntype = "slow"\ntext = "@b"\nsteps = 400\n')
+    (proj / "s.toml").write_text(RECIPE + node("slow", "slow", text="@b", steps=400))
     proc = subprocess.Popen([sys.executable, "-m", "fluxkiln.engine.cli", "run", "s.toml", "--json"], cwd=proj,
                             env=cli_env(fresh_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []

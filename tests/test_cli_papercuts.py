@@ -6,32 +6,17 @@ from __future__ import annotations
 
 import io
 import re
-import textwrap
 
 import pytest
 
 from clihelp import events, fluxkiln
 from fluxkiln.engine.cli_output import ConsoleObserver, progress_text
 from fluxkiln.engine.events import Event
+from helpers.recipes import DEMO, node
 
 ROOT_RECIPES = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipes"
 
-RECIPE = textwrap.dedent('''\
-    [recipe]
-    name = "demo"
-    [nodes.a]
-    type = "const"
-    value = "hi"
-    [nodes.b]
-    type = "concat"
-    left = "@a"
-    right = "@a"
-    [nodes.s]
-    type = "slow"
-    text = "@b"
-    steps = 30
-    delay = 0.1
-    ''')
+RECIPE = DEMO + node("s", "slow", text="@b", steps=30, delay=0.1)
 
 
 @pytest.fixture

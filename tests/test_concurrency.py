@@ -15,28 +15,10 @@ from fluxkiln.engine.cache import DiskCache
 from fluxkiln.engine.registry import Registry
 from fluxkiln.engine.runner import Engine
 from helpers import textnodes
+from helpers.recipes import DEMO, node
 
-RECIPE = '''\
-[recipe]
-name = "demo"
-[nodes.a]
-type = "const"
-value = "hi"
-[nodes.b]
-type = "concat"
-left = "@a"
-right = "@a"
-[nodes.wait]
-type = "slow"
-text = "@b"
-steps = 10
-delay = 0.03
-[nodes.c]
-type = "concat"
-left = "@wait"
-sep = "!"
-right = "@a"
-'''
+RECIPE = DEMO + node("wait", "slow", text="@b", steps=10, delay=0.03) + node("c", "concat", left="@wait", sep="!",
+                                                                                right="@a")
 
 
 def _start(proj, cache, *extra):

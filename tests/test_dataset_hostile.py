@@ -152,19 +152,11 @@ def test_captions_with_nul_ansi_and_bidi_are_cleaned_and_logged(tmp_path, fresh_
 
 
 def test_edited_caption_file_with_escapes_is_cleaned_logged_and_left_as_written(tmp_path):
-    from test_caption_helpers import engine, make_images, write_recipe
+    from test_caption_helpers import caption_recipe, engine, make_images
 
     make_images(tmp_path / "data", {"a": ((1, 2, 3), "first")})
     eng = engine(tmp_path)
-    recipe = write_recipe(tmp_path, '''
-        [nodes.data]
-        type = "fixture_dataset"
-        folder = "data"
-        [nodes.cap]
-        type = "caption"
-        dataset = "@data"
-        model = "acme/not-downloaded"
-        ''')
+    recipe = caption_recipe(tmp_path, model="acme/not-downloaded")
     assert eng.run(recipe, output=tmp_path / "runs" / "t").ok
     edited = tmp_path / "runs" / "t" / "cap" / "a.txt"
     edited.write_text("\x1b[2Jmy \u202eown\x00 words\n")

@@ -15,112 +15,39 @@ from pathlib import Path
 
 import pytest
 
+from helpers.recipes import SQUARE_256, load_tiny, node, recipe_text, sample
+
 pytest.importorskip("torch.distributed")
 
 BUILTIN = Path(os.environ["FLUXKILN_CACHE"]) / "builtin"
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data" / "solid-red"
 
-RECIPE = f"""
-[recipe]
-name = "many"
+FOX = {"prompt": "a red fox", "num_inference_steps": 2, **SQUARE_256}
+THREE = ["a red fox", "a blue bird", "a green frog"]
 
-[nodes.base]
-type = "load_model"
-model = "builtin:tiny-flux"
 
-[nodes.images]
-type = "sample"
-model = "@base"
-prompt = "a red fox"
-num_outputs = 3
-num_inference_steps = 2
-aspect_ratio = "custom"
-width = 256
-height = 256
-seed = 7
+def _saved(node_id: str, images: str) -> str:
+    return node(node_id, "save", images=images, output_format="png")
 
-[nodes.saved]
-type = "save"
-images = "@images"
-output_format = "png"
 
-[nodes.listed]
-type = "sample"
-model = "@base"
-prompt = ["a red fox", "a blue bird", "a green frog"]
-num_outputs = 2
-num_inference_steps = 2
-aspect_ratio = "custom"
-width = 256
-height = 256
-megapixels = "0.25"
-seed = 3
+def _lora_on_data(**train) -> str:
+    """The dataset of :data:`DATA` and a ``train_lora`` node on it and the ``base`` model."""
+    return node("data", "dataset", source=str(DATA)) + node("lora", "train_lora", model="@base", dataset="@data",
+                                                            **train)
 
-[nodes.listed_saved]
-type = "save"
-images = "@listed"
-output_format = "png"
 
-[nodes.swept]
-type = "sample"
-model = "@base"
-prompt = "a red fox"
-num_inference_steps = 2
-aspect_ratio = "custom"
-width = 256
-height = 256
-megapixels = "0.25"
+RECIPE = recipe_text(
+    "many", load_tiny(),
+    sample("images", **FOX, num_outputs=3, seed=7), _saved("saved", "@images"),
+    sample("listed", **{**FOX, "prompt": THREE}, num_outputs=2, megapixels="0.25", seed=3),
+    _saved("listed_saved", "@listed"),
+    sample("swept", **FOX, megapixels="0.25"), "[nodes.swept.sweep]\nseed = [1, 2, 3, 4, 5]\n",
+    _saved("swept_saved", "@swept"),
+    _lora_on_data(steps=6, batch_size=2, learning_rate=5e-3, resolution=[64], lora_rank=4, optimizer="adamw",
+                  save_every=3, save_dtype="float32", seed=11))
 
-[nodes.swept.sweep]
-seed = [1, 2, 3, 4, 5]
-
-[nodes.swept_saved]
-type = "save"
-images = "@swept"
-output_format = "png"
-
-[nodes.data]
-type = "dataset"
-source = "{DATA}"
-
-[nodes.lora]
-type = "train_lora"
-model = "@base"
-dataset = "@data"
-steps = 6
-batch_size = 2
-learning_rate = 5e-3
-resolution = [64]
-lora_rank = 4
-optimizer = "adamw"
-save_every = 3
-save_dtype = "float32"
-seed = 11
-"""
-
-TRAIN_ONLY = f"""
-[recipe]
-name = "long"
-
-[nodes.base]
-type = "load_model"
-model = "builtin:tiny-flux"
-
-[nodes.data]
-type = "dataset"
-source = "{DATA}"
-
-[nodes.lora]
-type = "train_lora"
-model = "@base"
-dataset = "@data"
-steps = 6000
-batch_size = 1
-resolution = [64]
-lora_rank = 4
-optimizer = "adamw"
-save_every = 0
-"""
+TRAIN_ONLY = recipe_text("long", load_tiny(), _lora_on_data(steps=6000, batch_size=1, resolution=[64], lora_rank=4,
+                                                            optimizer="adamw", save_every=0))
 
 
 def _cache(path: Path) -> Path:

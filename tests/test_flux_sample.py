@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux_support import failure, recipe, run
+from flux_support import failure, pixels, recipe, run
 from fluxkiln.engine.errors import RecipeInvalid
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
 from fluxkiln.plugins.flux.tiny import tiny_flux_path
+from helpers.recipes import load_tiny, sample
 
-DEV = 'type = "load_model"\nmodel = "builtin:tiny-flux"'
-SCHNELL = 'type = "load_model"\nmodel = "builtin:tiny-flux-schnell"'
+DEV = load_tiny()
+SCHNELL = load_tiny(model="builtin:tiny-flux-schnell")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,21 +29,17 @@ def engine(tmp_path_factory):
     return Engine(cache_dir=tmp_path_factory.mktemp("flux-sample-cache"))
 
 
-def pixels(item) -> np.ndarray:
-    return np.asarray(item.image.convert("RGB")).astype(np.float32)
-
-
 
 
 def test_every_aspect_ratio_and_megapixel_setting_gives_replicates_pixel_sizes(engine, tmp_path, monkeypatch):
     # on a GPU every new image size compiles the blocks and the VAE decoder again (seconds each, 20 sizes here):
     # this test is about the sizes, so it samples eagerly there
     monkeypatch.setenv("FLUXKILN_COMPILE", "0")
-    nodes = f"[nodes.base]\n{DEV}\n"
+    nodes = DEV
     for i, ratio in enumerate(ASPECT_RATIOS):
         for mp in ("1", "0.25"):
-            nodes += (f'[nodes.s{i}_{mp.replace(".", "")}]\ntype = "sample"\nmodel = "@base"\n'
-                      f'aspect_ratio = "{ratio}"\nmegapixels = "{mp}"\nnum_inference_steps = 1\nseed = 1\n')
+            nodes += sample(f's{i}_{mp.replace(".", "")}', aspect_ratio=ratio, megapixels=mp, num_inference_steps=1,
+                            seed=1)
     result = run(engine, recipe(tmp_path, nodes))
     for i, (ratio, (w, h)) in enumerate(ASPECT_RATIOS.items()):
         small = result.outputs[f"s{i}_025"]["output"][0]
@@ -52,18 +49,7 @@ def test_every_aspect_ratio_and_megapixel_setting_gives_replicates_pixel_sizes(e
 
 
 def test_custom_size_rounds_to_16_and_ranges_are_validated(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {DEV}
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    aspect_ratio = "custom"
-    width = 300
-    height = 259
-    num_inference_steps = 1
-    seed = 3
-    """
+    body = DEV + sample("img", aspect_ratio="custom", width=300, height=259, num_inference_steps=1, seed=3)
     result = run(engine, recipe(tmp_path, body))
     assert result.outputs["img"]["output"][0].image.size == (304, 256)
     with pytest.raises(RecipeInvalid) as err:
@@ -82,25 +68,8 @@ def test_custom_size_rounds_to_16_and_ranges_are_validated(engine, tmp_path):
 
 
 def test_num_outputs_seeds_and_reproducibility(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {DEV}
-    [nodes.batch]
-    type = "sample"
-    model = "@base"
-    prompt = "a red fox"
-    megapixels = "0.25"
-    num_outputs = 3
-    num_inference_steps = 2
-    seed = 10
-    [nodes.alone]
-    type = "sample"
-    model = "@base"
-    prompt = "a red fox"
-    megapixels = "0.25"
-    num_inference_steps = 2
-    seed = 11
-    """
+    fox = {"prompt": "a red fox", "megapixels": "0.25", "num_inference_steps": 2}
+    body = DEV + sample("batch", **fox, num_outputs=3, seed=10) + sample("alone", **fox, seed=11)
     path = recipe(tmp_path, body)
     first = run(engine, path)
     batch = first.outputs["batch"]["output"]
@@ -121,15 +90,7 @@ def test_num_outputs_seeds_and_reproducibility(engine, tmp_path):
 
 
 def test_no_seed_draws_one_records_it_and_always_reruns(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {SCHNELL}
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    megapixels = "0.25"
-    num_inference_steps = 1
-    """
+    body = SCHNELL + sample("img", megapixels="0.25", num_inference_steps=1)
     path = recipe(tmp_path, body)
     a = run(engine, path).outputs["img"]["output"][0]
     b_run = run(engine, path)
@@ -139,15 +100,7 @@ def test_no_seed_draws_one_records_it_and_always_reruns(engine, tmp_path):
 
 
 def test_schnell_rejects_guidance_and_more_than_4_steps(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {SCHNELL}
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    megapixels = "0.25"
-    seed = 1
-    """
+    body = SCHNELL + sample("img", megapixels="0.25", seed=1)
     ok = run(engine, recipe(tmp_path, body, "ok"))
     item = ok.outputs["img"]["output"][0]
     assert item.meta["variant"] == "schnell" and item.meta["num_inference_steps"] == 4 and item.meta["guidance"] is None
@@ -177,42 +130,12 @@ def _noise_png(path: Path, seed: int, size=(320, 240)) -> Path:
 def test_img2img_prompt_strength_ends(engine, tmp_path, base):
     one = _noise_png(tmp_path / "one.png", 1)
     _noise_png(tmp_path / "two.png", 2)
-    body = f"""
-    [nodes.base]
-    {base}
-    [nodes.keep]
-    type = "sample"
-    model = "@base"
-    image = "one.png"
-    prompt_strength = 0.0
-    megapixels = "0.25"
-    seed = 4
-    [nodes.full_one]
-    type = "sample"
-    model = "@base"
-    image = "one.png"
-    prompt_strength = 1.0
-    megapixels = "0.25"
-    num_inference_steps = 2
-    seed = 4
-    [nodes.full_two]
-    type = "sample"
-    model = "@base"
-    image = "two.png"
-    prompt_strength = 1.0
-    megapixels = "0.25"
-    num_inference_steps = 2
-    seed = 4
-    [nodes.half]
-    type = "sample"
-    model = "@base"
-    image = "one.png"
-    prompt_strength = 0.5
-    megapixels = "0.25"
-    num_inference_steps = 4
-    num_outputs = 2
-    seed = 4
-    """
+    def img2img(node_id: str, image: str, strength: float, **params) -> str:
+        return sample(node_id, image=image, prompt_strength=strength, megapixels="0.25", **params, seed=4)
+
+    body = (base + img2img("keep", "one.png", 0.0) + img2img("full_one", "one.png", 1.0, num_inference_steps=2)
+            + img2img("full_two", "two.png", 1.0, num_inference_steps=2)
+            + img2img("half", "one.png", 0.5, num_inference_steps=4, num_outputs=2))
     result = run(engine, recipe(tmp_path, body))
     keep = result.outputs["keep"]["output"][0]
     assert keep.image.size == (592, 448)  # the input's 4:3 aspect at 0.25 MP, multiples of 16
@@ -228,31 +151,14 @@ def test_img2img_prompt_strength_ends(engine, tmp_path, base):
 
 
 def test_img2img_from_an_images_link_keeps_the_model_dtype(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {DEV}
-    dtype = "bfloat16"
-    [nodes.src]
-    type = "sample"
-    model = "@base"
-    aspect_ratio = "16:9"
-    megapixels = "0.25"
-    num_inference_steps = 1
-    seed = 2
-    [nodes.again]
-    type = "sample"
-    model = "@base"
-    image = "@src"
-    prompt_strength = 0.0
-    megapixels = "0.25"
-    seed = 2
-    """
+    body = (load_tiny(dtype="bfloat16")
+            + sample("src", aspect_ratio="16:9", megapixels="0.25", num_inference_steps=1, seed=2)
+            + sample("again", image="@src", prompt_strength=0.0, megapixels="0.25", seed=2))
     result = run(engine, recipe(tmp_path, body))
     src, again = result.outputs["src"]["output"][0], result.outputs["again"]["output"][0]
     assert again.image.size == (672, 384)
     assert np.abs(pixels(src) - pixels(again)).max() <= 1
-    body += '[nodes.vary]\ntype = "sample"\nmodel = "@base"\nimage = "@src"\nprompt_strength = 0.5\nmegapixels = "0.25"\n'
-    body += 'num_inference_steps = 2\nseed = 2\n'
+    body += sample("vary", image="@src", prompt_strength=0.5, megapixels="0.25", num_inference_steps=2, seed=2)
     result = run(engine, recipe(tmp_path, body, "vary"))
     assert result.outputs["vary"]["output"][0].image.size == (672, 384)
     pipe = result.outputs["base"]["output"].get()
@@ -262,15 +168,7 @@ def test_img2img_from_an_images_link_keeps_the_model_dtype(engine, tmp_path):
 def test_unreadable_and_oversized_images_are_node_errors(engine, tmp_path, monkeypatch):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     _noise_png(tmp_path / "big.png", 3, size=(64, 64))
-    body = f"""
-    [nodes.base]
-    {DEV}
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    image = "broken.png"
-    seed = 1
-    """
+    body = DEV + sample("img", image="broken.png", seed=1)
     broken = run(engine, recipe(tmp_path, body, "broken"), expect="failed")
     info = failure(broken, "img")
     assert info["error_type"] == "NodeError" and "cannot read image" in info["error"] and info["key"] == "image"
@@ -284,16 +182,7 @@ def test_unreadable_and_oversized_images_are_node_errors(engine, tmp_path, monke
 
 
 def test_cancel_stops_between_steps(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    {DEV}
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    megapixels = "0.25"
-    num_inference_steps = 6
-    seed = 8
-    """
+    body = DEV + sample("img", megapixels="0.25", num_inference_steps=6, seed=8)
 
     class CancelAtStep2:
         from fluxkiln.engine import hookimpl

@@ -11,13 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_support import recipe, run
+from flux_support import pixels, recipe, run
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import plan_size
+from helpers.recipes import SQUARE_256, load_tiny, node, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["vars.dev_model=builtin:tiny-flux", "vars.schnell_model=builtin:tiny-flux-schnell"]
-SMALL = 'aspect_ratio = "custom"\nwidth = 256\nheight = 256\nnum_inference_steps = 2\ngo_fast = false\n'
+SMALL = {**SQUARE_256, "num_inference_steps": 2, "go_fast": False}
+SCHNELL = load_tiny(model="builtin:tiny-flux-schnell")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,39 +29,18 @@ def engine(tmp_path_factory):
     return Engine(cache_dir=tmp_path_factory.mktemp("generation-cache"))
 
 
-def px(item) -> np.ndarray:
-    return np.asarray(item.image.convert("RGB")).astype(np.float32)
-
-
 def test_a_prompt_list_makes_num_outputs_per_prompt_with_the_same_seeds(engine, tmp_path):
-    body = f"""
-    [nodes.base]
-    type = "load_model"
-    model = "builtin:tiny-flux"
-    [nodes.both]
-    type = "sample"
-    model = "@base"
-    prompt = ["a cat", "a dog"]
-    num_outputs = 2
-    seed = 7
-    {SMALL}
-    [nodes.dog]
-    type = "sample"
-    model = "@base"
-    prompt = "a dog"
-    num_outputs = 2
-    seed = 7
-    {SMALL}
-    """
-    result = run(engine, recipe(tmp_path, body.replace("\n    aspect", "\naspect").replace("\n    width", "\nwidth")))
+    body = (load_tiny() + sample("both", prompt=["a cat", "a dog"], num_outputs=2, seed=7, **SMALL)
+            + sample("dog", prompt="a dog", num_outputs=2, seed=7, **SMALL))
+    result = run(engine, recipe(tmp_path, body))
     both = result.outputs["both"]["output"]
     assert [(i.prompt, i.seed, i.meta["prompt_index"]) for i in both] == [
         ("a cat", 7, 0), ("a cat", 8, 0), ("a dog", 7, 1), ("a dog", 8, 1)]
     assert all(i.meta["prompt"] == i.prompt and i.meta["seed"] == i.seed for i in both)
     assert both[0].meta["timing"]["batch"] == 4 and both[0].meta["timing"]["steps"] == 2
     dog = result.outputs["dog"]["output"]
-    assert np.abs(px(both[2]) - px(dog[0])).mean() < 1.0  # batched with the cat, still the dog of seed 7
-    assert np.abs(px(both[0]) - px(both[2])).mean() > 1.0  # the prompt matters
+    assert np.abs(pixels(both[2]) - pixels(dog[0])).mean() < 1.0  # batched with the cat, still the dog of seed 7
+    assert np.abs(pixels(both[0]) - pixels(both[2])).mean() > 1.0  # the prompt matters
 
 
 def test_lora_scale_sweep_on_sample(engine, tmp_path):
@@ -67,65 +48,26 @@ def test_lora_scale_sweep_on_sample(engine, tmp_path):
     save_file({"transformer.single_transformer_blocks.0.proj_out.lora_A.weight": torch.randn(4, 160, generator=g),
                "transformer.single_transformer_blocks.0.proj_out.lora_B.weight": torch.randn(32, 4, generator=g)},
               tmp_path / "l.safetensors")
-    body = f"""
-[nodes.base]
-type = "load_model"
-model = "builtin:tiny-flux"
-[nodes.styled]
-type = "apply_lora"
-model = "@base"
-lora = "l.safetensors"
-lora_scale = 0.8
-[nodes.plain]
-type = "sample"
-model = "@base"
-prompt = "a cat"
-seed = 3
-{SMALL}
-[nodes.scaled]
-type = "sample"
-model = "@styled"
-prompt = "a cat"
-seed = 3
-{SMALL}
-[nodes.scaled.sweep]
-lora_scale = [0.0, 1.0, 0.5]
-"""
+    body = (load_tiny() + node("styled", "apply_lora", model="@base", lora="l.safetensors", lora_scale=0.8)
+            + sample("plain", prompt="a cat", seed=3, **SMALL)
+            + sample("scaled", "@styled", prompt="a cat", seed=3, **SMALL)
+            + "[nodes.scaled.sweep]\nlora_scale = [0.0, 1.0, 0.5]\n")
     result = run(engine, recipe(tmp_path, body))
     zero, one, half = result.outputs["scaled"]["output"]
     assert [i.meta["loras"][0]["scale"] for i in (zero, one, half)] == [0.0, 0.8, 0.4]
     assert [i.meta["sweep"]["values"]["lora_scale"] for i in (zero, one, half)] == [0.0, 1.0, 0.5]
     plain = result.outputs["plain"]["output"][0]
-    assert np.abs(px(zero) - px(plain)).max() <= 1
-    assert np.abs(px(one) - px(plain)).mean() > 1 and np.abs(px(one) - px(half)).mean() > 0.5
+    assert np.abs(pixels(zero) - pixels(plain)).max() <= 1
+    assert np.abs(pixels(one) - pixels(plain)).mean() > 1 and np.abs(pixels(one) - pixels(half)).mean() > 0.5
 
 
 def test_full_hd_is_cropped_from_1088_and_large_sizes_warn(engine, tmp_path):
     assert plan_size("16:9", "2") == ((1920, 1088), (1920, 1080))
     assert plan_size("9:16", "2") == ((1088, 1920), (1080, 1920))
     assert plan_size("21:9", "2")[1] == (2048, 848)  # 2 MP of 21:9 would pass 2048 per side
-    body = """
-    [nodes.base]
-    type = "load_model"
-    model = "builtin:tiny-flux-schnell"
-    [nodes.hd]
-    type = "sample"
-    model = "@base"
-    aspect_ratio = "16:9"
-    megapixels = "2"
-    num_inference_steps = 1
-    seed = 1
-    go_fast = false
-    [nodes.wide]
-    type = "sample"
-    model = "@base"
-    aspect_ratio = "custom"
-    width = 2048
-    height = 1280
-    num_inference_steps = 1
-    seed = 1
-    go_fast = false
-    """
+    once = {"num_inference_steps": 1, "seed": 1, "go_fast": False}
+    body = (SCHNELL + sample("hd", aspect_ratio="16:9", megapixels="2", **once)
+            + sample("wide", aspect_ratio="custom", width=2048, height=1280, **once))
     result = run(engine, recipe(tmp_path, body))
     hd, wide = result.outputs["hd"]["output"][0], result.outputs["wide"]["output"][0]
     assert hd.image.size == (1920, 1080) and (hd.meta["width"], hd.meta["height"]) == (1920, 1080)
@@ -141,17 +83,7 @@ def test_custom_sizes_go_to_2048_per_side_and_no_further(engine, tmp_path):
 
     assert output_size("custom", "1", 2048, 2048) == (2048, 2048)
     assert output_size("custom", "2", 2048, 1024) == (2048, 1024)  # 2 MP scaling stops at 2048 per side
-    body = """
-    [nodes.base]
-    type = "load_model"
-    model = "builtin:tiny-flux-schnell"
-    [nodes.huge]
-    type = "sample"
-    model = "@base"
-    aspect_ratio = "custom"
-    width = 2064
-    height = 2048
-    """
+    body = SCHNELL + sample("huge", aspect_ratio="custom", width=2064, height=2048)
     with pytest.raises(RecipeInvalid) as err:
         engine.check(recipe(tmp_path, body))
     [problem] = err.value.problems
@@ -168,7 +100,7 @@ def test_hybrid_recipe_end_to_end_with_one_copy_of_the_encoders(engine, tmp_path
     assert [i.prompt for i in refined] == ["a fox", "a boat"]  # each draft refined with its own prompt
     assert refined[0].meta["variant"] == "dev" and refined[0].meta["image"] == draft[0].name
     assert refined[0].meta["timing"]["steps"] == 3  # 4 steps at strength 0.6: the last 3 run
-    assert np.abs(px(refined[0]) - px(draft[0])).mean() > 0.5
+    assert np.abs(pixels(refined[0]) - pixels(draft[0])).mean() > 0.5
     dev = result.outputs["dev"]["output"].get()
     schnell = result.outputs["schnell"]["output"].get()
     for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
@@ -184,15 +116,7 @@ def test_hybrid_recipe_end_to_end_with_one_copy_of_the_encoders(engine, tmp_path
 def test_shared_modules_survive_evicting_either_model(engine, tmp_path):
     from fluxkiln.plugins.flux.load import release_pipeline
 
-    body = """
-    [nodes.schnell]
-    type = "load_model"
-    model = "builtin:tiny-flux-schnell"
-    [nodes.dev]
-    type = "load_model"
-    model = "builtin:tiny-flux"
-    share = "@schnell"
-    """
+    body = load_tiny("schnell", "builtin:tiny-flux-schnell") + load_tiny("dev", share="@schnell")
     result = run(Engine(cache_dir=tmp_path / "c"), recipe(tmp_path, body))
     schnell, dev = result.outputs["schnell"]["output"].get(), result.outputs["dev"]["output"].get()
     release_pipeline(schnell)
@@ -204,17 +128,8 @@ def test_shared_modules_survive_evicting_either_model(engine, tmp_path):
 
 def test_share_refuses_a_different_dtype(engine, tmp_path):
     # both dtypes explicit: "auto" is bfloat16 on a GPU, which would make the two the same there
-    body = """
-    [nodes.schnell]
-    type = "load_model"
-    model = "builtin:tiny-flux-schnell"
-    dtype = "float32"
-    [nodes.dev]
-    type = "load_model"
-    model = "builtin:tiny-flux"
-    dtype = "bfloat16"
-    share = "@schnell"
-    """
+    body = (load_tiny("schnell", "builtin:tiny-flux-schnell", dtype="float32")
+            + load_tiny("dev", dtype="bfloat16", share="@schnell"))
     result = run(engine, recipe(tmp_path, body), expect="failed")
     [failed] = [e.data for e in result.events if e.event == "node_failed"]
     assert failed["key"] == "share" and "same dtype" in failed["hint"]

@@ -5,33 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import textwrap
 
 import pytest
 
 from clihelp import events, fluxkiln
 from fluxkiln.engine.imagemeta import read_metadata
+from helpers.recipes import IMAGE_PLUGINS, checked_and_saved, node, recipe_text
 
-PLUGINS = {"FLUXKILN_PLUGIN_MODULES": "helpers.textnodes,helpers.imagenodes"}
-RECIPE = textwrap.dedent('''\
-    [recipe]
-    name = "rf"
-    [nodes.gen]
-    type = "fake_image"
-    prompt = "a gradient"
-    seed = 1
-    num_outputs = 2
-    [nodes.checked]
-    type = "pass_check"
-    images = "@gen"
-    [nodes.saved]
-    type = "save"
-    images = "@checked"
-    output_format = "png"
-    [nodes.stats]
-    type = "stats"
-    images = "@gen"
-    ''')
+PLUGINS = IMAGE_PLUGINS
+RECIPE = recipe_text("rf", node("gen", "fake_image", prompt="a gradient", seed=1, num_outputs=2),
+                     checked_and_saved(output_format="png"), node("stats", "stats", images="@gen"))
 FILES = ("saved_0.png", "saved_1.png", "checked/check.json", "stats/stats.json")
 
 

@@ -20,10 +20,11 @@ from fluxkiln.engine.errors import NodeError
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.pipestate import MAX_LOADED, state_of
 from fluxkiln.plugins.flux.sample import check_variant, make_jobs
+from helpers.recipes import SQUARE_256, load_tiny, sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASE = '[nodes.base]\ntype = "load_model"\nmodel = "builtin:tiny-flux"\n'
+BASE = load_tiny()
 RANK = 2
 
 
@@ -119,16 +120,7 @@ def test_helper_errors_name_the_key_and_say_how_to_fix():
     assert err.value.key == "prompt" and "one prompt per input image" in (err.value.hint or "")
 
 
-CP = """[nodes.images]
-type = "sample"
-model = "@base"
-prompt = "a red fox"
-num_inference_steps = 2
-aspect_ratio = "custom"
-width = 256
-height = 256
-seed = 5
-"""
+CP = sample("images", prompt="a red fox", num_inference_steps=2, **SQUARE_256, seed=5)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")

@@ -11,24 +11,14 @@ import textwrap
 from pathlib import Path
 
 from fluxkiln.engine import hookimpl
+from helpers.recipes import load_tiny, recipe_text, red_cube
 
 TEST_IMAGES = '[recipe]\nname = "t"\n[nodes.a]\ntype = "test_images"\n'
-FLUX = textwrap.dedent("""\
-    [recipe]
-    name = "f"
-    [nodes.base]
-    type = "load_model"
-    model = "{model}"
-    [nodes.img]
-    type = "sample"
-    model = "@base"
-    prompt = "a red cube"
-    aspect_ratio = "custom"
-    width = 256
-    height = 256
-    num_inference_steps = 2
-    seed = 1
-    """)
+
+
+def flux(model: str) -> str:
+    """load_model of ``model`` -> one small sample."""
+    return recipe_text("f", load_tiny(model=model), red_cube(steps=2, seed=1))
 
 
 def py(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -61,7 +51,7 @@ def test_hook_prepare_run(run_recipe, validate_recipe):
 
 
 def test_validate_imports_nothing_heavy_and_starts_no_thread(tmp_path):
-    (tmp_path / "f.toml").write_text(FLUX.format(model="builtin:tiny-flux"))
+    (tmp_path / "f.toml").write_text(flux("builtin:tiny-flux"))
     code = """
         import sys, threading
         from fluxkiln.engine.registry import Registry
@@ -80,7 +70,7 @@ def test_a_flux_run_imports_in_the_background_and_reads_model_files_ahead(tmp_pa
     (model / "transformer").mkdir(parents=True)
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"\0" * 64)
-    (tmp_path / "f.toml").write_text(FLUX.format(model="model"))
+    (tmp_path / "f.toml").write_text(flux("model"))
     (tmp_path / "t.toml").write_text(TEST_IMAGES)
     code = """
         import os, sys, threading, time
@@ -108,7 +98,7 @@ def test_a_flux_run_imports_in_the_background_and_reads_model_files_ahead(tmp_pa
 
 
 def test_run_logs_the_background_imports_and_exits_without_teardown(tmp_path):
-    (tmp_path / "f.toml").write_text(FLUX.format(model="builtin:tiny-flux"))
+    (tmp_path / "f.toml").write_text(flux("builtin:tiny-flux"))
     code = """
         import atexit, sys
         atexit.register(lambda: print("TEARDOWN", flush=True))
@@ -164,15 +154,15 @@ def test_weights_load_straight_to_the_gpu_only_when_the_whole_pipeline_goes_ther
 
 
 def test_warmup_runs_each_sample_at_one_step_and_keeps_nothing(tmp_path):
-    (tmp_path / "f.toml").write_text(FLUX.format(model="builtin:tiny-flux").replace("num_inference_steps = 2",
-                                                                                   "num_inference_steps = 28"))
+    (tmp_path / "f.toml").write_text(flux("builtin:tiny-flux").replace("num_inference_steps = 2",
+                                                                       "num_inference_steps = 28"))
     env = {**os.environ, "FLUXKILN_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "fluxkiln", "warmup", "f.toml"], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "1 sample node(s) compiled" in proc.stdout
     assert not (tmp_path / "runs").exists()
-    (tmp_path / "bad.toml").write_text(FLUX.format(model="builtin:tiny-flux") + "cache_threshold = 5\n")
+    (tmp_path / "bad.toml").write_text(flux("builtin:tiny-flux") + "cache_threshold = 5\n")
     bad = subprocess.run([sys.executable, "-m", "fluxkiln", "warmup", "bad.toml"], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2 and "cache_threshold" in bad.stderr

@@ -9,24 +9,11 @@ import pytest
 from flux_support import recipe, run
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.stepcache import step_cache
+from helpers.recipes import load_tiny, red_cube
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BODY = """
-[nodes.base]
-type = "load_model"
-model = "builtin:tiny-flux"
-[nodes.img]
-type = "sample"
-model = "@base"
-prompt = "a red cube"
-aspect_ratio = "custom"
-width = 256
-height = 256
-num_inference_steps = 8
-seed = 3
-{extra}
-"""
+BODY = "\n" + load_tiny() + red_cube(steps=8, seed=3) + "{extra}\n"
 
 
 @pytest.fixture(scope="module")

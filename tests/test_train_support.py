@@ -7,6 +7,7 @@ from typing import Any
 
 from fluxkiln.engine import hookimpl
 from fluxkiln.engine.runner import Engine, RunResult
+from helpers.recipes import toml_value
 
 RED = (220, 40, 40)
 FAST = {"resolution": [64], "lora_rank": 4, "optimizer": "adamw", "learning_rate": 1e-3, "max_sequence_length": 32,
@@ -24,22 +25,12 @@ def solid_dataset(folder: Path, color: tuple[int, int, int] = RED, n: int = 6, s
     return folder
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return repr(v)
-
-
 def write_recipe(path: Path, data: Path, extra_nodes: str = "", **train: Any) -> Path:
     params = {**FAST, **train}
     lines = ['[recipe]', 'name = "train-test"', '', '[nodes.base]', 'type = "load_model"',
              'model = "builtin:tiny-flux"', '', '[nodes.data]', 'type = "dataset"', f'source = "{data}"', '',
              '[nodes.lora]', 'type = "train_lora"', 'model = "@base"', 'dataset = "@data"']
-    lines += [f"{k} = {_toml(v)}" for k, v in params.items() if v is not None]
+    lines += [f"{k} = {toml_value(v)}" for k, v in params.items() if v is not None]
     path.write_text("\n".join(lines) + "\n" + extra_nodes)
     return path
 
