@@ -87,6 +87,10 @@ LOAD = MODEL + textwrap.dedent('''
     res["changed"] = via()
     block.proj_out = old
     res["restored"] = via()
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+    default, registry._active_backend = registry._active_backend, AttentionBackendName._NATIVE_MATH
+    res["other_attention"] = via()  # diffusers' default attention backend changed since the check
+    registry._active_backend = default
     os.environ["FLUXKILN_PRECOMPILE"] = "0"
     precompiled.forget()
     res["off"] = len(precompiled.table("cpu"))
@@ -121,6 +125,7 @@ def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back
     assert loaded["plain"] == "precompiled" and loaded["again"] == "precompiled"
     assert loaded["grad"] == "ordinary" and loaded["hooked"] == "ordinary" and loaded["other_shape"] == "ordinary"
     assert loaded["changed"] == "ordinary" and loaded["restored"] == "precompiled"
+    assert loaded["other_attention"] == "ordinary"
     assert loaded["off"] == 0
 
 

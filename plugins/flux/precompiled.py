@@ -20,8 +20,9 @@ Inductor's default mode; training, CUDA graphs and adapters keep ordinary compil
 a variant runs the artifact's full guard check (parameters' and inputs' tensor properties, grad mode, the
 attribute values it was traced with); later calls compare a cheap signature, including the block's module types
 and attention processors, so a block changed after its check (fp8 layers swapped in, adapters injected) falls
-back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key:
-torch, diffusers and Python versions and the device.  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
+back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key
+(torch, diffusers and Python versions and the device) and by the variant's (the attention processors' classes
+and backends, and diffusers' default attention backend).  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
 
 Nothing here imports torch at module level.
 """
@@ -85,9 +86,19 @@ def folder(device: str) -> Path:
     return cache_root() / "precompiled" / key
 
 
+def _attention_default() -> str:
+    """diffusers' process-wide default attention backend (a global the saved guards leave out)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:
+        return ""
+    return str(getattr(_AttentionBackendRegistry, "_active_backend", ""))
+
+
 def structure(block: Any) -> tuple[str, ...]:
-    """The block's module types and attention processors (and their attention backends), in order."""
-    out = []
+    """The block's module types and attention processors (and their attention backends), in order, and
+    diffusers' default attention backend."""
+    out = [_attention_default()]
     for m in block.modules():
         out.append(_type_name(m))
         proc = getattr(m, "processor", None)
@@ -278,8 +289,11 @@ class Dispatch:
     def __init__(self, block: Any, regular: Callable[..., Any], variants: dict[str, Any]) -> None:
         import torch
 
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
         _watch_registrations()
         self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
+        self.registry = _AttentionBackendRegistry
         self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
         self.attention: list[Any] = []
         self.param = next(block.parameters(), None)
@@ -296,7 +310,7 @@ class Dispatch:
         p = self.param
         return (_GENERATION[0], tuple((m.processor, getattr(m.processor, "_attention_backend", None))
                                       for m in self.attention),
-                None if p is None else (p.dtype, p.device))
+                None if p is None else (p.dtype, p.device), self.registry._active_backend)
 
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         recording, torch, block = _state.get("recording"), self.torch, self.block
