@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,7 @@ def table(device: str) -> dict[str, Any]:
 def stats() -> dict[str, Any]:
     """What loading found: files, seconds, errors (for logs and the bench)."""
     return {"loaded": len(_state.get("table", {})), "load_s": _state.get("load_s"),
-            "errors": list(_state.get("load_errors", []))}
+            "errors": list(_state.get("load_errors", [])), "call_errors": list(_state.get("call_errors", []))}
 
 
 def forget() -> None:
@@ -303,8 +304,16 @@ class Dispatch:
         fn = self._pick(args, kwargs)
         if fn is None:
             return self.regular(*args, **kwargs)
+        try:
+            out = fn(self.block, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - an experimental torch API: never let it fail an image
+            self.variants, self.checked = {}, {}
+            _state.setdefault("call_errors", []).append(f"{type(self.block).__name__}: {type(exc).__name__}: {exc}")
+            warnings.warn(f"precompiled {type(self.block).__name__} failed ({type(exc).__name__}: {exc}); "
+                          "compiling it as usual", RuntimeWarning, stacklevel=2)
+            return self.regular(*args, **kwargs)
         self.served += 1
-        return fn(self.block, *args, **kwargs)
+        return out
 
     def _state(self) -> tuple[Any, ...]:
         p = self.param
