@@ -109,8 +109,8 @@ def structure(block: Any) -> tuple[str, ...]:
 
 
 def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-    """Shapes, strides, dtypes and devices of a call's tensors and the other values as text; None if a value
-    cannot be described (then the call is not served)."""
+    """A hashable description of a call: its tensors' shapes, strides, dtypes, devices and ``requires_grad``, the
+    other values' reprs; None if a value cannot be described (then the call is not served)."""
     from torch import Tensor as tensor
 
     def describe(v: Any) -> Any:
