@@ -164,3 +164,14 @@ def test_a_launcher_that_started_more_workers_than_gpus_gets_a_clear_error(monke
     with pytest.raises(RuntimeError, match=r"2 workers were started on this host but it has 1 visible CUDA GPU"):
         distributed.init(timeout_s=5)
     assert not distributed.current().many  # nothing was joined
+
+
+def test_launched_workers_get_a_fair_share_of_threads_unless_the_user_chose():
+    from fluxkiln.engine.launch import worker_threads
+
+    assert worker_threads({}, cuda=True, nproc=4, cpus=64) == "1"  # like torchrun: the work is on the GPUs
+    assert worker_threads({}, cuda=False, nproc=4, cpus=64) == "16"  # CPU workers (gloo) share the CPUs
+    assert worker_threads({}, cuda=False, nproc=4, cpus=2) == "1"
+    assert worker_threads({"OMP_NUM_THREADS": "8"}, cuda=True, nproc=4, cpus=64) is None
+    assert worker_threads({"OMP_NUM_THREADS": "8"}, cuda=False, nproc=2, cpus=64) is None
+
