@@ -198,7 +198,8 @@ def test_gradient_sum_is_one_all_reduce_in_a_few_ops_whatever_the_parameter_coun
 
     gen = torch.Generator().manual_seed(0)
     kinds = {"float32": [torch.float32], "bfloat16": [torch.bfloat16], "mixed": [torch.bfloat16, torch.float32]}
-    params = [torch.nn.Parameter(torch.randn(3 + i % 4, 2 + i % 3, generator=gen).to(kinds[dtype][i % len(kinds[dtype])]))
+    types = kinds[dtype]
+    params = [torch.nn.Parameter(torch.randn(3 + i % 4, 2 + i % 3, generator=gen).to(types[i % len(types)]))
               for i in range(150)]
     for i, p in enumerate(params):
         p.grad = None if i == 7 else torch.randn(p.shape, generator=gen).to(p.dtype)

@@ -55,6 +55,10 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole)")
     p.add_argument("--parts", default="", help="with --gpus: which measurements, comma-separated, in this order "
                    "(default: data_parallel, ddp, context_parallel); each is written to --out as soon as it ends")
+    p.add_argument("--profile", action="store_true", help="with --gpus: also profile one step of each part with "
+                   "torch.profiler (DDP: alone and on every rank; context parallel: one denoising step of each "
+                   "variant that ran) and report where its time goes: GPU busy and idle, communication and how much "
+                   "of it overlapped compute, kernels, CPU ops, threads, CPU time; a table last, all in --out")
     p.add_argument("--e2e", action="store_true", help="end to end instead: fresh processes of `fluxkiln run` "
                    "(load_model -> 3 images -> save) and of stock diffusers on a saved random-weight model folder, "
                    "compile cache cold and warm (default --out bench-e2e.json)")
@@ -145,6 +149,8 @@ def main(argv: list[str]) -> int:
         if args.e2e_cache is not None and args.e2e_cache.exists():
             parser.error(f"--e2e-cache {args.e2e_cache} exists: the first run needs a cold cache; give a new folder")
         return main_e2e(args)
+    if args.profile and args.gpus is None:
+        parser.error("--profile profiles the steps of a multi-process run: use it with --gpus N")
     if args.gpus is not None:
         from .many import main_many
 
