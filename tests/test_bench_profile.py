@@ -113,3 +113,18 @@ def test_a_cpu_run_reports_no_device_numbers_and_the_table_says_where_comm_comes
                                 "0.75", "-"]
     assert lines[-1].startswith("  * no GPU kernels")
     assert render_profiles({"ddp": {"one_step_s": 1.0}}) == ""
+
+
+def test_sm_clock_is_sampled_while_a_call_runs_and_unknown_without_a_reader(monkeypatch):
+    import time
+
+    from fluxkiln.plugins.bench import hostfacts
+
+    readings = iter([1980.0, None, 1755.0] + [1800.0] * 1000)
+    monkeypatch.setattr(hostfacts, "_clock_reader", lambda: ((lambda: next(readings)), 1980.0))
+    clock = hostfacts.SmClock(every_s=0.001).start()
+    time.sleep(0.05)
+    got = clock.stop()
+    assert got["min"] == 1755.0 and got["max"] == 1980.0 and got["device_max"] == 1980.0 and got["samples"] >= 3
+    monkeypatch.setattr(hostfacts, "_clock_reader", lambda: (None, None))
+    assert hostfacts.SmClock().start().stop() is None
