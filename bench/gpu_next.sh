@@ -32,10 +32,12 @@ torch.get_num_threads(), torch.__version__)"
   echo "before:"; smi
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-quiet() { grep -v -e '^\[transformers\]' -e '^USDT:' -e 'FutureWarning' -e '^  warnings.warn'; }
-timeout "$T_MAIN" fluxkiln bench --gpus 2 --parts ddp,context_parallel --profile --cp-variants "$VARIANTS" \
+quiet() { grep -v -e '^\[transformers\]' -e '^USDT:' -e 'FutureWarning' -e '^  warnings.warn' -e ' NCCL INFO '; }
+# NCCL names its transport per channel ("via P2P/CUMEM", "via SHM", "via NET/Socket"): kept in machine.txt
+NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT timeout "$T_MAIN" fluxkiln bench --gpus 2 --parts ddp,context_parallel --profile --cp-variants "$VARIANTS" \
   --out "$MAIN" 2>&1 | tee "$OUT/main.log" | quiet | tail -40
-echo "after the main run:" >>"$OUT/machine.txt"; smi >>"$OUT/machine.txt"
+{ echo "NCCL:"; grep -E 'NCCL version|via (P2P|SHM|NET|COLLNET)|Using network|NCCL_P2P|NCCL_SHM' "$OUT/main.log" \
+    | sed -E 's/.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+ : //' | sort | uniq -c | head -30; echo "after the main run:"; smi; } >>"$OUT/machine.txt"
 OMP_NUM_THREADS=$(nproc) timeout "$T_AB" fluxkiln bench --gpus 2 --parts ddp --profile --out "$AB" 2>&1 \
   | tee "$OUT/threads-ab.log" | quiet | tail -12
 echo "after the A/B run:" >>"$OUT/machine.txt"; smi >>"$OUT/machine.txt"

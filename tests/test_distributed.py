@@ -476,6 +476,7 @@ def test_bench_gpus_profile_says_where_each_ranks_step_goes(tmp_path):
     assert alone["host"]["comm_ms"] == 0 and cp["one-eager"]["host"]["comm_ms"] == 0  # a world of one
     assert all(p["host"]["comm_ms"] > 0 for p in together)  # the gradients' all-reduce, on gloo's thread
     assert together[0]["host"]["phases_ms"]["sync"]["host"] > 0
+    assert res["ddp"]["lora_parameters"] > 1000
     assert cp["allgather-eager"]["host"]["comm_ms"] > 0
     table = done.stdout[done.stdout.index("profile (one step each"):]
     assert "ddp step alone" in table and "cp allgather-eager" in table and "* no GPU kernels" in table

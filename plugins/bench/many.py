@@ -201,7 +201,8 @@ class Many:
         steps.close()
         one_step = one / self.train_steps if one else None
         many_step = many / self.train_steps
-        out = {"resolution": self.train_res, "rank": steps.rank, "per_process_batch": per_process,
+        out = {"resolution": self.train_res, "rank": steps.rank,
+               "lora_parameters": sum(p.numel() for p in steps.params), "per_process_batch": per_process,
                "global_batch": per_process * self.world.size, "steps": self.train_steps,
                "one_step_s": _r(one_step), "many_step_s": _r(many_step),
                "ratio": _r(many_step / one_step) if one_step else None}
