@@ -128,3 +128,15 @@ def test_sm_clock_is_sampled_while_a_call_runs_and_unknown_without_a_reader(monk
     assert got["min"] == 1755.0 and got["max"] == 1980.0 and got["device_max"] == 1980.0 and got["samples"] >= 3
     monkeypatch.setattr(hostfacts, "_clock_reader", lambda: (None, None))
     assert hostfacts.SmClock().start().stop() is None
+
+
+def test_a_cuda_trace_gives_device_numbers_and_each_phases_gpu_time():
+    trace = _cpu_trace()
+    trace["traceEvents"] += [
+        _k("nvjet_tst_gemm", 500, 2000), _k("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 3200, 3000),
+        {"cat": "gpu_user_annotation", "name": "phase:forward", "ts": 500, "dur": 2000},
+        {"cat": "gpu_user_annotation", "name": "phase:sync", "ts": 3200, "dur": 3000}]
+    got = summarize(trace, wall_ms=10.0, cuda=True)
+    assert got["kernels"] == 2 and got["busy_ms"] == 5.0 and got["idle_pct"] == 50.0
+    assert got["comm_ms"] == 3.0 and got["overlapped_ms"] == 0.0 and got["exposed_comm_ms"] == 3.0
+    assert got["host"]["phases_ms"] == {"forward": {"host": 3.0, "device": 2.0}, "sync": {"host": 5.0, "device": 3.0}}
