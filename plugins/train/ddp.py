@@ -66,8 +66,7 @@ class DataParallel:
         """Sum every rank's gradients (already weighted by its share of the batch) and loss parts.
 
         One float32 all-reduce of every gradient and the loss, in a handful of kernels whatever the number
-        of parameters: one concatenation, one cast where the gradients are not float32, one multi-tensor
-        copy back (a copy per parameter would be ~2,000 tiny kernels for FLUX's LoRA, launched while the
+        of parameters: one concatenation, one cast to float32, one multi-tensor copy back (a copy per parameter would be ~2,000 tiny kernels for FLUX's LoRA, launched while the
         GPU waits)."""
         if not self.world.many:
             return loss_part
@@ -105,10 +104,6 @@ def _flatten(grads: list[Any], loss_part: float, device: Any) -> Any:
 
     flat = torch.empty(sum(g.numel() for g in grads) + 1, dtype=torch.float32, device=device)
     flat[-1:].fill_(loss_part)
-    if grads:
-        views = [g.reshape(-1) for g in grads]
-        if all(g.dtype == torch.float32 for g in grads):
-            torch.cat(views, out=flat[:-1])
-        else:  # one concatenation in the gradients' own type (one kernel), then one cast
-            flat[:-1].copy_(torch.cat(views))
+    if grads:  # one concatenation (its loop over the tensors in C++), then one copy that casts to float32
+        flat[:-1].copy_(torch._utils._flatten_dense_tensors(grads))
     return flat
