@@ -57,11 +57,15 @@ def test_e2e_recipe_is_valid_and_phases_read_events(tmp_path):
                       "in the background in 4.2 s (waited 1.5 s for them here)"})
     events.insert(5, {"event": "node_log", "node": "img1", "time": t + 8, "message": "torch.compile: 6.5 s in this "
                       "call (Inductor 2.0 s; from the compile cache where it was warm)"})
+    events.insert(5, {"event": "node_log", "node": "img1", "time": t + 7, "message": "transformer blocks compiled "
+                      "(torch.compile, cached on disk; the first image of a size pays the compilation); 4 precompiled "
+                      "block variant(s) from `fluxkiln warmup` loaded in 0.8 s"})
     row = phases(events, t, clock - t + 1.5)
     assert row["startup_s"] == 2 and row["load_model_s"] == 5 and row["to_loaded_s"] == 7
     assert row["images_s"] == [9, 3, 3.2] and row["exit_s"] == 1.5
     assert row["background_import_s"] == 4.2 and row["import_waited_s"] == 1.5
     assert row["compile_s"] == [{"node": "img1", "s": 6.5, "inductor_s": 2.0}]
+    assert row["precompiled_variants"] == 4 and row["precompiled_load_s"] == 0.8
     assert row["steady_image_s"] == 3.1 and row["first_image_extra_s"] == 5.9
     assert row["one_image_process_s"] == pytest.approx(row["wall_s"] - 6.2 - 0.2, abs=0.01)
     failed = events[:-1] + [{"event": "run_finished", "time": clock, "status": "failed", "nodes": {"img1": "failed"}}]

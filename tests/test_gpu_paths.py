@@ -139,3 +139,30 @@ def test_optimizer_auto_is_8bit_with_bitsandbytes_and_learns(tmp_path):
     assert "adamw8bit" in logs
     got = losses(result)
     assert np.mean(got[-10:]) < np.mean(got[:10])
+
+
+def test_warmup_saves_precompiled_blocks_that_a_new_process_loads(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fluxkiln.plugins.flux import precompiled
+
+    if not precompiled.supported():
+        pytest.skip("this torch has no aot_compile")
+    (tmp_path / "f.toml").write_text('[recipe]\nname = "pre"\n' + _base() + SAMPLE)
+    env = {**os.environ, "FLUXKILN_CACHE": str(tmp_path / "cache")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    warm = subprocess.run([sys.executable, "-m", "fluxkiln", "warmup", "f.toml"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert "block variant(s) newly saved precompiled" in warm.stdout, warm.stdout
+    names = [p.name for p in (tmp_path / "cache" / "precompiled").glob("*/*.bin")]
+    for kind in ("FluxTransformerBlock-", "FluxSingleTransformerBlock-", "Decoder-"):  # the blocks, the VAE decoder
+        assert any(n.startswith(kind) for n in names), names
+    run = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "f.toml", "--json"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    messages = [json.loads(line).get("message", "") for line in run.stdout.splitlines() if line.startswith("{")]
+    assert any("precompiled block variant(s) from `fluxkiln warmup` loaded" in m for m in messages), messages

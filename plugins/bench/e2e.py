@@ -81,7 +81,8 @@ def phases(events: list[dict[str, Any]], start: float, wall: float) -> dict[str,
 
 
 def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the nodes said about themselves: background imports (load_model) and compile time per image."""
+    """What the nodes said about themselves: background imports (load_model), precompiled blocks loaded and
+    compile time per image."""
     import re
 
     out: dict[str, Any] = {"compile_s": []}
@@ -92,6 +93,9 @@ def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
         m = re.search(r"imported in the background in ([\d.]+) s \(waited ([\d.]+) s", text)
         if m:
             out.update(background_import_s=float(m.group(1)), import_waited_s=float(m.group(2)))
+        m = re.search(r"(\d+) precompiled block variant\(s\) from `fluxkiln warmup` loaded in ([\d.]+) s", text)
+        if m:
+            out.update(precompiled_variants=int(m.group(1)), precompiled_load_s=float(m.group(2)))
         m = re.search(r"torch\.compile: ([\d.]+) s in this call \(Inductor ([\d.]+) s", text)
         if m:
             out["compile_s"].append({"node": e.get("node"), "s": float(m.group(1)), "inductor_s": float(m.group(2))})

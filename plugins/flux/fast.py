@@ -4,6 +4,8 @@
   (``nn.Module.compile``); blocks of one class share the compiled code, so a
   shape costs two compilations (double and single block), and Inductor's FX
   graph cache under ``cache_root()/inductor`` makes later processes reuse them.
+* With ``fluxkiln warmup``'s files on disk (:mod:`.precompiled`), a block (or VAE decoder) call that matches
+  one runs the precompiled function instead: no tracing in a new process.
 * :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
   (float8 e4m3 weights and activations with row-wise scales, multiplied by
@@ -48,7 +50,9 @@ def setup_compile_cache() -> str:
 
     folder = cache_root() / "inductor"
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_default_cache_dir()):
+        # unset, or filled in with torch's default by an import (diffusers' does): not the user's choice
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
     inductor = getattr(torch, "_inductor", None)
     if inductor is not None and hasattr(inductor, "config"):
@@ -58,6 +62,14 @@ def setup_compile_cache() -> str:
         if hasattr(dyn, name) and getattr(dyn, name) < RECOMPILE_LIMIT:
             setattr(dyn, name, RECOMPILE_LIMIT)
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def _torch_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 def compile_seconds() -> dict[str, float]:
@@ -100,11 +112,31 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
+            _compile_in_place(block, _device_type(transformer), backend, mode)
             n += 1
     if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return n
+
+
+def _compile_in_place(module: Any, device: str, backend: str, mode: str | None) -> None:
+    """``module.compile(...)``, through :class:`.precompiled.Dispatch` when `fluxkiln warmup` saved variants
+    (Inductor's default mode only) or one is recording them."""
+    import torch
+
+    from . import precompiled
+
+    regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
+    variants = precompiled.table(device) if backend == "inductor" and mode is None else {}
+    serve = bool(variants) or (precompiled.recording() and backend == "inductor" and mode is None)
+    module._compiled_call_impl = precompiled.Dispatch(module, regular, variants) if serve else regular
+
+
+def _device_type(transformer: Any) -> str:
+    try:
+        return next(transformer.parameters()).device.type
+    except StopIteration:
+        return "cpu"
 
 
 def _new_graph_step(_module: Any, _args: Any) -> None:
@@ -137,7 +169,7 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
     decoder = vae.decoder
     if on and getattr(decoder, "_compiled_call_impl", None) is None:
         setup_compile_cache()
-        decoder.compile(dynamic=False)
+        _compile_in_place(decoder, _device_type(decoder), "inductor", None)
     elif not on:
         decoder._compiled_call_impl = None
 

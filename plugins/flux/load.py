@@ -16,7 +16,8 @@ from pydantic import Field
 
 from fluxkiln.engine import Model, NodeError, RunContext, node
 
-from . import parallel, warm
+from . import fast as fastpaths
+from . import parallel, precompiled, warm
 from .share import adopt, borrowed_names, check_compatible, donor_parts, keep_alive
 
 DEFAULT_BASE = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
@@ -414,6 +415,8 @@ def load_model(
     out = Model(ref=model, kind="flux", key=key, loader=loader, residency=ctx.models)
     if key not in ctx.models:
         ctx.log(f"loading FLUX pipeline '{model}' from {src.path}")
+        if device == "cuda" and not fastpaths.compile_disabled():
+            precompiled.start_preload(device)  # `fluxkiln warmup`'s blocks load while the weights do
     pipe = get_pipeline(out)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path),

@@ -29,6 +29,7 @@ from typing import Any
 from fluxkiln.engine import NodeError
 
 from . import fast as fastpaths
+from . import precompiled
 
 MAX_LOADED = 8  # adapters kept loaded per pipeline before unused ones are deleted
 
@@ -286,8 +287,10 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
     if on and not fastpaths.is_compiled(pipe.transformer):
         fastpaths.compile_blocks(pipe.transformer)
         if log:
+            ready = precompiled.stats()["loaded"]
             log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
-                "the compilation)")
+                "the compilation)" + (f"; {ready} precompiled block variant(s) from `fluxkiln warmup` loaded "
+                                      f"in {precompiled.stats()['load_s']} s" if ready else ""))
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)
     st.compiled = on

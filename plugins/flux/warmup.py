@@ -3,7 +3,9 @@ later process does not pay for compilation.
 
 The recipe runs once with every ``sample`` node at one denoising step (compiled code depends on the image size,
 the batch and the model, not on the step count), every node forced, into a throwaway run folder; Inductor's
-graph and kernel caches under ``<cache>/inductor`` keep what was compiled for every later process.
+graph and kernel caches under ``<cache>/inductor`` keep what was compiled for every later process, and each
+transformer block variant the run used is saved precompiled (:mod:`.precompiled`), so that a later process loads it
+without tracing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
     from fluxkiln.engine.errors import RecipeInvalid
     from fluxkiln.engine.runner import Engine
 
+    from . import precompiled
+
     engine = Engine()
     try:
         checked = engine.check(args.recipe, args.overrides)
@@ -46,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
         out = Path(tempfile.mkdtemp(prefix="fluxkiln-warmup-"))
         t0 = time.perf_counter()
         try:
-            result = engine.run(args.recipe, overrides=overrides, force_all=True, output=out)
+            with precompiled.Recording() as rec:
+                result = engine.run(args.recipe, overrides=overrides, force_all=True, output=out)
         finally:
             shutil.rmtree(out, ignore_errors=True)
     except RecipeInvalid as exc:
@@ -61,4 +66,9 @@ def main(args: argparse.Namespace) -> int:
     n = len(overrides) - len(args.overrides)
     print(f"fluxkiln warmup: {n} sample node(s) compiled in {time.perf_counter() - t0:.1f} s; a new process now "
           "loads them from the compile cache")
+    if rec.calls:
+        done = precompiled.save_recorded(rec)
+        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block variant(s) newly saved "
+              f"precompiled in {done['seconds']:.1f} s (the others were already saved, or see above); a new "
+              "process loads them without tracing")
     return 0

@@ -1,0 +1,332 @@
+"""Ahead-of-time compiled transformer blocks (and VAE decoder): what ``fluxkiln warmup`` leaves on disk so that
+a fresh process's first image skips torch.compile's tracing.
+
+Inductor's caches already keep the generated code between processes, but every new process still traces each
+block with Dynamo and looks its graphs up again before the first image (6.5 s of 8.9 s on an H200 for a first
+1024² image).  torch's ``aot_compile`` packages the traced and compiled function, with its guards, into one file
+that loads without tracing:
+
+* :class:`Recording` (used by ``fluxkiln warmup``) notes one call of each distinct block *variant* — the block's
+  class and structure and the shapes, strides, dtypes and devices of its inputs — and :func:`save_recorded`
+  compiles each ahead of time into ``<cache>/precompiled/<environment>/``.
+* :func:`start_preload` deserializes those files in a background thread (``load_model`` starts it before the
+  weights load); :func:`table` waits for it.
+* :class:`Dispatch` is what :func:`fluxkiln.plugins.flux.fast.compile_blocks` installs on each block (and
+  ``set_vae_compiled`` on the VAE decoder): a call that matches a saved variant runs the precompiled function,
+  anything else the module's ordinary ``torch.compile``.
+
+Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
+Inductor's default mode; training, CUDA graphs and adapters keep ordinary compilation.  Each block's first call of
+a variant runs the artifact's full guard check (parameters' and inputs' tensor properties, grad mode, the
+attribute values it was traced with); later calls compare a cheap signature, including the block's module types
+and attention processors, so a block changed after its check (fp8 layers swapped in, adapters injected) falls
+back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key:
+torch, diffusers and Python versions and the device.  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
+
+Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_FILES = 32  # newest artifacts loaded per process
+_state: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """``FLUXKILN_PRECOMPILE=0`` turns precompiled blocks off (recording and loading)."""
+    return os.environ.get("FLUXKILN_PRECOMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def supported() -> bool:
+    """Whether this torch has ``aot_compile`` (torch 2.10 and later)."""
+    try:
+        from torch._dynamo import aot_compile  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def environment(device: str) -> dict[str, str]:
+    """What the saved files depend on besides the block itself: versions and the device."""
+    import diffusers
+    import torch
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0],
+           "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return env
+
+
+def folder(device: str) -> Path:
+    """``<cache>/precompiled/<hash of the environment>``: the files this process may load."""
+    from fluxkiln.engine.paths import cache_root
+
+    env = environment(device)
+    key = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "precompiled" / key
+
+
+def structure(block: Any) -> tuple[str, ...]:
+    """The block's module types and attention processors (and their attention backends), in order."""
+    out = []
+    for m in block.modules():
+        out.append(_type_name(m))
+        proc = getattr(m, "processor", None)
+        if proc is not None:
+            out.append(f"{_type_name(proc)}/{getattr(proc, '_attention_backend', None)}")
+    return tuple(out)
+
+
+def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Shapes, strides, dtypes and devices of a call's tensors and the other values as text; None if a value
+    cannot be described (then the call is not served)."""
+    from torch import Tensor as tensor
+
+    def describe(v: Any) -> Any:
+        if isinstance(v, tensor):
+            return (v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
+        if isinstance(v, (tuple, list)):
+            return (type(v).__name__, *map(describe, v))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return repr(v)
+        raise TypeError(type(v).__name__)
+
+    try:
+        return (describe(args), tuple((k, describe(v)) for k, v in sorted(kwargs.items())))
+    except TypeError:
+        return None
+
+
+def variant_key(block: Any, sig: tuple[Any, ...]) -> str:
+    """The name a variant's file has: a hash of the block's structure and the call's signature."""
+    text = repr((structure(block), sig))
+    return f"{type(block).__name__}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+def _eligible(block: Any) -> bool:
+    """Blocks with hooks or LoRA adapters (peft layers) keep ordinary compilation."""
+    if block._forward_hooks or block._forward_pre_hooks:
+        return False
+    return not any(type(m).__module__.startswith("peft.") for m in block.modules())
+
+
+# ------------------------------------------------------------------ recording and saving (fluxkiln warmup)
+@dataclass
+class Recording:
+    """While active (``with Recording() as rec``), each compiled block notes one call per new variant."""
+
+    calls: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+
+    def __enter__(self) -> Recording:
+        _state["recording"] = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _state.pop("recording", None)
+
+    def note(self, block: Any, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls.setdefault(variant_key(block, sig), (block, args, kwargs))
+
+
+def _guard_filter(entries: list[Any]) -> list[bool]:
+    """Keep the guards torch can save; the others (globals, function identity) are in the folder's key."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    bad = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [not (g.is_global or ({g.guard_type, *(g.derived_guard_types or ())} & bad)) for g in entries]
+
+
+def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compile each recorded variant ahead of time and save it (in its device's folder); returns counts."""
+    import torch
+
+    if not (enabled() and supported()):
+        return {"variants": len(rec.calls), "saved": 0, "failed": ["precompiling is off or unsupported"],
+                "seconds": 0.0}
+    n, saved, failed, t0 = len(rec.calls), 0, [], time.perf_counter()
+    for key, (block, args, kwargs) in rec.calls.items():
+        out = folder(next(block.parameters()).device.type)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{key}.bin"
+        if path.exists():
+            continue
+        try:
+            with torch.no_grad():
+                compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
+                                         options={"guard_filter_fn": _guard_filter})
+                fn = compiled.aot_compile(((block, *args), kwargs))
+            fn.save_compiled_function(str(path))
+            saved += 1
+        except Exception as exc:  # noqa: BLE001 - a variant torch cannot package keeps ordinary compilation
+            failed.append(f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log(f"precompile: {key} not saved ({failed[-1]}); it will be compiled as usual")
+    rec.calls.clear()  # the blocks and example inputs are no longer needed
+    forget()  # a later compile in this process loads the new files
+    return {"variants": n, "saved": saved, "failed": failed,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ------------------------------------------------------------------ loading
+def _load_all(where: Path) -> None:
+    import torch
+
+    t0 = time.perf_counter()
+    found: dict[str, Any] = {}
+    errors: list[str] = []
+    files = sorted(where.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_FILES]
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            fn.disable_guard_check()  # checked by Dispatch, once per block and variant
+            found[path.stem] = fn
+        except Exception as exc:  # noqa: BLE001 - a stale or broken file: compile as usual
+            errors.append(f"{path.name}: {type(exc).__name__}")
+    _state["table"] = found
+    _state["load_errors"] = errors
+    _state["load_s"] = round(time.perf_counter() - t0, 2)
+
+
+def start_preload(device: str) -> bool:
+    """Begin loading this environment's saved variants in a background thread (once per process)."""
+    if not (enabled() and supported()):
+        return False
+    where = folder(device)
+    with _lock:
+        if _state.get("folder") == where:
+            return True
+        _state["folder"] = where
+        _state.pop("table", None)
+        _state["thread"] = thread = threading.Thread(target=_load_all, args=(where,), name="fluxkiln-precompiled",
+                                                     daemon=True)
+        thread.start()
+    return True
+
+
+def table(device: str) -> dict[str, Any]:
+    """The saved variants for ``device`` (waits for the background load; loads now if none was started)."""
+    if not (enabled() and supported()):
+        return {}
+    start_preload(device)
+    thread = _state.get("thread")
+    if thread is not None:
+        thread.join()
+    return _state.get("table", {})
+
+
+def stats() -> dict[str, Any]:
+    """What loading found: files, seconds, errors (for logs and the bench)."""
+    return {"loaded": len(_state.get("table", {})), "load_s": _state.get("load_s"),
+            "errors": list(_state.get("load_errors", []))}
+
+
+def forget() -> None:
+    """Drop what was loaded (tests, or after ``fluxkiln warmup`` saved new files)."""
+    with _lock:
+        for k in ("folder", "table", "thread", "load_errors", "load_s"):
+            _state.pop(k, None)
+
+
+# ------------------------------------------------------------------ calling
+_GENERATION = [0]  # bumped whenever any module gets a submodule or parameter (torch's global registration hooks)
+
+
+def _bump(*_args: Any) -> None:
+    _GENERATION[0] += 1
+
+
+def _watch_registrations() -> None:
+    if _state.get("watching"):
+        return
+    from torch.nn.modules.module import (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    register_module_module_registration_hook(_bump)
+    register_module_parameter_registration_hook(_bump)
+    _state["watching"] = True
+
+
+class Dispatch:
+    """A block's compiled call: the precompiled function of a matching variant, else ordinary torch.compile.
+
+    The first call of each signature runs the full check (structure, adapters, the artifact's guards); later
+    calls of that signature reuse its answer while nothing was registered on any module since (fp8 layers,
+    fused projections and adapters are new submodules), the attention processors are the same objects, and
+    the parameters keep their dtype and device."""
+
+    def __init__(self, block: Any, regular: Callable[..., Any], variants: dict[str, Any]) -> None:
+        import torch
+
+        _watch_registrations()
+        self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
+        self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
+        self.attention: list[Any] = []
+        self.param = next(block.parameters(), None)
+        self.served = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self._pick(args, kwargs)
+        if fn is None:
+            return self.regular(*args, **kwargs)
+        self.served += 1
+        return fn(self.block, *args, **kwargs)
+
+    def _state(self) -> tuple[Any, ...]:
+        p = self.param
+        return (_GENERATION[0], tuple((m.processor, getattr(m.processor, "_attention_backend", None))
+                                      for m in self.attention),
+                None if p is None else (p.dtype, p.device))
+
+    def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        recording, torch, block = _state.get("recording"), self.torch, self.block
+        if not (self.variants or recording) or torch.is_grad_enabled() or block._forward_hooks \
+                or block._forward_pre_hooks or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+            return None
+        sig = call_signature(args, kwargs)
+        if sig is None:
+            return None
+        seen = self.checked.get(sig)
+        if seen is not None and seen[0] == self._state():
+            return seen[1]
+        return self._check(sig, args, kwargs, recording)
+
+    def _check(self, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+               recording: Recording | None) -> Any:
+        block = self.block
+        self.attention = [m for m in block.modules() if getattr(m, "processor", None) is not None]
+        self.param = next(block.parameters(), None)
+        fn = None
+        if _eligible(block):
+            if recording is not None:
+                recording.note(block, sig, args, kwargs)
+            fn = self.variants.get(variant_key(block, sig))
+            if fn is not None and not fn.guard_check(block, *args, **kwargs):
+                fn = None
+        self.checked[sig] = (self._state(), fn)
+        return fn
+
+
+def recording() -> bool:
+    """Whether a :class:`Recording` is active (compiled blocks then note their variants)."""
+    return _state.get("recording") is not None

@@ -1,0 +1,141 @@
+"""Precompiled transformer blocks (``fluxkiln warmup``'s files): one process records and saves each block variant;
+a new process loads them and runs its first forward without tracing, identical to eager; calls that do not match
+(gradients on, other shapes, a block changed or hooked since) and broken files fall back to ordinary compilation.
+
+The product compiles only on a GPU; on CPU the same module runs with Inductor's CPU backend, so these tests use
+the module's API on a small FLUX transformer (diffusers' own block classes) in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fluxkiln.plugins.flux import precompiled
+
+MODEL = textwrap.dedent('''
+    import json, os, sys, torch
+    from diffusers import FluxTransformer2DModel
+    from fluxkiln.plugins.flux import fast, precompiled
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    def inputs(tokens=64):
+        g = torch.Generator().manual_seed(1)
+        return dict(hidden_states=torch.randn(1, tokens, 8, generator=g),
+                    encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+                    pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                    guidance=torch.tensor([3.0]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(8, 3),
+                    return_dict=False)
+    with torch.no_grad():
+        eager = tr(**inputs())[0]
+''')
+
+SAVE = MODEL + textwrap.dedent('''
+    with precompiled.Recording() as rec:
+        fast.compile_blocks(tr)
+        with torch.no_grad():
+            out = tr(**inputs())[0]
+        first = precompiled.save_recorded(rec)
+    with precompiled.Recording() as rec:  # the same calls again: nothing new to save
+        with torch.no_grad():
+            tr(**inputs())
+        again = precompiled.save_recorded(rec)
+    print(json.dumps({"first": first, "again": again, "same": torch.allclose(out, eager, atol=1e-5)}))
+''')
+
+LOAD = MODEL + textwrap.dedent('''
+    from torch._dynamo.utils import calculate_time_spent
+    (precompiled.folder("cpu") / "junk.bin").write_bytes(b"not a compiled function")
+    fast.compile_blocks(tr)
+    blocks = fast.blocks(tr)
+    with torch.no_grad():
+        out = tr(**inputs())[0]
+    res = {"stats": precompiled.stats(), "served": [b._compiled_call_impl.served for b in blocks],
+           "dispatch": all(isinstance(b._compiled_call_impl, precompiled.Dispatch) for b in blocks),
+           "traced": calculate_time_spent().get("entire_frame_compile", 0.0),
+           "same": torch.allclose(out, eager, atol=1e-5)}
+    # the fallbacks, through a Dispatch whose ordinary path says so
+    block, seen = blocks[1], {}
+    hook = block.register_forward_pre_hook(lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
+    with torch.no_grad():
+        tr(**inputs())
+    hook.remove()
+    args, kwargs = seen["call"]
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", precompiled.table("cpu"))
+    def via(grad=False):
+        with torch.set_grad_enabled(grad):
+            return "ordinary" if isinstance(d(*args, **kwargs), str) else "precompiled"
+    res["plain"] = via()
+    res["grad"] = via(grad=True)
+    h = block.register_forward_hook(lambda *a: None)
+    res["hooked"] = via()
+    h.remove()
+    wide = dict(kwargs, hidden_states=torch.randn(1, 96, kwargs["hidden_states"].shape[-1]))
+    with torch.no_grad():
+        res["other_shape"] = "ordinary" if isinstance(d(*args, **wide), str) else "precompiled"
+    res["again"] = via()
+    class Tagged(torch.nn.Linear):
+        pass
+    old = block.proj_out
+    block.proj_out = Tagged(old.in_features, old.out_features)  # a block changed after its check
+    res["changed"] = via()
+    block.proj_out = old
+    res["restored"] = via()
+    os.environ["FLUXKILN_PRECOMPILE"] = "0"
+    precompiled.forget()
+    res["off"] = len(precompiled.table("cpu"))
+    print(json.dumps(res))
+''')
+
+
+def _run(code: str, cache) -> dict:
+    env = dict(os.environ, FLUXKILN_CACHE=str(cache))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not precompiled.supported(), reason="this torch has no aot_compile")
+def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back_when_they_do_not_fit(tmp_path):
+    saved = _run(SAVE, tmp_path / "cache")
+    # one double-stream block, the first single block (a contiguous input) and the next (a strided slice)
+    assert saved["first"]["variants"] == 3 and saved["first"]["saved"] == 3, saved
+    assert saved["first"]["failed"] == [] and saved["same"]
+    assert saved["again"]["variants"] == 3 and saved["again"]["saved"] == 0
+    assert len(list((tmp_path / "cache" / "precompiled").glob("*/*.bin"))) == 3
+    # Inductor's cache is fluxkiln's, not torch's default (which importing diffusers fills in)
+    assert any(p.is_file() for p in (tmp_path / "cache" / "inductor").rglob("*"))
+
+    loaded = _run(LOAD, tmp_path / "cache")
+    assert loaded["stats"]["loaded"] == 3 and loaded["stats"]["errors"] == ["junk.bin: UnpicklingError"], loaded
+    assert loaded["dispatch"] and loaded["served"] == [1, 1, 1]
+    assert loaded["traced"] == 0.0  # no Dynamo frame was compiled in this process
+    assert loaded["same"]
+    assert loaded["plain"] == "precompiled" and loaded["again"] == "precompiled"
+    assert loaded["grad"] == "ordinary" and loaded["hooked"] == "ordinary" and loaded["other_shape"] == "ordinary"
+    assert loaded["changed"] == "ordinary" and loaded["restored"] == "precompiled"
+    assert loaded["off"] == 0
+
+
+def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
+    import torch
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.zeros(2, 4)
+    sig = precompiled.call_signature((x,), {"scale": 1.0, "extra": None})
+    assert sig == precompiled.call_signature((torch.ones(2, 4),), {"extra": None, "scale": 1.0})
+    assert sig != precompiled.call_signature((torch.zeros(3, 4),), {"scale": 1.0, "extra": None})
+    assert sig != precompiled.call_signature((torch.zeros(4, 2).t(),), {"scale": 1.0, "extra": None})  # strides
+    assert sig != precompiled.call_signature((x,), {"scale": 2.0, "extra": None})
+    assert precompiled.call_signature((x,), {"cb": object()}) is None  # not describable: not served
+    key = precompiled.variant_key(block, sig)
+    assert key == precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4)), sig)
+    assert key != precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), sig)
+    assert key.startswith("Sequential-")
