@@ -271,7 +271,12 @@ def test_compile_mode_from_the_environment(monkeypatch):
     assert fast.compile_mode() == "reduce-overhead"
     block = torch.nn.Linear(2, 2)
     seen = {}
-    monkeypatch.setattr(torch.nn.Linear, "compile", lambda self, **kw: seen.update(kw), raising=False)
+
+    def compile_(fn, **kw):
+        seen.update(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile_)
 
     class T(torch.nn.Module):
         def __init__(self):
@@ -279,13 +284,15 @@ def test_compile_mode_from_the_environment(monkeypatch):
             self.transformer_blocks = torch.nn.ModuleList([block])
 
     assert fast.compile_blocks(T(), backend="eager") == 1 and "mode" not in seen  # only Inductor takes a mode
+    assert block._compiled_call_impl == block._call_impl  # what torch.compile returned is what the block calls
+    block._compiled_call_impl = None
     monkeypatch.setattr(fast, "setup_compile_cache", lambda: "")
     t = T()
     assert fast.compile_blocks(t, backend="inductor") == 1 and seen["mode"] == "reduce-overhead"
     # CUDA graphs: every transformer call (a denoising step) starts a new generation of graphs
     steps = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
-    block._compiled_call_impl = None  # the stand-in compile above set nothing
+    block._compiled_call_impl = None  # the blocks run eagerly, with the step hook in place
     t.forward = lambda x: t.transformer_blocks[0](x)
     t(torch.zeros(1, 2))
     t(torch.zeros(1, 2))

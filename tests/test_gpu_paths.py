@@ -111,8 +111,10 @@ def test_inductor_blocks_match_eager():
     assert float((compiled - eager).norm() / eager.norm()) < 0.02
 
 
-def test_compiled_vae_decoder_matches_eager():
+def test_compiled_vae_decoder_matches_eager(monkeypatch):
     from fluxkiln.plugins.flux import fast
+
+    monkeypatch.setenv("FLUXKILN_COMPILE_VAE", "1")  # compiled from the first decode (default: where it pays)
     from fluxkiln.plugins.flux.tiny import build_tiny_flux
 
     # float32: the compiled decoder must compute what the eager one does (in bf16 the tiny VAE's designed
@@ -125,7 +127,9 @@ def test_compiled_vae_decoder_matches_eager():
         eager = vae.decode(latents).sample.float()
         fast.set_vae_compiled(vae, True)
         assert getattr(vae.decoder, "_compiled_call_impl", None) is not None
+        before = fast.compile_seconds()["compile"]
         compiled = vae.decode(latents).sample.float()
+        assert fast.compile_seconds()["compile"] > before  # the decoder really was compiled
     assert float((compiled - eager).norm() / eager.norm()) < 0.01
 
 

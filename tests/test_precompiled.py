@@ -87,6 +87,10 @@ LOAD = MODEL + textwrap.dedent('''
     res["changed"] = via()
     block.proj_out = old
     res["restored"] = via()
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+    default, registry._active_backend = registry._active_backend, AttentionBackendName._NATIVE_MATH
+    res["other_attention"] = via()  # diffusers' default attention backend changed since the check
+    registry._active_backend = default
     os.environ["FLUXKILN_PRECOMPILE"] = "0"
     precompiled.forget()
     res["off"] = len(precompiled.table("cpu"))
@@ -121,6 +125,7 @@ def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back
     assert loaded["plain"] == "precompiled" and loaded["again"] == "precompiled"
     assert loaded["grad"] == "ordinary" and loaded["hooked"] == "ordinary" and loaded["other_shape"] == "ordinary"
     assert loaded["changed"] == "ordinary" and loaded["restored"] == "precompiled"
+    assert loaded["other_attention"] == "ordinary"
     assert loaded["off"] == 0
 
 
@@ -139,3 +144,28 @@ def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
     assert key == precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4)), sig)
     assert key != precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), sig)
     assert key.startswith("Sequential-")
+
+
+def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning():
+    import torch
+
+    block = torch.nn.Linear(4, 4)
+    x = torch.zeros(2, 4)
+    key = precompiled.variant_key(block, precompiled.call_signature((x,), {}))
+
+    class Broken:
+        calls = 0
+
+        def guard_check(self, *args, **kwargs):
+            return True
+
+        def __call__(self, *args, **kwargs):
+            Broken.calls += 1
+            raise RuntimeError("stale kernel")
+
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {key: Broken()})
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="stale kernel"):
+        assert d(x) == "ordinary"
+    with torch.no_grad():
+        assert d(x) == "ordinary" and Broken.calls == 1 and d.served == 0  # not tried again
+    assert any("stale kernel" in e for e in precompiled.stats()["call_errors"])

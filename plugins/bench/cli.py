@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 from pathlib import Path
@@ -143,14 +144,16 @@ def main(argv: list[str]) -> int:
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
+    if args.profile and args.gpus is None:
+        parser.error("--profile profiles the steps of a multi-process run: use it with --gpus N")
     if args.e2e:
         if args.e2e_depth and not re.fullmatch(r"\d+,\d+", args.e2e_depth):
             parser.error(f"--e2e-depth {args.e2e_depth!r}: give DOUBLE,SINGLE block counts, e.g. 5,10")
         if args.e2e_cache is not None and args.e2e_cache.exists():
             parser.error(f"--e2e-cache {args.e2e_cache} exists: the first run needs a cold cache; give a new folder")
-        return main_e2e(args)
-    if args.profile and args.gpus is None:
-        parser.error("--profile profiles the steps of a multi-process run: use it with --gpus N")
+        return main_e2e(args)  # fresh `fluxkiln run` processes: the decoder compiles as users' runs do
+    # the steady state of a long session: the VAE decoder compiled from the first image, not after PATIENCE
+    os.environ.setdefault("FLUXKILN_COMPILE_VAE", "1")
     if args.gpus is not None:
         from .many import main_many
 

@@ -6,7 +6,8 @@
   graph cache under ``cache_root()/inductor`` makes later processes reuse them.
 * With ``fluxkiln warmup``'s files on disk (:mod:`.precompiled`), a block (or VAE decoder) call that matches
   one runs the precompiled function instead: no tracing in a new process.
-* :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode).
+* :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode), for the latent shapes
+  where that pays (:mod:`.patience`).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
   (float8 e4m3 weights and activations with row-wise scales, multiplied by
   ``torch._scaled_mm``; lossy).  Each keeps its bf16 layer, so
@@ -38,7 +39,7 @@ def compile_disabled() -> bool:
 
 def vae_compile_disabled() -> bool:
     """``FLUXKILN_COMPILE_VAE=0`` keeps the VAE decoder eager: 20-24 s less compilation per new image size
-    (cold cache, H100), 0.05 s more per image."""
+    (cold cache, H100), 0.05 s more per image.  Unset, it compiles where that pays (:mod:`.patience`)."""
     return compile_disabled() or _off("FLUXKILN_COMPILE_VAE")
 
 
@@ -112,16 +113,16 @@ def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            _compile_in_place(block, _device_type(transformer), backend, mode)
+            block._compiled_call_impl = _compiled_call(block, _device_type(transformer), backend, mode)
             n += 1
     if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return n
 
 
-def _compile_in_place(module: Any, device: str, backend: str, mode: str | None) -> None:
-    """``module.compile(...)``, through :class:`.precompiled.Dispatch` when `fluxkiln warmup` saved variants
-    (Inductor's default mode only) or one is recording them."""
+def _compiled_call(module: Any, device: str, backend: str, mode: str | None) -> Any:
+    """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` when `fluxkiln warmup`
+    saved variants (Inductor's default mode only) or one is recording them."""
     import torch
 
     from . import precompiled
@@ -129,7 +130,7 @@ def _compile_in_place(module: Any, device: str, backend: str, mode: str | None) 
     regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
     variants = precompiled.table(device) if backend == "inductor" and mode is None else {}
     serve = bool(variants) or (precompiled.recording() and backend == "inductor" and mode is None)
-    module._compiled_call_impl = precompiled.Dispatch(module, regular, variants) if serve else regular
+    return precompiled.Dispatch(module, regular, variants) if serve else regular
 
 
 def _device_type(transformer: Any) -> str:
@@ -166,10 +167,16 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
 
     Measured on an H100 at 1024² (``bench/vae_decode.py``): 0.090 s eager, 0.038 s compiled, and 0.142 s in
     channels-last memory format (which fluxkiln used before)."""
+    from . import patience, precompiled
+
     decoder = vae.decoder
-    if on and getattr(decoder, "_compiled_call_impl", None) is None:
+    wait = patience.patience()
+    if on and wait is not None and getattr(decoder, "_compiled_call_impl", None) is None:
         setup_compile_cache()
-        _compile_in_place(decoder, _device_type(decoder), "inductor", None)
+        device = _device_type(decoder)
+        compiled = _compiled_call(decoder, device, "inductor", None)
+        decoder._compiled_call_impl = compiled if wait == 0 else \
+            patience.Patience(decoder, compiled, decoder._call_impl, wait, precompiled.folder(device) / "compiled")
     elif not on:
         decoder._compiled_call_impl = None
 

@@ -20,8 +20,9 @@ Inductor's default mode; training, CUDA graphs and adapters keep ordinary compil
 a variant runs the artifact's full guard check (parameters' and inputs' tensor properties, grad mode, the
 attribute values it was traced with); later calls compare a cheap signature, including the block's module types
 and attention processors, so a block changed after its check (fp8 layers swapped in, adapters injected) falls
-back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key:
-torch, diffusers and Python versions and the device.  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
+back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key
+(torch, diffusers and Python versions and the device) and by the variant's (the attention processors' classes
+and backends, and diffusers' default attention backend).  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
 
 Nothing here imports torch at module level.
 """
@@ -34,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +87,19 @@ def folder(device: str) -> Path:
     return cache_root() / "precompiled" / key
 
 
+def _attention_default() -> str:
+    """diffusers' process-wide default attention backend (a global the saved guards leave out)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:
+        return ""
+    return str(getattr(_AttentionBackendRegistry, "_active_backend", ""))
+
+
 def structure(block: Any) -> tuple[str, ...]:
-    """The block's module types and attention processors (and their attention backends), in order."""
-    out = []
+    """The block's module types and attention processors (and their attention backends), in order, and
+    diffusers' default attention backend."""
+    out = [_attention_default()]
     for m in block.modules():
         out.append(_type_name(m))
         proc = getattr(m, "processor", None)
@@ -97,8 +109,8 @@ def structure(block: Any) -> tuple[str, ...]:
 
 
 def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-    """Shapes, strides, dtypes and devices of a call's tensors and the other values as text; None if a value
-    cannot be described (then the call is not served)."""
+    """A hashable description of a call: its tensors' shapes, strides, dtypes, devices and ``requires_grad``, the
+    other values' reprs; None if a value cannot be described (then the call is not served)."""
     from torch import Tensor as tensor
 
     def describe(v: Any) -> Any:
@@ -236,7 +248,7 @@ def table(device: str) -> dict[str, Any]:
 def stats() -> dict[str, Any]:
     """What loading found: files, seconds, errors (for logs and the bench)."""
     return {"loaded": len(_state.get("table", {})), "load_s": _state.get("load_s"),
-            "errors": list(_state.get("load_errors", []))}
+            "errors": list(_state.get("load_errors", [])), "call_errors": list(_state.get("call_errors", []))}
 
 
 def forget() -> None:
@@ -278,8 +290,11 @@ class Dispatch:
     def __init__(self, block: Any, regular: Callable[..., Any], variants: dict[str, Any]) -> None:
         import torch
 
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
         _watch_registrations()
         self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
+        self.registry = _AttentionBackendRegistry
         self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
         self.attention: list[Any] = []
         self.param = next(block.parameters(), None)
@@ -289,14 +304,22 @@ class Dispatch:
         fn = self._pick(args, kwargs)
         if fn is None:
             return self.regular(*args, **kwargs)
+        try:
+            out = fn(self.block, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - an experimental torch API: never let it fail an image
+            self.variants, self.checked = {}, {}
+            _state.setdefault("call_errors", []).append(f"{type(self.block).__name__}: {type(exc).__name__}: {exc}")
+            warnings.warn(f"precompiled {type(self.block).__name__} failed ({type(exc).__name__}: {exc}); "
+                          "compiling it as usual", RuntimeWarning, stacklevel=2)
+            return self.regular(*args, **kwargs)
         self.served += 1
-        return fn(self.block, *args, **kwargs)
+        return out
 
     def _state(self) -> tuple[Any, ...]:
         p = self.param
         return (_GENERATION[0], tuple((m.processor, getattr(m.processor, "_attention_backend", None))
                                       for m in self.attention),
-                None if p is None else (p.dtype, p.device))
+                None if p is None else (p.dtype, p.device), self.registry._active_backend)
 
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         recording, torch, block = _state.get("recording"), self.torch, self.block
