@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from . import distributed as dist
@@ -222,6 +222,25 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
                           rdzv_id=args.rdzv_id)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or ``taskset`` narrows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_threads(env: Mapping[str, str], cuda: bool, nproc: int, cpus: int) -> str | None:
+    """``OMP_NUM_THREADS`` for each of ``nproc`` workers on this host, or None when the user set it.
+
+    Left alone, every worker's intra-op pool would take all ``cpus``: N pools on one host, their threads
+    spinning between parallel regions, steal the CPU time the workers need to launch GPU work.  GPU workers
+    get 1 (as ``torchrun`` gives them: their compute is on the GPU); CPU workers (gloo) share the CPUs.
+    """
+    if "OMP_NUM_THREADS" in env:
+        return None
+    return "1" if cuda else str(max(1, cpus // max(1, nproc)))
+
+
 def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: str | None = None,
                    rdzv_id: str = "fluxkiln") -> int:
     """Run ``python -m fluxkiln.engine.cli ARGV`` (the ``fluxkiln`` command) in ``nproc`` workers per host
@@ -234,8 +253,9 @@ def launch_workers(nproc: int, argv: list[str], *, nnodes: int = 1, endpoint: st
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    threads = worker_threads(os.environ, torch.cuda.is_available(), nproc, usable_cpus())
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = threads
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # fluxkiln reports a failed or stopped rank itself
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,

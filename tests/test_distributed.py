@@ -371,6 +371,46 @@ def test_bench_gpus_parts_measures_only_those_and_refuses_unknown_ones(tmp_path)
     assert "data_parallel, ddp, context_parallel" in bad.stdout + bad.stderr
 
 
+def test_bench_gpus_profile_says_where_each_ranks_step_goes(tmp_path):
+    """--profile on CPU with gloo: every profile has the host's numbers, none of a GPU's; the launcher gave each
+    worker its share of the CPUs as intra-op threads (OMP_NUM_THREADS not set here)."""
+    from fluxkiln.engine.launch import usable_cpus
+    from fluxkiln.plugins.bench.step_profile import DEVICE_FIELDS
+
+    out = tmp_path / "profile.json"
+    env = _env(_cache(tmp_path / "cache"))
+    del env["OMP_NUM_THREADS"]
+    done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "bench", "--gpus", "2", "--tiny",
+                           "--train-steps", "1", "--parts", "ddp,context_parallel", "--cp-variants",
+                           "one-eager,allgather-eager", "--profile", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    alone, together = res["ddp"]["profile"]["alone"], res["ddp"]["profile"]["together"]
+    cp = res["context_parallel"]["profile"]
+    assert alone["rank"] == 0 and [p["rank"] for p in together] == [0, 1] and list(cp) == ["one-eager",
+                                                                                          "allgather-eager"]
+    threads = max(1, usable_cpus() // 2)
+    for p in [alone, *together, *cp.values()]:
+        assert p["device"] == "cpu" and p["wall_ms"] > 0 and p["sm_clock_mhz"] is None, p
+        assert all(p[key] is None for key in DEVICE_FIELDS), p  # no kernels on a CPU run: nothing made up
+        assert p["host"]["ops"] > 100 and p["cpu_ms"] > 0 and p["cpu_per_wall"] > 0
+        assert p["threads"]["OMP_NUM_THREADS"] == str(threads) and p["threads"]["intra_op"] == threads
+    for p in [alone, *together]:
+        phases = p["host"]["phases_ms"]
+        assert set(phases) == {"forward", "backward", "loss_item", "sync", "optimizer"}
+        assert phases["forward"]["host"] > 0 and phases["backward"]["host"] > 0 and phases["sync"]["device"] is None
+    assert alone["host"]["comm_ms"] == 0 and cp["one-eager"]["host"]["comm_ms"] == 0  # a world of one
+    assert all(p["host"]["comm_ms"] > 0 for p in together)  # the gradients' all-reduce, on gloo's thread
+    assert together[0]["host"]["phases_ms"]["sync"]["host"] > 0
+    assert res["ddp"]["lora_parameters"] > 1000
+    assert cp["allgather-eager"]["host"]["comm_ms"] > 0
+    table = done.stdout[done.stdout.index("profile (one step each"):]
+    assert "ddp step alone" in table and "cp allgather-eager" in table and "* no GPU kernels" in table
+    bad = _cli("bench", "--tiny", "--profile", cache=_cache(tmp_path / "c2"))
+    assert bad.returncode == 2 and "use it with --gpus N" in bad.stderr
+
+
 def _wait_for(proc: subprocess.Popen, events: list[dict], what: str, count: int, timeout: float = 150) -> None:
     assert proc.stdout is not None
     end = time.monotonic() + timeout

@@ -164,3 +164,64 @@ def test_a_launcher_that_started_more_workers_than_gpus_gets_a_clear_error(monke
     with pytest.raises(RuntimeError, match=r"2 workers were started on this host but it has 1 visible CUDA GPU"):
         distributed.init(timeout_s=5)
     assert not distributed.current().many  # nothing was joined
+
+
+def test_launched_workers_get_a_fair_share_of_threads_unless_the_user_chose():
+    from fluxkiln.engine.launch import worker_threads
+
+    assert worker_threads({}, cuda=True, nproc=4, cpus=64) == "1"  # like torchrun: the work is on the GPUs
+    assert worker_threads({}, cuda=False, nproc=4, cpus=64) == "16"  # CPU workers (gloo) share the CPUs
+    assert worker_threads({}, cuda=False, nproc=4, cpus=2) == "1"
+    assert worker_threads({"OMP_NUM_THREADS": "8"}, cuda=True, nproc=4, cpus=64) is None
+    assert worker_threads({"OMP_NUM_THREADS": "8"}, cuda=False, nproc=2, cpus=64) is None
+
+
+def _counting_ops() -> tuple[object, list[str]]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return Count(), seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed"])
+def test_gradient_sum_is_one_all_reduce_in_a_few_ops_whatever_the_parameter_count(monkeypatch, dtype):
+    import torch
+    import torch.distributed as dist
+
+    from fluxkiln.plugins.train.ddp import DataParallel
+
+    gen = torch.Generator().manual_seed(0)
+    kinds = {"float32": [torch.float32], "bfloat16": [torch.bfloat16], "mixed": [torch.bfloat16, torch.float32]}
+    types = kinds[dtype]
+    params = [torch.nn.Parameter(torch.randn(3 + i % 4, 2 + i % 3, generator=gen).to(types[i % len(types)]))
+              for i in range(150)]
+    for i, p in enumerate(params):
+        p.grad = None if i == 7 else torch.randn(p.shape, generator=gen).to(p.dtype)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(t, *a, **kw):  # two ranks with the same gradients: every value doubles, exactly
+        assert t.dtype == torch.float32 and t.ndim == 1
+        reduced.append(t)
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    dp = DataParallel()
+    dp.world = distributed.World(0, 2, 0)
+    mode, seen = _counting_ops()
+    with mode:
+        loss = dp.sync(params, 0.25)
+    assert len(reduced) == 1 and loss == 0.5
+    for p, b in zip(params, before, strict=True):
+        want = torch.zeros_like(p) if b is None else (b.float() * 2).to(p.dtype)
+        assert p.grad.dtype == p.dtype and torch.equal(p.grad, want)
+    # 150 parameters: a copy (kernel) per parameter each way would be 300+ ops that compute; views compute nothing
+    views = ("view", "slice", "select", "narrow", "split", "reshape", "alias", "as_strided", "zeros_like", "empty")
+    work = [s for s in seen if not any(v in s for v in views)]
+    assert len(work) <= 6, work[:40]  # fill, cat, cast, the all-reduce, one multi-tensor copy, the loss

@@ -56,6 +56,10 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole)")
     p.add_argument("--parts", default="", help="with --gpus: which measurements, comma-separated, in this order "
                    "(default: data_parallel, ddp, context_parallel); each is written to --out as soon as it ends")
+    p.add_argument("--profile", action="store_true", help="with --gpus: also profile one step of each part with "
+                   "torch.profiler (DDP: alone and on every rank; context parallel: one denoising step of each "
+                   "variant that ran) and report where its time goes: GPU busy and idle, communication and how much "
+                   "of it overlapped compute, kernels, CPU ops, threads, CPU time; a table last, all in --out")
     p.add_argument("--e2e", action="store_true", help="end to end instead: fresh processes of `fluxkiln run` "
                    "(load_model -> 3 images -> save) and of stock diffusers on a saved random-weight model folder, "
                    "compile cache cold and warm (default --out bench-e2e.json)")
@@ -140,6 +144,8 @@ def main(argv: list[str]) -> int:
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
+    if args.profile and args.gpus is None:
+        parser.error("--profile profiles the steps of a multi-process run: use it with --gpus N")
     if args.e2e:
         if args.e2e_depth and not re.fullmatch(r"\d+,\d+", args.e2e_depth):
             parser.error(f"--e2e-depth {args.e2e_depth!r}: give DOUBLE,SINGLE block counts, e.g. 5,10")

@@ -10,6 +10,9 @@ transformer's work for one image: the pipeline's denoising loop
 (``output_type="latent"``) with the prompt embeddings given, as the stock
 numbers were taken.  Each variant's latents are compared with one GPU's
 (``max_rel_diff``): context parallelism is lossless up to float rounding.
+With ``--profile`` one denoising step of each variant that ran (the
+transformer called with the inputs of the image's first step) is profiled on
+rank 0 (:mod:`.step_profile`), under ``"profile"``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class CpLatency:
         self.cuda = many.device == "cuda"
         self.variants = variants
         self.reference: Any = None
+        self.profiler = many.profiler
+        self.profiles: dict[str, Any] = {}
+        self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # one denoising step's, for --profile
+        self._hook: Any = None
 
     def run(self) -> dict[str, Any]:
         import torch
@@ -50,10 +57,45 @@ class CpLatency:
             "what": f"one image's denoising loop: {self.m.steps} steps at {self.m.size}x{self.m.size}, prompt "
                     "embeddings given, no VAE decode (the transformer's work)",
             "size": self.m.size, "steps": self.m.steps, "ranks": self.world.size, "variants": {}}
-        for name in self.variants:
-            out["variants"][name] = self._variant(name)
+        if self.profiler is not None:
+            self._hook = self.pipe.transformer.register_forward_pre_hook(self._capture, with_kwargs=True,
+                                                                         prepend=True)  # before a split cuts them
+        try:
+            for name in self.variants:
+                out["variants"][name] = self._variant(name)
+        finally:
+            self._unhook()
         out.update(summary(out["variants"]))
+        if self.profiler is not None:
+            out["profile"] = self.profiles
         return out
+
+    def _capture(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.inputs is None:
+            self.inputs = (tuple(args), dict(kwargs))
+
+    def _unhook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _step(self) -> None:
+        """One denoising step's transformer call (the inputs of the image's first step)."""
+        import torch
+
+        assert self.inputs is not None, "the step's inputs are captured while the image is made"
+        args, kwargs = self.inputs
+        with torch.no_grad():
+            self.pipe.transformer(*args, **kwargs)
+
+    def _profile(self, name: str, kind: str) -> None:
+        assert self.profiler is not None
+        if kind == "one":
+            got = self.profiler.alone(f"cp {name}", self._step)
+        else:  # rank 0's profile: the others take part in the same collectives
+            got = (self.profiler.together(f"cp {name}", self._step, every_rank=False) or [None])[0]
+        if got is not None:
+            self.profiles[name] = got
 
     # ------------------------------------------------------------------ one variant
     def _variant(self, name: str) -> dict[str, Any]:
@@ -73,7 +115,11 @@ class CpLatency:
             run = self.m._alone if kind == "one" else self.m._together
             latents: list[Any] = []
             warm = run(lambda: latents.append(self._image()))  # compiles where compiled
+            if self.inputs is not None:  # captured: out of compiled code's way from now on
+                self._unhook()
             timed = run(lambda: latents.append(self._image()))
+            if self.profiler is not None:
+                self._profile(name, kind)
         finally:
             self._compile("eager")
             off()

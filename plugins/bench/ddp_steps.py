@@ -4,7 +4,9 @@ Random latents and text embeddings of the right shapes, the flow-matching loss
 on this rank's slice of the global batch (``flow_loss(part=...)``), and the
 gradient sum across ranks (``DataParallel.sync``): what ``train_lora`` does per
 step, without a dataset, so one process at batch B and N processes at N × B can
-be timed in the same run.
+be timed in the same run.  Each step marks its phases (``phase:forward``,
+``backward``, ``loss_item``, ``sync``, ``optimizer``) for ``--profile``; outside
+a profiler those marks cost a few microseconds.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class DdpSteps:
 
     def step(self, global_batch: int, alone: bool) -> float:
         """One optimizer step on a global batch; ``alone`` = rank 0 as a world of one (the baseline)."""
+        from torch.profiler import record_function
+
         dp = DataParallel()
         if alone:
             dp.world = distributed.World()
@@ -64,13 +68,19 @@ class DdpSteps:
         latents, embeds, pooled = self._batch(global_batch)
         share = len(part) / global_batch
         with gpu.attention_backends(self.device):  # the kernels (and gradient layout) train_lora's step uses
-            loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,
-                             self.dtype, part=part if dp.size > 1 else None)
-            if loss is not None:
-                (loss * share).backward()
-        value = dp.sync(self.params, float(loss.detach().item()) * share if loss is not None else 0.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            with record_function("phase:forward"):
+                loss = flow_loss(self.pipe.transformer, latents, embeds, pooled, self.gen, "sigmoid", self.device,
+                                 self.dtype, part=part if dp.size > 1 else None)
+            with record_function("phase:backward"):
+                if loss is not None:
+                    (loss * share).backward()
+        with record_function("phase:loss_item"):  # the host waits here for the GPU to finish the backward
+            value = float(loss.detach().item()) * share if loss is not None else 0.0
+        with record_function("phase:sync"):
+            value = dp.sync(self.params, value)
+        with record_function("phase:optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return value
 
     def close(self) -> None:

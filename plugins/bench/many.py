@@ -15,7 +15,9 @@ barrier, then all N run the parallel version.
   fluxkiln's own context parallelism and diffusers' stock Ulysses, eager and
   compiled, side by side (:mod:`.cp_latency`).
 
-Results go to JSON (``--out``, default ``bench-gpus.json``) like the rest of the bench.
+Results go to JSON (``--out``, default ``bench-gpus.json``) like the rest of the bench.  With
+``--profile`` each part also profiles one step (:mod:`.step_profile`) under ``"profile"``, and a table of
+the profiles ends the output.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def main_many(args: argparse.Namespace, argv: list[str]) -> int:
         distributed.shutdown()
     if world.owner:
         print(render(results))
+        if getattr(args, "profile", False):
+            from .step_profile import render_profiles
+
+            print(render_profiles(results))
         print(f"results: {out}")
     return 0
 
@@ -84,6 +90,11 @@ class Many:
         self.steps = 4 if self.tiny else 28
         self.train_res = args.train_resolution or (64 if self.tiny else 1024)
         self.train_steps = args.train_steps or (4 if self.tiny else 8)
+        self.profiler = None
+        if getattr(args, "profile", False):
+            from .step_profile import StepProfiler
+
+            self.profiler = StepProfiler(self.device, world.rank, self._barrier, self._sync)
 
     def run(self, parts: list[str], save: Any) -> dict[str, Any]:
         """Measure ``parts`` in order; after each, rank 0 hands the results so far to ``save``, so a worker
@@ -182,13 +193,22 @@ class Many:
         steps.step(per_process * self.world.size, alone=False)
         many = self._together(lambda: [steps.step(per_process * self.world.size, alone=False)
                                         for _ in range(self.train_steps)])
+        profile = None
+        if self.profiler is not None:  # after the timed steps, so the profiler never weighs on them
+            profile = {"alone": self.profiler.alone("ddp step alone", lambda: steps.step(per_process, alone=True)),
+                       "together": self.profiler.together(
+                           "ddp step together", lambda: steps.step(per_process * self.world.size, alone=False))}
         steps.close()
         one_step = one / self.train_steps if one else None
         many_step = many / self.train_steps
-        return {"resolution": self.train_res, "rank": steps.rank, "per_process_batch": per_process,
-                "global_batch": per_process * self.world.size, "steps": self.train_steps,
-                "one_step_s": _r(one_step), "many_step_s": _r(many_step),
-                "ratio": _r(many_step / one_step) if one_step else None}
+        out = {"resolution": self.train_res, "rank": steps.rank,
+               "lora_parameters": sum(p.numel() for p in steps.params), "per_process_batch": per_process,
+               "global_batch": per_process * self.world.size, "steps": self.train_steps,
+               "one_step_s": _r(one_step), "many_step_s": _r(many_step),
+               "ratio": _r(many_step / one_step) if one_step else None}
+        if profile is not None:
+            out["profile"] = profile
+        return out
 
     def context_parallel(self) -> dict[str, Any]:
         from .cp_latency import CpLatency

@@ -3,8 +3,10 @@
 * :func:`stage_times` splits one pipeline call into text encoding, transformer
   steps, VAE decode, image conversion and the rest, by timing those calls.
 * :func:`kernel_breakdown` profiles one callable with ``torch.profiler`` and
-  sums the GPU kernel time per kind (bf16 GEMM, fp8 GEMM, attention, fused
-  Triton kernels, other), plus the time the GPU sat idle.
+  sums the GPU kernel time per kind (communication, bf16 GEMM, fp8 GEMM,
+  attention, fused Triton kernels, other), plus the time the GPU sat idle and
+  how much of the communication ran while compute kernels ran too
+  (:func:`overlap_time`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from typing import Any
 
 STAGES = {"text_encoders": ("encode_prompt",), "vae_decode": ("vae", "decode"),
           "to_images": ("image_processor", "postprocess")}
+# substrings of the names of collectives: NCCL's kernels ("ncclDevKernel_AllReduce_Sum_f32_RING_LL",
+# "ncclKernel_AllGather_RING_LL_Sum_int8_t"), gloo's worker-thread ranges ("gloo:all_reduce") and the host-side
+# ops of c10d ("c10d::allreduce_", "_c10d_functional::all_gather_into_tensor", "...::wait_tensor")
+COMM_MARKS = ("nccl", "gloo:", "c10d", "allreduce", "all_reduce", "allgather", "all_gather", "all_to_all",
+              "alltoall", "reducescatter", "reduce_scatter", "record_param_comms")
 # (category, substrings any of which marks a kernel name), first match wins
 KINDS = [
     ("triton_fused", ("triton",)),  # Inductor's kernels, named after the ops they feed (e.g. "_scaled_mm")
+    ("communication", COMM_MARKS),  # after Triton: "triton_poi_fused_all_gather_into_tensor_0" is a copy
     ("attention", ("flash", "fmha", "attn", "attention", "sdpa", "mha")),
     ("gemm_fp8", ("f8", "fp8", "e4m3", "_qqtst", "_qq_")),  # cuBLASLt names fp8 kernels "nvjet_..._qqtst_..."
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "matmul", "_mm_")),
@@ -34,6 +42,58 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
+def is_comm(name: str) -> bool:
+    """True for a collective's kernel, range or op (see ``COMM_MARKS``)."""
+    return kind_of(name) == "communication"
+
+
+def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals as sorted, disjoint intervals."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def overlap_time(one: list[tuple[float, float]], other: list[tuple[float, float]]) -> float:
+    """Length of the time covered by both ``one`` and ``other`` (each a list of possibly overlapping intervals):
+    e.g. how much of the communication ran while compute ran too."""
+    a, b = merged(one), merged(other)
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            total += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def minus(spans: list[tuple[float, float]], cut: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of ``spans`` (merged) outside every interval of ``cut``."""
+    out: list[tuple[float, float]] = []
+    holes = merged(cut)
+    for a, b in merged(spans):
+        for c, d in holes:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 def busy_time(spans: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals (overlapping kernels on several streams count once)."""
     total, end = 0.0, float("-inf")
@@ -45,19 +105,29 @@ def busy_time(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize_trace(trace: dict[str, Any], wall_ms: float) -> dict[str, Any]:
-    """Kernel milliseconds per kind from a Chrome trace, and the idle share of ``wall_ms``."""
-    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+def summarize_trace(trace: dict[str, Any], wall_ms: float,
+                    window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Kernel milliseconds per kind from a Chrome trace, the idle share of ``wall_ms``, and the communication
+    kernels' time (union) with the part of it that overlapped compute kernels; only kernels starting within
+    ``window`` (trace microseconds) when given."""
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e
+               and (window is None or window[0] <= e["ts"] <= window[1])]
     per: dict[str, float] = {}
     top: dict[str, float] = {}
     for e in kernels:
         ms, kind = e["dur"] / 1000, kind_of(e["name"])
         per[kind] = per.get(kind, 0.0) + ms
         top[e["name"]] = top.get(e["name"], 0.0) + ms
-    busy = busy_time([(e["ts"] / 1000, (e["ts"] + e["dur"]) / 1000) for e in kernels])
+    spans = [(e["ts"] / 1000, (e["ts"] + e["dur"]) / 1000, is_comm(e["name"])) for e in kernels]
+    busy = busy_time([(a, b) for a, b, _ in spans])
+    comm = [(a, b) for a, b, c in spans if c]
+    comm_ms = busy_time(comm)
+    overlapped = overlap_time(comm, [(a, b) for a, b, c in spans if not c])
     largest = sorted(top.items(), key=lambda kv: -kv[1])[:8]
     return {"wall_ms": round(wall_ms, 2), "kernels": len(kernels), "busy_ms": round(busy, 2),
             "idle_pct": round(100 * max(0.0, 1 - busy / wall_ms), 1) if wall_ms else None,
+            "comm_ms": round(comm_ms, 2), "overlapped_ms": round(overlapped, 2),
+            "exposed_comm_ms": round(comm_ms - overlapped, 2),
             "ms_by_kind": {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
             "largest_kernels_ms": {k[:90]: round(v, 2) for k, v in largest}}
 
