@@ -225,3 +225,21 @@ def test_gradient_sum_is_one_all_reduce_in_a_few_ops_whatever_the_parameter_coun
     views = ("view", "slice", "select", "narrow", "split", "reshape", "alias", "as_strided", "zeros_like", "empty")
     work = [s for s in seen if not any(v in s for v in views)]
     assert len(work) <= 6, work[:40]  # fill, cat, cast, the all-reduce, one multi-tensor copy, the loss
+
+
+def test_cuda_graph_variants_of_context_parallelism_are_compared_with_one_gpu():
+    import argparse
+
+    from fluxkiln.plugins.bench.cp_latency import summary
+    from fluxkiln.plugins.bench.many import cp_variants
+
+    args = argparse.Namespace(cp_variants="allgather-graphs,one-graphs,one-compiled")
+    assert cp_variants(args, "cuda") == ["one-compiled", "one-graphs", "allgather-graphs"]
+    runs = {"one-compiled": {"s": 4.0}, "one-graphs": {"s": 3.6}, "allgather-graphs": {"s": 1.8},
+            "ulysses-graphs": {"s": 2.0}}
+    out = summary(runs)
+    assert runs["allgather-graphs"]["ratio"] == 0.5  # against one GPU in the same (graph) mode
+    assert out["best"] == {"variant": "allgather-graphs", "s": 1.8, "one_s": 3.6, "ratio": 0.5}
+    alone = {"one-compiled": {"s": 4.0}, "allgather-graphs": {"s": 1.8}}
+    summary(alone)
+    assert alone["allgather-graphs"]["ratio"] == 0.45  # no one-graphs run: against one GPU compiled

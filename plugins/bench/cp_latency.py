@@ -23,7 +23,9 @@ from typing import Any
 
 VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "allgather-compiled",
             "diffusers-eager", "diffusers-compiled")
-EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole")  # on request: --cp-variants
+# on request (--cp-variants); -graphs: compiled blocks in CUDA-graph mode (reduce-overhead), the collectives
+# captured with them: is a split image launch-bound once each rank's kernels are small?
+EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs")
 CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "diffusers-eager")
 
 
@@ -150,6 +152,8 @@ class CpLatency:
         torch._dynamo.reset()
         if how == "compiled":
             fast.compile_blocks(tr)
+        elif how == "graphs":
+            _in_graph_mode(lambda: fast.compile_blocks(tr))
         elif how == "whole":  # the whole transformer as one graph per rank (hooks and collectives inside)
             fast.setup_compile_cache()
             tr.compile(dynamic=False)
@@ -163,6 +167,21 @@ class CpLatency:
                              generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
 
 
+def _in_graph_mode(compile_: Callable[[], Any]) -> None:
+    """Compile in Inductor's reduce-overhead mode (CUDA graphs); the environment is as it was afterwards."""
+    import os
+
+    before = os.environ.get("FLUXKILN_COMPILE_MODE")
+    os.environ["FLUXKILN_COMPILE_MODE"] = "reduce-overhead"
+    try:
+        compile_()
+    finally:
+        if before is None:
+            os.environ.pop("FLUXKILN_COMPILE_MODE", None)
+        else:
+            os.environ["FLUXKILN_COMPILE_MODE"] = before
+
+
 def _rel_diff(a: Any, b: Any) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -172,17 +191,19 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 
 
 def summary(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each variant's ratio to one GPU in the same mode, and the best split one against one GPU's fastest."""
+    """Each variant's ratio to one GPU in the same mode (``-graphs`` without ``one-graphs``: to one GPU compiled),
+    and the best split one against one GPU's fastest."""
     def secs(name: str) -> float | None:
         return variants.get(name, {}).get("s")
 
     out: dict[str, Any] = {}
     for name, v in variants.items():
         kind, how = name.split("-", 1)
-        base = secs(f"one-{'compiled' if how == 'whole' else how}")
+        base = secs(f"one-{'compiled' if how == 'whole' else how}") or (secs("one-compiled") if how == "graphs"
+                                                                         else None)
         if kind != "one" and v.get("s") and base:
             v["ratio"] = _r(v["s"] / base, 3)
-    one = min((s for n in ("one-eager", "one-compiled") if (s := secs(n))), default=None)
+    one = min((s for n in ("one-eager", "one-compiled", "one-graphs") if (s := secs(n))), default=None)
     split = [(v["s"], n) for n, v in variants.items() if not n.startswith("one-") and v.get("s")]
     if one and split:
         s, name = min(split)
