@@ -64,7 +64,10 @@ class CpLatency:
                                                                          prepend=True)  # before a split cuts them
         try:
             for name in self.variants:
-                out["variants"][name] = self._variant(name)
+                try:
+                    out["variants"][name] = self._variant(name)
+                except Exception as exc:  # noqa: BLE001 - every rank fails alike (same code, same shapes)
+                    out["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         finally:
             self._unhook()
         out.update(summary(out["variants"]))
