@@ -18,6 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    # pytest-timeout (the GPU machine's suite, bench/gpu_suite.sh) reads this marker; elsewhere it is a label
+    config.addinivalue_line("markers", "timeout(seconds): a per-test limit above the GPU suite's --timeout")
+
+
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """A cache folder of this test's own (the tiny built-in models are shared)."""

@@ -145,6 +145,7 @@ def test_optimizer_auto_is_8bit_with_bitsandbytes_and_learns(tmp_path):
     assert np.mean(got[-10:]) < np.mean(got[:10])
 
 
+@pytest.mark.timeout(480)  # two fresh processes, one compiling every variant twice (ordinary, then ahead of time)
 def test_warmup_saves_precompiled_blocks_that_a_new_process_loads(tmp_path):
     import json
     import os

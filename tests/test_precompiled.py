@@ -106,6 +106,7 @@ def _run(code: str, cache) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.timeout(400)  # two fresh processes compiling with Inductor's CPU backend
 @pytest.mark.skipif(not precompiled.supported(), reason="this torch has no aot_compile")
 def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back_when_they_do_not_fit(tmp_path):
     saved = _run(SAVE, tmp_path / "cache")
