@@ -91,6 +91,10 @@ LOAD = MODEL + textwrap.dedent('''
     default, registry._active_backend = registry._active_backend, AttentionBackendName._NATIVE_MATH
     res["other_attention"] = via()  # diffusers' default attention backend changed since the check
     registry._active_backend = default
+    training = type(tr).from_config(tr.config)
+    fast.compile_blocks(training, saved=False)  # training's compile: the saved variants serve inference only
+    res["training_dispatch"] = any(isinstance(b._compiled_call_impl, precompiled.Dispatch)
+                                   for b in fast.blocks(training))
     os.environ["FLUXKILN_PRECOMPILE"] = "0"
     precompiled.forget()
     res["off"] = len(precompiled.table("cpu"))
@@ -127,6 +131,7 @@ def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back
     assert loaded["grad"] == "ordinary" and loaded["hooked"] == "ordinary" and loaded["other_shape"] == "ordinary"
     assert loaded["changed"] == "ordinary" and loaded["restored"] == "precompiled"
     assert loaded["other_attention"] == "ordinary"
+    assert loaded["training_dispatch"] is False
     assert loaded["off"] == 0
 
 

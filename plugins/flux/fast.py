@@ -104,23 +104,24 @@ def compile_mode() -> str | None:
     return os.environ.get("FLUXKILN_COMPILE_MODE", "").strip() or None
 
 
-def compile_blocks(transformer: Any, backend: str = "inductor") -> int:
+def compile_blocks(transformer: Any, backend: str = "inductor", saved: bool = True) -> int:
     """Compile every block in place (static shapes, Inductor's default mode unless :func:`compile_mode` says
-    otherwise); returns how many were newly compiled."""
+    otherwise), serving ``fluxkiln warmup``'s precompiled variants unless ``saved`` is False (training: they
+    serve inference only); returns how many were newly compiled."""
     if backend == "inductor":
         setup_compile_cache()
     mode = compile_mode() if backend == "inductor" else None
     n = 0
     for block in blocks(transformer):
         if getattr(block, "_compiled_call_impl", None) is None:
-            block._compiled_call_impl = _compiled_call(block, _device_type(transformer), backend, mode)
+            block._compiled_call_impl = _compiled_call(block, _device_type(transformer), backend, mode, saved)
             n += 1
     if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return n
 
 
-def _compiled_call(module: Any, device: str, backend: str, mode: str | None) -> Any:
+def _compiled_call(module: Any, device: str, backend: str, mode: str | None, saved: bool = True) -> Any:
     """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` when `fluxkiln warmup`
     saved variants (Inductor's default mode only) or one is recording them."""
     import torch
@@ -128,8 +129,10 @@ def _compiled_call(module: Any, device: str, backend: str, mode: str | None) -> 
     from . import precompiled
 
     regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
-    variants = precompiled.table(device) if backend == "inductor" and mode is None else {}
-    serve = bool(variants) or (precompiled.recording() and backend == "inductor" and mode is None)
+    if not saved or backend != "inductor" or mode is not None:
+        return regular
+    variants = precompiled.table(device)
+    serve = bool(variants) or precompiled.recording()
     return precompiled.Dispatch(module, regular, variants) if serve else regular
 
 

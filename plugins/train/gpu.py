@@ -31,7 +31,7 @@ def compile_blocks(pipe: Any, device: Any, log: Any) -> bool:
     if device.type != "cuda" or getattr(pipe, "_fluxkiln_fp8", None) or fast.compile_disabled():
         return False
     if not fast.is_compiled(pipe.transformer):
-        fast.compile_blocks(pipe.transformer)
+        fast.compile_blocks(pipe.transformer, saved=False)
         log("transformer blocks compiled for training (the first step of each size pays the compilation)")
     return True
 
