@@ -163,8 +163,9 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
     """Keep the guards torch can save; the others (globals, function identity) are in the folder's key."""
     from torch._dynamo.guards import CheckFunctionManager
 
-    bad = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
-    return [not (g.is_global or ({g.guard_type, *(g.derived_guard_types or ())} & bad)) for g in entries]
+    bad = set(getattr(CheckFunctionManager, "UNSUPPORTED_SERIALIZATION_GUARD_TYPES", ("ID_MATCH",)))
+    return [not (g.is_global or ({g.guard_type, *(getattr(g, "derived_guard_types", None) or ())} & bad))
+            for g in entries]
 
 
 def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[str, Any]:
