@@ -214,9 +214,9 @@ def _load_all(where: Path) -> None:
             found[path.stem] = fn
         except Exception as exc:  # noqa: BLE001 - a stale or broken file: compile as usual
             errors.append(f"{path.name}: {type(exc).__name__}")
-    _state["table"] = found
-    _state["load_errors"] = errors
-    _state["load_s"] = round(time.perf_counter() - t0, 2)
+    with _lock:
+        if _state.get("folder") == where:  # not replaced meanwhile by a load for another device
+            _state.update(table=found, load_errors=errors, load_s=round(time.perf_counter() - t0, 2))
 
 
 def start_preload(device: str) -> bool:
