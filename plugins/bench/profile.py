@@ -34,9 +34,10 @@ KINDS = [
 ]
 
 
-def kind_of(kernel: str) -> str:
+def kind_of(kernel: str, kinds: list[tuple[str, tuple[str, ...]]] = KINDS) -> str:
+    """The first kind of ``kinds`` one of whose marks is in the name (case-insensitive), else "other"."""
     name = kernel.lower()
-    for kind, marks in KINDS:
+    for kind, marks in kinds:
         if any(m in name for m in marks):
             return kind
     return "other"

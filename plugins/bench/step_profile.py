@@ -28,7 +28,7 @@ from typing import Any
 from fluxkiln.engine import distributed
 
 from .hostfacts import SmClock, Usage, thread_facts
-from .profile import COMM_MARKS, is_comm, merged, minus, overlap_time, summarize_trace
+from .profile import COMM_MARKS, is_comm, kind_of, merged, minus, overlap_time, summarize_trace
 
 WINDOW = "fluxkiln.profiled_step"
 PHASE = "phase:"
@@ -48,11 +48,7 @@ DEVICE_FIELDS = ("busy_ms", "idle_pct", "kernels", "ms_by_kind", "comm_ms", "ove
 
 
 def op_kind(name: str) -> str:
-    low = name.lower()
-    for kind, marks in OP_KINDS:
-        if any(m in low for m in marks):
-            return kind
-    return "other"
+    return kind_of(name, OP_KINDS)
 
 
 def self_times(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
