@@ -175,3 +175,50 @@ def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning():
     with torch.no_grad():
         assert d(x) == "ordinary" and Broken.calls == 1 and d.served == 0  # not tried again
     assert any("stale kernel" in e for e in precompiled.stats()["call_errors"])
+
+
+class _Saved:
+    """A stand-in precompiled function: counts its guard checks and calls."""
+
+    def __init__(self) -> None:
+        self.checks = self.calls = 0
+
+    def guard_check(self, *args, **kwargs):
+        self.checks += 1
+        return True
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return "precompiled"
+
+
+def test_a_block_with_lora_layers_is_never_served_even_by_a_matching_variant():
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), block)
+    x = torch.zeros(2, 4)
+    saved = _Saved()
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary",
+                             {precompiled.variant_key(block, precompiled.call_signature((x,), {})): saved})
+    with torch.no_grad():
+        assert d(x) == "ordinary" and saved.calls == 0  # adapter scales are not in the saved guards
+
+
+def test_the_cheap_check_is_redone_after_any_module_changes():
+    import torch
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.zeros(2, 4)
+    saved = _Saved()
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary",
+                             {precompiled.variant_key(block, precompiled.call_signature((x,), {})): saved})
+    with torch.no_grad():
+        assert [d(x), d(x)] == ["precompiled", "precompiled"] and saved.checks == 1  # checked once
+        block[0] = torch.nn.Linear(4, 4)  # same type and shape: new weights, checked again, still served
+        assert d(x) == "precompiled" and saved.checks == 2
+        block.to(torch.float64)  # parameters' dtype changed: checked again
+        assert d(x.double()) == "ordinary"  # another signature: no saved variant
+        d(x)  # the known signature again: the full check runs again (a real one rejects float64 parameters)
+        assert saved.checks == 3
