@@ -111,29 +111,35 @@ def compile_blocks(transformer: Any, backend: str = "inductor", saved: bool = Tr
     if backend == "inductor":
         setup_compile_cache()
     mode = compile_mode() if backend == "inductor" else None
-    n = 0
-    for block in blocks(transformer):
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block._compiled_call_impl = _compiled_call(block, _device_type(transformer), backend, mode, saved)
-            n += 1
+    todo = [b for b in blocks(transformer) if getattr(b, "_compiled_call_impl", None) is None]
+    variants = _saved_variants(_device_type(transformer), backend, mode) if todo and saved else None
+    for block in todo:
+        block._compiled_call_impl = _compiled_call(block, backend, mode, variants)
     if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
-    return n
+    return len(todo)
 
 
-def _compiled_call(module: Any, device: str, backend: str, mode: str | None, saved: bool = True) -> Any:
-    """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` when `fluxkiln warmup`
-    saved variants (Inductor's default mode only) or one is recording them."""
+def _saved_variants(device: str, backend: str, mode: str | None) -> dict[str, Any] | None:
+    """``fluxkiln warmup``'s precompiled variants to serve (Inductor's default mode only); None when there is
+    nothing to serve and nothing recording."""
+    from . import precompiled
+
+    if backend != "inductor" or mode is not None:
+        return None
+    variants = precompiled.table(device)
+    return variants if variants or precompiled.recording() else None
+
+
+def _compiled_call(module: Any, backend: str, mode: str | None, variants: dict[str, Any] | None) -> Any:
+    """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` when ``variants`` is
+    given (see :func:`_saved_variants`)."""
     import torch
 
     from . import precompiled
 
     regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
-    if not saved or backend != "inductor" or mode is not None:
-        return regular
-    variants = precompiled.table(device)
-    serve = bool(variants) or precompiled.recording()
-    return precompiled.Dispatch(module, regular, variants) if serve else regular
+    return regular if variants is None else precompiled.Dispatch(module, regular, variants)
 
 
 def _device_type(transformer: Any) -> str:
@@ -177,7 +183,7 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
     if on and wait is not None and getattr(decoder, "_compiled_call_impl", None) is None:
         setup_compile_cache()
         device = _device_type(decoder)
-        compiled = _compiled_call(decoder, device, "inductor", None)
+        compiled = _compiled_call(decoder, "inductor", None, _saved_variants(device, "inductor", None))
         decoder._compiled_call_impl = compiled if wait == 0 else \
             patience.Patience(decoder, compiled, decoder._call_impl, wait, precompiled.folder(device) / "compiled")
     elif not on:

@@ -287,10 +287,10 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
     if on and not fastpaths.is_compiled(pipe.transformer):
         fastpaths.compile_blocks(pipe.transformer)
         if log:
-            ready = precompiled.stats()["loaded"]
+            ready = precompiled.stats()
             log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
-                "the compilation)" + (f"; {ready} precompiled block variant(s) from `fluxkiln warmup` loaded "
-                                      f"in {precompiled.stats()['load_s']} s" if ready else ""))
+                "the compilation)" + (f"; {ready['loaded']} precompiled block variant(s) from `fluxkiln warmup` "
+                                      f"loaded in {ready['load_s']} s" if ready["loaded"] else ""))
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)
     st.compiled = on

@@ -134,11 +134,9 @@ def variant_key(block: Any, sig: tuple[Any, ...]) -> str:
     return f"{type(block).__name__}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-def _eligible(block: Any) -> bool:
-    """Blocks with hooks or LoRA adapters (peft layers) keep ordinary compilation."""
-    if block._forward_hooks or block._forward_pre_hooks:
-        return False
-    return not any(type(m).__module__.startswith("peft.") for m in block.modules())
+def _has_adapters(block: Any) -> bool:
+    """Whether the block holds LoRA adapters (peft layers): their scales are not in the saved guards."""
+    return any(type(m).__module__.startswith("peft.") for m in block.modules())
 
 
 # ------------------------------------------------------------------ recording and saving (fluxkiln warmup)
@@ -341,7 +339,7 @@ class Dispatch:
         self.attention = [m for m in block.modules() if getattr(m, "processor", None) is not None]
         self.param = next(block.parameters(), None)
         fn = None
-        if _eligible(block):
+        if not _has_adapters(block):  # hooks were ruled out by _pick
             if recording is not None:
                 recording.note(block, sig, args, kwargs)
             fn = self.variants.get(variant_key(block, sig))

@@ -66,8 +66,8 @@ class DataParallel:
         """Sum every rank's gradients (already weighted by its share of the batch) and loss parts.
 
         One float32 all-reduce of every gradient and the loss, in a handful of kernels whatever the number
-        of parameters: one concatenation, one cast to float32, one multi-tensor copy back (a copy per parameter would be ~2,000 tiny kernels for FLUX's LoRA, launched while the
-        GPU waits)."""
+        of parameters: one concatenation, one cast to float32, one multi-tensor copy back (a copy per
+        parameter would be ~2,000 tiny kernels for FLUX's LoRA, launched while the GPU waits)."""
         if not self.world.many:
             return loss_part
         import torch
