@@ -10,6 +10,7 @@
 #   bash bench/gpu_suite.sh [PYTEST ARGS...]         # the suite on 12 workers (WORKERS=N to change)
 #   bash bench/gpu_suite.sh --failed FILE [ARGS...]  # only the tests named in FILE (one node id a line), one
 #                                                    # process, no xdist: e.g. the gpu-failed.txt of a run
+# NO_INSTALL=1 skips the installs (bench/gpu_lanes.sh installs once for every lane of a call).
 # Whatever cuts the call short, $OUT (default /tmp/gpu-suite) keeps gpu-tests.jsonl (every failure with its
 # traceback, written as each test ends), gpu-failed.txt (the failed node ids) and gpu-suite.log (the -v output).
 # TIMEOUT: seconds per test (default 120); CALL_LIMIT: the call's limit in seconds (default 600): pytest is
@@ -17,22 +18,25 @@
 set -eo pipefail
 OUT=${OUT:-/tmp/gpu-suite}
 mkdir -p "$OUT"
-for dir in .whl*/; do
-  dir=${dir%/}
-  if compgen -G "$dir/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      "$dir"/*.whl >"$OUT/pip-$dir.log" 2>&1 || { tail -20 "$OUT/pip-$dir.log"; exit 1; }
-    echo "installed $(ls "$dir"/*.whl | wc -l) wheels from $dir"
-  fi
-done
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . \
-  >"$OUT/pip-fluxkiln.log" 2>&1 || { echo "installing fluxkiln failed:"; tail -20 "$OUT/pip-fluxkiln.log"; exit 1; }
+install() {
+  for dir in .whl*/; do
+    dir=${dir%/}
+    if compgen -G "$dir/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$dir"/*.whl >"$OUT/pip-$dir.log" 2>&1 || { tail -20 "$OUT/pip-$dir.log"; return 1; }
+      echo "installed $(ls "$dir"/*.whl | wc -l) wheels from $dir"
+    fi
+  done
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . \
+    >"$OUT/pip-fluxkiln.log" 2>&1 || { echo "installing fluxkiln failed:"; tail -20 "$OUT/pip-fluxkiln.log"; return 1; }
+  [ "$1" = "--install-only" ] || python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1 || true
+}
+[ -n "${NO_INSTALL:-}" ] || install "$1" || exit 1
 export PYTHONPATH=/tmp/site:$PWD/bench PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -c "import setuptools.command.bdist_wheel" 2>/dev/null || python3 -c "import setuptools, wheel" 2>/dev/null ||
   echo "warning: no setuptools >= 70.1 (or setuptools + wheel) here: the plugin-install tests skip"
 [ "$1" = "--install-only" ] && exit 0
-python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1 || true
 common=(-v --tb=short -p no:cacheprovider -p no:benchmark -p pytest_live_report --live-report "$OUT"
         --timeout "${TIMEOUT:-120}" -rfEs)
 budget=$(( ${CALL_LIMIT:-600} - SECONDS - 60 ))

@@ -12,19 +12,22 @@
 #      dev: eager, compiled, go_fast, go_fast + step cache 0.05 / 0.1             -> $OUT/speed.json "quality"
 #   3. fp8_ckpt_24gb training (the 24 GB-card setup)                          -> $OUT/train.json
 # Limits: T_E2E=330 T_SAMPLE=300 T_TRAIN=150 seconds (the e2e part alone took about 5 minutes on an H200).
+# PARTS=e2e,sample,train (the default) picks parts; sample without e2e compiles dev go_fast cold.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 CACHE=/tmp/fk-speed-cache
-rm -rf "$CACHE" /tmp/fk-e2e-model
 T_E2E=${T_E2E:-330} T_SAMPLE=${T_SAMPLE:-300} T_TRAIN=${T_TRAIN:-150} DEPTH=${DEPTH:-5,10}
 depth=(); [ "$DEPTH" != full ] && depth=(--e2e-depth "$DEPTH")
-timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-warmup --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
+PARTS=,${PARTS:-e2e,sample,train},
+part() { [[ $PARTS == *,$1,* ]]; }
+part e2e && rm -rf "$CACHE" /tmp/fk-e2e-model
+part e2e && timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-warmup --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
   "${depth[@]}" --out "$OUT/e2e.json" 2>&1 | tail -25
-FLUXKILN_CACHE="$CACHE" timeout "$T_SAMPLE" fluxkiln bench --only sample --no-stock --repeats 1 \
+part sample && FLUXKILN_CACHE="$CACHE" timeout "$T_SAMPLE" fluxkiln bench --only sample --no-stock --repeats 1 \
   --configs schnell-go_fast,schnell-go_fast-graphs,dev-go_fast,dev-go_fast-graphs,dev-go_fast-cache \
   --cache-threshold 0.1 --quality --quality-prompts 64 --quality-variants dev --quality-thresholds 0.05,0.1 \
   --out "$OUT/speed.json" 2>&1 | grep -v '^\[transformers\]' | tail -45
-timeout "$T_TRAIN" fluxkiln bench --only train --train-configs fp8_ckpt_24gb --no-stock --out "$OUT/train.json" \
+part train && timeout "$T_TRAIN" fluxkiln bench --only train --train-configs fp8_ckpt_24gb --no-stock --out "$OUT/train.json" \
   2>&1 | tail -12
 ls -la "$OUT"
