@@ -29,6 +29,7 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -181,7 +182,7 @@ def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[st
         if path.exists():
             continue
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _aot_compile_on(torch):
                 compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
                                          options={"guard_filter_fn": _guard_filter})
                 fn = compiled.aot_compile(((block, *args), kwargs))
@@ -194,6 +195,14 @@ def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[st
     forget()  # a later compile in this process loads the new files
     return {"variants": n, "saved": saved, "failed": failed,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _aot_compile_on(torch: Any) -> Any:
+    """torch attaches ``aot_compile`` to compiled functions only with ``enable_aot_compile`` on (off by default
+    before torch 2.13): on while saving."""
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ loading
