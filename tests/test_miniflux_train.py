@@ -31,15 +31,21 @@ def test_word_cached_ids_equal_the_tokenizers_own(which, tokenizers):
     assert (cached == own).all()
 
 
-def test_the_plan_counts_steps_from_the_measured_step_time(monkeypatch):
-    clock = [100.0]
+def _run_plan(monkeypatch, seconds: float, step_time, start: float = 0.0):
+    """Run a Plan to its end on a fake clock where step ``i`` takes ``step_time(i)`` seconds."""
+    clock = [start]
     monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
-    plan = trainparts.Plan(seconds=10.0, lr=1.0, warmup=4, probe=5)
+    plan = trainparts.Plan(seconds=seconds, lr=1.0, warmup=4, probe=5)
     step = 0
     while not plan.done(step):
-        clock[0] += 0.1  # every step takes 0.1 s
+        clock[0] += step_time(step)
         step += 1
-        assert step < 1000
+        assert step < 5000
+    return plan, step, clock[0] - start
+
+
+def test_the_plan_counts_steps_from_the_measured_step_time(monkeypatch):
+    plan, step, _ = _run_plan(monkeypatch, 10.0, lambda i: 0.1, start=100.0)  # every step takes 0.1 s
     assert plan.total == 100 and step == 100
     assert plan.rate(0) == pytest.approx(0.25)  # warm-up
     assert plan.rate(50) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine, by steps
@@ -47,26 +53,14 @@ def test_the_plan_counts_steps_from_the_measured_step_time(monkeypatch):
 
 
 def test_the_plan_stops_at_its_budget_whatever_the_step_count(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
-    plan = trainparts.Plan(seconds=10.0, lr=1.0, warmup=4, probe=5)
-    step = 0
-    while not plan.done(step):
-        clock[0] += 0.01 if step < 10 else 1.0  # the steps slow down after the probe
-        step += 1
+    plan, step, _ = _run_plan(monkeypatch, 10.0, lambda i: 0.01 if i < 10 else 1.0)  # slower after the probe
     assert plan.total == 1000 and step < 30
 
 
 def test_the_plan_is_made_again_once_the_first_slow_steps_are_behind(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
-    plan = trainparts.Plan(seconds=100.0, lr=1.0, warmup=4, probe=5)
-    step = 0
-    while not plan.done(step):
-        clock[0] += 0.3 if step < 10 else 0.1  # a GPU's first steps: slower than the rest
-        step += 1
+    plan, step, used = _run_plan(monkeypatch, 100.0, lambda i: 0.3 if i < 10 else 0.1)  # a GPU's first steps
     # planned at step 10 from 0.3 s steps (300 steps); again at 50 and 200 from the faster ones
-    assert clock[0] >= 95.0 and step >= 900, (clock[0], step)
+    assert used >= 95.0 and step >= 900, (used, step)
 
 
 def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
