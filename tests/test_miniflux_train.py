@@ -9,6 +9,7 @@ import pytest
 
 from fluxkiln.plugins.miniflux import trainparts
 from fluxkiln.plugins.miniflux.config import CLIP_TOKENS, TEXT_TOKENS, clip_tokenizer, t5_tokenizer
+from fluxkiln.plugins.miniflux.trainconfig import preset
 from fluxkiln.plugins.miniflux.world import random_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -176,6 +177,33 @@ def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_
     shipped = AutoencoderKL.from_pretrained(str(model_path("dev") / "vae")).state_dict()
     saved = AutoencoderKL.from_pretrained(str(tmp_path / "work" / "mini-flux" / "vae")).state_dict()
     assert all(torch.equal(shipped[k], saved[k]) for k in shipped)
+
+
+def test_a_decoder_only_vae_phase_keeps_the_encoder_and_weighs_the_objects():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux import train
+    from fluxkiln.plugins.miniflux.config import VAE
+    from fluxkiln.plugins.miniflux.dist import World
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    cfg = preset("micro", vae_part="decoder", vae_object_weight=3.0, vae_seconds=2.0, vae_batch=2, native=32)
+    info = train.train_vae(cfg, vae, random.Random(0), World())
+    after = vae.state_dict()
+    assert info["vae_steps"] >= 1
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    batch = trainparts.make_batch(random.Random(1), 2, (32, 32), "cpu", masks=True)
+    losses = []
+    for weight in (0.0, 3.0):
+        torch.manual_seed(2)
+        losses.append(train._vae_loss(preset("micro", vae_object_weight=weight), vae, batch, True).item())
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+    with pytest.raises(SystemExit, match="vae_part: 'encoder' is not one of all, decoder"):
+        preset("micro", vae_part="encoder")
 
 
 def test_a_vae_init_without_a_vae_is_refused_with_the_folder_named(tmp_path):

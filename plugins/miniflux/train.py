@@ -37,32 +37,54 @@ from .trainparts import (PLANNED, QUIET, T0, Ema, Plan, TextEncoder, adamw, auto
 
 
 def train_vae(cfg: TrainConfig, vae: Any, rng: random.Random, world: World) -> dict[str, float]:
+    """Train the VAE (``vae_part = "decoder"``: its decoder only, on the frozen encoder's latents)."""
     import torch
-    import torch.nn.functional as F
 
     device = world.device
+    decoder_only = cfg.vae_part == "decoder"
+    vae.train().requires_grad_(not decoder_only)
+    params = [p for n, p in vae.named_parameters()
+              if not decoder_only or n.startswith(("decoder.", "post_quant_conv."))]
+    for p in params:
+        p.requires_grad_(True)
     plan = Plan(budget(cfg, "vae"), cfg.vae_lr, warmup=50, world=world)
-    opt = adamw(vae.parameters(), cfg.vae_lr, device)
-    vae.train().requires_grad_(True)
+    opt = adamw(params, cfg.vae_lr, device)
     step, loss = 0, torch.zeros(())
     while not plan.done(step):
         size = pick_size(rng, cfg.native, cfg.multi_res)
-        imgs = make_batch(rng, batch_for(size, cfg.vae_batch, cfg.native), size, device).images
+        batch = make_batch(rng, batch_for(size, cfg.vae_batch, cfg.native), size, device,
+                           masks=cfg.vae_object_weight > 0)
         plan.set(opt, step)
-        with autocast(device):
-            post = vae.encode(imgs).latent_dist
-            rec = vae.decode(post.sample()).sample.float()
-        loss = F.l1_loss(rec, imgs) + F.mse_loss(rec, imgs) + cfg.vae_kl * post.kl().float().mean()
+        loss = _vae_loss(cfg, vae, batch, decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        world.average_grads(list(vae.parameters()))
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        world.average_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         if step % 500 == 0:
             log(f"vae step {step}/{plan.total} loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     return {"vae_steps": step, "vae_loss": round(loss.item(), 5), "vae_seconds": round(plan.elapsed(), 1)}
+
+
+def _vae_loss(cfg: TrainConfig, vae: Any, batch: Any, decoder_only: bool) -> Any:
+    """L1 + L2 of the round trip (weighted up on the objects when ``vae_object_weight``), + KL when the encoder
+    trains."""
+    import torch
+
+    imgs = batch.images
+    with autocast(str(imgs.device.type)):
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(imgs).latent_dist
+            z = post.sample()
+        rec = vae.decode(z).sample.float()
+    weight = 1.0 if batch.cover is None else 1.0 + cfg.vae_object_weight * batch.cover[:, None].float()
+    err = rec - imgs
+    loss = (weight * (err.abs() + err.pow(2))).mean() / (weight.mean() if batch.cover is not None else 1.0)
+    if not decoder_only:
+        loss = loss + cfg.vae_kl * post.kl().float().mean()
+    return loss
 
 
 def calibrate_vae(cfg: TrainConfig, vae: Any, rng: random.Random, world: World) -> dict[str, Any]:

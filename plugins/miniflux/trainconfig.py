@@ -22,6 +22,8 @@ class TrainConfig:
     vae_batch: int = 48
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    vae_part: str = "all"  # "decoder": the encoder stays frozen, so the latents (and a transformer of init) stay valid
+    vae_object_weight: float = 0.0  # the pixel loss weighs 1 + this x the object coverage (sharper shapes)
     # data pools for the transformer phases (scenes rendered, VAE-encoded and tokenised in chunks)
     pool_seconds: float = 25.0  # the first fill's time limit
     pool_size: int = 65536  # scenes at the native size
@@ -65,6 +67,8 @@ class TrainConfig:
     deadline: float = 520.0  # seconds after start by which everything must be written
 
 
+VAE_PARTS = ("all", "decoder")
+
 PRESETS = {
     "full": TrainConfig(vae_init="shipped", vae_seconds=0.0, pool_seconds=20.0, text_seconds=15.0,
                         base_seconds=310.0, base_lr=1e-3, guide_seconds=40.0, schnell_seconds=50.0, reserve=40.0,
@@ -84,4 +88,7 @@ def preset(name: str, **overrides: float) -> TrainConfig:
     for key in overrides:
         if key not in known:
             raise SystemExit(f"unknown setting {key!r}; settings: {', '.join(known)}")
-    return replace(PRESETS[name], **overrides)
+    cfg = replace(PRESETS[name], **overrides)
+    if cfg.vae_part not in VAE_PARTS:
+        raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
+    return cfg
