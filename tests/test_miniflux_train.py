@@ -57,6 +57,18 @@ def test_the_plan_stops_at_its_budget_whatever_the_step_count(monkeypatch):
     assert plan.total == 1000 and step < 30
 
 
+def test_the_plan_is_made_again_once_the_first_slow_steps_are_behind(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(trainparts.time, "monotonic", lambda: clock[0])
+    plan = trainparts.Plan(seconds=100.0, lr=1.0, warmup=4, probe=5)
+    step = 0
+    while not plan.done(step):
+        clock[0] += 0.3 if step < 10 else 0.1  # a GPU's first steps: slower than the rest
+        step += 1
+    # planned at step 10 from 0.3 s steps (300 steps); again at 50 and 200 from the faster ones
+    assert clock[0] >= 95.0 and step >= 900, (clock[0], step)
+
+
 def test_pools_hold_encoded_scenes_with_their_ids_and_drop_captions(tokenizers):
     import torch
     from diffusers import AutoencoderKL

@@ -21,6 +21,7 @@ MODEL = textwrap.dedent('''
     import json, os, sys, torch
     from diffusers import FluxTransformer2DModel
     from fluxkiln.plugins.flux import fast, precompiled
+    torch._dynamo.config.enable_aot_compile = False  # torch 2.11's default: saving and loading must not need it
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,

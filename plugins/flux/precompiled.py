@@ -29,6 +29,7 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -52,8 +53,9 @@ def enabled() -> bool:
     return os.environ.get("FLUXKILN_PRECOMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-NEEDS = ("a torch whose torch.compile gives compiled functions `aot_compile` (torch 2.13 does; torch 2.11 keeps "
-         "it behind an experimental switch that is off)")
+NEEDS = ("a torch whose torch.compile gives compiled functions `aot_compile` and that loads them with "
+         "torch.compiler.load_compiled_function (torch 2.11 does with its enable_aot_compile switch, which fluxkiln "
+         "turns on while saving; 2.13 by default)")
 
 
 def _probe(x: Any) -> Any:
@@ -62,17 +64,17 @@ def _probe(x: Any) -> Any:
 
 @functools.cache
 def supported() -> bool:
-    """Whether this torch can precompile: ``torch.compile`` gives functions an ``aot_compile`` (only where
-    ``torch._dynamo.config.enable_aot_compile`` is on, as it is by default from torch 2.13) and
-    ``torch.compiler.load_compiled_function`` loads what it saves.  Checked once per process: compiling a
-    function is lazy, so this traces nothing."""
+    """Whether this torch can precompile: ``torch.compile`` gives functions an ``aot_compile`` (with
+    ``enable_aot_compile`` on, as saving sets it) and ``torch.compiler.load_compiled_function`` loads what it
+    saves.  Checked once per process: compiling a function is lazy, so this traces nothing."""
     try:
         import torch
         from torch._dynamo import aot_compile  # noqa: F401
     except ImportError:
         return False
     try:
-        compiled = torch.compile(_probe, fullgraph=True, dynamic=False)
+        with _aot_compile_on(torch):
+            compiled = torch.compile(_probe, fullgraph=True, dynamic=False)
     except RuntimeError:  # a torch whose Dynamo does not run on this Python
         return False
     return hasattr(compiled, "aot_compile") and hasattr(torch.compiler, "load_compiled_function")
@@ -212,7 +214,7 @@ def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[st
         if path.exists():
             continue
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _aot_compile_on(torch):
                 compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
                                          options={"guard_filter_fn": _guard_filter})
                 fn = compiled.aot_compile(((block, *args), kwargs))
@@ -225,6 +227,14 @@ def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[st
     forget()  # a later compile in this process loads the new files
     return {"variants": n, "saved": saved, "failed": failed,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _aot_compile_on(torch: Any) -> Any:
+    """torch attaches ``aot_compile`` to compiled functions only with ``enable_aot_compile`` on (off by default
+    before torch 2.13): on while saving."""
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ loading

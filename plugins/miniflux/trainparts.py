@@ -200,8 +200,10 @@ class Ema:
 class Plan:
     """A phase's learning-rate schedule by steps (linear warm-up, then cosine to 10 % at the last step).
 
-    The number of steps comes from the phase's budget in seconds and the step time measured over steps
-    ``probe`` .. ``2 * probe``; the schedule then depends on steps only.  The budget is also a hard stop.
+    The number of steps comes from the phase's budget in seconds and the step time measured from step
+    ``probe`` on: planned at ``2 * probe`` and again at ``10 * probe`` and ``40 * probe`` (the first steps on a GPU
+    are slower than the rest, which left a quarter of a phase's budget unused); the schedule depends on steps
+    only.  The budget is also a hard stop.
     With several ranks, rank 0's clock decides both, every ``every`` steps (and at the planning step), so
     all ranks stop at the same step."""
 
@@ -220,10 +222,11 @@ class Plan:
         """True once the planned steps are taken (or the budget is spent); plans the steps at ``2 * probe``."""
         if step == self.probe:
             self._probe_start = time.monotonic()
-        planning = step == 2 * self.probe and self.total is None
+        planning = step in (2 * self.probe, 10 * self.probe, 40 * self.probe) and not self._stop and (
+            self.total is None or step < self.total)
         if planning:
-            per_step = (time.monotonic() - self._probe_start) / self.probe
-            self.total = max(step + 1, int(step + (self.seconds - self.elapsed()) / per_step))
+            per_step = (time.monotonic() - self._probe_start) / (step - self.probe)
+            self.total = max(step + 1, int(step + (self.seconds - self.elapsed()) / per_step + 1e-6))
         if self.world is None or self.world.size == 1:
             self._stop = self.elapsed() >= self.seconds
         elif planning or step % self.every == 0:
