@@ -37,7 +37,10 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -c "import setuptools.command.bdist_wheel" 2>/dev/null || python3 -c "import setuptools, wheel" 2>/dev/null ||
   echo "warning: no setuptools >= 70.1 (or setuptools + wheel) here: the plugin-install tests skip"
 [ "$1" = "--install-only" ] && exit 0
-common=(-v --tb=short -p no:cacheprovider -p no:benchmark -p pytest_live_report --live-report "$OUT"
+# "--opt=VALUE" for every option with a path: pytest takes any argument not starting with "-" for a path when it
+# looks for its rootdir and configfile ("--live-report /tmp/x" made /tmp/x the rootdir, so pyproject.toml's
+# testpaths went unread and plugins/example/tests was collected too); -c names the configfile outright
+common=(-c pyproject.toml -v --tb=short -p no:cacheprovider -p no:benchmark -p pytest_live_report --live-report="$OUT"
         --timeout "${TIMEOUT:-120}" -rfEs)
 budget=$(( ${CALL_LIMIT:-600} - SECONDS - 60 ))
 if [ "$1" = "--failed" ]; then

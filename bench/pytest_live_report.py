@@ -11,15 +11,28 @@ appends, in the process that collects the results (the xdist controller, or pyte
   ``bash bench/gpu_suite.sh --failed DIR/gpu-failed.txt``.
 
 Each line is flushed as it is written, so whatever the call left behind is complete up to the last test.
+
+It also keeps torch's structured-trace records (logger ``torch.__trace``, empty DEBUG lines, hundreds per compile)
+out of the captured logs: torch 2.11 on the GPU machine lets them reach the root logger, where pytest captured
+thousands of them into each failure's report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 _STATE: dict[str, Any] = {}
+TRACE_LOGGER = "torch.__trace"
+
+
+class _NoTorchTrace(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != TRACE_LOGGER
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -27,7 +40,13 @@ def pytest_addoption(parser: Any) -> None:
                      help="append each test's outcome (and traceback) to DIR/gpu-tests.jsonl as it ends")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's logging plugin made its handlers
 def pytest_configure(config: Any) -> None:
+    logs = config.pluginmanager.get_plugin("logging-plugin")
+    for name in ("caplog_handler", "report_handler"):
+        handler = getattr(logs, name, None)
+        if handler is not None:
+            handler.addFilter(_NoTorchTrace())
     folder = config.getoption("--live-report")
     if not folder or hasattr(config, "workerinput"):  # an xdist worker: its controller writes
         return

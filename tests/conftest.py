@@ -15,8 +15,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def pytest_configure(config):
     # pytest-timeout (the GPU machine's suite, bench/gpu_suite.sh) reads this marker; elsewhere it is a label

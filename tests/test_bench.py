@@ -25,6 +25,7 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.mark.timeout(300)  # on a GPU every row compiles (104 s alone on an H200, past 120 s beside 15 xdist workers)
 def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--tiny", "--out", str(out)]) == 0

@@ -11,6 +11,8 @@ from fluxkiln.plugins.bench.cli import main
 from fluxkiln.plugins.bench.e2e import SEEDS, phases, recipe_text
 
 
+@pytest.mark.timeout(300)  # three fresh processes that import torch and diffusers, one compiling cold (95 s alone
+# on an H200, where the cold one compiles for 31 s; past 120 s beside 15 xdist workers)
 def test_e2e_tiny_times_stock_and_fluxkiln_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "model"

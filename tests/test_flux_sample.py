@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flux_support import failure, pixels, recipe, run
@@ -15,6 +16,8 @@ from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
 from fluxkiln.plugins.flux.tiny import tiny_flux_path
 from helpers.recipes import load_tiny, sample
+
+CUDA = torch.cuda.is_available()  # load_model's dtype "auto" is bfloat16 there
 
 DEV = load_tiny()
 SCHNELL = load_tiny(model="builtin:tiny-flux-schnell")
@@ -79,7 +82,12 @@ def test_num_outputs_seeds_and_reproducibility(engine, tmp_path):
     assert batch[0].prompt == "a red fox" and batch[0].meta["model"] == "builtin:tiny-flux"
     # image i of a batch is reproducible on its own with seed + i
     alone = first.outputs["alone"]["output"][0]
-    assert np.abs(pixels(batch[1]) - pixels(alone)).max() <= 2
+    apart = np.abs(pixels(batch[1]) - pixels(alone))
+    if CUDA:  # bfloat16 there, and a batch of 3 runs other GEMM kernels (tiles, split-K: another summation order)
+        # H200: max 4, most pixels equal; below the mean of 1 that tells two seeds apart (checked next)
+        assert apart.max() <= 8 and apart.mean() < 1, (apart.max(), apart.mean())
+    else:
+        assert apart.max() <= 2
     # different seeds differ; the same seed again gives the same image
     assert np.abs(pixels(batch[0]) - pixels(batch[1])).mean() > 1
     again = run(engine, path, force=["batch"])

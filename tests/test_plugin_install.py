@@ -1,9 +1,10 @@
 """The example plugin and a `fluxkiln new-plugin` skeleton install with pip into a fresh venv and work there.
 
-The venv is new and empty; a ``.pth`` file makes the site-packages that hold
-fluxkiln and its dependencies visible in it (installing torch into a new venv
-is too slow for a test).  pip runs offline (``--no-index``): the plugin's
-dependencies must already be satisfied, so its metadata is checked too.
+The venv is new and empty; a ``.pth`` file makes the folders that hold fluxkiln
+and its dependencies visible in it, in the running interpreter's order
+(installing torch into a new venv is too slow for a test).  pip runs offline (``--no-index``) and without resolving
+dependencies (``--no-deps``); the installed plugin's own requirements are then
+checked against what the venv imports, so its metadata is checked too.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from fluxkiln.engine.cli import main as cli_main
 
@@ -26,9 +30,21 @@ EXAMPLE = ROOT / "plugins" / "example"
 
 
 def _outer_site_dirs() -> list[str]:
-    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-            str(Path(metadata.distribution("fluxkiln").locate_file("")))]
-    return list(dict.fromkeys(str(Path(d).resolve()) for d in dirs))
+    """Where this interpreter finds fluxkiln and its dependencies, in the order it searches them.
+
+    Site-packages folders and the PYTHONPATH entries: on the GPU machine the wheels live in a ``pip --target``
+    folder on PYTHONPATH that shadows older copies in site-packages (an older diffusers there made pip's
+    check of fluxkiln's requirements fail), so the venv must see them first, as this interpreter does.
+    """
+    def key(path: str) -> str:
+        return str(Path(path).resolve())
+
+    wanted = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *site.getsitepackages(),
+              sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+              str(metadata.distribution("fluxkiln").locate_file(""))]
+    wanted_keys = {key(d) for d in wanted if d}
+    ordered = [key(d) for d in sys.path if d and key(d) in wanted_keys]
+    return list(dict.fromkeys([*ordered, *(key(d) for d in wanted if d)]))
 
 
 # run inside the venv: why pip cannot build a plugin there, offline and without build isolation ("" if it can)
@@ -38,6 +54,20 @@ if find_spec("setuptools") is None:
     print("setuptools (the plugins' build backend) is not installed")
 elif find_spec("setuptools.command.bdist_wheel") is None and find_spec("wheel") is None:
     print("this setuptools (< 70.1) needs the `wheel` package to build wheels, and it is not installed")
+"""
+
+
+# run inside the venv: the requirements of an installed distribution, each with the version the venv sees
+_INSTALLED_REQUIREMENTS = """
+import json, re, sys
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+reqs = metadata.distribution(sys.argv[1]).requires or []
+print(json.dumps([(r, version(re.match(r"[A-Za-z0-9._-]+", r).group(0))) for r in reqs]))
 """
 
 
@@ -64,8 +94,27 @@ class Venv:
         return self.run("-c", _BUILD_BACKEND_CHECK, cwd=self.root).stdout.strip()
 
     def pip_install(self, source: Path) -> None:
-        res = self.run("-m", "pip", "install", "--no-index", "--no-build-isolation", "-q", str(source), cwd=source.parent)
+        # --no-deps: pip's resolver would re-check the requirements of every installed dependency too (torch's
+        # own setuptools pin against whichever setuptools comes first on the path), which is not what this test
+        # is about; the plugin's own requirements are checked against what the venv imports instead
+        res = self.run("-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-q", str(source),
+                       cwd=source.parent)
         assert res.returncode == 0, res.stdout + res.stderr
+        name = tomllib.loads((source / "pyproject.toml").read_text())["project"]["name"]
+        assert self.unmet_requirements(name) == []
+
+    def unmet_requirements(self, dist: str) -> list[str]:
+        """The requirements of the installed ``dist`` that the distributions the venv sees do not satisfy."""
+        res = self.run("-c", _INSTALLED_REQUIREMENTS, dist, cwd=self.root)
+        assert res.returncode == 0, res.stderr
+        unmet = []
+        for line, have in json.loads(res.stdout):
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue  # an optional extra's requirement (pytest for `[test]`)
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                unmet.append(f"{line} (installed: {have})")
+        return unmet
 
     def fluxkiln(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
         return self.run("-m", "fluxkiln.engine.cli", *args, cwd=cwd)

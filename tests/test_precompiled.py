@@ -112,7 +112,7 @@ def _run(code: str, cache) -> dict:
 
 
 @pytest.mark.timeout(400)  # two fresh processes compiling with Inductor's CPU backend
-@pytest.mark.skipif(not precompiled.supported(), reason="this torch has no aot_compile")
+@pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
 def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back_when_they_do_not_fit(tmp_path):
     saved = _run(SAVE, tmp_path / "cache")
     # one double-stream block, the first single block (a contiguous input) and the next (a strided slice)
@@ -223,3 +223,42 @@ def test_the_cheap_check_is_redone_after_any_module_changes():
         assert d(x.double()) == "ordinary"  # another signature: no saved variant
         d(x)  # the known signature again: the full check runs again (a real one rejects float64 parameters)
         assert saved.checks == 3
+
+
+def test_a_torch_without_aot_compile_is_found_out_once_saves_nothing_and_warmup_says_what_it_needs(
+        fresh_cache, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fluxkiln.engine.cli import main as cli_main
+    from helpers.recipes import load_tiny, recipe_text, red_cube
+
+    real, made = torch.compile, []
+
+    def without_aot_compile(fn, **kwargs):  # torch 2.11: compiled functions have no `aot_compile`
+        made.append(fn)
+        compiled = real(fn, **kwargs)
+        return lambda *a, **k: compiled(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", without_aot_compile)
+    precompiled.supported.cache_clear()
+    monkeypatch.setattr(precompiled, "_state", {})
+    try:
+        assert not precompiled.supported() and not precompiled.supported() and len(made) == 1  # checked once
+        why = precompiled.unavailable()
+        assert why == f"torch {torch.__version__} cannot precompile: it needs {precompiled.NEEDS}"
+        block, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+        with precompiled.Recording() as rec:
+            assert precompiled.recording()  # warmup still compiles the VAE decoder meanwhile
+            rec.note(block, precompiled.call_signature((x,), {}), (x,), {})
+        done = precompiled.save_recorded(rec)
+        assert done == {"variants": 0, "saved": 0, "failed": [], "seconds": 0.0, "unavailable": why}
+        assert not rec.calls and not precompiled.folder("cpu").exists() and len(made) == 1
+        assert precompiled.start_preload("cpu") is False and precompiled.table("cpu") == {}
+
+        path = tmp_path / "w.toml"
+        path.write_text(recipe_text("w", load_tiny(), red_cube(steps=2, seed=1)))
+        assert cli_main(["warmup", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert f"no transformer block saved precompiled ({why})" in out and "newly saved" not in out
+    finally:
+        precompiled.supported.cache_clear()  # the next caller checks the real torch.compile

@@ -70,7 +70,13 @@ def test_a_lora_unloaded_to_make_room_is_read_again_and_gives_the_same_image(eng
     read_again = [i for i in range(n) if any("were not loaded" in m for m in _logs(again, f"s{i}"))]
     assert read_again, "no LoRA was read again by sample (each one warns about its unknown layer when read)"
     for i in range(n):
-        assert np.array_equal(_pixels(first, f"s{i}"), _pixels(again, f"s{i}")), f"s{i} changed"
+        a, b = _pixels(first, f"s{i}"), _pixels(again, f"s{i}")
+        if torch.cuda.is_available():  # bfloat16 there; cuDNN/cuBLAS pick another algorithm where the workspace
+            # of the first cannot be allocated (a GPU shared by 15 xdist workers): up to 3 levels apart over much of
+            # the image on an H200, equal alone; a LoRA not read again would change the image by tens
+            assert np.abs(a - b).max() <= 8 and np.abs(a - b).mean() <= 2, f"s{i} changed"
+        else:
+            assert np.array_equal(a, b), f"s{i} changed"
     assert len({_pixels(first, f"s{i}").tobytes() for i in range(n)}) == n  # every LoRA made its own image
 
 
@@ -127,20 +133,27 @@ CP = sample("images", prompt="a red fox", num_inference_steps=2, **SQUARE_256, s
 def test_context_parallel_ranks_make_the_image_of_this_process(engine, tmp_path):
     path = recipe(tmp_path, BASE + "context_parallel = 1\n\n" + CP + '\n[nodes.saved]\ntype = "save"\n'
                   'images = "@images"\noutput_format = "png"\n', name="cp")
-    alone = _pixels(run(engine, path), "images")
+    if torch.cuda.is_available():  # the gloo ranks run on the CPU in float32: so must the one-process image (here
+        alone = _cli_image(path, tmp_path, "one")  # it would be bfloat16 on the GPU, a different image)
+    else:
+        alone = _pixels(run(engine, path), "images")
+    split_px = _cli_image(path, tmp_path, "two", "--gpus", "2", "--set", "nodes.base.context_parallel=2")
+    assert alone.std() > 10 and np.abs(split_px - alone).max() <= 2  # rounding of a differently ordered sum
+
+
+def _cli_image(path: Path, tmp_path: Path, tag: str, *args: str) -> np.ndarray:
+    """The image a `fluxkiln run` process saves, on the CPU (the GPU hidden), with a cache of its own."""
     builtin = Path(os.environ["FLUXKILN_CACHE"]) / "builtin"
     builtin.mkdir(parents=True, exist_ok=True)
-    cache = tmp_path / "cache-two"
+    cache = tmp_path / f"cache-{tag}"
     cache.mkdir()
     (cache / "builtin").symlink_to(builtin, target_is_directory=True)
-    done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(path), "--gpus", "2", "--output",
-                           str(tmp_path / "two"), "--set", "nodes.base.context_parallel=2"], capture_output=True,
-                          text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(path), "--output",
+                           str(tmp_path / tag), *args], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, FLUXKILN_CACHE=str(cache), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
     assert done.returncode == 0, done.stderr[-3000:]
-    [split] = sorted((tmp_path / "two").glob("saved_*.png"))
-    split_px = np.asarray(Image.open(split).convert("RGB")).astype(np.int16)
-    assert alone.std() > 10 and np.abs(split_px - alone).max() <= 2  # rounding of a differently ordered sum
+    [saved] = sorted((tmp_path / tag).glob("saved_*.png"))
+    return np.asarray(Image.open(saved).convert("RGB")).astype(np.int16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile timing is logged there)")

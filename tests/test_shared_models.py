@@ -127,8 +127,10 @@ def test_fuse_then_unfuse_restores_the_base_weights_exactly(tmp_path, loras):
     assert np.array_equal(pixels(unfused, "images"), pixels(ref, "images"))
     assert np.array_equal(pixels(unfused, "plain"), pixels(ref, "plain"))
     diff = np.abs(pixels(fused, "images").astype(int) - pixels(ref, "images"))  # fused = unfused:
-    if CUDA:  # bfloat16 there: W + BA rounded to bfloat16, and go_fast's fp8 matmuls once
-        assert diff.mean() <= 0.75 and diff.max() <= 16, (diff.mean(), diff.max())  # merged (emulated: max 8)
+    if CUDA:  # bfloat16 there: W + BA rounded to bfloat16, and go_fast's fp8 matmuls quantize the fused weight,
+        # LoRA delta included (3 mantissa bits), where the unfused path adds the delta in bfloat16: an H200 gave a
+        # mean of 0.94 and a max of 10 (emulated: max 8); a LoRA left out would move the mean by tens
+        assert diff.mean() <= 1.5 and diff.max() <= 16, (diff.mean(), diff.max())
     else:
         assert diff.max() <= 2
     mine = base_weights(engine, unfused.outputs["base"]["output"])
@@ -158,6 +160,8 @@ def test_a_peft_error_unloads_the_model_and_says_what_to_do(tmp_path, loras, mon
     assert again.nodes["styled"] == "ran"
 
 
+@pytest.mark.timeout(480)  # three watch runs, two of them training, then a fresh process: on a GPU each compiles
+# its blocks into a cold cache of its own (up to 120 s per rerun beside 15 xdist workers on an H200)
 def test_watch_reruns_match_a_fresh_process(tmp_path, loras):
     """In one watch session: train -> fused apply -> sample; then retrain (edited) unfused; then apply A -> B."""
     from PIL import Image

@@ -63,6 +63,8 @@ def _redness(pixels: np.ndarray) -> float:
     return float(r - (g + b) / 2)
 
 
+@pytest.mark.timeout(300)  # with its fixture: 60 compiled training steps on a GPU, then 9 samples on the CPU (over
+# 120 s beside 15 xdist workers on an H200)
 def test_training_learns_the_colour_and_the_loss_falls(quickstart):
     """Samples with the trigger word turn red, in pixels, after training on red squares.
 

@@ -4,7 +4,7 @@ raising steps continues a finished run."""
 from __future__ import annotations
 
 import torch
-from test_train_support import checkpoints, failure, load_weights, losses, run, solid_dataset, write_recipe
+from test_train_support import FAST, checkpoints, failure, load_weights, losses, run, solid_dataset, write_recipe
 
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.train import checkpoint
@@ -23,18 +23,23 @@ def _same_weights(a, b) -> None:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
-def _close_weights(a, b) -> None:
+def _close_weights(a, b, lr: float) -> None:
     """Bit for bit on a CPU.  A GPU trains in bfloat16 with compiled blocks (recomputed with other fusions under
-    gradient checkpointing) and backward reductions that are not bit-exact: there each tensor agrees to within
-    5 % of its norm (a different setting that mattered would move the weights by about their own size)."""
+    gradient checkpointing) and backward reductions that are not bit-exact, and AdamW's first steps amplify that:
+    a step moves each weight by about +-lr whatever the gradient's size (m / sqrt(v) is its sign at step one), so
+    a gradient component near zero whose rounding flips its sign moves its weight 2 lr the other way.  A lora_B
+    starts at zero, so after 3 steps two such flips among its 128 elements are 13 % of its norm (seen on an
+    H200: 0.0028 = 2 * sqrt(2) * lr of 0.0218).  So on a GPU a few elements may be apart by whole steps, but no
+    more than 10 % of any tensor may be over half a step apart; a setting that changed the training would
+    change the gradients' direction and move most of them."""
     if not torch.cuda.is_available():
         _same_weights(a, b)
         return
     wa, wb = load_weights(a), load_weights(b)
     assert sorted(wa) == sorted(wb) and wa
     for k in wa:
-        x, y = wa[k].float(), wb[k].float()
-        assert (x - y).norm() <= 0.05 * x.norm() + 1e-8, f"{k} differs: {(x - y).norm()} vs {x.norm()}"
+        apart = ((wa[k].float() - wb[k].float()).abs() > lr / 2).float().mean().item()
+        assert apart <= 0.10, f"{k}: {apart:.1%} of its elements differ by more than half a step"
 
 
 def _logs(result) -> str:
@@ -216,5 +221,5 @@ def test_memory_settings_do_not_change_the_weights(tmp_path):
         assert result.ok, extra
         results.append(result)
     for other in results[1:]:
-        _close_weights(_lora(results[0]).path, _lora(other).path)
+        _close_weights(_lora(results[0]).path, _lora(other).path, FAST["learning_rate"])
     assert list((tmp_path / "cache3").glob("state/train_lora-*/latents/*-64x64.safetensors"))

@@ -30,6 +30,7 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -52,13 +53,42 @@ def enabled() -> bool:
     return os.environ.get("FLUXKILN_PRECOMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+NEEDS = ("a torch whose torch.compile gives compiled functions `aot_compile` and that loads them with "
+         "torch.compiler.load_compiled_function (torch 2.11 does with its enable_aot_compile switch, which fluxkiln "
+         "turns on while saving; 2.13 by default)")
+
+
+def _probe(x: Any) -> Any:
+    return x
+
+
+@functools.cache
 def supported() -> bool:
-    """Whether this torch has ``aot_compile`` (torch 2.10 and later)."""
+    """Whether this torch can precompile: ``torch.compile`` gives functions an ``aot_compile`` (with
+    ``enable_aot_compile`` on, as saving sets it) and ``torch.compiler.load_compiled_function`` loads what it
+    saves.  Checked once per process: compiling a function is lazy, so this traces nothing."""
     try:
+        import torch
         from torch._dynamo import aot_compile  # noqa: F401
     except ImportError:
         return False
-    return True
+    try:
+        with _aot_compile_on(torch):
+            compiled = torch.compile(_probe, fullgraph=True, dynamic=False)
+    except RuntimeError:  # a torch whose Dynamo does not run on this Python
+        return False
+    return hasattr(compiled, "aot_compile") and hasattr(torch.compiler, "load_compiled_function")
+
+
+def unavailable() -> str | None:
+    """Why nothing is precompiled in this process (None when it is): switched off, or this torch cannot."""
+    if not enabled():
+        return "FLUXKILN_PRECOMPILE=0 switches precompiling off"
+    if not supported():
+        import torch
+
+        return f"torch {torch.__version__} cannot precompile: it needs {NEEDS}"
+    return None
 
 
 def _type_name(obj: Any) -> str:
@@ -148,7 +178,7 @@ class Recording:
     calls: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
     def __enter__(self) -> Recording:
-        _state["recording"] = self
+        _state["recording"] = self  # also where nothing can be saved: warmup compiles the VAE decoder meanwhile
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,12 +198,14 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
 
 
 def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compile each recorded variant ahead of time and save it (in its device's folder); returns counts."""
+    """Compile each recorded variant ahead of time and save it (in its device's folder); returns counts, and
+    under ``"unavailable"`` why nothing was saved where this process cannot precompile."""
     import torch
 
-    if not (enabled() and supported()):
-        return {"variants": len(rec.calls), "saved": 0, "failed": ["precompiling is off or unsupported"],
-                "seconds": 0.0}
+    why = unavailable()
+    if why is not None:
+        rec.calls.clear()
+        return {"variants": 0, "saved": 0, "failed": [], "seconds": 0.0, "unavailable": why}
     n, saved, failed, t0 = len(rec.calls), 0, [], time.perf_counter()
     for key, (block, args, kwargs) in rec.calls.items():
         out = folder(next(block.parameters()).device.type)
@@ -228,7 +260,7 @@ def _load_all(where: Path) -> None:
 
 def start_preload(device: str) -> bool:
     """Begin loading this environment's saved variants in a background thread (once per process)."""
-    if not (enabled() and supported()):
+    if unavailable() is not None:
         return False
     where = folder(device)
     with _lock:
@@ -244,7 +276,7 @@ def start_preload(device: str) -> bool:
 
 def table(device: str) -> dict[str, Any]:
     """The saved variants for ``device`` (waits for the background load; loads now if none was started)."""
-    if not (enabled() and supported()):
+    if unavailable() is not None:
         return {}
     start_preload(device)
     thread = _state.get("thread")
