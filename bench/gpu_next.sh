@@ -9,8 +9,8 @@
 #   $OUT/h200-<date>-ddp-threads-ab.json   ddp again (4 steps), every worker with OMP_NUM_THREADS=$(nproc) (the
 #                                          launcher's old default left torch's pool on every core); not a table row
 #   $OUT/machine.txt, $OUT/*.log           CPUs, GPUs, clocks and power before/after, the full output
-# Limits: T_MAIN=330 T_AB=90 seconds; with the install (~1 min) the call stays inside 540 s. The -graphs
-# variants (CUDA graphs, collectives captured) test whether a split image is launch-bound.
+# Limits: T_MAIN=330 T_AB=150 seconds (90 cut the A/B short on 2026-11-28); with the install (~1 min) about
+# 540 s. The -graphs variants (CUDA graphs, collectives captured) test whether a split image is launch-bound.
 # A dry run of this script on a CPU machine: EXTRA=--tiny VARIANTS=one-eager,allgather-eager bash bench/gpu_next.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-next}
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export FLUXKILN_CACHE=/tmp/fk-gpu-next
 rm -rf "$FLUXKILN_CACHE"
-T_MAIN=${T_MAIN:-330} T_AB=${T_AB:-90}
+T_MAIN=${T_MAIN:-330} T_AB=${T_AB:-150}
 DATE=$(date +%Y-%m-%d)
 MAIN="$OUT/h200-$DATE-gpus-2-profile.json"
 AB="$OUT/h200-$DATE-ddp-threads-ab.json"
