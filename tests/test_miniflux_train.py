@@ -152,6 +152,8 @@ def _check_outputs(tmp_path, ranks: int):
     assert metrics["text_steps"] > 0 and set(metrics["text_accuracy"]) >= {"role", "colour", "pooled background"}
     assert metrics["base_checks"] and {"true", "shuffled", "roles swapped"} <= set(metrics["base_checks"][-1])
     assert {"colour", "shape", "position", "background"} <= set(metrics["vae_roundtrip"])
+    assert set(metrics["base_cfg"]) == {"1.0", "3.0", "5.0"}  # the base's adherence under true CFG
+    assert all({"colour", "shape", "position", "background"} <= set(row) for row in metrics["base_cfg"].values())
     for name in ("mini-flux", "mini-flux-schnell"):
         with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
             assert f"{name}/transformer/diffusion_pytorch_model.safetensors" in tar.getnames()
@@ -204,6 +206,23 @@ def test_a_decoder_only_vae_phase_keeps_the_encoder_and_weighs_the_objects():
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
     with pytest.raises(SystemExit, match="vae_part: 'encoder' is not one of all, decoder"):
         preset("micro", vae_part="encoder")
+
+
+def test_true_cfg_guides_against_the_empty_prompt_and_one_means_none():
+    import numpy as np
+
+    from fluxkiln.plugins.miniflux.adherence import generate
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    pipe = load_pipeline("dev")
+    pipe.set_progress_bar_config(disable=True)
+    prompt = ["a large red circle at the left on a blue background"]
+    def image(**cfg):
+        return np.asarray(generate(pipe, prompt, steps=3, guidance=1.0, width=64, height=64, **cfg)[0], dtype=float)
+
+    plain, one, four = image(), image(true_cfg=1.0), image(true_cfg=4.0)
+    assert np.array_equal(plain, one)
+    assert np.abs(four - one).mean() > 1.0
 
 
 def test_a_vae_init_without_a_vae_is_refused_with_the_folder_named(tmp_path):

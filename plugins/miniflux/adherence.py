@@ -33,18 +33,20 @@ def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[str]:
 
 
 def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float | None, width: int = 256,
-             height: int = 256, seed: int = 0, batch: int = 8) -> list[Any]:
-    """Images for ``prompts`` (prompt i from seed + i) through the FluxPipeline's own call."""
+             height: int = 256, seed: int = 0, batch: int = 8, true_cfg: float = 1.0) -> list[Any]:
+    """Images for ``prompts`` (prompt i from seed + i) through the FluxPipeline's own call; ``true_cfg`` > 1
+    adds classifier-free guidance against the empty prompt (two passes a step)."""
     import torch
 
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        cfg = dict(true_cfg_scale=true_cfg, negative_prompt=[""] * len(chunk)) if true_cfg > 1 else {}
         with torch.no_grad():
             out += pipe(prompt=chunk, width=width, height=height, num_inference_steps=steps,
                         guidance_scale=0.0 if guidance is None else guidance, generator=gens,
-                        max_sequence_length=pipe.tokenizer_2.model_max_length).images
+                        max_sequence_length=pipe.tokenizer_2.model_max_length, **cfg).images
     return out
 
 

@@ -31,7 +31,7 @@ from .distil import distil_guidance, distil_schnell
 from .pool import Pools
 from .render import to_pil
 from .trainconfig import TrainConfig, preset
-from .trainio import choose, final_check, load_modules, load_vae, save
+from .trainio import cfg_check, choose, final_check, load_modules, load_vae, save
 from .trainparts import (PLANNED, QUIET, T0, Ema, Plan, TextEncoder, adamw, autocast, batch_for, budget, log,
                          make_batch, pick_size)
 
@@ -191,6 +191,8 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
         if world.main:
             metrics["base_chosen_checks"] = check.losses(m["transformer"], enc) if check else None
             save(m, m["transformer"], "dev", work, out)  # a fallback, replaced once guidance is distilled
+            if cfg.select_prompts > 0 and cfg.cfg_check_scales:
+                metrics["base_cfg"] = cfg_check(cfg, m)
         write()
         ema, info = distil_guidance(cfg, m, pools, enc, world)
         metrics |= info

@@ -61,6 +61,7 @@ class TrainConfig:
     teacher_steps: int = 12  # Euler steps of the dev teacher per trajectory (a multiple of 12)
     student_steps_per_batch: int = 6
     # end
+    cfg_check_scales: tuple[float, ...] = (1.0, 3.0, 5.0)  # the base's adherence with true CFG at these (() : none)
     select_prompts: int = 64  # held-out prompts (another seed than the evaluation's) for EMA-or-raw choices (0: EMA)
     eval_prompts: int = 64  # held-out prompts sampled and checked at the end (GPU), per variant (0: none)
     reserve: float = 25.0  # seconds kept for the choices, saving and the final check

@@ -35,9 +35,10 @@ def load_vae(source: str) -> Any:
     return AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32)
 
 
-def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
-    """Mean of colour, shape, position and background adherence (percent) on ``select_prompts`` held-out
-    prompts, sampled in memory at the native size (dev 28 steps, schnell 4)."""
+def quick_row(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None,
+              true_cfg: float = 1.0) -> dict[str, float]:
+    """The checker's row (percent per attribute) on ``select_prompts`` held-out prompts, sampled in memory at
+    the native size (dev 28 steps, schnell 4); ``true_cfg`` > 1: with classifier-free guidance."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from .adherence import eval_prompts, generate, score_images
@@ -48,9 +49,22 @@ def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: flo
     pipe.set_progress_bar_config(disable=True)
     prompts = eval_prompts(cfg.select_prompts, seed=99)
     images = generate(pipe, prompts, steps=28 if variant == "dev" else 4, guidance=guidance, width=cfg.native,
-                      height=cfg.native, batch=64)
-    row = score_images(images, prompts)
+                      height=cfg.native, batch=64, true_cfg=true_cfg)
+    return score_images(images, prompts)
+
+
+def quick_score(cfg: TrainConfig, m: dict[str, Any], variant: str, guidance: float | None) -> float:
+    """Mean of colour, shape, position and background adherence (percent): :func:`quick_row`'s summary."""
+    row = quick_row(cfg, m, variant, guidance)
     return round(sum(row[k] for k in ("colour", "shape", "position", "background")) / 4, 1)
+
+
+def cfg_check(cfg: TrainConfig, m: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The base model's adherence with classifier-free guidance at each of ``cfg_check_scales`` (the teacher
+    guidance distillation copies: if guidance does not raise adherence here, distillation cannot)."""
+    rows = {str(float(g)): quick_row(cfg, m, "dev", 1.0, true_cfg=float(g)) for g in cfg.cfg_check_scales}
+    log("base with classifier-free guidance: " + "; ".join(f"{g}: {row}" for g, row in rows.items()))
+    return rows
 
 
 def choose(cfg: TrainConfig, name: str, candidates: dict[str, dict[str, Any]], variant: str,
