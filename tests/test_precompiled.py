@@ -259,6 +259,6 @@ def test_a_torch_without_aot_compile_is_found_out_once_saves_nothing_and_warmup_
         path.write_text(recipe_text("w", load_tiny(), red_cube(steps=2, seed=1)))
         assert cli_main(["warmup", str(path)]) == 0
         out = capsys.readouterr().out
-        assert f"no transformer block saved precompiled ({why})" in out and "newly saved" not in out
+        assert f"nothing saved precompiled ({why})" in out and "newly saved" not in out
     finally:
         precompiled.supported.cache_clear()  # the next caller checks the real torch.compile

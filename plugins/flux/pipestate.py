@@ -289,7 +289,7 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
         if log:
             ready = precompiled.stats()
             log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
-                "the compilation)" + (f"; {ready['loaded']} precompiled block variant(s) from `fluxkiln warmup` "
+                "the compilation)" + (f"; {ready['loaded']} precompiled variant(s) (transformer blocks, VAE decoder) from `fluxkiln warmup` "
                                       f"loaded in {ready['load_s']} s" if ready["loaded"] else ""))
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)

@@ -4,8 +4,8 @@ later process does not pay for compilation.
 The recipe runs once with every ``sample`` node at one denoising step (compiled code depends on the image size,
 the batch and the model, not on the step count), every node forced, into a throwaway run folder; Inductor's
 graph and kernel caches under ``<cache>/inductor`` keep what was compiled for every later process, and each
-transformer block variant the run used is saved precompiled (:mod:`.precompiled`), so that a later process loads it
-without tracing.
+transformer block and VAE decoder variant the run used is saved precompiled (:mod:`.precompiled`), so that a
+later process loads it without tracing.
 """
 
 from __future__ import annotations
@@ -68,11 +68,11 @@ def main(args: argparse.Namespace) -> int:
           "loads them from the compile cache")
     why = precompiled.unavailable()
     if why is not None:
-        print(f"fluxkiln warmup: no transformer block saved precompiled ({why}); a new process traces each "
+        print(f"fluxkiln warmup: nothing saved precompiled ({why}); a new process traces each "
               "block again, then finds its code in the compile cache")
     elif rec.calls:
         done = precompiled.save_recorded(rec)
-        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block variant(s) newly saved "
+        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block and VAE decoder variant(s) newly saved "
               f"precompiled in {done['seconds']:.1f} s (the others were already saved, or see above); a new "
               "process loads them without tracing")
     return 0
