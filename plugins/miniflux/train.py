@@ -74,14 +74,18 @@ def _vae_loss(cfg: TrainConfig, vae: Any, batch: Any, decoder_only: bool) -> Any
     import torch
 
     imgs = batch.images
-    with autocast(str(imgs.device.type)):
+    with autocast(imgs.device.type):
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(imgs).latent_dist
             z = post.sample()
         rec = vae.decode(z).sample.float()
-    weight = 1.0 if batch.cover is None else 1.0 + cfg.vae_object_weight * batch.cover[:, None].float()
     err = rec - imgs
-    loss = (weight * (err.abs() + err.pow(2))).mean() / (weight.mean() if batch.cover is not None else 1.0)
+    per_pixel = err.abs() + err.pow(2)
+    if batch.cover is None:
+        loss = per_pixel.mean()
+    else:  # a weighted mean: the loss keeps its scale whatever the weight
+        weight = 1.0 + cfg.vae_object_weight * batch.cover[:, None].float()
+        loss = (weight * per_pixel).mean() / weight.mean()
     if not decoder_only:
         loss = loss + cfg.vae_kl * post.kl().float().mean()
     return loss

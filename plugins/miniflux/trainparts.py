@@ -219,7 +219,8 @@ class Plan:
         return time.monotonic() - self.start
 
     def done(self, step: int) -> bool:
-        """True once the planned steps are taken (or the budget is spent); plans the steps at ``2 * probe``."""
+        """True once the planned steps are taken (or the budget is spent); plans the steps at ``2 * probe`` and
+        again at ``10 * probe`` and ``40 * probe``."""
         if step == self.probe:
             self._probe_start = time.monotonic()
         planning = step in (2 * self.probe, 10 * self.probe, 40 * self.probe) and not self._stop and (
