@@ -175,4 +175,5 @@ def test_warmup_saves_precompiled_blocks_that_a_new_process_loads(tmp_path):
                          text=True, cwd=tmp_path, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     messages = [json.loads(line).get("message", "") for line in run.stdout.splitlines() if line.startswith("{")]
-    assert any("precompiled variant(s) (transformer blocks, VAE decoder) from `fluxkiln warmup` loaded" in m for m in messages), messages
+    loaded = "precompiled variant(s) (transformer blocks, VAE decoder) from `fluxkiln warmup` loaded"
+    assert any(loaded in m for m in messages), messages

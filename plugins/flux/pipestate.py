@@ -288,9 +288,10 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
         fastpaths.compile_blocks(pipe.transformer)
         if log:
             ready = precompiled.stats()
+            loaded = (f"; {ready['loaded']} precompiled variant(s) (transformer blocks, VAE decoder) from "
+                      f"`fluxkiln warmup` loaded in {ready['load_s']} s") if ready["loaded"] else ""
             log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
-                "the compilation)" + (f"; {ready['loaded']} precompiled variant(s) (transformer blocks, VAE decoder) from `fluxkiln warmup` "
-                                      f"loaded in {ready['load_s']} s" if ready["loaded"] else ""))
+                "the compilation)" + loaded)
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)
     st.compiled = on

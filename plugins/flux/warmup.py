@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
               "block again, then finds its code in the compile cache")
     elif rec.calls:
         done = precompiled.save_recorded(rec)
-        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block and VAE decoder variant(s) newly saved "
-              f"precompiled in {done['seconds']:.1f} s (the others were already saved, or see above); a new "
-              "process loads them without tracing")
+        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block and VAE decoder "
+              f"variant(s) newly saved precompiled in {done['seconds']:.1f} s (the others were already saved, or "
+              "see above); a new process loads them without tracing")
     return 0
