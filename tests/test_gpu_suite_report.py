@@ -23,11 +23,15 @@ def test_fails():
 '''
 
 
+def _bench_env() -> dict[str, str]:
+    """This environment with bench/ (where the plugin lives) first on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+
+
 def _pytest(tmp_path, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_failing.py").write_text(FAILING)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--rootdir", str(tmp_path), "test_failing.py", *args], cwd=tmp_path, env=env,
+                           "--rootdir", str(tmp_path), "test_failing.py", *args], cwd=tmp_path, env=_bench_env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -55,9 +59,9 @@ def test_the_gpu_suite_options_keep_pyproject_toml_and_its_testpaths(tmp_path):
     assert f"--live-report={tmp_path / 'out'}" in opts
     i = opts.index("--timeout")
     del opts[i:i + 2]  # pytest-timeout, which the GPU machine has, is not needed to collect
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "pytest", *[o for o in opts if o and o != "-v"], "--collect-only",
-                           "-q", "-p", "no:randomly"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "-q", "-p", "no:randomly"], cwd=ROOT, env=_bench_env(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     assert ids and all(line.startswith("tests/") for line in ids), [i for i in ids if not i.startswith("tests/")][:3]

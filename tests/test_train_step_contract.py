@@ -164,19 +164,20 @@ def _one_process(recipe: Path, tmp_path: Path) -> tuple[list[float], dict[str, t
     if not torch.cuda.is_available():
         one = run(recipe, tmp_path / "cache-1", tmp_path / "one")  # in this process
         return losses(one), _weights(one)
-    env = dict(os.environ, FLUXKILN_CACHE=str(_cli_cache(tmp_path / "cache-1")), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--output",
-                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    done = _cpu_run(recipe, tmp_path, "one")
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "one" / "lora"
     return _csv_losses(folder / "metrics.csv"), load_weights(folder / "lora.safetensors")
 
 
 def _two_ranks(recipe: Path, tmp_path: Path, tag: str, *sets: str) -> subprocess.CompletedProcess:
+    args = [a for v in ("nodes.lora.batch_size=1", *sets) for a in ("--set", v)]
+    return _cpu_run(recipe, tmp_path, tag, "--gpus", "2", *args)
+
+
+def _cpu_run(recipe: Path, tmp_path: Path, tag: str, *args: str) -> subprocess.CompletedProcess:
+    """`fluxkiln run` in a process of its own, the GPU hidden, with a cache of its own; output in ``tmp_path/tag``."""
     env = dict(os.environ, FLUXKILN_CACHE=str(_cli_cache(tmp_path / f"cache-{tag}")), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
-    args = [a for v in ("nodes.lora.batch_size=1", *sets) for a in ("--set", v)]
-    return subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--gpus", "2",
-                           "--output", str(tmp_path / tag), *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "fluxkiln.engine.cli", "run", str(recipe), "--output",
+                           str(tmp_path / tag), *args], env=env, capture_output=True, text=True, timeout=300)
