@@ -170,7 +170,7 @@ def test_warmup_saves_precompiled_blocks_that_a_new_process_loads(tmp_path):
     assert "decoder variant(s) newly saved precompiled" in warm.stdout, warm.stdout
     names = [p.name for p in (tmp_path / "cache" / "precompiled").glob("*/*.bin")]
     for kind in ("FluxTransformerBlock-", "FluxSingleTransformerBlock-", "Decoder-"):  # the blocks, the VAE decoder
-        assert any(n.startswith(kind) for n in names), names
+        assert any(n.startswith(kind) for n in names), (names, warm.stdout[-3000:], warm.stderr[-3000:])
     run = subprocess.run([sys.executable, "-m", "fluxkiln", "run", "f.toml", "--json"], capture_output=True,
                          text=True, cwd=tmp_path, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -32,7 +32,7 @@ MODEL = textwrap.dedent('''
                     encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
                     pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
                     guidance=torch.tensor([3.0]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(8, 3),
-                    return_dict=False)
+                    joint_attention_kwargs={}, return_dict=False)  # {}: what FluxPipeline passes its blocks
     with torch.no_grad():
         eager = tr(**inputs())[0]
 ''')
@@ -147,6 +147,8 @@ def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
     assert sig != precompiled.call_signature((torch.zeros(4, 2).t(),), {"scale": 1.0, "extra": None})  # strides
     assert sig != precompiled.call_signature((x,), {"scale": 2.0, "extra": None})
     assert precompiled.call_signature((x,), {"cb": object()}) is None  # not describable: not served
+    assert precompiled.call_signature((x,), {"kw": {}}) is not None  # a pipeline's joint_attention_kwargs
+    assert precompiled.call_signature((x,), {"kw": {"scale": 1.0}}) != precompiled.call_signature((x,), {"kw": {}})
     key = precompiled.variant_key(block, sig)
     assert key == precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4)), sig)
     assert key != precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), sig)

@@ -141,7 +141,8 @@ def structure(block: Any) -> tuple[str, ...]:
 
 def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     """A hashable description of a call: its tensors' shapes, strides, dtypes, devices and ``requires_grad``, the
-    other values' reprs; None if a value cannot be described (then the call is not served)."""
+    other values' reprs, through tuples, lists and dicts with string keys (a pipeline passes its blocks
+    ``joint_attention_kwargs={}``); None if a value cannot be described (then the call is not served)."""
     from torch import Tensor as tensor
 
     def describe(v: Any) -> Any:
@@ -149,6 +150,8 @@ def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, 
             return (v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
         if isinstance(v, (tuple, list)):
             return (type(v).__name__, *map(describe, v))
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):  # joint_attention_kwargs ({} from pipelines)
+            return ("dict", *((k, describe(x)) for k, x in sorted(v.items())))
         if v is None or isinstance(v, (bool, int, float, str)):
             return repr(v)
         raise TypeError(type(v).__name__)
