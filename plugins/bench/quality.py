@@ -10,6 +10,7 @@ random-weight Δ the sampling guard measured on full-size shapes in the same ben
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "background", "count")
 def attribute_mean(adherence: dict[str, float]) -> float:
     """The mean of the per-attribute scores (more sensitive than ``all`` while every image misses something)."""
     vals = [adherence[k] for k in ATTRIBUTES if adherence.get(k) == adherence.get(k) and k in adherence]
-    return round(sum(vals) / len(vals), 1) if vals else float("nan")
+    return round(math.fsum(vals) / len(vals), 1) if vals else float("nan")  # fsum: the same on every Python
 
 
 def paths_for(device: str) -> list[str]:
