@@ -72,6 +72,7 @@ def test_getting_started_marks_its_runnable_examples():
     assert any(c.startswith("fluxkiln inspect") and "--write-recipe" in c for c in commands)
 
 
+@pytest.mark.timeout(600)  # several fresh CLI processes on mini-flux; a host busy with other tests slows them
 def test_getting_started_shell_examples_run_on_cpu(tmp_path, fresh_cache):
     work = tmp_path / "work"
     work.mkdir()

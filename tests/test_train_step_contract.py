@@ -133,6 +133,7 @@ def _csv_losses(path: Path) -> list[float]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
+@pytest.mark.timeout(600)  # four fresh CLI processes (two of them two-rank runs) on a CPU
 def test_two_ranks_add_up_to_one_process_also_for_a_batch_one_rank_sits_out(tmp_path):
     """Three images and a global batch of two: every epoch ends with a batch of one, where rank 1 has no
     sample.  With SGD, any wrong weighting of a rank's share shows in the weights, and in the losses."""
