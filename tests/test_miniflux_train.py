@@ -296,3 +296,12 @@ def test_the_flow_loss_weights_object_tokens_up():
     assert flow_loss(pred, target, torch.zeros(1, 2), 3.0).item() == pytest.approx(0.5)  # plain mean
     assert flow_loss(pred, target, torch.tensor([[1.0, 0.0]]), 3.0).item() == pytest.approx(4 / 5)
     assert flow_loss(pred, target, torch.tensor([[0.0, 1.0]]), 3.0).item() == pytest.approx(1 / 5)
+
+
+def test_continuing_keeps_the_vae_of_init_unless_vae_init_is_given():
+    """The full preset takes the shipped VAE when training from scratch; a run continuing from ``init`` must keep
+    the VAE its transformer was trained with (a decoder fine-tuned in an earlier call), not swap the shipped one in."""
+    assert preset("full").vae_init == "shipped"
+    assert preset("full", init="/w/mini-flux").vae_init == ""
+    assert preset("full", init="/w/mini-flux", vae_init="/v/mini-flux").vae_init == "/v/mini-flux"
+    assert preset("full", init="").vae_init == "shipped"

@@ -82,13 +82,16 @@ PRESETS = {
 
 
 def preset(name: str, **overrides: float) -> TrainConfig:
-    """A preset with some fields replaced (``--set name=value`` on the command line)."""
+    """A preset with some fields replaced (``--set name=value`` on the command line).  Setting ``init`` without
+    ``vae_init`` continues with ``init``'s own VAE (the preset's ``vae_init`` is for training from scratch)."""
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     known = {f.name: f.type for f in fields(TrainConfig)}
     for key in overrides:
         if key not in known:
             raise SystemExit(f"unknown setting {key!r}; settings: {', '.join(known)}")
+    if overrides.get("init") and "vae_init" not in overrides:
+        overrides = {**overrides, "vae_init": ""}  # continuing: the VAE of init (its transformer's latents)
     cfg = replace(PRESETS[name], **overrides)
     if cfg.vae_part not in VAE_PARTS:
         raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
