@@ -1,5 +1,6 @@
 """fluxkiln's context parallelism on CPU with gloo: two processes split one forward's tokens and get one process's
-output (Ulysses, all-gather and overlapped all-gather attention, an odd token count that cannot split, the hooks removed again)."""
+output (Ulysses, all-gather and overlapped all-gather attention, an odd token count that cannot split, the hooks
+removed again)."""
 
 from __future__ import annotations
 
