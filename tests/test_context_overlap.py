@@ -5,12 +5,13 @@ and three gloo processes whose overlapped attention equals attention over every 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from helpers.ranks import spawn_ranks  # noqa: E402
 
 from fluxkiln.plugins.flux import context, lse_attention  # noqa: E402
 
@@ -99,15 +100,7 @@ def _worker(rank: int, port: int, n: int, out: dict) -> None:
 
 @pytest.fixture(scope="module")
 def three_ranks():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(port, 3, out), nprocs=3, join=True)
-        return dict(out)
+    return spawn_ranks(_worker, 3, 3)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")

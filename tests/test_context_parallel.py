@@ -5,13 +5,14 @@ removed again)."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
+
+from helpers.ranks import spawn_ranks  # noqa: E402
 
 from fluxkiln.plugins.flux import context  # noqa: E402
 
@@ -67,15 +68,7 @@ CASES = [("ulysses", 2, "auto", 64, 8), ("allgather", 3, "auto", 64, 8), ("force
 
 @pytest.fixture(scope="module")
 def results():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(port, CASES, out), nprocs=2, join=True)
-        return dict(out)
+    return spawn_ranks(_worker, 2, CASES)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
