@@ -98,27 +98,35 @@ def clip_lora(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_lora_on_the_text_encoder_or_a_new_scale_is_never_served_stale_embeddings(engine, tmp_path, clip_lora,
-                                                                                     monkeypatch):
+@pytest.mark.parametrize("exact_unfuse", [True, False], ids=["weights-copied", "weights-subtracted"])
+def test_a_lora_on_the_text_encoder_or_a_new_scale_is_never_served_stale_embeddings(tmp_path, clip_lora, monkeypatch,
+                                                                                     exact_unfuse):
+    if not exact_unfuse:  # no memory for an exact copy: unfusing subtracts the LoRA again, in place
+        from fluxkiln.plugins.flux import pipestate
+
+        monkeypatch.setattr(pipestate, "_free_ram", lambda: 0)
     prompt = {"prompt": "a lighthouse", "seed": 7, **SMALL}
-    body = (load_tiny() + node("te", "apply_lora", model="@base", lora=str(clip_lora))
-            + node("fused", "apply_lora", model="@base", lora=str(clip_lora), fuse=True)
-            + sample("plain", **prompt) + sample("lora", model="@te", **prompt)
-            + sample("half", model="@te", lora_scale=0.5, **prompt) + sample("fused_lora", model="@fused", **prompt)
-            + sample("plain_again", **prompt))
-    ref, _ = go(engine, tmp_path, body, "ref", monkeypatch, cached=False)
+    first = (load_tiny() + node("te", "apply_lora", model="@base", lora=str(clip_lora))
+             + node("fused", "apply_lora", model="@base", lora=str(clip_lora), fuse=True)
+             + sample("plain", **prompt) + sample("lora", model="@te", **prompt)
+             + sample("half", model="@te", lora_scale=0.5, **prompt) + sample("fused_lora", model="@fused", **prompt)
+             + sample("plain_again", **prompt))
+    second = first.replace("seed = 7", "seed = 8")
+    # the same two runs, with and without the cache, each in a fresh engine (the same model history); the cached
+    # runs one after the other (a fuse anywhere in the process also starts a new encoder state)
+    plain_engine, cached_engine = (Engine(cache_dir=tmp_path / f"cache-{i}") for i in range(2))
+    ref, _ = go(plain_engine, tmp_path, first, "ref", monkeypatch, cached=False)
+    ref2, _ = go(plain_engine, tmp_path, second, "ref2", monkeypatch, cached=False)
     assert not same(images(ref, "lora"), images(ref, "plain"))  # the LoRA changes the image
     assert not same(images(ref, "half"), images(ref, "lora"))  # and so does its scale
-    cached, logs = go(engine, tmp_path, body, "cached", monkeypatch)
+    cached, logs = go(cached_engine, tmp_path, first, "cached", monkeypatch)
+    cached2, logs2 = go(cached_engine, tmp_path, second, "cached2", monkeypatch)
     for nid in ("plain", "lora", "half", "fused_lora", "plain_again"):
-        assert same(images(cached, nid), images(ref, nid)), nid
         assert "0 of 1 prompt(s) from the cache" in cache_line(logs, nid), nid  # every one a new encoder state
-    again, logs = go(engine, tmp_path, body.replace("seed = 7", "seed = 8"), "again", monkeypatch)
-    # the last state (the base again, its LoRA layers disabled) is still cached; the fused one was unfused since
-    assert "1 of 1 prompt(s) from the cache" in cache_line(logs, "plain")
-    again_ref, _ = go(engine, tmp_path, body.replace("seed = 7", "seed = 8"), "again_ref", monkeypatch, cached=False)
-    for nid in ("plain", "lora", "half", "fused_lora", "plain_again"):
-        assert same(images(again, nid), images(again_ref, nid)), nid
+        assert same(images(cached, nid), images(ref, nid)), nid
+        assert same(images(cached2, nid), images(ref2, nid)), nid
+    # the state of the last node (the base again, its LoRA layers disabled) is still cached
+    assert "1 of 1 prompt(s) from the cache" in cache_line(logs2, "plain")
 
 
 def test_the_cache_is_a_bounded_lru_and_goes_with_its_pipeline(engine, tmp_path, monkeypatch):
@@ -144,3 +152,46 @@ def test_the_cache_is_a_bounded_lru_and_goes_with_its_pipeline(engine, tmp_path,
     assert len(cache) == 2 and cache.nbytes == 2 * one
     engine.models.evict(ref.outputs["base"]["output"].key)  # an evicted pipeline frees its cache
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from diffusers import FluxPipeline
+
+    from fluxkiln.plugins.flux.load import quiet_loading
+    from fluxkiln.plugins.flux.tiny import tiny_flux_path
+
+    with quiet_loading():
+        return FluxPipeline.from_pretrained(str(tiny_flux_path()))
+
+
+def test_the_state_key_sees_in_place_edits_dtypes_hooks_registrations_and_training_mode(tiny_pipe):
+    state = lambda: prompt_cache.encoder_state(tiny_pipe)[0]  # noqa: E731
+    clip, t5 = tiny_pipe.text_encoder, tiny_pipe.text_encoder_2
+    fc1 = clip.encoder.layers[0].mlp.fc1
+    before = state()
+    assert before is not None and state() == before  # nothing changed: the same key
+    with torch.no_grad():
+        fc1.weight.mul_(1.0)  # the same values, but written in place: the version counter moves
+    after_edit = state()
+    assert after_edit != before
+    t5.to(torch.float64)
+    assert state() != after_edit
+    t5.to(torch.float32)
+    after_cast = state()
+    handle = fc1.register_forward_hook(lambda *_a: None)
+    assert state() != after_cast
+    handle.remove()
+    assert state() == after_cast
+    clip.encoder.layers[0].mlp.fc1 = torch.nn.Linear(1, 1)
+    clip.encoder.layers[0].mlp.fc1 = fc1  # back to the same module: registrations still count
+    assert state() != after_cast
+    clip.train()
+    key, why = prompt_cache.encoder_state(tiny_pipe)
+    assert key is None and why == "text_encoder is in training mode"
+    clip.eval()
+    tally = prompt_cache.Tally()
+    clip.train()
+    assert prompt_cache.embeddings(tiny_pipe, ["a cat"], 64, tally) is None
+    assert tally.message() == "prompt cache: not used (text_encoder is in training mode)"
+    clip.eval()
