@@ -145,10 +145,14 @@ def test_the_cache_is_a_bounded_lru_and_goes_with_its_pipeline(engine, tmp_path,
         for p in ("p0", "p2", "p3", "p1"):
             prompt_cache.embeddings(pipe, [p], 64, tally)
     assert (tally.hits, tally.encoded) == (4, 5)  # p1 had been dropped, the others were kept
-    one = next(iter(cache.entries.values())).nbytes
+    with torch.no_grad():
+        short = prompt_cache.embeddings(pipe, ["p1"], 32, tally)[0]
+    assert short.shape[1] == 32 and (tally.hits, tally.encoded) == (4, 6)  # the token count is part of the key
+    one = next(iter(cache.entries.values())).nbytes  # a 64-token entry
     cache.max_bytes = 2 * one  # the byte bound holds too
     with torch.no_grad():
-        prompt_cache.embeddings(pipe, ["p4"], 64, tally)
+        for p in ("p4", "p5"):
+            prompt_cache.embeddings(pipe, [p], 64, tally)
     assert len(cache) == 2 and cache.nbytes == 2 * one
     engine.models.evict(ref.outputs["base"]["output"].key)  # an evicted pipeline frees its cache
     assert len(cache) == 0 and cache.nbytes == 0
@@ -175,10 +179,14 @@ def test_the_state_key_sees_in_place_edits_dtypes_hooks_registrations_and_traini
         fc1.weight.mul_(1.0)  # the same values, but written in place: the version counter moves
     after_edit = state()
     assert after_edit != before
+    tiny_pipe._fluxkiln_offload = "model"  # offload moves weights on every call: storage addresses are left out
+    moved = state()
     t5.to(torch.float64)
-    assert state() != after_edit
+    assert state() != moved  # the dtype alone
     t5.to(torch.float32)
+    del tiny_pipe._fluxkiln_offload
     after_cast = state()
+    assert after_cast != after_edit  # new storage
     handle = fc1.register_forward_hook(lambda *_a: None)
     assert state() != after_cast
     handle.remove()
