@@ -1,5 +1,6 @@
 """fluxkiln's context parallelism on CPU with gloo: two processes split one forward's tokens and get one process's
-output (Ulysses and all-gather attention, an odd token count that cannot split, the hooks removed again)."""
+output (Ulysses, all-gather and overlapped all-gather attention, an odd token count that cannot split, the hooks
+removed again)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _worker(rank: int, port: int, cases: list, out: dict) -> None:
 
 
 CASES = [("ulysses", 2, "auto", 64, 8), ("allgather", 3, "auto", 64, 8), ("forced-allgather", 2, "allgather", 64, 8),
-         ("odd", 2, "auto", 63, 8)]
+         ("overlap", 3, "overlap", 64, 8), ("odd", 2, "auto", 63, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def results():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
 @pytest.mark.parametrize(("case", "mode"), [("ulysses", "ulysses"), ("allgather", "allgather"),
-                                            ("forced-allgather", "allgather"), ("odd", "ulysses")])
+                                            ("forced-allgather", "allgather"), ("overlap", "overlap"),
+                                            ("odd", "ulysses")])
 def test_two_ranks_make_one_process_output(results, case, mode):
     chosen, diff, scale, shape, restored, processor = results[case]
     assert chosen == mode  # auto: Ulysses when the heads divide by the ranks, else all-gather of k and v
@@ -92,6 +94,9 @@ def test_ulysses_refuses_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="divide by 2 ranks"):
         context.choose_mode("ulysses", 3, 2)
     assert context.choose_mode("auto", 24, 4) == "ulysses" and context.choose_mode("auto", 24, 5) == "allgather"
+    assert context.choose_mode("overlap", 24, 4) == "overlap"  # never chosen by auto: only when asked for
+    with pytest.raises(ValueError, match="choose from auto, ulysses, allgather, overlap"):
+        context.choose_mode("ring", 24, 2)
 
 
 CP_RECIPE = """
@@ -147,8 +152,12 @@ def test_context_parallel_through_the_cli_makes_the_one_process_image(tmp_path):
 
     two, [split] = _run(tmp_path, "two", "--gpus", "2")
     _one, [alone] = _run(tmp_path, "one", "--set", "nodes.base.context_parallel=1")
-    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (split, alone))
+    over, [overlapped] = _run(tmp_path, "overlap", "--gpus", "2", "--set", "nodes.base.context_parallel_mode=overlap")
+    a, b, c = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (split, alone, overlapped))
     assert a.std() > 10 and abs(a - b).max() <= 2  # float rounding of a differently ordered attention sum
+    assert abs(c - b).max() <= 2  # the local and remote halves of attention merged by log-sum-exp: the same image
+    assert any(json.loads(x).get("message") == "context parallel: each image's tokens split over 2 ranks (overlap "
+               "attention)" for x in over.stdout.splitlines() if x.startswith("{"))
     logs = [json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")]
     assert not any("item(s) over 2 ranks" in e.get("message", "") for e in logs)  # one image, made by both ranks
     assert any(e.get("message") == "context parallel: each image's tokens split over 2 ranks (ulysses attention)"

@@ -96,7 +96,7 @@ def test_only_diffusers_context_parallel_is_refused_on_cpu_in_a_world_of_the_rig
     with pytest.raises(distributed.NodeError, match="needs CUDA GPUs") as info:
         parallel.check(2, "cpu", "diffusers")
     assert info.value.key == "context_parallel_mode" and "auto" in info.value.hint
-    for mode in ("auto", "ulysses", "allgather"):  # fluxkiln's own runs on CPU with gloo
+    for mode in ("auto", "ulysses", "allgather", "overlap"):  # fluxkiln's own runs on CPU with gloo
         parallel.check(2, "cpu", mode)
     parallel.check(1, "cpu", "diffusers")  # off: nothing to refuse
 
@@ -243,3 +243,15 @@ def test_cuda_graph_variants_of_context_parallelism_are_compared_with_one_gpu():
     alone = {"one-compiled": {"s": 4.0}, "allgather-graphs": {"s": 1.8}}
     summary(alone)
     assert alone["allgather-graphs"]["ratio"] == 0.45  # no one-graphs run: against one GPU compiled
+
+
+def test_the_overlap_variants_are_measured_on_request_in_the_order_asked_for():
+    import argparse
+
+    from fluxkiln.plugins.bench.many import cp_variants
+
+    asked = "one-compiled,one-graphs,allgather-graphs,overlap-graphs,overlap-compiled"
+    assert cp_variants(argparse.Namespace(cp_variants=asked), "cuda") == [
+        "one-compiled", "one-graphs", "allgather-graphs", "overlap-compiled", "overlap-graphs"]
+    assert "overlap-eager" in cp_variants(argparse.Namespace(cp_variants=""), "cpu")
+    assert not any(v.startswith("overlap") for v in cp_variants(argparse.Namespace(cp_variants=""), "cuda"))

@@ -153,8 +153,9 @@ NOT_ON_CPU: dict[tuple[str, str], str] = {
     ("load_model", "context_parallel"): "splits each image's tokens over N processes: needs N of them (a CLI "
                                         "run on two gloo processes equals one process in test_context_parallel; "
                                         "the refusals in test_distributed_units)",
-    ("load_model", "context_parallel_mode"): "how the N processes exchange tokens: needs N of them (ulysses and "
-                                             "allgather each equal one process in test_context_parallel; diffusers' "
+    ("load_model", "context_parallel_mode"): "how the N processes exchange tokens: needs N of them (ulysses, "
+                                             "allgather and overlap each equal one process in "
+                                             "test_context_parallel; diffusers' "
                                              "is CUDA only, its CPU refusal in test_distributed_units)",
     ("sample", "go_fast"): "fp8 matmuls and compiled blocks exist only on CUDA; on a CPU it changes nothing by "
                            "design (test_gpu_paths checks the fast path runs and stays within the quality guard)",

@@ -3,8 +3,8 @@
 One call measures every variant on the same machine, so the numbers decide
 which to use: one GPU (rank 0 alone, the others waiting) eager and with the
 project's lossless fast path (regionally compiled blocks), then fluxkiln's own
-context parallelism (:mod:`fluxkiln.plugins.flux.context`: ``ulysses`` and
-``allgather``) and diffusers' stock Ulysses (``diffusers``, last: it cannot be
+context parallelism (:mod:`fluxkiln.plugins.flux.context`: ``ulysses``,
+``allgather`` and, on request, ``overlap``) and diffusers' stock Ulysses (``diffusers``, last: it cannot be
 switched off again), each eager and compiled.  What is timed is the
 transformer's work for one image: the pipeline's denoising loop
 (``output_type="latent"``) with the prompt embeddings given, as the stock
@@ -25,8 +25,10 @@ VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "a
             "diffusers-eager", "diffusers-compiled")
 # on request (--cp-variants); -graphs: compiled blocks in CUDA-graph mode (reduce-overhead), the collectives
 # captured with them: is a split image launch-bound once each rank's kernels are small?
-EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs")
-CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "diffusers-eager")
+# overlap-*: the all-gather of k/v running beside attention to the rank's own tokens (merged by log-sum-exp)
+EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs",
+                  "overlap-eager", "overlap-compiled", "overlap-graphs")
+CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "overlap-eager", "diffusers-eager")
 
 
 class CpLatency:
@@ -136,7 +138,7 @@ class CpLatency:
         return res
 
     def _switch_on(self, kind: str) -> Callable[[], None]:
-        if kind not in ("ulysses", "allgather"):
+        if kind not in ("ulysses", "allgather", "overlap"):
             return lambda: None
         from fluxkiln.plugins.flux import context
 

@@ -15,6 +15,13 @@ functional collectives (``torch.distributed._functional_collectives``), which
   fast flash / cuDNN kernels, no log-sum-exp needed); one all-to-all back.
 - ``allgather`` (any head count): the ranks all-gather k and v once and
   attend with their own queries (ring attention's result in one exchange).
+- ``overlap`` (any head count): the same all-gather, started without waiting;
+  meanwhile the queries attend to this rank's own keys, then to the other
+  ranks' once they arrive, and the two parts merge exactly by their
+  log-sum-exp (:mod:`.lse_attention`).  The wait is a separate op placed
+  after the local attention, so the exchange runs beside it, eager and
+  compiled.  Every key lives on exactly one rank (text tokens are split
+  like image tokens), so local and remote keys are disjoint.
 
 The order of the gathered keys differs from one process's (rank-major), which
 attention does not see: the output equals one GPU's within float rounding.  A
@@ -28,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("auto", "ulysses", "allgather")
+MODES = ("auto", "ulysses", "allgather", "overlap")
 
 
 @dataclass
@@ -37,8 +44,9 @@ class Split:
 
     degree: int
     rank: int
-    mode: str  # ulysses | allgather
+    mode: str  # ulysses | allgather | overlap
     group: Any = None
+    group_name: str = ""  # the group's name, for the raw functional collective ops (a constant when compiled)
     active: bool = False  # True while a forward runs split (its token counts divide by the degree)
     handles: list[Any] = field(default_factory=list)
     saved_processors: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +70,7 @@ def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None)
 
     group = group or dist.group.WORLD
     heads = int(transformer.config.num_attention_heads)
-    state = Split(degree, dist.get_rank(group), choose_mode(mode, heads, degree), group)
+    state = Split(degree, dist.get_rank(group), choose_mode(mode, heads, degree), group, group.group_name)
     state.saved_processors = dict(transformer.attn_processors)
     transformer.set_attn_processor(ContextAttnProcessor(state))
     state.handles = [transformer.register_forward_pre_hook(_splitter(state), with_kwargs=True),
@@ -146,6 +154,8 @@ def attention(q: Any, k: Any, v: Any, state: Split) -> Any:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if state.mode == "ulysses":
         return _ulysses(q, k, v, state)
+    if state.mode == "overlap":
+        return _overlap(q, k, v, state)
     return _allgather(q, k, v, state)
 
 
@@ -178,6 +188,27 @@ def _allgather(q: Any, k: Any, v: Any, state: Split) -> Any:
     kv = kv.view(n, 2, b, s, h, d).permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, n * s, d)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
     return out.transpose(1, 2)
+
+
+def _overlap(q: Any, k: Any, v: Any, state: Split) -> Any:
+    """All-gather k/v in the background, attend to the local keys meanwhile, then to the others; merge exactly."""
+    import torch
+
+    from . import lse_attention
+
+    n, r = state.degree, state.rank
+    b, s, h, d = k.shape
+    # the raw op returns the buffer un-waited: the wait below sits after the local attention (funcol's wrappers
+    # would put it right after the collective when traced)
+    c10d = torch.ops._c10d_functional
+    pending = c10d.all_gather_into_tensor(torch.stack([k, v]).contiguous(), n, state.group_name)
+    qt = q.transpose(1, 2)
+    local_o, local_lse = lse_attention.attend(qt, k.transpose(1, 2), v.transpose(1, 2))
+    kv = c10d.wait_tensor(pending).view(n, 2, b, s, h, d)
+    others = torch.cat([kv[:r], kv[r + 1:]])  # every rank's keys but this one's (already attended)
+    others = others.permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, (n - 1) * s, d)
+    remote_o, remote_lse = lse_attention.attend(qt, others[0], others[1])
+    return lse_attention.merge(local_o, local_lse, remote_o, remote_lse).transpose(1, 2)
 
 
 class ContextAttnProcessor:

@@ -365,9 +365,11 @@ def load_model(
     context_parallel: Annotated[int, Field(ge=1, le=64, description="split each image's tokens over this many GPUs "
                                            "(context parallelism, for one image's latency); needs as many "
                                            "processes (--gpus N); 1 = off")] = 1,
-    context_parallel_mode: Annotated[Literal["auto", "ulysses", "allgather", "diffusers"], Field(
+    context_parallel_mode: Annotated[Literal["auto", "ulysses", "allgather", "overlap", "diffusers"], Field(
         description="how the ranks exchange tokens in attention: auto = ulysses when the attention heads (24) "
                     "divide by context_parallel, else allgather (fluxkiln's own, compile-friendly, also on CPU); "
+                    "overlap = allgather whose exchange runs beside attention to the rank's own tokens "
+                    "(merged exactly by log-sum-exp); "
                     "diffusers = diffusers' stock Ulysses (CUDA only, the baseline)")] = "auto",
 ) -> Model:
     """Load a FLUX.1 [dev] or [schnell] pipeline and keep it hot in memory.

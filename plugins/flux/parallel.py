@@ -4,8 +4,9 @@
 (``fluxkiln run --gpus N``): every rank holds the whole transformer and
 computes 1/N of the image's tokens.  ``context_parallel_mode`` picks how
 attention reaches the other ranks' tokens: fluxkiln's own compile-friendly
-path (:mod:`.context`: ``ulysses``, ``allgather``, or ``auto`` choosing by
-head count; runs on CPU with gloo too), or ``diffusers`` — diffusers' stock
+path (:mod:`.context`: ``ulysses``, ``allgather``, ``overlap`` (all-gather
+beside the local attention), or ``auto`` choosing by head count; runs on CPU
+with gloo too), or ``diffusers`` — diffusers' stock
 ``ContextParallelConfig(ulysses_degree=N)``, kept as the baseline (CUDA only).
 Every rank then makes the same images, so ``sample`` does not split them
 across ranks, and the ranks agree on a cancel at every step.
