@@ -358,6 +358,9 @@ def _run(world: Any, ntype: str, values: dict[str, Any], tag: str) -> dict[str, 
     path.write_text(f'[recipe]\nname = "p-{ntype}"\n\n' + textwrap.dedent(body))
     result = eng.run(path, output=tmp / "runs" / ntype / tag, force=nodes)  # fresh folder: nothing carried over
     observed = _observe(result, nodes)
+    for seen in observed.values():  # whether a prompt was encoded before shows in the log, not in the images
+        if isinstance(seen, dict) and isinstance(seen.get("logs"), list):
+            seen["logs"] = [m for m in seen["logs"] if not str(m).startswith("prompt cache:")]
     if ntype == "load_model":  # whether the pipeline was already hot shows in its log, not in what it loads
         observed["x"].pop("logs")
     if ntype == "train_lora":  # a forced run discards the checkpoints an earlier run of the same values left

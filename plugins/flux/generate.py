@@ -16,7 +16,7 @@ from typing import Any
 
 from fluxkiln.engine import Cancelled, RunContext, distributed
 
-from . import fast
+from . import fast, prompt_cache
 from .stepcache import step_cache
 
 BATCH_PIXELS = 4 * 1024 * 1024  # pixels per pipeline call (4 images at 1 MP, 16 at 0.25 MP)
@@ -45,6 +45,7 @@ class Settings:
     seed: int
     strength: float
     cache_threshold: float = 0.0  # the step cache (lossy); 0 = off
+    prompts: prompt_cache.Tally | None = None  # counts what the prompt cache served (None: a throwaway tally)
 
 
 def steps_run(steps: int, init: Any, strength: float) -> int:
@@ -145,8 +146,7 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
     w, h = group[0].size
     generators = [torch.Generator("cpu").manual_seed(s.seed + j) for _ in group for j in range(s.n)]
     common: dict[str, Any] = dict(
-        prompt=[job.prompt for job in group], num_images_per_prompt=s.n, width=w, height=h,
-        num_inference_steps=s.steps, guidance_scale=s.guidance if s.guidance is not None else 0.0,
+        width=w, height=h, num_inference_steps=s.steps, guidance_scale=s.guidance if s.guidance is not None else 0.0,
         generator=generators, max_sequence_length=text_tokens(pipe, s.variant), output_type="pt")
     run = pipe
     if group[0].init is not None and s.strength < 1.0:
@@ -156,14 +156,19 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
         # one copy per output, so image j's VAE sampling and noise both come from seed + j
         common.update(image=[job.init.resize((w, h), Image.Resampling.LANCZOS) for job in group for _ in range(s.n)],
                       strength=s.strength)
+
+    def images() -> Any:  # the prompts are encoded (or taken from the cache) in the same attention settings
+        return run(**common, **_prompt_args(pipe, run, group, s, common["max_sequence_length"]),
+                   callback_on_step_end=progress.callback()).images
+
     # no_grad, not inference_mode: with CPU offload the weights moved under inference_mode would become
     # inference tensors, and later LoRA changes on them fail
     with torch.no_grad():
         if ctx.device != "cuda" or fast.compile_disabled():
-            return run(**common, callback_on_step_end=progress.callback()).images
+            return images()
         try:
             with fast.attention_first_cudnn():
-                return run(**common, callback_on_step_end=progress.callback()).images
+                return images()
         except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
             if "cudnn" not in str(exc).lower():
                 raise
@@ -171,7 +176,22 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
                     level="warning")
             for g, j in zip(generators, [j for _ in group for j in range(s.n)], strict=True):
                 g.manual_seed(s.seed + j)
-            return run(**common, callback_on_step_end=progress.callback()).images
+            return images()
+
+
+def _prompt_args(pipe: Any, run: Any, group: list[Job], s: Settings, tokens: int) -> dict[str, Any]:
+    """The group's prompts as cached embeddings (``s.n`` rows per prompt, in order), or as text when the prompt
+    cache cannot be used."""
+    prompts = [job.prompt for job in group]
+    tally = s.prompts if s.prompts is not None else prompt_cache.Tally()
+    why = prompt_cache.usable(pipe, run)
+    found = None if why else prompt_cache.embeddings(pipe, prompts, tokens, tally)
+    if found is None:
+        tally.skipped = tally.skipped or why
+        return dict(prompt=prompts, num_images_per_prompt=s.n)
+    # diffusers repeats only embeddings it computes itself: the images of one prompt are consecutive
+    embeds, pooled = (t.repeat_interleave(s.n, dim=0) for t in found)
+    return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_images_per_prompt=1)
 
 
 def to_pil(images: Any) -> list[Any]:

@@ -164,6 +164,9 @@ def release_pipeline(pipe: Any) -> None:
     """Free a pipeline's memory (called by the residency manager on eviction)."""
     import torch
 
+    from . import prompt_cache
+
+    prompt_cache.drop(pipe)
     try:
         pipe.remove_all_hooks()
     except Exception:  # noqa: BLE001 - best effort: hooks may not be installed

@@ -105,9 +105,21 @@ def _layers(pipe: Any) -> dict[str, Any]:
     return table
 
 
+def _clip_layout(conv: Any, pipe: Any) -> None:
+    """CLIP LoRAs name their layers ``text_encoder.text_model.encoder...``; transformers 5's CLIPTextModel has no
+    ``text_model`` level (``text_encoder.encoder...``): rename them to the installed layout."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is None or hasattr(encoder, "text_model"):
+        return
+    prefix = "text_encoder.text_model."
+    conv.state_dict = {("text_encoder." + k[len(prefix):]) if k.startswith(prefix) else k: v
+                       for k, v in conv.state_dict.items()}
+
+
 def convert_checked(state_dict: dict[str, Any], pipe: Any, label: str, log: Any = None) -> Converted:
     """Convert to diffusers/PEFT keys and check them against the pipeline's layers (NodeError if unusable)."""
     conv = to_peft(state_dict)
+    _clip_layout(conv, pipe)
     found = ", ".join(list(state_dict)[:3]) or "no tensors at all"
     if conv.unsupported:
         raise NodeError(f"LoRA {label} holds weights of a kind fluxkiln cannot load (LoKr/LoHa/DoRA/OFT), "

@@ -29,7 +29,7 @@ from typing import Any
 from fluxkiln.engine import NodeError
 
 from . import fast as fastpaths
-from . import precompiled
+from . import precompiled, prompt_cache
 
 MAX_LOADED = 8  # adapters kept loaded per pipeline before unused ones are deleted
 
@@ -135,6 +135,7 @@ def _unfuse_all(pipe: Any, st: PipeState) -> None:
         pipe.transformer.unfuse_qkv_projections()
         st.qkv_fused = False
     if st.fused is not None:
+        prompt_cache.weights_edited()  # unfusing without an exact copy leaves rounding errors torch cannot see
         pipe.unfuse_lora(components=_components(pipe))
         _restore_originals(st)
         st.fused = None
@@ -255,6 +256,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
         pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
         if fuse:
             _keep_originals(pipe, st, list(scales), log)
+            prompt_cache.weights_edited()  # merged in place (`.data +=`), unseen by version counters
             pipe.fuse_lora(components=_components(pipe), lora_scale=1.0, adapter_names=list(scales))
             st.fused = signature
     elif not scales and st.loaded:

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, distributed, node
 
-from . import fast, parallel
+from . import fast, parallel, prompt_cache
 from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
@@ -245,8 +245,11 @@ def sample(
         meta["lora_scale"] = lora_scale
     if cache_threshold > 0:
         meta["cache_threshold"] = cache_threshold
+    tally = prompt_cache.Tally()
     made = _make(ctx, model, adapters, jobs, Settings(variant, num_outputs, steps, guide, seed, prompt_strength,
-                                                      cache_threshold), go_fast, image is not None)
+                                                      cache_threshold, tally), go_fast, image is not None)
+    if (line := tally.message()) is not None:
+        ctx.log(line)
     out = Images()
     for k, (job, j, pic, timing) in enumerate(made):
         size = final if job.init is None else job.size
