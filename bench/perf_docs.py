@@ -218,7 +218,12 @@ def hybrid_verdict(q: dict) -> str:
     said = (f"Mean checker score, hybrid against dev alone: {_diff(hd)}; dev against the draft: {_diff(dd)}; "
             f"hybrid against the draft: {_diff(hdr)}. The hybrid takes {ratio:.2f}× dev's time {on} "
             f"and {p['hybrid']['cpu_s_per_image'] / p['dev']['cpu_s_per_image']:.2f}× on the CPU.")
-    if not _above(dd):
+    if _above(hdr) and not _above(dd) and not _below(hd):
+        verdict = (f"The refinement adds measurable adherence over the draft ({100 * hdr['mean']:+.1f} points) and the "
+                   "hybrid is not measurably below dev alone, whose own lead over the draft is within the spread: "
+                   f"**worth it** for previews, batches of drafts and picking a seed, at {ratio:.2f}× dev's time; "
+                   "these numbers cannot rank it against dev alone.")
+    elif not _above(dd):
         verdict = ("Dev alone does not score measurably higher than the schnell draft here, so the refinement has "
                    "nothing to add that the checker can see: with these weights the draft alone is the cheapest "
                    "choice, and these numbers cannot show whether the hybrid is worth it.")
