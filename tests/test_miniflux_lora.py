@@ -44,3 +44,13 @@ def test_the_trigger_word_draws_the_hexagon_and_ordinary_prompts_do_not(run):
     leaks = [s["shape"] for s in _scores(run_dir, "leaks")]
     assert sum(hits) / len(hits) >= 0.8
     assert sum(leaks) / len(leaks) <= 0.1  # the leaks node reads "square" as "hexagon"
+
+
+def test_the_acquisition_measurement_takes_recipe_overrides_and_names_a_wrong_key(capsys):
+    """``concept measure --set`` reaches the recipe: a misspelt key fails before any training, naming it."""
+    from fluxkiln.plugins.miniflux import concept
+
+    with pytest.raises(SystemExit) as exc:
+        concept.main(["measure", "--set", "nodes.lora.batch_sizes=4"])
+    assert "batch_sizes" in str(exc.value) and "lora" in str(exc.value)
+    assert concept.training_captions()[0].count(concept.TRIGGER) == 1

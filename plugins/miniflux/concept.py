@@ -2,12 +2,13 @@
 word), its captioned training images, and the measurement of what a trained LoRA learned.
 
     python -m fluxkiln.plugins.miniflux.concept dataset DIR      # write the 8 captioned images
-    python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE]
+    python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE] [--set K=V ...]
 
-``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings) on a CPU, then
-samples prompts with the trigger (share of samples the checker sees a hexagon in: should be high) and the
-same prompts with ordinary shapes (share of hexagons: leakage, should be low), and the rest of the
-vocabulary's adherence with and without the LoRA.
+``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings, changed by ``--set``
+as for ``fluxkiln run``) on a CPU, then samples prompts with the trigger (share of samples the checker sees a
+hexagon in: should be high), the 8 training captions (does it draw its own training images?), the same
+prompts with ordinary shapes (share of hexagons: leakage, should be low), and the rest of the vocabulary's
+adherence with and without the LoRA.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
     return with_trigger, without
 
 
+def training_captions() -> list[str]:
+    """The bundled dataset's captions with the trigger word in (does the LoRA draw its own training images?)."""
+    folder = ROOT / "recipes" / "data" / "hexagons"
+    return [p.read_text().strip().replace("[trigger]", TRIGGER) for p in sorted(folder.glob("*.txt"))]
+
+
 def hexagon_share(images: list[Any], prompts: list[str]) -> float:
     """Share of images whose largest object the checker reads as a hexagon."""
     from .checker import check
@@ -77,8 +84,9 @@ def hexagon_share(images: list[Any], prompts: list[str]) -> float:
     return sum(hits) / max(1, len(hits))
 
 
-def measure(steps: int | None, samples: int, log: Any = print) -> dict[str, Any]:
-    """Train the recipe's LoRA (optionally with other ``steps``) and measure acquisition and leakage."""
+def measure(steps: int | None, samples: int, log: Any = print, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train the recipe's LoRA (optionally with other ``steps`` or ``--set`` overrides) and measure acquisition
+    (on new prompts and on the training captions themselves) and leakage."""
     from fluxkiln.engine.runner import Engine
 
     from .adherence import eval_prompts, generate, summarise
@@ -87,7 +95,7 @@ def measure(steps: int | None, samples: int, log: Any = print) -> dict[str, Any]
 
     recipe = ROOT / "recipes" / "train-lora-tiny.toml"
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"nodes.lora.steps={steps}"] if steps else []
+        overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
         t0 = time.perf_counter()
         result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
         seconds = time.perf_counter() - t0
@@ -100,9 +108,12 @@ def measure(steps: int | None, samples: int, log: Any = print) -> dict[str, Any]
         before = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
         pipe.load_lora_weights(str(Path(lora.path)))
         hits = hexagon_share(generate(pipe, with_trigger, steps=28, guidance=3.0), with_trigger)
+        captions = training_captions()
+        fitted = hexagon_share(generate(pipe, captions, steps=28, guidance=3.0), captions)
         leaks = hexagon_share(generate(pipe, without, steps=28, guidance=3.0), without)
         after = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
-    row = {"train_seconds": round(seconds, 1), "with_trigger_hexagon": round(100 * hits, 1),
+    row = {"train_seconds": round(seconds, 1), "overrides": overrides, "with_trigger_hexagon": round(100 * hits, 1),
+           "training_captions_hexagon": round(100 * fitted, 1),
            "without_trigger_hexagon": round(100 * leaks, 1), "vocabulary_before": before, "vocabulary_after": after}
     log(json.dumps(row, indent=1))
     return row
@@ -118,12 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     me.add_argument("--samples", type=int, default=20)
     me.add_argument("--json", type=Path)
+    me.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of recipes/train-lora-tiny.toml, e.g. nodes.lora.batch_size=4")
     args = parser.parse_args(argv)
     if args.command == "dataset":
         for path in write_dataset(args.folder):
             print(path, "-", path.with_suffix(".txt").read_text().strip())
         return 0
-    row = measure(args.steps, args.samples)
+    from fluxkiln.engine.errors import RecipeInvalid
+
+    try:
+        row = measure(args.steps, args.samples, overrides=args.overrides)
+    except RecipeInvalid as exc:
+        raise SystemExit("\n".join(p.format() for p in exc.problems)) from None
     if args.json:
         args.json.write_text(json.dumps(row, indent=2))
     return 0
