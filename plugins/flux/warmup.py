@@ -66,12 +66,11 @@ def main(args: argparse.Namespace) -> int:
     n = len(overrides) - len(args.overrides)
     print(f"fluxkiln warmup: {n} sample node(s) compiled in {time.perf_counter() - t0:.1f} s; a new process now "
           "loads them from the compile cache")
-    why = precompiled.unavailable()
-    if why is not None:
-        print(f"fluxkiln warmup: nothing saved precompiled ({why}); a new process traces each "
+    done = precompiled.save_recorded(rec)
+    if "unavailable" in done:
+        print(f"fluxkiln warmup: nothing saved precompiled ({done['unavailable']}); a new process traces each "
               "block again, then finds its code in the compile cache")
-    elif rec.calls:
-        done = precompiled.save_recorded(rec)
+    elif done["variants"]:
         print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block and VAE decoder "
               f"variant(s) newly saved precompiled in {done['seconds']:.1f} s (the others were already saved, or "
               "see above); a new process loads them without tracing")
