@@ -184,8 +184,7 @@ def _allgather(q: Any, k: Any, v: Any, state: Split) -> Any:
 
     n = state.degree
     b, s, h, d = k.shape
-    kv = _all_gather(torch.stack([k, v]), 0, state)
-    kv = kv.view(n, 2, b, s, h, d).permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, n * s, d)
+    kv = _by_head(_all_gather(torch.stack([k, v]), 0, state).view(n, 2, b, s, h, d))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
     return out.transpose(1, 2)
 
@@ -205,10 +204,15 @@ def _overlap(q: Any, k: Any, v: Any, state: Split) -> Any:
     qt = q.transpose(1, 2)
     local_o, local_lse = lse_attention.attend(qt, k.transpose(1, 2), v.transpose(1, 2))
     kv = c10d.wait_tensor(pending).view(n, 2, b, s, h, d)
-    others = torch.cat([kv[:r], kv[r + 1:]])  # every rank's keys but this one's (already attended)
-    others = others.permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, (n - 1) * s, d)
+    others = _by_head(torch.cat([kv[:r], kv[r + 1:]]))  # every rank's keys but this one's (already attended)
     remote_o, remote_lse = lse_attention.attend(qt, others[0], others[1])
     return lse_attention.merge(local_o, local_lse, remote_o, remote_lse).transpose(1, 2)
+
+
+def _by_head(kv: Any) -> Any:
+    """Gathered (ranks, 2, B, S, H, D) keys and values as (2, B, H, ranks * S, D), ranks' tokens in rank order."""
+    m, _, b, s, h, d = kv.shape
+    return kv.permute(1, 2, 4, 0, 3, 5).reshape(2, b, h, m * s, d)
 
 
 class ContextAttnProcessor:
