@@ -42,7 +42,7 @@ def train_vae(cfg: TrainConfig, vae: Any, rng: random.Random, world: World) -> d
 
     device = world.device
     decoder_only = cfg.vae_part == "decoder"
-    vae.train().requires_grad_(not decoder_only)
+    vae.train().requires_grad_(False)
     params = [p for n, p in vae.named_parameters()
               if not decoder_only or n.startswith(("decoder.", "post_quant_conv."))]
     for p in params:
