@@ -110,6 +110,20 @@ def test_fp8_linears_approximate_and_restore_exactly():
     assert torch.equal(back, ref)
 
 
+
+def test_an_fp8_block_pickles_by_reference_as_precompiled_blocks_need():
+    """``fluxkiln warmup`` saves compiled blocks with the modules they call, pickled by reference: the fp8 layer
+    must be an importable class (one made inside a function cannot be saved, so go_fast blocks never were)."""
+    import pickle
+
+    pipe = build_tiny_flux("dev")
+    assert fast.fp8_apply(pipe.transformer) > 0
+    cls = fast.fp8_linear_class()
+    assert any(isinstance(m, cls) for m in pipe.transformer.transformer_blocks[0].modules())
+    assert "<locals>" not in cls.__qualname__ and cls.__module__ == "fluxkiln.plugins.flux.fp8linear"
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
 def test_fp8_skips_projections_replaced_by_fused_qkv():
     t = build_tiny_flux("dev").transformer
     unfused = len(fast._fp8_candidates(t))

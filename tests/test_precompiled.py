@@ -136,6 +136,25 @@ def test_saved_block_variants_run_without_tracing_in_a_new_process_and_fall_back
     assert loaded["off"] == 0
 
 
+
+SAVE_FP8 = MODEL + textwrap.dedent('''
+    fast.fp8_apply(tr)  # go_fast's float8 layers (emulated on a CPU)
+    with precompiled.Recording() as rec:
+        fast.compile_blocks(tr)
+        with torch.no_grad():
+            tr(**inputs())
+        print(json.dumps(precompiled.save_recorded(rec)))
+''')
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
+def test_go_fast_blocks_with_fp8_layers_are_saved_too(tmp_path):
+    """go_fast swaps float8 layers into the blocks; torch packages a block with the classes of its modules, so
+    those must be importable (a class made inside a function was: no go_fast block was ever saved on a GPU)."""
+    saved = _run(SAVE_FP8, tmp_path / "cache")
+    assert saved["variants"] == 3 and saved["saved"] == 3 and saved["failed"] == [], saved
+
 def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
     import torch
 
