@@ -179,6 +179,9 @@ def test_the_state_key_sees_in_place_edits_dtypes_hooks_registrations_and_traini
         fc1.weight.mul_(1.0)  # the same values, but written in place: the version counter moves
     after_edit = state()
     assert after_edit != before
+    fc1_name = next(n for n, m in clip.named_modules() if m is fc1)
+    assert prompt_cache.difference(before, after_edit, tiny_pipe) == \
+        f"a tensor was changed in place in text_encoder.{fc1_name}"  # what the log line names
     tiny_pipe._fluxkiln_offload = "model"  # offload moves weights on every call: storage addresses are left out
     moved = state()
     t5.to(torch.float64)
@@ -188,12 +191,13 @@ def test_the_state_key_sees_in_place_edits_dtypes_hooks_registrations_and_traini
     after_cast = state()
     assert after_cast != after_edit  # new storage
     handle = fc1.register_forward_hook(lambda *_a: None)
-    assert state() != after_cast
+    assert prompt_cache.difference(after_cast, state(), tiny_pipe) == \
+        f"hooks were added to or removed from text_encoder.{fc1_name}"
     handle.remove()
     assert state() == after_cast
     clip.encoder.layers[0].mlp.fc1 = torch.nn.Linear(1, 1)
     clip.encoder.layers[0].mlp.fc1 = fc1  # back to the same module: registrations still count
-    assert state() != after_cast
+    assert prompt_cache.difference(after_cast, state(), tiny_pipe).startswith("a weight edit or a new parameter")
     clip.train()
     key, why = prompt_cache.encoder_state(tiny_pipe)
     assert key is None and why == "text_encoder is in training mode"
@@ -203,3 +207,32 @@ def test_the_state_key_sees_in_place_edits_dtypes_hooks_registrations_and_traini
     assert prompt_cache.embeddings(tiny_pipe, ["a cat"], 64, tally) is None
     assert tally.message() == "prompt cache: not used (text_encoder is in training mode)"
     clip.eval()
+
+
+def test_a_new_encoder_state_is_explained_in_the_log_line(tiny_pipe):
+    tally = prompt_cache.Tally()
+    with torch.no_grad():
+        prompt_cache.embeddings(tiny_pipe, ["a cat"], 64, tally)
+        tiny_pipe.text_encoder_2.shared.weight.mul_(1.0)
+        prompt_cache.embeddings(tiny_pipe, ["a cat"], 64, tally)
+    assert tally.message() == ("prompt cache: 0 of 2 prompt(s) from the cache, 2 through the text encoders (the "
+                               "encoders' state is new: a tensor was changed in place in text_encoder_2.shared)")
+
+
+def test_freed_encoders_are_forgotten_so_new_modules_at_their_addresses_are_no_edits(tiny_pipe):
+    """The watch list holds encoder modules weakly: modules made later (Dynamo's graphs, fused QKV layers) at a
+    freed encoder's addresses must not look like edits of the live encoders, or every rerun would miss."""
+    import copy
+    import gc
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(text_encoder=copy.deepcopy(tiny_pipe.text_encoder), text_encoder_2=tiny_pipe.text_encoder_2,
+                            tokenizer=tiny_pipe.tokenizer, tokenizer_2=tiny_pipe.tokenizer_2)
+    assert prompt_cache.encoder_state(other)[0] is not None
+    watched = len(prompt_cache._WATCHED)
+    del other
+    gc.collect()
+    assert len(prompt_cache._WATCHED) < watched
+    edits = prompt_cache._EDITS[0]
+    made = [torch.nn.Linear(2, 2) for _ in range(2000)]  # some at the freed modules' addresses
+    assert len(made) == 2000 and prompt_cache._EDITS[0] == edits

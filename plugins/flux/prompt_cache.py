@@ -17,7 +17,9 @@ is registered on an encoder module (torch's global registration hooks) or LoRA w
 are fused or unfused (:func:`weights_edited`); the execution device, offload mode and
 the global numeric settings (matmul precision, TF32, SDPA backends, autocast).  Any
 change gives a new key, so an entry is never served for another state; entries of old
-states age out of the LRU.
+states age out of the LRU.  When a state is new while an earlier one had entries, the
+``sample`` log line says what changed (:func:`difference`), e.g. "a tensor was changed in
+place in text_encoder.text_model.encoder.layers.0.mlp.fc1".
 
 The cache is off (prompts go through the pipeline as text) with
 ``FLUXKILN_PROMPT_CACHE=0``, for a pipeline type that takes no prompt embeddings,
@@ -28,6 +30,7 @@ where the encoders put their output (the GPU), and is dropped with its pipeline.
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from collections import OrderedDict
@@ -42,8 +45,8 @@ ATTR = "_fluxkiln_prompt_cache"
 ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 _EDITS = [0]  # bumped on every registration on a watched encoder module and on every LoRA fuse/unfuse
-_WATCHED: set[int] = set()  # ids of encoder modules seen by encoder_state (stale ids only cause extra misses)
-_WATCH_LIMIT = 200_000
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()  # encoder modules seen by encoder_state (weak: a new module
+# reusing a freed one's address is never mistaken for it)
 _hooks: list[Any] = []
 
 
@@ -64,12 +67,14 @@ class Tally:
     hits: int = 0
     encoded: int = 0
     skipped: str = ""  # why the cache was not used, if it was not
+    changed: str = ""  # what made the encoders' state new, when an earlier state had entries
 
     def message(self) -> str | None:
         if self.hits or self.encoded:
             total = self.hits + self.encoded
+            why = f" (the encoders' state is new: {self.changed})" if self.changed else ""
             return (f"prompt cache: {self.hits} of {total} prompt(s) from the cache, {self.encoded} through the "
-                    "text encoders")
+                    f"text encoders{why}")
         return f"prompt cache: not used ({self.skipped})" if self.skipped else None
 
 
@@ -181,6 +186,9 @@ def embeddings(pipe: Any, prompts: list[str], max_sequence_length: int, tally: T
         tally.skipped = why
         return None
     cache = cache_of(pipe)
+    previous = next(reversed(cache.states), None)
+    if previous is not None and state not in cache.states:
+        tally.changed = tally.changed or difference(previous, state, pipe)
     token = cache.token(state)
     keys = {p: (token, max_sequence_length, p) for p in dict.fromkeys(prompts)}
     found = {p: e for p, k in keys.items() if (e := cache.get(k)) is not None}
@@ -197,7 +205,7 @@ def embeddings(pipe: Any, prompts: list[str], max_sequence_length: int, tally: T
 
 # ------------------------------------------------------------------ the encoders' state
 def _on_register(module: Any, *_args: Any) -> None:
-    if id(module) in _WATCHED:
+    if module in _WATCHED:
         _EDITS[0] += 1
 
 
@@ -231,7 +239,7 @@ def _walk(encoder: Any, addresses: bool) -> tuple[Any, ...]:
     for m in encoder.modules():
         if m.training:
             raise _Untracked("is in training mode")
-        _WATCHED.add(id(m))
+        _WATCHED.add(m)
         tensors = tuple((id(t), t.dtype, t.device, t._version, t.data_ptr() if addresses else None)
                         for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
         out.append((id(m), type(m), len(m._forward_hooks), len(m._forward_pre_hooks), _adapter_state(m), tensors))
@@ -260,9 +268,6 @@ def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
     _watch_registrations()
     offload = getattr(pipe, "_fluxkiln_offload", "none")
     addresses = offload == "none"  # offload hooks move the weights (new storage) on every call
-    if len(_WATCHED) > _WATCH_LIMIT:
-        _WATCHED.clear()
-        _EDITS[0] += 1
     parts: list[Any] = []
     for name in ENCODERS:
         encoder = getattr(pipe, name)
@@ -274,6 +279,42 @@ def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
             return None, f"{name} holds inference-mode tensors"
     tokenizers = tuple((weakref.ref(t) if _weak(t) else id(t), len(t)) for t in (getattr(pipe, n) for n in TOKENIZERS))
     return (_EDITS[0], tuple(parts), tokenizers, str(getattr(pipe, "_execution_device", "")), offload, _numerics()), ""
+
+
+_PARTS = {0: "a weight edit or a new parameter, buffer or module on an encoder (LoRA fuse/unfuse, new layers)",
+          2: "the tokenizers", 3: "the execution device", 4: "the offload mode",
+          5: "the numerics settings (TF32, reduced-precision matmuls, attention backends, autocast)"}
+_TENSOR = ("a parameter or buffer was replaced", "a dtype", "a device", "a tensor was changed in place",
+           "a tensor moved in memory")
+
+
+def difference(old: tuple[Any, ...], new: tuple[Any, ...], pipe: Any) -> str:
+    """What differs between two :func:`encoder_state` fingerprints, in words (the first difference found)."""
+    for i, label in _PARTS.items():
+        if i == 2 and old[1] != new[1]:
+            return _encoder_difference(old[1], new[1], pipe)
+        if old[i] != new[i]:
+            return label
+    return _encoder_difference(old[1], new[1], pipe)
+
+
+def _encoder_difference(old: tuple[Any, ...], new: tuple[Any, ...], pipe: Any) -> str:
+    for name, (ref_a, walk_a), (ref_b, walk_b) in zip(ENCODERS, old, new, strict=True):
+        if ref_a != ref_b or len(walk_a) != len(walk_b):
+            return f"{name} was replaced or its modules changed"
+        for j, (a, b) in enumerate(zip(walk_a, walk_b, strict=True)):
+            if a == b:
+                continue
+            where = f"{name}.{next(itertools.islice(getattr(pipe, name).named_modules(), j, None))[0]}".rstrip(".")
+            if a[:2] != b[:2] or len(a[5]) != len(b[5]):
+                return f"{where} was replaced"
+            if a[2:4] != b[2:4]:
+                return f"hooks were added to or removed from {where}"
+            if a[4] != b[4]:
+                return f"{where}'s adapter settings changed"
+            field = next(k for ta, tb in zip(a[5], b[5], strict=True) for k in range(5) if ta[k] != tb[k])
+            return f"{_TENSOR[field]} in {where}"
+    return "an unknown part"
 
 
 def _weak(obj: Any) -> bool:
