@@ -54,3 +54,17 @@ def test_the_acquisition_measurement_takes_recipe_overrides_and_names_a_wrong_ke
         concept.main(["measure", "--set", "nodes.lora.batch_sizes=4"])
     assert "batch_sizes" in str(exc.value) and "lora" in str(exc.value)
     assert concept.training_captions()[0].count(concept.TRIGGER) == 1
+
+
+def test_an_installed_copy_finds_the_recipes_in_the_repository_it_runs_from(tmp_path, monkeypatch):
+    """A non-editable install (the GPU machine's) carries no recipes: the tool uses the current folder's, and says
+    where to run it when there are none."""
+    from fluxkiln.plugins.miniflux import concept
+
+    monkeypatch.setattr(concept, "__file__", str(tmp_path / "site" / "fluxkiln" / "plugins" / "miniflux" / "c.py"))
+    monkeypatch.chdir(ROOT)
+    assert concept.repo_root() == ROOT
+    assert len(concept.training_captions()) == 8
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run the concept tool from the fluxkiln repository"):
+        concept.repo_root()

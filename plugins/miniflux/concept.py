@@ -27,7 +27,16 @@ from .world import COLOURS, POSITIONS, SHAPES, Obj, Scene, realise
 
 CONCEPT = "hexagon"
 TRIGGER = "TOK"
-ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_root() -> Path:
+    """The fluxkiln repository whose ``recipes/`` this tool uses: the source tree of an editable install, else
+    the current folder (an installed copy carries no recipes)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "recipes" / "train-lora-tiny.toml").is_file():
+            return root
+    raise SystemExit("recipes/train-lora-tiny.toml not found beside this installed fluxkiln nor in the current "
+                     f"folder ({Path.cwd()}): run the concept tool from the fluxkiln repository")
 
 
 def concept_scenes(n: int, seed: int = 5, shape: str = CONCEPT) -> list[Scene]:
@@ -72,7 +81,7 @@ def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
 
 def training_captions() -> list[str]:
     """The bundled dataset's captions with the trigger word in (does the LoRA draw its own training images?)."""
-    folder = ROOT / "recipes" / "data" / "hexagons"
+    folder = repo_root() / "recipes" / "data" / "hexagons"
     return [p.read_text().strip().replace("[trigger]", TRIGGER) for p in sorted(folder.glob("*.txt"))]
 
 
@@ -93,7 +102,7 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     from .checker import check
     from .weights import load_pipeline
 
-    recipe = ROOT / "recipes" / "train-lora-tiny.toml"
+    recipe = repo_root() / "recipes" / "train-lora-tiny.toml"
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
         t0 = time.perf_counter()
