@@ -52,6 +52,11 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def gap(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Mean absolute difference of two image lists, in 0-255 levels."""
+    return float(np.mean([np.abs(x - y).mean() for x, y in zip(a, b, strict=True)]))
+
+
 def count_encoder_calls(pipe) -> dict[str, int]:
     """Count forward calls of both text encoders (hooks registered before the runs compared: hooks are part of the
     cache's key)."""
@@ -121,10 +126,16 @@ def test_a_lora_on_the_text_encoder_or_a_new_scale_is_never_served_stale_embeddi
     assert not same(images(ref, "half"), images(ref, "lora"))  # and so does its scale
     cached, logs = go(cached_engine, tmp_path, first, "cached", monkeypatch)
     cached2, logs2 = go(cached_engine, tmp_path, second, "cached2", monkeypatch)
+    lora_effect = gap(images(ref, "lora"), images(ref, "plain"))
     for nid in ("plain", "lora", "half", "fused_lora", "plain_again"):
         assert "0 of 1 prompt(s) from the cache" in cache_line(logs, nid), nid  # every one a new encoder state
-        assert same(images(cached, nid), images(ref, nid)), nid
-        assert same(images(cached2, nid), images(ref2, nid)), nid
+        for got, want in ((cached, ref), (cached2, ref2)):
+            if torch.cuda.is_available():
+                # on a GPU two engines' runs of this LoRA sequence were seen 1-3 levels apart in places (the cache
+                # hits of the test above are bit-exact there); stale embeddings would be a LoRA's effect away
+                assert gap(images(got, nid), images(want, nid)) < lora_effect / 10, (nid, lora_effect)
+            else:
+                assert same(images(got, nid), images(want, nid)), nid
     # the state of the last node (the base again, its LoRA layers disabled) is still cached
     assert "1 of 1 prompt(s) from the cache" in cache_line(logs2, "plain")
 
