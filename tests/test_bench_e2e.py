@@ -82,3 +82,29 @@ def test_e2e_options_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--e2e", "--tiny", "--e2e-cache", str(tmp_path)])
     assert exc.value.code == 2 and "cold cache" in capsys.readouterr().err
+
+
+def test_each_row_is_on_disk_as_soon_as_its_process_ends(tmp_path, monkeypatch):
+    """A GPU call cut short keeps every process it finished: when the after-warmup process starts, the JSON
+    already holds the warm run (it used to be written only once the next part ended)."""
+    from fluxkiln.plugins.bench.e2e import EndToEnd
+
+    out = tmp_path / "e2e.json"
+    on_disk: dict[str, list[str]] = {}
+
+    def process(name):
+        def run(self, *_args):
+            on_disk[name] = sorted(json.loads(out.read_text())["e2e"])
+            return {"wall_s": 3.0, "images_s": [1.0, 0.5, 0.5], "save_s": [0.1] * 3, "to_loaded_s": 1.0,
+                    "steady_image_s": 0.5, "first_image_extra_s": 0.5, "one_image_process_s": 2.6, "import_s": 0.5,
+                    "load_s": 0.5, "startup_s": 0.1, "load_model_s": 0.9}
+        return run
+
+    monkeypatch.setattr(EndToEnd, "ensure_folder", lambda self: None)
+    monkeypatch.setattr(EndToEnd, "stock", process("stock"))
+    monkeypatch.setattr(EndToEnd, "fluxkiln", lambda self, cache, name: process(name)(self))
+    monkeypatch.setattr(EndToEnd, "warmed", process("after-warmup"))
+    main(["--e2e", "--tiny", "--e2e-warmup", "--out", str(out)])
+    assert "stock" in on_disk["e2e-cold"] and "fluxkiln_cold" in on_disk["e2e-warm"]
+    assert "fluxkiln_warm" in on_disk["after-warmup"]
+    assert "fluxkiln_after_warmup" in json.loads(out.read_text())["e2e"]

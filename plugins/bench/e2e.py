@@ -178,19 +178,21 @@ class EndToEnd:
     def run(self, record: Any) -> dict[str, Any]:
         """Every part; ``record(name, fn)`` runs one part and records a failure without stopping the others."""
         record("e2e-folder", self.ensure_folder)
-        for name, fn in (("stock", self.stock),
-                         ("fluxkiln_cold", lambda: self.fluxkiln(self.cache, "e2e-cold")),
-                         ("fluxkiln_warm", lambda: self.fluxkiln(self.cache, "e2e-warm"))):
-            row = record(f"e2e-{name}", fn)
-            if row is not None:
-                self.results[name] = row
-                print(f"[bench] e2e {name}: {json.dumps(row)}", flush=True)
+        parts: list[tuple[str, str, Any]] = [
+            ("e2e-stock", "stock", self.stock),
+            ("e2e-fluxkiln_cold", "fluxkiln_cold", lambda: self.fluxkiln(self.cache, "e2e-cold")),
+            ("e2e-fluxkiln_warm", "fluxkiln_warm", lambda: self.fluxkiln(self.cache, "e2e-warm"))]
         if self.warmup:
-            row = record("e2e-warmup", lambda: self.warmed(self.work / "cache-warmup"))
-            if row is not None:
-                self.results["fluxkiln_after_warmup"] = row
+            parts.append(("e2e-warmup", "fluxkiln_after_warmup", lambda: self.warmed(self.work / "cache-warmup")))
+        for part, key, fn in parts:  # each row is in the results before ``record`` returns (and writes them)
+            record(part, lambda key=key, fn=fn: self._keep(key, fn()))
         self.results["targets"] = e2e_targets(self.results, judge=not self.tiny)
         return self.results
+
+    def _keep(self, name: str, row: dict[str, Any]) -> dict[str, Any]:
+        self.results[name] = row
+        print(f"[bench] e2e {name}: {json.dumps(row)}", flush=True)
+        return row
 
 
 def e2e_targets(r: dict[str, Any], judge: bool = True) -> list[dict[str, Any]]:
