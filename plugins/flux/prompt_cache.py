@@ -284,7 +284,7 @@ def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
 _PARTS = {0: "a weight edit or a new parameter, buffer or module on an encoder (LoRA fuse/unfuse, new layers)",
           2: "the tokenizers", 3: "the execution device", 4: "the offload mode",
           5: "the numerics settings (TF32, reduced-precision matmuls, attention backends, autocast)"}
-_TENSOR = ("a parameter or buffer was replaced", "a dtype", "a device", "a tensor was changed in place",
+_TENSOR = ("a parameter or buffer was replaced", "a dtype changed", "a device changed", "a tensor was changed in place",
            "a tensor moved in memory")
 
 
