@@ -80,9 +80,12 @@ def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
 
 
 def training_captions() -> list[str]:
-    """The bundled dataset's captions with the trigger word in (does the LoRA draw its own training images?)."""
-    folder = repo_root() / "recipes" / "data" / "hexagons"
-    return [p.read_text().strip().replace("[trigger]", TRIGGER) for p in sorted(folder.glob("*.txt"))]
+    """The bundled dataset's captions as ``train_lora`` trains on them, with the trigger word (does the LoRA draw
+    its own training images?)."""
+    from fluxkiln.plugins.train.config import TrainConfig
+
+    folder, trained = repo_root() / "recipes" / "data" / "hexagons", TrainConfig(trigger_word=TRIGGER)
+    return [trained.caption(p.read_text()) for p in sorted(folder.glob("*.txt"))]
 
 
 def hexagon_share(images: list[Any], prompts: list[str]) -> float:
