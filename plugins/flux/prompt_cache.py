@@ -103,19 +103,21 @@ class PromptCache:
         self.nbytes = 0
         self._next = 0
 
-    def token(self, state: tuple[Any, ...]) -> int:
-        """The small number standing for ``state`` (a new one for a state not seen, or forgotten)."""
+    def token(self, state: tuple[Any, ...]) -> tuple[int, tuple[Any, ...] | None]:
+        """The small number standing for ``state`` (a new one for a state not seen, or forgotten), and the most
+        recently used earlier state when ``state`` is new (None otherwise, or when there was none)."""
         found = self.states.get(state)
         if found is not None:
             self.states.move_to_end(state)
-            return found
+            return found, None
+        previous = next(reversed(self.states), None)
         self._next += 1
         self.states[state] = self._next
         while len(self.states) > MAX_STATES:
             _, old = self.states.popitem(last=False)
             for key in [k for k in self.entries if k[0] == old]:
                 self.nbytes -= self.entries.pop(key).nbytes
-        return self._next
+        return self._next, previous
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -186,10 +188,9 @@ def embeddings(pipe: Any, prompts: list[str], max_sequence_length: int, tally: T
         tally.skipped = why
         return None
     cache = cache_of(pipe)
-    previous = next(reversed(cache.states), None)
-    if previous is not None and state not in cache.states:
+    token, previous = cache.token(state)
+    if previous is not None:
         tally.changed = tally.changed or difference(previous, state, pipe)
-    token = cache.token(state)
     keys = {p: (token, max_sequence_length, p) for p in dict.fromkeys(prompts)}
     found = {p: e for p, k in keys.items() if (e := cache.get(k)) is not None}
     missing = [p for p in keys if p not in found]
