@@ -137,6 +137,7 @@ def _run(tmp_path, name: str, *extra: str):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+@pytest.mark.timeout(400)  # three fresh CLI runs, two of them two gloo ranks: past 120 s beside 15 xdist workers
 def test_context_parallel_through_the_cli_makes_the_one_process_image(tmp_path):
     import json
 

@@ -57,7 +57,13 @@ def test_lora_scale_sweep_on_sample(engine, tmp_path):
     assert [i.meta["loras"][0]["scale"] for i in (zero, one, half)] == [0.0, 0.8, 0.4]
     assert [i.meta["sweep"]["values"]["lora_scale"] for i in (zero, one, half)] == [0.0, 1.0, 0.5]
     plain = result.outputs["plain"]["output"][0]
-    assert np.abs(pixels(zero) - pixels(plain)).max() <= 1
+    if torch.cuda.is_available():
+        # on a GPU the scale-0 LoRA's graph may get other kernels (Inductor autotunes by timing on a busy host): seen
+        # 4 levels apart in places; a LoRA applied at the wrong scale would be its effect away
+        effect = np.abs(pixels(one) - pixels(plain)).mean()
+        assert np.abs(pixels(zero) - pixels(plain)).mean() < effect / 10, effect
+    else:
+        assert np.abs(pixels(zero) - pixels(plain)).max() <= 1
     assert np.abs(pixels(one) - pixels(plain)).mean() > 1 and np.abs(pixels(one) - pixels(half)).mean() > 0.5
 
 
