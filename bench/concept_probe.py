@@ -1,0 +1,161 @@
+"""Why mini-flux's LoRA does not learn the hexagon: the same training as ``train_lora``, run in this process, so
+the adapter's size, the trained weights, the time sampling and a prior-preservation set can be varied freely
+and the samples looked at.
+
+    python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--times sigmoid] [--rank 16] [--full]
+                                  [--prior N] [--probe 8] [--sample-steps 28] [--grid FILE]
+                                  [--json FILE]
+
+It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
+(:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target), batch 1,
+AdamW, then samples 28 steps with the adapter still in memory (no export, no reload: nothing between the
+training and the samples): the 8 training captions at guidance 1 and 3, ``--probe`` new prompts with the
+trigger and the same prompts with an ordinary shape (leakage), each scored by the pixel checker.
+``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
+``--prior N`` adds N rendered images of the known shapes with their own captions, trained every other step
+(DreamBooth's prior preservation). ``--grid`` saves the training images over the four rows of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
+    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        x = torch.stack([torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                         for i in images])
+        cfg = pipe.vae.config
+        latents = (pipe.vae.encode(x).latent_dist.mode() - cfg.shift_factor) * cfg.scaling_factor
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
+    return latents, embeds, pooled
+
+
+def prior_set(n: int) -> tuple[list[Any], list[str]]:
+    """``n`` rendered single-object scenes of the known shapes (an equal share each) and their captions."""
+    from fluxkiln.plugins.miniflux.concept import concept_scenes
+    from fluxkiln.plugins.miniflux.render import render, to_pil
+    from fluxkiln.plugins.miniflux.world import SHAPES, realise
+
+    scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i, shape=shape)]
+    rng = random.Random(60)
+    return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4))), [s.prompt for s in scenes]
+
+
+def trainable(transformer: Any, rank: int, full: bool) -> list[Any]:
+    """Switch on the weights that train: a LoRA on every linear layer of the blocks, or all block weights."""
+    import torch
+    from peft import LoraConfig
+
+    blocks = ("transformer_blocks", "single_transformer_blocks")
+    transformer.requires_grad_(False)
+    if full:
+        params = [p for n, p in transformer.named_parameters() if n.startswith(blocks)]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def train(pipe: Any, data: tuple[Any, Any, Any], n_concept: int, args: argparse.Namespace) -> list[float]:
+    """``args.steps`` steps of batch 1; with a prior set, every other step takes one of its images."""
+    import torch
+
+    from fluxkiln.plugins.train.flow import flow_loss
+
+    latents, embeds, pooled = data
+    params = trainable(pipe.transformer, args.rank, args.full)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(args.steps):
+        prior = len(latents) > n_concept and step % 2 == 1
+        i = (n_concept + torch.randint(0, len(latents) - n_concept, (1,), generator=gen) if prior
+             else torch.randint(0, n_concept, (1,), generator=gen))
+        loss = flow_loss(pipe.transformer, latents[i], embeds[i], pooled[i], gen, args.times, "cpu", torch.float32)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
+    pipe.transformer.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--times", default="sigmoid", choices=["sigmoid", "linear", "shift", "flux_shift"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")
+    parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
+    parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
+    parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
+    parser.add_argument("--grid", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from fluxkiln.plugins.miniflux.adherence import generate
+    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, hexagon_share, probe_prompts
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    torch.manual_seed(0)
+    folder = ROOT / "recipes" / "data" / "hexagons"
+    images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
+    captions = [p.read_text().strip().replace("[trigger]", TRIGGER) for p in sorted(folder.glob("*.txt"))]
+    extra_images, extra_captions = prior_set(args.prior) if args.prior else ([], [])
+    pipe = load_pipeline("dev")
+    data = encode(pipe, images + extra_images, captions + extra_captions)
+    t0 = time.perf_counter()
+    losses = train(pipe, data, len(images), args)
+    seconds = time.perf_counter() - t0
+    with_trigger, without = probe_prompts(args.probe)
+    named = [c.replace(TRIGGER, CONCEPT) for c in captions]  # what the checker reads the trigger as
+    rows = {"training captions, guidance 1": (captions, named, 1.0),
+            "training captions, guidance 3": (captions, named, 3.0),
+            "new prompts with the trigger": (with_trigger, [p.replace(TRIGGER, CONCEPT) for p in with_trigger], 3.0),
+            "the same with a known shape (leakage)": (without, without, 3.0)}
+    result: dict[str, Any] = {"settings": vars(args) | {"grid": str(args.grid), "json": str(args.json)},
+                              "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
+    sampled = []
+    for name, (prompts, checked, guidance) in rows.items():
+        out = generate(pipe, prompts, steps=args.sample_steps, guidance=guidance)
+        result[name] = round(100 * hexagon_share(out, checked), 1)
+        sampled.append(out)
+    if args.grid:
+        side, cols = 128, max(len(images), args.probe)
+        grid = Image.new("RGB", (cols * side, (len(sampled) + 1) * side))
+        for r, row in enumerate([images, *sampled]):
+            for c, im in enumerate(row):
+                grid.paste(im.convert("RGB").resize((side, side)), (c * side, r * side))
+        grid.save(args.grid)
+    print(f"\n{args.steps} steps in {seconds:.1f} s, last 100 steps' loss {result['last_100_loss']}\n")
+    print("| samples | read as hexagons |\n|---|---|")
+    for name in rows:
+        print(f"| {name} | {result[name]} % |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

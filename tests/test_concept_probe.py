@@ -1,0 +1,59 @@
+"""bench/concept_probe.py, the in-process LoRA experiment behind docs/mini-flux.md's acquisition table: it runs
+end to end with its options, and the pieces it varies (the prior set, the trained weights) are what it says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from helpers import ROOT
+from PIL import Image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("concept_probe", ROOT / "bench" / "concept_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_run_with_a_prior_set_writes_every_row_and_the_grid(probe, tmp_path, capsys):
+    out, grid = tmp_path / "probe.json", tmp_path / "grid.png"
+    assert probe.main(["--steps", "4", "--prior", "4", "--probe", "1", "--sample-steps", "2",
+                       "--json", str(out), "--grid", str(grid)]) == 0
+    result = json.loads(out.read_text())
+    rows = ["training captions, guidance 1", "training captions, guidance 3", "new prompts with the trigger",
+            "the same with a known shape (leakage)"]
+    assert all(0 <= result[r] <= 100 for r in rows) and result["train_seconds"] > 0
+    assert result["settings"]["prior"] == 4 and result["last_100_loss"] > 0
+    assert Image.open(grid).size == (8 * 128, 5 * 128)  # the 8 training images over four rows of samples
+    assert "| new prompts with the trigger |" in capsys.readouterr().out
+
+
+def test_the_prior_set_holds_every_known_shape_with_its_own_caption(probe):
+    from fluxkiln.plugins.miniflux.checker import check
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    images, captions = probe.prior_set(8)
+    assert len(images) == len(captions) == 8
+    assert sorted(next(s for s in SHAPES if s in c) for c in captions) == sorted(SHAPES * 2)
+    assert all(check(im, c).scores["shape"] == 1 for im, c in zip(images, captions, strict=True))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_trained_weights_are_a_lora_or_every_block_weight(probe, full):
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    transformer = load_pipeline("dev").transformer
+    params = {id(p) for p in probe.trainable(transformer, 4, full)}
+    named = {n: p for n, p in transformer.named_parameters()}
+    training = {n for n, p in named.items() if id(p) in params}
+    assert training == {n for n, p in named.items() if p.requires_grad}
+    if full:
+        assert training == {n for n in named if n.startswith(("transformer_blocks", "single_transformer_blocks"))}
+    else:
+        assert training and all(".lora_A." in n or ".lora_B." in n for n in training)
