@@ -3,8 +3,8 @@ the adapter's size, the trained weights, the time sampling and a prior-preservat
 and the samples looked at.
 
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--times sigmoid] [--rank 16] [--full]
-                                  [--prior N] [--probe 8] [--sample-steps 28] [--grid FILE]
-                                  [--json FILE]
+                                  [--text-encoders] [--prior N] [--probe 8] [--sample-steps 28]
+                                  [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target), batch 1,
@@ -12,8 +12,10 @@ AdamW, then samples 28 steps with the adapter still in memory (no export, no rel
 training and the samples): the 8 training captions at guidance 1 and 3, ``--probe`` new prompts with the
 trigger and the same prompts with an ordinary shape (leakage), each scored by the pixel checker.
 ``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
-``--prior N`` adds N rendered images of the known shapes with their own captions, trained every other step
-(DreamBooth's prior preservation). ``--grid`` saves the training images over the four rows of samples.
+``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw
+the trigger's characters in a caption); ``--prior N`` adds N rendered images of the known shapes with
+their own captions, trained every other step (DreamBooth's prior preservation). ``--grid`` saves the
+training images over the four rows of samples.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any,
                          for i in images])
         cfg = pipe.vae.config
         latents = (pipe.vae.encode(x).latent_dist.mode() - cfg.shift_factor) * cfg.scaling_factor
-        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
+        length = pipe.tokenizer_2.model_max_length
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=length)
     return latents, embeds, pooled
 
 
@@ -71,14 +74,36 @@ def trainable(transformer: Any, rank: int, full: bool) -> list[Any]:
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def train(pipe: Any, data: tuple[Any, Any, Any], n_concept: int, args: argparse.Namespace) -> list[float]:
-    """``args.steps`` steps of batch 1; with a prior set, every other step takes one of its images."""
+TEXT_LAYERS = {"text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+               "text_encoder_2": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]}
+
+
+def text_trainable(pipe: Any, rank: int) -> list[Any]:
+    """A LoRA on every linear layer of both text encoders (CLIP and T5), the rest of them frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    params = []
+    for name, layers in TEXT_LAYERS.items():
+        encoder = getattr(pipe, name)
+        encoder.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=layers,
+                                           init_lora_weights="gaussian"), encoder)
+        params += [p for p in encoder.parameters() if p.requires_grad]
+    return params
+
+
+def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
+          args: argparse.Namespace) -> list[float]:
+    """``args.steps`` steps of batch 1; with a prior set, every other step takes one of its images; with
+    ``--text-encoders`` each step encodes its caption afresh through the encoders' LoRAs."""
     import torch
 
     from fluxkiln.plugins.train.flow import flow_loss
 
     latents, embeds, pooled = data
     params = trainable(pipe.transformer, args.rank, args.full)
+    if args.text_encoders:
+        params += text_trainable(pipe, args.rank)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -86,14 +111,20 @@ def train(pipe: Any, data: tuple[Any, Any, Any], n_concept: int, args: argparse.
         prior = len(latents) > n_concept and step % 2 == 1
         i = (n_concept + torch.randint(0, len(latents) - n_concept, (1,), generator=gen) if prior
              else torch.randint(0, n_concept, (1,), generator=gen))
-        loss = flow_loss(pipe.transformer, latents[i], embeds[i], pooled[i], gen, args.times, "cpu", torch.float32)
+        if args.text_encoders:
+            caption = [captions[int(i)]]
+            e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
+        else:
+            e, p = embeds[i], pooled[i]
+        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, "cpu", torch.float32)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
-    pipe.transformer.eval()
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()
     return losses
 
 
@@ -104,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--times", default="sigmoid", choices=["sigmoid", "linear", "shift", "flux_shift"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")
+    parser.add_argument("--text-encoders", action="store_true", help="a LoRA on both text encoders too")
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
     parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
@@ -126,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline("dev")
     data = encode(pipe, images + extra_images, captions + extra_captions)
     t0 = time.perf_counter()
-    losses = train(pipe, data, len(images), args)
+    losses = train(pipe, data, captions + extra_captions, len(images), args)
     seconds = time.perf_counter() - t0
     with_trigger, without = probe_prompts(args.probe)
     named = [c.replace(TRIGGER, CONCEPT) for c in captions]  # what the checker reads the trigger as

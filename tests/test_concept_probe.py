@@ -21,15 +21,15 @@ def probe():
     return module
 
 
-def test_a_short_run_with_a_prior_set_writes_every_row_and_the_grid(probe, tmp_path, capsys):
+def test_a_short_run_with_a_prior_set_and_text_encoder_loras_writes_every_row_and_the_grid(probe, tmp_path, capsys):
     out, grid = tmp_path / "probe.json", tmp_path / "grid.png"
-    assert probe.main(["--steps", "4", "--prior", "4", "--probe", "1", "--sample-steps", "2",
+    assert probe.main(["--steps", "4", "--prior", "4", "--text-encoders", "--probe", "1", "--sample-steps", "2",
                        "--json", str(out), "--grid", str(grid)]) == 0
     result = json.loads(out.read_text())
     rows = ["training captions, guidance 1", "training captions, guidance 3", "new prompts with the trigger",
             "the same with a known shape (leakage)"]
     assert all(0 <= result[r] <= 100 for r in rows) and result["train_seconds"] > 0
-    assert result["settings"]["prior"] == 4 and result["last_100_loss"] > 0
+    assert result["settings"]["prior"] == 4 and result["settings"]["text_encoders"] and result["last_100_loss"] > 0
     assert Image.open(grid).size == (8 * 128, 5 * 128)  # the 8 training images over four rows of samples
     assert "| new prompts with the trigger |" in capsys.readouterr().out
 
@@ -57,3 +57,21 @@ def test_the_trained_weights_are_a_lora_or_every_block_weight(probe, full):
         assert training == {n for n in named if n.startswith(("transformer_blocks", "single_transformer_blocks"))}
     else:
         assert training and all(".lora_A." in n or ".lora_B." in n for n in training)
+
+
+def test_the_text_encoders_train_only_their_lora_layers_and_the_captions_reach_them(probe):
+    import torch
+
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    pipe = load_pipeline("dev")
+    params = {id(p) for p in probe.text_trainable(pipe, 4)}
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        training = {n for n, p in encoder.named_parameters() if id(p) in params}
+        assert training == {n for n, p in encoder.named_parameters() if p.requires_grad}
+        assert training and all(".lora_A." in n or ".lora_B." in n for n in training)
+    embeds, pooled, _ = pipe.encode_prompt(["a red TOK"], ["a red TOK"], max_sequence_length=32)
+    (embeds.sum() + pooled.sum()).backward()  # a graph to both encoders' LoRAs (B starts at zero: B gets a gradient)
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    grads = [p.grad for e in encoders for n, p in e.named_parameters() if ".lora_B." in n]
+    assert all(g is not None for g in grads) and any(torch.count_nonzero(g) for g in grads)
