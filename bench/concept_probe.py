@@ -2,20 +2,20 @@
 the adapter's size, the trained weights, the time sampling and a prior-preservation set can be varied freely
 and the samples looked at.
 
-    python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--times sigmoid] [--rank 16] [--full]
+    python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--prior N] [--probe 8] [--sample-steps 28]
                                   [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
-(:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target), batch 1,
-AdamW, then samples 28 steps with the adapter still in memory (no export, no reload: nothing between the
-training and the samples): the 8 training captions at guidance 1 and 3, ``--probe`` new prompts with the
-trigger and the same prompts with an ordinary shape (leakage), each scored by the pixel checker.
-``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
-``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw
-the trigger's characters in a caption); ``--prior N`` adds N rendered images of the known shapes with
-their own captions, trained every other step (DreamBooth's prior preservation). ``--grid`` saves the
-training images over the four rows of samples.
+(:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),
+``--batch`` images a step (1), AdamW, then samples 28 steps with the adapter still in memory (no export, no
+reload: nothing between the training and the samples): the 8 training captions at guidance 1 and 3, ``--probe``
+new prompts with the trigger and the same prompts with an ordinary shape (leakage), each scored by the pixel
+checker. ``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
+``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw the
+trigger's characters in a caption); ``--prior N`` adds N rendered images of the known shapes with their own
+captions, trained every other step (DreamBooth's prior preservation). ``--grid`` saves the training images over
+the four rows of samples.
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def text_trainable(pipe: Any, rank: int) -> list[Any]:
 
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
           args: argparse.Namespace) -> list[float]:
-    """``args.steps`` steps of batch 1; with a prior set, every other step takes one of its images; with
-    ``--text-encoders`` each step encodes its caption afresh through the encoders' LoRAs."""
+    """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every other step takes
+    its images from that set; with ``--text-encoders`` each step encodes its captions afresh through the
+    encoders' LoRAs."""
     import torch
 
     from fluxkiln.plugins.train.flow import flow_loss
@@ -109,10 +110,10 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     losses = []
     for step in range(args.steps):
         prior = len(latents) > n_concept and step % 2 == 1
-        i = (n_concept + torch.randint(0, len(latents) - n_concept, (1,), generator=gen) if prior
-             else torch.randint(0, n_concept, (1,), generator=gen))
+        i = (n_concept + torch.randint(0, len(latents) - n_concept, (args.batch,), generator=gen) if prior
+             else torch.randint(0, n_concept, (args.batch,), generator=gen))
         if args.text_encoders:
-            caption = [captions[int(i)]]
+            caption = [captions[int(j)] for j in i]
             e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
         else:
             e, p = embeds[i], pooled[i]
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=1, help="images a step (drawn with replacement)")
     parser.add_argument("--times", default="sigmoid", choices=["sigmoid", "linear", "shift", "flux_shift"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")

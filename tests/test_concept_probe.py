@@ -23,8 +23,8 @@ def probe():
 
 def test_a_short_run_with_a_prior_set_and_text_encoder_loras_writes_every_row_and_the_grid(probe, tmp_path, capsys):
     out, grid = tmp_path / "probe.json", tmp_path / "grid.png"
-    assert probe.main(["--steps", "4", "--prior", "4", "--text-encoders", "--probe", "1", "--sample-steps", "2",
-                       "--json", str(out), "--grid", str(grid)]) == 0
+    assert probe.main(["--steps", "4", "--batch", "2", "--prior", "4", "--text-encoders", "--probe", "1",
+                       "--sample-steps", "2", "--json", str(out), "--grid", str(grid)]) == 0
     result = json.loads(out.read_text())
     rows = ["training captions, guidance 1", "training captions, guidance 3", "new prompts with the trigger",
             "the same with a known shape (leakage)"]
