@@ -33,14 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
     """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them."""
-    import numpy as np
     import torch
 
+    from fluxkiln.plugins.miniflux.trainparts import latents_of
+    from fluxkiln.plugins.train.data import to_tensor
+
     with torch.no_grad():
-        x = torch.stack([torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-                         for i in images])
-        cfg = pipe.vae.config
-        latents = (pipe.vae.encode(x).latent_dist.mode() - cfg.shift_factor) * cfg.scaling_factor
+        latents = latents_of(pipe.vae, torch.cat([to_tensor(i.convert("RGB")) for i in images]))
         length = pipe.tokenizer_2.model_max_length
         embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=length)
     return latents, embeds, pooled
@@ -58,18 +57,19 @@ def prior_set(n: int) -> tuple[list[Any], list[str]]:
 
 
 def trainable(transformer: Any, rank: int, full: bool) -> list[Any]:
-    """Switch on the weights that train: a LoRA on every linear layer of the blocks, or all block weights."""
-    import torch
+    """Switch on the weights that train: a LoRA on the layers ``train_lora`` targets (every linear layer of the
+    blocks), or all block weights."""
     from peft import LoraConfig
 
-    blocks = ("transformer_blocks", "single_transformer_blocks")
+    from fluxkiln.plugins.train.adapter import BLOCKS, candidate_layers
+
     transformer.requires_grad_(False)
     if full:
-        params = [p for n, p in transformer.named_parameters() if n.startswith(blocks)]
+        params = [p for n, p in transformer.named_parameters() if BLOCKS.match(n)]
         for p in params:
             p.requires_grad_(True)
         return params
-    names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    names = candidate_layers(transformer)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
     return [p for p in transformer.parameters() if p.requires_grad]
 
@@ -149,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from fluxkiln.plugins.miniflux.adherence import generate
-    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, hexagon_share, probe_prompts
+    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, hexagon_share, probe_prompts, training_captions
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     torch.manual_seed(0)
     folder = ROOT / "recipes" / "data" / "hexagons"
     images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
-    captions = [p.read_text().strip().replace("[trigger]", TRIGGER) for p in sorted(folder.glob("*.txt"))]
+    captions = training_captions()  # train_lora's own caption rule, in the images' order
     extra_images, extra_captions = prior_set(args.prior) if args.prior else ([], [])
     pipe = load_pipeline("dev")
     data = encode(pipe, images + extra_images, captions + extra_captions)
