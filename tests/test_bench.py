@@ -233,6 +233,40 @@ def test_kernel_kinds_and_idle_time_from_a_trace():
     assert got["busy_ms"] == 7.0 and got["idle_pct"] == 30.0 and got["kernels"] == 3
 
 
+def test_training_steps_are_marked_for_the_profiler_and_summarized(tmp_path):
+    """train_lora marks each step; ``--train-profile`` summarizes the GPU's kernels over the last marked steps."""
+    from test_train_support import run, solid_dataset, write_recipe
+    from torch.profiler import ProfilerActivity, profile
+
+    from fluxkiln.plugins.bench.training import step_profile
+    from fluxkiln.plugins.train.loop import STEP_MARK
+
+    recipe = write_recipe(tmp_path / "r.toml", solid_dataset(tmp_path / "data"), steps=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert run(recipe, tmp_path / "cache", tmp_path / "out").ok
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    marks = [e for e in trace["traceEvents"] if e.get("name") == STEP_MARK]
+    assert len(marks) == 4
+    got = step_profile(trace)  # a CPU run has no kernels: the GPU "idles" throughout
+    assert got["steps"] == 3 and got["wall_ms_per_step"] > 0
+    assert got["gpu_busy_ms_per_step"] == 0 and got["idle_pct"] == 100.0
+
+    def mark(ts):
+        return {"name": STEP_MARK, "ph": "X", "ts": ts, "dur": 10_000}
+
+    synthetic = {"traceEvents": [mark(0), mark(20_000), mark(30_000), mark(40_000),
+                                 {"cat": "kernel", "name": "nvjet_gemm", "ts": 5_000, "dur": 9_000},  # step 1
+                                 {"cat": "kernel", "name": "nvjet_gemm", "ts": 20_000, "dur": 6_000},
+                                 {"cat": "kernel", "name": "flash_fwd", "ts": 31_000, "dur": 3_000},
+                                 {"cat": "kernel", "name": "nvjet_gemm", "ts": 41_000, "dur": 6_000}]}
+    got = step_profile(synthetic)  # the last three steps: 30 ms of wall time, 15 ms of kernels
+    assert got["wall_ms_per_step"] == 10.0 and got["gpu_busy_ms_per_step"] == 5.0 and got["idle_pct"] == 50.0
+    assert got["ms_by_kind_per_step"] == {"gemm": 4.0, "attention": 1.0} and got["kernels_per_step"] == 1
+    with pytest.raises(RuntimeError, match=STEP_MARK):
+        step_profile({"traceEvents": []})
+
+
 def test_vae_decoder_compiles_in_place_and_back(one_thread):
     vae = build_tiny_flux("dev").vae
     z = torch.randn(1, vae.config.latent_channels, 8, 8)

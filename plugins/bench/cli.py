@@ -14,6 +14,7 @@ from .report import render_table, targets
 from .sampling import CONFIGS, DEFAULT_CONFIGS, SamplingBench, configs
 from .session import BenchSession
 from .training import CONFIGS as TRAIN_CONFIGS
+from .training import DEFAULT as TRAIN_DEFAULT
 from .training import training
 
 HELP = "benchmark sampling and LoRA training (fluxkiln vs stock diffusers/peft) on this machine"
@@ -37,8 +38,11 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--quality-thresholds", default="0.05,0.1", help="step-cache thresholds of the quality guard")
     p.add_argument("--quality-variants", default="dev,schnell", help="mini-flux variants of the quality guard "
                    "(tiny: dev)")
-    p.add_argument("--train-configs", default=",".join(TRAIN_CONFIGS), help="training configurations, "
-                   "comma-separated: " + ", ".join(TRAIN_CONFIGS))
+    p.add_argument("--train-configs", default=",".join(TRAIN_DEFAULT), help="training configurations, "
+                   "comma-separated: " + ", ".join(TRAIN_CONFIGS) + " (default: all but the last but one, the "
+                   "24 GB-card setup with the fp8 storage of diffusers' layerwise casting)")
+    p.add_argument("--train-profile", action="store_true", help="run each training row once more under "
+                   "torch.profiler: GPU busy and idle time per step (CUDA)")
     p.add_argument("--generation", default="", help="also time these, comma-separated: "
                    + ", ".join(GENERATION_CONFIGS) + " (Full HD beside stock; the dev + schnell hybrid)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock diffusers/peft baselines")

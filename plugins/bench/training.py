@@ -3,7 +3,10 @@ peft loop on the same work.
 
 Settings: no checkpointing, checkpointing every block, every second block, and the 24 GB-card setup (fp8-stored
 base weights, model offload, checkpointing) run under a cap of :data:`CARD_GIB` on the GPU's allocator, so
-exceeding a 24 GB card's room fails instead of passing unnoticed.
+exceeding a 24 GB card's room fails instead of passing unnoticed.  ``fp8_ckpt_24gb_layerwise`` (on request) is
+that setup with the fp8 storage fluxkiln used before its own layers: diffusers' layerwise casting, whose hooks
+keep the blocks eager.  ``--train-profile`` adds to each row one more run under ``torch.profiler``: the GPU's
+busy and idle time over its last steps.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from .session import recipe_head
 CARD_GIB = 22.0  # what a 24 GB card leaves a process, after the CUDA context and the display
 # name -> (gradient checkpointing, interval, 24 GB-card setup)
 CONFIGS = {"no_ckpt": (False, 1, False), "ckpt": (True, 1, False), "ckpt_every_2nd": (True, 2, False),
-           "fp8_ckpt_24gb": (True, 1, True)}
+           "fp8_ckpt_24gb_layerwise": (True, 1, True), "fp8_ckpt_24gb": (True, 1, True)}
+DEFAULT = ["no_ckpt", "ckpt", "ckpt_every_2nd", "fp8_ckpt_24gb"]
+LAYERWISE = "fp8_ckpt_24gb_layerwise"
+PROFILED_STEPS = 3  # the last steps of a profiled run that are summarized
 
 
 def training(bench: Any, wanted: list[str]) -> None:
@@ -27,7 +33,7 @@ def training(bench: Any, wanted: list[str]) -> None:
     if bench.device == "cuda":
         torch._dynamo.reset()  # compiled sampling graphs hold no memory training needs
     data = dataset(bench)
-    for name, (ckpt, _interval, card) in CONFIGS.items():
+    for name, (ckpt, _interval, card) in CONFIGS.items():  # the layerwise row before fluxkiln's fp8 layers
         if name not in wanted:
             continue
         if card and bench.device != "cuda":
@@ -76,17 +82,28 @@ export_formats = ["diffusers"]
     return path
 
 
-def to_24gb_card(bench: Any) -> str:
+def to_24gb_card(bench: Any, layerwise: bool) -> str:
     """Put the dev pipeline in the 24 GB-card setup (fp8 weights, model offload); returns its load options.
 
-    Last in the run: the two full-size pipelines share their blocks, which stay fp8 from here on.
+    Last in the run: the two full-size pipelines share their blocks, which stay fp8 from here on (their
+    timing does not depend on the rounded values).  ``layerwise``: diffusers' layerwise casting instead of
+    fluxkiln's fp8 layers; the other way, a previous row's layerwise casting is taken off first.
     """
+    import torch
+
     from fluxkiln.plugins.flux import fast
     from fluxkiln.plugins.flux.load import Source, model_key, pipeline_bytes, store_fp8
 
     pipe = bench.pipes["dev"]
-    fast.uncompile_blocks(pipe.transformer)
-    pipe._fluxkiln_fp8 = store_fp8(pipe, pipe._fluxkiln_dtype)
+    t = pipe.transformer
+    fast.uncompile_blocks(t)
+    dtype = pipe._fluxkiln_dtype
+    if layerwise:
+        t.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        pipe._fluxkiln_fp8 = "diffusers layerwise casting (fluxkiln's fp8 storage before its own layers)"
+    else:
+        _undo_layerwise(t, dtype)
+        pipe._fluxkiln_fp8 = store_fp8(pipe, dtype)
     pipe.enable_model_cpu_offload()
     pipe._fluxkiln_offload = "model"
     folder = Path(bench.refs["dev"])
@@ -95,20 +112,23 @@ def to_24gb_card(bench: Any) -> str:
     return 'quantize = "fp8"\noffload = "model"\n'
 
 
-def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
-    import torch
+def _undo_layerwise(transformer: Any, dtype: Any) -> None:
+    """Take diffusers' layerwise-casting hooks off (if a row put them on) and its fp8 weights back to ``dtype``."""
+    from diffusers.hooks import HookRegistry
 
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry) and registry.get_hook("layerwise_casting") is not None:
+            registry.remove_hook("layerwise_casting", recurse=False)
+            module.to(dtype)
+
+
+def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
     ckpt, interval, card = CONFIGS[name]
-    path = recipe(bench, name, data, to_24gb_card(bench) if card else "")
+    path = recipe(bench, name, data, to_24gb_card(bench, name == LAYERWISE) if card else "")
     run_dir = bench.work / "runs" / path.stem
     bench.reset_peak()
-    if card:
-        torch.cuda.set_per_process_memory_fraction(CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    try:
-        result = bench.engine.run(path, force=["lora"], output=run_dir)
-    finally:
-        if card:
-            torch.cuda.set_per_process_memory_fraction(1.0)
+    result = _run(bench, path, run_dir, name)
     if not result.ok:
         raise RuntimeError(f"train_lora failed: {[e.data for e in result.events if e.event == 'node_failed']}")
     trained = [e for e in result.events if e.event == "node_progress" and e.node == "lora"
@@ -125,6 +145,69 @@ def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
         "s_per_step": round(per, 4), "first_step_s": round(secs[0], 2), "peak_gib": bench.peak_gib(),
         "peak_reserved_gib": bench.peak_gib("reserved"), "steps": len(secs)}
     print(f"[bench] train {name}: {per:.3f} s/step, peak {bench.peak_gib()} GiB", flush=True)
+    if getattr(bench.args, "train_profile", False) and bench.device == "cuda":
+        bench.results["train"][name]["profile"] = profiled(bench, path, run_dir, name)
+
+
+def _run(bench: Any, path: Path, run_dir: Path, name: str) -> Any:
+    """One forced training run of the recipe (the 24 GB card's rows under the allocator cap; the layerwise row
+    eager, as its hooks need)."""
+    import os
+
+    import torch
+
+    card, layerwise = CONFIGS[name][2], name == LAYERWISE
+    if card:
+        torch.cuda.set_per_process_memory_fraction(CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    before = os.environ.get("FLUXKILN_COMPILE")
+    if layerwise:
+        os.environ["FLUXKILN_COMPILE"] = "0"
+    try:
+        return bench.engine.run(path, force=["lora"], output=run_dir)
+    finally:
+        if card:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        if layerwise:
+            if before is None:
+                os.environ.pop("FLUXKILN_COMPILE", None)
+            else:
+                os.environ["FLUXKILN_COMPILE"] = before
+
+
+def profiled(bench: Any, path: Path, run_dir: Path, name: str) -> dict[str, Any]:
+    """The same run again under ``torch.profiler``: kernels over the last :data:`PROFILED_STEPS` steps."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = _run(bench, path, run_dir.with_name(run_dir.name + "-profiled"), name)
+    if not result.ok:
+        raise RuntimeError("the profiled training run failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace_path))
+        trace = json.loads(trace_path.read_text())
+    return step_profile(trace)
+
+
+def step_profile(trace: dict[str, Any]) -> dict[str, Any]:
+    """GPU busy and idle time per step over the last :data:`PROFILED_STEPS` steps marked in ``trace``."""
+    from fluxkiln.plugins.train.loop import STEP_MARK
+
+    from .profile import summarize_trace
+
+    steps = sorted((e for e in trace.get("traceEvents", []) if e.get("name") == STEP_MARK and "dur" in e),
+                   key=lambda e: e["ts"])[-PROFILED_STEPS:]
+    if not steps:
+        raise RuntimeError(f"no {STEP_MARK!r} marks in the trace")
+    window = (steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"])
+    summary = summarize_trace(trace, (window[1] - window[0]) / 1000, window)
+    n = len(steps)
+    return {"steps": n, "wall_ms_per_step": round(summary["wall_ms"] / n, 1),
+            "gpu_busy_ms_per_step": round(summary["busy_ms"] / n, 1), "idle_pct": summary["idle_pct"],
+            "kernels_per_step": round(summary["kernels"] / n), "ms_by_kind_per_step":
+                {k: round(v / n, 1) for k, v in summary["ms_by_kind"].items()}}
 
 
 def stock_row(bench: Any, name: str, ckpt: bool) -> None:

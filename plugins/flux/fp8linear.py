@@ -1,6 +1,8 @@
-"""The float8 linear layer ``go_fast`` swaps into the transformer blocks (see :func:`fast.fp8_apply`).
+"""fluxkiln's two float8 linear layers: the one ``go_fast`` swaps into the transformer blocks (computed in fp8,
+see :func:`fast.fp8_apply`) and the one ``quantize = "fp8"`` stores the blocks' weights in (computed in the
+model's dtype, see :func:`store_fp8`).
 
-A module of its own, importing torch, so the class has an importable name: precompiled blocks
+A module of its own, importing torch, so the classes have importable names: precompiled blocks
 (``fluxkiln warmup``) pickle the modules they call by reference, which a class made inside a function defeats.
 """
 
@@ -45,3 +47,63 @@ class Fp8Linear(torch.nn.Module):
         if self.original.bias is not None:
             out = out + self.original.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+FP8_STORAGE = "fluxkiln fp8 storage (float8_e4m3fn scaled per output row, computed in {dtype})"
+
+
+class _Fp8StoredMatmul(torch.autograd.Function):
+    """``x @ (weight * scale).T`` with a frozen fp8 ``weight``: the backward pass dequantizes it again instead of
+    keeping the dequantized copy (or ``x``) alive, so training over fp8 weights keeps their memory fp8."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        return x @ (weight.to(x.dtype) * scale).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, scale = ctx.saved_tensors
+        return grad @ (weight.to(grad.dtype) * scale), None, None
+
+
+class Fp8StoredLinear(torch.nn.Linear):
+    """A frozen linear layer whose weight waits in float8_e4m3fn, scaled per output row (as :class:`Fp8Linear`
+    quantizes it, so weights far below fp8's smallest normal number keep their precision), and is dequantized
+    to the activations' dtype for each matmul.  Plain tensor operations throughout, so blocks made of it
+    compile and train (LoRA adapters wrap it like any ``nn.Linear``)."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            w = linear.weight.detach()
+            scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            stored = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+        self.register_buffer("weight_scale", scale.to(dtype), persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        out = _Fp8StoredMatmul.apply(x2, self.weight, self.weight_scale.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def store_fp8(transformer: torch.nn.Module, dtype: torch.dtype) -> str:
+    """Store the weights of every linear layer in the transformer blocks, but their normalisation layers', as
+    :class:`Fp8StoredLinear` (about 8.6 B of FLUX.1's 11.9 B parameters: half their memory); returns how."""
+    from .fast import blocks
+
+    for block in blocks(transformer):
+        for name, module in list(block.named_modules()):
+            parts = name.split(".")
+            if type(module) is not torch.nn.Linear or any("norm" in p for p in parts):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, attr, Fp8StoredLinear(module, dtype))
+    return FP8_STORAGE.format(dtype=str(dtype).replace("torch.", ""))

@@ -257,17 +257,10 @@ def quantize_fp8(pipe: Any, dtype: Any) -> str:
 
 
 def store_fp8(pipe: Any, dtype: Any) -> str:
-    """Keep the transformer's weights in fp8 (torchao when installed, else diffusers layerwise casting)."""
-    import torch
+    """Keep the transformer blocks' weights in fp8 (:class:`fp8linear.Fp8StoredLinear`); returns how."""
+    from .fp8linear import store_fp8 as store
 
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
-
-        quantize_(pipe.transformer, Float8WeightOnlyConfig())
-        return "torchao float8 weight-only"
-    except ImportError:
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-        return "diffusers layerwise casting (fp8 storage, compute in " + str(dtype).replace("torch.", "") + ")"
+    return store(pipe.transformer, dtype)
 
 
 def build_pipeline(src: Source, dtype_name: str, device: str, offload: str, quantize: str,

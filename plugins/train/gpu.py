@@ -25,10 +25,11 @@ PARKABLE = ("text_encoder", "text_encoder_2", "vae")  # what the transformer doe
 
 
 def compile_blocks(pipe: Any, device: Any, log: Any) -> bool:
-    """Compile the blocks for training on CUDA (not on fp8-stored weights, or with FLUXKILN_COMPILE=0)."""
+    """Compile the blocks for training on CUDA (fp8-stored weights too: their layers are plain tensor
+    operations), unless FLUXKILN_COMPILE=0."""
     from fluxkiln.plugins.flux import fast
 
-    if device.type != "cuda" or getattr(pipe, "_fluxkiln_fp8", None) or fast.compile_disabled():
+    if device.type != "cuda" or fast.compile_disabled():
         return False
     if not fast.is_compiled(pipe.transformer):
         fast.compile_blocks(pipe.transformer, saved=False)

@@ -32,6 +32,7 @@ from .preview import oom_hint, take_samples
 
 
 SCRATCH = "scratch"  # the newest checkpoint is not to be resumed
+STEP_MARK = "fluxkiln.train_step"  # the profiler range around each step (``fluxkiln bench --train-profile``)
 
 
 @dataclass
@@ -225,9 +226,12 @@ class Trainer:
                 f"{self.optimizer_name}, {len(self.samples_list)} samples in "
                 f"{len({(s.width, s.height) for s in self.samples_list})} buckets, on {self.device.type}")
         ctx.progress(start, cfg.steps, message=f"resumed at step {start}" if start else "training", resumed=True)
+        from torch.profiler import record_function
+
         t0 = time.perf_counter() - self.elapsed
         for step in range(start + 1, cfg.steps + 1):
-            loss, lr = self._step(pipe, step)
+            with record_function(STEP_MARK):
+                loss, lr = self._step(pipe, step)
             self.elapsed = time.perf_counter() - t0
             self.history.append([step, loss, lr, round(self.elapsed, 3)])
             ctx.progress(step, cfg.steps, metrics={"loss": loss, "lr": lr})
