@@ -71,6 +71,10 @@ def test_bench_rejects_unknown_train_configs(capsys):
         cli.main(["bench", "--tiny", "--train-configs", "ckpt,fp16_warp"])
     assert exc.value.code == 2
     assert "unknown --train-configs fp16_warp; choose from no_ckpt, ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--tiny", "--train-configs", "fp8_ckpt_24gb_layerwise,fp8_ckpt_24gb"])
+    assert exc.value.code == 2
+    assert "need a run each" in capsys.readouterr().err
 
 
 def test_bench_only_sample_one_config(tmp_path):

@@ -41,6 +41,8 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--train-configs", default=",".join(TRAIN_DEFAULT), help="training configurations, "
                    "comma-separated: " + ", ".join(TRAIN_CONFIGS) + " (default: all but the last but one, the "
                    "24 GB-card setup with the fp8 storage of diffusers' layerwise casting)")
+    p.add_argument("--card-gib", type=float, default=None, help="the allocator cap of the 24 GB-card rows "
+                   "(default 22: what a 24 GB card leaves a process)")
     p.add_argument("--train-profile", action="store_true", help="run each training row once more under "
                    "torch.profiler: GPU busy and idle time per step (CUDA)")
     p.add_argument("--generation", default="", help="also time these, comma-separated: "
@@ -150,6 +152,9 @@ def main(argv: list[str]) -> int:
         bad = [c for c in given if c not in known]
         if bad:
             parser.error(f"unknown {flag} {', '.join(bad)}; choose from {', '.join(known)}")
+    if {"fp8_ckpt_24gb", "fp8_ckpt_24gb_layerwise"} <= set(configs(args, "train_configs")):
+        parser.error("--train-configs: fp8_ckpt_24gb and fp8_ckpt_24gb_layerwise need a run each (diffusers' "
+                     "layerwise casting cannot be taken off a model again)")
     if args.profile and args.gpus is None:
         parser.error("--profile profiles the steps of a multi-process run: use it with --gpus N")
     if args.e2e:

@@ -2,8 +2,9 @@
 peft loop on the same work.
 
 Settings: no checkpointing, checkpointing every block, every second block, and the 24 GB-card setup (fp8-stored
-base weights, model offload, checkpointing) run under a cap of :data:`CARD_GIB` on the GPU's allocator, so
-exceeding a 24 GB card's room fails instead of passing unnoticed.  ``fp8_ckpt_24gb_layerwise`` (on request) is
+base weights, model offload, checkpointing) run under a cap of :data:`CARD_GIB` on the GPU's allocator
+(``--card-gib``), so exceeding a 24 GB card's room fails instead of passing unnoticed.
+``fp8_ckpt_24gb_layerwise`` (on request, in a run of its own: diffusers cannot take its casting off again) is
 that setup with the fp8 storage fluxkiln used before its own layers: diffusers' layerwise casting, whose hooks
 keep the blocks eager.  ``--train-profile`` adds to each row one more run under ``torch.profiler``: the GPU's
 busy and idle time over its last steps.
@@ -33,7 +34,7 @@ def training(bench: Any, wanted: list[str]) -> None:
     if bench.device == "cuda":
         torch._dynamo.reset()  # compiled sampling graphs hold no memory training needs
     data = dataset(bench)
-    for name, (ckpt, _interval, card) in CONFIGS.items():  # the layerwise row before fluxkiln's fp8 layers
+    for name, (ckpt, _interval, card) in CONFIGS.items():
         if name not in wanted:
             continue
         if card and bench.device != "cuda":
@@ -87,7 +88,7 @@ def to_24gb_card(bench: Any, layerwise: bool) -> str:
 
     Last in the run: the two full-size pipelines share their blocks, which stay fp8 from here on (their
     timing does not depend on the rounded values).  ``layerwise``: diffusers' layerwise casting instead of
-    fluxkiln's fp8 layers; the other way, a previous row's layerwise casting is taken off first.
+    fluxkiln's fp8 layers.
     """
     import torch
 
@@ -102,7 +103,6 @@ def to_24gb_card(bench: Any, layerwise: bool) -> str:
         t.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         pipe._fluxkiln_fp8 = "diffusers layerwise casting (fluxkiln's fp8 storage before its own layers)"
     else:
-        _undo_layerwise(t, dtype)
         pipe._fluxkiln_fp8 = store_fp8(pipe, dtype)
     pipe.enable_model_cpu_offload()
     pipe._fluxkiln_offload = "model"
@@ -112,15 +112,9 @@ def to_24gb_card(bench: Any, layerwise: bool) -> str:
     return 'quantize = "fp8"\noffload = "model"\n'
 
 
-def _undo_layerwise(transformer: Any, dtype: Any) -> None:
-    """Take diffusers' layerwise-casting hooks off (if a row put them on) and its fp8 weights back to ``dtype``."""
-    from diffusers.hooks import HookRegistry
-
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if isinstance(registry, HookRegistry) and registry.get_hook("layerwise_casting") is not None:
-            registry.remove_hook("layerwise_casting", recurse=False)
-            module.to(dtype)
+def card_gib(bench: Any) -> float:
+    """The allocator cap of the 24 GB card's rows: ``--card-gib``, else :data:`CARD_GIB`."""
+    return getattr(bench.args, "card_gib", None) or CARD_GIB
 
 
 def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
@@ -140,7 +134,7 @@ def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
     per = per_step(secs)
     bench.results["train"][name] = {
         "what": f"fluxkiln train_lora through Engine.run, rank 16, {bench.train_res}px, gradient_checkpointing={ckpt}"
-                f" (every {interval}. block)" + (f", fp8 base, model offload, allocator capped at {CARD_GIB} GiB"
+                f" (every {interval}. block)" + (f", fp8 base, model offload, allocator capped at {card_gib(bench)} GiB"
                                                  if card else ""),
         "s_per_step": round(per, 4), "first_step_s": round(secs[0], 2), "peak_gib": bench.peak_gib(),
         "peak_reserved_gib": bench.peak_gib("reserved"), "steps": len(secs)}
@@ -158,7 +152,8 @@ def _run(bench: Any, path: Path, run_dir: Path, name: str) -> Any:
 
     card, layerwise = CONFIGS[name][2], name == LAYERWISE
     if card:
-        torch.cuda.set_per_process_memory_fraction(CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.set_per_process_memory_fraction(card_gib(bench) * 2**30 /
+                                                   torch.cuda.get_device_properties(0).total_memory)
     before = os.environ.get("FLUXKILN_COMPILE")
     if layerwise:
         os.environ["FLUXKILN_COMPILE"] = "0"
