@@ -3,7 +3,7 @@ the adapter's size, the trained weights, the time sampling and a prior-preservat
 and the samples looked at.
 
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
-                                  [--text-encoders] [--prior N] [--probe 8] [--sample-steps 28]
+                                  [--text-encoders] [--prior N] [--prior-every 2] [--probe 8] [--sample-steps 28]
                                   [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -14,8 +14,8 @@ new prompts with the trigger and the same prompts with an ordinary shape (leakag
 checker. ``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
 ``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw the
 trigger's characters in a caption); ``--prior N`` adds N rendered images of the known shapes with their own
-captions, trained every other step (DreamBooth's prior preservation). ``--grid`` saves the training images over
-the four rows of samples.
+captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step).
+``--grid`` saves the training images over the four rows of samples.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def text_trainable(pipe: Any, rank: int) -> list[Any]:
 
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
           args: argparse.Namespace) -> list[float]:
-    """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every other step takes
-    its images from that set; with ``--text-encoders`` each step encodes its captions afresh through the
-    encoders' LoRAs."""
+    """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
+    ``args.prior_every``-th step takes its images from that set; with ``--text-encoders`` each step encodes its
+    captions afresh through the encoders' LoRAs."""
     import torch
 
     from fluxkiln.plugins.train.flow import flow_loss
@@ -109,7 +109,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(args.steps):
-        prior = len(latents) > n_concept and step % 2 == 1
+        prior = len(latents) > n_concept and step % args.prior_every == args.prior_every - 1
         i = (n_concept + torch.randint(0, len(latents) - n_concept, (args.batch,), generator=gen) if prior
              else torch.randint(0, n_concept, (args.batch,), generator=gen))
         if args.text_encoders:
@@ -139,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")
     parser.add_argument("--text-encoders", action="store_true", help="a LoRA on both text encoders too")
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
+    parser.add_argument("--prior-every", type=int, default=2, help="every how many steps a step of the prior set "
+                        "comes (2: every other step)")
     parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
     parser.add_argument("--grid", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.prior_every < 2:
+        parser.error("--prior-every must be 2 or more (1 would train the prior set alone)")
 
     import torch
     from PIL import Image
