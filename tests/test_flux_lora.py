@@ -160,3 +160,36 @@ def test_hub_lora_not_in_cache_says_how_to_fetch(loras, tmp_path, monkeypatch):
         lora_path("hf:someone/flux-style/style.safetensors", Ctx(), "lora")
     assert "not in the local Hugging Face cache" in str(err.value)
     assert "hf download someone/flux-style style.safetensors" in err.value.hint
+
+
+def test_loras_over_fp8_stored_weights(tmp_path, loras):
+    """What quantize = "fp8" does on a GPU (fluxkiln's fp8-stored layers), applied to the resident tiny pipeline:
+    images stay within fp8's rounding, a LoRA still changes them as over the full-precision weights, and
+    fuse = true is refused (nothing to merge into)."""
+    from flux_support import recipe, run
+
+    from fluxkiln.plugins.flux.fp8linear import Fp8StoredLinear
+    from fluxkiln.plugins.flux.load import store_fp8
+
+    engine = Engine(cache_dir=tmp_path / "cache")  # its own: the resident pipeline is changed for good
+    body = (BASE + lora_node("peft", loras / "peft.safetensors") + sample_node("plain", "base")
+            + sample_node("with_peft", "peft"))
+    path = recipe(tmp_path, body, "fp8")
+    before = run(engine, path)
+    (key,) = engine.models.keys()
+    pipe = engine.models.get(key, lambda: None)
+    pipe._fluxkiln_fp8 = store_fp8(pipe, pipe.transformer.dtype)
+    assert sum(isinstance(m, Fp8StoredLinear) for m in pipe.transformer.modules()) > 0
+    after = run(engine, path, force=["plain", "with_peft", "peft"])
+    plain, peft = px(after, "plain"), px(after, "with_peft")
+    assert 0 < np.abs(plain - px(before, "plain")).mean() <= 3  # fp8's rounding, no more
+    assert np.abs(peft - px(before, "with_peft")).mean() <= 3
+    assert np.abs(peft - plain).mean() > 2  # the LoRA still acts over fp8 weights
+    fused = run(engine, recipe(tmp_path, BASE + lora_node("fused", loras / "peft.safetensors", "fuse = true")
+                               + sample_node("img", "fused"), "fp8-fused"))
+    assert np.abs(px(fused, "img") - peft).mean() <= 1  # refused to merge: the same unfused LoRA
+    assert any("fuse = true ignored" in str(e.data) for e in fused.events if e.event == "node_log")
+    # a LoRA first loaded over the fp8 weights (peft makes its layers fp8 too: put back in the compute dtype)
+    late = run(engine, recipe(tmp_path, BASE + lora_node("kohya", loras / "kohya.safetensors")
+                              + sample_node("img", "kohya"), "fp8-late"))
+    assert np.abs(px(late, "img") - peft).mean() <= 1  # the same LoRA in kohya's format

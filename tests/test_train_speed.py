@@ -76,7 +76,7 @@ def test_gradient_checkpointing_interval_is_checked(tmp_path, capsys):
 
 
 def test_training_over_fp8_stored_base_weights(tmp_path):
-    """What load_model's quantize = "fp8" does on a GPU (layerwise fp8 storage), applied to the resident tiny
+    """What load_model's quantize = "fp8" does on a GPU (fluxkiln's fp8-stored layers), applied to the resident tiny
     pipeline: the adapter trains in the compute dtype with an unrounded init, and the base stays fp8."""
     from fluxkiln.plugins.flux.load import store_fp8
 

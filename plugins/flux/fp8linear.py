@@ -109,14 +109,15 @@ class Fp8StoredLinear(torch.nn.Linear):
 
 
 def store_fp8(transformer: torch.nn.Module, dtype: torch.dtype) -> str:
-    """Store the weights of every linear layer in the transformer blocks, but their normalisation layers', as
-    :class:`Fp8StoredLinear` (about 8.6 B of FLUX.1's 11.9 B parameters: half their memory); returns how."""
+    """Store the weights of every linear layer in the transformer blocks, but their normalisation layers' and
+    loaded LoRA adapters' own, as :class:`Fp8StoredLinear` (about 8.6 B of FLUX.1's 11.9 B parameters: half
+    their memory); returns how."""
     from .fast import blocks
 
     for block in blocks(transformer):
         for name, module in list(block.named_modules()):
             parts = name.split(".")
-            if type(module) is not torch.nn.Linear or any("norm" in p for p in parts):
+            if type(module) is not torch.nn.Linear or any("norm" in p or "lora_" in p for p in parts):
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
