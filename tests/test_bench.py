@@ -237,6 +237,20 @@ def test_kernel_kinds_and_idle_time_from_a_trace():
     assert got["busy_ms"] == 7.0 and got["idle_pct"] == 30.0 and got["kernels"] == 3
 
 
+def test_bench_train_profile_adds_each_rows_step_profile(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--tiny", "--only", "train", "--train-configs", "ckpt", "--no-stock", "--train-profile",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["errors"] == []
+    prof = res["train"]["ckpt"]["profile"]
+    assert prof["steps"] == 3 and prof["wall_ms_per_step"] > 0
+    if not CUDA:  # no kernels on a CPU
+        assert prof["gpu_busy_ms_per_step"] == 0 and prof["idle_pct"] == 100.0
+    else:
+        assert prof["gpu_busy_ms_per_step"] > 0 and prof["kernels_per_step"] > 0
+
+
 def test_training_steps_are_marked_for_the_profiler_and_summarized(tmp_path):
     """train_lora marks each step; ``--train-profile`` summarizes the GPU's kernels over the last marked steps."""
     from test_train_support import run, solid_dataset, write_recipe

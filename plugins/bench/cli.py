@@ -44,7 +44,7 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--card-gib", type=float, default=None, help="the allocator cap of the 24 GB-card rows "
                    "(default 22: what a 24 GB card leaves a process)")
     p.add_argument("--train-profile", action="store_true", help="run each training row once more under "
-                   "torch.profiler: GPU busy and idle time per step (CUDA)")
+                   "torch.profiler: GPU busy and idle time per step")
     p.add_argument("--generation", default="", help="also time these, comma-separated: "
                    + ", ".join(GENERATION_CONFIGS) + " (Full HD beside stock; the dev + schnell hybrid)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock diffusers/peft baselines")

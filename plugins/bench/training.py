@@ -19,6 +19,7 @@ from typing import Any
 from .session import recipe_head
 
 CARD_GIB = 22.0  # what a 24 GB card leaves a process, after the CUDA context and the display
+CARD_LOAD = 'quantize = "fp8"\noffload = "model"\n'  # load_model's keys of the 24 GB-card setup
 # name -> (gradient checkpointing, interval, 24 GB-card setup)
 CONFIGS = {"no_ckpt": (False, 1, False), "ckpt": (True, 1, False), "ckpt_every_2nd": (True, 2, False),
            "fp8_ckpt_24gb_layerwise": (True, 1, True), "fp8_ckpt_24gb": (True, 1, True)}
@@ -56,9 +57,9 @@ def dataset(bench: Any) -> Path:
     return folder
 
 
-def recipe(bench: Any, name: str, data: Path, load_extra: str) -> Path:
+def recipe(bench: Any, name: str, data: Path, load_extra: str, steps: int | None = None, suffix: str = "") -> Path:
     ckpt, interval, _card = CONFIGS[name]
-    path = bench.work / f"train-{name}.toml"
+    path = bench.work / f"train-{name}{suffix}.toml"
     head = recipe_head(f"bench-train-{name}", {"base": bench.refs["dev"]})
     path.write_text(head + f'''{load_extra}
 [nodes.data]
@@ -69,7 +70,7 @@ source = {json.dumps(str(data))}
 type = "train_lora"
 model = "@base"
 dataset = "@data"
-steps = {bench.train_steps}
+steps = {steps or bench.train_steps}
 resolution = [{bench.train_res}]
 lora_rank = 16
 optimizer = "adamw"
@@ -109,7 +110,7 @@ def to_24gb_card(bench: Any, layerwise: bool) -> str:
     folder = Path(bench.refs["dev"])
     key = model_key(Source("folder", folder, str(folder)), "auto", "model", "fp8", bench.device)
     bench.engine.models.put(key, pipe, size=pipeline_bytes(pipe), kind="inference")
-    return 'quantize = "fp8"\noffload = "model"\n'
+    return CARD_LOAD
 
 
 def card_gib(bench: Any) -> float:
@@ -139,44 +140,43 @@ def fluxkiln_train(bench: Any, name: str, data: Path) -> None:
         "s_per_step": round(per, 4), "first_step_s": round(secs[0], 2), "peak_gib": bench.peak_gib(),
         "peak_reserved_gib": bench.peak_gib("reserved"), "steps": len(secs)}
     print(f"[bench] train {name}: {per:.3f} s/step, peak {bench.peak_gib()} GiB", flush=True)
-    if getattr(bench.args, "train_profile", False) and bench.device == "cuda":
-        bench.results["train"][name]["profile"] = profiled(bench, path, run_dir, name)
+    if getattr(bench.args, "train_profile", False):
+        bench.results["train"][name]["profile"] = profiled(bench, data, run_dir, name)
 
 
 def _run(bench: Any, path: Path, run_dir: Path, name: str) -> Any:
     """One forced training run of the recipe (the 24 GB card's rows under the allocator cap; the layerwise row
     eager, as its hooks need)."""
     import os
+    from unittest import mock
 
     import torch
 
-    card, layerwise = CONFIGS[name][2], name == LAYERWISE
+    card = CONFIGS[name][2]
+    eager = {"FLUXKILN_COMPILE": "0"} if name == LAYERWISE else {}
     if card:
         torch.cuda.set_per_process_memory_fraction(card_gib(bench) * 2**30 /
                                                    torch.cuda.get_device_properties(0).total_memory)
-    before = os.environ.get("FLUXKILN_COMPILE")
-    if layerwise:
-        os.environ["FLUXKILN_COMPILE"] = "0"
     try:
-        return bench.engine.run(path, force=["lora"], output=run_dir)
+        with mock.patch.dict(os.environ, eager):
+            return bench.engine.run(path, force=["lora"], output=run_dir)
     finally:
         if card:
             torch.cuda.set_per_process_memory_fraction(1.0)
-        if layerwise:
-            if before is None:
-                os.environ.pop("FLUXKILN_COMPILE", None)
-            else:
-                os.environ["FLUXKILN_COMPILE"] = before
 
 
-def profiled(bench: Any, path: Path, run_dir: Path, name: str) -> dict[str, Any]:
-    """The same run again under ``torch.profiler``: kernels over the last :data:`PROFILED_STEPS` steps."""
+def profiled(bench: Any, data: Path, run_dir: Path, name: str) -> dict[str, Any]:
+    """The same training again, :data:`PROFILED_STEPS` + 1 steps, under ``torch.profiler`` (a whole run's
+    trace takes minutes to write): kernels over the last :data:`PROFILED_STEPS` steps."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = _run(bench, path, run_dir.with_name(run_dir.name + "-profiled"), name)
+    short = recipe(bench, name, data, CARD_LOAD if CONFIGS[name][2] else "", steps=PROFILED_STEPS + 1,
+                   suffix="-profiled")  # one step before them
+    cuda = [ProfilerActivity.CUDA] if bench.device == "cuda" else []  # a CPU run: no kernels, "idle" throughout
+    with profile(activities=[ProfilerActivity.CPU, *cuda]) as prof:
+        result = _run(bench, short, run_dir.with_name(run_dir.name + "-profiled"), name)
     if not result.ok:
         raise RuntimeError("the profiled training run failed")
     with tempfile.TemporaryDirectory() as tmp:
