@@ -291,8 +291,13 @@ def e2e_table(d: dict) -> str:
 
 
 def e2e_targets_table(d: dict) -> str:
+    """The targets judged from the rows themselves (by today's rules: results written before the rows after
+    ``fluxkiln warmup`` were judged get them too)."""
+    from fluxkiln.plugins.bench.e2e import e2e_targets
+
+    judged = e2e_targets(d["e2e"], judge=d.get("mode") != "tiny")
     rows = [[t["work"], num(t["target"], 2), num(t["measured"], 2), "–" if t["met"] is None else
-             ("**yes**" if t["met"] else "**no**")] for t in d["e2e"].get("targets", [])]
+             ("**yes**" if t["met"] else "**no**")] for t in judged]
     return table(["end-to-end target", "limit", "measured", "met"], rows)
 
 

@@ -108,3 +108,24 @@ def test_each_row_is_on_disk_as_soon_as_its_process_ends(tmp_path, monkeypatch):
     assert "stock" in on_disk["e2e-cold"] and "fluxkiln_cold" in on_disk["e2e-warm"]
     assert "fluxkiln_warm" in on_disk["after-warmup"]
     assert "fluxkiln_after_warmup" in json.loads(out.read_text())["e2e"]
+
+
+def test_e2e_targets_judge_the_plain_warm_cache_and_after_warmup():
+    from fluxkiln.plugins.bench.e2e import e2e_targets
+
+    def row(first, steady, loaded, one):
+        return {"images_s": [first, steady, steady], "steady_image_s": steady, "to_loaded_s": loaded,
+                "one_image_process_s": one}
+
+    r = {"stock": row(3.7, 1.4, 19.0, 24.6), "fluxkiln_cold": row(20.9, 0.9, 17.7, 39.0),
+         "fluxkiln_warm": row(6.35, 0.9, 19.2, 26.0), "fluxkiln_after_warmup": row(2.71, 1.0, 18.9, 22.1)}
+    got = {t["work"]: (t["measured"], t["target"], t["met"]) for t in e2e_targets(r)}
+    assert got["first image, compile cache on disk: s (<= steady + 2)"] == (6.35, 2.9, False)
+    assert got["first image, cold compile cache: s"] == (20.9, 20.0, False)
+    assert got["process start to loaded model: s (<= stock + 1)"] == (19.2, 20.0, True)
+    assert got["whole process, one image: s (<= stock)"] == (26.0, 24.6, False)
+    assert got["after fluxkiln warmup: first image, s (<= steady + 2)"] == (2.71, 3.0, True)
+    assert got["after fluxkiln warmup: whole process, one image: s (<= stock)"] == (22.1, 24.6, True)
+    del r["fluxkiln_after_warmup"]
+    assert not any(t["work"].startswith("after fluxkiln warmup") for t in e2e_targets(r))
+    assert all(t["met"] is None for t in e2e_targets(r, judge=False))
