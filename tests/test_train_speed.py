@@ -142,73 +142,13 @@ def test_parked_parts_come_back_after_a_failure_and_for_previews():
     assert log[-2:] == ["t5->meta", "vae->meta"]
 
 
-def test_checkpoint_inside_compiled_blocks_gives_the_same_gradients(one_torch_thread):
-    """On a GPU the blocks are compiled and the checkpoint goes inside the compiled region (traced here with
-    the aot_eager backend: Dynamo and the autograd partitioner, without generating kernels)."""
+def _compiled_checkpointed_step_matches_eager(t, params) -> None:
+    """One flow-loss step of ``t`` eager, then with its blocks compiled (aot_eager: Dynamo and the autograd
+    partitioner, without generating kernels) and checkpointed inside the compiled region: the same loss and
+    gradients for ``params``."""
     from fluxkiln.plugins.flux import fast
-    from fluxkiln.plugins.flux.tiny import build_tiny_flux
     from fluxkiln.plugins.train.flow import flow_loss
 
-    t = build_tiny_flux("dev").transformer.requires_grad_(False)
-    params = [b.norm.linear.weight for b in t.single_transformer_blocks] + [t.transformer_blocks[0].ff.net[2].weight]
-    for p in params:
-        p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(0)
-    latents, embeds = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 8, t.config.joint_attention_dim)
-    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=gen)
-
-    def step():
-        for p in params:
-            p.grad = None
-        loss = flow_loss(t, latents, embeds, pooled, torch.Generator().manual_seed(1), "sigmoid",
-                         torch.device("cpu"), torch.float32)
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in params])
-
-    eager_loss, eager_grads = step()
-    fast.compile_blocks(t, backend="aot_eager")
-    gpu.checkpointing(t, 1, compiled=True, backend="aot_eager")
-    loss, grads = step()
-    assert loss == pytest.approx(eager_loss, rel=1e-6)
-    assert torch.allclose(grads, eager_grads, rtol=1e-5, atol=1e-7)
-    fast.uncompile_blocks(t)
-
-
-def test_fp8_stored_layers_compile_train_and_keep_no_dequantized_copy(one_torch_thread):
-    """quantize = "fp8" stores the block linears as Fp8StoredLinear: outputs within fp8's rounding of the
-    original weights, a backward pass that saves the fp8 weight (not a dequantized copy, not the input), and
-    compiled checkpointed blocks (aot_eager here) with the eager gradients: what lets the 24 GB-card setup
-    train with compiled blocks on a GPU."""
-    from fluxkiln.plugins.flux import fast
-    from fluxkiln.plugins.flux.fp8linear import Fp8StoredLinear, store_fp8
-    from fluxkiln.plugins.flux.tiny import build_tiny_flux
-    from fluxkiln.plugins.train.flow import flow_loss
-
-    t = build_tiny_flux("dev").transformer.requires_grad_(False)
-    linear = t.single_transformer_blocks[0].proj_out
-    x = torch.randn(3, 5, linear.in_features)
-    want = linear(x)
-    how = store_fp8(t, torch.float32)
-    assert "fp8" in how and "float32" in how
-    stored = t.single_transformer_blocks[0].proj_out
-    assert isinstance(stored, Fp8StoredLinear) and stored.weight.dtype == torch.float8_e4m3fn
-    assert not isinstance(t.single_transformer_blocks[0].norm.linear, Fp8StoredLinear)  # modulation stays
-    assert not isinstance(t.x_embedder, Fp8StoredLinear)  # only the blocks' layers
-    got = stored(x)
-    assert (got - want).abs().max() <= 0.07 * want.abs().max()  # e4m3's 3 mantissa bits
-    assert not torch.equal(got, want)
-
-    xg = x.clone().requires_grad_(True)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
-        out = stored(xg)
-    assert [s.dtype for s in saved] == [torch.float8_e4m3fn, torch.float32]  # the weight and its row scales
-    out.pow(2).sum().backward()
-    dequantized = stored.weight.float() * stored.weight_scale
-    assert torch.allclose(xg.grad, (2 * out.detach()) @ dequantized, rtol=1e-5, atol=1e-6)
-
-    # trainable weights in every block (as a LoRA's are), before and after fp8-stored layers
-    params = [b.norm.linear.weight for b in t.single_transformer_blocks] + [t.transformer_blocks[0].norm1.linear.weight]
     for p in params:
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
@@ -233,6 +173,50 @@ def test_fp8_stored_layers_compile_train_and_keep_no_dequantized_copy(one_torch_
     assert loss == pytest.approx(eager_loss, rel=1e-6)
     assert torch.allclose(grads, eager_grads, rtol=1e-5, atol=1e-7)
     assert grads.abs().sum() > 0
+
+
+def test_checkpoint_inside_compiled_blocks_gives_the_same_gradients(one_torch_thread):
+    """On a GPU the blocks are compiled and the checkpoint goes inside the compiled region."""
+    from fluxkiln.plugins.flux.tiny import build_tiny_flux
+
+    t = build_tiny_flux("dev").transformer.requires_grad_(False)
+    _compiled_checkpointed_step_matches_eager(
+        t, [b.norm.linear.weight for b in t.single_transformer_blocks] + [t.transformer_blocks[0].ff.net[2].weight])
+
+
+def test_fp8_stored_layers_compile_train_and_keep_no_dequantized_copy(one_torch_thread):
+    """quantize = "fp8" stores the block linears as Fp8StoredLinear: outputs within fp8's rounding of the
+    original weights, a backward pass that saves the fp8 weight (not a dequantized copy, not the input), and
+    compiled checkpointed blocks with the eager gradients: what lets the 24 GB-card setup train with compiled
+    blocks on a GPU."""
+    from fluxkiln.plugins.flux.fp8linear import Fp8StoredLinear, store_fp8
+    from fluxkiln.plugins.flux.tiny import build_tiny_flux
+
+    t = build_tiny_flux("dev").transformer.requires_grad_(False)
+    linear = t.single_transformer_blocks[0].proj_out
+    x = torch.randn(3, 5, linear.in_features)
+    want = linear(x)
+    how = store_fp8(t, torch.float32)
+    assert "fp8" in how and "float32" in how
+    stored = t.single_transformer_blocks[0].proj_out
+    assert isinstance(stored, Fp8StoredLinear) and stored.weight.dtype == torch.float8_e4m3fn
+    assert not isinstance(t.single_transformer_blocks[0].norm.linear, Fp8StoredLinear)  # modulation stays
+    assert not isinstance(t.x_embedder, Fp8StoredLinear)  # only the blocks' layers
+    got = stored(x)
+    assert (got - want).abs().max() <= 0.07 * want.abs().max()  # e4m3's 3 mantissa bits
+    assert not torch.equal(got, want)
+
+    xg = x.clone().requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        out = stored(xg)
+    assert [s.dtype for s in saved] == [torch.float8_e4m3fn, torch.float32]  # the weight and its row scales
+    out.pow(2).sum().backward()
+    dequantized = stored.weight.float() * stored.weight_scale
+    assert torch.allclose(xg.grad, (2 * out.detach()) @ dequantized, rtol=1e-5, atol=1e-6)
+    # trainable weights in every block (as a LoRA's are), before and after fp8-stored layers
+    _compiled_checkpointed_step_matches_eager(
+        t, [b.norm.linear.weight for b in t.single_transformer_blocks] + [t.transformer_blocks[0].norm1.linear.weight])
 
 
 def test_attention_gradient_arrives_in_the_output_layout():
