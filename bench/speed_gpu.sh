@@ -10,8 +10,10 @@
 #      part 1, so dev go_fast is warm), engine phases for schnell                -> $OUT/speed.json "sample"
 #      then, in the same process (so each row has the random-weight Δ beside it), the quality guard on mini-flux
 #      dev: eager, compiled, go_fast, go_fast + step cache 0.05 / 0.1             -> $OUT/speed.json "quality"
-#   3. fp8_ckpt_24gb training (the 24 GB-card setup)                          -> $OUT/train.json
-# Limits: T_E2E=330 T_SAMPLE=300 T_TRAIN=150 seconds (the e2e part alone took about 5 minutes on an H200).
+#   3. fp8_ckpt_24gb training (the 24 GB-card setup), in two processes (is it stable?), each with one more
+#      short run under the profiler (GPU busy and idle per step)          -> $OUT/train-1.json, train-2.json
+# Limits: T_E2E=330 T_SAMPLE=300 T_TRAIN=150 (each training process) seconds (the e2e part took 4.5-5 minutes
+# on an H200).
 # PARTS=e2e,sample,train (the default) picks parts; sample without e2e compiles dev go_fast cold.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed-out}
@@ -28,6 +30,8 @@ part sample && FLUXKILN_CACHE="$CACHE" timeout "$T_SAMPLE" fluxkiln bench --only
   --configs schnell-go_fast,schnell-go_fast-graphs,dev-go_fast,dev-go_fast-graphs,dev-go_fast-cache \
   --cache-threshold 0.1 --quality --quality-prompts 64 --quality-variants dev --quality-thresholds 0.05,0.1 \
   --out "$OUT/speed.json" 2>&1 | grep -v '^\[transformers\]' | tail -45
-part train && timeout "$T_TRAIN" fluxkiln bench --only train --train-configs fp8_ckpt_24gb --no-stock --out "$OUT/train.json" \
-  2>&1 | tail -12
+for run in 1 2; do
+  part train && timeout "$T_TRAIN" fluxkiln bench --only train --train-configs fp8_ckpt_24gb --train-profile --no-stock \
+    --out "$OUT/train-$run.json" 2>&1 | grep '^\[bench\] train\|^error in' | cut -c1-400
+done
 ls -la "$OUT"
