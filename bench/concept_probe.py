@@ -3,8 +3,8 @@ the adapter's size, the trained weights, the time sampling and a prior-preservat
 and the samples looked at.
 
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
-                                  [--text-encoders] [--prior N] [--prior-every 2] [--probe 8] [--sample-steps 28]
-                                  [--grid FILE] [--json FILE]
+                                  [--text-encoders] [--embeddings] [--prior N] [--prior-every 2] [--probe 8]
+                                  [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),
@@ -13,8 +13,9 @@ reload: nothing between the training and the samples): the 8 training captions a
 new prompts with the trigger and the same prompts with an ordinary shape (leakage), each scored by the pixel
 checker. ``--full`` trains every weight of the transformer blocks instead of a LoRA (is the adapter too small?);
 ``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw the
-trigger's characters in a caption); ``--prior N`` adds N rendered images of the known shapes with their own
-captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step).
+trigger's characters in a caption); ``--embeddings`` trains the trigger's own token embeddings in both
+(textual inversion; with the LoRA, pivotal tuning); ``--prior N`` adds N rendered images of the known shapes
+with their own captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step).
 ``--grid`` saves the training images over the four rows of samples.
 """
 
@@ -92,6 +93,29 @@ def text_trainable(pipe: Any, rank: int) -> list[Any]:
     return params
 
 
+def is_prior_step(step: int, every: int) -> bool:
+    """Whether step ``step`` (from 0) trains on the prior set: every ``every``-th step, the first after
+    ``every - 1`` steps of the concept."""
+    return step % every == every - 1
+
+
+def embedding_trainable(pipe: Any, word: str) -> list[Any]:
+    """The input embeddings of ``word``'s tokens in both text encoders (textual inversion; with the LoRA:
+    pivotal tuning), every other row and weight of the encoders frozen (their gradients masked to zero)."""
+    import torch
+
+    params = []
+    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        encoder.requires_grad_(False)
+        table = encoder.get_input_embeddings().weight
+        mask = torch.zeros(table.shape[0], 1)
+        mask[sorted(set(tokenizer(word, add_special_tokens=False)["input_ids"]))] = 1.0
+        table.requires_grad_(True)
+        table.register_hook(lambda grad, mask=mask: grad * mask)
+        params.append(table)
+    return params
+
+
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
           args: argparse.Namespace) -> list[float]:
     """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
@@ -105,14 +129,18 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     params = trainable(pipe.transformer, args.rank, args.full)
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
+    if args.embeddings:
+        from fluxkiln.plugins.miniflux.concept import TRIGGER
+
+        params += embedding_trainable(pipe, TRIGGER)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(args.steps):
-        prior = len(latents) > n_concept and step % args.prior_every == args.prior_every - 1
+        prior = len(latents) > n_concept and is_prior_step(step, args.prior_every)
         i = (n_concept + torch.randint(0, len(latents) - n_concept, (args.batch,), generator=gen) if prior
              else torch.randint(0, n_concept, (args.batch,), generator=gen))
-        if args.text_encoders:
+        if args.text_encoders or args.embeddings:
             caption = [captions[int(j)] for j in i]
             e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
         else:
@@ -138,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")
     parser.add_argument("--text-encoders", action="store_true", help="a LoRA on both text encoders too")
+    parser.add_argument("--embeddings", action="store_true", help="train the trigger's token embeddings in both "
+                        "text encoders too (textual inversion: pivotal tuning with the LoRA)")
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
     parser.add_argument("--prior-every", type=int, default=2, help="every how many steps a step of the prior set "
                         "comes (2: every other step)")

@@ -75,3 +75,31 @@ def test_the_text_encoders_train_only_their_lora_layers_and_the_captions_reach_t
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     grads = [p.grad for e in encoders for n, p in e.named_parameters() if ".lora_B." in n]
     assert all(g is not None for g in grads) and any(torch.count_nonzero(g) for g in grads)
+
+
+def test_only_the_triggers_own_embeddings_train_and_the_prior_comes_every_kth_step(probe, tmp_path):
+    import torch
+
+    from fluxkiln.plugins.miniflux.concept import TRIGGER
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    pipe = load_pipeline("dev")
+    tables = probe.embedding_trainable(pipe, TRIGGER)
+    before = [t.detach().clone() for t in tables]
+    captions = [f"a red {TRIGGER} on a blue background", "a red circle on a blue background"]
+    embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
+    (embeds.square().mean() + pooled.square().mean()).backward()
+    torch.optim.SGD(tables, lr=1.0).step()
+    for table, old, tokenizer in zip(tables, before, (pipe.tokenizer, pipe.tokenizer_2), strict=True):
+        ids = set(tokenizer(TRIGGER, add_special_tokens=False)["input_ids"])
+        changed = {i for i in range(table.shape[0]) if not torch.equal(table[i], old[i])}
+        assert changed == ids  # the trigger's rows, and only those
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "4", "--batch", "1", "--prior", "4", "--prior-every", "3", "--embeddings",
+                       "--probe", "1", "--sample-steps", "1", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["prior_every"] == 3 and settings["embeddings"]
+    assert [probe.is_prior_step(s, 3) for s in range(6)] == [False, False, True, False, False, True]
+    assert [probe.is_prior_step(s, 2) for s in range(4)] == [False, True, False, True]  # every other step
+    with pytest.raises(SystemExit):
+        probe.main(["--prior-every", "1"])
