@@ -85,8 +85,8 @@ fp8_stored_matmul.register_autograd(_backward, setup_context=_setup)
 class Fp8StoredLinear(torch.nn.Linear):
     """A frozen linear layer whose weight waits in float8_e4m3fn, scaled per output row (as :class:`Fp8Linear`
     quantizes it, so weights far below fp8's smallest normal number keep their precision), and is dequantized
-    to the activations' dtype for each matmul.  Plain tensor operations throughout, so blocks made of it
-    compile and train (LoRA adapters wrap it like any ``nn.Linear``)."""
+    to the activations' dtype inside :func:`fp8_stored_matmul` for each matmul.  No hooks and no casting of
+    parameters in place, so blocks made of it compile and train (LoRA adapters wrap it like any ``nn.Linear``)."""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         torch.nn.Module.__init__(self)
