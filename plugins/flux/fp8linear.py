@@ -13,15 +13,21 @@ import torch
 from .fast import FP8_MAX
 
 
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (2-D) in float8_e4m3fn, each row scaled so its largest magnitude is fp8's largest value; returns the
+    fp8 tensor and the float32 scales (one a row, shape ``(rows, 1)``) that multiply it back."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 class Fp8Linear(torch.nn.Module):
     """A linear layer computed in float8: weights quantized per output row once, activations per row
     on the fly, both scales applied by ``torch._scaled_mm`` (CPU: the same arithmetic, emulated)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        w = linear.weight.detach()
-        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight_fp8", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+        weight_fp8, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_fp8", weight_fp8, persistent=False)
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous(), persistent=False)
         self.original = linear  # the exact bf16 layer, restored by fp8_restore
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -37,8 +43,7 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        xq, x_scale = quantize_rows(x2)
         if x2.is_cuda:
             out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                    out_dtype=x.dtype)
@@ -91,10 +96,7 @@ class Fp8StoredLinear(torch.nn.Linear):
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            w = linear.weight.detach()
-            scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-            stored = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        stored, scale = quantize_rows(linear.weight.detach())
         self.weight = torch.nn.Parameter(stored, requires_grad=False)
         self.register_buffer("weight_scale", scale.to(dtype), persistent=False)
         self.bias = linear.bias
