@@ -25,8 +25,8 @@ PARKABLE = ("text_encoder", "text_encoder_2", "vae")  # what the transformer doe
 
 
 def compile_blocks(pipe: Any, device: Any, log: Any) -> bool:
-    """Compile the blocks for training on CUDA (fp8-stored weights too: their layers are plain tensor
-    operations), unless FLUXKILN_COMPILE=0."""
+    """Compile the blocks for training on CUDA (fp8-stored weights too: their layers have no hooks, and their
+    dequantizing matmul is one operator the compiler keeps whole), unless FLUXKILN_COMPILE=0."""
     from fluxkiln.plugins.flux import fast
 
     if device.type != "cuda" or fast.compile_disabled():
