@@ -33,33 +33,74 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
-    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them."""
+    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU)."""
     import torch
 
     from fluxkiln.plugins.miniflux.trainparts import latents_of
     from fluxkiln.plugins.train.data import to_tensor
 
     with torch.no_grad():
-        latents = latents_of(pipe.vae, torch.cat([to_tensor(i.convert("RGB")) for i in images]))
-        length = pipe.tokenizer_2.model_max_length
-        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=length)
+        pixels = torch.cat([to_tensor(i.convert("RGB")) for i in images]).to(pipe.device)
+        latents = latents_of(pipe.vae, pixels).cpu()
+        embeds, pooled = encode_text(pipe, captions)
     return latents, embeds, pooled
 
 
-def prior_set(n: int) -> tuple[list[Any], list[str]]:
-    """``n`` rendered single-object scenes of the known shapes (an equal share each) and their captions."""
+def encode_text(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
+    """Both text encoders' outputs for ``captions``, on the CPU."""
+    import torch
+
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
+    return embeds.cpu(), pooled.cpu()
+
+
+OPTIONAL = (r" (small|large)(?= )", r" (red|green|blue|yellow|orange|purple|white|black)(?= TOK)",
+            r" (at the [a-z ]+?|in the center)(?= on a|$)", r" on a \w+ background")
+
+
+def caption_variants(caption: str) -> list[str]:
+    """The caption with every subset of its optional parts (size, colour, position, background) left out, the
+    full caption first: the trigger is the one word all of them share."""
+    import itertools
+    import re
+
+    found = [p for p in OPTIONAL if re.search(p, caption)]
+    out = []
+    for keep in itertools.product((True, False), repeat=len(found)):
+        text = caption
+        for pattern, kept in zip(found, keep, strict=True):
+            text = text if kept else re.sub(pattern, "", text, count=1)
+        out.append(text)
+    return out
+
+
+def prior_set(n: int, same_scenes: bool = False) -> tuple[list[Any], list[str]]:
+    """``n`` rendered single-object scenes of the known shapes (an equal share each) and their captions; with
+    ``same_scenes`` the training images' own scenes (colours, sizes, places, backgrounds) with each known shape
+    instead of the hexagon, so that only the word tells the concept's images from these."""
     from fluxkiln.plugins.miniflux.concept import concept_scenes
     from fluxkiln.plugins.miniflux.render import render, to_pil
     from fluxkiln.plugins.miniflux.world import SHAPES, realise
 
+    if same_scenes:
+        pixels, captions = [], []
+        for shape in SHAPES:
+            scenes = concept_scenes(8, shape=shape)  # the dataset's scenes: same seed, same realisation
+            rng = random.Random(6)
+            pixels += list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4)))
+            captions += [s.prompt for s in scenes]
+        return pixels[:n], captions[:n]
     scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i, shape=shape)]
     rng = random.Random(60)
     return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4))), [s.prompt for s in scenes]
 
 
-def trainable(transformer: Any, rank: int, full: bool) -> list[Any]:
+def trainable(transformer: Any, rank: int, full: bool, layers: str | None = None) -> list[Any]:
     """Switch on the weights that train: a LoRA on the layers ``train_lora`` targets (every linear layer of the
-    blocks), or all block weights."""
+    blocks, or those ``layers`` matches, as ``layers_to_optimize_regex``), or all block weights."""
+    import re
+
     from peft import LoraConfig
 
     from fluxkiln.plugins.train.adapter import BLOCKS, candidate_layers
@@ -70,7 +111,9 @@ def trainable(transformer: Any, rank: int, full: bool) -> list[Any]:
         for p in params:
             p.requires_grad_(True)
         return params
-    names = candidate_layers(transformer)
+    names = [n for n in candidate_layers(transformer) if layers is None or re.search(layers, n)]
+    if not names:
+        raise ValueError(f"--layers {layers!r} matches none of the transformer's LoRA layers")
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
     return [p for p in transformer.parameters() if p.requires_grad]
 
@@ -108,7 +151,7 @@ def embedding_trainable(pipe: Any, word: str) -> list[Any]:
     for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
         encoder.requires_grad_(False)
         table = encoder.get_input_embeddings().weight
-        mask = torch.zeros(table.shape[0], 1)
+        mask = torch.zeros(table.shape[0], 1, device=table.device)
         mask[sorted(set(tokenizer(word, add_special_tokens=False)["input_ids"]))] = 1.0
         table.requires_grad_(True)
         table.register_hook(lambda grad, mask=mask: grad * mask)
@@ -126,7 +169,11 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     from fluxkiln.plugins.train.flow import flow_loss
 
     latents, embeds, pooled = data
-    params = trainable(pipe.transformer, args.rank, args.full)
+    params = trainable(pipe.transformer, args.rank, args.full, args.layers)
+    variants = None
+    if args.caption_variants:  # every caption's variants, encoded once: (image, variant) -> row
+        per_image = [caption_variants(c) for c in captions[:n_concept]]
+        variants = [encode_text(pipe, v) for v in per_image]
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
     if args.embeddings:
@@ -143,9 +190,13 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         if args.text_encoders or args.embeddings:
             caption = [captions[int(j)] for j in i]
             e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
+        elif variants is not None and not prior:
+            pick = [(int(j), int(torch.randint(0, len(variants[int(j)][0]), (1,), generator=gen))) for j in i]
+            e = torch.stack([variants[j][0][v] for j, v in pick])
+            p = torch.stack([variants[j][1][v] for j, v in pick])
         else:
             e, p = embeds[i], pooled[i]
-        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, "cpu", torch.float32)
+        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
     parser.add_argument("--prior-every", type=int, default=2, help="every how many steps a step of the prior set "
                         "comes (2: every other step)")
+    parser.add_argument("--prior-scenes", choices=["random", "same"], default="random",
+                        help="the prior set's scenes: random ones, or the training images' own with known shapes")
+    parser.add_argument("--layers", help="train only the LoRA layers this regular expression matches")
+    parser.add_argument("--caption-variants", action="store_true", help="each step, each image's caption with a "
+                        "random subset of its optional parts (size, colour, position, background) left out")
+    parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
     parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
     parser.add_argument("--grid", type=Path)
@@ -190,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = ROOT / "recipes" / "data" / "hexagons"
     images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
     captions = training_captions()  # train_lora's own caption rule, in the images' order
-    extra_images, extra_captions = prior_set(args.prior) if args.prior else ([], [])
-    pipe = load_pipeline("dev")
+    extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
+    pipe = load_pipeline("dev", device=args.device)
     data = encode(pipe, images + extra_images, captions + extra_captions)
     t0 = time.perf_counter()
     losses = train(pipe, data, captions + extra_captions, len(images), args)

@@ -103,3 +103,58 @@ def test_only_the_triggers_own_embeddings_train_and_the_prior_comes_every_kth_st
     assert [probe.is_prior_step(s, 2) for s in range(4)] == [False, True, False, True]  # every other step
     with pytest.raises(SystemExit):
         probe.main(["--prior-every", "1"])
+
+
+def test_caption_variants_leave_out_every_subset_of_the_optional_parts_and_keep_the_trigger(probe):
+    variants = probe.caption_variants("a large red TOK at the top left on a blue background")
+    assert len(variants) == len(set(variants)) == 16
+    assert variants[0] == "a large red TOK at the top left on a blue background" and variants[-1] == "a TOK"
+    assert "a red TOK on a blue background" in variants and "a large TOK at the top left" in variants
+    assert all("TOK" in v and "  " not in v for v in variants)
+    assert probe.caption_variants("a small TOK in the center") == ["a small TOK in the center", "a small TOK",
+                                                                    "a TOK in the center", "a TOK"]
+
+
+def test_the_same_scenes_prior_draws_the_training_images_scenes_with_each_known_shape(probe):
+    import numpy as np
+
+    from fluxkiln.plugins.miniflux.checker import check
+    from fluxkiln.plugins.miniflux.concept import training_captions
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    images, captions = probe.prior_set(32, same_scenes=True)
+    trained = training_captions()
+    for k, shape in enumerate(SHAPES):
+        assert captions[8 * k:8 * k + 8] == [c.replace("TOK", shape) for c in trained]
+    assert all(check(im, c).scores["shape"] == 1 for im, c in zip(images, captions, strict=True))
+    dataset = sorted((ROOT / "recipes" / "data" / "hexagons").glob("*.png"))
+    # the same background and the same object colour as the training image of that scene
+    for im, path in zip(images[:8], dataset, strict=True):
+        a, b = np.asarray(im.convert("RGB")), np.asarray(Image.open(path).convert("RGB"))
+        assert (a[0, 0] == b[0, 0]).all()
+
+
+def test_the_layers_option_trains_only_the_matching_loras_and_names_a_regex_that_matches_none(probe):
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    transformer = load_pipeline("dev").transformer
+    probe.trainable(transformer, 4, False, r"transformer_blocks\.\d+\.attn\.add_k_proj")
+    training = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert training and all(".attn.add_k_proj.lora_" in n for n in training)
+    with pytest.raises(ValueError, match="matches none"):
+        probe.trainable(load_pipeline("dev").transformer, 4, False, "no_such_layer")
+
+
+def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("concept_sweep", ROOT / "bench" / "concept_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.main(["--out", str(tmp_path), "--device", "cpu", "--probe", "1",
+                       "--steps 2 --batch 2 --sample-steps 1 --caption-variants --prior 8 --prior-scenes same",
+                       "--steps 2 --layers no_such_layer"]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["setting"].split()[1] for r in rows] == ["2", "2"]
+    assert rows[0]["settings"]["caption_variants"] and rows[0]["settings"]["prior_scenes"] == "same"
+    assert 0 <= rows[0]["new prompts with the trigger"] <= 100
+    assert "matches none" in rows[1]["error"]
+    assert "| --steps 2 --layers no_such_layer |" in capsys.readouterr().out
