@@ -97,33 +97,6 @@ def test_a_flux_run_imports_in_the_background_and_reads_model_files_ahead(tmp_pa
     assert off.stdout.strip().splitlines()[1] == "False"
 
 
-def test_on_a_gpu_the_compile_workers_start_once_the_imports_are_done(tmp_path):
-    """What torch does when its first graph reaches Inductor (start the compile worker pool) starts while the
-    model loads instead: on CUDA only, not with FLUXKILN_COMPILE=0, and never holding up the imports."""
-    (tmp_path / "f.toml").write_text(flux("builtin:tiny-flux"))
-    code = """
-        import sys, threading, torch
-        import torch._inductor.async_compile as ac
-        calls = []
-        ac.maybe_warm_pool = lambda: calls.append(threading.current_thread().name)
-        torch.cuda.is_available = lambda: True  # (the workers themselves are torch's business)
-        from fluxkiln.engine.recipe import load_recipe
-        from fluxkiln.plugins.flux import warm
-        recipe, _ = load_recipe("f.toml")
-        print(warm.start(recipe), sorted(warm.wait_imports()))
-        for t in threading.enumerate():
-            if t.name == "fluxkiln-compile-pool":
-                t.join()
-        print(calls)
-        """
-    on = py(code, tmp_path)
-    assert on.returncode == 0, on.stderr
-    assert on.stdout.strip().splitlines() == ["True ['import_s', 'waited_s']", "['fluxkiln-compile-pool']"]
-    off = py(code, tmp_path, FLUXKILN_COMPILE="0")
-    assert off.returncode == 0, off.stderr
-    assert off.stdout.strip().splitlines()[1] == "[]"
-
-
 def test_run_logs_the_background_imports_and_exits_without_teardown(tmp_path):
     (tmp_path / "f.toml").write_text(flux("builtin:tiny-flux"))
     code = """

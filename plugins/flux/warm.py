@@ -4,9 +4,10 @@ torch, diffusers and transformers in a background thread, and ask the kernel to 
 engine's own start (planning, run folder) and with each other.  ``load_model`` waits for the imports
 (:func:`wait_imports`) before its own, and logs what the background saved.
 
-On a CUDA machine, once the imports are done, a second thread also starts Inductor's pool of compile worker
-processes (:func:`_warm_compile_pool`), which torch itself starts only when the first graph reaches Inductor, so
-that the workers are up before the first compiled block needs them.
+Inductor's pool of compile worker processes is left to torch, which starts it at the first compiled graph:
+started here as soon as the imports were done, its sixteen worker processes importing torch competed with the
+load for the CPU: on an H200 the load took 7 s longer and the first image of a process came 1.6 s (cold) to
+3.7 s (warm compile cache) later, for 3.6 s less of Inductor's own time (docs/performance.md).
 
 ``FLUXKILN_PREWARM=0`` turns it all off.  Nothing here imports torch at module level.
 """
@@ -39,28 +40,6 @@ def _import_all() -> None:
     except Exception as exc:  # noqa: BLE001 - the node's own import reports a missing or broken package
         _state["error"] = f"{type(exc).__name__}: {exc}"
     _state["import_s"] = time.perf_counter() - t0
-    if "error" not in _state:  # a thread of its own: load_model waits for the imports, not for this
-        threading.Thread(target=_warm_compile_pool, name="fluxkiln-compile-pool", daemon=True).start()
-
-
-def _warm_compile_pool() -> None:
-    """Start Inductor's compile workers early (CUDA only, and not with ``FLUXKILN_COMPILE=0``): what torch does
-    at the first compiled graph (``maybe_warm_pool``, which ``TORCH_WARM_POOL=0`` turns off), while the model
-    loads instead."""
-    import torch
-
-    from .fast import compile_disabled
-
-    if compile_disabled() or not torch.cuda.is_available():
-        return
-    t0 = time.perf_counter()
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-
-        maybe_warm_pool()
-    except Exception as exc:  # noqa: BLE001 - torch starts the pool itself when it first compiles
-        _state["compile_pool_error"] = f"{type(exc).__name__}: {exc}"
-    _state["compile_pool_s"] = time.perf_counter() - t0
 
 
 def _read_ahead(files: list[Path]) -> None:
