@@ -41,7 +41,6 @@ def timed(fn: Any, repeats: int = 30) -> float:
 
 
 def kernels(q: Any, k: Any, v: Any) -> dict[str, Any]:
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -61,7 +60,6 @@ def kernels(q: Any, k: Any, v: Any) -> dict[str, Any]:
         print(f"[attn] sageattention not importable: {err}")
     else:
         found["sage1 int8 qk"] = lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
-    del torch
     return found
 
 
