@@ -3,8 +3,9 @@ the adapter's size, the trained weights, the time sampling and a prior-preservat
 and the samples looked at.
 
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
-                                  [--text-encoders] [--embeddings] [--prior N] [--prior-every 2] [--probe 8]
-                                  [--sample-steps 28] [--grid FILE] [--json FILE]
+                                  [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
+                                  [--prior-scenes same] [--caption-variants] [--layers REGEX] [--device cuda]
+                                  [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),
@@ -15,8 +16,12 @@ checker. ``--full`` trains every weight of the transformer blocks instead of a L
 ``--text-encoders`` adds a LoRA of the same rank on every linear layer of CLIP and T5 (they never saw the
 trigger's characters in a caption); ``--embeddings`` trains the trigger's own token embeddings in both
 (textual inversion; with the LoRA, pivotal tuning); ``--prior N`` adds N rendered images of the known shapes
-with their own captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step).
-``--grid`` saves the training images over the four rows of samples.
+with their own captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step;
+``--prior-scenes same``: the training images' own scenes with the known shapes). ``--new-token`` makes the trigger
+one new token of T5's tokenizer; ``--caption-variants`` leaves out a random subset of each caption's optional parts
+each step; ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
+GPU (``bench/concept_sweep.py`` runs several settings in one process). ``--grid`` saves the training images over the
+four rows of samples.
 """
 
 from __future__ import annotations
@@ -142,6 +147,31 @@ def is_prior_step(step: int, every: int) -> bool:
     return step % every == every - 1
 
 
+def add_trigger_token(pipe: Any, word: str, init: str = "shapes") -> int:
+    """Make ``word`` one new token of T5's tokenizer (it reads the trigger as three letter pieces, which its
+    training taught it to ignore as filler), its embedding row started at the mean of the four shape words'
+    rows (``init="shapes"``) or at one shape word's: the new-token pivotal tuning of diffusers' advanced
+    DreamBooth script.  CLIP keeps its letters (its pooled vector carries colours and counts, not shapes).
+    Returns the new token's id."""
+    import torch
+    from transformers import AddedToken
+
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    tokenizer, encoder = pipe.tokenizer_2, pipe.text_encoder_2
+    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False)])
+    new = tokenizer.convert_tokens_to_ids(word)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    table = encoder.get_input_embeddings().weight
+    words = SHAPES if init == "shapes" else (init,)
+    rows = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    if any(len(r) != 1 for r in rows):
+        raise ValueError(f"--new-token-init {init!r}: every word must be one T5 token ({rows})")
+    with torch.no_grad():
+        table[new] = table[[r[0] for r in rows]].mean(0)
+    return new
+
+
 def embedding_trainable(pipe: Any, word: str) -> list[Any]:
     """The input embeddings of ``word``'s tokens in both text encoders (textual inversion; with the LoRA:
     pivotal tuning), every other row and weight of the encoders frozen (their gradients masked to zero)."""
@@ -179,7 +209,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 
-        params += embedding_trainable(pipe, TRIGGER)
+        params += embedding_trainable(pipe, TRIGGER)[1 if args.new_token else 0:]  # a new token: T5's alone
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -219,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-encoders", action="store_true", help="a LoRA on both text encoders too")
     parser.add_argument("--embeddings", action="store_true", help="train the trigger's token embeddings in both "
                         "text encoders too (textual inversion: pivotal tuning with the LoRA)")
+    parser.add_argument("--new-token", action="store_true", help="make the trigger one new token of T5's "
+                        "tokenizer (with --embeddings: train its row, and only T5's)")
+    parser.add_argument("--new-token-init", default="shapes", help="its first embedding: the mean of the shape "
+                        "words' (shapes) or one word's")
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
     parser.add_argument("--prior-every", type=int, default=2, help="every how many steps a step of the prior set "
                         "comes (2: every other step)")
@@ -249,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     captions = training_captions()  # train_lora's own caption rule, in the images' order
     extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
     pipe = load_pipeline("dev", device=args.device)
+    if args.new_token:
+        add_trigger_token(pipe, TRIGGER, args.new_token_init)
     data = encode(pipe, images + extra_images, captions + extra_captions)
     t0 = time.perf_counter()
     losses = train(pipe, data, captions + extra_captions, len(images), args)

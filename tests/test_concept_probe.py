@@ -158,3 +158,22 @@ def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_p
     assert 0 <= rows[0]["new prompts with the trigger"] <= 100
     assert "matches none" in rows[1]["error"]
     assert "| --steps 2 --layers no_such_layer |" in capsys.readouterr().out
+
+
+def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean(probe):
+    import torch
+
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    pipe = load_pipeline("dev")
+    before = pipe.tokenizer_2.tokenize("a red TOK on a blue background")
+    new = probe.add_trigger_token(pipe, "TOK")
+    assert len(before) > len(pipe.tokenizer_2.tokenize("a red TOK on a blue background"))  # letters -> one token
+    assert pipe.tokenizer_2("TOK", add_special_tokens=False)["input_ids"] == [new]
+    table = pipe.text_encoder_2.get_input_embeddings().weight
+    shapes = [pipe.tokenizer_2(s, add_special_tokens=False)["input_ids"][0] for s in SHAPES]
+    assert torch.allclose(table[new], table[shapes].mean(0))
+    assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK")][1] == len(pipe.tokenizer_2)
+    with pytest.raises(ValueError, match="one T5 token"):
+        probe.add_trigger_token(load_pipeline("dev"), "TOK", init="hexagon")
