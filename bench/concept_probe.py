@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-variants", action="store_true", help="each step, each image's caption with a "
                         "random subset of its optional parts (size, colour, position, background) left out")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
+    parser.add_argument("--more-guidance", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                        help="also sample the new prompts (and the leakage prompts) at these guidances, e.g. 5")
     parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
     parser.add_argument("--grid", type=Path)
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             "training captions, guidance 3": (captions, named, 3.0),
             "new prompts with the trigger": (with_trigger, [p.replace(TRIGGER, CONCEPT) for p in with_trigger], 3.0),
             "the same with a known shape (leakage)": (without, without, 3.0)}
+    for g in args.more_guidance:
+        rows[f"new prompts with the trigger, guidance {g:g}"] = (with_trigger, rows["new prompts with the trigger"][1], g)
+        rows[f"leakage, guidance {g:g}"] = (without, without, g)
     result: dict[str, Any] = {"settings": vars(args) | {"grid": str(args.grid), "json": str(args.json)},
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []

@@ -177,3 +177,12 @@ def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean
     assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK")][1] == len(pipe.tokenizer_2)
     with pytest.raises(ValueError, match="one T5 token"):
         probe.add_trigger_token(load_pipeline("dev"), "TOK", init="hexagon")
+
+
+def test_more_guidance_adds_rows_for_the_new_prompts_and_the_leakage(probe, tmp_path):
+    out, grid = tmp_path / "p.json", tmp_path / "g.png"
+    assert probe.main(["--steps", "1", "--batch", "1", "--probe", "1", "--sample-steps", "1", "--more-guidance", "5",
+                       "--json", str(out), "--grid", str(grid)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["new prompts with the trigger, guidance 5"] <= 100 and 0 <= result["leakage, guidance 5"] <= 100
+    assert Image.open(grid).size == (8 * 128, 7 * 128)  # two more rows of samples
