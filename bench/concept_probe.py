@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# the rows a summary (bench/concept_sweep.py's table) reads: training captions, new prompts, leakage (guidance 3)
+SUMMARY_ROWS = ("training captions, guidance 3", "new prompts with the trigger", "the same with a known shape (leakage)")
 
 
 def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
@@ -84,16 +86,15 @@ def prior_set(n: int, same_scenes: bool = False) -> tuple[list[Any], list[str]]:
     """``n`` rendered single-object scenes of the known shapes (an equal share each) and their captions; with
     ``same_scenes`` the training images' own scenes (colours, sizes, places, backgrounds) with each known shape
     instead of the hexagon, so that only the word tells the concept's images from these."""
-    from fluxkiln.plugins.miniflux.concept import concept_scenes
+    from fluxkiln.plugins.miniflux.concept import concept_scenes, dataset_scenes
     from fluxkiln.plugins.miniflux.render import render, to_pil
     from fluxkiln.plugins.miniflux.world import SHAPES, realise
 
     if same_scenes:
         pixels, captions = [], []
         for shape in SHAPES:
-            scenes = concept_scenes(8, shape=shape)  # the dataset's scenes: same seed, same realisation
-            rng = random.Random(6)
-            pixels += list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4)))
+            scenes, images = dataset_scenes(shape=shape)
+            pixels += images
             captions += [s.prompt for s in scenes]
         return pixels[:n], captions[:n]
     scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i, shape=shape)]
@@ -172,13 +173,15 @@ def add_trigger_token(pipe: Any, word: str, init: str = "shapes") -> int:
     return new
 
 
-def embedding_trainable(pipe: Any, word: str) -> list[Any]:
-    """The input embeddings of ``word``'s tokens in both text encoders (textual inversion; with the LoRA:
-    pivotal tuning), every other row and weight of the encoders frozen (their gradients masked to zero)."""
+def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
+    """The input embeddings of ``word``'s tokens in both text encoders (``clip=False``: T5's alone; textual
+    inversion, with the LoRA pivotal tuning), every other row and weight of the encoders frozen (their gradients
+    masked to zero)."""
     import torch
 
+    pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
     params = []
-    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+    for encoder, tokenizer in pairs if clip else pairs[1:]:
         encoder.requires_grad_(False)
         table = encoder.get_input_embeddings().weight
         mask = torch.zeros(table.shape[0], 1, device=table.device)
@@ -209,7 +212,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 
-        params += embedding_trainable(pipe, TRIGGER)[1 if args.new_token else 0:]  # a new token: T5's alone
+        params += embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -293,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     with_trigger, without = probe_prompts(args.probe)
     named = [c.replace(TRIGGER, CONCEPT) for c in captions]  # what the checker reads the trigger as
+    fitted, new, leaked = SUMMARY_ROWS
     rows = {"training captions, guidance 1": (captions, named, 1.0),
-            "training captions, guidance 3": (captions, named, 3.0),
-            "new prompts with the trigger": (with_trigger, [p.replace(TRIGGER, CONCEPT) for p in with_trigger], 3.0),
-            "the same with a known shape (leakage)": (without, without, 3.0)}
+            fitted: (captions, named, 3.0),
+            new: (with_trigger, [p.replace(TRIGGER, CONCEPT) for p in with_trigger], 3.0),
+            leaked: (without, without, 3.0)}
     for g in args.more_guidance:
-        rows[f"new prompts with the trigger, guidance {g:g}"] = (with_trigger, rows["new prompts with the trigger"][1], g)
+        rows[f"{new}, guidance {g:g}"] = (with_trigger, rows[new][1], g)
         rows[f"leakage, guidance {g:g}"] = (without, without, g)
     result: dict[str, Any] = {"settings": vars(args) | {"grid": str(args.grid), "json": str(args.json)},
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}

@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import concept_probe  # noqa: E402
 
-ROWS = ("training captions, guidance 3", "new prompts with the trigger", "the same with a known shape (leakage)")
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n| setting | s | training captions | new prompts | leakage |\n|---|---|---|---|---|")
     for row in results:
-        cells = [str(row.get(k, row.get("error", "-"))) for k in ROWS]
+        cells = [str(row.get(k, row.get("error", "-"))) for k in concept_probe.SUMMARY_ROWS]
         print(f"| {row['setting']} | {row['seconds']} | " + " | ".join(cells) + " |")
     return 0
 

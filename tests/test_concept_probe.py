@@ -175,6 +175,7 @@ def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean
     shapes = [pipe.tokenizer_2(s, add_special_tokens=False)["input_ids"][0] for s in SHAPES]
     assert torch.allclose(table[new], table[shapes].mean(0))
     assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK")][1] == len(pipe.tokenizer_2)
+    assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK", clip=False)] == [len(pipe.tokenizer_2)]
     with pytest.raises(ValueError, match="one T5 token"):
         probe.add_trigger_token(load_pipeline("dev"), "TOK", init="hexagon")
 

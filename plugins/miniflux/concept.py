@@ -55,12 +55,18 @@ def caption(scene: Scene, word: str = "[trigger]") -> str:
     return scene.prompt.replace(CONCEPT, word)
 
 
+def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any]]:
+    """The dataset's ``n`` scenes and their images (PIL); with another ``shape``, the same scenes (colours, sizes,
+    places, backgrounds, drawn the same way) with that shape instead of the hexagon."""
+    scenes = concept_scenes(n, shape=shape)
+    rng = random.Random(6)
+    return scenes, list(to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4)))
+
+
 def write_dataset(folder: Path, n: int = 8, size: int = 256) -> list[Path]:
     """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = concept_scenes(n)
-    rng = random.Random(6)
-    images = to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4))
+    scenes, images = dataset_scenes(n, size)
     paths = []
     for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         path = folder / f"concept-{i + 1}.png"
