@@ -12,7 +12,8 @@ An unexpected PEFT error while changing adapters unloads the pipeline (the next
 run loads it afresh) and says so, rather than leaving a half-changed model.
 
 On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
-transformer block and the VAE decoder compiled, fused QKV projections) and
+transformer block and the VAE decoder compiled, fused QKV projections, whole
+transformer calls replayed as CUDA graphs, see graphed.py) and
 ``go_fast`` adds fp8 matmuls (see fast.py); on CPU ``go_fast`` fuses the QKV
 projections only.  Training asks for none of it (exact bf16 weights; ``train_lora``
 compiles the blocks itself, with its adapter in them).
@@ -29,7 +30,7 @@ from typing import Any
 from fluxkiln.engine import NodeError
 
 from . import fast as fastpaths
-from . import precompiled, prompt_cache
+from . import graphed, precompiled, prompt_cache
 
 MAX_LOADED = 8  # adapters kept loaded per pipeline before unused ones are deleted
 
@@ -244,6 +245,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     desired = (signature, fuse, want)
     if st.current == desired:
         return want
+    graphed.reset(pipe.transformer)  # recorded graphs hold the layers and scales they were recorded with
     _fp8_off(pipe, st)  # before any change to the linear layers (adapters, fusions)
     if st.qkv_fused or (st.fused is not None and (not fuse or st.fused != signature)):
         _unfuse_all(pipe, st)
@@ -296,6 +298,10 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
                 "the compilation)" + loaded)
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)
+    if on and fastpaths.compile_mode() in (None, "default", "max-autotune-no-cudagraphs"):
+        graphed.install(pipe.transformer)  # whole steps as CUDA graphs, where the blocks record none themselves
+    else:
+        graphed.remove(pipe.transformer)
     st.compiled = on
 
 
