@@ -254,8 +254,11 @@ E2E_ROWS = {"stock": "stock diffusers (`FluxPipeline.from_pretrained`, images, P
             "fluxkiln_cold": "`fluxkiln run`, compile cache cold", "fluxkiln_warm": "`fluxkiln run`, compile cache warm",
             "fluxkiln_after_warmup": "`fluxkiln run` after `fluxkiln warmup`"}
 SPEED_ROWS = {"schnell-go_fast": "schnell, 4 steps, `go_fast`",
-              "schnell-go_fast-graphs": "schnell, 4 steps, `go_fast`, CUDA graphs",
-              "dev-go_fast": "dev, 28 steps, `go_fast`", "dev-go_fast-graphs": "dev, 28 steps, `go_fast`, CUDA graphs",
+              "schnell-go_fast-nograph": "schnell, 4 steps, `go_fast`, whole-step graphs off",
+              "schnell-go_fast-graphs": "schnell, 4 steps, `go_fast`, CUDA graphs per block",
+              "dev-go_fast": "dev, 28 steps, `go_fast`",
+              "dev-go_fast-nograph": "dev, 28 steps, `go_fast`, whole-step graphs off",
+              "dev-go_fast-graphs": "dev, 28 steps, `go_fast`, CUDA graphs per block",
               "dev-go_fast-cache": "dev, 28 steps, `go_fast`, step cache (lossy)",
               "schnell-go_fast-cache": "schnell, 4 steps, `go_fast`, step cache (lossy)"}
 

@@ -319,8 +319,8 @@ def test_bench_rejects_unknown_generation_configs(capsys):
 
 def test_bench_step_cache_and_compile_mode_rows(tmp_path):
     out = tmp_path / "b.json"
-    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs", "dev-go_fast-cache,dev-go_fast-graphs",
-                     "--cache-threshold", "1.0", "--no-stock", "--out", str(out)]) == 0
+    assert cli.main(["bench", "--tiny", "--only", "sample", "--configs",
+                     "dev-go_fast-cache,dev-go_fast-graphs,dev-go_fast-nograph", "--cache-threshold", "1.0", "--no-stock", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     cached = res["sample"]["dev-go_fast-cache"]
     assert cached["cache_threshold"] == 1.0 and cached["cache_skipped_steps"] >= 1
@@ -329,6 +329,8 @@ def test_bench_step_cache_and_compile_mode_rows(tmp_path):
     import os
 
     assert "FLUXKILN_COMPILE_MODE" not in os.environ  # put back after the -graphs row
+    assert res["sample"]["dev-go_fast-nograph"]["s_per_image"] > 0
+    assert "FLUXKILN_CUDA_GRAPHS" not in os.environ  # and after the -nograph row
 
 
 def test_compile_mode_from_the_environment(monkeypatch):

@@ -28,7 +28,8 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["sample", "train", "quality"], help="run one part only")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="sampling configurations, comma-separated "
                    "(default: the first three): " + ", ".join(CONFIGS) + "; -cache rows use --cache-threshold, "
-                   "-graphs rows compile the blocks with CUDA graphs (mode reduce-overhead)")
+                   "-graphs rows compile each block with CUDA graphs of its own (mode reduce-overhead), -nograph rows "
+                   "switch whole-step CUDA graphs off")
     p.add_argument("--cache-threshold", type=float, default=0.1, help="the step cache's threshold in -cache rows "
                    "(default 0.1)")
     p.add_argument("--quality", action="store_true", help="also the quality guard on mini-flux: adherence of eager, "

@@ -15,9 +15,10 @@ from .profile import kernel_breakdown, stage_times
 from .session import PROMPT, BenchSession, per_image, recipe_head, sample_head
 
 CONFIGS = ("dev-lossless", "dev-go_fast", "schnell-go_fast", "dev-go_fast-cache", "schnell-go_fast-cache",
-           "dev-go_fast-graphs", "schnell-go_fast-graphs")
+           "dev-go_fast-graphs", "schnell-go_fast-graphs", "dev-go_fast-nograph", "schnell-go_fast-nograph")
 DEFAULT_CONFIGS = CONFIGS[:3]
-GRAPHS_MODE = "reduce-overhead"  # "-graphs" rows: the blocks compiled with CUDA graphs
+GRAPHS_MODE = "reduce-overhead"  # "-graphs" rows: each block compiled with CUDA graphs of its own
+# "-nograph" rows: whole transformer calls not replayed as CUDA graphs (graphed.py), to show what they give
 
 
 class SamplingBench:
@@ -124,6 +125,8 @@ go_fast = {str(go_fast).lower()}
         cache = self.bench.cache_threshold if "cache" in extra else 0.0
         if "graphs" in extra:
             self.with_compile_mode(variant, GRAPHS_MODE, lambda: self.measure(name, variant, mode, cache))
+        elif "nograph" in extra:
+            self.without_step_graphs(lambda: self.measure(name, variant, mode, cache))
         else:
             self.measure(name, variant, mode, cache)
 
@@ -138,6 +141,21 @@ go_fast = {str(go_fast).lower()}
         finally:
             os.environ.pop("FLUXKILN_COMPILE_MODE", None)
             self.reset(variant)
+
+    @staticmethod
+    def without_step_graphs(fn: Any) -> None:
+        """Run ``fn`` with whole-step CUDA graphs off (``FLUXKILN_CUDA_GRAPHS=0``, read at every call)."""
+        import os
+
+        before = os.environ.get("FLUXKILN_CUDA_GRAPHS")
+        os.environ["FLUXKILN_CUDA_GRAPHS"] = "0"
+        try:
+            fn()
+        finally:
+            if before is None:
+                os.environ.pop("FLUXKILN_CUDA_GRAPHS")
+            else:
+                os.environ["FLUXKILN_CUDA_GRAPHS"] = before
 
     def measure(self, name: str, variant: str, mode: str, cache: float) -> None:
         import torch
