@@ -108,9 +108,9 @@ class WholeStep:
     def __init__(self, module: Any, recorder: Callable[..., Graph] | None = None) -> None:
         import torch
 
-        from .precompiled import _watch_registrations
+        from .precompiled import watch
 
-        _watch_registrations()
+        watch(module)
         self.module, self.torch = module, torch
         self.record_graph = recorder or record
         self.graphs: OrderedDict[tuple[Any, ...], Graph | str] = OrderedDict()

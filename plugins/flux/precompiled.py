@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,11 +303,28 @@ def forget() -> None:
 
 
 # ------------------------------------------------------------------ calling
-_GENERATION = [0]  # bumped whenever any module gets a submodule or parameter (torch's global registration hooks)
+_GENERATION = [0]  # bumped whenever a watched module gets a submodule or parameter (torch's registration hooks)
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()  # the modules of served blocks and graphed transformers
 
 
-def _bump(*_args: Any) -> None:
+def _bump(parent: Any, _name: str, value: Any) -> None:
+    """A registration on a watched module (an adapter, an fp8 layer, fused projections): what was checked or
+    recorded may be stale.  Registrations elsewhere are ignored — diffusers' VAE slices a ModuleList in every
+    forward, which registers its modules into a new list — and so is code being traced by torch.compile (a
+    traced hook would become a guard on the counter and a side effect of the graph: a recompilation per call)."""
+    import torch
+
+    if torch.compiler.is_compiling() or parent not in _WATCHED:
+        return
     _GENERATION[0] += 1
+    if isinstance(value, torch.nn.Module):
+        _WATCHED.update(value.modules())  # later registrations inside it count too
+
+
+def watch(module: Any) -> None:
+    """Count registrations on ``module`` and everything in it (see :func:`_bump`)."""
+    _watch_registrations()
+    _WATCHED.update(module.modules())
 
 
 def _watch_registrations() -> None:
@@ -335,7 +353,7 @@ class Dispatch:
 
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-        _watch_registrations()
+        watch(block)
         self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
         self.registry = _AttentionBackendRegistry
         self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
@@ -373,7 +391,7 @@ class Dispatch:
         if sig is None:
             return None
         seen = self.checked.get(sig)
-        if seen is not None and seen[0] == self._state():
+        if seen is not None and seen[0] == self._state() and recording is None:  # recording notes every variant
             return seen[1]
         return self._check(sig, args, kwargs, recording)
 
