@@ -206,26 +206,3 @@ def test_build_pipeline_loads_through_device_map_and_falls_back(monkeypatch, tmp
     asked.clear()
     pipe = load.build_pipeline(src, "auto", "cpu", "none", "none")
     assert asked == ["no-such-device", None] and pipe.transformer is not None  # loaded through CPU memory instead
-
-
-def test_compile_pool_starts_after_a_cuda_load_unless_precompiled_blocks_loaded(monkeypatch):
-    import torch._inductor.async_compile as async_compile
-
-    from fluxkiln.plugins.flux import precompiled, warm
-
-    started: list[bool] = []
-    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
-    monkeypatch.setattr(warm, "_state", {})
-    assert not warm.start_compile_pool("cpu")  # a CPU compiles in this process, without the pool
-    monkeypatch.setenv("FLUXKILN_COMPILE", "0")
-    assert not warm.start_compile_pool("cuda")
-    monkeypatch.delenv("FLUXKILN_COMPILE")
-    for loaded, expect in (({"DoubleBlock-1": object()}, []), ({}, [True])):
-        monkeypatch.setattr(warm, "_state", {})
-        monkeypatch.setattr(precompiled, "table", lambda device, loaded=loaded: loaded)
-        started.clear()
-        assert warm.start_compile_pool("cuda")
-        assert not warm.start_compile_pool("cuda")  # once per process
-        warm._state["pool"].join()
-        assert started == expect
-        assert ("pool_skipped" in warm._state) == bool(loaded)

@@ -415,10 +415,7 @@ def load_model(
         ctx.log(f"loading FLUX pipeline '{model}' from {src.path}")
         if device == "cuda" and not fastpaths.compile_disabled():
             precompiled.start_preload(device)  # `fluxkiln warmup`'s blocks load while the weights do
-    fresh = key not in ctx.models
     pipe = get_pipeline(out)
-    if fresh:
-        warm.start_compile_pool(device)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path),
                 "dtype": str(pipe.transformer.dtype).replace("torch.", ""),

@@ -4,12 +4,10 @@ torch, diffusers and transformers in a background thread, and ask the kernel to 
 engine's own start (planning, run folder) and with each other.  ``load_model`` waits for the imports
 (:func:`wait_imports`) before its own, and logs what the background saved.
 
-Inductor's pool of compile worker processes, which torch starts when the first traced graph reaches Inductor,
-is started once a CUDA load is done (:func:`start_compile_pool`), so the workers come up while the first block is
-prepared and traced, unless ``fluxkiln warmup``'s precompiled blocks loaded (then nothing compiles).  Not before:
-started as soon as the imports were done, its sixteen worker processes importing torch competed with the load
-for the CPU: on an H200 the load took 7 s longer and the first image of a process came 1.6 s (cold) to 3.7 s
-(warm compile cache) later, for 3.6 s less of Inductor's own time (docs/performance.md).
+Inductor's pool of compile worker processes is left to torch, which starts it at the first compiled graph:
+started here as soon as the imports were done, its sixteen worker processes importing torch competed with the
+load for the CPU: on an H200 the load took 7 s longer and the first image of a process came 1.6 s (cold) to
+3.7 s (warm compile cache) later, for 3.6 s less of Inductor's own time (docs/performance.md).
 
 ``FLUXKILN_PREWARM=0`` turns it all off.  Nothing here imports torch at module level.
 """
@@ -104,31 +102,3 @@ def wait_imports() -> dict[str, float] | None:
     t0 = time.perf_counter()
     thread.join()
     return {"import_s": round(_state.get("import_s", 0.0), 2), "waited_s": round(time.perf_counter() - t0, 2)}
-
-
-def start_compile_pool(device: str) -> bool:
-    """Start Inductor's compile workers in a thread after a CUDA load (what torch does at the first compiled graph,
-    a few seconds later), unless precompiled blocks for ``device`` were loaded; False where nothing was started."""
-    from . import fast
-
-    if not enabled() or device != "cuda" or fast.compile_disabled() or "pool" in _state:
-        return False
-    _state["pool"] = threading.Thread(target=_warm_pool, args=(device,), name="fluxkiln-compile-pool", daemon=True)
-    _state["pool"].start()
-    return True
-
-
-def _warm_pool(device: str) -> None:
-    from . import precompiled
-
-    if precompiled.table(device):  # waits for the background load of `fluxkiln warmup`'s files
-        _state["pool_skipped"] = "precompiled blocks loaded"
-        return
-    t0 = time.perf_counter()
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-
-        maybe_warm_pool()
-    except Exception as exc:  # noqa: BLE001 - torch starts the pool itself when it first compiles
-        _state["pool_error"] = f"{type(exc).__name__}: {exc}"
-    _state["pool_s"] = time.perf_counter() - t0
