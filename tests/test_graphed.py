@@ -194,6 +194,17 @@ def test_install_remove_and_reset():
     assert graphed.install(tr) is None
 
 
+def test_unloading_a_pipeline_frees_its_graphs():
+    from fluxkiln.plugins.flux.load import release_pipeline
+    from fluxkiln.plugins.flux.tiny import build_tiny_flux
+
+    pipe = build_tiny_flux()
+    step = graphed.install(pipe.transformer)
+    step.graphs[("x",)] = graphed.EAGER
+    release_pipeline(pipe)
+    assert graphed.stats(pipe.transformer) is None and not step.graphs
+
+
 # ------------------------------------------------------------------ a real CUDA GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

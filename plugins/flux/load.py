@@ -164,9 +164,12 @@ def release_pipeline(pipe: Any) -> None:
     """Free a pipeline's memory (called by the residency manager on eviction)."""
     import torch
 
-    from . import prompt_cache
+    from . import graphed, prompt_cache
 
     prompt_cache.drop(pipe)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and not keep_alive(pipe, "transformer", transformer):
+        graphed.remove(transformer)  # its CUDA graphs hold memory of their own
     try:
         pipe.remove_all_hooks()
     except Exception:  # noqa: BLE001 - best effort: hooks may not be installed
