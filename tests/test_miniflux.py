@@ -60,6 +60,19 @@ def test_the_checker_says_what_is_wrong():
     assert two["count"] == 0.0 and two["colour"] == 0.5
 
 
+def test_the_checker_separates_touching_objects_of_two_colours():
+    red = world.Drawn("red", "square", 0.72, 0.75, 0.2)
+    yellow = world.Drawn("yellow", "circle", 0.3, 0.75, 0.24)  # overlaps the square from x = 0.52 to 0.54
+    prompt = "a large red square at the bottom right and a large yellow circle at the bottom left on a black background"
+    for order in ((red, yellow), (yellow, red)):
+        image = render.to_pil(render.render([world.Layout("black", order)], 256, 256))[0]
+        result = checker.check(image, prompt)
+        assert result.all_right, (result.scores, result.blobs)  # before: one orange blob, every object wrong
+    same = world.Layout("black", (red, world.Drawn("red", "circle", 0.3, 0.75, 0.24)))
+    image = render.to_pil(render.render([same], 256, 256))[0]
+    assert len(checker.check(image, prompt).blobs) == 1  # one colour: nothing tells the two apart
+
+
 # -- the shipped weights ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

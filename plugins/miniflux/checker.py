@@ -1,7 +1,8 @@
 """The pixel-based checker of mini-flux's world: does an image show what its prompt asks for?
 
 No learned model: the background is the median colour of the image's border, objects are the connected
-blobs that differ from it, each blob's colour is its median colour (nearest palette colour), its position
+blobs that differ from it (a blob whose inner pixels fall into two or more palette colours, each covering a fifth
+of them, is two touching objects and is split by colour), each blob's colour is its median colour (nearest palette colour), its position
 the 3x3 cell of its bounding box's centre, its size its half-extent against :data:`~.world.SIZE_SPLIT`, and
 its shape the template (drawn by the renderer into the blob's bounding box) that overlaps it best.  Blobs
 are matched to the prompt's objects in the order that agrees best.  Deterministic, any image size.
@@ -19,6 +20,7 @@ from .world import ALL_SHAPES, COLOURS, SIZE_SPLIT, Obj, parse
 ATTRIBUTES = ("colour", "shape", "size", "position")
 FG_DISTANCE = 80.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_BLOB = 0.004  # smallest blob that counts as an object, as a fraction of (shorter side)^2
+SPLIT_SHARE = 0.2  # a blob holds two objects where two palette colours each cover at least this share of it
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def check(image: Any, prompt: str, aliases: dict[str, str] | None = None) -> Che
 
 
 def find_blobs(arr: Any, bg_rgb: Any) -> list[Blob]:
-    """The objects of an image: connected regions unlike the background, largest first."""
+    """The objects of an image: connected regions unlike the background (split where one holds two objects of
+    different colours that touch), largest first."""
     import numpy as np
     from scipy import ndimage
 
@@ -83,20 +86,53 @@ def find_blobs(arr: Any, bg_rgb: Any) -> list[Blob]:
     if count == 0:
         return []
     areas = ndimage.sum_labels(fg, labels, index=np.arange(1, count + 1))
-    keep = [i + 1 for i in np.argsort(-areas) if areas[i] >= MIN_BLOB * short * short][:4]
-    blobs = []
-    for lab in keep:
-        mask = labels == lab
-        ys, xs = np.nonzero(mask)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        core = ndimage.binary_erosion(mask, iterations=2)
-        pixels = arr[core] if core.any() else arr[mask]
-        cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
-        half = max(x1 - x0, y1 - y0) / 2 / short
-        blobs.append(Blob(colour=palette_name(np.median(pixels, axis=0)), shape=_fit_shape(mask[y0:y1, x0:x1]),
-                          size="small" if half < SIZE_SPLIT else "large", position=_cell(cx, cy),
-                          area=float(mask.sum()) / short / short))
-    return blobs
+    least = MIN_BLOB * short * short
+    keep = [i + 1 for i in np.argsort(-areas) if areas[i] >= least][:4]
+    masks = [part for lab in keep for part in split_by_colour(arr, labels == lab, least)]
+    masks.sort(key=lambda m: -int(m.sum()))
+    return [_blob(arr, mask, short) for mask in masks[:4]]
+
+
+def split_by_colour(arr: Any, mask: Any, least: float) -> list[Any]:
+    """``mask`` as one object, or, where the nearest palette colours of its core (the pixels 2 px inside its
+    edge: outlines and blended seams are thin) hold two or more parts that are each at least
+    :data:`SPLIT_SHARE` of the core (and ``least`` pixels), each of those colours' connected parts as objects
+    of their own (the blended pixels where they touch are left out)."""
+    import numpy as np
+    from scipy import ndimage
+
+    palette = np.array(list(COLOURS.values()), dtype=np.float64)
+    pixels = arr[mask]
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    colour_of = np.full(mask.shape, -1)
+    colour_of[mask] = nearest
+    core = colour_of[ndimage.binary_erosion(mask, iterations=2)]
+    counts = np.bincount(core, minlength=len(palette))
+    major = [c for c in np.argsort(-counts) if counts[c] >= max(least, SPLIT_SHARE * len(core))]
+    if len(major) < 2:
+        return [mask]
+    parts = []
+    for c in major:
+        labels, count = ndimage.label(colour_of == c)
+        sizes = ndimage.sum_labels(labels > 0, labels, index=np.arange(1, count + 1))
+        parts += [labels == i + 1 for i in range(count) if sizes[i] >= least]
+    return parts or [mask]
+
+
+def _blob(arr: Any, mask: Any, short: int) -> Blob:
+    import numpy as np
+    from scipy import ndimage
+
+    h, w = arr.shape[:2]
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    core = ndimage.binary_erosion(mask, iterations=2)
+    pixels = arr[core] if core.any() else arr[mask]
+    cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
+    half = max(x1 - x0, y1 - y0) / 2 / short
+    return Blob(colour=palette_name(np.median(pixels, axis=0)), shape=_fit_shape(mask[y0:y1, x0:x1]),
+                size="small" if half < SIZE_SPLIT else "large", position=_cell(cx, cy),
+                area=float(mask.sum()) / short / short)
 
 
 def _cell(x: float, y: float) -> str:
