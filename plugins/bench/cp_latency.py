@@ -175,16 +175,10 @@ class CpLatency:
 def _in_graph_mode(compile_: Callable[[], Any]) -> None:
     """Compile in Inductor's reduce-overhead mode (CUDA graphs); the environment is as it was afterwards."""
     import os
+    from unittest import mock
 
-    before = os.environ.get("FLUXKILN_COMPILE_MODE")
-    os.environ["FLUXKILN_COMPILE_MODE"] = "reduce-overhead"
-    try:
+    with mock.patch.dict(os.environ, {"FLUXKILN_COMPILE_MODE": "reduce-overhead"}):
         compile_()
-    finally:
-        if before is None:
-            os.environ.pop("FLUXKILN_COMPILE_MODE", None)
-        else:
-            os.environ["FLUXKILN_COMPILE_MODE"] = before
 
 
 def _rel_diff(a: Any, b: Any) -> float:

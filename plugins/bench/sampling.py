@@ -146,16 +146,10 @@ go_fast = {str(go_fast).lower()}
     def without_step_graphs(fn: Any) -> None:
         """Run ``fn`` with whole-step CUDA graphs off (``FLUXKILN_CUDA_GRAPHS=0``, read at every call)."""
         import os
+        from unittest import mock
 
-        before = os.environ.get("FLUXKILN_CUDA_GRAPHS")
-        os.environ["FLUXKILN_CUDA_GRAPHS"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"FLUXKILN_CUDA_GRAPHS": "0"}):
             fn()
-        finally:
-            if before is None:
-                os.environ.pop("FLUXKILN_CUDA_GRAPHS")
-            else:
-                os.environ["FLUXKILN_CUDA_GRAPHS"] = before
 
     def measure(self, name: str, variant: str, mode: str, cache: float) -> None:
         import torch
