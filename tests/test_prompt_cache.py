@@ -240,10 +240,10 @@ def test_freed_encoders_are_forgotten_so_new_modules_at_their_addresses_are_no_e
     other = SimpleNamespace(text_encoder=copy.deepcopy(tiny_pipe.text_encoder), text_encoder_2=tiny_pipe.text_encoder_2,
                             tokenizer=tiny_pipe.tokenizer, tokenizer_2=tiny_pipe.tokenizer_2)
     assert prompt_cache.encoder_state(other)[0] is not None
-    watched = len(prompt_cache._WATCHED)
+    watched = len(prompt_cache.EDITS.modules)
     del other
     gc.collect()
-    assert len(prompt_cache._WATCHED) < watched
-    edits = prompt_cache._EDITS[0]
+    assert len(prompt_cache.EDITS.modules) < watched
+    edits = prompt_cache.EDITS.count
     made = [torch.nn.Linear(2, 2) for _ in range(2000)]  # some at the freed modules' addresses
-    assert len(made) == 2000 and prompt_cache._EDITS[0] == edits
+    assert len(made) == 2000 and prompt_cache.EDITS.count == edits

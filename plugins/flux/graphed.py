@@ -30,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import registrations
+
+CHANGES = registrations.Watch()  # registrations on graphed transformers (adapters, fp8 layers, fused projections)
 MAX_GRAPHS = 4  # signatures (sizes, batches) kept per transformer; the least recently used is dropped
 EAGER = "eager"  # a signature whose recording failed
 
@@ -108,9 +111,7 @@ class WholeStep:
     def __init__(self, module: Any, recorder: Callable[..., Graph] | None = None) -> None:
         import torch
 
-        from .precompiled import watch
-
-        watch(module)
+        CHANGES.watch(module.modules())
         self.module, self.torch = module, torch
         self.record_graph = recorder or record
         self.graphs: OrderedDict[tuple[Any, ...], Graph | str] = OrderedDict()
@@ -159,7 +160,6 @@ class WholeStep:
     def _state(self) -> tuple[Any, ...] | None:
         """What the graphs depend on besides their inputs; None when a block has hooks (then nothing is graphed)."""
         from . import fast
-        from .precompiled import _GENERATION
 
         parts = []
         for block in fast.blocks(self.module):
@@ -167,7 +167,7 @@ class WholeStep:
                 return None
             parts.append(id(getattr(getattr(block, "attn", None), "processor", None)))
         params = [p for p in (next(m.parameters(), None) for m in self.module.children()) if p is not None]
-        return (_GENERATION[0], tuple(parts), tuple((p.data_ptr(), p.dtype) for p in params))
+        return (CHANGES.count, tuple(parts), tuple((p.data_ptr(), p.dtype) for p in params))
 
     def _record(self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run this call on the recording's own input buffers, then record it; returns this call's output."""

@@ -38,11 +38,12 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import registrations
 
 MAX_FILES = 32  # newest artifacts loaded per process
 _state: dict[str, Any] = {}
@@ -303,41 +304,7 @@ def forget() -> None:
 
 
 # ------------------------------------------------------------------ calling
-_GENERATION = [0]  # bumped whenever a watched module gets a submodule or parameter (torch's registration hooks)
-_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()  # the modules of served blocks and graphed transformers
-
-
-def _bump(parent: Any, _name: str, value: Any) -> None:
-    """A registration on a watched module (an adapter, an fp8 layer, fused projections): what was checked or
-    recorded may be stale.  Registrations elsewhere are ignored — diffusers' VAE slices a ModuleList in every
-    forward, which registers its modules into a new list — and so is code being traced by torch.compile (a
-    traced hook would become a guard on the counter and a side effect of the graph: a recompilation per call)."""
-    import torch
-
-    if torch.compiler.is_compiling() or parent not in _WATCHED:
-        return
-    _GENERATION[0] += 1
-    if isinstance(value, torch.nn.Module):
-        _WATCHED.update(value.modules())  # later registrations inside it count too
-
-
-def watch(module: Any) -> None:
-    """Count registrations on ``module`` and everything in it (see :func:`_bump`)."""
-    _watch_registrations()
-    _WATCHED.update(module.modules())
-
-
-def _watch_registrations() -> None:
-    if _state.get("watching"):
-        return
-    from torch.nn.modules.module import (
-        register_module_module_registration_hook,
-        register_module_parameter_registration_hook,
-    )
-
-    register_module_module_registration_hook(_bump)
-    register_module_parameter_registration_hook(_bump)
-    _state["watching"] = True
+CHANGES = registrations.Watch()  # registrations on served blocks (adapters, fp8 layers, fused projections)
 
 
 class Dispatch:
@@ -353,7 +320,7 @@ class Dispatch:
 
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-        watch(block)
+        CHANGES.watch(block.modules())
         self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
         self.registry = _AttentionBackendRegistry
         self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
@@ -378,7 +345,7 @@ class Dispatch:
 
     def _state(self) -> tuple[Any, ...]:
         p = self.param
-        return (_GENERATION[0], tuple((m.processor, getattr(m.processor, "_attention_backend", None))
+        return (CHANGES.count, tuple((m.processor, getattr(m.processor, "_attention_backend", None))
                                       for m in self.attention),
                 None if p is None else (p.dtype, p.device), self.registry._active_backend)
 

@@ -37,6 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from . import registrations
+
 ENV = "FLUXKILN_PROMPT_CACHE"
 MAX_ENTRIES = 64  # prompts per pipeline
 MAX_BYTES = 256 * 2**20  # 64 dev prompts: 512 T5 tokens x 4096 x bf16 = 4 MiB each
@@ -44,10 +46,7 @@ MAX_STATES = 8  # encoder states with entries per pipeline (the oldest state's e
 ATTR = "_fluxkiln_prompt_cache"
 ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
-_EDITS = [0]  # bumped on every registration on a watched encoder module and on every LoRA fuse/unfuse
-_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()  # encoder modules seen by encoder_state (weak: a new module
-# reusing a freed one's address is never mistaken for it)
-_hooks: list[Any] = []
+EDITS = registrations.Watch()  # registrations on the encoders encoder_state saw, and every LoRA fuse/unfuse
 
 
 def enabled() -> bool:
@@ -57,7 +56,7 @@ def enabled() -> bool:
 
 def weights_edited() -> None:
     """Say that weights may have changed in place without a trace torch can see (LoRA fuse/unfuse)."""
-    _EDITS[0] += 1
+    EDITS.bump()
 
 
 @dataclass
@@ -205,25 +204,6 @@ def embeddings(pipe: Any, prompts: list[str], max_sequence_length: int, tally: T
 
 
 # ------------------------------------------------------------------ the encoders' state
-def _on_register(module: Any, *_args: Any) -> None:
-    if module in _WATCHED:
-        _EDITS[0] += 1
-
-
-def _watch_registrations() -> None:
-    if _hooks:
-        return
-    from torch.nn.modules.module import (
-        register_module_buffer_registration_hook,
-        register_module_module_registration_hook,
-        register_module_parameter_registration_hook,
-    )
-
-    _hooks.extend(register(_on_register) for register in (register_module_module_registration_hook,
-                                                          register_module_parameter_registration_hook,
-                                                          register_module_buffer_registration_hook))
-
-
 def _adapter_state(module: Any) -> tuple[Any, ...] | None:
     """A PEFT tuner layer's adapter settings (None for other modules)."""
     if "merged_adapters" not in module.__dict__:  # set by peft's BaseTunerLayer (no slow nn.Module __getattr__)
@@ -237,10 +217,10 @@ def _walk(encoder: Any, addresses: bool) -> tuple[Any, ...]:
     """Each module's identity, type, hooks and adapter settings, and its own tensors' identity, dtype, device,
     version counter (and storage address)."""
     out = []
+    EDITS.watch(encoder.modules())
     for m in encoder.modules():
         if m.training:
             raise _Untracked("is in training mode")
-        _WATCHED.add(m)
         tensors = tuple((id(t), t.dtype, t.device, t._version, t.data_ptr() if addresses else None)
                         for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
         out.append((id(m), type(m), len(m._forward_hooks), len(m._forward_pre_hooks), _adapter_state(m), tensors))
@@ -266,7 +246,6 @@ def _numerics() -> tuple[Any, ...]:
 
 def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
     """(a hashable fingerprint of what decides the encoders' output, "") or (None, why it cannot be keyed)."""
-    _watch_registrations()
     offload = getattr(pipe, "_fluxkiln_offload", "none")
     addresses = offload == "none"  # offload hooks move the weights (new storage) on every call
     parts: list[Any] = []
@@ -279,7 +258,7 @@ def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
         except RuntimeError:  # inference tensors keep no version counter: in-place changes would go unseen
             return None, f"{name} holds inference-mode tensors"
     tokenizers = tuple((weakref.ref(t) if _weak(t) else id(t), len(t)) for t in (getattr(pipe, n) for n in TOKENIZERS))
-    return (_EDITS[0], tuple(parts), tokenizers, str(getattr(pipe, "_execution_device", "")), offload, _numerics()), ""
+    return (EDITS.count, tuple(parts), tokenizers, str(getattr(pipe, "_execution_device", "")), offload, _numerics()), ""
 
 
 _PARTS = {0: "a weight edit or a new parameter, buffer or module on an encoder (LoRA fuse/unfuse, new layers)",
