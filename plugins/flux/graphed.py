@@ -10,9 +10,9 @@ the output is the ordinary call's.
 
 ``sample``'s :func:`~.pipestate.prepare` installs it on CUDA with the blocks compiled in a mode without CUDA
 graphs of its own, and drops the graphs whenever it changes the pipeline.  A call runs as before (never
-recorded) when gradients are on, when the transformer or a block has hooks or a replaced ``forward`` (context
-parallelism, offloading, the step cache), with a non-empty ``joint_attention_kwargs`` or ``return_dict=True``,
-or with an input that is not a tensor, None, bool, int, float or str.  A graph reads the weights where they
+recorded) when gradients or autocast are on, when the transformer or a block has hooks or a replaced
+``forward`` (context parallelism, offloading, the step cache), with a non-empty ``joint_attention_kwargs`` or
+``return_dict=True``, or with an input that is not a tensor, None, bool, int, float or str.  A graph reads the weights where they
 were when it was recorded, so graphs are dropped when any module gets a new submodule or parameter (adapters,
 fp8 layers, fused projections), when an attention processor changes, or when a parameter moved (``.to()``).
 A recording that fails leaves that signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0``
@@ -143,8 +143,10 @@ class WholeStep:
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         module = self.module
-        if disabled() or self.torch.is_grad_enabled() or module._forward_hooks or module._forward_pre_hooks \
-                or "forward" in vars(module) or getattr(module, "is_cache_enabled", False):
+        torch = self.torch
+        if disabled() or torch.is_grad_enabled() or module._forward_hooks or module._forward_pre_hooks \
+                or "forward" in vars(module) or getattr(module, "is_cache_enabled", False) \
+                or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
             return None
         sig = signature(args, kwargs)
         if sig is None:
