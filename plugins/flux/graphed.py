@@ -1,22 +1,22 @@
 """Whole denoising steps as CUDA graphs: a FLUX transformer call recorded once per input signature, then replayed.
 
-With the blocks compiled (:mod:`.fast`) the GPU still waits between kernels while Python launches the next
-block, the embedders and the output layers: 8-16 % of a ``go_fast`` step on an H200, and CUDA graphs per block
-(``FLUXKILN_COMPILE_MODE=reduce-overhead``) leave 7.7-9.1 %, as everything between the blocks stays eager.  Here
-the whole transformer call is one graph.  The first call of a signature runs as usual (it compiles the blocks);
-the second runs on a side stream with the inputs in buffers of its own and is then recorded into a graph; every
-later call copies its inputs into those buffers and replays the graph: the same kernels in the same order, so
-the output is the ordinary call's.
+With the blocks compiled (:mod:`.fast`) a lone forward still leaves the GPU waiting between kernels while
+Python launches the next block, the embedders and the output layers.  Here the whole transformer call is one
+graph.  The first call of a signature runs as usual (it compiles the blocks); the second runs on a side stream
+with the inputs in buffers of its own and is then recorded into a graph; every later call copies its inputs
+into those buffers and replays the graph: the same kernels in the same order, so the output is the ordinary
+call's.  On an H200 a lone dev ``go_fast`` forward's GPU idle fell from 14.8 to 4.4 %, a whole image only
+0.5 % (while sampling, the host already runs ahead of the GPU; docs/performance.md).
 
 ``sample``'s :func:`~.pipestate.prepare` installs it on CUDA with the blocks compiled in a mode without CUDA
 graphs of its own, and drops the graphs whenever it changes the pipeline.  A call runs as before (never
 recorded) when gradients or autocast are on, when the transformer or a block has hooks or a replaced
 ``forward`` (context parallelism, offloading, the step cache), with a non-empty ``joint_attention_kwargs`` or
-``return_dict=True``, or with an input that is not a tensor, None, bool, int, float or str.  A graph reads the weights where they
-were when it was recorded, so graphs are dropped when any module gets a new submodule or parameter (adapters,
-fp8 layers, fused projections), when an attention processor changes, or when a parameter moved (``.to()``).
-A recording that fails leaves that signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0``
-turns it off.
+``return_dict=True``, or with an input that is not a tensor, None, bool, int, float or str.  A graph reads
+the weights where they were when it was recorded, so graphs are dropped when a module of the transformer gets
+a new submodule or parameter (adapters, fp8 layers, fused projections; :mod:`.registrations`), when an
+attention processor changes, or when a parameter moved (``.to()``).  A recording that fails leaves that
+signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0`` turns it off.
 
 Nothing here imports torch at module level.
 """
