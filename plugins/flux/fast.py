@@ -24,6 +24,7 @@ from typing import Any
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 RECOMPILE_LIMIT = 64
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor modes that record CUDA graphs of their own
 UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _CLASS: list[Any] = []
 
@@ -115,7 +116,7 @@ def compile_blocks(transformer: Any, backend: str = "inductor", saved: bool = Tr
     variants = _saved_variants(_device_type(transformer), backend, mode) if todo and saved else None
     for block in todo:
         block._compiled_call_impl = _compiled_call(block, backend, mode, variants)
-    if mode in ("reduce-overhead", "max-autotune") and getattr(transformer, "_fk_graph_steps", None) is None:
+    if mode in GRAPH_MODES and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return len(todo)
 

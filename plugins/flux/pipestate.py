@@ -298,7 +298,7 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
                 "the compilation)" + loaded)
     elif not on and fastpaths.is_compiled(pipe.transformer):
         fastpaths.uncompile_blocks(pipe.transformer)
-    if on and fastpaths.compile_mode() in (None, "default", "max-autotune-no-cudagraphs"):
+    if on and fastpaths.compile_mode() not in fastpaths.GRAPH_MODES:
         graphed.install(pipe.transformer)  # whole steps as CUDA graphs, where the blocks record none themselves
     else:
         graphed.remove(pipe.transformer)
