@@ -167,15 +167,13 @@ def release_pipeline(pipe: Any) -> None:
     from . import graphed, prompt_cache
 
     prompt_cache.drop(pipe)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and not keep_alive(pipe, "transformer", transformer):
-        graphed.remove(transformer)  # its CUDA graphs hold memory of their own
     try:
         pipe.remove_all_hooks()
     except Exception:  # noqa: BLE001 - best effort: hooks may not be installed
         pass
     for name, comp in pipe.components.items():
         if isinstance(comp, torch.nn.Module) and not keep_alive(pipe, name, comp):
+            graphed.remove(comp)  # a transformer's CUDA graphs hold memory of their own
             comp.to("meta")
     gc.collect()
     if torch.cuda.is_available():

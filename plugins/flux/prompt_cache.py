@@ -217,8 +217,9 @@ def _walk(encoder: Any, addresses: bool) -> tuple[Any, ...]:
     """Each module's identity, type, hooks and adapter settings, and its own tensors' identity, dtype, device,
     version counter (and storage address)."""
     out = []
-    EDITS.watch(encoder.modules())
-    for m in encoder.modules():
+    modules = list(encoder.modules())
+    EDITS.watch(modules)
+    for m in modules:
         if m.training:
             raise _Untracked("is in training mode")
         tensors = tuple((id(t), t.dtype, t.device, t._version, t.data_ptr() if addresses else None)
