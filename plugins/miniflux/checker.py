@@ -1,11 +1,12 @@
 """The pixel-based checker of mini-flux's world: does an image show what its prompt asks for?
 
 No learned model: the background is the median colour of the image's border, objects are the connected
-blobs that differ from it (a blob whose inner pixels fall into two or more palette colours, each covering a fifth
-of them, is two touching objects and is split by colour), each blob's colour is its median colour (nearest palette colour), its position
-the 3x3 cell of its bounding box's centre, its size its half-extent against :data:`~.world.SIZE_SPLIT`, and
-its shape the template (drawn by the renderer into the blob's bounding box) that overlaps it best.  Blobs
-are matched to the prompt's objects in the order that agrees best.  Deterministic, any image size.
+blobs that differ from it (a blob whose inner pixels fall into two or more palette colours, each covering a
+fifth of them, is two touching objects and is split by colour), each blob's colour is its median colour
+(nearest palette colour), its position the 3x3 cell of its bounding box's centre, its size its half-extent
+against :data:`~.world.SIZE_SPLIT`, and its shape the template (drawn by the renderer into the blob's bounding
+box) that overlaps it best.  Blobs are matched to the prompt's objects in the order that agrees best.
+Deterministic, any image size.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .world import ALL_SHAPES, COLOURS, SIZE_SPLIT, Obj, parse
 ATTRIBUTES = ("colour", "shape", "size", "position")
 FG_DISTANCE = 80.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_BLOB = 0.004  # smallest blob that counts as an object, as a fraction of (shorter side)^2
-SPLIT_SHARE = 0.2  # a blob holds two objects where two palette colours each cover at least this share of it
+SPLIT_SHARE = 0.2  # a blob holds two objects where two palette colours each cover this share of its core
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,15 @@ class Check:
 def palette_name(rgb: Any) -> str:
     import numpy as np
 
-    names = list(COLOURS)
-    dist = ((np.array([COLOURS[n] for n in names], dtype=np.float64) - np.asarray(rgb, dtype=np.float64)) ** 2).sum(1)
-    return names[int(dist.argmin())]
+    return list(COLOURS)[int(nearest_palette(np.asarray(rgb, dtype=np.float64)[None])[0])]
+
+
+def nearest_palette(pixels: Any) -> Any:
+    """Each RGB row's nearest palette colour, as its index in :data:`~.world.COLOURS`."""
+    import numpy as np
+
+    palette = np.array(list(COLOURS.values()), dtype=np.float64)
+    return ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
 
 
 def check(image: Any, prompt: str, aliases: dict[str, str] | None = None) -> Check:
@@ -101,13 +108,10 @@ def split_by_colour(arr: Any, mask: Any, least: float) -> list[Any]:
     import numpy as np
     from scipy import ndimage
 
-    palette = np.array(list(COLOURS.values()), dtype=np.float64)
-    pixels = arr[mask]
-    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
     colour_of = np.full(mask.shape, -1)
-    colour_of[mask] = nearest
+    colour_of[mask] = nearest_palette(arr[mask])
     core = colour_of[ndimage.binary_erosion(mask, iterations=2)]
-    counts = np.bincount(core, minlength=len(palette))
+    counts = np.bincount(core, minlength=len(COLOURS))
     major = [c for c in np.argsort(-counts) if counts[c] >= max(least, SPLIT_SHARE * len(core))]
     if len(major) < 2:
         return [mask]
