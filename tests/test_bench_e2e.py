@@ -61,7 +61,7 @@ def test_e2e_recipe_is_valid_and_phases_read_events(tmp_path):
                       "call (Inductor 2.0 s; from the compile cache where it was warm)"})
     events.insert(5, {"event": "node_log", "node": "img1", "time": t + 7, "message": "transformer blocks compiled "
                       "(torch.compile, cached on disk; the first image of a size pays the compilation); 4 precompiled "
-                      "variant(s) (transformer blocks, VAE decoder) from `fluxkiln warmup` loaded in 0.8 s"})
+                      "variant(s) (transformer blocks, VAE decoder) saved by earlier runs loaded in 0.8 s"})
     row = phases(events, t, clock - t + 1.5)
     assert row["startup_s"] == 2 and row["load_model_s"] == 5 and row["to_loaded_s"] == 7
     assert row["images_s"] == [9, 3, 3.2] and row["exit_s"] == 1.5

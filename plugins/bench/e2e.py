@@ -93,7 +93,7 @@ def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
         m = re.search(r"imported in the background in ([\d.]+) s \(waited ([\d.]+) s", text)
         if m:
             out.update(background_import_s=float(m.group(1)), import_waited_s=float(m.group(2)))
-        m = re.search(r"(\d+) precompiled variant\(s\) \(transformer blocks, VAE decoder\) from `fluxkiln warmup` "
+        m = re.search(r"(\d+) precompiled variant\(s\) \(transformer blocks, VAE decoder\) saved by earlier runs "
                       r"loaded in ([\d.]+) s", text)
         if m:
             out.update(precompiled_variants=int(m.group(1)), precompiled_load_s=float(m.group(2)))

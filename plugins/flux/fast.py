@@ -2,10 +2,11 @@
 
 * :func:`compile_blocks` compiles each repeated transformer block in place
   (``nn.Module.compile``); blocks of one class share the compiled code, so a
-  shape costs two compilations (double and single block), and Inductor's FX
-  graph cache under ``cache_root()/inductor`` makes later processes reuse them.
-* With ``fluxkiln warmup``'s files on disk (:mod:`.precompiled`), a block (or VAE decoder) call that matches
-  one runs the precompiled function instead: no tracing in a new process.
+  shape costs two compilations (double and single block: :mod:`.joined` gives the
+  first single block the others' input layout), and Inductor's FX graph cache
+  under ``cache_root()/inductor`` makes later processes reuse them.
+* Each block variant is compiled ahead of time and saved as it first runs (:mod:`.precompiled`); in a later
+  process a block (or VAE decoder) call that matches one runs the saved function: no tracing.
 * :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode), for the latent shapes
   where that pays (:mod:`.patience`).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import os
 from typing import Any
+
+from . import joined
 
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
@@ -75,16 +78,19 @@ def _torch_default_cache_dir() -> str | None:
 
 
 def compile_seconds() -> dict[str, float]:
-    """Seconds torch.compile has spent in this process so far: in all (``entire_frame_compile``) and in Inductor
-    (code generation, or loading it from the cache); empty where torch does not say."""
+    """Seconds torch.compile has spent in this process so far: in all (``entire_frame_compile``, and the variants
+    compiled ahead of time) and in Inductor (code generation, or loading it from the cache), and how many variants
+    it saved precompiled (``saved``); empty where torch does not say."""
     try:
         from torch._dynamo.utils import calculate_time_spent
 
         spent = calculate_time_spent()
     except (ImportError, AttributeError, RuntimeError):
         return {}
-    return {"compile": float(spent.get("entire_frame_compile", 0.0)),
-            "inductor": float(spent.get("inductor_compile", 0.0))}
+    from . import precompiled
+
+    return {"compile": float(spent.get("entire_frame_compile", 0.0)) + precompiled.ahead_seconds(),
+            "inductor": float(spent.get("inductor_compile", 0.0)), "saved": float(len(precompiled.stats()["saved"]))}
 
 
 def blocks(transformer: Any) -> list[Any]:
@@ -107,8 +113,8 @@ def compile_mode() -> str | None:
 
 def compile_blocks(transformer: Any, backend: str = "inductor", saved: bool = True) -> int:
     """Compile every block in place (static shapes, Inductor's default mode unless :func:`compile_mode` says
-    otherwise), serving ``fluxkiln warmup``'s precompiled variants unless ``saved`` is False (training: they
-    serve inference only); returns how many were newly compiled."""
+    otherwise), through precompiled variants (served, or compiled ahead and saved) unless ``saved`` is False
+    (training: they serve inference only); returns how many were newly compiled."""
     if backend == "inductor":
         setup_compile_cache()
     mode = compile_mode() if backend == "inductor" else None
@@ -116,31 +122,31 @@ def compile_blocks(transformer: Any, backend: str = "inductor", saved: bool = Tr
     variants = _saved_variants(_device_type(transformer), backend, mode) if todo and saved else None
     for block in todo:
         block._compiled_call_impl = _compiled_call(block, backend, mode, variants)
+    joined.install(list(getattr(transformer, "single_transformer_blocks", None) or []))
     if mode in GRAPH_MODES and getattr(transformer, "_fk_graph_steps", None) is None:
         transformer._fk_graph_steps = transformer.register_forward_pre_hook(_new_graph_step)
     return len(todo)
 
 
 def _saved_variants(device: str, backend: str, mode: str | None) -> dict[str, Any] | None:
-    """``fluxkiln warmup``'s precompiled variants to serve (Inductor's default mode only); None when there is
-    nothing to serve and nothing recording."""
+    """The precompiled variants to serve, and to add to as new ones compile (Inductor's default mode only); None
+    where nothing is precompiled (another backend or mode, ``FLUXKILN_PRECOMPILE=0``, a torch that cannot)."""
     from . import precompiled
 
-    if backend != "inductor" or mode is not None:
+    if backend != "inductor" or mode is not None or precompiled.unavailable() is not None:
         return None
-    variants = precompiled.table(device)
-    return variants if variants or precompiled.recording() else None
+    return precompiled.table(device)
 
 
 def _compiled_call(module: Any, backend: str, mode: str | None, variants: dict[str, Any] | None) -> Any:
-    """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` when ``variants`` is
-    given (see :func:`_saved_variants`)."""
+    """What ``module.compile(...)`` would install, through :class:`.precompiled.Dispatch` (which serves saved
+    variants and compiles new ones ahead of time) when ``variants`` is given (see :func:`_saved_variants`)."""
     import torch
 
     from . import precompiled
 
     regular = torch.compile(module._call_impl, backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
-    return regular if variants is None else precompiled.Dispatch(module, regular, variants)
+    return regular if variants is None else precompiled.Dispatch(module, regular, variants, ahead=True)
 
 
 def _device_type(transformer: Any) -> str:

@@ -292,8 +292,8 @@ def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] 
         fastpaths.compile_blocks(pipe.transformer)
         if log:
             ready = precompiled.stats()
-            loaded = (f"; {ready['loaded']} precompiled variant(s) (transformer blocks, VAE decoder) from "
-                      f"`fluxkiln warmup` loaded in {ready['load_s']} s") if ready["loaded"] else ""
+            loaded = (f"; {ready['loaded']} precompiled variant(s) (transformer blocks, VAE decoder) saved "
+                      f"by earlier runs loaded in {ready['load_s']} s") if ready["loaded"] else ""
             log("transformer blocks compiled (torch.compile, cached on disk; the first image of a size pays "
                 "the compilation)" + loaded)
     elif not on and fastpaths.is_compiled(pipe.transformer):

@@ -1,22 +1,22 @@
-"""Ahead-of-time compiled transformer blocks (and VAE decoder): what ``fluxkiln warmup`` leaves on disk so that
-a fresh process's first image skips torch.compile's tracing.
+"""Ahead-of-time compiled transformer blocks (and VAE decoder), saved as the first process compiles them, so that
+every later process's first image skips torch.compile's tracing.
 
 Inductor's caches already keep the generated code between processes, but every new process still traces each
-block with Dynamo and looks its graphs up again before the first image (6.5 s of 8.9 s on an H200 for a first
+block with Dynamo and looks its graphs up again before the first image (4.0 s of 6.4 s on an H200 for a first
 1024² image).  torch's ``aot_compile`` packages the traced and compiled function, with its guards, into one file
 that loads without tracing:
 
-* :class:`Recording` (used by ``fluxkiln warmup``) notes one call of each distinct block *variant* — the block's
-  class and structure and the shapes, strides, dtypes and devices of its inputs — and :func:`save_recorded`
-  compiles each ahead of time into ``<cache>/precompiled/<environment>/``.
-* :func:`start_preload` deserializes those files in a background thread (``load_model`` starts it before the
-  weights load); :func:`table` waits for it.
 * :class:`Dispatch` is what :func:`fluxkiln.plugins.flux.fast.compile_blocks` installs on each block (and
-  ``set_vae_compiled`` on the VAE decoder): a call that matches a saved variant runs the precompiled function,
-  anything else the module's ordinary ``torch.compile``.
+  ``set_vae_compiled`` on the VAE decoder): a call that matches a saved variant — the block's class and structure
+  and the shapes, strides, dtypes and devices of its inputs — runs the precompiled function; a servable call with
+  none compiles its variant with :func:`compile_ahead` (the compilation the process would pay anyway) and saves
+  it into ``<cache>/precompiled/<environment>/``; anything else runs the module's ordinary ``torch.compile``.
+* :func:`start_preload` deserializes the saved files in a background thread (``load_model`` starts it before the
+  weights load); :func:`table` waits for it.
+* :class:`Recording` marks ``fluxkiln warmup``'s run, which compiles what a recipe needs before it is used.
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
-Inductor's default mode; training, CUDA graphs and adapters keep ordinary compilation.  Each block's first call of
+Inductor's default mode; training, Inductor's CUDA-graph modes and adapters keep ordinary compilation.  Each block's first call of
 a variant runs the artifact's full guard check (parameters' and inputs' tensor properties, grad mode, the
 attribute values it was traced with); later calls compare a cheap signature, including the block's module types
 and attention processors, so a block changed after its check (fp8 layers swapped in, adapters injected) falls
@@ -175,22 +175,22 @@ def _has_adapters(block: Any) -> bool:
     return any(type(m).__module__.startswith("peft.") for m in block.modules())
 
 
-# ------------------------------------------------------------------ recording and saving (fluxkiln warmup)
+# ------------------------------------------------------------------ compiling ahead and saving
 @dataclass
 class Recording:
-    """While active (``with Recording() as rec``), each compiled block notes one call per new variant."""
+    """``fluxkiln warmup``'s run (``with Recording() as rec``): while active the VAE decoder compiles from its first
+    decode, and ``rec.saved`` / ``rec.failed`` collect the variants compiled ahead and saved meanwhile."""
 
-    calls: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    saved: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     def __enter__(self) -> Recording:
-        _state["recording"] = self  # also where nothing can be saved: warmup compiles the VAE decoder meanwhile
+        _state["recording"] = self
         return self
 
     def __exit__(self, *exc: object) -> None:
         _state.pop("recording", None)
-
-    def note(self, block: Any, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.calls.setdefault(variant_key(block, sig), (block, args, kwargs))
 
 
 def _guard_filter(entries: list[Any]) -> list[bool]:
@@ -202,36 +202,54 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
             for g in entries]
 
 
-def save_recorded(rec: Recording, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compile each recorded variant ahead of time and save it (in its device's folder); returns counts, and
-    under ``"unavailable"`` why nothing was saved where this process cannot precompile."""
+def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+    """Compile one variant ahead of time (the block's forward for these inputs), save it in its device's folder
+    for later processes, and return it; None where torch cannot package it: the reason goes to a ``<key>.failed``
+    file beside it, so that neither this process nor a later one tries again, and the caller compiles as usual."""
     import torch
 
-    why = unavailable()
-    if why is not None:
-        rec.calls.clear()
-        return {"variants": 0, "saved": 0, "failed": [], "seconds": 0.0, "unavailable": why}
-    n, saved, failed, t0 = len(rec.calls), 0, [], time.perf_counter()
-    for key, (block, args, kwargs) in rec.calls.items():
-        out = folder(next(block.parameters()).device.type)
+    out = folder(next(block.parameters()).device.type)
+    failed = out / f"{key}.failed"
+    if failed.exists():
+        return None
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), _aot_compile_on(torch):
+            compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
+                                     options={"guard_filter_fn": _guard_filter})
+            fn = compiled.aot_compile(((block, *args), kwargs))
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{key}.bin"
-        if path.exists():
-            continue
-        try:
-            with torch.no_grad(), _aot_compile_on(torch):
-                compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
-                                         options={"guard_filter_fn": _guard_filter})
-                fn = compiled.aot_compile(((block, *args), kwargs))
-            fn.save_compiled_function(str(path))
-            saved += 1
-        except Exception as exc:  # noqa: BLE001 - a variant torch cannot package keeps ordinary compilation
-            failed.append(f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            log(f"precompile: {key} not saved ({failed[-1]}); it will be compiled as usual")
-    rec.calls.clear()  # the blocks and example inputs are no longer needed
-    forget()  # a later compile in this process loads the new files
-    return {"variants": n, "saved": saved, "failed": failed,
-            "seconds": round(time.perf_counter() - t0, 2)}
+        partial = out / f".{key}.{os.getpid()}.partial"  # another process may save the same variant meanwhile
+        fn.save_compiled_function(str(partial))
+        os.replace(partial, out / f"{key}.bin")
+    except Exception as exc:  # noqa: BLE001 - a variant torch cannot package keeps ordinary compilation
+        why = f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _note("failed", why, time.perf_counter() - t0)
+        warnings.warn(f"precompile: {why}; it is compiled as usual (delete {failed} to try again)", RuntimeWarning,
+                      stacklevel=3)
+        with contextlib.suppress(OSError):
+            out.mkdir(parents=True, exist_ok=True)
+            failed.write_text(why + "\n")
+        return None
+    fn.disable_guard_check()  # checked by Dispatch, once per block and variant
+    _note("saved", key, time.perf_counter() - t0)
+    return fn
+
+
+def _note(kind: str, what: str, seconds: float) -> None:
+    """Count a variant compiled ahead (``saved``) or not (``failed``) in this process, and in warmup's recording."""
+    with _lock:
+        _state.setdefault(kind, []).append(what)
+        _state["ahead_s"] = _state.get("ahead_s", 0.0) + seconds
+    rec = _state.get("recording")
+    if rec is not None:
+        getattr(rec, kind).append(what)
+        rec.seconds += seconds
+
+
+def ahead_seconds() -> float:
+    """Seconds this process has spent compiling variants ahead of time (torch.compile's own counters miss them)."""
+    return float(_state.get("ahead_s", 0.0))
 
 
 def _aot_compile_on(torch: Any) -> Any:
@@ -260,7 +278,8 @@ def _load_all(where: Path) -> None:
             errors.append(f"{path.name}: {type(exc).__name__}")
     with _lock:
         if _state.get("folder") == where:  # not replaced meanwhile by a load for another device
-            _state.update(table=found, load_errors=errors, load_s=round(time.perf_counter() - t0, 2))
+            _state.update(table=found, loaded=len(found), load_errors=errors,
+                          load_s=round(time.perf_counter() - t0, 2))
 
 
 def start_preload(device: str) -> bool:
@@ -292,14 +311,16 @@ def table(device: str) -> dict[str, Any]:
 
 def stats() -> dict[str, Any]:
     """What loading found: files, seconds, errors (for logs and the bench)."""
-    return {"loaded": len(_state.get("table", {})), "load_s": _state.get("load_s"),
-            "errors": list(_state.get("load_errors", [])), "call_errors": list(_state.get("call_errors", []))}
+    return {"loaded": _state.get("loaded", 0), "load_s": _state.get("load_s"),
+            "errors": list(_state.get("load_errors", [])), "call_errors": list(_state.get("call_errors", [])),
+            "saved": list(_state.get("saved", [])), "failed": list(_state.get("failed", [])),
+            "ahead_s": round(ahead_seconds(), 2)}
 
 
 def forget() -> None:
     """Drop what was loaded (tests, or after ``fluxkiln warmup`` saved new files)."""
     with _lock:
-        for k in ("folder", "table", "thread", "load_errors", "load_s"):
+        for k in ("folder", "table", "thread", "loaded", "load_errors", "load_s"):
             _state.pop(k, None)
 
 
@@ -310,18 +331,21 @@ CHANGES = registrations.Watch()  # registrations on served blocks (adapters, fp8
 class Dispatch:
     """A block's compiled call: the precompiled function of a matching variant, else ordinary torch.compile.
 
+    With ``ahead`` (what :func:`fluxkiln.plugins.flux.fast.compile_blocks` installs), a servable call with no saved
+    variant compiles one ahead of time (:func:`compile_ahead`) and adds it to ``variants``, which blocks of one
+    class share: the process pays the compilation it would have paid anyway, and later processes load it.
     The first call of each signature runs the full check (structure, adapters, the artifact's guards); later
     calls of that signature reuse its answer while nothing was registered on any module since (fp8 layers,
     fused projections and adapters are new submodules), the attention processors are the same objects, and
     the parameters keep their dtype and device."""
 
-    def __init__(self, block: Any, regular: Callable[..., Any], variants: dict[str, Any]) -> None:
+    def __init__(self, block: Any, regular: Callable[..., Any], variants: dict[str, Any], ahead: bool = False) -> None:
         import torch
 
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         CHANGES.watch(block.modules())
-        self.block, self.regular, self.variants, self.torch = block, regular, variants, torch
+        self.block, self.regular, self.variants, self.ahead, self.torch = block, regular, variants, ahead, torch
         self.registry = _AttentionBackendRegistry
         self.checked: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
         self.attention: list[Any] = []
@@ -350,28 +374,30 @@ class Dispatch:
                 None if p is None else (p.dtype, p.device), self.registry._active_backend)
 
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        recording, torch, block = _state.get("recording"), self.torch, self.block
-        if not (self.variants or recording) or torch.is_grad_enabled() or block._forward_hooks \
+        torch, block = self.torch, self.block
+        if not (self.variants or self.ahead) or torch.is_grad_enabled() or block._forward_hooks \
                 or block._forward_pre_hooks or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
             return None
         sig = call_signature(args, kwargs)
         if sig is None:
             return None
         seen = self.checked.get(sig)
-        if seen is not None and seen[0] == self._state() and recording is None:  # recording notes every variant
+        if seen is not None and seen[0] == self._state():
             return seen[1]
-        return self._check(sig, args, kwargs, recording)
+        return self._check(sig, args, kwargs)
 
-    def _check(self, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-               recording: Recording | None) -> Any:
+    def _check(self, sig: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         block = self.block
         self.attention = [m for m in block.modules() if getattr(m, "processor", None) is not None]
         self.param = next(block.parameters(), None)
         fn = None
         if not _has_adapters(block):  # hooks were ruled out by _pick
-            if recording is not None:
-                recording.note(block, sig, args, kwargs)
-            fn = self.variants.get(variant_key(block, sig))
+            key = variant_key(block, sig)
+            fn = self.variants.get(key)
+            if fn is None and self.ahead:
+                fn = compile_ahead(block, key, args, kwargs)
+                if fn is not None:
+                    self.variants[key] = fn
             if fn is not None and not fn.guard_check(block, *args, **kwargs):
                 fn = None
         self.checked[sig] = (self._state(), fn)

@@ -286,8 +286,10 @@ def _log_compile(ctx: RunContext, before: dict[str, float]) -> None:
     after = fast.compile_seconds() if before else {}
     spent = {k: after[k] - before.get(k, 0.0) for k in after}
     if spent.get("compile", 0.0) >= 0.5:
+        saved = int(spent.get("saved", 0))
         ctx.log(f"torch.compile: {spent['compile']:.1f} s in this call (Inductor {spent['inductor']:.1f} s; "
-                "from the compile cache where it was warm)")
+                "from the compile cache where it was warm)" + (
+                    f"; {saved} variant(s) saved precompiled for later processes" if saved else ""))
 
 
 def _warn_size(ctx: RunContext, jobs: list[Job], model: Model) -> None:

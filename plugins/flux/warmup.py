@@ -4,8 +4,9 @@ later process does not pay for compilation.
 The recipe runs once with every ``sample`` node at one denoising step (compiled code depends on the image size,
 the batch and the model, not on the step count), every node forced, into a throwaway run folder; Inductor's
 graph and kernel caches under ``<cache>/inductor`` keep what was compiled for every later process, and each
-transformer block and VAE decoder variant the run used is saved precompiled (:mod:`.precompiled`), so that a
-later process loads it without tracing.
+transformer block and VAE decoder variant the run compiles is saved precompiled (:mod:`.precompiled`, as in any
+run; warmup also compiles the VAE decoder, which a short run decodes eagerly), so that a later process loads it
+without tracing.
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ def main(args: argparse.Namespace) -> int:
     n = len(overrides) - len(args.overrides)
     print(f"fluxkiln warmup: {n} sample node(s) compiled in {time.perf_counter() - t0:.1f} s; a new process now "
           "loads them from the compile cache")
-    done = precompiled.save_recorded(rec)
-    if "unavailable" in done:
-        print(f"fluxkiln warmup: nothing saved precompiled ({done['unavailable']}); a new process traces each "
-              "block again, then finds its code in the compile cache")
-    elif done["variants"]:
-        print(f"fluxkiln warmup: {done['saved']} of {done['variants']} transformer block and VAE decoder "
-              f"variant(s) newly saved precompiled in {done['seconds']:.1f} s (the others were already saved, or "
-              "see above); a new process loads them without tracing")
+    why = precompiled.unavailable()
+    if why is not None:
+        print(f"fluxkiln warmup: nothing saved precompiled ({why}); a new process traces each block again, then "
+              "finds its code in the compile cache")
+    elif rec.saved or rec.failed:
+        print(f"fluxkiln warmup: {len(rec.saved)} transformer block and VAE decoder variant(s) newly saved "
+              f"precompiled in {rec.seconds:.1f} s" + (f", {len(rec.failed)} could not be (see above)" if rec.failed
+                                                      else "") + "; a new process loads them without tracing")
     return 0
