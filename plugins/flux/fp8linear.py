@@ -3,7 +3,7 @@ see :func:`fast.fp8_apply`) and the one ``quantize = "fp8"`` stores the blocks' 
 model's dtype, see :func:`store_fp8`).
 
 A module of its own, importing torch, so the classes have importable names: precompiled blocks
-(``fluxkiln warmup``) pickle the modules they call by reference, which a class made inside a function defeats.
+(:mod:`.precompiled`) pickle the modules they call by reference, which a class made inside a function defeats.
 """
 
 from __future__ import annotations

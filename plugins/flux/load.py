@@ -415,7 +415,7 @@ def load_model(
     if key not in ctx.models:
         ctx.log(f"loading FLUX pipeline '{model}' from {src.path}")
         if device == "cuda" and not fastpaths.compile_disabled():
-            precompiled.start_preload(device)  # `fluxkiln warmup`'s blocks load while the weights do
+            precompiled.start_preload(device)  # the saved blocks load while the weights do
     pipe = get_pipeline(out)
     variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
     out.info = {"variant": variant, "source": src.kind, "path": str(src.path),

@@ -6,7 +6,8 @@ process.  A one-shot ``fluxkiln run`` of a few images never earns that back, and
 image (40.8 s on an H200).  So by default (``FLUXKILN_COMPILE_VAE`` unset) a decoder call of a given latent shape
 uses the compiled decoder when
 
-* ``fluxkiln warmup`` saved it precompiled (no compilation at all in this process), or
+* it was saved precompiled (by ``fluxkiln warmup``, or by a run that compiled it: no compilation at all in this
+  process), or
 * this machine compiled that shape before (a marker file beside the precompiled ones: the compile cache has it), or
 * this process has already decoded :data:`PATIENCE` images of that shape eagerly (a long session: a sweep, a
   watch loop, the TUI), or

@@ -318,7 +318,7 @@ def stats() -> dict[str, Any]:
 
 
 def forget() -> None:
-    """Drop what was loaded (tests, or after ``fluxkiln warmup`` saved new files)."""
+    """Drop what was loaded (tests; a later table() loads the folder again)."""
     with _lock:
         for k in ("folder", "table", "thread", "loaded", "load_errors", "load_s"):
             _state.pop(k, None)
