@@ -317,3 +317,28 @@ def test_a_variant_that_cannot_be_compiled_ahead_is_compiled_as_usual_and_not_tr
     again = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)  # as in a later process
     with torch.no_grad():
         assert again(x) == "ordinary" and tries == []  # the failure file says not to try
+
+
+@pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
+def test_a_variant_that_compiles_but_cannot_be_written_is_used_and_saved_by_a_later_process(fresh_cache, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(precompiled, "_state", {})
+    block, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)
+    with monkeypatch.context() as m, torch.no_grad(), \
+            pytest.warns(RuntimeWarning, match="not saved, so a later process compiles it again"):
+        m.setattr(precompiled.os, "replace", full_disk)
+        out = d(x)
+    assert torch.allclose(out, block(x).detach()) and d.served == 1  # compiled once, and used
+    where = precompiled.folder("cpu")
+    assert not list(where.glob("*.bin")) and not list(where.glob("*.failed")) and not list(where.glob(".*"))
+    monkeypatch.setattr(precompiled, "_state", {})  # the disk has room again: a later process saves it
+    again = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)
+    with torch.no_grad():
+        again(x)
+    assert len(list(where.glob("*.bin"))) == 1 and precompiled.stats()["saved"]

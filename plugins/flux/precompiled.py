@@ -204,8 +204,10 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
 
 def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
     """Compile one variant ahead of time (the block's forward for these inputs), save it in its device's folder
-    for later processes, and return it; None where torch cannot package it: the reason goes to a ``<key>.failed``
-    file beside it, so that neither this process nor a later one tries again, and the caller compiles as usual."""
+    for later processes, and return it.  None where torch cannot compile it so: the caller compiles as usual.
+    Where torch cannot compile or package it, the reason goes to a ``<key>.failed`` file beside the saved ones,
+    so that no later process tries again; a variant that compiled but could not be written (a full or read-only
+    cache) is still returned, and a later process tries to save it again."""
     import torch
 
     out = folder(next(block.parameters()).device.type)
@@ -218,22 +220,42 @@ def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str,
             compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
                                      options={"guard_filter_fn": _guard_filter})
             fn = compiled.aot_compile(((block, *args), kwargs))
-        out.mkdir(parents=True, exist_ok=True)
-        partial = out / f".{key}.{os.getpid()}.partial"  # another process may save the same variant meanwhile
-        fn.save_compiled_function(str(partial))
-        os.replace(partial, out / f"{key}.bin")
-    except Exception as exc:  # noqa: BLE001 - a variant torch cannot package keeps ordinary compilation
-        why = f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        _note("failed", why, time.perf_counter() - t0)
-        warnings.warn(f"precompile: {why}; it is compiled as usual (delete {failed} to try again)", RuntimeWarning,
-                      stacklevel=3)
-        with contextlib.suppress(OSError):
-            out.mkdir(parents=True, exist_ok=True)
-            failed.write_text(why + "\n")
+    except Exception as exc:  # noqa: BLE001 - a variant torch cannot compile whole keeps ordinary compilation
+        _give_up(key, exc, failed, "it is compiled as usual", time.perf_counter() - t0)
         return None
     fn.disable_guard_check()  # checked by Dispatch, once per block and variant
+    partial = out / f".{key}.{os.getpid()}.partial"  # another process may save the same variant meanwhile
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fn.save_compiled_function(str(partial))
+        os.replace(partial, out / f"{key}.bin")
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        _note("failed", _reason(key, exc), time.perf_counter() - t0)
+        warnings.warn(f"precompile: {_reason(key, exc)}; not saved, so a later process compiles it again",
+                      RuntimeWarning, stacklevel=3)
+        return fn
+    except Exception as exc:  # noqa: BLE001 - torch cannot package it (pickling): used here, not saved
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        _give_up(key, exc, failed, "it is used in this process only", time.perf_counter() - t0)
+        return fn
     _note("saved", key, time.perf_counter() - t0)
     return fn
+
+
+def _reason(key: str, exc: BaseException) -> str:
+    return f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _give_up(key: str, exc: BaseException, failed: Path, then: str, seconds: float) -> None:
+    """Note and warn that a variant cannot be precompiled, and leave the reason in its ``.failed`` file."""
+    why = _reason(key, exc)
+    _note("failed", why, seconds)
+    warnings.warn(f"precompile: {why}; {then} (delete {failed} to try again)", RuntimeWarning, stacklevel=4)
+    with contextlib.suppress(OSError):
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(why + "\n")
 
 
 def _note(kind: str, what: str, seconds: float) -> None:
