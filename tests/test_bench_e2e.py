@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fluxkiln.plugins.bench.cli import main
-from fluxkiln.plugins.bench.e2e import SEEDS, phases, recipe_text
+from fluxkiln.plugins.bench.e2e import SEEDS, logged, phases, recipe_text
 
 
 @pytest.mark.timeout(300)  # three fresh processes that import torch and diffusers, one compiling cold (95 s alone
@@ -129,3 +129,27 @@ def test_e2e_targets_judge_the_plain_warm_cache_and_after_warmup():
     del r["fluxkiln_after_warmup"]
     assert not any(t["work"].startswith("after fluxkiln warmup") for t in e2e_targets(r))
     assert all(t["met"] is None for t in e2e_targets(r, judge=False))
+
+
+def test_a_slow_first_batch_says_where_its_time_went_and_the_bench_reads_it():
+    """``sample`` logs a first batch that starts slowly (compilation, loading): the pipeline's preparation, the
+    time to the end of its first step and after its last; the end-to-end bench reads that line from the run."""
+    from fluxkiln.plugins.flux import sample
+
+    said = []
+
+    class Ctx:
+        def log(self, message, level="info"):
+            said.append(message)
+
+    timing = {"seconds_per_image": 4.0, "seconds_per_step": 0.5, "batch": 1, "steps": 8, "first_step_s": 3.2,
+              "after_steps_s": 0.25}
+    sample._log_compile(Ctx(), {"compile": 1e9, "inductor": 0.0}, 0.4, timing)  # no compilation, a slow start
+    assert said == ["first batch: preparing the pipeline 0.40 s, to the end of its first step 3.20 s (text encoders, "
+                    "the step and any compilation), after its last step 0.25 s (VAE decode, images), of 4.00 s"]
+    row = logged([{"event": "node_log", "node": "img1", "message": said[0]}])
+    assert row["first_batch_s"] == [{"node": "img1", "prepare": 0.4, "to_first_step_end": 3.2,
+                                     "after_last_step": 0.25}]
+    said.clear()
+    sample._log_compile(Ctx(), {"compile": 1e9, "inductor": 0.0}, 0.4, dict(timing, first_step_s=0.6))
+    assert said == []  # a first step like the others: nothing to say

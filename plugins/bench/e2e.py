@@ -81,8 +81,8 @@ def phases(events: list[dict[str, Any]], start: float, wall: float) -> dict[str,
 
 
 def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the nodes said about themselves: background imports (load_model), precompiled blocks loaded and
-    compile time per image."""
+    """What the nodes said about themselves: background imports (load_model), precompiled blocks loaded,
+    compile time per image and where a first batch's time went."""
     import re
 
     out: dict[str, Any] = {"compile_s": []}
@@ -97,6 +97,12 @@ def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
                       r"loaded in ([\d.]+) s", text)
         if m:
             out.update(precompiled_variants=int(m.group(1)), precompiled_load_s=float(m.group(2)))
+        m = re.search(r"first batch: preparing the pipeline ([\d.]+) s, to the end of its first step ([\d.]+) s .*"
+                      r"after its last step ([\d.]+) s", text)
+        if m:
+            out.setdefault("first_batch_s", []).append({"node": e.get("node"), "prepare": float(m.group(1)),
+                                                        "to_first_step_end": float(m.group(2)),
+                                                        "after_last_step": float(m.group(3))})
         m = re.search(r"torch\.compile: ([\d.]+) s in this call \(Inductor ([\d.]+) s", text)
         if m:
             out["compile_s"].append({"node": e.get("node"), "s": float(m.group(1)), "inductor_s": float(m.group(2))})

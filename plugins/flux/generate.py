@@ -5,7 +5,10 @@ each job makes ``n`` images with seeds ``seed .. seed + n - 1``, so a prompt
 list and a sweep over prompts make the same pictures.  Jobs of one size go
 through the pipeline together, up to :data:`BATCH_PIXELS` pixels per batch; a
 batch that runs out of GPU memory is split in two and retried.  Each image
-records how long its batch took (``timing``), for reports.
+records how long its batch took (``timing``), for reports: in all, per step, and
+from the batch's start to the end of its first step (text encoders and the first
+step, with any compilation) and from the end of its last step (VAE decode and
+conversion to images).
 """
 
 from __future__ import annotations
@@ -73,12 +76,14 @@ class _Progress:
 
     def __init__(self, ctx: RunContext, total: int) -> None:
         self.ctx, self.total, self.done = ctx, total, 0
+        self.ends: list[float] = []  # the host's clock at each step's end, in the current batch
         ctx.progress(0, total)
 
     def callback(self) -> Any:
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             from . import parallel
 
+            self.ends.append(time.perf_counter())
             self.ctx.progress(self.done + step + 1, self.total)
             if parallel.every_rank_works(pipe):  # context parallel: the ranks stop at the same step or not at all
                 if distributed.any_rank(self.ctx.cancelled):
@@ -104,6 +109,7 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
     import torch
 
     t0 = time.perf_counter()
+    progress.ends = []
     try:
         with step_cache(pipe.transformer, s.cache_threshold) as count:
             pics = to_pil(_call(ctx, pipe, group, s, progress))
@@ -119,6 +125,9 @@ def _batch(ctx: RunContext, pipe: Any, group: list[Job], s: Settings,
     progress.done += steps
     timing = {"seconds_per_image": round(seconds / len(pics), 4), "seconds_per_step": round(seconds / steps, 4),
               "batch": len(pics), "steps": steps}
+    if progress.ends:  # host clock: the GPU may still be working when a step's callback runs
+        timing.update(first_step_s=round(progress.ends[0] - t0, 3),
+                      after_steps_s=round(t0 + seconds - progress.ends[-1], 3))
     if s.cache_threshold > 0:
         timing.update(count.as_dict())
     peak = _peak_gib()

@@ -4,6 +4,7 @@ Replicate's flux-dev / flux-schnell predictors (same names, ranges and defaults)
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -270,19 +271,22 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
         ctx.log("prompt_strength = 0: returning the input image unchanged (resized)")
         return [(job, j, job.init.resize(job.size, Image.Resampling.LANCZOS), {}) for job in jobs for j in range(s.n)]
     pipe = get_pipeline(model)
+    t0 = time.perf_counter()
     with adapter_errors(model, "setting up this model's LoRAs"):
         prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
+    prepared = time.perf_counter() - t0
     before = fast.compile_seconds() if ctx.device == "cuda" else {}
     if parallel.splits_images(model):  # several ranks: each makes its share of the images
         made = parallel.generate_split(ctx, pipe, jobs, s, generate)
     else:
         made = generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
-    _log_compile(ctx, before)
+    _log_compile(ctx, before, prepared, made[0][3] if made else {})
     return made
 
 
-def _log_compile(ctx: RunContext, before: dict[str, float]) -> None:
-    """Say how long torch.compile took in this call (the first image of a size in a process pays it)."""
+def _log_compile(ctx: RunContext, before: dict[str, float], prepared: float, timing: dict[str, Any]) -> None:
+    """Say how long torch.compile took in this call (the first image of a size in a process pays it), and where
+    the first batch's time went."""
     after = fast.compile_seconds() if before else {}
     spent = {k: after[k] - before.get(k, 0.0) for k in after}
     if spent.get("compile", 0.0) >= 0.5:
@@ -290,6 +294,12 @@ def _log_compile(ctx: RunContext, before: dict[str, float]) -> None:
         ctx.log(f"torch.compile: {spent['compile']:.1f} s in this call (Inductor {spent['inductor']:.1f} s; "
                 "from the compile cache where it was warm)" + (
                     f"; {saved} variant(s) saved precompiled for later processes" if saved else ""))
+    slow_start = timing.get("first_step_s", 0.0) > 3 * timing.get("seconds_per_step", 0.0)
+    if before and "first_step_s" in timing and (spent.get("compile", 0.0) >= 0.5 or slow_start):
+        total = timing["seconds_per_image"] * timing["batch"]
+        ctx.log(f"first batch: preparing the pipeline {prepared:.2f} s, to the end of its first step "
+                f"{timing['first_step_s']:.2f} s (text encoders, the step and any compilation), after its last "
+                f"step {timing['after_steps_s']:.2f} s (VAE decode, images), of {total:.2f} s")
 
 
 def _warn_size(ctx: RunContext, jobs: list[Job], model: Model) -> None:
