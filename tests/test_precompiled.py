@@ -342,3 +342,17 @@ def test_a_variant_that_compiles_but_cannot_be_written_is_used_and_saved_by_a_la
     with torch.no_grad():
         again(x)
     assert len(list(where.glob("*.bin"))) == 1 and precompiled.stats()["saved"]
+
+
+@pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
+def test_loading_saved_variants_looks_for_their_kernels_in_fluxkiln_s_compile_cache(fresh_cache, monkeypatch):
+    """``load_model`` starts loading the saved variants before anything compiles; their kernels are in fluxkiln's
+    compile cache, so the loading must look there, not in torch's default folders (where it found none and
+    compiled them again)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setattr(precompiled, "_state", {})
+    assert precompiled.start_preload("cpu")
+    assert precompiled.table("cpu") == {}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(fresh_cache / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(fresh_cache / "inductor" / "triton")
