@@ -174,15 +174,18 @@ def test_sample_logs_how_long_compilation_took(monkeypatch):
     from fluxkiln.plugins.flux import fast
     from fluxkiln.plugins.flux import sample as sample_module
 
-    assert set(fast.compile_seconds()) == {"compile", "inductor"}  # this torch says how long it compiled
+    assert set(fast.compile_seconds()) == {"compile", "inductor", "saved"}  # this torch says how long it compiled
     logs = []
     ctx = SimpleNamespace(log=lambda message, **_kw: logs.append(message))
-    monkeypatch.setattr(fast, "compile_seconds", lambda: {"compile": 10.0, "inductor": 3.0})
-    sample_module._log_compile(ctx, {"compile": 2.0, "inductor": 1.0})
+    monkeypatch.setattr(fast, "compile_seconds", lambda: {"compile": 10.0, "inductor": 3.0, "saved": 2.0})
+    sample_module._log_compile(ctx, {"compile": 2.0, "inductor": 1.0, "saved": 2.0}, 0.1, {})
     assert logs == ["torch.compile: 8.0 s in this call (Inductor 2.0 s; from the compile cache where it was warm)"]
-    sample_module._log_compile(ctx, {"compile": 9.8, "inductor": 3.0})  # nothing worth saying
-    sample_module._log_compile(ctx, {})  # not on a GPU
-    assert len(logs) == 1
+    sample_module._log_compile(ctx, {"compile": 2.0, "inductor": 1.0, "saved": 0.0}, 0.1, {})
+    assert logs[-1] == ("torch.compile: 8.0 s in this call (Inductor 2.0 s; from the compile cache where it was "
+                        "warm); 2 variant(s) saved precompiled for later processes")
+    sample_module._log_compile(ctx, {"compile": 9.8, "inductor": 3.0, "saved": 2.0}, 0.1, {})  # nothing to say
+    sample_module._log_compile(ctx, {}, 0.1, {})  # not on a GPU
+    assert len(logs) == 2
 
 
 def test_build_pipeline_loads_through_device_map_and_falls_back(monkeypatch, tmp_path):
