@@ -16,13 +16,13 @@ that loads without tracing:
 * :class:`Recording` marks ``fluxkiln warmup``'s run, which compiles what a recipe needs before it is used.
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
-Inductor's default mode; training, Inductor's CUDA-graph modes and adapters keep ordinary compilation.  Each block's first call of
-a variant runs the artifact's full guard check (parameters' and inputs' tensor properties, grad mode, the
-attribute values it was traced with); later calls compare a cheap signature, including the block's module types
-and attention processors, so a block changed after its check (fp8 layers swapped in, adapters injected) falls
-back.  The guards torch cannot serialize (global state, function identity) are covered by the folder's key
-(torch, diffusers and Python versions and the device) and by the variant's (the attention processors' classes
-and backends, and diffusers' default attention backend).  ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
+Inductor's default mode; training, Inductor's CUDA-graph modes and adapters keep ordinary compilation.  Each
+block's first call of a variant runs the artifact's full guard check (parameters' and inputs' tensor properties,
+grad mode, the attribute values it was traced with); later calls compare a cheap signature, including the block's
+module types and attention processors, so a block changed after its check (fp8 layers swapped in, adapters
+injected) falls back. The guards torch cannot serialize (global state, function identity) are covered by the
+folder's key (torch, diffusers and Python versions and the device) and by the variant's (the attention processors'
+classes and backends, and diffusers' default attention backend). ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
 
 Nothing here imports torch at module level.
 """
@@ -230,7 +230,8 @@ def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str,
         fn.save_compiled_function(str(partial))
         os.replace(partial, out / f"{key}.bin")
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         _note("failed", _reason(key, exc), time.perf_counter() - t0)
         warnings.warn(f"precompile: {_reason(key, exc)}; not saved, so a later process compiles it again",
                       RuntimeWarning, stacklevel=3)
