@@ -121,6 +121,17 @@ def summary(entries: Iterable[EntryInfo]) -> dict[str, Any]:
     return {"total": total, "by_type": by_type, "by_recipe": by_recipe}
 
 
+def other_folders(cache: DiskCache) -> dict[str, int]:
+    """Bytes in each folder of the cache root that holds no results (plugins' compiled code, training state,
+    built-in models): listed beside the results, neither counted in the budget nor pruned."""
+    own = {cache.results.name, cache.tmp.name, cache.blobs.root.name}
+    out = {}
+    for sub in sorted(cache.root.iterdir() if cache.root.is_dir() else []):
+        if sub.is_dir() and not sub.is_symlink() and sub.name not in own:
+            out[sub.name] = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file() and not f.is_symlink())
+    return out
+
+
 def prune(cache: DiskCache, *, older_than: float | None = None, max_size: int | None = None,
           keep: set[str] | frozenset[str] = frozenset()) -> list[EntryInfo]:
     """Remove entries unused for ``older_than`` seconds, then the least recently used until the cache

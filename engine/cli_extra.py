@@ -31,9 +31,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     entries = admin.scan(cache)
     summary = admin.summary(entries)
     budget, _warning = admin.budget_from_env()
+    others = admin.other_folders(cache)
     if args.json:
         print(json.dumps({"root": str(cache.root), "budget": budget, **summary,
-                          "entries": [e.to_json() for e in entries]}, indent=1))
+                          "entries": [e.to_json() for e in entries], "other_folders": others}, indent=1))
         return 0
     limit = admin.human(budget) if budget is not None else "none"
     print(f"cache {cache.root}: {len(entries)} entries, {admin.human(summary['total'])} "
@@ -49,6 +50,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print("entries, most recently used first (bytes shared between entries count once):")
     for e in sorted(entries, key=lambda e: -e.used):
         print(f"  {e.fingerprint[:16]}  {e.type:<14} {e.recipe}/{e.node:<16} {admin.human(e.own):>9}")
+    if others:
+        print("other folders (compiled code, training state, built-in models; not in the budget, never pruned: "
+              "delete one to reclaim its space):")
+    for name, size in others.items():
+        print(f"  {name + '/':<24} {admin.human(size):>10}")
     return 0
 
 

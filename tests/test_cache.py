@@ -151,6 +151,14 @@ def test_cache_command_lists_and_prunes(proj, fresh_cache):
     assert len(listing["entries"]) == 4 and {e["type"] for e in listing["entries"]} == {"const", "concat", "read_file"}
     human = fluxkiln("cache", cwd=proj, cache=fresh_cache).stdout
     assert "4 entries" in human
+    # folders of other things (a plugin's compiled code here) are listed with their size, not as results
+    (fresh_cache / "precompiled" / "env").mkdir(parents=True)
+    (fresh_cache / "precompiled" / "env" / "Block-1.bin").write_bytes(b"x" * 3000)
+    listing = json.loads(fluxkiln("cache", "--json", cwd=proj, cache=fresh_cache).stdout)
+    assert listing["other_folders"]["precompiled"] == 3000 and "results" not in listing["other_folders"]
+    assert "blobs" not in listing["other_folders"] and len(listing["entries"]) == 4
+    human = fluxkiln("cache", cwd=proj, cache=fresh_cache).stdout
+    assert "other folders" in human and "precompiled/" in human and "2.9 KiB" in human
     res = fluxkiln("cache", "prune", "--max-size", "0", cwd=proj, cache=fresh_cache)
     assert res.returncode == 0 and "removed 4 entries" in res.stdout
     assert json.loads(fluxkiln("cache", "--json", cwd=proj, cache=fresh_cache).stdout)["entries"] == []
