@@ -51,13 +51,15 @@ SAVE = MODEL + textwrap.dedent('''
 LOAD = MODEL + textwrap.dedent('''
     from torch._dynamo.utils import calculate_time_spent
     from fluxkiln.plugins.flux import joined
-    (precompiled.folder("cpu") / "junk.bin").write_bytes(b"not a compiled function")
+    (precompiled.folder("cpu") / "junk.bin").write_bytes(b"not a compiled function")  # the newest file
+    precompiled.PRELOAD = 2  # the background load takes the junk and one variant; the other loads on demand
     fast.compile_blocks(tr)
+    preloaded = precompiled.stats()["loaded"]
     blocks = fast.blocks(tr)
     with torch.no_grad():
         out = tr(**inputs())[0]
     calls = [joined.inner(b._compiled_call_impl) for b in blocks]
-    res = {"stats": precompiled.stats(), "served": [c.served for c in calls],
+    res = {"stats": precompiled.stats(), "served": [c.served for c in calls], "preloaded": preloaded,
            "dispatch": all(isinstance(c, precompiled.Dispatch) for c in calls),
            "traced": calculate_time_spent().get("entire_frame_compile", 0.0),
            "same": torch.allclose(out, eager, atol=1e-5)}
@@ -127,7 +129,8 @@ def test_blocks_save_their_variants_as_they_compile_and_a_new_process_runs_them_
     assert any(p.is_file() for p in (tmp_path / "cache" / "inductor").rglob("*"))
 
     loaded = _run(LOAD, tmp_path / "cache")
-    assert loaded["stats"]["loaded"] == 2 and loaded["stats"]["errors"] == ["junk.bin: UnpicklingError"], loaded
+    assert loaded["preloaded"] == 1 and loaded["stats"]["loaded"] == 2, loaded  # one in the background, one later
+    assert loaded["stats"]["errors"] == ["junk.bin: UnpicklingError"], loaded
     assert loaded["stats"]["saved"] == []  # everything it needed was on disk
     assert loaded["dispatch"] and loaded["served"] == [1, 1, 1]
     assert loaded["traced"] == 0.0  # no Dynamo frame was compiled in this process
@@ -356,3 +359,26 @@ def test_loading_saved_variants_looks_for_their_kernels_in_fluxkiln_s_compile_ca
     assert precompiled.table("cpu") == {}
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(fresh_cache / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(fresh_cache / "inductor" / "triton")
+
+
+@pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
+def test_the_background_load_takes_the_most_recently_used_variants_and_use_makes_one_recent(fresh_cache,
+                                                                                             monkeypatch):
+    import torch
+
+    monkeypatch.setattr(precompiled, "_state", {})
+    monkeypatch.setattr(precompiled, "PRELOAD", 2)
+    where = precompiled.folder("cpu")
+    where.mkdir(parents=True)
+    for age, name in enumerate(["new", "middle", "old"]):
+        path = where / f"{name}.bin"
+        path.write_bytes(b"broken")  # a load that fails names the file it tried
+        os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
+    assert precompiled.table("cpu") == {}
+    assert precompiled.stats()["errors"] == ["new.bin: UnpicklingError", "middle.bin: UnpicklingError"]
+    block = torch.nn.Linear(2, 2)
+    precompiled.used(block, "old")  # served in this process: the next one loads it in the background
+    assert max(where.glob("*.bin"), key=lambda p: p.stat().st_mtime).name == "old.bin"
+    assert precompiled.load_saved(block, "old", {}) is None  # on demand: broken, noted, compiled as usual
+    assert precompiled.load_saved(block, "absent", {}) is None
+    assert precompiled.stats()["errors"][-1] == "old.bin: UnpicklingError"

@@ -11,8 +11,9 @@ that loads without tracing:
   and the shapes, strides, dtypes and devices of its inputs — runs the precompiled function; a servable call with
   none compiles its variant with :func:`compile_ahead` (the compilation the process would pay anyway) and saves
   it into ``<cache>/precompiled/<environment>/``; anything else runs the module's ordinary ``torch.compile``.
-* :func:`start_preload` deserializes the saved files in a background thread (``load_model`` starts it before the
-  weights load); :func:`table` waits for it.
+* :func:`start_preload` deserializes the :data:`PRELOAD` most recently used saved files in a background thread
+  (``load_model`` starts it before the weights load); :func:`table` waits for it, and a call whose variant was
+  left out loads it then (:func:`load_saved`).
 * :class:`Recording` marks ``fluxkiln warmup``'s run, which compiles what a recipe needs before it is used.
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
@@ -45,7 +46,7 @@ from typing import Any
 
 from . import registrations
 
-MAX_FILES = 32  # newest artifacts loaded per process
+PRELOAD = 4  # the most recently used variants, loaded in the background as a model loads; others on demand
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -129,6 +130,12 @@ def _attention_default() -> str:
     return str(getattr(_AttentionBackendRegistry, "_active_backend", ""))
 
 
+def _folder_of(block: Any) -> Path:
+    """The saved variants' folder for the device the block's weights are on."""
+    param = next(block.parameters(), None)
+    return folder(param.device.type if param is not None else "cpu")
+
+
 def structure(block: Any) -> tuple[str, ...]:
     """The block's module types and attention processors (and their attention backends), in order, and
     diffusers' default attention backend."""
@@ -210,7 +217,7 @@ def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str,
     cache) is still returned, and a later process tries to save it again."""
     import torch
 
-    out = folder(next(block.parameters()).device.type)
+    out = _folder_of(block)
     failed = out / f"{key}.failed"
     if failed.exists():
         return None
@@ -284,25 +291,54 @@ def _aot_compile_on(torch: Any) -> Any:
 
 
 # ------------------------------------------------------------------ loading
-def _load_all(where: Path) -> None:
+def _load_one(path: Path) -> Any:
     import torch
 
+    with path.open("rb") as f:
+        fn = torch.compiler.load_compiled_function(f)
+    fn.disable_guard_check()  # checked by Dispatch, once per block and variant
+    return fn
+
+
+def _load_all(where: Path) -> None:
     t0 = time.perf_counter()
     found: dict[str, Any] = {}
     errors: list[str] = []
-    files = sorted(where.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_FILES]
+    files = sorted(where.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)[:PRELOAD]
     for path in files:
         try:
-            with path.open("rb") as f:
-                fn = torch.compiler.load_compiled_function(f)
-            fn.disable_guard_check()  # checked by Dispatch, once per block and variant
-            found[path.stem] = fn
+            found[path.stem] = _load_one(path)
         except Exception as exc:  # noqa: BLE001 - a stale or broken file: compile as usual
             errors.append(f"{path.name}: {type(exc).__name__}")
     with _lock:
         if _state.get("folder") == where:  # not replaced meanwhile by a load for another device
             _state.update(table=found, loaded=len(found), load_errors=errors,
                           load_s=round(time.perf_counter() - t0, 2))
+
+
+def load_saved(block: Any, key: str, variants: dict[str, Any]) -> Any | None:
+    """A saved variant the background load left out (it loads only the most recently used), loaded now and added
+    to ``variants``; None where there is no such file or it cannot be loaded."""
+    path = _folder_of(block) / f"{key}.bin"
+    if not path.is_file():
+        return None
+    try:
+        fn = _load_one(path)
+    except Exception as exc:  # noqa: BLE001 - a stale or broken file: compile as usual
+        with _lock:
+            _state.setdefault("load_errors", []).append(f"{path.name}: {type(exc).__name__}")
+        return None
+    variants[key] = fn
+    with _lock:
+        _state["loaded"] = _state.get("loaded", 0) + 1
+    return fn
+
+
+def used(block: Any, key: str) -> None:
+    """Mark a saved variant as just used, so that the next process loads it in the background."""
+    path = _folder_of(block) / f"{key}.bin"
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def start_preload(device: str) -> bool:
@@ -426,12 +462,16 @@ class Dispatch:
         if not _has_adapters(block):  # hooks were ruled out by _pick
             key = variant_key(block, sig)
             fn = self.variants.get(key)
+            if fn is None:
+                fn = load_saved(block, key, self.variants)
             if fn is None and self.ahead:
                 fn = compile_ahead(block, key, args, kwargs)
                 if fn is not None:
                     self.variants[key] = fn
             if fn is not None and not fn.guard_check(block, *args, **kwargs):
                 fn = None
+            if fn is not None:
+                used(block, key)
         self.checked[sig] = (self._state(), fn)
         return fn
 
