@@ -181,7 +181,8 @@ def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
     assert key.startswith("Sequential-")
 
 
-def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning():
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning(ahead, fresh_cache):
     import torch
 
     block = torch.nn.Linear(4, 4)
@@ -198,11 +199,12 @@ def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning():
             Broken.calls += 1
             raise RuntimeError("stale kernel")
 
-    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {key: Broken()})
+    d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {key: Broken()}, ahead=ahead)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="stale kernel"):
         assert d(x) == "ordinary"
-    with torch.no_grad():
-        assert d(x) == "ordinary" and Broken.calls == 1 and d.served == 0  # not tried again
+    with torch.no_grad():  # not tried again, nor compiled ahead in its place
+        assert d(x) == "ordinary" and Broken.calls == 1 and d.served == 0
+    assert not list(precompiled.folder("cpu").glob("*"))
     assert any("stale kernel" in e for e in precompiled.stats()["call_errors"])
 
 

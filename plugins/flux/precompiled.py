@@ -427,7 +427,7 @@ class Dispatch:
         try:
             out = fn(self.block, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - an experimental torch API: never let it fail an image
-            self.variants, self.checked = {}, {}
+            self.variants, self.checked, self.ahead = {}, {}, False  # for good: neither served nor compiled ahead
             _state.setdefault("call_errors", []).append(f"{type(self.block).__name__}: {type(exc).__name__}: {exc}")
             warnings.warn(f"precompiled {type(self.block).__name__} failed ({type(exc).__name__}: {exc}); "
                           "compiling it as usual", RuntimeWarning, stacklevel=2)
@@ -477,5 +477,5 @@ class Dispatch:
 
 
 def recording() -> bool:
-    """Whether a :class:`Recording` is active (compiled blocks then note their variants)."""
+    """Whether ``fluxkiln warmup``'s :class:`Recording` is active (the VAE decoder then compiles at once)."""
     return _state.get("recording") is not None
