@@ -366,8 +366,6 @@ def test_loading_saved_variants_looks_for_their_kernels_in_fluxkiln_s_compile_ca
 @pytest.mark.skipif(not precompiled.supported(), reason=str(precompiled.unavailable()))
 def test_the_background_load_takes_the_most_recently_used_variants_and_use_makes_one_recent(fresh_cache,
                                                                                              monkeypatch):
-    import torch
-
     monkeypatch.setattr(precompiled, "_state", {})
     monkeypatch.setattr(precompiled, "PRELOAD", 2)
     where = precompiled.folder("cpu")
@@ -378,9 +376,8 @@ def test_the_background_load_takes_the_most_recently_used_variants_and_use_makes
         os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
     assert precompiled.table("cpu") == {}
     assert precompiled.stats()["errors"] == ["new.bin: UnpicklingError", "middle.bin: UnpicklingError"]
-    block = torch.nn.Linear(2, 2)
-    precompiled.used(block, "old")  # served in this process: the next one loads it in the background
+    precompiled.used(where, "old")  # served in this process: the next one loads it in the background
     assert max(where.glob("*.bin"), key=lambda p: p.stat().st_mtime).name == "old.bin"
-    assert precompiled.load_saved(block, "old", {}) is None  # on demand: broken, noted, compiled as usual
-    assert precompiled.load_saved(block, "absent", {}) is None
+    assert precompiled.load_saved(where, "old", {}) is None  # on demand: broken, noted, compiled as usual
+    assert precompiled.load_saved(where, "absent", {}) is None
     assert precompiled.stats()["errors"][-1] == "old.bin: UnpicklingError"

@@ -209,15 +209,14 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
             for g in entries]
 
 
-def compile_ahead(block: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
-    """Compile one variant ahead of time (the block's forward for these inputs), save it in its device's folder
-    for later processes, and return it.  None where torch cannot compile it so: the caller compiles as usual.
+def compile_ahead(block: Any, out: Path, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+    """Compile one variant ahead of time (the block's forward for these inputs), save it in ``out`` (its device's
+    folder) for later processes, and return it.  None where torch cannot compile it so: the caller compiles as usual.
     Where torch cannot compile or package it, the reason goes to a ``<key>.failed`` file beside the saved ones,
     so that no later process tries again; a variant that compiled but could not be written (a full or read-only
     cache) is still returned, and a later process tries to save it again."""
     import torch
 
-    out = _folder_of(block)
     failed = out / f"{key}.failed"
     if failed.exists():
         return None
@@ -316,10 +315,10 @@ def _load_all(where: Path) -> None:
                           load_s=round(time.perf_counter() - t0, 2))
 
 
-def load_saved(block: Any, key: str, variants: dict[str, Any]) -> Any | None:
-    """A saved variant the background load left out (it loads only the most recently used), loaded now and added
-    to ``variants``; None where there is no such file or it cannot be loaded."""
-    path = _folder_of(block) / f"{key}.bin"
+def load_saved(where: Path, key: str, variants: dict[str, Any]) -> Any | None:
+    """A saved variant in ``where`` that the background load left out (it loads only the most recently used),
+    loaded now and added to ``variants``; None where there is no such file or it cannot be loaded."""
+    path = where / f"{key}.bin"
     if not path.is_file():
         return None
     try:
@@ -334,11 +333,10 @@ def load_saved(block: Any, key: str, variants: dict[str, Any]) -> Any | None:
     return fn
 
 
-def used(block: Any, key: str) -> None:
-    """Mark a saved variant as just used, so that the next process loads it in the background."""
-    path = _folder_of(block) / f"{key}.bin"
+def used(where: Path, key: str) -> None:
+    """Mark a saved variant in ``where`` as just used, so that the next process loads it in the background."""
     with contextlib.suppress(OSError):
-        os.utime(path)
+        os.utime(where / f"{key}.bin")
 
 
 def start_preload(device: str) -> bool:
@@ -460,18 +458,18 @@ class Dispatch:
         self.param = next(block.parameters(), None)
         fn = None
         if not _has_adapters(block):  # hooks were ruled out by _pick
-            key = variant_key(block, sig)
+            key, where = variant_key(block, sig), _folder_of(block)
             fn = self.variants.get(key)
             if fn is None:
-                fn = load_saved(block, key, self.variants)
+                fn = load_saved(where, key, self.variants)
             if fn is None and self.ahead:
-                fn = compile_ahead(block, key, args, kwargs)
+                fn = compile_ahead(block, where, key, args, kwargs)
                 if fn is not None:
                     self.variants[key] = fn
             if fn is not None and not fn.guard_check(block, *args, **kwargs):
                 fn = None
             if fn is not None:
-                used(block, key)
+                used(where, key)
         self.checked[sig] = (self._state(), fn)
         return fn
 
