@@ -101,6 +101,13 @@ def blocks(transformer: Any) -> list[Any]:
     return out
 
 
+def plain_inference(torch: Any, module: Any) -> bool:
+    """Whether a call of ``module`` now is plain inference, which a precompiled function or a recorded CUDA graph
+    can stand in for: gradients and autocast off, no forward hooks on it."""
+    return not (torch.is_grad_enabled() or module._forward_hooks or module._forward_pre_hooks
+                or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+
 def is_compiled(transformer: Any) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(transformer))
 

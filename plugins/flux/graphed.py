@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import registrations
+from . import fast, registrations
 
 CHANGES = registrations.Watch()  # registrations on graphed transformers (adapters, fp8 layers, fused projections)
 MAX_GRAPHS = 4  # signatures (sizes, batches) kept per transformer; the least recently used is dropped
@@ -143,10 +143,8 @@ class WholeStep:
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         module = self.module
-        torch = self.torch
-        if disabled() or torch.is_grad_enabled() or module._forward_hooks or module._forward_pre_hooks \
-                or "forward" in vars(module) or getattr(module, "is_cache_enabled", False) \
-                or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        if disabled() or not fast.plain_inference(self.torch, module) or "forward" in vars(module) \
+                or getattr(module, "is_cache_enabled", False):
             return None
         sig = signature(args, kwargs)
         if sig is None:
@@ -161,8 +159,6 @@ class WholeStep:
 
     def _state(self) -> tuple[Any, ...] | None:
         """What the graphs depend on besides their inputs; None when a block has hooks (then nothing is graphed)."""
-        from . import fast
-
         parts = []
         for block in fast.blocks(self.module):
             if block._forward_hooks or block._forward_pre_hooks or "forward" in vars(block):

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import registrations
+from . import fast, registrations
 
 PRELOAD = 4  # the most recently used variants, loaded in the background as a model loads; others on demand
 _state: dict[str, Any] = {}
@@ -349,9 +349,7 @@ def start_preload(device: str) -> bool:
     for a process that had set the caches up first."""
     if unavailable() is not None:
         return False
-    from .fast import setup_compile_cache
-
-    setup_compile_cache()
+    fast.setup_compile_cache()
     where = folder(device)
     with _lock:
         if _state.get("folder") == where:
@@ -440,9 +438,7 @@ class Dispatch:
                 None if p is None else (p.dtype, p.device), self.registry._active_backend)
 
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        torch, block = self.torch, self.block
-        if not (self.variants or self.ahead) or torch.is_grad_enabled() or block._forward_hooks \
-                or block._forward_pre_hooks or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        if not (self.variants or self.ahead) or not fast.plain_inference(self.torch, self.block):
             return None
         sig = call_signature(args, kwargs)
         if sig is None:
