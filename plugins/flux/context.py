@@ -221,6 +221,13 @@ class ContextAttnProcessor:
     def __init__(self, state: Split) -> None:
         self.state = state
 
+    @property
+    def precompile_tag(self) -> str:
+        """What a block's compiled code depends on here besides the class (:mod:`.precompiled`'s variant key): the
+        mode, the degree, this rank (``overlap`` slices by it) and the group the collectives name."""
+        s = self.state
+        return f"context:{s.mode}/{s.degree}/rank{s.rank}/group{s.group_name}"
+
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  image_rotary_emb: Any = None) -> Any:
         import torch

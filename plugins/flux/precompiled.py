@@ -137,14 +137,16 @@ def _folder_of(block: Any) -> Path:
 
 
 def structure(block: Any) -> tuple[str, ...]:
-    """The block's module types and attention processors (and their attention backends), in order, and
-    diffusers' default attention backend."""
+    """The block's module types and attention processors (and their attention backends, and a processor's
+    ``precompile_tag`` where it has one), in order, and diffusers' default attention backend."""
     out = [_attention_default()]
     for m in block.modules():
         out.append(_type_name(m))
         proc = getattr(m, "processor", None)
         if proc is not None:
             out.append(f"{_type_name(proc)}/{getattr(proc, '_attention_backend', None)}")
+            if getattr(proc, "precompile_tag", None):  # what its traced code depends on beyond its class
+                out.append(str(proc.precompile_tag))
     return tuple(out)
 
 
