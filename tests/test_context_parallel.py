@@ -171,3 +171,56 @@ def test_saved_compiled_blocks_of_a_split_model_are_told_apart_by_mode_degree_an
         block.attn.set_processor(context.ContextAttnProcessor(context.Split(degree, rank, mode, group_name="0")))
         keys.add(precompiled.variant_key(block, sig))
     assert len(keys) == 6
+
+
+def _graphed_worker(rank: int, port: int, backend: str, out: dict) -> None:
+    """A split transformer called through whole-step graphs: recorded on the second call, replayed after."""
+    import torch.distributed as dist
+
+    from fluxkiln.plugins.flux import graphed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = "cuda" if backend == "nccl" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from test_graphed import stand_in_record
+
+        model = _transformer(2).to(device)
+        step_inputs = [{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                        for k, v in _inputs(64, 8).items()} for _ in range(4)]
+        for i, kw in enumerate(step_inputs):
+            kw["hidden_states"] = kw["hidden_states"] * (1 + i)  # each step its own input
+        context.enable(model, 2, "allgather")
+        with torch.no_grad():
+            ordinary = [model(**kw)[0].clone() for kw in step_inputs]
+            step = graphed.WholeStep(model, recorder=None if device == "cuda" else stand_in_record)
+            model._compiled_call_impl = step
+            stepped = [model(**kw)[0].clone() for kw in step_inputs]
+            hooked = model.register_forward_pre_hook(lambda m, a: None)  # someone else's hook: not recorded
+            model(**step_inputs[0])
+            hooked.remove()
+        if rank == 0:
+            out["stats"] = (step.stats.recorded, step.stats.replayed, step.stats.ordinary)
+            out["diff"] = max(float((a - b).abs().max()) for a, b in zip(ordinary, stepped, strict=True))
+            out["distinct"] = not torch.equal(stepped[2], stepped[3])
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_graphed(got: dict) -> None:
+    assert got["stats"] == (1, 2, 2)  # first call as usual, second recorded, two replays; the extra hook: as usual
+    assert got["diff"] == 0.0 and got["distinct"]  # the split, the exchange and the gather are in the graph
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+def test_a_split_transformer_is_recorded_whole_with_its_exchanges():
+    _check_graphed(spawn_ranks(_graphed_worker, 2, "gloo"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_a_split_transformer_in_a_real_cuda_graph_gives_the_ordinary_split_output():
+    _check_graphed(spawn_ranks(_graphed_worker, 2, "nccl"))

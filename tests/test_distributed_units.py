@@ -3,6 +3,7 @@ what a failed launch reports, and refusing bad launch settings before anything s
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -255,3 +256,23 @@ def test_the_overlap_variants_are_measured_on_request_in_the_order_asked_for():
         "one-compiled", "one-graphs", "allgather-graphs", "overlap-compiled", "overlap-graphs"]
     assert "overlap-eager" in cp_variants(argparse.Namespace(cp_variants=""), "cpu")
     assert not any(v.startswith("overlap") for v in cp_variants(argparse.Namespace(cp_variants=""), "cuda"))
+
+
+def test_whole_step_graph_variants_and_inductor_options_are_asked_for_and_compared_with_one_gpu():
+    import argparse
+
+    from fluxkiln.plugins.bench.cp_latency import summary
+    from fluxkiln.plugins.bench.many import cp_variants
+
+    asked = "allgather-steps+reorder,one-steps,allgather-steps,one-compiled,ulysses-compiled+sched"
+    assert cp_variants(argparse.Namespace(cp_variants=asked), "cuda") == [
+        "one-compiled", "ulysses-compiled+sched", "one-steps", "allgather-steps", "allgather-steps+reorder"]
+    for wrong in ("allgather-steps+fast", "allgather-eager+reorder", "ring-steps"):
+        with pytest.raises(SystemExit, match=f"unknown --cp-variants {re.escape(wrong)}.*may add \\+reorder or \\+sched"):
+            cp_variants(argparse.Namespace(cp_variants=wrong), "cuda")
+    runs = {"one-compiled": {"s": 4.0}, "one-steps": {"s": 3.5}, "allgather-steps": {"s": 2.1},
+            "allgather-steps+reorder": {"s": 2.0}, "ulysses-compiled+sched": {"s": 2.6}}
+    out = summary(runs)
+    assert runs["allgather-steps+reorder"]["ratio"] == round(2.0 / 3.5, 3)  # against one GPU with step graphs
+    assert runs["ulysses-compiled+sched"]["ratio"] == 0.65
+    assert out["best"] == {"variant": "allgather-steps+reorder", "s": 2.0, "one_s": 3.5, "ratio": round(2 / 3.5, 3)}

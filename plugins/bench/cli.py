@@ -61,8 +61,10 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--cp-variants", default="", help="with --gpus: context-parallel variants to time, comma-"
                    "separated (default: one-eager, one-compiled, ulysses-eager, ulysses-compiled, allgather-compiled, "
                    "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole, overlap-eager, "
-                   "overlap-compiled, and in CUDA-graph mode one-graphs, allgather-graphs, ulysses-graphs, "
-                   "overlap-graphs)")
+                   "overlap-compiled, in CUDA-graph mode one-graphs, allgather-graphs, ulysses-graphs, "
+                   "overlap-graphs, with whole-step CUDA graphs one-steps, allgather-steps, ulysses-steps, "
+                   "overlap-steps; a compiled one may add +reorder or +sched: Inductor's compute/communication "
+                   "overlap passes)")
     p.add_argument("--parts", default="", help="with --gpus: which measurements, comma-separated, in this order "
                    "(default: data_parallel, ddp, context_parallel); each is written to --out as soon as it ends")
     p.add_argument("--profile", action="store_true", help="with --gpus: also profile one step of each part with "

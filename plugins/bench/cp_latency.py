@@ -26,8 +26,17 @@ VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "a
 # on request (--cp-variants); -graphs: compiled blocks in CUDA-graph mode (reduce-overhead), the collectives
 # captured with them: is a split image launch-bound once each rank's kernels are small?
 # overlap-*: the all-gather of k/v running beside attention to the rank's own tokens (merged by log-sum-exp)
+# -steps: compiled blocks and each whole transformer call one CUDA graph (.graphed, the split's hooks and
+# exchanges recorded with it), as ``sample`` runs on a GPU
 EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs",
-                  "overlap-eager", "overlap-compiled", "overlap-graphs")
+                  "overlap-eager", "overlap-compiled", "overlap-graphs", "one-steps", "allgather-steps",
+                  "ulysses-steps", "overlap-steps")
+# any compiled variant may add one: +reorder: Inductor's compute/communication reordering passes (sink the
+# waits, raise the collectives, move independent compute between them); +sched: its overlap scheduler
+OPTIONS = {"reorder": {"reorder_for_compute_comm_overlap": True,
+                       "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms",
+                                                                   "reorder_compute_for_overlap"]},
+           "sched": {"aten_distributed_optimizations.enable_overlap_scheduling": True}}
 CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "overlap-eager", "diffusers-eager")
 
 
@@ -106,7 +115,15 @@ class CpLatency:
 
     # ------------------------------------------------------------------ one variant
     def _variant(self, name: str) -> dict[str, Any]:
+        import torch
+
         kind, how = name.split("-", 1)
+        how, _, option = how.partition("+")
+        if option:
+            if not self.cuda:
+                return {"skipped": "Inductor's options are measured on CUDA GPUs only"}
+            with torch._inductor.config.patch(OPTIONS[option]):
+                return self._variant(f"{kind}-{how}") | {"inductor": OPTIONS[option]}
         if not self.cuda and how != "eager":
             return {"skipped": "compiled variants are measured on CUDA GPUs only"}
         if not self.cuda and kind == "diffusers":
@@ -159,6 +176,11 @@ class CpLatency:
             fast.compile_blocks(tr)
         elif how == "graphs":
             _in_graph_mode(lambda: fast.compile_blocks(tr))
+        elif how == "steps":
+            from fluxkiln.plugins.flux import graphed
+
+            fast.compile_blocks(tr)
+            graphed.install(tr)
         elif how == "whole":  # the whole transformer as one graph per rank (hooks and collectives inside)
             fast.setup_compile_cache()
             tr.compile(dynamic=False)
@@ -198,11 +220,12 @@ def summary(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, v in variants.items():
         kind, how = name.split("-", 1)
-        base = secs(f"one-{'compiled' if how == 'whole' else how}") or (secs("one-compiled") if how == "graphs"
-                                                                         else None)
+        how = how.partition("+")[0]
+        base = secs(f"one-{'compiled' if how == 'whole' else how}") or (secs("one-compiled") if how in
+                                                                         ("graphs", "steps") else None)
         if kind != "one" and v.get("s") and base:
             v["ratio"] = _r(v["s"] / base, 3)
-    one = min((s for n in ("one-eager", "one-compiled", "one-graphs") if (s := secs(n))), default=None)
+    one = min((s for n in variants if n.startswith("one-") and (s := secs(n))), default=None)
     split = [(v["s"], n) for n, v in variants.items() if not n.startswith("one-") and v.get("s")]
     if one and split:
         s, name = min(split)

@@ -218,15 +218,22 @@ class Many:
 
 def cp_variants(args: argparse.Namespace, device: str) -> list[str]:
     """The context-parallel variants to time, in the order they must run (diffusers' last: it stays on)."""
-    from .cp_latency import CPU_VARIANTS, EXTRA_VARIANTS, VARIANTS
+    from .cp_latency import CPU_VARIANTS, EXTRA_VARIANTS, OPTIONS, VARIANTS
 
     known = VARIANTS + EXTRA_VARIANTS
     wanted = [v for v in (getattr(args, "cp_variants", None) or "").split(",") if v] or \
         list(VARIANTS if device == "cuda" else CPU_VARIANTS)
-    bad = [v for v in wanted if v not in known]
+
+    def valid(v: str) -> bool:
+        base, _, option = v.partition("+")
+        return base in known and (not option or (option in OPTIONS and not base.endswith("-eager")))
+
+    bad = [v for v in wanted if not valid(v)]
     if bad:
-        raise SystemExit(f"fluxkiln bench: unknown --cp-variants {', '.join(bad)}; choose from {', '.join(known)}")
-    return sorted(dict.fromkeys(wanted), key=lambda v: (v.startswith("diffusers-"), known.index(v)))
+        raise SystemExit(f"fluxkiln bench: unknown --cp-variants {', '.join(bad)}; choose from {', '.join(known)}, "
+                         f"a compiled one may add +{' or +'.join(OPTIONS)}")
+    return sorted(dict.fromkeys(wanted), key=lambda v: (v.startswith("diffusers-"), known.index(v.partition("+")[0]),
+                                                   v.partition("+")[2]))
 
 
 def _r(x: float | None) -> float | None:

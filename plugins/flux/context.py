@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import fast
+
 MODES = ("auto", "ulysses", "allgather", "overlap")
 
 
@@ -75,6 +77,9 @@ def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None)
     transformer.set_attn_processor(ContextAttnProcessor(state))
     state.handles = [transformer.register_forward_pre_hook(_splitter(state), with_kwargs=True),
                      transformer.register_forward_hook(_gatherer(state), with_kwargs=True)]
+    # the split and the gather are tensor work, the same at every call of a shape: a whole-step CUDA graph
+    # (.graphed) records them with the blocks and their collectives
+    setattr(transformer, fast.REPLAYABLE_HOOKS, frozenset(h.id for h in state.handles))
     transformer._fluxkiln_context = state
     return state
 
@@ -88,6 +93,7 @@ def disable(transformer: Any) -> None:
         h.remove()
     transformer.set_attn_processor(state.saved_processors)
     del transformer._fluxkiln_context
+    vars(transformer).pop(fast.REPLAYABLE_HOOKS, None)
 
 
 # ------------------------------------------------------------------ splitting the inputs, gathering the output

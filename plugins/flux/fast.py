@@ -101,11 +101,17 @@ def blocks(transformer: Any) -> list[Any]:
     return out
 
 
+REPLAYABLE_HOOKS = "_fluxkiln_replayable_hooks"  # a module's hook ids whose work a recorded CUDA graph may hold
+
+
 def plain_inference(torch: Any, module: Any) -> bool:
     """Whether a call of ``module`` now is plain inference, which a precompiled function or a recorded CUDA graph
-    can stand in for: gradients and autocast off, no forward hooks on it."""
-    return not (torch.is_grad_enabled() or module._forward_hooks or module._forward_pre_hooks
-                or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+    can stand in for: gradients and autocast off, no forward hooks on it but those listed in its
+    :data:`REPLAYABLE_HOOKS` (tensor work only, the same at every call of a signature: context parallelism's)."""
+    replayable = getattr(module, REPLAYABLE_HOOKS, ())
+    hooked = any(h not in replayable for h in (*module._forward_hooks, *module._forward_pre_hooks))
+    return not (torch.is_grad_enabled() or hooked or torch.is_autocast_enabled("cuda")
+                or torch.is_autocast_enabled("cpu"))
 
 
 def is_compiled(transformer: Any) -> bool:

@@ -11,12 +11,16 @@ call's.  On an H200 a lone dev ``go_fast`` forward's GPU idle fell from 14.8 to 
 ``sample``'s :func:`~.pipestate.prepare` installs it on CUDA with the blocks compiled in a mode without CUDA
 graphs of its own, and drops the graphs whenever it changes the pipeline.  A call runs as before (never
 recorded) when gradients or autocast are on, when the transformer or a block has hooks or a replaced
-``forward`` (context parallelism, offloading, the step cache), with a non-empty ``joint_attention_kwargs`` or
+``forward`` (offloading, the step cache), with a non-empty ``joint_attention_kwargs`` or
 ``return_dict=True``, or with an input that is not a tensor, None, bool, int, float or str.  A graph reads
 the weights where they were when it was recorded, so graphs are dropped when a module of the transformer gets
 a new submodule or parameter (adapters, fp8 layers, fused projections; :mod:`.registrations`), when an
 attention processor changes, or when a parameter moved (``.to()``).  A recording that fails leaves that
 signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0`` turns it off.
+
+Context parallelism's hooks (:mod:`.context`: split the inputs, gather the output) are recorded with the
+rest, collectives included: every rank records the same call of a signature, so a split image's step is one
+graph replay per rank too, where the host would otherwise fall behind GPUs that each do 1/N of the work.
 
 Nothing here imports torch at module level.
 """
