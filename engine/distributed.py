@@ -97,9 +97,28 @@ def init(timeout_s: float | None = None) -> World:
     return world
 
 
+_before_shutdown: list[Callable[[], None]] = []
+
+
+def before_shutdown(release: Callable[[], None]) -> None:
+    """Have ``release`` called (once per registration, even twice registered) before :func:`shutdown` leaves the
+    process group: CUDA graphs that recorded collectives must be freed first, or NCCL waits for them forever."""
+    if release not in _before_shutdown:
+        _before_shutdown.append(release)
+
+
 def shutdown() -> None:
-    """Leave the process group (end of the command)."""
+    """Leave the process group (end of the command), after the :func:`before_shutdown` callbacks."""
     global _world
+    while _before_shutdown:
+        release = _before_shutdown.pop(0)
+        try:
+            release()
+        except Exception as exc:  # noqa: BLE001 - leaving the group must not be stopped by a failed release
+            import warnings
+
+            warnings.warn(f"releasing {getattr(release, '__qualname__', release)} before leaving the process group "
+                          f"failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
     if _world.many:
         import torch.distributed as dist
 

@@ -173,22 +173,26 @@ def test_saved_compiled_blocks_of_a_split_model_are_told_apart_by_mode_degree_an
     assert len(keys) == 6
 
 
-def _graphed_worker(rank: int, port: int, backend: str, out: dict) -> None:
-    """A split transformer called through whole-step graphs: recorded on the second call, replayed after."""
-    import torch.distributed as dist
 
+def _graphed_worker(rank: int, port: int, failing_rank: int, out: dict) -> None:
+    """A split transformer called through whole-step graphs (recorded on the second call, replayed after) in a
+    world the engine joins and leaves, as a run does; real CUDA graphs where there are 2 GPUs."""
+    import faulthandler
+
+    from fluxkiln.engine import distributed
     from fluxkiln.plugins.flux import graphed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the test with every thread's stack
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
-    device = "cuda" if backend == "nccl" else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=2)
+    distributed.init()
     try:
         sys.path.insert(0, os.path.dirname(__file__))
         from test_graphed import stand_in_record
 
+        device = "cuda" if _two_gpus() else "cpu"
+        recorder = _fails_capturing if rank == failing_rank else None if device == "cuda" else stand_in_record
         model = _transformer(2).to(device)
         step_inputs = [{k: v.to(device) if isinstance(v, torch.Tensor) else v
                         for k, v in _inputs(64, 8).items()} for _ in range(4)]
@@ -197,30 +201,49 @@ def _graphed_worker(rank: int, port: int, backend: str, out: dict) -> None:
         context.enable(model, 2, "allgather")
         with torch.no_grad():
             ordinary = [model(**kw)[0].clone() for kw in step_inputs]
-            step = graphed.WholeStep(model, recorder=None if device == "cuda" else stand_in_record)
+            step = graphed.WholeStep(model, recorder=recorder)
             model._compiled_call_impl = step
             stepped = [model(**kw)[0].clone() for kw in step_inputs]
             hooked = model.register_forward_pre_hook(lambda m, a: None)  # someone else's hook: not recorded
             model(**step_inputs[0])
             hooked.remove()
-        if rank == 0:
-            out["stats"] = (step.stats.recorded, step.stats.replayed, step.stats.ordinary)
-            out["diff"] = max(float((a - b).abs().max()) for a, b in zip(ordinary, stepped, strict=True))
-            out["distinct"] = not torch.equal(stepped[2], stepped[3])
+        held = sum(isinstance(g, graphed.Graph) for g in step.graphs.values())
+        out[rank] = {"stats": (step.stats.recorded, step.stats.replayed, step.stats.ordinary),
+                     "failed": list(step.stats.failed),
+                     "diff": max(float((a - b).abs().max()) for a, b in zip(ordinary, stepped, strict=True)),
+                     "distinct": not torch.equal(stepped[2], stepped[3]), "held": held}
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()  # frees graphs that recorded collectives first: NCCL would wait for them forever
+        out[f"left{rank}"] = True
+        faulthandler.cancel_dump_traceback_later()
+    out[f"released{rank}"] = not any(isinstance(g, graphed.Graph) for g in step.graphs.values())
 
 
-def _check_graphed(got: dict) -> None:
-    assert got["stats"] == (1, 2, 2)  # first call as usual, second recorded, two replays; the extra hook: as usual
-    assert got["diff"] == 0.0 and got["distinct"]  # the split, the exchange and the gather are in the graph
+def _fails_capturing(call, args, kwargs, buffers):
+    """A recording that runs the call (with its exchanges, as a real one's first run does), then fails to capture."""
+    call(*args, **kwargs)
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
-def test_a_split_transformer_is_recorded_whole_with_its_exchanges():
-    _check_graphed(spawn_ranks(_graphed_worker, 2, "gloo"))
+def test_a_split_transformer_is_recorded_whole_with_its_exchanges_and_released_before_the_group_is_left():
+    got = spawn_ranks(_graphed_worker, 2, -1)  # real CUDA graphs and NCCL on 2 GPUs, else a stand-in and gloo
+    for rank in (0, 1):
+        # first call as usual, second recorded, two replays; the extra hook: as usual
+        assert got[rank]["stats"] == (1, 2, 2) and got[rank]["held"] == 1
+        assert got[rank]["diff"] == 0.0 and got[rank]["distinct"]  # the split and the exchanges are in the graph
+        assert got[f"left{rank}"] and got[f"released{rank}"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_a_split_transformer_in_a_real_cuda_graph_gives_the_ordinary_split_output():
-    _check_graphed(spawn_ranks(_graphed_worker, 2, "nccl"))
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+def test_when_one_rank_cannot_record_no_rank_keeps_a_graph_and_all_run_as_usual():
+    got = spawn_ranks(_graphed_worker, 2, 1)  # rank 1's recording fails
+    for rank in (0, 1):
+        assert got[rank]["stats"] == (0, 0, 5) and got[rank]["held"] == 0  # agreed: nobody waits for a replay
+        assert got[rank]["diff"] == 0.0
+    assert "another rank of the context-parallel group could not record" in got[0]["failed"][0]
+    assert "not permitted when stream is capturing" in got[1]["failed"][0]

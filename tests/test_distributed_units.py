@@ -276,3 +276,23 @@ def test_whole_step_graph_variants_and_inductor_options_are_asked_for_and_compar
     assert runs["allgather-steps+reorder"]["ratio"] == round(2.0 / 3.5, 3)  # against one GPU with step graphs
     assert runs["ulysses-compiled+sched"]["ratio"] == 0.65
     assert out["best"] == {"variant": "allgather-steps+reorder", "s": 2.0, "one_s": 3.5, "ratio": round(2 / 3.5, 3)}
+
+
+def test_before_shutdown_callbacks_run_once_each_and_a_failing_one_does_not_stop_the_others():
+    calls = []
+
+    def release():
+        calls.append("release")
+
+    def broken():
+        raise RuntimeError("graph already gone")
+
+    distributed.before_shutdown(release)
+    distributed.before_shutdown(release)  # registered twice: called once
+    distributed.before_shutdown(broken)
+    distributed.before_shutdown(lambda: calls.append("last"))
+    with pytest.warns(RuntimeWarning, match="broken before leaving the process group failed: RuntimeError: graph"):
+        distributed.shutdown()
+    assert calls == ["release", "last"]
+    distributed.shutdown()  # nothing left to call
+    assert calls == ["release", "last"]

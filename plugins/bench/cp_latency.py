@@ -17,6 +17,7 @@ rank 0 (:mod:`.step_profile`), under ``"profile"``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,8 @@ class CpLatency:
                     out["variants"][name] = self._variant(name)
                 except Exception as exc:  # noqa: BLE001 - every rank fails alike (same code, same shapes)
                     out["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                if self.world.owner:  # as it goes: a run cut short still shows what it measured
+                    print(f"context parallel {name}: {json.dumps(out['variants'][name])}", flush=True)
         finally:
             self._unhook()
         out.update(summary(out["variants"]))

@@ -53,6 +53,19 @@ class Split:
     handles: list[Any] = field(default_factory=list)
     saved_processors: dict[str, Any] = field(default_factory=dict)
 
+    def agree(self, ok: bool, device: Any) -> bool:
+        """Whether every rank of the group says ``ok`` (one small all-reduce, on ``device``)."""
+        return _agree(self, ok, device)
+
+
+def _agree(state: Split, ok: bool, device: Any) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=state.group)
+    return bool(flag.item())
+
 
 def choose_mode(mode: str, heads: int, degree: int) -> str:
     """``auto``: Ulysses when the heads divide by the degree (fewest bytes moved), else all-gather of k/v."""

@@ -27,12 +27,16 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fluxkiln.engine import distributed
 
 from . import fast, registrations
 
@@ -172,15 +176,23 @@ class WholeStep:
         return (CHANGES.count, tuple(parts), tuple((p.data_ptr(), p.dtype) for p in params))
 
     def _record(self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run this call on the recording's own input buffers, then record it; returns this call's output."""
+        """Run this call on the recording's own input buffers, then record it; returns this call's output.
+        A context-parallel transformer's ranks agree: if one could not record, none keeps its graph (their
+        replays and its ordinary calls would wait for each other's collectives forever)."""
         buffers = [t.clone() for t in _tensors(args, kwargs)]
         a2, k2 = _rebuild(args, kwargs, buffers)
+        split = getattr(self.module, "_fluxkiln_context", None)
+        error: Exception | None = None
         try:
             out, graph = self.record_graph(self.module._call_impl, a2, k2, buffers)
         except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: the call itself must not fail
+            error = exc
+        if split is not None and not split.agree(error is None, buffers[0].device):
+            error = error or RuntimeError("another rank of the context-parallel group could not record its part")
+        if error is not None:
             self.graphs[key] = EAGER
-            self.stats.failed.append(f"{type(exc).__name__}: {exc}")
-            warnings.warn(f"recording the transformer call as a CUDA graph failed ({type(exc).__name__}: {exc}); "
+            self.stats.failed.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"recording the transformer call as a CUDA graph failed ({type(error).__name__}: {error}); "
                           "this size runs without it", RuntimeWarning, stacklevel=3)
             self.stats.ordinary += 1
             return self.module._call_impl(*args, **kwargs)
@@ -188,7 +200,26 @@ class WholeStep:
         while sum(isinstance(g, Graph) for g in self.graphs.values()) > MAX_GRAPHS:
             self.graphs.pop(next(k for k, g in self.graphs.items() if isinstance(g, Graph)))
         self.stats.recorded += 1
+        if split is not None:
+            _WITH_COLLECTIVES.add(self)
+            distributed.before_shutdown(release_collective_graphs)
         return out
+
+
+_WITH_COLLECTIVES: weakref.WeakSet[WholeStep] = weakref.WeakSet()  # steps whose graphs recorded collectives
+
+
+def release_collective_graphs() -> None:
+    """Free every graph that recorded collectives: NCCL cannot destroy a communicator that a live CUDA graph
+    still holds, so the process group is left only after this (:func:`fluxkiln.engine.distributed.shutdown`)."""
+    for step in list(_WITH_COLLECTIVES):
+        step.reset()
+    _WITH_COLLECTIVES.clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def record(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
