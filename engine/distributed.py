@@ -70,6 +70,19 @@ def current() -> World:
     return _world
 
 
+NCCL_DEFAULTS = {
+    # connect every peer when a communicator starts, not at a collective's first use: a first use inside a CUDA
+    # graph recording (context parallelism's whole steps) cannot connect, and a 2-GPU run hung there without this
+    "NCCL_RUNTIME_CONNECT": "0",
+}
+
+
+def nccl_defaults(env: dict[str, str] | Any) -> None:
+    """Set :data:`NCCL_DEFAULTS` in ``env`` where the user has not set them (NCCL reads them as it starts)."""
+    for key, value in NCCL_DEFAULTS.items():
+        env.setdefault(key, value)
+
+
 def init(timeout_s: float | None = None) -> World:
     """Join the process group the launcher described: NCCL for GPUs (gloo beside it for CPU tensors), gloo on CPU."""
     global _world
@@ -88,6 +101,7 @@ def init(timeout_s: float | None = None) -> World:
                     "GPU(s): start at most one worker per GPU (torchrun --nproc-per-node, accelerate "
                     "--num_processes), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run CPU workers with gloo")
             torch.cuda.set_device(world.local_rank)
+            nccl_defaults(os.environ)
             backend = "cpu:gloo,cuda:nccl"
         else:
             backend = "gloo"

@@ -51,9 +51,11 @@ def _worker(rank: int, port: int, cases: list, out: dict) -> None:
             with torch.no_grad():
                 alone = model(**_inputs(img, txt))[0]
                 state = context.enable(model, 2, mode)
+                during = torch._inductor.config.reorder_for_compute_comm_overlap
                 split = model(**_inputs(img, txt))[0]
                 context.disable(model)
                 again = model(**_inputs(img, txt))[0]
+            out[f"{name}/reorder"] = (during, torch._inductor.config.reorder_for_compute_comm_overlap)
             if rank == 0:
                 out[name] = (state.mode, float((split - alone).abs().max()), float(alone.abs().max()),
                              tuple(split.shape), bool(torch.equal(again, alone)),
@@ -81,6 +83,8 @@ def test_two_ranks_make_one_process_output(results, case, mode):
     assert shape[1] == (63 if case == "odd" else 64)  # every token back, in order, on every rank
     assert scale > 0.1 and diff <= 1e-5 * max(1.0, scale), (case, diff)
     assert restored and processor == "FluxAttnProcessor"  # disable() gives the stock model back exactly
+    # Inductor reorders compute and exchanges while split (the compiled blocks overlap them), as before after
+    assert results[f"{case}/reorder"] == (True, False)
 
 
 def test_ulysses_refuses_heads_that_do_not_divide():

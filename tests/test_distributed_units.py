@@ -264,18 +264,18 @@ def test_whole_step_graph_variants_and_inductor_options_are_asked_for_and_compar
     from fluxkiln.plugins.bench.cp_latency import summary
     from fluxkiln.plugins.bench.many import cp_variants
 
-    asked = "allgather-steps+reorder,one-steps,allgather-steps,one-compiled,ulysses-compiled+sched"
+    asked = "allgather-steps+noreorder,one-steps,allgather-steps,one-compiled,ulysses-compiled+sched"
     assert cp_variants(argparse.Namespace(cp_variants=asked), "cuda") == [
-        "one-compiled", "ulysses-compiled+sched", "one-steps", "allgather-steps", "allgather-steps+reorder"]
-    for wrong in ("allgather-steps+fast", "allgather-eager+reorder", "ring-steps"):
-        with pytest.raises(SystemExit, match=f"unknown --cp-variants {re.escape(wrong)}.*may add \\+reorder or \\+sched"):
+        "one-compiled", "ulysses-compiled+sched", "one-steps", "allgather-steps", "allgather-steps+noreorder"]
+    for wrong in ("allgather-steps+fast", "allgather-eager+sched", "ring-steps"):
+        with pytest.raises(SystemExit, match=f"unknown --cp-variants {re.escape(wrong)}.*may add \\+noreorder or \\+sched"):
             cp_variants(argparse.Namespace(cp_variants=wrong), "cuda")
     runs = {"one-compiled": {"s": 4.0}, "one-steps": {"s": 3.5}, "allgather-steps": {"s": 2.1},
-            "allgather-steps+reorder": {"s": 2.0}, "ulysses-compiled+sched": {"s": 2.6}}
+            "allgather-steps+noreorder": {"s": 2.0}, "ulysses-compiled+sched": {"s": 2.6}}
     out = summary(runs)
-    assert runs["allgather-steps+reorder"]["ratio"] == round(2.0 / 3.5, 3)  # against one GPU with step graphs
+    assert runs["allgather-steps+noreorder"]["ratio"] == round(2.0 / 3.5, 3)  # against one GPU with step graphs
     assert runs["ulysses-compiled+sched"]["ratio"] == 0.65
-    assert out["best"] == {"variant": "allgather-steps+reorder", "s": 2.0, "one_s": 3.5, "ratio": round(2 / 3.5, 3)}
+    assert out["best"] == {"variant": "allgather-steps+noreorder", "s": 2.0, "one_s": 3.5, "ratio": round(2 / 3.5, 3)}
 
 
 def test_before_shutdown_callbacks_run_once_each_and_a_failing_one_does_not_stop_the_others():
@@ -296,3 +296,12 @@ def test_before_shutdown_callbacks_run_once_each_and_a_failing_one_does_not_stop
     assert calls == ["release", "last"]
     distributed.shutdown()  # nothing left to call
     assert calls == ["release", "last"]
+
+
+def test_nccl_connects_its_peers_at_start_unless_the_user_says_otherwise():
+    env = {}
+    distributed.nccl_defaults(env)
+    assert env == {"NCCL_RUNTIME_CONNECT": "0"}  # graphs that record collectives cannot connect peers lazily
+    mine = {"NCCL_RUNTIME_CONNECT": "1"}
+    distributed.nccl_defaults(mine)
+    assert mine == {"NCCL_RUNTIME_CONNECT": "1"}

@@ -63,8 +63,9 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                    "diffusers-eager, diffusers-compiled; also allgather-eager, ulysses-whole, overlap-eager, "
                    "overlap-compiled, in CUDA-graph mode one-graphs, allgather-graphs, ulysses-graphs, "
                    "overlap-graphs, with whole-step CUDA graphs one-steps, allgather-steps, ulysses-steps, "
-                   "overlap-steps; a compiled one may add +reorder or +sched: Inductor's compute/communication "
-                   "overlap passes)")
+                   "overlap-steps; a compiled one may add +noreorder (without Inductor's compute/"
+                   "communication reordering, which a split transformer turns on) or +sched (its overlap scheduler "
+                   "besides)")
     p.add_argument("--parts", default="", help="with --gpus: which measurements, comma-separated, in this order "
                    "(default: data_parallel, ddp, context_parallel); each is written to --out as soon as it ends")
     p.add_argument("--profile", action="store_true", help="with --gpus: also profile one step of each part with "

@@ -18,9 +18,11 @@ rank 0 (:mod:`.step_profile`), under ``"profile"``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "allgather-compiled",
             "diffusers-eager", "diffusers-compiled")
@@ -32,12 +34,9 @@ VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "a
 EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs",
                   "overlap-eager", "overlap-compiled", "overlap-graphs", "one-steps", "allgather-steps",
                   "ulysses-steps", "overlap-steps")
-# any compiled variant may add one: +reorder: Inductor's compute/communication reordering passes (sink the
-# waits, raise the collectives, move independent compute between them); +sched: its overlap scheduler
-OPTIONS = {"reorder": {"reorder_for_compute_comm_overlap": True,
-                       "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms",
-                                                                   "reorder_compute_for_overlap"]},
-           "sched": {"aten_distributed_optimizations.enable_overlap_scheduling": True}}
+# any compiled variant may add one: +noreorder: without Inductor's compute/communication reordering passes, which
+# a split transformer turns on (context.REORDER); +sched: Inductor's overlap scheduler besides
+OPTIONS = {"noreorder": {}, "sched": {"aten_distributed_optimizations.enable_overlap_scheduling": True}}
 CPU_VARIANTS = ("one-eager", "ulysses-eager", "allgather-eager", "overlap-eager", "diffusers-eager")
 
 
@@ -125,8 +124,10 @@ class CpLatency:
         if option:
             if not self.cuda:
                 return {"skipped": "Inductor's options are measured on CUDA GPUs only"}
-            with torch._inductor.config.patch(OPTIONS[option]):
-                return self._variant(f"{kind}-{how}") | {"inductor": OPTIONS[option]}
+            reorder = "0" if option == "noreorder" else os.environ.get("FLUXKILN_CP_REORDER", "1")
+            with torch._inductor.config.patch(OPTIONS[option]), \
+                    mock.patch.dict(os.environ, {"FLUXKILN_CP_REORDER": reorder}):
+                return self._variant(f"{kind}-{how}") | {"option": option}
         if not self.cuda and how != "eager":
             return {"skipped": "compiled variants are measured on CUDA GPUs only"}
         if not self.cuda and kind == "diffusers":
@@ -199,9 +200,6 @@ class CpLatency:
 
 def _in_graph_mode(compile_: Callable[[], Any]) -> None:
     """Compile in Inductor's reduce-overhead mode (CUDA graphs); the environment is as it was afterwards."""
-    import os
-    from unittest import mock
-
     with mock.patch.dict(os.environ, {"FLUXKILN_COMPILE_MODE": "reduce-overhead"}):
         compile_()
 

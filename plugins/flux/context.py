@@ -32,12 +32,19 @@ result is always right.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import fast
 
 MODES = ("auto", "ulysses", "allgather", "overlap")
+# Inductor's compute/communication reordering while a transformer is split: in each compiled block the exchange
+# starts as soon as its input exists and is waited for only where attention needs it, with independent work (the
+# single-stream blocks' MLP projection) scheduled between.  2 x H200, 28 steps at 1024^2, whole-step graphs: one
+# image 2.32 -> 2.28 s.  FLUXKILN_CP_REORDER=0 leaves Inductor's settings alone.
+REORDER = {"reorder_for_compute_comm_overlap": True,
+           "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms", "reorder_compute_for_overlap"]}
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Split:
     active: bool = False  # True while a forward runs split (its token counts divide by the degree)
     handles: list[Any] = field(default_factory=list)
     saved_processors: dict[str, Any] = field(default_factory=dict)
+    saved_inductor: dict[str, Any] = field(default_factory=dict)  # the settings :data:`REORDER` replaced
 
     def agree(self, ok: bool, device: Any) -> bool:
         """Whether every rank of the group says ``ok`` (one small all-reduce, on ``device``)."""
@@ -94,6 +102,8 @@ def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None)
     # (.graphed) records them with the blocks and their collectives
     setattr(transformer, fast.REPLAYABLE_HOOKS, frozenset(h.id for h in state.handles))
     transformer._fluxkiln_context = state
+    if os.environ.get("FLUXKILN_CP_REORDER", "1").strip().lower() not in ("0", "false", "no", "off"):
+        state.saved_inductor = _set_inductor(REORDER)
     return state
 
 
@@ -107,6 +117,17 @@ def disable(transformer: Any) -> None:
     transformer.set_attn_processor(state.saved_processors)
     del transformer._fluxkiln_context
     vars(transformer).pop(fast.REPLAYABLE_HOOKS, None)
+    _set_inductor(state.saved_inductor)
+
+
+def _set_inductor(settings: dict[str, Any]) -> dict[str, Any]:
+    """Set Inductor's ``settings``; returns what they replaced."""
+    import torch._inductor.config as cfg
+
+    old = {k: getattr(cfg, k) for k in settings}
+    for k, v in settings.items():
+        setattr(cfg, k, v)
+    return old
 
 
 # ------------------------------------------------------------------ splitting the inputs, gathering the output
