@@ -64,8 +64,8 @@ def _worker(rank: int, port: int, cases: list, out: dict) -> None:
         dist.destroy_process_group()
 
 
-CASES = [("ulysses", 2, "auto", 64, 8), ("allgather", 3, "auto", 64, 8), ("forced-allgather", 2, "allgather", 64, 8),
-         ("overlap", 3, "overlap", 64, 8), ("odd", 2, "auto", 63, 8)]
+CASES = [("ulysses", 2, "ulysses", 64, 8), ("allgather", 3, "auto", 64, 8), ("auto", 2, "auto", 64, 8),
+         ("overlap", 3, "overlap", 64, 8), ("odd", 2, "ulysses", 63, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +75,11 @@ def results():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
 @pytest.mark.parametrize(("case", "mode"), [("ulysses", "ulysses"), ("allgather", "allgather"),
-                                            ("forced-allgather", "allgather"), ("overlap", "overlap"),
+                                            ("auto", "allgather"), ("overlap", "overlap"),
                                             ("odd", "ulysses")])
 def test_two_ranks_make_one_process_output(results, case, mode):
     chosen, diff, scale, shape, restored, processor = results[case]
-    assert chosen == mode  # auto: Ulysses when the heads divide by the ranks, else all-gather of k and v
+    assert chosen == mode  # auto: all-gather of k and v, whether the heads divide by the ranks or not
     assert shape[1] == (63 if case == "odd" else 64)  # every token back, in order, on every rank
     assert scale > 0.1 and diff <= 1e-5 * max(1.0, scale), (case, diff)
     assert restored and processor == "FluxAttnProcessor"  # disable() gives the stock model back exactly
@@ -90,7 +90,8 @@ def test_two_ranks_make_one_process_output(results, case, mode):
 def test_ulysses_refuses_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="divide by 2 ranks"):
         context.choose_mode("ulysses", 3, 2)
-    assert context.choose_mode("auto", 24, 4) == "ulysses" and context.choose_mode("auto", 24, 5) == "allgather"
+    assert context.choose_mode("auto", 24, 4) == "allgather" and context.choose_mode("auto", 24, 5) == "allgather"
+    assert context.choose_mode("ulysses", 24, 4) == "ulysses"
     assert context.choose_mode("overlap", 24, 4) == "overlap"  # never chosen by auto: only when asked for
     with pytest.raises(ValueError, match="choose from auto, ulysses, allgather, overlap"):
         context.choose_mode("ring", 24, 2)
@@ -158,7 +159,7 @@ def test_context_parallel_through_the_cli_makes_the_one_process_image(tmp_path):
                "attention)" for x in over.stdout.splitlines() if x.startswith("{"))
     logs = [json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")]
     assert not any("item(s) over 2 ranks" in e.get("message", "") for e in logs)  # one image, made by both ranks
-    assert any(e.get("message") == "context parallel: each image's tokens split over 2 ranks (ulysses attention)"
+    assert any(e.get("message") == "context parallel: each image's tokens split over 2 ranks (allgather attention)"
                for e in logs)
 
 

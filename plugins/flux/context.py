@@ -10,10 +10,10 @@ stock FLUX processor with the attention call replaced) exchanges them with
 functional collectives (``torch.distributed._functional_collectives``), which
 ``torch.compile`` traces into the graph instead of breaking it:
 
-- ``ulysses`` (heads divisible by N): ONE all-to-all of the stacked q, k, v
+- ``ulysses`` (heads divisible by N; on request): ONE all-to-all of the stacked q, k, v
   turns "my tokens, all heads" into "all tokens, my heads"; plain SDPA (the
   fast flash / cuDNN kernels, no log-sum-exp needed); one all-to-all back.
-- ``allgather`` (any head count): the ranks all-gather k and v once and
+- ``allgather`` (any head count; ``auto``): the ranks all-gather k and v once and
   attend with their own queries (ring attention's result in one exchange).
 - ``overlap`` (any head count): the same all-gather, started without waiting;
   meanwhile the queries attend to this rank's own keys, then to the other
@@ -76,11 +76,12 @@ def _agree(state: Split, ok: bool, device: Any) -> bool:
 
 
 def choose_mode(mode: str, heads: int, degree: int) -> str:
-    """``auto``: Ulysses when the heads divide by the degree (fewest bytes moved), else all-gather of k/v."""
+    """``auto``: all-gather of k/v, for any degree: faster than Ulysses on 2 and 4 H200s (one exchange per
+    attention instead of two; docs/gpus-many.md), though Ulysses moves fewer bytes."""
     if mode not in MODES:
         raise ValueError(f"unknown context-parallel mode {mode!r}; choose from {', '.join(MODES)}")
     if mode == "auto":
-        return "ulysses" if heads % degree == 0 else "allgather"
+        return "allgather"
     if mode == "ulysses" and heads % degree:
         raise ValueError(f"ulysses needs the {heads} attention heads to divide by {degree} ranks; "
                          "use allgather (or auto)")

@@ -360,8 +360,9 @@ def load_model(
                                            "(context parallelism, for one image's latency); needs as many "
                                            "processes (--gpus N); 1 = off")] = 1,
     context_parallel_mode: Annotated[Literal["auto", "ulysses", "allgather", "overlap", "diffusers"], Field(
-        description="how the ranks exchange tokens in attention: auto = ulysses when the attention heads (24) "
-                    "divide by context_parallel, else allgather (fluxkiln's own, compile-friendly, also on CPU); "
+        description="how the ranks exchange tokens in attention: auto = allgather (fluxkiln's own, compile-"
+                    "friendly, also on CPU; the fastest measured); ulysses = one all-to-all each way (the attention "
+                    "heads (24) must divide by context_parallel); "
                     "overlap = allgather whose exchange runs beside attention to the rank's own tokens "
                     "(merged exactly by log-sum-exp); "
                     "diffusers = diffusers' stock Ulysses (CUDA only, the baseline)")] = "auto",
