@@ -299,7 +299,8 @@ def e2e_targets_table(d: dict) -> str:
     from fluxkiln.plugins.bench.e2e import e2e_targets
 
     judged = e2e_targets(d["e2e"], judge=d.get("mode") != "tiny")
-    rows = [[t["work"], num(t["target"], 2), num(t["measured"], 2), "–" if t["met"] is None else
+    rows = [[t["work"] + (f" (medians of {t['medians_of']} runs)" if t.get("medians_of") else ""),
+             num(t["target"], 2), num(t["measured"], 2), "–" if t["met"] is None else
              ("**yes**" if t["met"] else "**no**")] for t in judged]
     return table(["end-to-end target", "limit", "measured", "met"], rows)
 

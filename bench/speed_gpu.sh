@@ -5,7 +5,8 @@
 # Parts (seconds are limits, not estimates):
 #   1. e2e (with --e2e-warmup): random-weight FLUX.1-dev folder with full-size blocks (DEPTH=5,10 double/single blocks by default,
 #      with full T5-XXL, CLIP and VAE, about 16 GB; DEPTH=full for all 19/38, 32 GB and ~60 s more), stock vs
-#      `fluxkiln run` (go_fast) in fresh processes, compile cache cold then warm  -> $OUT/e2e.json
+#      `fluxkiln run` (go_fast) in fresh processes, compile cache cold then warm, stock and warm REPEATS=2 times
+#      in turns (the load targets by medians; each more pair ~50 s)            -> $OUT/e2e.json
 #   2. sampling: schnell/dev go_fast with whole-step CUDA graphs (the default) and without, schnell with CUDA graphs
 #      per block, dev go_fast + step cache (compile cache from
 #      part 1, so dev go_fast is warm), engine phases for schnell                -> $OUT/speed.json "sample"
@@ -25,7 +26,7 @@ depth=(); [ "$DEPTH" != full ] && depth=(--e2e-depth "$DEPTH")
 PARTS=,${PARTS:-e2e,sample,train},
 part() { [[ $PARTS == *,$1,* ]]; }
 part e2e && rm -rf "$CACHE" /tmp/fk-e2e-model
-part e2e && timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-warmup --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
+part e2e && timeout "$T_E2E" fluxkiln bench --e2e --e2e-go-fast --e2e-warmup --e2e-repeats "${REPEATS:-2}" --e2e-folder /tmp/fk-e2e-model --e2e-cache "$CACHE" \
   "${depth[@]}" --out "$OUT/e2e.json" 2>&1 | tail -25
 part sample && FLUXKILN_CACHE="$CACHE" timeout "$T_SAMPLE" fluxkiln bench --only sample --no-stock --repeats 1 \
   --configs schnell-go_fast,schnell-go_fast-nograph,schnell-go_fast-graphs,dev-go_fast,dev-go_fast-nograph,dev-go_fast-cache \

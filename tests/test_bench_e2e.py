@@ -153,3 +153,49 @@ def test_a_slow_first_batch_says_where_its_time_went_and_the_bench_reads_it():
     said.clear()
     sample._log_compile(Ctx(), {"compile": 1e9, "inductor": 0.0}, 0.4, dict(timing, first_step_s=0.6))
     assert said == []  # a first step like the others: nothing to say
+
+
+def test_repeated_stock_and_warm_processes_run_in_turns_and_their_medians_judge_the_load_targets(tmp_path,
+                                                                                                  monkeypatch,
+                                                                                                  capsys):
+    from fluxkiln.plugins.bench.e2e import EndToEnd, e2e_targets
+
+    order: list[str] = []
+    # seconds to a loaded model, process by process (the cold run first): one process's imports vary by seconds
+    loaded = {"stock": iter([11.7, 17.2, 12.0]), "warm": iter([30.0, 20.6, 26.0, 12.5])}
+
+    def row(kind):
+        t = next(loaded[kind])
+        return {"wall_s": t + 6, "images_s": [2.5, 0.9, 0.9], "save_s": [0.1] * 3, "to_loaded_s": t,
+                "steady_image_s": 0.9, "first_image_extra_s": 1.6, "one_image_process_s": t + 3, "import_s": 1.0,
+                "load_s": 1.0, "startup_s": 0.1, "load_model_s": 1.0}
+
+    def stock(self):
+        order.append("stock")
+        return row("stock")
+
+    def fluxkiln(self, cache, name):
+        order.append(name)
+        return row("warm") if "warm" in name else {**row("warm"), "images_s": [25.0, 0.9, 0.9]}
+
+    monkeypatch.setattr(EndToEnd, "ensure_folder", lambda self: None)
+    monkeypatch.setattr(EndToEnd, "stock", stock)
+    monkeypatch.setattr(EndToEnd, "fluxkiln", fluxkiln)
+    out = tmp_path / "e2e.json"
+    assert main(["--e2e", "--tiny", "--e2e-repeats", "3", "--out", str(out)]) == 0
+    assert order == ["stock", "e2e-cold", "e2e-warm", "stock", "e2e-warm-2", "stock", "e2e-warm-3"]
+    e2e = json.loads(out.read_text())["e2e"]
+    assert e2e["repeats"] == 3 and len(e2e["stock_again"]) == 2 and len(e2e["fluxkiln_warm_again"]) == 2
+    got = {t["work"]: t for t in e2e_targets(e2e)}
+    loaded_target = got["process start to loaded model: s (<= stock + 1)"]
+    # medians: stock 12.0, warm 20.6; the first pair alone would read 20.6 against 11.7 + 1
+    assert (loaded_target["measured"], loaded_target["target"], loaded_target["medians_of"]) == (20.6, 13.0, 3)
+    assert "medians_of" not in got["first image, cold compile cache: s"]
+    assert "stock (3)" in capsys.readouterr().out
+
+
+def test_e2e_repeats_must_be_a_whole_number_of_at_least_one(capsys):
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--e2e", "--tiny", "--e2e-repeats", bad])
+        assert exc.value.code == 2 and "not a whole number of at least 1" in capsys.readouterr().err

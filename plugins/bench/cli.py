@@ -88,7 +88,20 @@ def parse(argv: list[str]) -> argparse.ArgumentParser:
                         "image times shrink with depth, for stock alike)")
     p.add_argument("--e2e-go-fast", action="store_true", help="--e2e: go_fast = true in the recipe (default "
                    "false: lossless)")
+    p.add_argument("--e2e-repeats", type=_at_least_one, default=1, metavar="N",
+                   help="--e2e: run stock and the warm-cache fluxkiln process N times in turns; the targets that "
+                        "compare them take the medians (default 1)")
     return p
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
 
 
 def main_e2e(args: argparse.Namespace) -> int:
@@ -118,7 +131,8 @@ def main_e2e(args: argparse.Namespace) -> int:
             out.write_text(json.dumps(results, indent=2))  # as it goes: a run cut short keeps what it measured
 
     depth = tuple(int(n) for n in args.e2e_depth.split(",")) if args.e2e_depth else None
-    e2e = EndToEnd(work, args.tiny, args.e2e_folder, args.e2e_warmup, args.e2e_go_fast, args.e2e_cache, depth)
+    e2e = EndToEnd(work, args.tiny, args.e2e_folder, args.e2e_warmup, args.e2e_go_fast, args.e2e_cache, depth,
+                   args.e2e_repeats)
     results["e2e"] = e2e.results
     try:
         e2e.run(record)

@@ -96,8 +96,10 @@ def render_e2e(results: dict[str, Any]) -> str:
     head = f"{'process':<22}{'wall s':>8}{'start s':>9}{'load s':>8}{'to loaded':>11}{'images s':>22}{'1-image s':>11}"
     lines = [f"fluxkiln bench --e2e — {e2e.get('size')}², {e2e.get('steps')} steps, {results.get('mode')}, "
              f"folder {e2e.get('folder', {}).get('path')}", "", head, "-" * len(head)]
-    for name in ("stock", "fluxkiln_cold", "fluxkiln_warm", "fluxkiln_after_warmup"):
-        r = e2e.get(name)
+    rows = [(name, e2e.get(name)) for name in ("stock", "fluxkiln_cold", "fluxkiln_warm", "fluxkiln_after_warmup")]
+    rows += [(f"{name} ({i})", r) for name in ("stock", "fluxkiln_warm")
+             for i, r in enumerate(e2e.get(f"{name}_again", []), 2)]
+    for name, r in rows:
         if not r:
             continue
         start = r.get("startup_s", (r.get("python_start_s") or 0) + (r.get("import_s") or 0))
@@ -108,7 +110,8 @@ def render_e2e(results: dict[str, Any]) -> str:
     if e2e.get("targets"):
         lines += ["", f"{'target':<58}{'measured':>10}{'limit':>8}  met"]
         for t in e2e["targets"]:
-            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {MET[t['met']]}")
+            median = f"  (medians of {t['medians_of']} runs)" if t.get("medians_of") else ""
+            lines.append(f"{t['work']:<58}{_fmt(t['measured']):>10}{_fmt(t['target']):>8}  {MET[t['met']]}{median}")
     return "\n".join(lines + _errors(results))
 
 
