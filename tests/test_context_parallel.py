@@ -252,3 +252,26 @@ def test_when_one_rank_cannot_record_no_rank_keeps_a_graph_and_all_run_as_usual(
         assert got[rank]["diff"] == 0.0
     assert "another rank of the context-parallel group could not record" in got[0]["failed"][0]
     assert "not permitted when stream is capturing" in got[1]["failed"][0]
+
+
+def test_inductor_reorders_exchanges_while_any_transformer_is_split_and_is_restored_after_the_last(monkeypatch):
+    from types import SimpleNamespace
+
+    cfg = torch._inductor.config
+    monkeypatch.setattr(cfg, "reorder_for_compute_comm_overlap", False)
+    fake = SimpleNamespace(rank=lambda group=None: 0)
+    monkeypatch.setattr(torch.distributed, "get_rank", fake.rank)
+    group = SimpleNamespace(group_name="0")
+    a, b = _transformer(2), _transformer(2)
+    context.enable(a, 2, group=group)
+    context.enable(b, 2, group=group)
+    context.disable(a)
+    assert cfg.reorder_for_compute_comm_overlap is True  # b is still split
+    context.disable(b)
+    assert cfg.reorder_for_compute_comm_overlap is False
+    monkeypatch.setenv("FLUXKILN_CP_REORDER", "0")
+    state = context.enable(a, 2, group=group)
+    assert cfg.reorder_for_compute_comm_overlap is False and "/reorder" not in \
+        a.single_transformer_blocks[0].attn.processor.precompile_tag  # a saved variant of either kind is told apart
+    context.disable(a)
+    assert not state.reorder

@@ -59,7 +59,7 @@ class Split:
     active: bool = False  # True while a forward runs split (its token counts divide by the degree)
     handles: list[Any] = field(default_factory=list)
     saved_processors: dict[str, Any] = field(default_factory=dict)
-    saved_inductor: dict[str, Any] = field(default_factory=dict)  # the settings :data:`REORDER` replaced
+    reorder: bool = False  # Inductor's compute/communication reordering on while this transformer is split
 
     def agree(self, ok: bool, device: Any) -> bool:
         """Whether every rank of the group says ``ok`` (one small all-reduce, on ``device``)."""
@@ -103,8 +103,9 @@ def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None)
     # (.graphed) records them with the blocks and their collectives
     setattr(transformer, fast.REPLAYABLE_HOOKS, frozenset(h.id for h in state.handles))
     transformer._fluxkiln_context = state
-    if os.environ.get("FLUXKILN_CP_REORDER", "1").strip().lower() not in ("0", "false", "no", "off"):
-        state.saved_inductor = _set_inductor(REORDER)
+    state.reorder = os.environ.get("FLUXKILN_CP_REORDER", "1").strip().lower() not in ("0", "false", "no", "off")
+    if state.reorder:
+        _reordering(+1)
     return state
 
 
@@ -118,17 +119,37 @@ def disable(transformer: Any) -> None:
     transformer.set_attn_processor(state.saved_processors)
     del transformer._fluxkiln_context
     vars(transformer).pop(fast.REPLAYABLE_HOOKS, None)
-    _set_inductor(state.saved_inductor)
+    if state.reorder:
+        _reordering(-1)
 
 
-def _set_inductor(settings: dict[str, Any]) -> dict[str, Any]:
-    """Set Inductor's ``settings``; returns what they replaced."""
+@dataclass
+class _Reordering:
+    """How many split transformers want :data:`REORDER`, and Inductor's settings from before the first."""
+
+    users: int = 0
+    before: dict[str, Any] = field(default_factory=dict)
+
+
+_REORDERING = _Reordering()
+
+
+def _reordering(change: int) -> None:
+    """Turn :data:`REORDER` on with the first split transformer, back to what it was after the last."""
     import torch._inductor.config as cfg
 
-    old = {k: getattr(cfg, k) for k in settings}
-    for k, v in settings.items():
-        setattr(cfg, k, v)
-    return old
+    r = _REORDERING
+    if change > 0:
+        if r.users == 0:
+            r.before = {k: getattr(cfg, k) for k in REORDER}
+            for k, v in REORDER.items():
+                setattr(cfg, k, v)
+        r.users += 1
+    elif r.users:
+        r.users -= 1
+        if r.users == 0:
+            for k, v in r.before.items():
+                setattr(cfg, k, v)
 
 
 # ------------------------------------------------------------------ splitting the inputs, gathering the output
@@ -265,9 +286,10 @@ class ContextAttnProcessor:
     @property
     def precompile_tag(self) -> str:
         """What a block's compiled code depends on here besides the class (:mod:`.precompiled`'s variant key): the
-        mode, the degree, this rank (``overlap`` slices by it) and the group the collectives name."""
+        mode, the degree, this rank (``overlap`` slices by it), the group the collectives name and whether Inductor
+        reordered them."""
         s = self.state
-        return f"context:{s.mode}/{s.degree}/rank{s.rank}/group{s.group_name}"
+        return f"context:{s.mode}/{s.degree}/rank{s.rank}/group{s.group_name}{'/reorder' if s.reorder else ''}"
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  image_rotary_emb: Any = None) -> Any:
