@@ -268,3 +268,23 @@ def test_sample_replays_graphs_across_calls_and_makes_the_same_images(tmp_path, 
     plain = run_body(Engine(cache_dir=tmp_path / "cache2"), tmp_path, recipe, "plain")
     for a, b in zip(images(result), images(plain), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_the_log_says_when_sizes_were_recorded_and_how_many_calls_replayed():
+    tr = transformer()
+    step = stepped(tr)
+    before = step.stats.copy()
+    for s in range(4):
+        call(tr, **inputs(s))
+    assert step.stats.since(before) == ("whole steps as CUDA graphs: 1 size(s) recorded; of 4 transformer calls "
+                                        "2 replayed, 1 run as usual")
+    before = step.stats.copy()
+    call(tr, **inputs(5))
+    assert step.stats.since(before) is None  # only replays: nothing worth a line at every call
+    failing = stepped(transformer(), recorder=failing_record)
+    before = failing.stats.copy()
+    with pytest.warns(RuntimeWarning, match="recording the transformer call"):
+        for s in range(3):
+            call(failing.module, **inputs(s))
+    assert failing.stats.since(before).endswith("recording failed (RuntimeError: operation not permitted when "
+                                                "stream is capturing), so that size runs without")

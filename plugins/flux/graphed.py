@@ -59,6 +59,19 @@ class Stats:
     ordinary: int = 0
     failed: list[str] = field(default_factory=list)
 
+    def copy(self) -> Stats:
+        return Stats(self.recorded, self.replayed, self.ordinary, list(self.failed))
+
+    def since(self, before: Stats) -> str | None:
+        """A line for the log about what happened after ``before``, when graphs were recorded or failed then."""
+        recorded, failed = self.recorded - before.recorded, self.failed[len(before.failed):]
+        if not recorded and not failed:
+            return None
+        calls = [self.replayed - before.replayed, self.ordinary - before.ordinary]
+        line = (f"whole steps as CUDA graphs: {recorded} size(s) recorded; of {sum(calls) + recorded} transformer "
+                f"calls {calls[0]} replayed, {calls[1]} run as usual")
+        return line + (f"; recording failed ({failed[-1]}), so that size runs without" if failed else "")
+
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     """The call's tensors' shapes, dtypes and devices and its other values; None when it cannot be graphed."""

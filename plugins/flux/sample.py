@@ -12,7 +12,7 @@ from pydantic import Field
 
 from fluxkiln.engine import ImageItem, Images, InputFile, Model, NodeError, RunContext, Text, distributed, node
 
-from . import fast, parallel, prompt_cache
+from . import fast, graphed, parallel, prompt_cache
 from .generate import MAX_TEXT_TOKENS, Job, Settings, generate
 from .load import get_pipeline
 from .lora import adapter_loader
@@ -276,11 +276,15 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
         prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
     prepared = time.perf_counter() - t0
     before = fast.compile_seconds() if ctx.device == "cuda" else {}
+    graphs = graphed.stats(pipe.transformer)
+    graphs_before = graphs.copy() if graphs is not None else None
     if parallel.splits_images(model):  # several ranks: each makes its share of the images
         made = parallel.generate_split(ctx, pipe, jobs, s, generate)
     else:
         made = generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
     _log_compile(ctx, before, prepared, made[0][3] if made else {})
+    if graphs is not None and graphs_before is not None and (line := graphs.since(graphs_before)):
+        ctx.log(line)
     return made
 
 
