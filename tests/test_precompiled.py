@@ -381,3 +381,15 @@ def test_the_background_load_takes_the_most_recently_used_variants_and_use_makes
     assert precompiled.load_saved(where, "old", {}) is None  # on demand: broken, noted, compiled as usual
     assert precompiled.load_saved(where, "absent", {}) is None
     assert precompiled.stats()["errors"][-1] == "old.bin: UnpicklingError"
+
+
+def test_saved_variants_live_in_a_folder_keyed_by_the_plugin_s_code(tmp_path):
+    code = tmp_path / "flux"
+    code.mkdir()
+    (code / "context.py").write_text("def attention(q, k, v): ...\n")
+    first = precompiled.code_hash(code)
+    assert precompiled.code_hash(code) == first and len(first) == 16
+    precompiled.code_hash.cache_clear()
+    (code / "context.py").write_text("def attention(q, k, v): return q\n")  # an upgrade changes traced code
+    assert precompiled.code_hash(code) != first
+    assert precompiled.environment("cpu")["fluxkiln"] == precompiled.code_hash()  # this plugin's own files

@@ -22,7 +22,7 @@ block's first call of a variant runs the artifact's full guard check (parameters
 grad mode, the attribute values it was traced with); later calls compare a cheap signature, including the block's
 module types and attention processors, so a block changed after its check (fp8 layers swapped in, adapters
 injected) falls back. The guards torch cannot serialize (global state, function identity) are covered by the
-folder's key (torch, diffusers and Python versions and the device) and by the variant's (the attention processors'
+folder's key (torch, diffusers and Python versions, a hash of this plugin's code and the device) and by the variant's (the attention processors'
 classes and backends, and diffusers' default attention backend). ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
 
 Nothing here imports torch at module level.
@@ -99,13 +99,23 @@ def _type_name(obj: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+@functools.cache
+def code_hash(where: Path = Path(__file__).parent) -> str:
+    """A hash of the Python files in ``where`` (this plugin's: the attention processors, fp8 layers and wrappers a
+    saved block was traced through), so a saved block never outlives the code it was compiled from."""
+    h = hashlib.sha256()
+    for path in sorted(where.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def environment(device: str) -> dict[str, str]:
-    """What the saved files depend on besides the block itself: versions and the device."""
+    """What the saved files depend on besides the block itself: versions, this plugin's code and the device."""
     import diffusers
     import torch
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0],
-           "device": device}
+           "fluxkiln": code_hash(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
