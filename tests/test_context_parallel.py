@@ -26,17 +26,17 @@ def _transformer(heads: int):
                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6]).eval()
 
 
-def _inputs(img_tokens: int, txt_tokens: int) -> dict:
+def _inputs(img_tokens: int, txt_tokens: int, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(1)
     side = int(img_tokens ** 0.5)
     ids = torch.zeros(side, img_tokens // side, 3)
     ids[..., 1] = torch.arange(side)[:, None]
     ids[..., 2] = torch.arange(img_tokens // side)[None, :]
-    return dict(hidden_states=torch.randn(1, img_tokens, 16, generator=g),
-                encoder_hidden_states=torch.randn(1, txt_tokens, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
-                guidance=torch.tensor([3.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(txt_tokens, 3),
-                return_dict=False)
+    return dict(hidden_states=torch.randn(batch, img_tokens, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, txt_tokens, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g), timestep=torch.tensor([0.7] * batch),
+                guidance=torch.tensor([3.5] * batch), img_ids=ids.reshape(-1, 3),
+                txt_ids=torch.zeros(txt_tokens, 3), return_dict=False)
 
 
 def _worker(rank: int, port: int, cases: list, out: dict) -> None:
@@ -46,15 +46,15 @@ def _worker(rank: int, port: int, cases: list, out: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        for name, heads, mode, img, txt in cases:
+        for name, heads, mode, img, txt, batch in cases:
             model = _transformer(heads)
             with torch.no_grad():
-                alone = model(**_inputs(img, txt))[0]
+                alone = model(**_inputs(img, txt, batch))[0]
                 state = context.enable(model, 2, mode)
                 during = torch._inductor.config.reorder_for_compute_comm_overlap
-                split = model(**_inputs(img, txt))[0]
+                split = model(**_inputs(img, txt, batch))[0]
                 context.disable(model)
-                again = model(**_inputs(img, txt))[0]
+                again = model(**_inputs(img, txt, batch))[0]
             out[f"{name}/reorder"] = (during, torch._inductor.config.reorder_for_compute_comm_overlap)
             if rank == 0:
                 out[name] = (state.mode, float((split - alone).abs().max()), float(alone.abs().max()),
@@ -64,8 +64,8 @@ def _worker(rank: int, port: int, cases: list, out: dict) -> None:
         dist.destroy_process_group()
 
 
-CASES = [("ulysses", 2, "ulysses", 64, 8), ("allgather", 3, "auto", 64, 8), ("auto", 2, "auto", 64, 8),
-         ("overlap", 3, "overlap", 64, 8), ("odd", 2, "ulysses", 63, 8)]
+CASES = [("ulysses", 2, "ulysses", 64, 8, 1), ("allgather", 3, "auto", 64, 8, 1), ("auto", 2, "auto", 64, 8, 1),
+         ("overlap", 3, "overlap", 64, 8, 1), ("odd", 2, "ulysses", 63, 8, 1), ("batch", 2, "allgather", 64, 8, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,11 @@ def results():
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
 @pytest.mark.parametrize(("case", "mode"), [("ulysses", "ulysses"), ("allgather", "allgather"),
                                             ("auto", "allgather"), ("overlap", "overlap"),
-                                            ("odd", "ulysses")])
+                                            ("odd", "ulysses"), ("batch", "allgather")])
 def test_two_ranks_make_one_process_output(results, case, mode):
     chosen, diff, scale, shape, restored, processor = results[case]
     assert chosen == mode  # auto: all-gather of k and v, whether the heads divide by the ranks or not
-    assert shape[1] == (63 if case == "odd" else 64)  # every token back, in order, on every rank
+    assert shape[:2] == (2 if case == "batch" else 1, 63 if case == "odd" else 64)  # every token back, in order
     assert scale > 0.1 and diff <= 1e-5 * max(1.0, scale), (case, diff)
     assert restored and processor == "FluxAttnProcessor"  # disable() gives the stock model back exactly
     # Inductor reorders compute and exchanges while split (the compiled blocks overlap them), as before after

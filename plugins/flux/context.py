@@ -241,13 +241,20 @@ def _ulysses(q: Any, k: Any, v: Any, state: Split) -> Any:
 
 
 def _allgather(q: Any, k: Any, v: Any, state: Split) -> Any:
+    """Each token's key and value side by side, (B, S, 2, H, D), gathered rank after rank: for one image the
+    result is already every token's in order, so attention reads keys and values as strided views (no copy
+    into a head-major layout, which cost a read and a write of the gathered tensor in every block)."""
     import torch
     import torch.nn.functional as F
 
     n = state.degree
     b, s, h, d = k.shape
-    kv = _by_head(_all_gather(torch.stack([k, v]), 0, state).view(n, 2, b, s, h, d))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
+    kv = _all_gather(torch.stack([k, v], dim=2), 0, state)  # (N * B, S, 2, H, D), ranks outermost
+    if b == 1:
+        kv = kv.view(1, n * s, 2, h, d)
+    else:  # a batch: each image's tokens from every rank together (a copy)
+        kv = kv.view(n, b, s, 2, h, d).transpose(0, 1).reshape(b, n * s, 2, h, d)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
     return out.transpose(1, 2)
 
 
