@@ -17,10 +17,11 @@ rank 0 (:mod:`.step_profile`), under ``"profile"``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -117,17 +118,14 @@ class CpLatency:
 
     # ------------------------------------------------------------------ one variant
     def _variant(self, name: str) -> dict[str, Any]:
-        import torch
-
         kind, how = name.split("-", 1)
         how, _, option = how.partition("+")
-        if option:
-            if not self.cuda:
-                return {"skipped": "Inductor's options are measured on CUDA GPUs only"}
-            reorder = "0" if option == "noreorder" else os.environ.get("FLUXKILN_CP_REORDER", "1")
-            with torch._inductor.config.patch(OPTIONS[option]), \
-                    mock.patch.dict(os.environ, {"FLUXKILN_CP_REORDER": reorder}):
-                return self._variant(f"{kind}-{how}") | {"option": option}
+        if option and not self.cuda:
+            return {"skipped": "Inductor's options are measured on CUDA GPUs only"}
+        with _option(option):
+            return self._measure(name, kind, how) | ({"option": option} if option else {})
+
+    def _measure(self, name: str, kind: str, how: str) -> dict[str, Any]:
         if not self.cuda and how != "eager":
             return {"skipped": "compiled variants are measured on CUDA GPUs only"}
         if not self.cuda and kind == "diffusers":
@@ -196,6 +194,19 @@ class CpLatency:
             return self.pipe(prompt_embeds=self.embeds[0], pooled_prompt_embeds=self.embeds[1], width=self.m.size,
                              height=self.m.size, num_inference_steps=self.m.steps, guidance_scale=3.5,
                              generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
+
+
+@contextlib.contextmanager
+def _option(option: str) -> Iterator[None]:
+    """A variant's ``+option`` (:data:`OPTIONS`) in force: Inductor's settings, and ``FLUXKILN_CP_REORDER``."""
+    if not option:
+        yield
+        return
+    import torch
+
+    reorder = "0" if option == "noreorder" else os.environ.get("FLUXKILN_CP_REORDER", "1")
+    with torch._inductor.config.patch(OPTIONS[option]), mock.patch.dict(os.environ, {"FLUXKILN_CP_REORDER": reorder}):
+        yield
 
 
 def _in_graph_mode(compile_: Callable[[], Any]) -> None:
