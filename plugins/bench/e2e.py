@@ -5,9 +5,9 @@ process, stock diffusers (``FluxPipeline.from_pretrained`` + the same images + P
 ``fluxkiln run --json`` of a recipe ``load_model -> 3 x sample -> save`` run, the latter with the compile cache
 cold (a new cache folder), warm (the same folder again) and, when asked, after ``fluxkiln warmup`` in a new
 folder; with ``--e2e-repeats N`` stock and warm run N times in turns, and the targets that compare them take
-the medians (one process's imports vary by seconds between runs).  Each row has the process's wall time from the outside and its phases from the inside (fluxkiln's JSON
-events; the stock worker's own clock): start-up (interpreter, imports, plugins), load, each image, each save,
-exit.  ``--tiny`` does the same on the CPU with the tiny model in seconds (CI runs it).
+the medians (one process's imports vary by seconds between runs).  Each row has the process's wall time from
+the outside and its phases from the inside (fluxkiln's JSON events; the stock worker's own clock): start-up
+(interpreter, imports, plugins), load, each image, each save, exit.  ``--tiny`` does the same on the CPU with the tiny model in seconds (CI runs it).
 """
 
 from __future__ import annotations
