@@ -4,7 +4,8 @@ and the samples looked at.
 
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
-                                  [--prior-scenes same] [--caption-variants] [--layers REGEX] [--device cuda]
+                                  [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
+                                  [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -19,7 +20,8 @@ trigger's characters in a caption); ``--embeddings`` trains the trigger's own to
 with their own captions, trained every other step (DreamBooth's prior preservation; ``--prior-every K``: every K-th step;
 ``--prior-scenes same``: the training images' own scenes with the known shapes). ``--new-token`` makes the trigger
 one new token of T5's tokenizer; ``--caption-variants`` leaves out a random subset of each caption's optional parts
-each step; ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
+each step; ``--augment N`` adds N mirrored and recoloured variants of each training image with captions to
+match (:func:`augment`); ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
 GPU (``bench/concept_sweep.py`` runs several settings in one process). ``--grid`` saves the training images over the
 four rows of samples.
 """
@@ -80,6 +82,52 @@ def caption_variants(caption: str) -> list[str]:
             text = text if kept else re.sub(pattern, "", text, count=1)
         out.append(text)
     return out
+
+
+SWAPS = {"h": {"left": "right", "right": "left"}, "v": {"top": "bottom", "bottom": "top"}}
+
+
+def augment(image: Any, caption: str, rng: random.Random) -> tuple[Any, str]:
+    """One variant of a training image and its caption: mirrored left-right and/or top-bottom (the position words
+    swapped with it; the hexagon is symmetric both ways), and the object and background recoloured to two other
+    palette colours (each pixel keeps its blend of the two, so the edges stay smooth; the words follow)."""
+    import re
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from fluxkiln.plugins.miniflux.world import COLOURS
+
+    m = re.search(r"(\w+) TOK .* on a (\w+) background", caption)
+    if m is None or m.group(1) not in COLOURS or m.group(2) not in COLOURS:
+        raise ValueError(f"cannot recolour {caption!r}: it names no object and background colour")
+    obj, bg = m.group(1), m.group(2)
+    new_obj, new_bg = rng.sample(sorted(COLOURS), 2)
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    a, b = np.array(COLOURS[obj], np.float32), np.array(COLOURS[bg], np.float32)
+    alpha = np.clip(((px - b) @ (a - b)) / float((a - b) @ (a - b)), 0.0, 1.0)[..., None]
+    out = alpha * np.array(COLOURS[new_obj], np.float32) + (1 - alpha) * np.array(COLOURS[new_bg], np.float32)
+    image = Image.fromarray(out.round().astype(np.uint8))
+    caption = re.sub(rf"\b{obj} TOK", f"{new_obj} TOK", caption, count=1)
+    caption = re.sub(rf"on a {bg} background", f"on a {new_bg} background", caption, count=1)
+    for axis, flip in (("h", ImageOps.mirror), ("v", ImageOps.flip)):
+        if rng.random() < 0.5:
+            image = flip(image)
+            caption = re.sub(r"\b(left|right|top|bottom)\b", lambda w: SWAPS[axis].get(w.group(1), w.group(1)),
+                             caption)
+    return image, caption
+
+
+def augmented_set(images: list[Any], captions: list[str], per_image: int, seed: int = 7) -> tuple[list[Any], list[str]]:
+    """``per_image`` variants of every training image (:func:`augment`), the originals first."""
+    rng = random.Random(seed)
+    out_images, out_captions = list(images), list(captions)
+    for image, caption in zip(images, captions, strict=True):
+        for _ in range(per_image):
+            im, cap = augment(image, caption, rng)
+            out_images.append(im)
+            out_captions.append(cap)
+    return out_images, out_captions
 
 
 def prior_set(n: int, same_scenes: bool = False) -> tuple[list[Any], list[str]]:
@@ -264,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", help="train only the LoRA layers this regular expression matches")
     parser.add_argument("--caption-variants", action="store_true", help="each step, each image's caption with a "
                         "random subset of its optional parts (size, colour, position, background) left out")
+    parser.add_argument("--augment", type=int, default=0, metavar="N", help="N mirrored and recoloured variants of "
+                        "each training image (captions to match) join the concept's images")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
     parser.add_argument("--more-guidance", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="also sample the new prompts (and the leakage prompts) at these guidances, e.g. 5")
@@ -286,13 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     folder = ROOT / "recipes" / "data" / "hexagons"
     images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
     captions = training_captions()  # train_lora's own caption rule, in the images' order
+    trained_images, trained_captions = augmented_set(images, captions, args.augment) if args.augment else (images,
+                                                                                                            captions)
     extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
     pipe = load_pipeline("dev", device=args.device)
     if args.new_token:
         add_trigger_token(pipe, TRIGGER, args.new_token_init)
-    data = encode(pipe, images + extra_images, captions + extra_captions)
+    data = encode(pipe, trained_images + extra_images, trained_captions + extra_captions)
     t0 = time.perf_counter()
-    losses = train(pipe, data, captions + extra_captions, len(images), args)
+    losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
     seconds = time.perf_counter() - t0
     with_trigger, without = probe_prompts(args.probe)
     named = [c.replace(TRIGGER, CONCEPT) for c in captions]  # what the checker reads the trigger as

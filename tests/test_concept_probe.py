@@ -187,3 +187,20 @@ def test_more_guidance_adds_rows_for_the_new_prompts_and_the_leakage(probe, tmp_
     result = json.loads(out.read_text())
     assert 0 <= result["new prompts with the trigger, guidance 5"] <= 100 and 0 <= result["leakage, guidance 5"] <= 100
     assert Image.open(grid).size == (8 * 128, 7 * 128)  # two more rows of samples
+
+
+def test_augmented_images_are_mirrored_and_recoloured_with_captions_the_checker_confirms(probe):
+    from fluxkiln.plugins.miniflux.checker import check
+    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, training_captions
+
+    folder = ROOT / "recipes" / "data" / "hexagons"
+    images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
+    captions = training_captions()
+    out_images, out_captions = probe.augmented_set(images, captions, 2)
+    assert len(out_images) == len(out_captions) == 24 and out_captions[:8] == captions  # the originals first
+    new = out_captions[8:]
+    assert len(set(new) - set(captions)) >= 12  # new colour, background and place combinations
+    for image, caption in zip(out_images, out_captions, strict=True):  # every caption says what its image shows
+        assert check(image, caption.replace(TRIGGER, CONCEPT)).all_right, caption
+    with pytest.raises(ValueError, match="names no object and background colour"):
+        probe.augment(images[0], "a TOK", __import__("random").Random(0))
