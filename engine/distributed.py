@@ -175,15 +175,16 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any (e.g. to stop together at the same step)."""
+def any_rank(flag: bool, group: Any = None) -> bool:
+    """True on every rank (of ``group``, default all) if ``flag`` is true on any (e.g. to stop together at the same
+    step)."""
     if not _world.many:
         return flag
     import torch
     import torch.distributed as dist
 
     box = torch.tensor([1 if flag else 0], dtype=torch.int32)  # a CPU tensor: gloo, beside NCCL on GPUs
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
     return bool(box.item())
 
 

@@ -36,6 +36,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fluxkiln.engine import distributed
+
 from . import fast
 
 MODES = ("auto", "ulysses", "allgather", "overlap")
@@ -61,18 +63,9 @@ class Split:
     saved_processors: dict[str, Any] = field(default_factory=dict)
     reorder: bool = False  # Inductor's compute/communication reordering on while this transformer is split
 
-    def agree(self, ok: bool, device: Any) -> bool:
-        """Whether every rank of the group says ``ok`` (one small all-reduce, on ``device``)."""
-        return _agree(self, ok, device)
-
-
-def _agree(state: Split, ok: bool, device: Any) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=state.group)
-    return bool(flag.item())
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank of the group says ``ok`` (one small all-reduce)."""
+        return not distributed.any_rank(not ok, group=self.group)
 
 
 def choose_mode(mode: str, heads: int, degree: int) -> str:

@@ -200,7 +200,7 @@ class WholeStep:
             out, graph = self.record_graph(self.module._call_impl, a2, k2, buffers)
         except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: the call itself must not fail
             error = exc
-        if split is not None and not split.agree(error is None, buffers[0].device):
+        if split is not None and not split.agree(error is None):
             error = error or RuntimeError("another rank of the context-parallel group could not record its part")
         if error is not None:
             self.graphs[key] = EAGER
