@@ -336,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = ROOT / "recipes" / "data" / "hexagons"
     images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
     captions = training_captions()  # train_lora's own caption rule, in the images' order
-    trained_images, trained_captions = augmented_set(images, captions, args.augment) if args.augment else (images,
-                                                                                                            captions)
+    trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
     extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
     pipe = load_pipeline("dev", device=args.device)
     if args.new_token:

@@ -23,7 +23,8 @@ grad mode, the attribute values it was traced with); later calls compare a cheap
 module types and attention processors, so a block changed after its check (fp8 layers swapped in, adapters
 injected) falls back. The guards torch cannot serialize (global state, function identity) are covered by the
 folder's key (torch, diffusers and Python versions, a hash of this plugin's code and the device) and by the
-variant's (the attention processors' classes, backends and tags, and diffusers' default attention backend). ``FLUXKILN_PRECOMPILE=0`` turns all of this off.
+variant's (the attention processors' classes, backends and tags, and diffusers' default attention backend).
+``FLUXKILN_PRECOMPILE=0`` turns all of this off.
 
 Nothing here imports torch at module level.
 """

@@ -276,14 +276,14 @@ def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: l
         prepare(pipe, adapters, go_fast, ctx.device, adapter_loader(pipe, ctx.log), fast=True, log=ctx.log)
     prepared = time.perf_counter() - t0
     before = fast.compile_seconds() if ctx.device == "cuda" else {}
-    graphs = graphed.stats(pipe.transformer)
-    graphs_before = graphs.copy() if graphs is not None else None
+    graphs = graphed.stats(pipe.transformer)  # None where no whole-step graphs are installed
+    graphs_before = graphs.copy() if graphs else None
     if parallel.splits_images(model):  # several ranks: each makes its share of the images
         made = parallel.generate_split(ctx, pipe, jobs, s, generate)
     else:
         made = generate(ctx, pipe, jobs, s)  # context parallel: every rank works on every image
     _log_compile(ctx, before, prepared, made[0][3] if made else {})
-    if graphs is not None and graphs_before is not None and (line := graphs.since(graphs_before)):
+    if graphs and graphs_before and (line := graphs.since(graphs_before)):
         ctx.log(line)
     return made
 
