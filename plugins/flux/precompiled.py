@@ -15,6 +15,9 @@ that loads without tracing:
   (``load_model`` starts it before the weights load); :func:`table` waits for it, and a call whose variant was
   left out loads it then (:func:`load_saved`).
 * :class:`Recording` marks ``fluxkiln warmup``'s run, which compiles what a recipe needs before it is used.
+* A variant being compiled is claimed (:mod:`.pending`): a process that needs one another process is compiling —
+  the helpers :mod:`.ahead` starts while a run loads its model, or a second run — waits for its file and loads
+  it (:func:`obtain`).
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
 Inductor's default mode; training, Inductor's CUDA-graph modes and adapters keep ordinary compilation.  Each
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import fast, registrations
+from . import fast, pending, registrations
 
 PRELOAD = 4  # the most recently used variants, loaded in the background as a model loads; others on demand
 _state: dict[str, Any] = {}
@@ -264,6 +267,25 @@ def compile_ahead(block: Any, out: Path, key: str, args: tuple[Any, ...], kwargs
     return fn
 
 
+def obtain(block: Any, where: Path, key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+           variants: dict[str, Any]) -> Any | None:
+    """A variant with no saved file: compiled ahead here under a claim (:mod:`.pending`), or, while another process
+    (a helper of :mod:`.ahead`, another run) is compiling it, waited for and loaded from its file."""
+    for _ in range(2):
+        with pending.claim(where, key) as mine:
+            if mine:  # it may have been saved just before the claim
+                fn = load_saved(where, key, variants)
+                return fn if fn is not None else compile_ahead(block, where, key, args, kwargs)
+        waited = pending.wait(where, key)
+        with _lock:
+            _state["waited"] = _state.get("waited", 0) + 1
+            _state["waited_s"] = _state.get("waited_s", 0.0) + waited
+        fn = load_saved(where, key, variants)
+        if fn is not None or (where / f"{key}.failed").exists():
+            return fn
+    return compile_ahead(block, where, key, args, kwargs)
+
+
 def _reason(key: str, exc: BaseException) -> str:
     return f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -348,6 +370,8 @@ def load_saved(where: Path, key: str, variants: dict[str, Any]) -> Any | None:
 
 def used(where: Path, key: str) -> None:
     """Mark a saved variant in ``where`` as just used, so that the next process loads it in the background."""
+    with _lock:
+        _state.setdefault("used", set()).add(str(where / f"{key}.bin"))
     with contextlib.suppress(OSError):
         os.utime(where / f"{key}.bin")
 
@@ -391,7 +415,8 @@ def stats() -> dict[str, Any]:
     return {"loaded": _state.get("loaded", 0), "load_s": _state.get("load_s"),
             "errors": list(_state.get("load_errors", [])), "call_errors": list(_state.get("call_errors", [])),
             "saved": list(_state.get("saved", [])), "failed": list(_state.get("failed", [])),
-            "ahead_s": round(ahead_seconds(), 2)}
+            "ahead_s": round(ahead_seconds(), 2), "waited": _state.get("waited", 0),
+            "waited_s": round(_state.get("waited_s", 0.0), 2), "used": sorted(_state.get("used", ()))}
 
 
 def forget() -> None:
@@ -472,7 +497,7 @@ class Dispatch:
             if fn is None:
                 fn = load_saved(where, key, self.variants)
             if fn is None and self.ahead:
-                fn = compile_ahead(block, where, key, args, kwargs)
+                fn = obtain(block, where, key, args, kwargs, self.variants)
                 if fn is not None:
                     self.variants[key] = fn
             if fn is not None and not fn.guard_check(block, *args, **kwargs):
