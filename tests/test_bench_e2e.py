@@ -4,6 +4,7 @@ folder, timed from the outside and from their own events."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -153,6 +154,24 @@ def test_a_slow_first_batch_says_where_its_time_went_and_the_bench_reads_it():
     said.clear()
     sample._log_compile(Ctx(), {"compile": 1e9, "inductor": 0.0}, 0.4, dict(timing, first_step_s=0.6))
     assert said == []  # a first step like the others: nothing to say
+
+
+def test_the_bench_reads_the_wait_for_helpers_and_what_they_did(tmp_path):
+    from fluxkiln.plugins.bench.e2e import helpers_of
+
+    line = ("waited 11.0 s for 1 block variant(s) that helper processes compiled while the model loaded (loaded, "
+            "not compiled here)")
+    assert logged([{"event": "node_log", "node": "img1", "message": line}])["ahead_waited_s"] == [
+        {"node": "img1", "s": 11.0, "variants": 1}]
+    ahead_dir = tmp_path / "precompiled" / "ahead"
+    ahead_dir.mkdir(parents=True)
+    old = ahead_dir / "aaa-double.json"
+    old.write_text(json.dumps({"seconds": 1.0, "note": "an earlier run's", "saved": ["x"]}))
+    os.utime(old, (1000.0, 1000.0))
+    (ahead_dir / "bbb-single.json").write_text(json.dumps({"seconds": 25.1, "note": "1 variant(s) ready",
+                                                           "saved": ["v"]}))
+    assert helpers_of(tmp_path, since=2000.0) == [{"kind": "single", "seconds": 25.1, "note": "1 variant(s) ready",
+                                                   "saved": 1}]
 
 
 def test_repeated_stock_and_warm_processes_run_in_turns_and_their_medians_judge_the_load_targets(tmp_path,

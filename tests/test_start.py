@@ -174,7 +174,8 @@ def test_sample_logs_how_long_compilation_took(monkeypatch):
     from fluxkiln.plugins.flux import fast
     from fluxkiln.plugins.flux import sample as sample_module
 
-    assert set(fast.compile_seconds()) == {"compile", "inductor", "saved"}  # this torch says how long it compiled
+    # this torch says how long it compiled
+    assert set(fast.compile_seconds()) == {"compile", "inductor", "saved", "waited", "waited_s"}
     logs = []
     ctx = SimpleNamespace(log=lambda message, **_kw: logs.append(message))
     monkeypatch.setattr(fast, "compile_seconds", lambda: {"compile": 10.0, "inductor": 3.0, "saved": 2.0})
@@ -186,6 +187,12 @@ def test_sample_logs_how_long_compilation_took(monkeypatch):
     sample_module._log_compile(ctx, {"compile": 9.8, "inductor": 3.0, "saved": 2.0}, 0.1, {})  # nothing to say
     sample_module._log_compile(ctx, {}, 0.1, {})  # not on a GPU
     assert len(logs) == 2
+    monkeypatch.setattr(fast, "compile_seconds", lambda: {"compile": 0.1, "inductor": 0.0, "saved": 0.0,
+                                                          "waited": 2.0, "waited_s": 7.25})
+    sample_module._log_compile(ctx, {"compile": 0.1, "inductor": 0.0, "saved": 0.0, "waited": 0.0, "waited_s": 0.0},
+                               0.1, {})  # the helpers compiled both variants: this call waited and loaded them
+    assert logs[-1] == ("waited 7.2 s for 2 block variant(s) that helper processes compiled while the model loaded "
+                        "(loaded, not compiled here)")
 
 
 def test_build_pipeline_loads_through_device_map_and_falls_back(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ the outside and its phases from the inside (fluxkiln's JSON events; the stock wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -104,9 +105,27 @@ def logged(events: list[dict[str, Any]]) -> dict[str, Any]:
             out.setdefault("first_batch_s", []).append({"node": e.get("node"), "prepare": float(m.group(1)),
                                                         "to_first_step_end": float(m.group(2)),
                                                         "after_last_step": float(m.group(3))})
+        m = re.search(r"waited ([\d.]+) s for (\d+) block variant\(s\) that helper processes", text)
+        if m:
+            out.setdefault("ahead_waited_s", []).append({"node": e.get("node"), "s": float(m.group(1)),
+                                                         "variants": int(m.group(2))})
         m = re.search(r"torch\.compile: ([\d.]+) s in this call \(Inductor ([\d.]+) s", text)
         if m:
             out["compile_s"].append({"node": e.get("node"), "s": float(m.group(1)), "inductor_s": float(m.group(2))})
+    return out
+
+
+def helpers_of(cache: Path, since: float) -> list[dict[str, Any]]:
+    """What the helper processes that compiled block variants for a run started at ``since`` (epoch) said they did:
+    their markers under ``<cache>/precompiled/ahead`` written since."""
+    out = []
+    for path in sorted((cache / "precompiled" / "ahead").glob("*.json")):
+        if path.stat().st_mtime < since:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(path.read_text())
+            out.append({"kind": path.stem.rsplit("-", 1)[-1], "seconds": info.get("seconds"),
+                        "note": info.get("note"), "saved": len(info.get("saved", []))})
     return out
 
 
@@ -172,7 +191,11 @@ class EndToEnd:
         cmd = self.python("-m", "fluxkiln", "run", str(recipe), "--json", "--force")
         start, wall, out = launch(cmd, child_env(cache), self.work)
         events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        return phases(events, start, wall)
+        row = phases(events, start, wall)
+        helpers = helpers_of(cache, start)
+        if helpers:
+            row["ahead_helpers"] = helpers
+        return row
 
     def warmed(self, cache: Path) -> dict[str, Any]:
         """``fluxkiln warmup`` of the recipe in a new cache folder, then a fresh ``fluxkiln run``."""

@@ -36,9 +36,10 @@ def check_recipe(recipe):
 
 @hookimpl
 def prepare_run(recipe):
-    from . import warm
+    from . import ahead, warm
 
     warm.start(recipe)
+    ahead.start(recipe)
 
 
 

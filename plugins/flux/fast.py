@@ -79,8 +79,9 @@ def _torch_default_cache_dir() -> str | None:
 
 def compile_seconds() -> dict[str, float]:
     """Seconds torch.compile has spent in this process so far: in all (``entire_frame_compile``, and the variants
-    compiled ahead of time) and in Inductor (code generation, or loading it from the cache), and how many variants
-    it saved precompiled (``saved``); empty where torch does not say."""
+    compiled ahead of time) and in Inductor (code generation, or loading it from the cache), how many variants
+    it saved precompiled (``saved``), and how many it waited for while another process compiled them (``waited``,
+    ``waited_s``: :mod:`.ahead`'s helpers); empty where torch does not say."""
     try:
         from torch._dynamo.utils import calculate_time_spent
 
@@ -89,8 +90,10 @@ def compile_seconds() -> dict[str, float]:
         return {}
     from . import precompiled
 
+    ready = precompiled.stats()
     return {"compile": float(spent.get("entire_frame_compile", 0.0)) + precompiled.ahead_seconds(),
-            "inductor": float(spent.get("inductor_compile", 0.0)), "saved": float(len(precompiled.stats()["saved"]))}
+            "inductor": float(spent.get("inductor_compile", 0.0)), "saved": float(len(ready["saved"])),
+            "waited": float(ready["waited"]), "waited_s": float(ready["waited_s"])}
 
 
 def blocks(transformer: Any) -> list[Any]:

@@ -176,7 +176,7 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
         if ctx.device != "cuda" or fast.compile_disabled():
             return images()
         try:
-            with fast.attention_first_cudnn():
+            with kernels(ctx.device):
                 return images()
         except RuntimeError as exc:  # a cuDNN attention failure: the standard kernels still work
             if "cudnn" not in str(exc).lower():
@@ -186,6 +186,14 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
             for g, j in zip(generators, [j for _ in group for j in range(s.n)], strict=True):
                 g.manual_seed(s.seed + j)
             return images()
+
+
+def kernels(device: str) -> Any:
+    """The attention kernels sampling runs under: cuDNN's first on a GPU with the fast path (the precompiled blocks
+    of :mod:`.ahead`'s helpers are traced under the same), nothing special otherwise."""
+    import contextlib
+
+    return fast.attention_first_cudnn() if device == "cuda" and not fast.compile_disabled() else contextlib.nullcontext()
 
 
 def _prompt_args(pipe: Any, run: Any, group: list[Job], s: Settings, tokens: int) -> dict[str, Any]:

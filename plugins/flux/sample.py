@@ -298,6 +298,9 @@ def _log_compile(ctx: RunContext, before: dict[str, float], prepared: float, tim
         ctx.log(f"torch.compile: {spent['compile']:.1f} s in this call (Inductor {spent['inductor']:.1f} s; "
                 "from the compile cache where it was warm)" + (
                     f"; {saved} variant(s) saved precompiled for later processes" if saved else ""))
+    if spent.get("waited", 0.0) >= 1:
+        ctx.log(f"waited {spent['waited_s']:.1f} s for {int(spent['waited'])} block variant(s) that helper processes "
+                "compiled while the model loaded (loaded, not compiled here)")
     slow_start = timing.get("first_step_s", 0.0) > 3 * timing.get("seconds_per_step", 0.0)
     if before and "first_step_s" in timing and (spent.get("compile", 0.0) >= 0.5 or slow_start):
         total = timing["seconds_per_image"] * timing["batch"]
