@@ -216,3 +216,24 @@ def test_build_pipeline_loads_through_device_map_and_falls_back(monkeypatch, tmp
     asked.clear()
     pipe = load.build_pipeline(src, "auto", "cpu", "none", "none")
     assert asked == ["no-such-device", None] and pipe.transformer is not None  # loaded through CPU memory instead
+
+
+def test_a_package_without_bytecode_python_will_not_write_is_named_with_the_fix(tmp_path, monkeypatch):
+    import py_compile
+
+    from fluxkiln.plugins.flux import warm
+
+    pkg = tmp_path / "site" / "nobytecode"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    said = warm.bytecode_missing("nobytecode")
+    assert said is not None and "PYTHONDONTWRITEBYTECODE" in said
+    assert f"python -m compileall -q {tmp_path / 'site'}" in said
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert warm.bytecode_missing("nobytecode") is None  # Python writes it on the first import
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    py_compile.compile(str(pkg / "__init__.py"))  # compiled once: nothing to say
+    assert warm.bytecode_missing("nobytecode") is None
+    assert warm.bytecode_missing("no_such_module_here") is None

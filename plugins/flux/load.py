@@ -376,6 +376,8 @@ def load_model(
     if waited is not None:
         ctx.log(f"torch and diffusers imported in the background in {waited['import_s']:.1f} s "
                 f"(waited {waited['waited_s']:.1f} s for them here)")
+    if (slow := warm.bytecode_missing()) is not None:
+        ctx.log(slow, level="warning")
     device = ctx.device
     if offload != "none" and device != "cuda":
         raise NodeError(f"offload = \"{offload}\" needs a CUDA GPU; this machine has none", key="offload",
