@@ -289,8 +289,8 @@ MAIN = textwrap.dedent('''
     fast.compile_blocks(pipe.transformer)  # what sample does on a GPU
     tr = pipe.transformer
     with torch.no_grad():
-        pipe(prompt_embeds=torch.zeros(1, 16, tr.config.joint_attention_dim),
-             pooled_prompt_embeds=torch.zeros(1, tr.config.pooled_projection_dim), num_images_per_prompt=1,
+        pipe(prompt_embeds=torch.zeros(2, 16, tr.config.joint_attention_dim),  # two images in one batch
+             pooled_prompt_embeds=torch.zeros(2, tr.config.pooled_projection_dim), num_images_per_prompt=1,
              width=64, height=64, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=16,
              output_type="latent")
     print(json.dumps(precompiled.stats()))
@@ -305,7 +305,7 @@ def test_helpers_compile_the_very_variants_the_full_model_then_loads(tmp_path, m
     monkeypatch.setenv("FLUXKILN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     folder = tiny_flux_path("dev")  # a real diffusers folder: 1 double-stream and 2 single-stream blocks
-    work = Work(str(folder), "auto", (Shape(64, 64, 1, 16, True),))
+    work = Work(str(folder), "auto", (Shape(64, 64, 2, 16, True),))
     children = [ahead.spawn(work, kind, ahead.marker(work, kind), device="cpu") for kind in ahead.KINDS]
     assert [c.wait(timeout=240) for c in children] == [0, 0]
     files = []
