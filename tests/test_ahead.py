@@ -214,6 +214,19 @@ def test_start_spawns_one_helper_per_block_kind_unless_done_or_switched_off(tmp_
     assert started() == []
 
 
+def test_a_recipe_the_planner_cannot_read_starts_no_helper_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUXKILN_CACHE", str(tmp_path / "cache"))
+    r = recipe(tmp_path)
+    (tmp_path / "dev-folder" / "transformer" / "config.json").write_text("{broken")
+    spawned: list[str] = []
+    monkeypatch.setattr(ahead, "spawn", lambda *a: spawned.append("helper"))
+    monkeypatch.setattr(ahead, "gpu_present", lambda: True)
+    ahead.start(r).join(timeout=30)
+    assert spawned == []
+    said = (tmp_path / "cache" / "precompiled" / "ahead" / "planning-error.log").read_text()
+    assert said.startswith("JSONDecodeError")
+
+
 def test_gpu_present_honours_hidden_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert not ahead.gpu_present()

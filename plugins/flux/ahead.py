@@ -228,11 +228,19 @@ def start(recipe: Any) -> threading.Thread | None:
 
 
 def _start(recipe: Any) -> None:
-    for work in plan(recipe):
-        for kind in KINDS:
-            path = marker(work, kind)
-            if not done(path):
-                spawn(work, kind, path)
+    try:
+        for work in plan(recipe):
+            for kind in KINDS:
+                path = marker(work, kind)
+                if not done(path):
+                    spawn(work, kind, path)
+    except Exception as exc:  # noqa: BLE001 - no helpers: the run compiles as it always did; the reason is kept
+        from fluxkiln.engine.paths import cache_root
+
+        with contextlib.suppress(OSError):
+            log = cache_root() / "precompiled" / "ahead" / "planning-error.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"{type(exc).__name__}: {exc}\n")
 
 
 def spawn(work: Work, kind: str, path: Path, device: str = "cuda") -> subprocess.Popen[bytes]:
@@ -246,12 +254,12 @@ def spawn(work: Work, kind: str, path: Path, device: str = "cuda") -> subprocess
     with path.with_suffix(".log").open("wb") as log:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     with _lock:
-        if not _children:
-            atexit.register(stop)
+        _children[:] = [c for c in _children if c.poll() is None]  # reaps the finished ones
         _children.append(child)
     return child
 
 
+@atexit.register
 def stop(grace_s: float = 5.0) -> None:
     """Stop helpers still running (the run is over: what they compile now would be for no one)."""
     with _lock:
