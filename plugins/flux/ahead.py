@@ -115,8 +115,9 @@ def _folder(ref: Any, base_dir: Path) -> Path | None:
     if path.is_dir():
         return path.resolve() if (path / "transformer" / "config.json").is_file() else None
     if HUB_ID.match(ref) and not path.exists():
-        from .load import hub_snapshot
         from fluxkiln.engine import NodeError
+
+        from .load import hub_snapshot
 
         try:
             snap = hub_snapshot(ref)
