@@ -171,13 +171,15 @@ class DiskCache:
         return self._verified[key] == sha
 
     def lookup(self, fp: str, outputs: dict[str, str] | None = None,
-               versions: dict[str, str] | None = None) -> CacheEntry | None:
+               versions: dict[str, str] | None = None, *, again: bool = True) -> CacheEntry | None:
         """A verified entry, or None if absent, partial, corrupt or not what this node stores (then removed).
 
         ``outputs`` maps each output port to its port type name and ``versions``
         to that port type's storage version; an entry recorded otherwise is a miss.
+        An entry another process replaced while it was being read is not corrupt: it is looked up once more.
         """
         d = self.entry_dir(fp)
+        read = _identity(d / MANIFEST)
         try:
             text = (d / MANIFEST).read_text()
         except OSError:
@@ -187,6 +189,8 @@ class DiskCache:
             manifest = json.loads(text)
             arts = self._validate(d, manifest, outputs, versions, bad)
         except ENTRY_ERRORS:
+            if _identity(d / MANIFEST) != read:  # replaced meanwhile (a race, not corruption)
+                return self.lookup(fp, outputs, versions, again=False) if again else None
             self.discard(d)
             for sha in bad:  # the blob shares the corrupt bytes: drop it so the next store writes it afresh
                 self.blobs.remove(sha)
@@ -326,6 +330,15 @@ class DiskCache:
             return
         threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
                          name="fluxkiln-discard", daemon=True).start()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's (device, inode), None where it is gone: a replaced entry has a new manifest file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _with_copy(art: Artifact, files: dict[str, list[Any]]) -> Artifact:

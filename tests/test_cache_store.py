@@ -242,6 +242,29 @@ def edit_manifest(disk, fp, change):
     path.write_text(json.dumps(manifest))
 
 
+def test_an_entry_replaced_while_it_is_read_is_not_taken_for_corrupt(stored, port_types, monkeypatch):
+    """Another run replaces the entry (different bytes) while this one checks its files: the check fails on the
+    moved files, but the entry now in place is the other run's, whole — found, not discarded (it was, and six
+    runs at once then sometimes left a node with no cached result)."""
+    disk, fp = stored
+    real = disk.check
+    replaced = []
+
+    def check(path, size, sha):
+        if not replaced:
+            replaced.append(True)
+            disk.store(fp, {"output": "hello again"}, {"output": "text"}, port_types, {"type": "const"})
+        return real(path, size, sha)
+
+    monkeypatch.setattr(disk, "check", check)
+    entry = disk.lookup(fp)
+    assert replaced and entry is not None
+    assert disk.load(entry, port_types) == {"output": "hello again"}
+    monkeypatch.setattr(disk, "check", real)
+    again = disk.lookup(fp)
+    assert again is not None and disk.load(again, port_types) == {"output": "hello again"}
+
+
 def test_a_stored_entry_is_found_with_or_without_the_expected_outputs(stored):
     disk, fp = stored
     entry = disk.lookup(fp)
