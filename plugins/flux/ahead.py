@@ -15,7 +15,7 @@ so it is the file the run's own first image needs.  The run's block, meeting a v
 (:mod:`.pending`), waits for the file and loads it instead of compiling it too.
 
 Only what can be known before running is planned: ``sample`` nodes (each sweep cell) whose model is a
-``load_model`` of a local diffusers folder or a cached hub id (no LoRAs, offload, fp8 storage or context
+``load_model`` of a local diffusers folder, a cached hub id or mini-flux (no LoRAs, offload, fp8 storage or context
 parallelism), with literal prompts and sizes, text-to-image, without the step cache.  Helpers start only where a
 CUDA GPU is present, in a single-process run, with compilation and precompiled blocks on; ``FLUXKILN_AHEAD=0``
 turns them off.  They end when the run ends.  Nothing here imports torch at module level.
