@@ -11,6 +11,7 @@ lock names the holder for the waiting message; it is informative only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -45,27 +46,33 @@ def _write_owner(lock: Path) -> None:
     try:
         tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         os.replace(tmp, owner)
-    except OSError:
-        pass  # informative only
+    except OSError:  # informative only; a full or read-only disk leaves no temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def hold(lock: Path, what: str, *, on_wait: Callable[[str], None] = lambda _m: None,
-         cancel: threading.Event | None = None) -> Iterator[None]:
+         cancel: threading.Event | None = None, timeout_s: float | None = None) -> Iterator[None]:
     """Hold the lock file ``lock`` (created with its folder) while the block runs.
 
     If another process or engine holds it, ``on_wait`` gets one message naming ``what`` and the
-    holder, then this waits; when ``cancel`` is set meanwhile, :class:`Cancelled` is raised.
+    holder, then this waits; when ``cancel`` is set meanwhile, :class:`Cancelled` is raised, and
+    after ``timeout_s`` seconds of waiting, :class:`TimeoutError`.
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
     handle = _Flock(lock) if fcntl is not None else _Portable(lock)
     if not handle.try_acquire():
         on_wait(f"{what} is in use by {_owner_text(lock)}; waiting until it is free "
                 "(runs of one recipe into one folder, or of one training state, take turns)")
+        start = time.monotonic()
         while not handle.try_acquire():
             if cancel is not None and cancel.is_set():
                 handle.close()
                 raise Cancelled(f"cancelled while waiting for {what}")
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                handle.close()
+                raise TimeoutError(f"{what} was still in use by {_owner_text(lock)} after {timeout_s:g} s")
             time.sleep(POLL_SECONDS)
     try:
         _write_owner(lock)

@@ -1,7 +1,7 @@
-"""Compiling a run's block variants in helper processes while the run loads (``ahead.py``), and the claims that
-keep two processes from compiling one variant at once (``pending.py``).
+"""Compiling a run's block variants in helper processes while the run loads (``ahead.py``), and the file locks
+that keep two processes from compiling one variant at once (``precompiled.obtain``).
 
-The product starts helpers on a GPU only; the planning, the markers, the claims and a real helper process (on the
+The product starts helpers on a GPU only; the planning, the markers, the locks and a real helper process (on the
 CPU, where the same module compiles with Inductor's CPU backend) are tested here through their public functions."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fluxkiln.engine.runner import Engine
-from fluxkiln.plugins.flux import ahead, pending, precompiled
+from fluxkiln.plugins.flux import ahead, precompiled
 from fluxkiln.plugins.flux.ahead import Shape, Work
 
 
@@ -234,63 +233,70 @@ def test_gpu_present_honours_hidden_devices(monkeypatch):
     assert not ahead.gpu_present()
 
 
-# ------------------------------------------------------------------ claims
-def sleeper(seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
-
-
-def test_claims_are_exclusive_stale_ones_are_taken_over_and_waits_end_with_the_holder(tmp_path):
-    where = tmp_path / "variants"
-    with pending.claim(where, "k") as mine:
-        assert mine and pending.holder(where, "k") == os.getpid()
-        with pending.claim(where, "k") as again:
-            assert not again  # held (by this very process): not claimed twice
-        assert pending.wait(where, "k") < 0.01  # our own claim: nothing to wait for
-    assert pending.holder(where, "k") is None and not (where / "k.pending").exists()
-
-    gone = sleeper(0)
-    gone.wait()
-    (where / "k.pending").write_text(str(gone.pid))  # left by a process that died
-    assert pending.holder(where, "k") is None
-    with pending.claim(where, "k") as mine:
-        assert mine and pending.holder(where, "k") == os.getpid()
-
-    live = sleeper(1.0)
-    (where / "k.pending").write_text(str(live.pid))
-    with pending.claim(where, "k") as mine:
-        assert not mine
-    assert pending.wait(where, "k", limit_s=0.2) == pytest.approx(0.2, abs=0.15)  # the limit
-    waited = pending.wait(where, "k")
-    live.wait()
-    assert 0.3 < waited < 5  # until its process ended
+# ------------------------------------------------------------------ waiting for another process's compilation
+def holder(lock: Path, seconds: float, exit_unreaped: bool = False) -> subprocess.Popen:
+    """A process that holds ``lock`` (as a compiling process does) for ``seconds``; returns once it holds it."""
+    ready = lock.with_suffix(".ready")
+    ready.unlink(missing_ok=True)
+    code = textwrap.dedent(f'''
+        import os, time
+        from pathlib import Path
+        from fluxkiln.engine import locks
+        with locks.hold(Path({str(lock)!r}), "a variant"):
+            Path({str(ready)!r}).write_text("held")
+            time.sleep({seconds})
+            if {exit_unreaped}:
+                os._exit(0)  # ends while holding it, and stays a zombie: nobody reaps it during the test
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists()
+    return proc
 
 
 def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_compiled(tmp_path, monkeypatch):
     where = tmp_path / "variants"
-    where.mkdir()
-    holder = sleeper(0.6)
-    (where / "k.pending").write_text(str(holder.pid))
+    compiling = holder(where / "k.lock", 0.6)
     served = object()
     calls: list[str] = []
 
     def load_saved(w, key, variants):
         calls.append("load")
-        return served if holder.poll() is not None else None  # its file appears when it is done
+        return served if compiling.poll() is not None else None  # its file appears when it is done
 
     monkeypatch.setattr(precompiled, "load_saved", load_saved)
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: calls.append("compile"))
     for key in ("waited", "waited_s"):  # this process's counters, as they were after the test
         monkeypatch.setitem(precompiled._state, key, 0)
     assert precompiled.obtain(None, where, "k", (), {}, {}) is served
-    holder.wait()
     assert "compile" not in calls and precompiled.stats()["waited"] == 1
     assert 0.3 < precompiled.stats()["waited_s"] < 5
-    # nobody holds it: claimed and compiled here (after one more look for a file saved just before the claim)
+    # nobody holds it: compiled here, under the lock (after one more look for a file saved just before)
     calls.clear()
     monkeypatch.setattr(precompiled, "load_saved", lambda *a: calls.append("load"))
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: calls.append("compile") or "compiled")
     assert precompiled.obtain(None, where, "k2", (), {}, {}) == "compiled"
-    assert calls == ["load", "compile"] and not (where / "k2.pending").exists()
+    assert calls == ["load", "compile"] and precompiled.stats()["waited"] == 1
+
+
+def test_a_holder_that_died_or_never_finishes_does_not_hold_the_run_up(tmp_path, monkeypatch):
+    where = tmp_path / "variants"
+    monkeypatch.setattr(precompiled, "load_saved", lambda *a: None)
+    monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: "compiled")
+    crashed = holder(where / "k.lock", 0.0, exit_unreaped=True)  # a helper that crashed, not reaped yet
+    t0 = time.monotonic()
+    assert precompiled.obtain(None, where, "k", (), {}, {}) == "compiled"
+    assert time.monotonic() - t0 < 5  # the system released its lock when it ended
+    crashed.wait()
+    stuck = holder(where / "k.lock", 60)  # one that never finishes: compiled here after the limit
+    monkeypatch.setattr(precompiled, "WAIT_LIMIT_S", 0.5)
+    t0 = time.monotonic()
+    assert precompiled.obtain(None, where, "k", (), {}, {}) == "compiled"
+    assert 0.4 < time.monotonic() - t0 < 5
+    stuck.kill()
+    stuck.wait()
 
 
 # ------------------------------------------------------------------ a real helper process
@@ -362,7 +368,7 @@ def _state(pid: int) -> str:
 
 
 def test_stop_ends_helpers_still_running(monkeypatch):
-    child = sleeper(60)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     monkeypatch.setattr(ahead, "_children", [child])
     t0 = time.monotonic()
     ahead.stop(grace_s=5)
@@ -370,7 +376,7 @@ def test_stop_ends_helpers_still_running(monkeypatch):
 
 
 def test_the_ahead_module_imports_nothing_heavy():
-    code = "import sys; from fluxkiln.plugins.flux import ahead, pending; print([m for m in ('torch', 'diffusers') " \
+    code = "import sys; from fluxkiln.plugins.flux import ahead; print([m for m in ('torch', 'diffusers') " \
            "if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

@@ -109,3 +109,22 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, fresh_cache):
     assert not [e for e in events(out) if e["event"] == "run_waiting"]
     _run_folder_is_complete(tmp_path / "runs" / "demo")
     _cache_verifies(fresh_cache)
+
+
+def test_a_lock_wait_can_be_bounded(tmp_path):
+    """``locks.hold(timeout_s=...)``: a holder that does not let go ends the wait with a TimeoutError naming
+    what was waited for and who holds it, instead of waiting forever."""
+    import time
+
+    from fluxkiln.engine import locks
+
+    lock = tmp_path / "x.lock"
+    with locks.hold(lock, "the first"):
+        waited = []
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"the second was still in use by pid \d+ .* after 0.3 s"), \
+                locks.hold(lock, "the second", on_wait=waited.append, timeout_s=0.3):
+            pass
+        assert 0.25 < time.monotonic() - t0 < 5 and len(waited) == 1
+    with locks.hold(lock, "the second", timeout_s=0.3):  # free again: held at once
+        pass

@@ -12,7 +12,7 @@ fused QKV, fp8 layers with ``go_fast``, compiled blocks) and runs one step of a 
 same arguments ``sample`` passes: each block call compiles its variant ahead of time and saves it
 (:mod:`.precompiled`).  A variant's key is the block's structure and its inputs, not the model's depth or weights,
 so it is the file the run's own first image needs.  The run's block, meeting a variant a helper is compiling
-(:mod:`.pending`), waits for the file and loads it instead of compiling it too.
+(its file lock: :func:`.precompiled.obtain`), waits for the file and loads it instead of compiling it too.
 
 Only what can be known before running is planned: ``sample`` nodes (each sweep cell) whose model is a
 ``load_model`` of a local diffusers folder, a cached hub id or mini-flux (no LoRAs, offload, fp8 storage or context

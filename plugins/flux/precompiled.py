@@ -15,9 +15,9 @@ that loads without tracing:
   (``load_model`` starts it before the weights load); :func:`table` waits for it, and a call whose variant was
   left out loads it then (:func:`load_saved`).
 * :class:`Recording` marks ``fluxkiln warmup``'s run, which compiles what a recipe needs before it is used.
-* A variant being compiled is claimed (:mod:`.pending`): a process that needs one another process is compiling —
-  the helpers :mod:`.ahead` starts while a run loads its model, or a second run — waits for its file and loads
-  it (:func:`obtain`).
+* A variant is compiled under its file lock (:func:`obtain`): a process that needs one another process is
+  compiling — the helpers :mod:`.ahead` starts while a run loads its model, or a second run — waits for its file
+  and loads it.
 
 Only inference calls are served (gradients off, no autocast), for blocks without hooks or LoRA adapters, in
 Inductor's default mode; training, Inductor's CUDA-graph modes and adapters keep ordinary compilation.  Each
@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import fast, pending, registrations
+from . import fast, registrations
 
 PRELOAD = 4  # the most recently used variants, loaded in the background as a model loads; others on demand
+WAIT_LIMIT_S = 300.0  # the longest wait for another process compiling a variant (then it is compiled here too)
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -269,21 +270,24 @@ def compile_ahead(block: Any, out: Path, key: str, args: tuple[Any, ...], kwargs
 
 def obtain(block: Any, where: Path, key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
            variants: dict[str, Any]) -> Any | None:
-    """A variant with no saved file: compiled ahead here under a claim (:mod:`.pending`), or, while another process
-    (a helper of :mod:`.ahead`, another run) is compiling it, waited for and loaded from its file."""
-    for _ in range(2):
-        with pending.claim(where, key) as mine:
-            if mine:  # it may have been saved just before the claim
-                fn = load_saved(where, key, variants)
-                return fn if fn is not None else compile_ahead(block, where, key, args, kwargs)
-        waited = pending.wait(where, key)
-        with _lock:
-            _state["waited"] = _state.get("waited", 0) + 1
-            _state["waited_s"] = _state.get("waited_s", 0.0) + waited
-        fn = load_saved(where, key, variants)
-        if fn is not None or (where / f"{key}.failed").exists():
-            return fn
-    return compile_ahead(block, where, key, args, kwargs)
+    """A variant with no saved file, compiled ahead here while holding its lock (``<key>.lock``, an OS file lock:
+    :func:`fluxkiln.engine.locks.hold`).  While another process holds it — a helper of :mod:`.ahead`, another
+    run — this waits (at most :data:`WAIT_LIMIT_S`), then loads the file that process saved instead of compiling
+    the variant too.  A cache folder that takes no lock, or a holder that never finishes, compiles without it."""
+    from fluxkiln.engine import locks
+
+    t0 = time.perf_counter()
+    waiting: list[str] = []
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):  # TimeoutError included
+            held.enter_context(locks.hold(where / f"{key}.lock", f"block variant {key}", on_wait=waiting.append,
+                                          timeout_s=WAIT_LIMIT_S))
+        if waiting:
+            with _lock:
+                _state["waited"] = _state.get("waited", 0) + 1
+                _state["waited_s"] = _state.get("waited_s", 0.0) + time.perf_counter() - t0
+        fn = load_saved(where, key, variants)  # saved by the process that held the lock, or just before
+        return fn if fn is not None else compile_ahead(block, where, key, args, kwargs)
 
 
 def _reason(key: str, exc: BaseException) -> str:
