@@ -47,7 +47,7 @@ def enabled() -> bool:
     """Whether helpers may start: ``FLUXKILN_AHEAD=0`` (or compilation or precompiled blocks off) stops them."""
     from . import fast, precompiled
 
-    off = os.environ.get("FLUXKILN_AHEAD", "1").strip().lower() in ("0", "false", "no", "off")
+    off = fast.switched_off("FLUXKILN_AHEAD")
     return not (off or fast.compile_disabled() or not precompiled.enabled() or fast.compile_mode() is not None)
 
 

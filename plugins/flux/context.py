@@ -32,7 +32,6 @@ result is always right.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +95,7 @@ def enable(transformer: Any, degree: int, mode: str = "auto", group: Any = None)
     # (.graphed) records them with the blocks and their collectives
     setattr(transformer, fast.REPLAYABLE_HOOKS, frozenset(h.id for h in state.handles))
     transformer._fluxkiln_context = state
-    state.reorder = os.environ.get("FLUXKILN_CP_REORDER", "1").strip().lower() not in ("0", "false", "no", "off")
+    state.reorder = not fast.switched_off("FLUXKILN_CP_REORDER")
     if state.reorder:
         _reordering(+1)
     return state

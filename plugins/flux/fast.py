@@ -32,19 +32,20 @@ UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _CLASS: list[Any] = []
 
 
-def _off(name: str) -> bool:
+def switched_off(name: str) -> bool:
+    """Whether the environment variable ``name`` (on unless set) says 0, false, no or off."""
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def compile_disabled() -> bool:
     """``FLUXKILN_COMPILE=0`` turns block compilation off (debugging, or to measure eager sampling)."""
-    return _off("FLUXKILN_COMPILE")
+    return switched_off("FLUXKILN_COMPILE")
 
 
 def vae_compile_disabled() -> bool:
     """``FLUXKILN_COMPILE_VAE=0`` keeps the VAE decoder eager: 20-24 s less compilation per new image size
     (cold cache, H100), 0.05 s more per image.  Unset, it compiles where that pays (:mod:`.patience`)."""
-    return compile_disabled() or _off("FLUXKILN_COMPILE_VAE")
+    return compile_disabled() or switched_off("FLUXKILN_COMPILE_VAE")
 
 
 def setup_compile_cache() -> str:

@@ -28,7 +28,6 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import gc
-import os
 import warnings
 import weakref
 from collections import OrderedDict
@@ -47,7 +46,7 @@ EAGER = "eager"  # a signature whose recording failed
 
 def disabled() -> bool:
     """``FLUXKILN_CUDA_GRAPHS=0`` turns whole-step graphs off."""
-    return os.environ.get("FLUXKILN_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "no", "off")
+    return fast.switched_off("FLUXKILN_CUDA_GRAPHS")
 
 
 @dataclass

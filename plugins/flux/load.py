@@ -236,9 +236,7 @@ def _load_parts(src: Source, dtype: Any, parts: dict[str, Any], device_map: str 
 def direct_device(device: str, offload: str, parts: dict[str, Any]) -> str | None:
     """Where weights can be loaded straight to: the GPU when the whole pipeline goes there unchanged and no part is
     borrowed; None (CPU first, then moved) otherwise.  ``FLUXKILN_LOAD_DIRECT=0`` turns it off."""
-    import os
-
-    if os.environ.get("FLUXKILN_LOAD_DIRECT", "1").strip().lower() in ("0", "false", "no", "off"):
+    if fastpaths.switched_off("FLUXKILN_LOAD_DIRECT"):
         return None
     return device if device == "cuda" and offload == "none" and not parts else None
 

@@ -58,7 +58,7 @@ _lock = threading.Lock()
 
 def enabled() -> bool:
     """``FLUXKILN_PRECOMPILE=0`` turns precompiled blocks off (recording and loading)."""
-    return os.environ.get("FLUXKILN_PRECOMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not fast.switched_off("FLUXKILN_PRECOMPILE")
 
 
 NEEDS = ("a torch whose torch.compile gives compiled functions `aot_compile` and that loads them with "

@@ -31,13 +31,12 @@ where the encoders put their output (the GPU), and is dropped with its pipeline.
 from __future__ import annotations
 
 import itertools
-import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import registrations
+from . import fast, registrations
 
 ENV = "FLUXKILN_PROMPT_CACHE"
 MAX_ENTRIES = 64  # prompts per pipeline
@@ -51,7 +50,7 @@ EDITS = registrations.Watch()  # registrations on the encoders encoder_state saw
 
 def enabled() -> bool:
     """``FLUXKILN_PROMPT_CACHE=0`` (or false/no/off) turns the cache off; on by default."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not fast.switched_off(ENV)
 
 
 def weights_edited() -> None:

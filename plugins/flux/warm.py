@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import fast
+
 FLUX_NODE_TYPES = frozenset({"load_model", "sample", "apply_lora", "train_lora"})
 MODULES = ("torch", "diffusers", "transformers")
 _state: dict[str, Any] = {}
@@ -28,7 +30,7 @@ _lock = threading.Lock()
 
 
 def enabled() -> bool:
-    return os.environ.get("FLUXKILN_PREWARM", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not fast.switched_off("FLUXKILN_PREWARM")
 
 
 def _import_all() -> None:
