@@ -256,7 +256,15 @@ def holder(lock: Path, seconds: float, exit_unreaped: bool = False) -> subproces
     return proc
 
 
-def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_compiled(tmp_path, monkeypatch):
+@pytest.fixture
+def wait_counters(monkeypatch):
+    """This process's counts of waits for other processes' compilations, from 0, as they were after the test."""
+    for key in ("waited", "waited_s"):
+        monkeypatch.setitem(precompiled._state, key, 0)
+
+
+def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_compiled(tmp_path, monkeypatch,
+                                                                                       wait_counters):
     where = tmp_path / "variants"
     compiling = holder(where / "k.lock", 0.6)
     served = object()
@@ -268,8 +276,6 @@ def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_com
 
     monkeypatch.setattr(precompiled, "load_saved", load_saved)
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: calls.append("compile"))
-    for key in ("waited", "waited_s"):  # this process's counters, as they were after the test
-        monkeypatch.setitem(precompiled._state, key, 0)
     assert precompiled.obtain(None, where, "k", (), {}, {}) is served
     assert "compile" not in calls and precompiled.stats()["waited"] == 1
     assert 0.3 < precompiled.stats()["waited_s"] < 5
@@ -281,7 +287,7 @@ def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_com
     assert calls == ["load", "compile"] and precompiled.stats()["waited"] == 1
 
 
-def test_a_holder_that_died_or_never_finishes_does_not_hold_the_run_up(tmp_path, monkeypatch):
+def test_a_holder_that_died_or_never_finishes_does_not_hold_the_run_up(tmp_path, monkeypatch, wait_counters):
     where = tmp_path / "variants"
     monkeypatch.setattr(precompiled, "load_saved", lambda *a: None)
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: "compiled")
