@@ -234,8 +234,9 @@ def test_gpu_present_honours_hidden_devices(monkeypatch):
 
 
 # ------------------------------------------------------------------ waiting for another process's compilation
-def holder(lock: Path, seconds: float, exit_unreaped: bool = False) -> subprocess.Popen:
-    """A process that holds ``lock`` (as a compiling process does) for ``seconds``; returns once it holds it."""
+def holder(lock: Path, seconds: float, exit_unreaped: bool = False, saves: Path | None = None) -> subprocess.Popen:
+    """A process that holds ``lock`` (as a compiling process does) for ``seconds``, then writes ``saves`` (its
+    variant's file) before it lets the lock go; returns once it holds it."""
     ready = lock.with_suffix(".ready")
     ready.unlink(missing_ok=True)
     code = textwrap.dedent(f'''
@@ -245,6 +246,8 @@ def holder(lock: Path, seconds: float, exit_unreaped: bool = False) -> subproces
         with locks.hold(Path({str(lock)!r}), "a variant"):
             Path({str(ready)!r}).write_text("held")
             time.sleep({seconds})
+            if {saves is not None}:
+                Path({str(saves)!r}).write_text("saved")
             if {exit_unreaped}:
                 os._exit(0)  # ends while holding it, and stays a zombie: nobody reaps it during the test
     ''')
@@ -266,13 +269,14 @@ def wait_counters(monkeypatch):
 def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_compiled(tmp_path, monkeypatch,
                                                                                        wait_counters):
     where = tmp_path / "variants"
-    compiling = holder(where / "k.lock", 0.6)
+    saved = tmp_path / "k.saved"
+    compiling = holder(where / "k.lock", 0.6, saves=saved)
     served = object()
     calls: list[str] = []
 
     def load_saved(w, key, variants):
         calls.append("load")
-        return served if compiling.poll() is not None else None  # its file appears when it is done
+        return served if saved.exists() else None  # its file appears before it lets the lock go
 
     monkeypatch.setattr(precompiled, "load_saved", load_saved)
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: calls.append("compile"))
@@ -285,6 +289,7 @@ def test_a_variant_another_process_is_compiling_is_waited_for_and_loaded_not_com
     monkeypatch.setattr(precompiled, "compile_ahead", lambda *a: calls.append("compile") or "compiled")
     assert precompiled.obtain(None, where, "k2", (), {}, {}) == "compiled"
     assert calls == ["load", "compile"] and precompiled.stats()["waited"] == 1
+    compiling.wait()
 
 
 def test_a_holder_that_died_or_never_finishes_does_not_hold_the_run_up(tmp_path, monkeypatch, wait_counters):
