@@ -164,17 +164,17 @@ def test_context_parallel_through_the_cli_makes_the_one_process_image(tmp_path):
 
 
 def test_saved_compiled_blocks_of_a_split_model_are_told_apart_by_mode_degree_and_rank():
-    from fluxkiln.plugins.flux import precompiled
+    from fluxkiln.plugins.flux import variantkeys
 
     block = _transformer(2).single_transformer_blocks[0]
-    sig = precompiled.call_signature((torch.zeros(1, 4, 32),), {})
-    keys = {precompiled.variant_key(block, sig)}  # unsplit
+    sig = variantkeys.call_signature((torch.zeros(1, 4, 32),), {})
+    keys = {variantkeys.variant_key(block, sig)}  # unsplit
     # overlap slices the gathered keys by rank: rank 1 running rank 0's compiled block would attend to its own
     # keys twice; ulysses and allgather trace other collectives for the same shapes
     for mode, degree, rank in [("ulysses", 2, 0), ("allgather", 2, 0), ("overlap", 2, 0), ("overlap", 2, 1),
                                ("allgather", 4, 0)]:
         block.attn.set_processor(context.ContextAttnProcessor(context.Split(degree, rank, mode, group_name="0")))
-        keys.add(precompiled.variant_key(block, sig))
+        keys.add(variantkeys.variant_key(block, sig))
     assert len(keys) == 6
 
 

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
-from fluxkiln.plugins.flux import fast, joined, precompiled  # noqa: E402
+from fluxkiln.plugins.flux import fast, joined, variantkeys  # noqa: E402
 
 
 def _model():
@@ -36,7 +36,7 @@ class _Seen:
         self.block, self.calls = block, []
 
     def __call__(self, *args, **kwargs):
-        self.calls.append(precompiled.call_signature(args, kwargs))
+        self.calls.append(variantkeys.call_signature(args, kwargs))
         return self.block._call_impl(*args, **kwargs)
 
 

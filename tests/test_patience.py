@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxkiln.plugins.flux import patience, precompiled
+from fluxkiln.plugins.flux import patience, precompiled, variantkeys
 
 
 class Calls:
@@ -51,7 +51,7 @@ def test_warmup_recording_and_precompiled_variants_compile_from_the_first_decode
 
     calls = Calls()
     module = torch.nn.Conv2d(4, 3, 1)
-    key = precompiled.variant_key(module, precompiled.call_signature((x,), {}))
+    key = variantkeys.variant_key(module, variantkeys.call_signature((x,), {}))
 
     class Saved:
         variants = {key: object()}

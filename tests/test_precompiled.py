@@ -15,12 +15,12 @@ import textwrap
 
 import pytest
 
-from fluxkiln.plugins.flux import precompiled
+from fluxkiln.plugins.flux import precompiled, variantkeys
 
 MODEL = textwrap.dedent('''
     import json, os, sys, torch
     from diffusers import FluxTransformer2DModel
-    from fluxkiln.plugins.flux import fast, precompiled
+    from fluxkiln.plugins.flux import fast, precompiled, variantkeys
     torch._dynamo.config.enable_aot_compile = False  # torch 2.11's default: saving and loading must not need it
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
@@ -51,7 +51,7 @@ SAVE = MODEL + textwrap.dedent('''
 LOAD = MODEL + textwrap.dedent('''
     from torch._dynamo.utils import calculate_time_spent
     from fluxkiln.plugins.flux import joined
-    (precompiled.folder("cpu") / "junk.bin").write_bytes(b"not a compiled function")  # the newest file
+    (variantkeys.folder("cpu") / "junk.bin").write_bytes(b"not a compiled function")  # the newest file
     precompiled.PRELOAD = 2  # the background load takes the junk and one variant; the other loads on demand
     fast.compile_blocks(tr)
     preloaded = precompiled.stats()["loaded"]
@@ -167,17 +167,17 @@ def test_variant_names_depend_on_the_call_and_the_block_and_are_stable():
 
     block = torch.nn.Sequential(torch.nn.Linear(4, 4))
     x = torch.zeros(2, 4)
-    sig = precompiled.call_signature((x,), {"scale": 1.0, "extra": None})
-    assert sig == precompiled.call_signature((torch.ones(2, 4),), {"extra": None, "scale": 1.0})
-    assert sig != precompiled.call_signature((torch.zeros(3, 4),), {"scale": 1.0, "extra": None})
-    assert sig != precompiled.call_signature((torch.zeros(4, 2).t(),), {"scale": 1.0, "extra": None})  # strides
-    assert sig != precompiled.call_signature((x,), {"scale": 2.0, "extra": None})
-    assert precompiled.call_signature((x,), {"cb": object()}) is None  # not describable: not served
-    assert precompiled.call_signature((x,), {"kw": {}}) is not None  # a pipeline's joint_attention_kwargs
-    assert precompiled.call_signature((x,), {"kw": {"scale": 1.0}}) != precompiled.call_signature((x,), {"kw": {}})
-    key = precompiled.variant_key(block, sig)
-    assert key == precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4)), sig)
-    assert key != precompiled.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), sig)
+    sig = variantkeys.call_signature((x,), {"scale": 1.0, "extra": None})
+    assert sig == variantkeys.call_signature((torch.ones(2, 4),), {"extra": None, "scale": 1.0})
+    assert sig != variantkeys.call_signature((torch.zeros(3, 4),), {"scale": 1.0, "extra": None})
+    assert sig != variantkeys.call_signature((torch.zeros(4, 2).t(),), {"scale": 1.0, "extra": None})  # strides
+    assert sig != variantkeys.call_signature((x,), {"scale": 2.0, "extra": None})
+    assert variantkeys.call_signature((x,), {"cb": object()}) is None  # not describable: not served
+    assert variantkeys.call_signature((x,), {"kw": {}}) is not None  # a pipeline's joint_attention_kwargs
+    assert variantkeys.call_signature((x,), {"kw": {"scale": 1.0}}) != variantkeys.call_signature((x,), {"kw": {}})
+    key = variantkeys.variant_key(block, sig)
+    assert key == variantkeys.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4)), sig)
+    assert key != variantkeys.variant_key(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), sig)
     assert key.startswith("Sequential-")
 
 
@@ -187,7 +187,7 @@ def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning(ah
 
     block = torch.nn.Linear(4, 4)
     x = torch.zeros(2, 4)
-    key = precompiled.variant_key(block, precompiled.call_signature((x,), {}))
+    key = variantkeys.variant_key(block, variantkeys.call_signature((x,), {}))
 
     class Broken:
         calls = 0
@@ -204,7 +204,7 @@ def test_a_precompiled_function_that_fails_falls_back_for_good_with_a_warning(ah
         assert d(x) == "ordinary"
     with torch.no_grad():  # not tried again, nor compiled ahead in its place
         assert d(x) == "ordinary" and Broken.calls == 1 and d.served == 0
-    assert not list(precompiled.folder("cpu").glob("*"))
+    assert not list(variantkeys.folder("cpu").glob("*"))
     assert any("stale kernel" in e for e in precompiled.stats()["call_errors"])
 
 
@@ -232,7 +232,7 @@ def test_a_block_with_lora_layers_is_never_served_even_by_a_matching_variant():
     x = torch.zeros(2, 4)
     saved = _Saved()
     d = precompiled.Dispatch(block, lambda *a, **k: "ordinary",
-                             {precompiled.variant_key(block, precompiled.call_signature((x,), {})): saved})
+                             {variantkeys.variant_key(block, variantkeys.call_signature((x,), {})): saved})
     with torch.no_grad():
         assert d(x) == "ordinary" and saved.calls == 0  # adapter scales are not in the saved guards
 
@@ -244,7 +244,7 @@ def test_the_cheap_check_is_redone_after_any_module_changes():
     x = torch.zeros(2, 4)
     saved = _Saved()
     d = precompiled.Dispatch(block, lambda *a, **k: "ordinary",
-                             {precompiled.variant_key(block, precompiled.call_signature((x,), {})): saved})
+                             {variantkeys.variant_key(block, variantkeys.call_signature((x,), {})): saved})
     with torch.no_grad():
         assert [d(x), d(x)] == ["precompiled", "precompiled"] and saved.checks == 1  # checked once
         block[0] = torch.nn.Linear(4, 4)  # same type and shape: new weights, checked again, still served
@@ -285,7 +285,7 @@ def test_a_torch_without_aot_compile_is_found_out_once_saves_nothing_and_warmup_
         model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
         assert fast.compile_blocks(model) == 1 and len(made) == 2  # the probe, then the block's torch.compile
         assert not isinstance(model.transformer_blocks[0]._compiled_call_impl, precompiled.Dispatch)
-        assert not precompiled.folder("cpu").exists()
+        assert not variantkeys.folder("cpu").exists()
         assert precompiled.start_preload("cpu") is False and precompiled.table("cpu") == {}
 
         path = tmp_path / "w.toml"
@@ -313,10 +313,10 @@ def test_a_variant_that_cannot_be_compiled_ahead_is_compiled_as_usual_and_not_tr
     d = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="is compiled as usual"):
         assert d(x) == "ordinary"
-    failed = list(precompiled.folder("cpu").glob("*.failed"))
+    failed = list(variantkeys.folder("cpu").glob("*.failed"))
     assert len(failed) == 1 and failed[0].name.startswith("Breaks-") and failed[0].read_text().strip()
     assert precompiled.stats()["failed"] and precompiled.stats()["saved"] == []
-    assert not list(precompiled.folder("cpu").glob("*.bin"))
+    assert not list(variantkeys.folder("cpu").glob("*.bin"))
     tries = []
     monkeypatch.setattr(torch, "compile", lambda *a, **k: tries.append(a))
     again = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)  # as in a later process
@@ -340,7 +340,7 @@ def test_a_variant_that_compiles_but_cannot_be_written_is_used_and_saved_by_a_la
         m.setattr(precompiled.os, "replace", full_disk)
         out = d(x)
     assert torch.allclose(out, block(x).detach()) and d.served == 1  # compiled once, and used
-    where = precompiled.folder("cpu")
+    where = variantkeys.folder("cpu")
     assert not list(where.glob("*.bin")) and not list(where.glob("*.failed")) and not list(where.glob(".*"))
     monkeypatch.setattr(precompiled, "_state", {})  # the disk has room again: a later process saves it
     again = precompiled.Dispatch(block, lambda *a, **k: "ordinary", {}, ahead=True)
@@ -368,7 +368,7 @@ def test_the_background_load_takes_the_most_recently_used_variants_and_use_makes
                                                                                              monkeypatch):
     monkeypatch.setattr(precompiled, "_state", {})
     monkeypatch.setattr(precompiled, "PRELOAD", 2)
-    where = precompiled.folder("cpu")
+    where = variantkeys.folder("cpu")
     where.mkdir(parents=True)
     for age, name in enumerate(["new", "middle", "old"]):
         path = where / f"{name}.bin"
@@ -387,9 +387,9 @@ def test_saved_variants_live_in_a_folder_keyed_by_the_plugin_s_code(tmp_path):
     code = tmp_path / "flux"
     code.mkdir()
     (code / "context.py").write_text("def attention(q, k, v): ...\n")
-    first = precompiled.code_hash(code)
-    assert precompiled.code_hash(code) == first and len(first) == 16
-    precompiled.code_hash.cache_clear()
+    first = variantkeys.code_hash(code)
+    assert variantkeys.code_hash(code) == first and len(first) == 16
+    variantkeys.code_hash.cache_clear()
     (code / "context.py").write_text("def attention(q, k, v): return q\n")  # an upgrade changes traced code
-    assert precompiled.code_hash(code) != first
-    assert precompiled.environment("cpu")["fluxkiln"] == precompiled.code_hash()  # this plugin's own files
+    assert variantkeys.code_hash(code) != first
+    assert variantkeys.environment("cpu")["fluxkiln"] == variantkeys.code_hash()  # this plugin's own files

@@ -195,7 +195,7 @@ def marker(work: Work, kind: str) -> Path:
     the model's transformer config, the versions and this plugin's code, hashed."""
     from fluxkiln.engine.paths import cache_root
 
-    from .precompiled import code_hash
+    from .variantkeys import code_hash
 
     versions = {}
     for name in ("torch", "diffusers"):

@@ -200,7 +200,7 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
 
     Measured on an H100 at 1024² (``bench/vae_decode.py``): 0.090 s eager, 0.038 s compiled, and 0.142 s in
     channels-last memory format (which fluxkiln used before)."""
-    from . import patience, precompiled
+    from . import patience, variantkeys
 
     decoder = vae.decoder
     wait = patience.patience()
@@ -209,7 +209,7 @@ def set_vae_compiled(vae: Any, on: bool) -> None:
         device = _device_type(decoder)
         compiled = _compiled_call(decoder, "inductor", None, _saved_variants(device, "inductor", None))
         decoder._compiled_call_impl = compiled if wait == 0 else \
-            patience.Patience(decoder, compiled, decoder._call_impl, wait, precompiled.folder(device) / "compiled")
+            patience.Patience(decoder, compiled, decoder._call_impl, wait, variantkeys.folder(device) / "compiled")
     elif not on:
         decoder._compiled_call_impl = None
 

@@ -48,12 +48,12 @@ class Patience:
         self.eager_calls: dict[tuple[Any, ...], int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from . import precompiled
+        from . import precompiled, variantkeys
 
-        sig = precompiled.call_signature(args, kwargs)
+        sig = variantkeys.call_signature(args, kwargs)
         if sig is None or sig in self.ready:
             return self.compiled(*args, **kwargs)
-        key = precompiled.variant_key(self.module, sig)
+        key = variantkeys.variant_key(self.module, sig)
         marker = self.markers / f"{key}.compiled"
         n = self.eager_calls.get(sig, 0)
         if n >= self.wait or marker.exists() or precompiled.recording() or self._precompiled(key):
