@@ -44,7 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mutation_scope import EQUIVALENT, GPU_ONLY, GROUPS, MODULES, SKIPPED_OPERATORS, Group
+from mutation_scope import EQUIVALENT, GPU_ONLY, GROUPS, SKIPPED_OPERATORS, Group
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "mutation.json"

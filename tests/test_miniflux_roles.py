@@ -11,7 +11,7 @@ import pytest
 from fluxkiln.plugins.miniflux import roles
 from fluxkiln.plugins.miniflux.config import TEXT_TOKENS, t5_tokenizer
 from fluxkiln.plugins.miniflux.trainparts import WordTokens
-from fluxkiln.plugins.miniflux.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, random_scene
+from fluxkiln.plugins.miniflux.world import COLOURS, POSITIONS, SIZES, Obj, Scene, random_scene
 
 OBJ1, OBJ2, BG, OTHER = 1, 2, 3, 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock

@@ -29,7 +29,7 @@ def check(degree: int, device: str, mode: str = "auto") -> None:
                         key="context_parallel", hint=f"run with fluxkiln run RECIPE --gpus {degree} (or torchrun "
                         f"--nproc-per-node {degree} -m fluxkiln run RECIPE), or set context_parallel = 1")
     if mode == "diffusers" and device != "cuda":
-        raise NodeError(f"context_parallel_mode = \"diffusers\" needs CUDA GPUs: diffusers' context parallelism "
+        raise NodeError("context_parallel_mode = \"diffusers\" needs CUDA GPUs: diffusers' context parallelism "
                         "runs on an accelerator, and this machine has none", key="context_parallel_mode",
                         hint='use context_parallel_mode = "auto" (fluxkiln\'s own, which also runs on CPU)')
 

@@ -49,7 +49,6 @@ class Pool:
         """Render, encode and tokenise one chunk into the pool (over the oldest entries once it is full)."""
         import torch
 
-        import torch
         import torch.nn.functional as F
 
         n = min(self.chunk, self.capacity - self.cursor)
