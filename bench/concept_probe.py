@@ -5,7 +5,7 @@ and the samples looked at.
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
                                   [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
-                                  [--device cuda]
+                                  [--class-word circle] [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -21,7 +21,8 @@ with their own captions, trained every other step (DreamBooth's prior preservati
 ``--prior-scenes same``: the training images' own scenes with the known shapes). ``--new-token`` makes the trigger
 one new token of T5's tokenizer; ``--caption-variants`` leaves out a random subset of each caption's optional parts
 each step; ``--augment N`` adds N mirrored and recoloured variants of each training image with captions to
-match (:func:`augment`); ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
+match (:func:`augment`); ``--class-word`` puts a known shape word after the trigger in every caption and prompt
+with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
 GPU (``bench/concept_sweep.py`` runs several settings in one process). ``--grid`` saves the training images over the
 four rows of samples.
 """
@@ -314,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         "random subset of its optional parts (size, colour, position, background) left out")
     parser.add_argument("--augment", type=int, default=0, metavar="N", help="N mirrored and recoloured variants of "
                         "each training image (captions to match) join the concept's images")
+    parser.add_argument("--class-word", help="a known shape word after the trigger in every caption and prompt "
+                        "with it (DreamBooth's class noun: 'a [V] dog'), e.g. circle")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
     parser.add_argument("--more-guidance", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="also sample the new prompts (and the leakage prompts) at these guidances, e.g. 5")
@@ -336,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = ROOT / "recipes" / "data" / "hexagons"
     images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
     captions = training_captions()  # train_lora's own caption rule, in the images' order
+    called = f"{TRIGGER} {args.class_word}" if args.class_word else TRIGGER  # what calls the concept
+    captions = [c.replace(TRIGGER, called) for c in captions]
     trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
     extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
     pipe = load_pipeline("dev", device=args.device)
@@ -346,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
     seconds = time.perf_counter() - t0
     with_trigger, without = probe_prompts(args.probe)
-    named = [c.replace(TRIGGER, CONCEPT) for c in captions]  # what the checker reads the trigger as
+    with_trigger = [p.replace(TRIGGER, called) for p in with_trigger]
+    named = [c.replace(called, CONCEPT) for c in captions]  # what the checker reads the trigger as
     fitted, new, leaked = SUMMARY_ROWS
     rows = {"training captions, guidance 1": (captions, named, 1.0),
             fitted: (captions, named, 3.0),
-            new: (with_trigger, [p.replace(TRIGGER, CONCEPT) for p in with_trigger], 3.0),
+            new: (with_trigger, [p.replace(called, CONCEPT) for p in with_trigger], 3.0),
             leaked: (without, without, 3.0)}
     for g in args.more_guidance:
         rows[f"{new}, guidance {g:g}"] = (with_trigger, rows[new][1], g)

@@ -204,3 +204,20 @@ def test_augmented_images_are_mirrored_and_recoloured_with_captions_the_checker_
         assert check(image, caption.replace(TRIGGER, CONCEPT)).all_right, caption
     with pytest.raises(ValueError, match="names no object and background colour"):
         probe.augment(images[0], "a TOK", __import__("random").Random(0))
+
+
+def test_a_class_word_follows_the_trigger_in_every_caption_trained_and_prompt_sampled(probe, tmp_path, monkeypatch):
+    from fluxkiln.plugins.miniflux import adherence
+
+    trained, sampled = [], []
+    real_train, real_generate = probe.train, adherence.generate
+    monkeypatch.setattr(probe, "train", lambda pipe, data, captions, n, args: trained.extend(captions[:n])
+                        or real_train(pipe, data, captions, n, args))
+    monkeypatch.setattr(adherence, "generate", lambda pipe, prompts, **kw: sampled.append(prompts)
+                        or real_generate(pipe, prompts, **kw))
+    assert probe.main(["--steps", "1", "--probe", "2", "--sample-steps", "1", "--class-word", "circle",
+                       "--json", str(tmp_path / "p.json")]) == 0
+    assert len(trained) == 8 and all(" TOK circle " in c for c in trained)
+    captions, _, new, leakage = sampled
+    assert captions == trained and all(" TOK circle " in p for p in new)
+    assert not any("TOK" in p for p in leakage)  # the leakage prompts name a known shape and no trigger
