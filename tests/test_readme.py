@@ -20,7 +20,7 @@ def test_exactly_two_single_line_setup_commands_at_the_top():
     cmds = setup_commands()
     assert len(cmds) == 2
     assert cmds[0].endswith("fluxkiln run recipes/quickstart.toml") and "pip install" in cmds[0]
-    assert cmds[1].endswith("pytest -q") and '".[test]"' in cmds[1]
+    assert cmds[1].endswith("pytest -q -n auto") and '".[test]"' in cmds[1]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
