@@ -5,10 +5,10 @@ and the samples looked at.
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
                                   [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
-                                  [--class-word circle] [--device cuda]
+                                  [--class-word circle] [--data DIR] [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
-It trains on ``recipes/data/hexagons`` (the trigger ``TOK``) with ``train_lora``'s own flow loss
+It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),
 ``--batch`` images a step (1), AdamW, then samples 28 steps with the adapter still in memory (no export, no
 reload: nothing between the training and the samples): the 8 training captions at guidance 1 and 3, ``--probe``
@@ -22,9 +22,9 @@ with their own captions, trained every other step (DreamBooth's prior preservati
 one new token of T5's tokenizer; ``--caption-variants`` leaves out a random subset of each caption's optional parts
 each step; ``--augment N`` adds N mirrored and recoloured variants of each training image with captions to
 match (:func:`augment`); ``--class-word`` puts a known shape word after the trigger in every caption and prompt
-with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a regular expression matches; ``--device cuda`` runs it all on a
-GPU (``bench/concept_sweep.py`` runs several settings in one process). ``--grid`` saves the training images over the
-four rows of samples.
+with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a regular expression matches;
+``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
+``--grid`` saves the training images over the four rows of samples.
 """
 
 from __future__ import annotations
@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         "random subset of its optional parts (size, colour, position, background) left out")
     parser.add_argument("--augment", type=int, default=0, metavar="N", help="N mirrored and recoloured variants of "
                         "each training image (captions to match) join the concept's images")
+    parser.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "hexagons",
+                        help="the captioned concept images (python -m fluxkiln.plugins.miniflux.concept dataset DIR "
+                        "[--balanced] writes them)")
     parser.add_argument("--class-word", help="a known shape word after the trigger in every caption and prompt "
                         "with it (DreamBooth's class noun: 'a [V] dog'), e.g. circle")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
@@ -336,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     torch.manual_seed(0)
-    folder = ROOT / "recipes" / "data" / "hexagons"
-    images = [Image.open(p) for p in sorted(folder.glob("*.png"))]
-    captions = training_captions()  # train_lora's own caption rule, in the images' order
+    images = [Image.open(p) for p in sorted(args.data.glob("*.png"))]
+    captions = training_captions(args.data)  # train_lora's own caption rule, in the images' order
     called = f"{TRIGGER} {args.class_word}" if args.class_word else TRIGGER  # what calls the concept
     captions = [c.replace(TRIGGER, called) for c in captions]
     trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in args.more_guidance:
         rows[f"{new}, guidance {g:g}"] = (with_trigger, rows[new][1], g)
         rows[f"leakage, guidance {g:g}"] = (without, without, g)
-    result: dict[str, Any] = {"settings": vars(args) | {"grid": str(args.grid), "json": str(args.json)},
+    result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data")},
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []
     for name, (prompts, checked, guidance) in rows.items():

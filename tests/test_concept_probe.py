@@ -221,3 +221,32 @@ def test_a_class_word_follows_the_trigger_in_every_caption_trained_and_prompt_sa
     captions, _, new, leakage = sampled
     assert captions == trained and all(" TOK circle " in p for p in new)
     assert not any("TOK" in p for p in leakage)  # the leakage prompts name a known shape and no trigger
+
+
+def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_folder_it_is_given(probe, tmp_path,
+                                                                                                  monkeypatch):
+    from PIL import Image
+
+    from fluxkiln.plugins.miniflux import concept
+    from fluxkiln.plugins.miniflux.checker import check
+    from fluxkiln.plugins.miniflux.world import COLOURS, parse
+
+    data = tmp_path / "balanced"
+    assert concept.main(["dataset", str(data), "--balanced"]) == 0
+    captions = concept.training_captions(data)
+    scenes = [parse(c, {"TOK": "hexagon"}) for c in captions]
+    objects = [s.objects[0] for s in scenes]
+    assert sorted(o.colour for o in objects) == sorted(COLOURS) == sorted(s.background for s in scenes)
+    assert all(o.colour != s.background for o, s in zip(objects, scenes, strict=True))
+    assert len({o.position for o in objects}) == 8 and "center" not in {o.position for o in objects}
+    assert sorted(o.size for o in objects) == ["large"] * 4 + ["small"] * 4
+    for path, text in zip(sorted(data.glob("*.png")), captions, strict=True):  # each image is what it says
+        assert check(Image.open(path), text, {"TOK": "hexagon"}).all_right, text
+    assert captions != concept.training_captions()  # not the bundled dataset
+
+    trained = []
+    real_train = probe.train
+    monkeypatch.setattr(probe, "train", lambda pipe, d, caps, n, args: trained.extend(caps[:n])
+                        or real_train(pipe, d, caps, n, args))
+    assert probe.main(["--steps", "1", "--probe", "1", "--sample-steps", "1", "--data", str(data)]) == 0
+    assert trained == captions

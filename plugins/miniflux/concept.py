@@ -1,7 +1,7 @@
 """LoRA acquisition on mini-flux: a concept the base model has never seen (a hexagon, called by a trigger
 word), its captioned training images, and the measurement of what a trained LoRA learned.
 
-    python -m fluxkiln.plugins.miniflux.concept dataset DIR      # write the 8 captioned images
+    python -m fluxkiln.plugins.miniflux.concept dataset DIR [--balanced]   # write the 8 captioned images
     python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE] [--set K=V ...]
 
 ``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings, changed by ``--set``
@@ -50,6 +50,24 @@ def concept_scenes(n: int, seed: int = 5, shape: str = CONCEPT) -> list[Scene]:
     return scenes
 
 
+def balanced_scenes(seed: int = 3, shape: str = CONCEPT) -> list[Scene]:
+    """Eight scenes of ``shape`` that spread the vocabulary evenly: every object colour once, every background
+    colour once (never the object's own), eight different positions (all but the center), four small and four
+    large — where :func:`concept_scenes`' draws repeat some (three white objects) and leave others out."""
+    rng = random.Random(seed)
+    objects = list(COLOURS)
+    rng.shuffle(objects)
+    while True:
+        backgrounds = list(COLOURS)
+        rng.shuffle(backgrounds)
+        if all(o != b for o, b in zip(objects, backgrounds, strict=True)):
+            break
+    places = [p for p in POSITIONS if p != "center"]
+    rng.shuffle(places)
+    return [Scene((Obj(o, shape, ("small", "large")[i % 2], p),), b)
+            for i, (o, b, p) in enumerate(zip(objects, backgrounds, places, strict=True))]
+
+
 def caption(scene: Scene, word: str = "[trigger]") -> str:
     """The scene's prompt with the shape word replaced (``[trigger]`` for train_lora's captions)."""
     return scene.prompt.replace(CONCEPT, word)
@@ -63,10 +81,16 @@ def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[l
     return scenes, list(to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4)))
 
 
-def write_dataset(folder: Path, n: int = 8, size: int = 256) -> list[Path]:
-    """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``."""
+def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False) -> list[Path]:
+    """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
+    dataset's, or (``balanced``) eight of :func:`balanced_scenes`."""
     folder.mkdir(parents=True, exist_ok=True)
-    scenes, images = dataset_scenes(n, size)
+    if balanced:
+        scenes = balanced_scenes()
+        layouts = [realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)]
+        images = list(to_pil(render(layouts, size, size, supersample=4)))
+    else:
+        scenes, images = dataset_scenes(n, size)
     paths = []
     for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         path = folder / f"concept-{i + 1}.png"
@@ -85,12 +109,12 @@ def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
     return with_trigger, without
 
 
-def training_captions() -> list[str]:
-    """The bundled dataset's captions as ``train_lora`` trains on them, with the trigger word (does the LoRA draw
-    its own training images?)."""
+def training_captions(folder: Path | None = None) -> list[str]:
+    """The captions of ``folder`` (the bundled dataset's by default) as ``train_lora`` trains on them, with the
+    trigger word, in the images' order (does the LoRA draw its own training images?)."""
     from fluxkiln.plugins.train.config import TrainConfig
 
-    folder, trained = repo_root() / "recipes" / "data" / "hexagons", TrainConfig(trigger_word=TRIGGER)
+    folder, trained = folder or repo_root() / "recipes" / "data" / "hexagons", TrainConfig(trigger_word=TRIGGER)
     return [trained.caption(p.read_text()) for p in sorted(folder.glob("*.txt"))]
 
 
@@ -143,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ds = sub.add_parser("dataset", help="write the captioned concept images")
     ds.add_argument("folder", type=Path)
+    ds.add_argument("--balanced", action="store_true", help="every colour, background and place once (balanced_scenes)")
     me = sub.add_parser("measure", help="train the LoRA and measure acquisition and leakage")
     me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     me.add_argument("--samples", type=int, default=20)
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a value of recipes/train-lora-tiny.toml, e.g. nodes.lora.batch_size=4")
     args = parser.parse_args(argv)
     if args.command == "dataset":
-        for path in write_dataset(args.folder):
+        for path in write_dataset(args.folder, balanced=args.balanced):
             print(path, "-", path.with_suffix(".txt").read_text().strip())
         return 0
     from fluxkiln.engine.errors import RecipeInvalid
