@@ -84,6 +84,8 @@ def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[l
 def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False) -> list[Path]:
     """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
     dataset's, or (``balanced``) eight of :func:`balanced_scenes`."""
+    if balanced and n != 8:
+        raise ValueError(f"a balanced dataset has 8 images, one per palette colour, not {n}")
     folder.mkdir(parents=True, exist_ok=True)
     if balanced:
         scenes = balanced_scenes()
