@@ -243,6 +243,9 @@ def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_f
     for path, text in zip(sorted(data.glob("*.png")), captions, strict=True):  # each image is what it says
         assert check(Image.open(path), text, {"TOK": "hexagon"}).all_right, text
     assert captions != concept.training_captions()  # not the bundled dataset
+    with pytest.raises(ValueError, match="a balanced dataset has 8 images"):
+        concept.write_dataset(tmp_path / "four", n=4, balanced=True)
+    assert not (tmp_path / "four").exists()
 
     trained = []
     real_train = probe.train
