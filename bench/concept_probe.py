@@ -5,7 +5,8 @@ and the samples looked at.
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
                                   [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
-                                  [--class-word circle] [--data DIR] [--device cuda]
+                                  [--class-word circle] [--data DIR] [--lora-scales 1.5,2]
+                                  [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -23,6 +24,7 @@ one new token of T5's tokenizer; ``--caption-variants`` leaves out a random subs
 each step; ``--augment N`` adds N mirrored and recoloured variants of each training image with captions to
 match (:func:`augment`); ``--class-word`` puts a known shape word after the trigger in every caption and prompt
 with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a regular expression matches;
+``--lora-scales`` samples the new and leakage prompts again with the LoRA scaled (``lora_scale``);
 ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
     parser.add_argument("--more-guidance", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="also sample the new prompts (and the leakage prompts) at these guidances, e.g. 5")
+    parser.add_argument("--lora-scales", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                        help="also sample the new prompts (and the leakage prompts) with the LoRA at these scales, "
+                        "e.g. 1.5,2 (a LoRA's strength at sampling, lora_scale)")
     parser.add_argument("--probe", type=int, default=8, help="new prompts with (and without) the trigger")
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
     parser.add_argument("--grid", type=Path)
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prior_every < 2:
         parser.error("--prior-every must be 2 or more (1 would train the prior set alone)")
+    if args.lora_scales and args.full:
+        parser.error("--lora-scales needs a LoRA: --full trains the block weights themselves")
 
     import torch
     from PIL import Image
@@ -363,10 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     for g in args.more_guidance:
         rows[f"{new}, guidance {g:g}"] = (with_trigger, rows[new][1], g)
         rows[f"leakage, guidance {g:g}"] = (without, without, g)
+    scales = {name: 1.0 for name in rows}
+    for s in args.lora_scales:
+        rows[f"{new}, LoRA scale {s:g}"] = (with_trigger, rows[new][1], 3.0)
+        rows[f"leakage, LoRA scale {s:g}"] = (without, without, 3.0)
+        scales[f"{new}, LoRA scale {s:g}"] = scales[f"leakage, LoRA scale {s:g}"] = s
     result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data")},
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []
     for name, (prompts, checked, guidance) in rows.items():
+        if not args.full:
+            pipe.transformer.set_adapters(["default"], weights=[scales[name]])
         out = generate(pipe, prompts, steps=args.sample_steps, guidance=guidance)
         result[name] = round(100 * hexagon_share(out, checked), 1)
         sampled.append(out)

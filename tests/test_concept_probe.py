@@ -253,3 +253,25 @@ def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_f
                         or real_train(pipe, d, caps, n, args))
     assert probe.main(["--steps", "1", "--probe", "1", "--sample-steps", "1", "--data", str(data)]) == 0
     assert trained == captions
+
+
+def test_lora_scales_sample_the_new_and_leakage_prompts_again_with_the_lora_scaled(probe, tmp_path, monkeypatch):
+    from fluxkiln.plugins.miniflux import adherence
+
+    seen = []
+    real_generate = adherence.generate
+
+    def generate(pipe, prompts, **kw):
+        seen.append(next(m.scaling["default"] for m in pipe.transformer.modules() if hasattr(m, "scaling")))
+        return real_generate(pipe, prompts, **kw)
+
+    monkeypatch.setattr(adherence, "generate", generate)
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "1", "--probe", "1", "--sample-steps", "1", "--lora-scales", "2",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["new prompts with the trigger, LoRA scale 2"] <= 100
+    assert 0 <= result["leakage, LoRA scale 2"] <= 100
+    assert seen == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # the four usual rows at the trained strength, then twice as strong
+    with pytest.raises(SystemExit):
+        probe.main(["--full", "--lora-scales", "2"])  # no LoRA to scale
