@@ -346,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     torch.manual_seed(0)
-    images = [Image.open(p) for p in sorted(args.data.glob("*.png"))]
+    pictures = sorted(args.data.glob("*.png"))
+    if not pictures or [p.stem for p in pictures] != [t.stem for t in sorted(args.data.glob("*.txt"))]:
+        parser.error(f"--data {args.data}: needs .png images, each with a .txt caption of the same name (python -m "
+                     "fluxkiln.plugins.miniflux.concept dataset DIR writes such a folder)")
+    images = [Image.open(p) for p in pictures]
     captions = training_captions(args.data)  # train_lora's own caption rule, in the images' order
     called = f"{TRIGGER} {args.class_word}" if args.class_word else TRIGGER  # what calls the concept
     captions = [c.replace(TRIGGER, called) for c in captions]

@@ -224,7 +224,7 @@ def test_a_class_word_follows_the_trigger_in_every_caption_trained_and_prompt_sa
 
 
 def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_folder_it_is_given(probe, tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch, capsys):
     from PIL import Image
 
     from fluxkiln.plugins.miniflux import concept
@@ -253,6 +253,11 @@ def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_f
                         or real_train(pipe, d, caps, n, args))
     assert probe.main(["--steps", "1", "--probe", "1", "--sample-steps", "1", "--data", str(data)]) == 0
     assert trained == captions
+    (data / "concept-8.txt").unlink()  # an image without its caption
+    for folder in (data, tmp_path / "empty"):
+        with pytest.raises(SystemExit):
+            probe.main(["--data", str(folder)])
+        assert f"--data {folder}: needs .png images, each with a .txt caption" in capsys.readouterr().err
 
 
 def test_lora_scales_sample_the_new_and_leakage_prompts_again_with_the_lora_scaled(probe, tmp_path, monkeypatch):
