@@ -3,7 +3,9 @@ and collect what they report: the gloo tests of context parallelism use it."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,5 +20,20 @@ def spawn_ranks(worker: Callable[..., None], nprocs: int, *args: Any) -> dict[An
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(worker, args=(port, *args, out), nprocs=nprocs, join=True)
+        mp.spawn(_rank, args=(worker, port, *args, out), nprocs=nprocs, join=True)
         return dict(out)
+
+
+def _rank(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    """One rank: ``worker``, then out of the process without the interpreter's teardown, as ``fluxkiln run``
+    leaves (its fast exit): a gloo rank aborted once in CI with "malloc(): unaligned tcache chunk detected" (a
+    heap check inside torch; the log did not say whether during the work or in the teardown after the group was
+    destroyed), and the teardown is the part a run never does.  A worker that raises goes back to ``mp.spawn``,
+    which reports its traceback; a crash prints every thread's Python stack (faulthandler)."""
+    import faulthandler
+
+    faulthandler.enable()
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
