@@ -81,18 +81,20 @@ def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[l
     return scenes, list(to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4)))
 
 
+def balanced_dataset(size: int = 256) -> tuple[list[Scene], list[Any]]:
+    """The eight :func:`balanced_scenes` and their images (PIL), each scene drawn with its own seed."""
+    scenes = balanced_scenes()
+    layouts = [realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)]
+    return scenes, list(to_pil(render(layouts, size, size, supersample=4)))
+
+
 def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False) -> list[Path]:
     """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
-    dataset's, or (``balanced``) eight of :func:`balanced_scenes`."""
+    dataset's, or (``balanced``) :func:`balanced_dataset`'s eight."""
     if balanced and n != 8:
         raise ValueError(f"a balanced dataset has 8 images, one per palette colour, not {n}")
+    scenes, images = balanced_dataset(size) if balanced else dataset_scenes(n, size)
     folder.mkdir(parents=True, exist_ok=True)
-    if balanced:
-        scenes = balanced_scenes()
-        layouts = [realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)]
-        images = list(to_pil(render(layouts, size, size, supersample=4)))
-    else:
-        scenes, images = dataset_scenes(n, size)
     paths = []
     for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         path = folder / f"concept-{i + 1}.png"
