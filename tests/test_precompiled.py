@@ -94,6 +94,17 @@ LOAD = MODEL + textwrap.dedent('''
     default, registry._active_backend = registry._active_backend, AttentionBackendName._NATIVE_MATH
     res["other_attention"] = via()  # diffusers' default attention backend changed since the check
     registry._active_backend = default
+    from diffusers.hooks import HookRegistry, ModelHook
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    registry.register_hook(ModelHook(), "probe")  # diffusers' hooks replace the block's forward
+    res["diffusers_hook"] = via()
+    registry.remove_hook("probe")
+    vars(block).pop("forward", None)
+    res["unhooked"] = via()
+    from fluxkiln.plugins.flux.stepcache import step_cache
+    with torch.no_grad(), step_cache(tr, 1.0) as count, tr.cache_context("cond"):
+        cached = [tr(**inputs())[0] for _ in range(2)]  # the same step twice: the second reuses the first
+    res["step_cache"] = [count.computed, count.skipped, torch.allclose(cached[0], eager, atol=1e-5)]
     training = type(tr).from_config(tr.config)
     fast.compile_blocks(training, saved=False)  # training's compile: the saved variants serve inference only
     res["training_dispatch"] = any(isinstance(b._compiled_call_impl, precompiled.Dispatch)
@@ -139,6 +150,8 @@ def test_blocks_save_their_variants_as_they_compile_and_a_new_process_runs_them_
     assert loaded["grad"] == "ordinary" and loaded["hooked"] == "ordinary" and loaded["other_shape"] == "ordinary"
     assert loaded["changed"] == "ordinary" and loaded["restored"] == "precompiled"
     assert loaded["other_attention"] == "ordinary"
+    assert loaded["diffusers_hook"] == "ordinary" and loaded["unhooked"] == "precompiled"
+    assert loaded["step_cache"] == [1, 1, True]  # the cache's hooks run on compiled blocks (served ones skipped them)
     assert loaded["training_dispatch"] is False
     assert loaded["off"] == 0
 

@@ -111,9 +111,12 @@ REPLAYABLE_HOOKS = "_fluxkiln_replayable_hooks"  # a module's hook ids whose wor
 def plain_inference(torch: Any, module: Any) -> bool:
     """Whether a call of ``module`` now is plain inference, which a precompiled function or a recorded CUDA graph
     can stand in for: gradients and autocast off, no forward hooks on it but those listed in its
-    :data:`REPLAYABLE_HOOKS` (tensor work only, the same at every call of a signature: context parallelism's)."""
+    :data:`REPLAYABLE_HOOKS` (tensor work only, the same at every call of a signature: context parallelism's),
+    and its class's own ``forward`` (diffusers' hooks, the step cache's among them, replace the instance's:
+    a function compiled from the class's would skip them)."""
     replayable = getattr(module, REPLAYABLE_HOOKS, ())
-    hooked = any(h not in replayable for h in (*module._forward_hooks, *module._forward_pre_hooks))
+    hooked = "forward" in vars(module) or any(
+        h not in replayable for h in (*module._forward_hooks, *module._forward_pre_hooks))
     return not (torch.is_grad_enabled() or hooked or torch.is_autocast_enabled("cuda")
                 or torch.is_autocast_enabled("cpu"))
 

@@ -163,7 +163,7 @@ class WholeStep:
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         module = self.module
-        if disabled() or not fast.plain_inference(self.torch, module) or "forward" in vars(module) \
+        if disabled() or not fast.plain_inference(self.torch, module) \
                 or getattr(module, "is_cache_enabled", False):
             return None
         sig = signature(args, kwargs)
