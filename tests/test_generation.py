@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from flux_support import pixels, recipe, run
+from fluxkiln.engine.imagemeta import read_metadata
 from fluxkiln.engine.runner import Engine
 from fluxkiln.plugins.flux.sizes import plan_size
 from helpers.recipes import SQUARE_256, load_tiny, node, sample
@@ -31,11 +32,17 @@ def engine(tmp_path_factory):
 
 def test_a_prompt_list_makes_num_outputs_per_prompt_with_the_same_seeds(engine, tmp_path):
     body = (load_tiny() + sample("both", prompt=["a cat", "a dog"], num_outputs=2, seed=7, **SMALL)
-            + sample("dog", prompt="a dog", num_outputs=2, seed=7, **SMALL))
+            + sample("dog", prompt="a dog", num_outputs=2, seed=7, **SMALL)
+            + node("kept", "save", images="@both", output_format="png"))
     result = run(engine, recipe(tmp_path, body))
     both = result.outputs["both"]["output"]
     assert [(i.prompt, i.seed, i.meta["prompt_index"]) for i in both] == [
         ("a cat", 7, 0), ("a cat", 8, 0), ("a dog", 7, 1), ("a dog", 8, 1)]
+    # the prompts share seeds, not names; a saved image still names the node that made it
+    assert [i.name for i in both] == ["both-1-7", "both-1-8", "both-2-7", "both-2-8"]
+    assert [i.name for i in result.outputs["dog"]["output"]] == ["dog-7", "dog-8"]
+    saved = read_metadata(Path(result.outputs["kept"]["output"][2].meta["path"]))
+    assert (saved["node"], saved["node_type"], saved["seed"], saved["prompt"]) == ("both", "sample", 7, "a dog")
     assert all(i.meta["prompt"] == i.prompt and i.meta["seed"] == i.seed for i in both)
     assert both[0].meta["timing"]["batch"] == 4 and both[0].meta["timing"]["steps"] == 2
     dog = result.outputs["dog"]["output"]

@@ -255,12 +255,19 @@ def sample(
     for k, (job, j, pic, timing) in enumerate(made):
         size = final if job.init is None else job.size
         item_meta = {**meta, "prompt": job.prompt, "width": size[0], "height": size[1], "seed": seed + j,
-                     "base_seed": seed, "index": k, "prompt_index": job.prompt_index, "timing": timing}
+                     "base_seed": seed, "index": k, "prompt_index": job.prompt_index, "timing": timing,
+                     "node": ctx.node, "node_type": ctx.type}
         if job.init is not None:
             item_meta.update(image=job.init_label, prompt_strength=prompt_strength)
         out.append(ImageItem(image=centre_crop(pic, size), seed=seed + j, prompt=job.prompt,
-                             name=f"{ctx.node}-{seed + j}", meta=item_meta))
+                             name=image_name(ctx.node, seed + j, job.prompt_index, len(jobs)), meta=item_meta))
     return out
+
+
+def image_name(node: str, seed: int, job: int, jobs: int) -> str:
+    """``<node>-<seed>``; with several prompts or input images, whose images share seeds, ``<node>-<n>-<seed>``
+    (``n`` the prompt's or input image's place, from 1), so every image of a node has a name of its own."""
+    return f"{node}-{seed}" if jobs == 1 else f"{node}-{job + 1}-{seed}"
 
 
 def _make(ctx: RunContext, model: Model, adapters: list[dict[str, Any]], jobs: list[Job], s: Settings,
