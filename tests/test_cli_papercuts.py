@@ -111,8 +111,8 @@ def test_progress_lines_are_throttled_per_node():
     obs = ConsoleObserver(Console(file=out, width=100), live=False, every=5.0, now=lambda: clock["t"])
     for step in range(1, 101):
         clock["t"] = step * 0.25  # 4 steps a second for 25 s
-        for node in ("x", "y"):
-            obs.on_event(Event("node_progress", "r", node, "t", {"step": step, "total": 100, "rate": 4.0,
+        for name in ("x", "y"):
+            obs.on_event(Event("node_progress", "r", name, "t", {"step": step, "total": 100, "rate": 4.0,
                                                                    "eta": (100 - step) / 4}))
     lines = out.getvalue().splitlines()
     assert len([ln for ln in lines if ln.startswith("  x: ")]) == 5  # at 0.25 s, 5.25, 10.25, 15.25, 20.25

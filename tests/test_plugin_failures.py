@@ -259,10 +259,10 @@ def test_builtins_come_from_fluxkilns_own_entry_points(monkeypatch):
 def test_engine_imports_neither_the_plugins_nor_the_tui():
     bad = []
     for path in sorted((ROOT / "engine").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else []
-            bad += [f"{path.name}:{node.lineno} imports {n}" for n in names
+        for tree_node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in tree_node.names] if isinstance(tree_node, ast.Import) else \
+                [f"{'.' * tree_node.level}{tree_node.module or ''}"] if isinstance(tree_node, ast.ImportFrom) else []
+            bad += [f"{path.name}:{tree_node.lineno} imports {n}" for n in names
                     if n.startswith(("fluxkiln.plugins", "fluxkiln.tui", "..plugins", "..tui"))]
     assert bad == []
     code = ("import sys; from fluxkiln.engine import cli, runner, validate, testing; "
