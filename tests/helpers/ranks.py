@@ -3,9 +3,7 @@ and collect what they report: the gloo tests of context parallelism use it."""
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +30,8 @@ def _rank(rank: int, worker: Callable[..., None], *args: Any) -> None:
     which reports its traceback; a crash prints every thread's Python stack (faulthandler)."""
     import faulthandler
 
+    from fluxkiln.engine.launch import exit_now
+
     faulthandler.enable()
     worker(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now(0)
