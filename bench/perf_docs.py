@@ -135,7 +135,8 @@ def train_table(d: dict) -> str:
 
 
 def kernels_table(d: dict) -> str:
-    rows = [[f"`{name}`", num(k["ms"]), num(k["tflops"], 1)] for name, k in d["kernels"].items()]
+    rows = [[f"`{name}`", num(k["ms"]), num(k["tflops"], 1)] for name, k in d["kernels"].items()
+            if isinstance(k, dict) and "ms" in k]  # not the per-shape fp8 table (gemm_fp8_shapes)
     return table(["kernel at FLUX's 1024² shapes", "ms", "TFLOP/s"], rows)
 
 

@@ -55,4 +55,34 @@ def kernel_probe(device: str) -> dict[str, Any]:
         s = clock(lambda: torch._scaled_mm(xq, f8.weight_fp8.t(), scale_a=ones, scale_b=f8.weight_scale,
                                            out_dtype=torch.bfloat16))
         out["gemm_fp8_rowwise_matmul_only"] = {"ms": round(s * 1e3, 3), "tflops": round(gemm / s / 1e12, 1)}
+        out["gemm_fp8_shapes"] = fp8_shapes(clock, device)
+    return out
+
+
+# (tokens, in, out) of the block linears go_fast computes in fp8, for one 1024² image: the double blocks'
+# image stream (4,096 tokens) and text stream (512), the single blocks' 4,608.
+FLUX_LINEARS = {"double_img_qkv": (4096, 3072, 3072), "double_img_ff_up": (4096, 3072, 12288),
+                "double_img_ff_down": (4096, 12288, 3072), "double_txt_ff_up": (512, 3072, 12288),
+                "single_mlp": (4608, 3072, 12288), "single_out": (4608, 15360, 3072)}
+
+
+def fp8_shapes(clock: Any, device: str) -> dict[str, Any]:
+    """Each FLUX block linear's fp8 matmul with fluxkiln's row scales, accumulating in full precision and with
+    fast accumulation (``use_fast_accum``), against bf16."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, (m, k, n) in FLUX_LINEARS.items():
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        aq, wq = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        sa, sw = torch.ones(m, 1, device=device), torch.ones(1, n, device=device)
+        flops = 2 * m * k * n
+        row: dict[str, Any] = {"bf16_ms": round(clock(lambda: a @ w.t()) * 1e3, 4)}
+        for fast in (False, True):
+            s = clock(lambda: torch._scaled_mm(aq, wq.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
+                                               use_fast_accum=fast))
+            row[f"fp8{'_fast' if fast else ''}_ms"] = round(s * 1e3, 4)
+            row[f"fp8{'_fast' if fast else ''}_tflops"] = round(flops / s / 1e12, 1)
+        out[name] = row
     return out
