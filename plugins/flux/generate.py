@@ -13,6 +13,7 @@ conversion to images).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from fluxkiln.engine import Cancelled, RunContext, distributed
 
 from . import fast, prompt_cache
+from .noise import noise_ahead
 from .stepcache import step_cache
 
 BATCH_PIXELS = 4 * 1024 * 1024  # pixels per pipeline call (4 images at 1 MP, 16 at 0.25 MP)
@@ -153,7 +155,8 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
     import torch
 
     w, h = group[0].size
-    generators = [torch.Generator("cpu").manual_seed(s.seed + j) for _ in group for j in range(s.n)]
+    seeds = [s.seed + j for _ in group for j in range(s.n)]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     common: dict[str, Any] = dict(
         width=w, height=h, num_inference_steps=s.steps, guidance_scale=s.guidance if s.guidance is not None else 0.0,
         generator=generators, max_sequence_length=text_tokens(pipe, s.variant), output_type="pt")
@@ -167,8 +170,10 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
                       strength=s.strength)
 
     def images() -> Any:  # the prompts are encoded (or taken from the cache) in the same attention settings
-        return run(**common, **_prompt_args(pipe, run, group, s, common["max_sequence_length"]),
-                   callback_on_step_end=progress.callback()).images
+        ahead = noise_ahead(run, (w, h), generators, seeds) if run is pipe else contextlib.nullcontext()
+        with ahead:
+            return run(**common, **_prompt_args(pipe, run, group, s, common["max_sequence_length"]),
+                       callback_on_step_end=progress.callback()).images
 
     # no_grad, not inference_mode: with CPU offload the weights moved under inference_mode would become
     # inference tensors, and later LoRA changes on them fail
@@ -183,8 +188,8 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
                 raise
             ctx.log(f"cuDNN attention failed ({str(exc).splitlines()[0]}); retrying with the flash kernels",
                     level="warning")
-            for g, j in zip(generators, [j for _ in group for j in range(s.n)], strict=True):
-                g.manual_seed(s.seed + j)
+            for g, seed in zip(generators, seeds, strict=True):
+                g.manual_seed(seed)
             return images()
 
 

@@ -258,7 +258,14 @@ def encoder_state(pipe: Any) -> tuple[tuple[Any, ...] | None, str]:
         except RuntimeError:  # inference tensors keep no version counter: in-place changes would go unseen
             return None, f"{name} holds inference-mode tensors"
     tokenizers = tuple((weakref.ref(t) if _weak(t) else id(t), len(t)) for t in (getattr(pipe, n) for n in TOKENIZERS))
-    return (EDITS.count, tuple(parts), tokenizers, str(getattr(pipe, "_execution_device", "")), offload, _numerics()), ""
+    return (EDITS.count, tuple(parts), tokenizers, _execution_device(pipe, offload), offload, _numerics()), ""
+
+
+def _execution_device(pipe: Any, offload: str) -> str:
+    """Where the encoders run.  Without offload that is where their tensors are, which the walk already records;
+    diffusers' ``_execution_device`` would walk every module of every component for offload hooks (3-7 ms for a
+    full-size FLUX pipeline, while the GPU waits for the first step)."""
+    return "" if offload == "none" else str(getattr(pipe, "_execution_device", ""))
 
 
 _PARTS = {0: "a weight edit or a new parameter, buffer or module on an encoder (LoRA fuse/unfuse, new layers)",
