@@ -106,6 +106,10 @@ def clip_lora(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("exact_unfuse", [True, False], ids=["weights-copied", "weights-subtracted"])
 def test_a_lora_on_the_text_encoder_or_a_new_scale_is_never_served_stale_embeddings(tmp_path, clip_lora, monkeypatch,
                                                                                      exact_unfuse):
+    # the eager path on a GPU too: there the two engines' images differ through the compiled blocks alone (on an
+    # H200 the first engine's first image read 0.82 levels from the second's with compilation, within a tenth of
+    # the LoRA's effect without it), which says nothing about stale embeddings
+    monkeypatch.setenv("FLUXKILN_COMPILE", "0")
     if not exact_unfuse:  # no memory for an exact copy: unfusing subtracts the LoRA again, in place
         from fluxkiln.plugins.flux import pipestate
 
