@@ -36,6 +36,8 @@ from .runcache import RunCaches
 from .sweep import with_cells
 from .validate import Checked, check_file
 
+RETRIES = 5  # attempts to read a cached result and place its files (a concurrent run may be replacing the entry)
+
 
 @dataclass
 class RunResult:
@@ -228,22 +230,25 @@ class Engine:
             "hint": "the broken cache entry was removed: run again to recompute it", "inputs": {}}))
 
     def _use_cached(self, plan: Plan, np_: Any, result: RunResult) -> bool:
-        """Load a cached node's outputs and put its files into the run folder; False if that failed."""
+        """Load a cached node's outputs and put its files into the run folder; False if that failed.
+
+        A concurrent run may be swapping this very entry into place: whatever an attempt fails with (a file
+        gone, or any other error of the file system) is tried again, up to five times, before the node fails
+        by what its last attempt could not do (read the entry, or place its files)."""
         data: dict[str, Any] = {"source": np_.source, "fingerprint": np_.fingerprint[:16]}
         if np_.source != "not needed":
-            for attempt in range(5):  # a concurrent run may be swapping this very entry into place
+            for attempt in range(RETRIES):
+                loaded = False
                 try:
                     result.outputs[np_.id] = self.caches.load(np_, self.registry.port_types)
+                    loaded = True
                     self.caches.put_files(plan, np_)
                     break
-                except FileNotFoundError as exc:
-                    if attempt < 4:
+                except OSError as exc:
+                    if attempt < RETRIES - 1:
                         time.sleep(0.05 * (attempt + 1))
                         continue
-                    self._unreadable(np_, exc, result)
-                    return False
-                except OSError as exc:
-                    if np_.id in result.outputs:  # loaded: the run folder refused the files
+                    if loaded:  # read: the run folder refused the files
                         self._unplaceable(plan, np_, exc, result)
                     else:
                         self._unreadable(np_, exc, result)

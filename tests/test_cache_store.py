@@ -3,6 +3,7 @@ an entry is used only when it is exactly what the node stores."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -216,6 +217,57 @@ def test_many_runs_at_once_share_one_cache_safely(tmp_path, fresh_cache):
     final = engine(fresh_cache).run(recipe, output=tmp_path / "last")
     assert set(final.nodes.values()) == {"cached"} and (tmp_path / "last" / "saved_0.webp").read_bytes() == first
     assert not list((fresh_cache / "tmp").iterdir())
+
+
+def _failing(monkeypatch, owner, name, failures, when=lambda *a: True):
+    """``owner.name`` raises each of ``failures`` in turn (on calls where ``when`` says so), then works; returns
+    the failures not raised yet."""
+    real, left = getattr(owner, name), list(failures)
+
+    def flaky(*a, **k):
+        if left and when(*a):
+            raise left.pop(0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return left
+
+
+def test_a_cached_result_that_cannot_be_read_or_placed_for_a_moment_is_tried_again(tmp_path, fresh_cache,
+                                                                                   monkeypatch):
+    """What a run sees while another one swaps the same entry into place: files gone, or any other error of the
+    file system for an instant, while reading the entry or while linking its files into the run folder."""
+    from fluxkiln.engine import runcache
+
+    recipe = write(tmp_path)
+    assert engine(fresh_cache).run(recipe, output=tmp_path / "a").ok
+    read_left = _failing(monkeypatch, runcache.RunCaches, "load", [OSError(errno.EIO, "Input/output error")])
+    place_left = _failing(monkeypatch, runcache, "restore", [OSError(errno.EBUSY, "Device or resource busy"),
+                                                             FileNotFoundError(errno.ENOENT, "gone")],
+                          when=lambda todo, *rest: bool(todo))
+    again = engine(fresh_cache).run(recipe, output=tmp_path / "b")
+    assert again.ok and set(again.nodes.values()) == {"cached"}, again.events
+    assert not read_left and not place_left
+    assert (tmp_path / "b" / "saved_0.webp").read_bytes() == (tmp_path / "a" / "saved_0.webp").read_bytes()
+
+
+def test_a_run_folder_that_keeps_refusing_the_cached_files_fails_the_node_and_says_what_to_check(
+        tmp_path, fresh_cache, monkeypatch):
+    from fluxkiln.engine import runcache
+
+    recipe = write(tmp_path)
+    assert engine(fresh_cache).run(recipe, output=tmp_path / "a").ok
+    target = str(tmp_path / "b" / "saved_0.webp")
+    _failing(monkeypatch, runcache, "restore", [PermissionError(errno.EACCES, "Permission denied", target)] * 5,
+             when=lambda todo, *rest: bool(todo))
+    result = engine(fresh_cache).run(recipe, output=tmp_path / "b")
+    assert not result.ok
+    failed = [e.data for e in result.events if e.event == "node_failed"]
+    assert len(failed) == 1
+    assert "its cached files could not be put into the run folder" in failed[0]["error"]
+    assert "Permission denied" in failed[0]["error"] and target in failed[0]["error"]
+    assert "writable" in failed[0]["hint"]
+    assert set(engine(fresh_cache).run(recipe, output=tmp_path / "c").nodes.values()) == {"cached"}  # entry kept
 
 
 @pytest.fixture(scope="module")
