@@ -292,7 +292,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     return losses
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -332,40 +332,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=28, help="steps of each sample (28 for the table)")
     parser.add_argument("--grid", type=Path)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.prior_every < 2:
-        parser.error("--prior-every must be 2 or more (1 would train the prior set alone)")
-    if args.lora_scales and args.full:
-        parser.error("--lora-scales needs a LoRA: --full trains the block weights themselves")
+    return parser
 
-    import torch
+
+def concept_set(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[Any], list[str], str]:
+    """The concept's images and captions from ``--data`` (the trigger followed by ``--class-word`` where given),
+    and the words that call the concept."""
     from PIL import Image
 
-    from fluxkiln.plugins.miniflux.adherence import generate
-    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, hexagon_share, probe_prompts, training_captions
-    from fluxkiln.plugins.miniflux.weights import load_pipeline
+    from fluxkiln.plugins.miniflux.concept import TRIGGER, training_captions
 
-    torch.manual_seed(0)
     pictures = sorted(args.data.glob("*.png"))
     if not pictures or [p.stem for p in pictures] != [t.stem for t in sorted(args.data.glob("*.txt"))]:
         parser.error(f"--data {args.data}: needs .png images, each with a .txt caption of the same name (python -m "
                      "fluxkiln.plugins.miniflux.concept dataset DIR writes such a folder)")
     images = [Image.open(p) for p in pictures]
-    captions = training_captions(args.data)  # train_lora's own caption rule, in the images' order
     called = f"{TRIGGER} {args.class_word}" if args.class_word else TRIGGER  # what calls the concept
-    captions = [c.replace(TRIGGER, called) for c in captions]
-    trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
-    extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
-    pipe = load_pipeline("dev", device=args.device)
-    if args.new_token:
-        add_trigger_token(pipe, TRIGGER, args.new_token_init)
-    data = encode(pipe, trained_images + extra_images, trained_captions + extra_captions)
-    t0 = time.perf_counter()
-    losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
-    seconds = time.perf_counter() - t0
+    captions = [c.replace(TRIGGER, called) for c in training_captions(args.data)]  # train_lora's caption rule
+    return images, captions, called
+
+
+def probe_rows(args: argparse.Namespace, captions: list[str], called: str
+               ) -> tuple[dict[str, tuple[list[str], list[str], float]], dict[str, float]]:
+    """Each row's prompts, the prompts the checker reads (the trigger as the concept) and guidance; and the LoRA
+    scale of each row."""
+    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, probe_prompts
+
     with_trigger, without = probe_prompts(args.probe)
     with_trigger = [p.replace(TRIGGER, called) for p in with_trigger]
-    named = [c.replace(called, CONCEPT) for c in captions]  # what the checker reads the trigger as
+    named = [c.replace(called, CONCEPT) for c in captions]
     fitted, new, leaked = SUMMARY_ROWS
     rows = {"training captions, guidance 1": (captions, named, 1.0),
             fitted: (captions, named, 3.0),
@@ -379,6 +374,47 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"{new}, LoRA scale {s:g}"] = (with_trigger, rows[new][1], 3.0)
         rows[f"leakage, LoRA scale {s:g}"] = (without, without, 3.0)
         scales[f"{new}, LoRA scale {s:g}"] = scales[f"leakage, LoRA scale {s:g}"] = s
+    return rows, scales
+
+
+def save_grid(path: Path, images: list[Any], sampled: list[list[Any]], probe: int) -> None:
+    """The training images, then each row's samples, 128 pixels a picture."""
+    from PIL import Image
+
+    side, cols = 128, max(len(images), probe)
+    grid = Image.new("RGB", (cols * side, (len(sampled) + 1) * side))
+    for r, row in enumerate([images, *sampled]):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((side, side)), (c * side, r * side))
+    grid.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.prior_every < 2:
+        parser.error("--prior-every must be 2 or more (1 would train the prior set alone)")
+    if args.lora_scales and args.full:
+        parser.error("--lora-scales needs a LoRA: --full trains the block weights themselves")
+
+    import torch
+
+    from fluxkiln.plugins.miniflux.adherence import generate
+    from fluxkiln.plugins.miniflux.concept import TRIGGER, hexagon_share
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    torch.manual_seed(0)
+    images, captions, called = concept_set(parser, args)
+    trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
+    extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
+    pipe = load_pipeline("dev", device=args.device)
+    if args.new_token:
+        add_trigger_token(pipe, TRIGGER, args.new_token_init)
+    data = encode(pipe, trained_images + extra_images, trained_captions + extra_captions)
+    t0 = time.perf_counter()
+    losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
+    seconds = time.perf_counter() - t0
+    rows, scales = probe_rows(args, captions, called)
     result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data")},
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []
@@ -389,12 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         result[name] = round(100 * hexagon_share(out, checked), 1)
         sampled.append(out)
     if args.grid:
-        side, cols = 128, max(len(images), args.probe)
-        grid = Image.new("RGB", (cols * side, (len(sampled) + 1) * side))
-        for r, row in enumerate([images, *sampled]):
-            for c, im in enumerate(row):
-                grid.paste(im.convert("RGB").resize((side, side)), (c * side, r * side))
-        grid.save(args.grid)
+        save_grid(args.grid, images, sampled, args.probe)
     print(f"\n{args.steps} steps in {seconds:.1f} s, last 100 steps' loss {result['last_100_loss']}\n")
     print("| samples | read as hexagons |\n|---|---|")
     for name in rows:
