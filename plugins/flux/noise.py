@@ -68,8 +68,9 @@ def noise_ahead(pipe: Any, size: tuple[int, int], generators: list[Any], seeds: 
     original = type(pipe).prepare_latents
 
     def prepare_latents(*call: Any, **kw: Any) -> Any:  # an instance attribute: called without self
-        if len(call) == 7 and set(kw) <= {"latents"} and kw.get("latents") is None or (
-                len(call) == 8 and call[7] is None and not kw):
+        drawing = ((len(call) == 7 and set(kw) <= {"latents"} and kw.get("latents") is None)
+                   or (len(call) == 8 and call[7] is None and not kw))  # no latents given: the pipeline draws
+        if drawing:
             served = drawn.take(call[:6], call[6])
             if served is not None:
                 return original(pipe, *call[:7], served)
