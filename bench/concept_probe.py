@@ -360,7 +360,7 @@ def probe_rows(args: argparse.Namespace, captions: list[str], called: str
 
     with_trigger, without = probe_prompts(args.probe)
     with_trigger = [p.replace(TRIGGER, called) for p in with_trigger]
-    named = [c.replace(called, CONCEPT) for c in captions]
+    named = [c.replace(called, CONCEPT) for c in captions]  # what the checker reads the trigger as
     fitted, new, leaked = SUMMARY_ROWS
     rows = {"training captions, guidance 1": (captions, named, 1.0),
             fitted: (captions, named, 3.0),

@@ -13,7 +13,6 @@ conversion to images).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -170,8 +169,7 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
                       strength=s.strength)
 
     def images() -> Any:  # the prompts are encoded (or taken from the cache) in the same attention settings
-        ahead = noise_ahead(run, (w, h), generators, seeds) if run is pipe else contextlib.nullcontext()
-        with ahead:
+        with noise_ahead(run, (w, h), generators, seeds):  # a plain FluxPipeline's only: not image-to-image
             return run(**common, **_prompt_args(pipe, run, group, s, common["max_sequence_length"]),
                        callback_on_step_end=progress.callback()).images
 
