@@ -377,7 +377,7 @@ def test_engine_phases_are_timed_and_put_back(tmp_path):
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('[recipe]\nname = "r"\n[nodes.a]\ntype = "test_images"\n')
-    from fluxkiln.engine.testing import _load_registry
+    from fluxkiln.engine.testplugins import load_registry as _load_registry
 
     engine = Engine(_load_registry([]), cache_dir=tmp_path / "cache")
     before = Engine.plan
