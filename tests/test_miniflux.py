@@ -49,6 +49,17 @@ def test_the_checker_reads_rendered_scenes_at_any_size(size):
         assert result.all_right, (scene.prompt, result.scores, result.blobs)
 
 
+@pytest.mark.parametrize("shape", world.CONCEPT_SHAPES)
+def test_a_concept_shape_is_read_only_where_the_prompt_names_it_or_the_checker_is_asked(shape):
+    scene = world.Scene((world.Obj("red", shape, "large", "center"),), "blue")
+    image = render.to_pil(render.render([world.realise(scene, random.Random(0))], 256, 256, supersample=2))[0]
+    assert checker.check(image, scene.prompt).all_right  # "a large red cross ...": named, so read
+    assert checker.check(image, "a large red TOK in the center", {"TOK": shape}).all_right  # named by an alias
+    plain = checker.check(image, "a large red star in the center")
+    assert plain.blobs[0].shape in world.ALL_SHAPES and plain.scores["colour"] == 1.0  # never a concept unasked
+    assert checker.check(image, "a large red star in the center", also=(shape,)).blobs[0].shape == shape
+
+
 def test_the_checker_says_what_is_wrong():
     scene = world.Scene((world.Obj("red", "circle", "large", "top left"),), "blue")
     image = render.to_pil(render.render([world.realise(scene, random.Random(0))], 256, 256, supersample=1))[0]

@@ -133,6 +133,6 @@ def evaluate(
 
 
 def _shapes() -> tuple[str, ...]:
-    from fluxkiln.plugins.miniflux.world import ALL_SHAPES
+    from fluxkiln.plugins.miniflux.world import DRAWABLE
 
-    return ALL_SHAPES
+    return DRAWABLE

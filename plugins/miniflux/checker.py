@@ -63,8 +63,9 @@ def nearest_palette(pixels: Any) -> Any:
     return ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
 
 
-def check(image: Any, prompt: str, aliases: dict[str, str] | None = None) -> Check:
-    """Check ``image`` (PIL image or HxWx3 uint8 array) against ``prompt``."""
+def check(image: Any, prompt: str, aliases: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> Check:
+    """Check ``image`` (PIL image or HxWx3 uint8 array) against ``prompt``.  Each blob's shape is read among
+    :data:`~.world.ALL_SHAPES`, the shapes the prompt names (a concept's, through ``aliases``) and ``also``."""
     import numpy as np
 
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float64)
@@ -75,14 +76,15 @@ def check(image: Any, prompt: str, aliases: dict[str, str] | None = None) -> Che
                              arr[:, :frame].reshape(-1, 3), arr[:, -frame:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
     background = palette_name(bg_rgb)
-    blobs = find_blobs(arr, bg_rgb)
+    named = [o.shape for o in scene.objects if o.shape]
+    blobs = find_blobs(arr, bg_rgb, tuple(dict.fromkeys([*ALL_SHAPES, *named, *also])))
     scores = score(scene.objects, blobs, scene.background, background)
     return Check(scores, blobs, background)
 
 
-def find_blobs(arr: Any, bg_rgb: Any) -> list[Blob]:
+def find_blobs(arr: Any, bg_rgb: Any, shapes: tuple[str, ...] = ALL_SHAPES) -> list[Blob]:
     """The objects of an image: connected regions unlike the background (split where one holds two objects of
-    different colours that touch), largest first."""
+    different colours that touch), largest first, each read as one of ``shapes``."""
     import numpy as np
     from scipy import ndimage
 
@@ -97,7 +99,7 @@ def find_blobs(arr: Any, bg_rgb: Any) -> list[Blob]:
     keep = [i + 1 for i in np.argsort(-areas) if areas[i] >= least][:4]
     masks = [part for lab in keep for part in split_by_colour(arr, labels == lab, least)]
     masks.sort(key=lambda m: -int(m.sum()))
-    return [_blob(arr, mask, short) for mask in masks[:4]]
+    return [_blob(arr, mask, short, shapes) for mask in masks[:4]]
 
 
 def split_by_colour(arr: Any, mask: Any, least: float) -> list[Any]:
@@ -123,7 +125,7 @@ def split_by_colour(arr: Any, mask: Any, least: float) -> list[Any]:
     return parts or [mask]
 
 
-def _blob(arr: Any, mask: Any, short: int) -> Blob:
+def _blob(arr: Any, mask: Any, short: int, shapes: tuple[str, ...]) -> Blob:
     import numpy as np
     from scipy import ndimage
 
@@ -134,7 +136,7 @@ def _blob(arr: Any, mask: Any, short: int) -> Blob:
     pixels = arr[core] if core.any() else arr[mask]
     cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
     half = max(x1 - x0, y1 - y0) / 2 / short
-    return Blob(colour=palette_name(np.median(pixels, axis=0)), shape=_fit_shape(mask[y0:y1, x0:x1]),
+    return Blob(colour=palette_name(np.median(pixels, axis=0)), shape=_fit_shape(mask[y0:y1, x0:x1], shapes),
                 size="small" if half < SIZE_SPLIT else "large", position=_cell(cx, cy),
                 area=float(mask.sum()) / short / short)
 
@@ -145,16 +147,17 @@ def _cell(x: float, y: float) -> str:
     return f"{row} {col}".strip() or "center"
 
 
-def _fit_shape(crop: Any) -> str:
-    """The shape whose template, drawn into the crop's box, overlaps the blob best (intersection over union)."""
+def _fit_shape(crop: Any, shapes: tuple[str, ...]) -> str:
+    """The one of ``shapes`` whose template, drawn into the crop's box, overlaps the blob best (intersection over
+    union)."""
     import torch
 
     hh, ww = crop.shape
     dy = ((torch.arange(hh, dtype=torch.float32) + 0.5) / hh * 2 - 1)[:, None].expand(hh, ww)
     dx = ((torch.arange(ww, dtype=torch.float32) + 0.5) / ww * 2 - 1)[None, :].expand(hh, ww)
     blob = torch.from_numpy(crop)
-    best, best_iou = ALL_SHAPES[0], -1.0
-    for shape in ALL_SHAPES:
+    best, best_iou = shapes[0], -1.0
+    for shape in shapes:
         tpl = shape_mask(shape, dx, dy)
         iou = float((tpl & blob).sum()) / max(1.0, float((tpl | blob).sum()))
         if iou > best_iou:

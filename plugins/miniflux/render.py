@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .world import ALL_SHAPES, COLOURS, Layout
+from .world import COLOURS, DRAWABLE, Layout
 
 MAX_OBJECTS = 2
 
@@ -43,6 +43,12 @@ def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
         return inside & (dx.abs() <= (dy + 1) / 2)
     if shape == "hexagon":
         return inside & (dx.abs() <= 1 - dy.abs() / 2)
+    if shape == "cross":
+        return inside & ((dx.abs() <= 1 / 3) | (dy.abs() <= 1 / 3))
+    if shape == "diamond":
+        return dx.abs() + dy.abs() <= 1
+    if shape == "ring":
+        return (dx * dx + dy * dy <= 1) & (dx * dx + dy * dy >= 0.3)
     if shape == "star":
         odd = torch.zeros_like(dx, dtype=torch.bool)
         for (x1, y1), (x2, y2) in zip(STAR, STAR[1:] + STAR[:1], strict=True):
@@ -52,7 +58,7 @@ def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
             at = x1 + (dy - y1) * (x2 - x1) / (y2 - y1)
             odd ^= crosses & (dx < at)
         return odd
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(DRAWABLE)}")
 
 
 def grid(width: int, height: int, device: Any = "cpu", supersample: int = 1) -> tuple[Any, Any]:
