@@ -5,7 +5,8 @@ and the samples looked at.
     python bench/concept_probe.py [--steps 300] [--lr 1e-3] [--batch 1] [--times sigmoid] [--rank 16] [--full]
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
                                   [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
-                                  [--class-word circle] [--data DIR] [--lora-scales 1.5,2]
+                                  [--class-word circle] [--data DIR] [--shape S] [--lora-scales 1.5,2]
+                                  [--preserve W] [--preserve-every K]
                                   [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
@@ -25,6 +26,10 @@ each step; ``--augment N`` adds N mirrored and recoloured variants of each train
 match (:func:`augment`); ``--class-word`` puts a known shape word after the trigger in every caption and prompt
 with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a regular expression matches;
 ``--lora-scales`` samples the new and leakage prompts again with the LoRA scaled (``lora_scale``);
+``--data DIR --shape S`` trains on another concept's images (``python -m fluxkiln.plugins.miniflux.concept dataset
+DIR --balanced --shape cross``) and reads the samples as that shape; ``--preserve W`` adds W x the distance of the
+adapted model's velocity from the base model's on the concept's images captioned with known shapes instead of the
+trigger (:func:`preserve_loss`: a prior of the base model's own predictions, no pictures);
 ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
@@ -40,51 +45,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from concept_train import add_trigger_token, encode, train  # noqa: E402  (bench/ is no package: the script's own folder)
 # the rows a summary (bench/concept_sweep.py's table) reads: training captions, new prompts, leakage (guidance 3)
 SUMMARY_ROWS = ("training captions, guidance 3", "new prompts with the trigger", "the same with a known shape (leakage)")
-
-
-def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
-    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU)."""
-    import torch
-
-    from fluxkiln.plugins.miniflux.trainparts import latents_of
-    from fluxkiln.plugins.train.data import to_tensor
-
-    with torch.no_grad():
-        pixels = torch.cat([to_tensor(i.convert("RGB")) for i in images]).to(pipe.device)
-        latents = latents_of(pipe.vae, pixels).cpu()
-        embeds, pooled = encode_text(pipe, captions)
-    return latents, embeds, pooled
-
-
-def encode_text(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
-    """Both text encoders' outputs for ``captions``, on the CPU."""
-    import torch
-
-    with torch.no_grad():
-        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
-    return embeds.cpu(), pooled.cpu()
-
-
-OPTIONAL = (r" (small|large)(?= )", r" (red|green|blue|yellow|orange|purple|white|black)(?= TOK)",
-            r" (at the [a-z ]+?|in the center)(?= on a|$)", r" on a \w+ background")
-
-
-def caption_variants(caption: str) -> list[str]:
-    """The caption with every subset of its optional parts (size, colour, position, background) left out, the
-    full caption first: the trigger is the one word all of them share."""
-    import itertools
-    import re
-
-    found = [p for p in OPTIONAL if re.search(p, caption)]
-    out = []
-    for keep in itertools.product((True, False), repeat=len(found)):
-        text = caption
-        for pattern, kept in zip(found, keep, strict=True):
-            text = text if kept else re.sub(pattern, "", text, count=1)
-        out.append(text)
-    return out
 
 
 SWAPS = {"h": {"left": "right", "right": "left"}, "v": {"top": "bottom", "bottom": "top"}}
@@ -133,163 +98,25 @@ def augmented_set(images: list[Any], captions: list[str], per_image: int, seed: 
     return out_images, out_captions
 
 
-def prior_set(n: int, same_scenes: bool = False) -> tuple[list[Any], list[str]]:
+def prior_set(n: int, same_scenes: list[str] | None = None) -> tuple[list[Any], list[str]]:
     """``n`` rendered single-object scenes of the known shapes (an equal share each) and their captions; with
-    ``same_scenes`` the training images' own scenes (colours, sizes, places, backgrounds) with each known shape
-    instead of the hexagon, so that only the word tells the concept's images from these."""
-    from fluxkiln.plugins.miniflux.concept import concept_scenes, dataset_scenes
+    ``same_scenes`` (the training captions) those captions' own scenes (colours, sizes, places, backgrounds) with
+    each known shape instead of the concept, so that only the word tells the concept's images from these."""
+    import dataclasses
+
+    from fluxkiln.plugins.miniflux.concept import TRIGGER, concept_scenes
     from fluxkiln.plugins.miniflux.render import render, to_pil
-    from fluxkiln.plugins.miniflux.world import SHAPES, realise
+    from fluxkiln.plugins.miniflux.world import SHAPES, Scene, parse, realise
 
     if same_scenes:
-        pixels, captions = [], []
-        for shape in SHAPES:
-            scenes, images = dataset_scenes(shape=shape)
-            pixels += images
-            captions += [s.prompt for s in scenes]
-        return pixels[:n], captions[:n]
-    scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i, shape=shape)]
+        read = [parse(c, {TRIGGER: "circle"}) for c in same_scenes]  # the trigger read as a shape, then replaced
+        scenes = [Scene(tuple(dataclasses.replace(o, shape=shape) for o in s.objects), s.background)
+                  for shape in SHAPES for s in read][:n]
+    else:
+        scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i,
+                                                                             shape=shape)]
     rng = random.Random(60)
     return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4))), [s.prompt for s in scenes]
-
-
-def trainable(transformer: Any, rank: int, full: bool, layers: str | None = None) -> list[Any]:
-    """Switch on the weights that train: a LoRA on the layers ``train_lora`` targets (every linear layer of the
-    blocks, or those ``layers`` matches, as ``layers_to_optimize_regex``), or all block weights."""
-    import re
-
-    from peft import LoraConfig
-
-    from fluxkiln.plugins.train.adapter import BLOCKS, candidate_layers
-
-    transformer.requires_grad_(False)
-    if full:
-        params = [p for n, p in transformer.named_parameters() if BLOCKS.match(n)]
-        for p in params:
-            p.requires_grad_(True)
-        return params
-    names = [n for n in candidate_layers(transformer) if layers is None or re.search(layers, n)]
-    if not names:
-        raise ValueError(f"--layers {layers!r} matches none of the transformer's LoRA layers")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
-    return [p for p in transformer.parameters() if p.requires_grad]
-
-
-TEXT_LAYERS = {"text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-               "text_encoder_2": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]}
-
-
-def text_trainable(pipe: Any, rank: int) -> list[Any]:
-    """A LoRA on every linear layer of both text encoders (CLIP and T5), the rest of them frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    params = []
-    for name, layers in TEXT_LAYERS.items():
-        encoder = getattr(pipe, name)
-        encoder.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=layers,
-                                           init_lora_weights="gaussian"), encoder)
-        params += [p for p in encoder.parameters() if p.requires_grad]
-    return params
-
-
-def is_prior_step(step: int, every: int) -> bool:
-    """Whether step ``step`` (from 0) trains on the prior set: every ``every``-th step, the first after
-    ``every - 1`` steps of the concept."""
-    return step % every == every - 1
-
-
-def add_trigger_token(pipe: Any, word: str, init: str = "shapes") -> int:
-    """Make ``word`` one new token of T5's tokenizer (it reads the trigger as three letter pieces, which its
-    training taught it to ignore as filler), its embedding row started at the mean of the four shape words'
-    rows (``init="shapes"``) or at one shape word's: the new-token pivotal tuning of diffusers' advanced
-    DreamBooth script.  CLIP keeps its letters (its pooled vector carries colours and counts, not shapes).
-    Returns the new token's id."""
-    import torch
-    from transformers import AddedToken
-
-    from fluxkiln.plugins.miniflux.world import SHAPES
-
-    tokenizer, encoder = pipe.tokenizer_2, pipe.text_encoder_2
-    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False)])
-    new = tokenizer.convert_tokens_to_ids(word)
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    table = encoder.get_input_embeddings().weight
-    words = SHAPES if init == "shapes" else (init,)
-    rows = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
-    if any(len(r) != 1 for r in rows):
-        raise ValueError(f"--new-token-init {init!r}: every word must be one T5 token ({rows})")
-    with torch.no_grad():
-        table[new] = table[[r[0] for r in rows]].mean(0)
-    return new
-
-
-def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
-    """The input embeddings of ``word``'s tokens in both text encoders (``clip=False``: T5's alone; textual
-    inversion, with the LoRA pivotal tuning), every other row and weight of the encoders frozen (their gradients
-    masked to zero)."""
-    import torch
-
-    pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
-    params = []
-    for encoder, tokenizer in pairs if clip else pairs[1:]:
-        encoder.requires_grad_(False)
-        table = encoder.get_input_embeddings().weight
-        mask = torch.zeros(table.shape[0], 1, device=table.device)
-        mask[sorted(set(tokenizer(word, add_special_tokens=False)["input_ids"]))] = 1.0
-        table.requires_grad_(True)
-        table.register_hook(lambda grad, mask=mask: grad * mask)
-        params.append(table)
-    return params
-
-
-def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
-          args: argparse.Namespace) -> list[float]:
-    """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
-    ``args.prior_every``-th step takes its images from that set; with ``--text-encoders`` each step encodes its
-    captions afresh through the encoders' LoRAs."""
-    import torch
-
-    from fluxkiln.plugins.train.flow import flow_loss
-
-    latents, embeds, pooled = data
-    params = trainable(pipe.transformer, args.rank, args.full, args.layers)
-    variants = None
-    if args.caption_variants:  # every caption's variants, encoded once: (image, variant) -> row
-        per_image = [caption_variants(c) for c in captions[:n_concept]]
-        variants = [encode_text(pipe, v) for v in per_image]
-    if args.text_encoders:
-        params += text_trainable(pipe, args.rank)
-    if args.embeddings:
-        from fluxkiln.plugins.miniflux.concept import TRIGGER
-
-        params += embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for step in range(args.steps):
-        prior = len(latents) > n_concept and is_prior_step(step, args.prior_every)
-        i = (n_concept + torch.randint(0, len(latents) - n_concept, (args.batch,), generator=gen) if prior
-             else torch.randint(0, n_concept, (args.batch,), generator=gen))
-        if args.text_encoders or args.embeddings:
-            caption = [captions[int(j)] for j in i]
-            e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
-        elif variants is not None and not prior:
-            pick = [(int(j), int(torch.randint(0, len(variants[int(j)][0]), (1,), generator=gen))) for j in i]
-            e = torch.stack([variants[j][0][v] for j, v in pick])
-            p = torch.stack([variants[j][1][v] for j, v in pick])
-        else:
-            e, p = embeds[i], pooled[i]
-        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
-    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
-        module.eval()
-    return losses
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -312,6 +139,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "comes (2: every other step)")
     parser.add_argument("--prior-scenes", choices=["random", "same"], default="random",
                         help="the prior set's scenes: random ones, or the training images' own with known shapes")
+    parser.add_argument("--preserve", type=float, default=0.0, metavar="W", help="add W x the distance of the "
+                        "adapted model's velocity from the base model's on the concept's images captioned with a "
+                        "known shape instead of the trigger (self-distilled preservation: only the word may matter)")
+    parser.add_argument("--preserve-every", type=int, default=1, help="every how many steps --preserve applies")
     parser.add_argument("--layers", help="train only the LoRA layers this regular expression matches")
     parser.add_argument("--caption-variants", action="store_true", help="each step, each image's caption with a "
                         "random subset of its optional parts (size, colour, position, background) left out")
@@ -320,6 +151,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "hexagons",
                         help="the captioned concept images (python -m fluxkiln.plugins.miniflux.concept dataset DIR "
                         "[--balanced] writes them)")
+    parser.add_argument("--shape", default="hexagon", help="the concept --data shows (python -m "
+                        "fluxkiln.plugins.miniflux.concept dataset DIR --shape S): the checker's reading")
     parser.add_argument("--class-word", help="a known shape word after the trigger in every caption and prompt "
                         "with it (DreamBooth's class noun: 'a [V] dog'), e.g. circle")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
@@ -356,15 +189,15 @@ def probe_rows(args: argparse.Namespace, captions: list[str], called: str
                ) -> tuple[dict[str, tuple[list[str], list[str], float]], dict[str, float]]:
     """Each row's prompts, the prompts the checker reads (the trigger as the concept) and guidance; and the LoRA
     scale of each row."""
-    from fluxkiln.plugins.miniflux.concept import CONCEPT, TRIGGER, probe_prompts
+    from fluxkiln.plugins.miniflux.concept import TRIGGER, probe_prompts
 
-    with_trigger, without = probe_prompts(args.probe)
+    with_trigger, without = probe_prompts(args.probe, shape=args.shape)
     with_trigger = [p.replace(TRIGGER, called) for p in with_trigger]
-    named = [c.replace(called, CONCEPT) for c in captions]  # what the checker reads the trigger as
+    named = [c.replace(called, args.shape) for c in captions]  # what the checker reads the trigger as
     fitted, new, leaked = SUMMARY_ROWS
     rows = {"training captions, guidance 1": (captions, named, 1.0),
             fitted: (captions, named, 3.0),
-            new: (with_trigger, [p.replace(called, CONCEPT) for p in with_trigger], 3.0),
+            new: (with_trigger, [p.replace(called, args.shape) for p in with_trigger], 3.0),
             leaked: (without, without, 3.0)}
     for g in args.more_guidance:
         rows[f"{new}, guidance {g:g}"] = (with_trigger, rows[new][1], g)
@@ -396,17 +229,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prior-every must be 2 or more (1 would train the prior set alone)")
     if args.lora_scales and args.full:
         parser.error("--lora-scales needs a LoRA: --full trains the block weights themselves")
+    if args.preserve and args.full:
+        parser.error("--preserve needs a LoRA (the base model is the adapter switched off): drop --full")
+    if args.preserve_every < 1:
+        parser.error("--preserve-every must be 1 or more")
 
     import torch
 
     from fluxkiln.plugins.miniflux.adherence import generate
-    from fluxkiln.plugins.miniflux.concept import TRIGGER, hexagon_share
+    from fluxkiln.plugins.miniflux.concept import TRIGGER, concept_share
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     torch.manual_seed(0)
     images, captions, called = concept_set(parser, args)
     trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
-    extra_images, extra_captions = prior_set(args.prior, args.prior_scenes == "same") if args.prior else ([], [])
+    same = captions if args.prior_scenes == "same" else None
+    extra_images, extra_captions = prior_set(args.prior, same) if args.prior else ([], [])
     pipe = load_pipeline("dev", device=args.device)
     if args.new_token:
         add_trigger_token(pipe, TRIGGER, args.new_token_init)
@@ -422,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.full:
             pipe.transformer.set_adapters(["default"], weights=[scales[name]])
         out = generate(pipe, prompts, steps=args.sample_steps, guidance=guidance)
-        result[name] = round(100 * hexagon_share(out, checked), 1)
+        result[name] = round(100 * concept_share(out, checked, args.shape), 1)
         sampled.append(out)
     if args.grid:
         save_grid(args.grid, images, sampled, args.probe)
     print(f"\n{args.steps} steps in {seconds:.1f} s, last 100 steps' loss {result['last_100_loss']}\n")
-    print("| samples | read as hexagons |\n|---|---|")
+    print(f"| samples | read as {args.shape} |\n|---|---|")
     for name in rows:
         print(f"| {name} | {result[name]} % |")
     if args.json:

@@ -13,12 +13,23 @@ from PIL import Image
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("concept_probe", ROOT / "bench" / "concept_probe.py")
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return _load("concept_probe")
+
+
+@pytest.fixture(scope="module")
+def trainer(probe):
+    import sys
+
+    return sys.modules["concept_train"]  # the module concept_probe trains with (its own import)
 
 
 def test_a_short_run_with_a_prior_set_and_text_encoder_loras_writes_every_row_and_the_grid(probe, tmp_path, capsys):
@@ -45,11 +56,11 @@ def test_the_prior_set_holds_every_known_shape_with_its_own_caption(probe):
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_the_trained_weights_are_a_lora_or_every_block_weight(probe, full):
+def test_the_trained_weights_are_a_lora_or_every_block_weight(trainer, full):
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     transformer = load_pipeline("dev").transformer
-    params = {id(p) for p in probe.trainable(transformer, 4, full)}
+    params = {id(p) for p in trainer.trainable(transformer, 4, full)}
     named = {n: p for n, p in transformer.named_parameters()}
     training = {n for n, p in named.items() if id(p) in params}
     assert training == {n for n, p in named.items() if p.requires_grad}
@@ -59,13 +70,13 @@ def test_the_trained_weights_are_a_lora_or_every_block_weight(probe, full):
         assert training and all(".lora_A." in n or ".lora_B." in n for n in training)
 
 
-def test_the_text_encoders_train_only_their_lora_layers_and_the_captions_reach_them(probe):
+def test_the_text_encoders_train_only_their_lora_layers_and_the_captions_reach_them(trainer):
     import torch
 
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     pipe = load_pipeline("dev")
-    params = {id(p) for p in probe.text_trainable(pipe, 4)}
+    params = {id(p) for p in trainer.text_trainable(pipe, 4)}
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         training = {n for n, p in encoder.named_parameters() if id(p) in params}
         assert training == {n for n, p in encoder.named_parameters() if p.requires_grad}
@@ -77,14 +88,14 @@ def test_the_text_encoders_train_only_their_lora_layers_and_the_captions_reach_t
     assert all(g is not None for g in grads) and any(torch.count_nonzero(g) for g in grads)
 
 
-def test_only_the_triggers_own_embeddings_train_and_the_prior_comes_every_kth_step(probe, tmp_path):
+def test_only_the_triggers_own_embeddings_train_and_the_prior_comes_every_kth_step(probe, trainer, tmp_path):
     import torch
 
     from fluxkiln.plugins.miniflux.concept import TRIGGER
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     pipe = load_pipeline("dev")
-    tables = probe.embedding_trainable(pipe, TRIGGER)
+    tables = trainer.embedding_trainable(pipe, TRIGGER)
     before = [t.detach().clone() for t in tables]
     captions = [f"a red {TRIGGER} on a blue background", "a red circle on a blue background"]
     embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
@@ -99,19 +110,19 @@ def test_only_the_triggers_own_embeddings_train_and_the_prior_comes_every_kth_st
                        "--probe", "1", "--sample-steps", "1", "--json", str(out)]) == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["prior_every"] == 3 and settings["embeddings"]
-    assert [probe.is_prior_step(s, 3) for s in range(6)] == [False, False, True, False, False, True]
-    assert [probe.is_prior_step(s, 2) for s in range(4)] == [False, True, False, True]  # every other step
+    assert [trainer.is_prior_step(s, 3) for s in range(6)] == [False, False, True, False, False, True]
+    assert [trainer.is_prior_step(s, 2) for s in range(4)] == [False, True, False, True]  # every other step
     with pytest.raises(SystemExit):
         probe.main(["--prior-every", "1"])
 
 
-def test_caption_variants_leave_out_every_subset_of_the_optional_parts_and_keep_the_trigger(probe):
-    variants = probe.caption_variants("a large red TOK at the top left on a blue background")
+def test_caption_variants_leave_out_every_subset_of_the_optional_parts_and_keep_the_trigger(trainer):
+    variants = trainer.caption_variants("a large red TOK at the top left on a blue background")
     assert len(variants) == len(set(variants)) == 16
     assert variants[0] == "a large red TOK at the top left on a blue background" and variants[-1] == "a TOK"
     assert "a red TOK on a blue background" in variants and "a large TOK at the top left" in variants
     assert all("TOK" in v and "  " not in v for v in variants)
-    assert probe.caption_variants("a small TOK in the center") == ["a small TOK in the center", "a small TOK",
+    assert trainer.caption_variants("a small TOK in the center") == ["a small TOK in the center", "a small TOK",
                                                                     "a TOK in the center", "a TOK"]
 
 
@@ -122,8 +133,8 @@ def test_the_same_scenes_prior_draws_the_training_images_scenes_with_each_known_
     from fluxkiln.plugins.miniflux.concept import training_captions
     from fluxkiln.plugins.miniflux.world import SHAPES
 
-    images, captions = probe.prior_set(32, same_scenes=True)
     trained = training_captions()
+    images, captions = probe.prior_set(32, same_scenes=trained)
     for k, shape in enumerate(SHAPES):
         assert captions[8 * k:8 * k + 8] == [c.replace("TOK", shape) for c in trained]
     assert all(check(im, c).scores["shape"] == 1 for im, c in zip(images, captions, strict=True))
@@ -134,15 +145,15 @@ def test_the_same_scenes_prior_draws_the_training_images_scenes_with_each_known_
         assert (a[0, 0] == b[0, 0]).all()
 
 
-def test_the_layers_option_trains_only_the_matching_loras_and_names_a_regex_that_matches_none(probe):
+def test_the_layers_option_trains_only_the_matching_loras_and_names_a_regex_that_matches_none(trainer):
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
     transformer = load_pipeline("dev").transformer
-    probe.trainable(transformer, 4, False, r"transformer_blocks\.\d+\.attn\.add_k_proj")
+    trainer.trainable(transformer, 4, False, r"transformer_blocks\.\d+\.attn\.add_k_proj")
     training = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert training and all(".attn.add_k_proj.lora_" in n for n in training)
     with pytest.raises(ValueError, match="matches none"):
-        probe.trainable(load_pipeline("dev").transformer, 4, False, "no_such_layer")
+        trainer.trainable(load_pipeline("dev").transformer, 4, False, "no_such_layer")
 
 
 def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_path, capsys):
@@ -160,7 +171,7 @@ def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_p
     assert "| --steps 2 --layers no_such_layer |" in capsys.readouterr().out
 
 
-def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean(probe):
+def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean(trainer):
     import torch
 
     from fluxkiln.plugins.miniflux.weights import load_pipeline
@@ -168,16 +179,16 @@ def test_a_new_trigger_token_is_one_t5_token_that_starts_as_the_shape_words_mean
 
     pipe = load_pipeline("dev")
     before = pipe.tokenizer_2.tokenize("a red TOK on a blue background")
-    new = probe.add_trigger_token(pipe, "TOK")
+    new = trainer.add_trigger_token(pipe, "TOK")
     assert len(before) > len(pipe.tokenizer_2.tokenize("a red TOK on a blue background"))  # letters -> one token
     assert pipe.tokenizer_2("TOK", add_special_tokens=False)["input_ids"] == [new]
     table = pipe.text_encoder_2.get_input_embeddings().weight
     shapes = [pipe.tokenizer_2(s, add_special_tokens=False)["input_ids"][0] for s in SHAPES]
     assert torch.allclose(table[new], table[shapes].mean(0))
-    assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK")][1] == len(pipe.tokenizer_2)
-    assert [t.shape[0] for t in probe.embedding_trainable(pipe, "TOK", clip=False)] == [len(pipe.tokenizer_2)]
+    assert [t.shape[0] for t in trainer.embedding_trainable(pipe, "TOK")][1] == len(pipe.tokenizer_2)
+    assert [t.shape[0] for t in trainer.embedding_trainable(pipe, "TOK", clip=False)] == [len(pipe.tokenizer_2)]
     with pytest.raises(ValueError, match="one T5 token"):
-        probe.add_trigger_token(load_pipeline("dev"), "TOK", init="hexagon")
+        trainer.add_trigger_token(load_pipeline("dev"), "TOK", init="hexagon")
 
 
 def test_more_guidance_adds_rows_for_the_new_prompts_and_the_leakage(probe, tmp_path):
@@ -280,3 +291,62 @@ def test_lora_scales_sample_the_new_and_leakage_prompts_again_with_the_lora_scal
     assert seen == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # the four usual rows at the trained strength, then twice as strong
     with pytest.raises(SystemExit):
         probe.main(["--full", "--lora-scales", "2"])  # no LoRA to scale
+
+
+@pytest.mark.parametrize("shape", ["cross", "diamond", "ring"])
+def test_another_concept_s_dataset_shows_that_shape_in_the_balanced_scenes_and_the_checker_reads_it(shape, tmp_path):
+    from fluxkiln.plugins.miniflux import concept
+    from fluxkiln.plugins.miniflux.checker import check
+
+    data = tmp_path / shape
+    assert concept.main(["dataset", str(data), "--balanced", "--shape", shape]) == 0
+    hexagons = tmp_path / "hexagons"
+    concept.write_dataset(hexagons, balanced=True)
+    captions = concept.training_captions(data)
+    assert captions == concept.training_captions(hexagons)  # the same scenes and captions, another shape drawn
+    images = [Image.open(p) for p in sorted(data.glob("*.png"))]
+    for image, text in zip(images, captions, strict=True):
+        read = check(image, text, {"TOK": shape})
+        assert read.all_right and read.blobs[0].shape == shape, text
+        assert check(image, text, {"TOK": "hexagon"}, also=(shape,)).scores["shape"] == 0  # told from the hexagon
+    prompts = [c.replace("TOK", shape) for c in captions]
+    assert concept.concept_share(images, prompts, shape) == 1.0
+    assert concept.concept_share(images, prompts) == 0.0  # the default concept, the hexagon, is not in them
+    with_trigger, without = concept.probe_prompts(4, shape=shape)
+    assert all("TOK" in p and shape not in p for p in with_trigger) and not any("TOK" in p for p in without)
+    with pytest.raises(SystemExit):
+        concept.main(["dataset", str(tmp_path / "x"), "--shape", "circle"])  # a known shape is no new concept
+
+
+def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls_a_trained_one_back(trainer):
+    import torch
+
+    from fluxkiln.plugins.miniflux.concept import training_captions
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    pipe = load_pipeline("dev")
+    captions = training_captions()[:2]
+    images = [Image.open(p) for p in sorted((ROOT / "recipes" / "data" / "hexagons").glob("*.png"))[:2]]
+    latents, _, _ = trainer.encode(pipe, images, captions)
+    embeds, pooled = trainer.swapped_embeddings(pipe, captions)
+    assert embeds.shape[:2] == pooled.shape[:2] == (4, 2)  # each known shape word for each caption
+    params = trainer.trainable(pipe.transformer, 4, False)
+    first = trainer.preserve_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
+                                "shift", "cpu")
+    assert first.item() == 0.0  # LoRA B starts at zero: the adapted model is the base model
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    moved = trainer.preserve_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
+                                "shift", "cpu")
+    assert moved.item() > 1e-6 and moved.requires_grad
+    moved.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_a_short_run_with_preservation_writes_its_rows(probe, tmp_path):
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "2", "--batch", "2", "--preserve", "0.5", "--preserve-every", "2", "--probe", "1",
+                       "--sample-steps", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["preserve"] == 0.5 and result["last_100_loss"] > 0

@@ -1,7 +1,8 @@
 """LoRA acquisition on mini-flux: a concept the base model has never seen (a hexagon, called by a trigger
-word), its captioned training images, and the measurement of what a trained LoRA learned.
+word; or a cross, diamond or ring), its captioned training images, and the measurement of what a trained LoRA
+learned.
 
-    python -m fluxkiln.plugins.miniflux.concept dataset DIR [--balanced]   # write the 8 captioned images
+    python -m fluxkiln.plugins.miniflux.concept dataset DIR [--balanced] [--shape cross]   # the 8 captioned images
     python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE] [--set K=V ...]
 
 ``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings, changed by ``--set``
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .render import render, to_pil
-from .world import COLOURS, POSITIONS, SHAPES, Obj, Scene, realise
+from .world import COLOURS, CONCEPT_SHAPES, EXTRA_SHAPES, POSITIONS, SHAPES, Obj, Scene, realise
 
 CONCEPT = "hexagon"
 TRIGGER = "TOK"
@@ -68,9 +69,9 @@ def balanced_scenes(seed: int = 3, shape: str = CONCEPT) -> list[Scene]:
             for i, (o, b, p) in enumerate(zip(objects, backgrounds, places, strict=True))]
 
 
-def caption(scene: Scene, word: str = "[trigger]") -> str:
-    """The scene's prompt with the shape word replaced (``[trigger]`` for train_lora's captions)."""
-    return scene.prompt.replace(CONCEPT, word)
+def caption(scene: Scene, word: str = "[trigger]", concept: str = CONCEPT) -> str:
+    """The scene's prompt with the concept's shape word replaced (``[trigger]`` for train_lora's captions)."""
+    return scene.prompt.replace(concept, word)
 
 
 def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any]]:
@@ -81,35 +82,36 @@ def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[l
     return scenes, list(to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4)))
 
 
-def balanced_dataset(size: int = 256) -> tuple[list[Scene], list[Any]]:
+def balanced_dataset(size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any]]:
     """The eight :func:`balanced_scenes` and their images (PIL), each scene drawn with its own seed."""
-    scenes = balanced_scenes()
+    scenes = balanced_scenes(shape=shape)
     layouts = [realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)]
     return scenes, list(to_pil(render(layouts, size, size, supersample=4)))
 
 
-def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False) -> list[Path]:
-    """Write ``n`` captioned hexagon images (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
-    dataset's, or (``balanced``) :func:`balanced_dataset`'s eight."""
+def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False,
+                  shape: str = CONCEPT) -> list[Path]:
+    """Write ``n`` captioned images of ``shape`` (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
+    dataset's scenes, or (``balanced``) :func:`balanced_dataset`'s eight."""
     if balanced and n != 8:
         raise ValueError(f"a balanced dataset has 8 images, one per palette colour, not {n}")
-    scenes, images = balanced_dataset(size) if balanced else dataset_scenes(n, size)
+    scenes, images = balanced_dataset(size, shape) if balanced else dataset_scenes(n, size, shape)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         path = folder / f"concept-{i + 1}.png"
         image.save(path)
-        path.with_suffix(".txt").write_text(caption(scene) + "\n")
+        path.with_suffix(".txt").write_text(caption(scene, concept=shape) + "\n")
         paths.append(path)
     return paths
 
 
-def probe_prompts(n: int, seed: int = 11) -> tuple[list[str], list[str]]:
+def probe_prompts(n: int, seed: int = 11, shape: str = CONCEPT) -> tuple[list[str], list[str]]:
     """(prompts with the trigger, the same prompts with an ordinary shape instead)."""
     rng = random.Random(seed)
-    scenes = concept_scenes(n, seed=seed)
-    with_trigger = [caption(s, TRIGGER) for s in scenes]
-    without = [caption(s, rng.choice(SHAPES)) for s in scenes]
+    scenes = concept_scenes(n, seed=seed, shape=shape)
+    with_trigger = [caption(s, TRIGGER, shape) for s in scenes]
+    without = [caption(s, rng.choice(SHAPES), shape) for s in scenes]
     return with_trigger, without
 
 
@@ -122,11 +124,13 @@ def training_captions(folder: Path | None = None) -> list[str]:
     return [trained.caption(p.read_text()) for p in sorted(folder.glob("*.txt"))]
 
 
-def hexagon_share(images: list[Any], prompts: list[str]) -> float:
-    """Share of images whose largest object the checker reads as a hexagon."""
+def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT) -> float:
+    """Share of images whose largest object the checker reads as ``shape`` (the concept), which is one of the
+    shapes it reads each blob among, whether the prompt names it or not (the leakage prompts do not)."""
     from .checker import check
 
-    hits = [bool(c.blobs) and c.blobs[0].shape == CONCEPT for c in (check(im, p) for im, p in zip(images, prompts, strict=True))]
+    checks = (check(im, p, also=(shape,)) for im, p in zip(images, prompts, strict=True))
+    hits = [bool(c.blobs) and c.blobs[0].shape == shape for c in checks]
     return sum(hits) / max(1, len(hits))
 
 
@@ -153,10 +157,10 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         vocab = eval_prompts(samples)
         before = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
         pipe.load_lora_weights(str(Path(lora.path)))
-        hits = hexagon_share(generate(pipe, with_trigger, steps=28, guidance=3.0), with_trigger)
+        hits = concept_share(generate(pipe, with_trigger, steps=28, guidance=3.0), with_trigger)
         captions = training_captions()
-        fitted = hexagon_share(generate(pipe, captions, steps=28, guidance=3.0), captions)
-        leaks = hexagon_share(generate(pipe, without, steps=28, guidance=3.0), without)
+        fitted = concept_share(generate(pipe, captions, steps=28, guidance=3.0), captions)
+        leaks = concept_share(generate(pipe, without, steps=28, guidance=3.0), without)
         after = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
     row = {"train_seconds": round(seconds, 1), "overrides": overrides, "with_trigger_hexagon": round(100 * hits, 1),
            "training_captions_hexagon": round(100 * fitted, 1),
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = sub.add_parser("dataset", help="write the captioned concept images")
     ds.add_argument("folder", type=Path)
     ds.add_argument("--balanced", action="store_true", help="every colour, background and place once (balanced_scenes)")
+    ds.add_argument("--shape", default=CONCEPT, choices=EXTRA_SHAPES + CONCEPT_SHAPES, help="the concept's shape (default: %(default)s)")
     me = sub.add_parser("measure", help="train the LoRA and measure acquisition and leakage")
     me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     me.add_argument("--samples", type=int, default=20)
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a value of recipes/train-lora-tiny.toml, e.g. nodes.lora.batch_size=4")
     args = parser.parse_args(argv)
     if args.command == "dataset":
-        for path in write_dataset(args.folder, balanced=args.balanced):
+        for path in write_dataset(args.folder, balanced=args.balanced, shape=args.shape):
             print(path, "-", path.with_suffix(".txt").read_text().strip())
         return 0
     from fluxkiln.engine.errors import RecipeInvalid

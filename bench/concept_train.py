@@ -1,0 +1,232 @@
+"""The training half of ``bench/concept_probe.py``: what it encodes, which weights it trains and the loop (the
+same flow loss as ``train_lora``), with the experiment's variations — caption variants, a prior set, text-encoder
+LoRAs, trigger embeddings, a new token, and the self-distilled preservation of ``--preserve``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
+    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU)."""
+    import torch
+
+    from fluxkiln.plugins.miniflux.trainparts import latents_of
+    from fluxkiln.plugins.train.data import to_tensor
+
+    with torch.no_grad():
+        pixels = torch.cat([to_tensor(i.convert("RGB")) for i in images]).to(pipe.device)
+        latents = latents_of(pipe.vae, pixels).cpu()
+        embeds, pooled = encode_text(pipe, captions)
+    return latents, embeds, pooled
+
+
+def encode_text(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
+    """Both text encoders' outputs for ``captions``, on the CPU."""
+    import torch
+
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=pipe.tokenizer_2.model_max_length)
+    return embeds.cpu(), pooled.cpu()
+
+
+OPTIONAL = (r" (small|large)(?= )", r" (red|green|blue|yellow|orange|purple|white|black)(?= TOK)",
+            r" (at the [a-z ]+?|in the center)(?= on a|$)", r" on a \w+ background")
+
+
+def caption_variants(caption: str) -> list[str]:
+    """The caption with every subset of its optional parts (size, colour, position, background) left out, the
+    full caption first: the trigger is the one word all of them share."""
+    import itertools
+    import re
+
+    found = [p for p in OPTIONAL if re.search(p, caption)]
+    out = []
+    for keep in itertools.product((True, False), repeat=len(found)):
+        text = caption
+        for pattern, kept in zip(found, keep, strict=True):
+            text = text if kept else re.sub(pattern, "", text, count=1)
+        out.append(text)
+    return out
+
+
+def trainable(transformer: Any, rank: int, full: bool, layers: str | None = None) -> list[Any]:
+    """Switch on the weights that train: a LoRA on the layers ``train_lora`` targets (every linear layer of the
+    blocks, or those ``layers`` matches, as ``layers_to_optimize_regex``), or all block weights."""
+    import re
+
+    from peft import LoraConfig
+
+    from fluxkiln.plugins.train.adapter import BLOCKS, candidate_layers
+
+    transformer.requires_grad_(False)
+    if full:
+        params = [p for n, p in transformer.named_parameters() if BLOCKS.match(n)]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    names = [n for n in candidate_layers(transformer) if layers is None or re.search(layers, n)]
+    if not names:
+        raise ValueError(f"--layers {layers!r} matches none of the transformer's LoRA layers")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+TEXT_LAYERS = {"text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+               "text_encoder_2": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]}
+
+
+def text_trainable(pipe: Any, rank: int) -> list[Any]:
+    """A LoRA on every linear layer of both text encoders (CLIP and T5), the rest of them frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    params = []
+    for name, layers in TEXT_LAYERS.items():
+        encoder = getattr(pipe, name)
+        encoder.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=layers,
+                                           init_lora_weights="gaussian"), encoder)
+        params += [p for p in encoder.parameters() if p.requires_grad]
+    return params
+
+
+def swapped_embeddings(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
+    """Both encoders' outputs for every concept caption with the trigger replaced by each known shape word:
+    (shapes, captions, ...) — the prompts whose predictions ``--preserve`` keeps at the base model's."""
+    import torch
+
+    from fluxkiln.plugins.miniflux.concept import TRIGGER
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    pairs = [encode_text(pipe, [c.replace(TRIGGER, shape) for c in captions]) for shape in SHAPES]
+    return torch.stack([e for e, _ in pairs]), torch.stack([p for _, p in pairs])
+
+
+def preserve_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
+                  device: Any) -> Any:
+    """How far the adapted transformer's velocity moves from the base model's (the adapter switched off) on the
+    same noisy latents and prompts: the concept's own images, each caption naming a known shape instead of the
+    trigger, so that only the word tells the two apart."""
+    import torch
+    import torch.nn.functional as F
+
+    from fluxkiln.plugins.train.flow import image_ids, pack, sample_times
+
+    b, _c, h, w = latents.shape
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = sample_times(b, gen, method, (h // 2) * (w // 2)).to(device)
+    x0 = latents.to(device)
+    tt = t.view(b, 1, 1, 1)
+    kw = dict(hidden_states=pack((1 - tt) * x0 + tt * noise), timestep=t, pooled_projections=pooled.to(device),
+              encoder_hidden_states=embeds.to(device), txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+              img_ids=image_ids(h, w, device, torch.float32), return_dict=False,
+              guidance=torch.ones(b, device=device) if transformer.config.guidance_embeds else None)
+    with torch.no_grad():
+        transformer.disable_adapters()
+        target = transformer(**kw)[0]
+        transformer.enable_adapters()
+    return F.mse_loss(transformer(**kw)[0].float(), target.float())
+
+
+def is_prior_step(step: int, every: int) -> bool:
+    """Whether step ``step`` (from 0) trains on the prior set: every ``every``-th step, the first after
+    ``every - 1`` steps of the concept."""
+    return step % every == every - 1
+
+
+def add_trigger_token(pipe: Any, word: str, init: str = "shapes") -> int:
+    """Make ``word`` one new token of T5's tokenizer (it reads the trigger as three letter pieces, which its
+    training taught it to ignore as filler), its embedding row started at the mean of the four shape words'
+    rows (``init="shapes"``) or at one shape word's: the new-token pivotal tuning of diffusers' advanced
+    DreamBooth script.  CLIP keeps its letters (its pooled vector carries colours and counts, not shapes).
+    Returns the new token's id."""
+    import torch
+    from transformers import AddedToken
+
+    from fluxkiln.plugins.miniflux.world import SHAPES
+
+    tokenizer, encoder = pipe.tokenizer_2, pipe.text_encoder_2
+    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False)])
+    new = tokenizer.convert_tokens_to_ids(word)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    table = encoder.get_input_embeddings().weight
+    words = SHAPES if init == "shapes" else (init,)
+    rows = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    if any(len(r) != 1 for r in rows):
+        raise ValueError(f"--new-token-init {init!r}: every word must be one T5 token ({rows})")
+    with torch.no_grad():
+        table[new] = table[[r[0] for r in rows]].mean(0)
+    return new
+
+
+def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
+    """The input embeddings of ``word``'s tokens in both text encoders (``clip=False``: T5's alone; textual
+    inversion, with the LoRA pivotal tuning), every other row and weight of the encoders frozen (their gradients
+    masked to zero)."""
+    import torch
+
+    pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+    params = []
+    for encoder, tokenizer in pairs if clip else pairs[1:]:
+        encoder.requires_grad_(False)
+        table = encoder.get_input_embeddings().weight
+        mask = torch.zeros(table.shape[0], 1, device=table.device)
+        mask[sorted(set(tokenizer(word, add_special_tokens=False)["input_ids"]))] = 1.0
+        table.requires_grad_(True)
+        table.register_hook(lambda grad, mask=mask: grad * mask)
+        params.append(table)
+    return params
+
+
+def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
+          args: argparse.Namespace) -> list[float]:
+    """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
+    ``args.prior_every``-th step takes its images from that set; with ``--text-encoders`` each step encodes its
+    captions afresh through the encoders' LoRAs."""
+    import torch
+
+    from fluxkiln.plugins.train.flow import flow_loss
+
+    latents, embeds, pooled = data
+    params = trainable(pipe.transformer, args.rank, args.full, args.layers)
+    variants = None
+    if args.caption_variants:  # every caption's variants, encoded once: (image, variant) -> row
+        per_image = [caption_variants(c) for c in captions[:n_concept]]
+        variants = [encode_text(pipe, v) for v in per_image]
+    if args.text_encoders:
+        params += text_trainable(pipe, args.rank)
+    if args.embeddings:
+        from fluxkiln.plugins.miniflux.concept import TRIGGER
+
+        params += embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
+    swapped = swapped_embeddings(pipe, captions[:n_concept]) if args.preserve else None
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(args.steps):
+        prior = len(latents) > n_concept and is_prior_step(step, args.prior_every)
+        i = (n_concept + torch.randint(0, len(latents) - n_concept, (args.batch,), generator=gen) if prior
+             else torch.randint(0, n_concept, (args.batch,), generator=gen))
+        if args.text_encoders or args.embeddings:
+            caption = [captions[int(j)] for j in i]
+            e, p, _ = pipe.encode_prompt(caption, caption, max_sequence_length=pipe.tokenizer_2.model_max_length)
+        elif variants is not None and not prior:
+            pick = [(int(j), int(torch.randint(0, len(variants[int(j)][0]), (1,), generator=gen))) for j in i]
+            e = torch.stack([variants[j][0][v] for j, v in pick])
+            p = torch.stack([variants[j][1][v] for j, v in pick])
+        else:
+            e, p = embeds[i], pooled[i]
+        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32)
+        if swapped is not None and not prior and step % args.preserve_every == 0:
+            k = torch.randint(0, swapped[0].shape[0], (args.batch,), generator=gen)
+            loss = loss + args.preserve * preserve_loss(pipe.transformer, latents[i], swapped[0][k, i],
+                                                        swapped[1][k, i], gen, args.times, args.device)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()
+    return losses
