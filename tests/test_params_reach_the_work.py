@@ -124,6 +124,8 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "max_grad_norm"): Check(1.0, 1e-4),
     ("train_lora", "layers_to_optimize_regex"): Check(None, "single_transformer_blocks"),
     ("train_lora", "timestep_sampling"): Check("sigmoid", "linear"),
+    ("train_lora", "preservation_class"): Check(None, "photo"),
+    ("train_lora", "preservation_weight"): Check(1.0, 4.0, {"preservation_class": "photo"}),
     ("train_lora", "ema"): Check(True, False),
     ("train_lora", "ema_decay"): Check(0.5, 0.9),
     ("train_lora", "seed"): Check(1, 2),

@@ -53,6 +53,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_interval: int = 1
     timestep_sampling: str = "sigmoid"
+    preservation_class: str | None = None
+    preservation_weight: float = 1.0
     ema: bool = True
     ema_decay: float = 0.99
     seed: int = 42
@@ -87,6 +89,12 @@ class TrainConfig:
         if re.search(rf"(?<!\w){re.escape(trig)}(?!\w)", text):
             return text
         return f"{trig}, {text}" if text else trig
+
+    def preserved(self, caption: str) -> str:
+        """A trained caption with the trigger word replaced by ``preservation_class`` (what the preservation term
+        keeps at the base model's prediction)."""
+        word = re.escape(self.trigger_word.strip())
+        return re.sub(rf"(?<!\w){word}(?!\w)", lambda _m: self.preservation_class or "", caption)
 
     def sample_at(self, step: int, wandb_interval: int | None) -> bool:
         if not self.sample_prompts:

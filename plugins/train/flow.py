@@ -6,7 +6,8 @@ the loss is their mean squared error.  Times come from one of four samplers
 (uniform), ``shift`` (uniform pushed towards noise by a fixed shift of 3) and
 ``flux_shift`` (logit-normal shifted by an amount that grows with the image's
 token count, as FLUX.1-dev's sampler does).  All randomness comes from one
-CPU generator whose state is saved in checkpoints.
+CPU generator whose state is saved in checkpoints.  :func:`preservation_loss` is the optional second term:
+the LoRA's prediction kept at the base model's where the caption names the class instead of the trigger.
 """
 
 from __future__ import annotations
@@ -66,27 +67,66 @@ def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any
     With ``part`` (data-parallel training) the noise and times are drawn for the whole batch, so the
     generator stays in step on every rank, and the loss covers only the samples in ``part`` (None if empty).
     """
+    import torch.nn.functional as F
+
+    drawn = _draw(latents, embeds, pooled, gen, method, part)
+    if drawn is None:
+        return None
+    x0, noise = drawn[0].to(device, dtype), drawn[1].to(device, dtype)
+    pred = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+    return F.mse_loss(pred.float(), pack(noise - x0).float())
+
+
+def preservation_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
+                      device: Any, dtype: Any, part: range | None = None) -> Any:
+    """How far the adapted transformer's velocity is from the base model's (its LoRAs switched off) on the same
+    noisy latents and captions (differential output preservation: the captions name the class, not the trigger,
+    so the LoRA learns to leave everything but its trigger word alone).  Noise, times and ``part`` as in
+    :func:`flow_loss`; None for an empty part."""
     import torch
     import torch.nn.functional as F
+
+    drawn = _draw(latents, embeds, pooled, gen, method, part)
+    if drawn is None:
+        return None
+    x0, noise = drawn[0].to(device, dtype), drawn[1].to(device, dtype)
+    with torch.no_grad():
+        transformer.disable_adapters()
+        try:
+            target = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+        finally:
+            transformer.enable_adapters()
+    pred = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _draw(latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
+          part: range | None) -> tuple[Any, Any, Any, Any, Any] | None:
+    """(latents, noise, times, embeds, pooled): noise and times drawn for the whole batch, then ``part`` of all."""
+    import torch
 
     b, _c, h, w = latents.shape
     noise = torch.randn(latents.shape, generator=gen)
     t = sample_times(b, gen, method, (h // 2) * (w // 2))
-    if part is not None:
-        if not len(part):
-            return None
-        pick = slice(part.start, part.stop)
-        latents, noise, t, embeds, pooled = latents[pick], noise[pick], t[pick], embeds[pick], pooled[pick]
-        b = len(part)
-    x0 = latents.to(device, dtype)
-    noise = noise.to(device, dtype)
+    if part is None:
+        return latents, noise, t, embeds, pooled
+    if not len(part):
+        return None
+    pick = slice(part.start, part.stop)
+    return latents[pick], noise[pick], t[pick], embeds[pick], pooled[pick]
+
+
+def _velocity(transformer: Any, x0: Any, noise: Any, t: Any, embeds: Any, pooled: Any, device: Any,
+              dtype: Any) -> Any:
+    """The transformer's velocity prediction at ``x_t`` (packed tokens), guidance 1 for a guidance-distilled
+    model."""
+    import torch
+
+    b, _c, h, w = x0.shape
     tt = t.view(b, 1, 1, 1).to(device, dtype)
     xt = (1 - tt) * x0 + tt * noise
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.ones(b, device=device, dtype=dtype)
-    pred = transformer(hidden_states=pack(xt), timestep=t.to(device, dtype), guidance=guidance,
+    guidance = torch.ones(b, device=device, dtype=dtype) if transformer.config.guidance_embeds else None
+    return transformer(hidden_states=pack(xt), timestep=t.to(device, dtype), guidance=guidance,
                        pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
                        txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
                        img_ids=image_ids(h, w, device, dtype), return_dict=False)[0]
-    return F.mse_loss(pred.float(), pack(noise - x0).float())

@@ -26,7 +26,7 @@ from .buckets import BatchCursor, build_samples
 from .config import TrainConfig
 from .ddp import DataParallel
 from .data import LatentStore, TextStore
-from .flow import flow_loss
+from .flow import flow_loss, preservation_loss
 from .optim import EMA, make_optimizer, make_scheduler, resolve_name
 from .preview import oom_hint, take_samples
 
@@ -112,6 +112,7 @@ class Trainer:
             adapters.reset_pipeline_state(pipe, self.device.type)
         self.layers = adapters.select_layers(pipe.transformer, cfg.layers_to_optimize_regex)
         self.captions = [cfg.caption(it.caption) for it in self.items]
+        self.kept = [cfg.preserved(c) for c in self.captions] if cfg.preservation_class else []
         try:
             sizes = [_image_size(Path(it.path)) for it in self.items]
             self.samples_list = build_samples(sizes, cfg.resolution)
@@ -130,7 +131,7 @@ class Trainer:
             self.latents.warm(self.samples_list)
             if self.dp.agree_stop(ctx.cancelled):
                 raise Cancelled(f"node '{ctx.node}' cancelled")
-        self.texts.warm(self.captions + ([""] if cfg.caption_dropout_rate > 0 else []))
+        self.texts.warm(self.captions + self.kept + ([""] if cfg.caption_dropout_rate > 0 else []))
         self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
         gpu.transformer_on(pipe, self.device)
         with adapters.guarded(self.model, "adding the training adapter"):
@@ -273,7 +274,9 @@ class Trainer:
             share = len(part) / len(batch)
             if loss is not None:
                 (loss * share if share != 1 else loss).backward()  # queued before the loss is read
-        value = float(loss.detach().item()) * share if loss is not None else 0.0
+            value = float(loss.detach().item()) * share if loss is not None else 0.0
+            if self.kept:  # a second graph after the first is freed: its memory is not held twice
+                value += self._preservation(pipe, batch, latents, part, share)
         if self.master is not self.named:  # low-precision weights in the model: step the float32 masters
             model = list(self.named.values())
             torch._foreach_copy_([p.grad for p in self.params],
@@ -295,6 +298,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.master)
         return value, lr
+
+    def _preservation(self, pipe: Any, batch: list[Any], latents: Any, part: range, share: float) -> float:
+        """Backpropagate the preservation term (the batch's captions naming ``preservation_class``, the LoRA's
+        prediction pulled to the base model's); its share of this rank's loss."""
+        cfg = self.cfg
+        embeds, pooled = self.texts.batch([self.kept[s.item] for s in batch])
+        kept = preservation_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
+                                 self.device, self.dtype, part=part if self.dp.size > 1 else None)
+        if kept is None:
+            return 0.0
+        (kept * (cfg.preservation_weight * share)).backward()
+        return float(kept.detach().item()) * cfg.preservation_weight * share
 
     def _sync_model_weights(self) -> None:
         import torch

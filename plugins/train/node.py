@@ -63,6 +63,12 @@ def train_lora(
                                  "(1 = all: least memory; 2 = half: faster, more memory)")] = 1,
     timestep_sampling: Annotated[Literal["sigmoid", "linear", "shift", "flux_shift"],
                                  Field(description="how noise levels are drawn")] = "sigmoid",
+    preservation_class: Annotated[str | None, Field(min_length=1, max_length=200, description=(
+        "what the concept is a kind of (\"person\", \"dog\"): each step also reads the batch with the trigger "
+        "word replaced by this and keeps the LoRA's prediction there at the base model's, so prompts without the "
+        "trigger change less (ai-toolkit's differential output preservation; about twice the time a step)"))] = None,
+    preservation_weight: Annotated[float, Field(gt=0, le=100, description="weight of the preservation term "
+                                                "beside the training loss (needs preservation_class)")] = 1.0,
     ema: Annotated[bool, Field(description="export an exponential moving average of the weights")] = True,
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, description="EMA decay")] = 0.99,
     seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="seed of the LoRA init, noise and data order")] = 42,
@@ -117,6 +123,16 @@ def train_lora(
         raise NodeError("train_lora trains on a base model, but `model` carries LoRAs from apply_lora "
                         f"({', '.join(Path(a['path']).name for a in model.adapters)}); they would not be used",
                         key="model", hint="link `model` to the load_model node (apply the LoRAs after training)")
+    if preservation_class is not None and not trigger_word.strip():
+        raise NodeError("preservation_class replaces the trigger word in each caption, but trigger_word is empty",
+                        key="preservation_class", hint="set trigger_word, or leave preservation_class out")
+    if preservation_class is not None and preservation_class.strip() == trigger_word.strip():
+        raise NodeError(f"preservation_class is the trigger word itself ({trigger_word!r}): the term would pull the "
+                        "LoRA back everywhere", key="preservation_class",
+                        hint='name what the concept is a kind of, e.g. preservation_class = "person"')
+    if preservation_weight != 1.0 and preservation_class is None:
+        raise NodeError("preservation_weight is set but preservation_class is not: there is no preservation term",
+                        key="preservation_weight", hint='set preservation_class (e.g. "person") or drop the weight')
     if hf_repo_id and not token:
         raise NodeError("hf_repo_id is set but no Hugging Face token was found", key="hf_token",
                         hint='export HF_TOKEN=... or set hf_token = "$MY_TOKEN_VAR"')
