@@ -27,13 +27,13 @@ source = "{data}"
 type = "train_lora"
 model = "@base"
 dataset = "@data"
-steps = 100
-learning_rate = 2e-3
+steps = 60
+learning_rate = 3e-3
 batch_size = 4
 timestep_sampling = "shift"
 ema = false
 caption_dropout_rate = 0.0
-resolution = [128]
+resolution = [64]
 lora_rank = 8
 optimizer = "adamw"
 max_sequence_length = 64
@@ -70,6 +70,7 @@ def _velocity_change(lora: Path, captions: list[str]) -> float:
     return float((adapted - base).abs().mean())
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_class_prompt_keeps_the_base_prediction_and_the_trigger_still_learns(tmp_path):
     captions = [p.read_text().strip() for p in sorted(HEXAGONS.glob("*.txt"))[:4]]
     with_trigger = [c.replace("[trigger]", "TOK") for c in captions]
@@ -77,7 +78,7 @@ def test_the_class_prompt_keeps_the_base_prediction_and_the_trigger_still_learns
     plain, kept = _trained(tmp_path, "plain"), _trained(tmp_path, "kept", 'preservation_class = "circle"')
     drift = {name: _velocity_change(path, with_class) for name, path in (("plain", plain), ("kept", kept))}
     learnt = {name: _velocity_change(path, with_trigger) for name, path in (("plain", plain), ("kept", kept))}
-    # 2026-11-30, this CPU: drift 0.419 -> 0.213, learnt 0.400 -> 0.340
+    # 2026-11-30, this CPU: drift 0.506 -> 0.313, learnt 0.485 -> 0.458
     assert drift["kept"] < 0.7 * drift["plain"], (drift, learnt)  # circles are left more alone
     assert learnt["kept"] > 0.6 * learnt["plain"], (drift, learnt)  # while the trigger still learns
     ratio = {name: learnt[name] / drift[name] for name in drift}  # plain: the change reaches circles as much

@@ -169,8 +169,9 @@ WORD = re.compile(r"[a-z]+")
 
 
 def parse(prompt: str, aliases: dict[str, str] | None = None) -> Scene:
-    """Read a prompt of mini-flux's grammar back into a Scene.  Unknown words are ignored; ``aliases`` maps
-    extra words to shapes (a LoRA's trigger word to the concept it teaches, say ``{"tok": "hexagon"}``)."""
+    """Read a prompt of mini-flux's grammar back into a Scene.  Unknown words are ignored; the shape words are
+    those of :data:`DRAWABLE` (mini-flux's four and the new concepts), and ``aliases`` maps extra words to shapes
+    (a LoRA's trigger word to the concept it teaches, say ``{"tok": "hexagon"}``)."""
     alias = {k.lower(): v for k, v in (aliases or {}).items()}
     words = WORD.findall(prompt.lower())
     background = None
