@@ -274,9 +274,10 @@ class Trainer:
             share = len(part) / len(batch)
             if loss is not None:
                 (loss * share if share != 1 else loss).backward()  # queued before the loss is read
-            value = float(loss.detach().item()) * share if loss is not None else 0.0
-            if self.kept:  # a second graph after the first is freed: its memory is not held twice
-                value += self._preservation(pipe, batch, latents, part, share)
+            kept = self._preservation(pipe, batch, latents, part, share) if self.kept else None
+        # read once both graphs are queued: no wait for the GPU between them
+        value = float(loss.detach().item()) * share if loss is not None else 0.0
+        value += float(kept.item()) if kept is not None else 0.0
         if self.master is not self.named:  # low-precision weights in the model: step the float32 masters
             model = list(self.named.values())
             torch._foreach_copy_([p.grad for p in self.params],
@@ -299,17 +300,19 @@ class Trainer:
             self.ema.update(self.master)
         return value, lr
 
-    def _preservation(self, pipe: Any, batch: list[Any], latents: Any, part: range, share: float) -> float:
+    def _preservation(self, pipe: Any, batch: list[Any], latents: Any, part: range, share: float) -> Any:
         """Backpropagate the preservation term (the batch's captions naming ``preservation_class``, the LoRA's
-        prediction pulled to the base model's); its share of this rank's loss."""
+        prediction pulled to the base model's), after the flow loss's graph is freed (one graph's memory at a
+        time); its weighted share of this rank's loss (a detached tensor; None for an empty share)."""
         cfg = self.cfg
         embeds, pooled = self.texts.batch([self.kept[s.item] for s in batch])
         kept = preservation_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
                                  self.device, self.dtype, part=part if self.dp.size > 1 else None)
         if kept is None:
-            return 0.0
-        (kept * (cfg.preservation_weight * share)).backward()
-        return float(kept.detach().item()) * cfg.preservation_weight * share
+            return None
+        weighted = kept * (cfg.preservation_weight * share)
+        weighted.backward()
+        return weighted.detach()
 
     def _sync_model_weights(self) -> None:
         import torch
