@@ -29,7 +29,7 @@ with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a r
 ``--data DIR --shape S`` trains on another concept's images (``python -m fluxkiln.plugins.miniflux.concept dataset
 DIR --balanced --shape cross``) and reads the samples as that shape; ``--preserve W`` adds W x the distance of the
 adapted model's velocity from the base model's on the concept's images captioned with known shapes instead of the
-trigger (:func:`preserve_loss`: a prior of the base model's own predictions, no pictures);
+trigger (``train_lora``'s ``preservation_loss``: a prior of the base model's own predictions, no pictures);
 ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+
 def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
     """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU)."""
     import torch
@@ -102,32 +103,6 @@ def swapped_embeddings(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
     return torch.stack([e for e, _ in pairs]), torch.stack([p for _, p in pairs])
 
 
-def preserve_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
-                  device: Any) -> Any:
-    """How far the adapted transformer's velocity moves from the base model's (the adapter switched off) on the
-    same noisy latents and prompts: the concept's own images, each caption naming a known shape instead of the
-    trigger, so that only the word tells the two apart."""
-    import torch
-    import torch.nn.functional as F
-
-    from fluxkiln.plugins.train.flow import image_ids, pack, sample_times
-
-    b, _c, h, w = latents.shape
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    t = sample_times(b, gen, method, (h // 2) * (w // 2)).to(device)
-    x0 = latents.to(device)
-    tt = t.view(b, 1, 1, 1)
-    kw = dict(hidden_states=pack((1 - tt) * x0 + tt * noise), timestep=t, pooled_projections=pooled.to(device),
-              encoder_hidden_states=embeds.to(device), txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
-              img_ids=image_ids(h, w, device, torch.float32), return_dict=False,
-              guidance=torch.ones(b, device=device) if transformer.config.guidance_embeds else None)
-    with torch.no_grad():
-        transformer.disable_adapters()
-        target = transformer(**kw)[0]
-        transformer.enable_adapters()
-    return F.mse_loss(transformer(**kw)[0].float(), target.float())
-
-
 def is_prior_step(step: int, every: int) -> bool:
     """Whether step ``step`` (from 0) trains on the prior set: every ``every``-th step, the first after
     ``every - 1`` steps of the concept."""
@@ -185,7 +160,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     captions afresh through the encoders' LoRAs."""
     import torch
 
-    from fluxkiln.plugins.train.flow import flow_loss
+    from fluxkiln.plugins.train.flow import flow_loss, preservation_loss
 
     latents, embeds, pooled = data
     params = trainable(pipe.transformer, args.rank, args.full, args.layers)
@@ -219,8 +194,9 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32)
         if swapped is not None and not prior and step % args.preserve_every == 0:
             k = torch.randint(0, swapped[0].shape[0], (args.batch,), generator=gen)
-            loss = loss + args.preserve * preserve_loss(pipe.transformer, latents[i], swapped[0][k, i],
-                                                        swapped[1][k, i], gen, args.times, args.device)
+            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[i], swapped[0][k, i],
+                                                            swapped[1][k, i], gen, args.times, args.device,
+                                                            torch.float32)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -323,6 +323,7 @@ def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls
 
     from fluxkiln.plugins.miniflux.concept import training_captions
     from fluxkiln.plugins.miniflux.weights import load_pipeline
+    from fluxkiln.plugins.train.flow import preservation_loss  # what --preserve adds, as train_lora does
 
     pipe = load_pipeline("dev")
     captions = training_captions()[:2]
@@ -331,14 +332,14 @@ def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls
     embeds, pooled = trainer.swapped_embeddings(pipe, captions)
     assert embeds.shape[:2] == pooled.shape[:2] == (4, 2)  # each known shape word for each caption
     params = trainer.trainable(pipe.transformer, 4, False)
-    first = trainer.preserve_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
-                                "shift", "cpu")
+    first = preservation_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
+                              "shift", "cpu", torch.float32)
     assert first.item() == 0.0  # LoRA B starts at zero: the adapted model is the base model
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    moved = trainer.preserve_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
-                                "shift", "cpu")
+    moved = preservation_loss(pipe.transformer, latents, embeds[0], pooled[0], torch.Generator().manual_seed(0),
+                              "shift", "cpu", torch.float32)
     assert moved.item() > 1e-6 and moved.requires_grad
     moved.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
