@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = sub.add_parser("dataset", help="write the captioned concept images")
     ds.add_argument("folder", type=Path)
     ds.add_argument("--balanced", action="store_true", help="every colour, background and place once (balanced_scenes)")
-    ds.add_argument("--shape", default=CONCEPT, choices=EXTRA_SHAPES + CONCEPT_SHAPES, help="the concept's shape (default: %(default)s)")
+    ds.add_argument("--shape", default=CONCEPT, choices=EXTRA_SHAPES + CONCEPT_SHAPES,
+                    help="the concept's shape (default: %(default)s)")
     me = sub.add_parser("measure", help="train the LoRA and measure acquisition and leakage")
     me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     me.add_argument("--samples", type=int, default=20)
