@@ -69,11 +69,11 @@ def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any
     """
     import torch.nn.functional as F
 
-    drawn = _draw(latents, embeds, pooled, gen, method, part)
+    drawn = _draw(latents, embeds, pooled, gen, method, part, device, dtype)
     if drawn is None:
         return None
-    x0, noise = drawn[0].to(device, dtype), drawn[1].to(device, dtype)
-    pred = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+    x0, noise = drawn[:2]
+    pred = _velocity(transformer, *drawn, device, dtype)
     return F.mse_loss(pred.float(), pack(noise - x0).float())
 
 
@@ -86,34 +86,34 @@ def preservation_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, 
     import torch
     import torch.nn.functional as F
 
-    drawn = _draw(latents, embeds, pooled, gen, method, part)
+    drawn = _draw(latents, embeds, pooled, gen, method, part, device, dtype)
     if drawn is None:
         return None
-    x0, noise = drawn[0].to(device, dtype), drawn[1].to(device, dtype)
     with torch.no_grad():
         transformer.disable_adapters()
         try:
-            target = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+            target = _velocity(transformer, *drawn, device, dtype)
         finally:
             transformer.enable_adapters()
-    pred = _velocity(transformer, x0, noise, *drawn[2:], device, dtype)
+    pred = _velocity(transformer, *drawn, device, dtype)
     return F.mse_loss(pred.float(), target.float())
 
 
-def _draw(latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
-          part: range | None) -> tuple[Any, Any, Any, Any, Any] | None:
-    """(latents, noise, times, embeds, pooled): noise and times drawn for the whole batch, then ``part`` of all."""
+def _draw(latents: Any, embeds: Any, pooled: Any, gen: Any, method: str, part: range | None, device: Any,
+          dtype: Any) -> tuple[Any, Any, Any, Any, Any] | None:
+    """(latents, noise, times, embeds, pooled): noise and times drawn for the whole batch, then ``part`` of all,
+    the latents and noise on ``device`` in ``dtype``."""
     import torch
 
     b, _c, h, w = latents.shape
     noise = torch.randn(latents.shape, generator=gen)
     t = sample_times(b, gen, method, (h // 2) * (w // 2))
-    if part is None:
-        return latents, noise, t, embeds, pooled
-    if not len(part):
-        return None
-    pick = slice(part.start, part.stop)
-    return latents[pick], noise[pick], t[pick], embeds[pick], pooled[pick]
+    if part is not None:
+        if not len(part):
+            return None
+        pick = slice(part.start, part.stop)
+        latents, noise, t, embeds, pooled = latents[pick], noise[pick], t[pick], embeds[pick], pooled[pick]
+    return latents.to(device, dtype), noise.to(device, dtype), t, embeds, pooled
 
 
 def _velocity(transformer: Any, x0: Any, noise: Any, t: Any, embeds: Any, pooled: Any, device: Any,
