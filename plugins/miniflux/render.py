@@ -15,11 +15,14 @@ from .world import COLOURS, DRAWABLE, Layout
 MAX_OBJECTS = 2
 
 
-def _star() -> list[tuple[float, float]]:
+def _outline(corners: int, inner: float | None = None) -> list[tuple[float, float]]:
+    """A regular polygon's corners (a star's with ``inner``: every other corner at that radius), the first at the
+    top, stretched to fill the box [-1, 1]^2."""
     points = []
-    for k in range(10):
-        radius = 1.0 if k % 2 == 0 else 0.45
-        angle = -math.pi / 2 + k * math.pi / 5
+    steps = 2 * corners if inner else corners
+    for k in range(steps):
+        radius = inner if inner and k % 2 else 1.0
+        angle = -math.pi / 2 + k * 2 * math.pi / steps
         points.append((radius * math.cos(angle), radius * math.sin(angle)))
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
@@ -27,13 +30,26 @@ def _star() -> list[tuple[float, float]]:
     return [((x - cx) / hx, (y - cy) / hy) for x, y in points]
 
 
-STAR = _star()
+STAR = _outline(5, inner=0.45)
+PENTAGON = _outline(5)
+
+
+def _inside(points: list[tuple[float, float]], dx: Any, dy: Any) -> Any:
+    """Even-odd test of the closed polygon ``points``."""
+    import torch
+
+    odd = torch.zeros_like(dx, dtype=torch.bool)
+    for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1], strict=True):
+        if y1 == y2:
+            continue
+        crosses = (y1 > dy) != (y2 > dy)
+        at = x1 + (dy - y1) * (x2 - x1) / (y2 - y1)
+        odd ^= crosses & (dx < at)
+    return odd
 
 
 def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
     """Boolean tensor: which points (dx, dy) in the shape's own box coordinates lie inside ``shape``."""
-    import torch
-
     inside = (dx.abs() <= 1) & (dy.abs() <= 1)
     if shape == "circle":
         return dx * dx + dy * dy <= 1
@@ -49,15 +65,10 @@ def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
         return dx.abs() + dy.abs() <= 1
     if shape == "ring":
         return (dx * dx + dy * dy <= 1) & (dx * dx + dy * dy >= 0.3)
-    if shape == "star":
-        odd = torch.zeros_like(dx, dtype=torch.bool)
-        for (x1, y1), (x2, y2) in zip(STAR, STAR[1:] + STAR[:1], strict=True):
-            if y1 == y2:
-                continue
-            crosses = (y1 > dy) != (y2 > dy)
-            at = x1 + (dy - y1) * (x2 - x1) / (y2 - y1)
-            odd ^= crosses & (dx < at)
-        return odd
+    if shape == "octagon":
+        return inside & (dx.abs() + dy.abs() <= math.sqrt(2))
+    if shape in ("star", "pentagon"):
+        return _inside(STAR if shape == "star" else PENTAGON, dx, dy)
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(DRAWABLE)}")
 
 
