@@ -167,14 +167,21 @@ def _check_outputs(tmp_path, ranks: int):
 
 
 def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_vae(tmp_path):
+    """... and, with ``more_shapes``, saves pipelines whose T5 knows the taught words."""
     import torch
     from diffusers import AutoencoderKL
 
-    from fluxkiln.plugins.miniflux.weights import model_path
+    from fluxkiln.plugins.miniflux.weights import load_pipeline, model_path
 
-    out = _run_training(tmp_path, [], "--set", 'vae_init="shipped"', "--set", "vae_seconds=0")
+    out = _run_training(tmp_path, [], "--set", 'vae_init="shipped"', "--set", "vae_seconds=0",
+                        "--set", 'more_shapes="pentagon,octagon"')
     metrics = _check_outputs(tmp_path, 1)
     assert metrics["base_choice"]["kept"] in ("ema", "raw") and "vae_steps" not in metrics
+    assert metrics["words_added"] == ["pentagon", "octagon"]
+    for variant in ("dev", "schnell"):
+        pipe = load_pipeline(variant, tmp_path / "work")
+        assert [len(pipe.tokenizer_2(w, add_special_tokens=False).input_ids) for w in ("pentagon", "octagon")] == [1, 1]
+        assert pipe.text_encoder_2.get_input_embeddings().weight.shape[0] == len(pipe.tokenizer_2)
     assert out.count("saved ") == 3  # dev after base, dev after guidance distillation, schnell
     shipped = AutoencoderKL.from_pretrained(str(model_path("dev") / "vae")).state_dict()
     saved = AutoencoderKL.from_pretrained(str(tmp_path / "work" / "mini-flux" / "vae")).state_dict()

@@ -37,9 +37,10 @@ SCHEDULERS = {
 }
 
 
-def t5_tokenizer() -> Any:
+def t5_tokenizer(more: tuple[str, ...] = ()) -> Any:
     """A T5 unigram tokenizer: every word of mini-flux's vocabulary is one piece; anything else is spelled out
-    in single characters (so unknown words still encode, and the model learns to ignore them)."""
+    in single characters (so unknown words still encode, and the model learns to ignore them).  ``more`` words
+    (a base trained on more shapes) become pieces after all the others, so every earlier id stays the same."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -47,6 +48,7 @@ def t5_tokenizer() -> Any:
     for code in range(33, 127):
         pieces.append((chr(code), -3.0))
         pieces.append(("\u2581" + chr(code), -3.5))
+    pieces += [("\u2581" + word, -1.0) for word in more]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TEXT_TOKENS)
 
 

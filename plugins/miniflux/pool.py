@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .roles import IGNORE, scene_labels, token_labels
 from .trainparts import TextEncoder, latents_of, make_batch, pick_size
+from .world import SHAPES
 
 COVER_PATCH = 16  # pixels per side of one packed latent token (VAE /8, then 2x2 packing)
 
@@ -37,7 +38,9 @@ class Pool:
     and each latent token's object coverage."""
 
     def __init__(self, size: tuple[int, int], capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, two: float = 0.4, pairs: float = 0.0) -> None:
+                 rng: random.Random, device: Any, two: float = 0.4, pairs: float = 0.0,
+                 shapes: tuple[str, ...] = SHAPES) -> None:
+        self.shapes = shapes
         self.size, self.capacity, self.chunk, self.two = size, capacity, min(chunk, capacity), two
         # role-swapped pairs sit at rows (2i, 2i + 1) and are drawn together, when every chunk keeps them aligned
         self.pairs = pairs if self.chunk % 2 == 0 and capacity % 2 == 0 else 0.0
@@ -52,7 +55,8 @@ class Pool:
         import torch.nn.functional as F
 
         n = min(self.chunk, self.capacity - self.cursor)
-        batch = make_batch(self.rng, n, self.size, self.device, two=self.two, masks=True, pairs=self.pairs)
+        batch = make_batch(self.rng, n, self.size, self.device, two=self.two, masks=True, pairs=self.pairs,
+                           shapes=self.shapes)
         with torch.autocast(device_type=str(self.device).split(":")[0], dtype=torch.bfloat16,
                             enabled=str(self.device).startswith("cuda")):
             z = latents_of(self.vae, batch.images).to(torch.bfloat16)
@@ -90,18 +94,19 @@ class Pools:
     0); refreshes within ``share`` of the wall clock since the first fill."""
 
     def __init__(self, native: int, capacity: int, multi_capacity: int, chunk: int, vae: Any, enc: TextEncoder,
-                 rng: random.Random, device: Any, share: float, two: float = 0.4, pairs: float = 0.0) -> None:
+                 rng: random.Random, device: Any, share: float, two: float = 0.4, pairs: float = 0.0,
+                 shapes: tuple[str, ...] = SHAPES) -> None:
         from .trainparts import SIZES_025, batch_for
 
         self.rng, self.share, self.native = rng, share, native
         self.pools: dict[tuple[int, int], Pool] = {(native, native): Pool((native, native), capacity, chunk, vae,
-                                                                          enc, rng, device, two, pairs)}
+                                                                          enc, rng, device, two, pairs, shapes)}
         scale = native / 256
         for w, h in SIZES_025 if multi_capacity > 0 else ():
             size = (max(32, round(w * scale / 16) * 16), max(32, round(h * scale / 16) * 16))
             per = batch_for(size, chunk, native)
             self.pools.setdefault(size, Pool(size, max(per, multi_capacity * per // chunk), per, vae, enc, rng,
-                                             device, two))
+                                             device, two, shapes=shapes))
         self.start, self.spent = time.monotonic(), 0.0
         empty_clip, empty_t5 = enc.ids([""])
         self.empty = (empty_clip, empty_t5)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, describe, held_out
+from .world import COLOURS, POSITIONS, SHAPES, SIZES, TAUGHT_SHAPES, Obj, Scene, describe, held_out
 
 ROLES = ("other", "object 1", "object 2", "background")
 IGNORE = -1  # label of tokens (and attributes) that carry no target
+SHAPE_CLASSES = SHAPES + TAUGHT_SHAPES  # the shape head's classes (a base trained on more shapes uses them all)
 # per-token targets: role, then the owner's colour, shape, size, position ("unsaid" is the last class of each)
-TOKEN_HEADS = {"role": len(ROLES), "colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1,
+TOKEN_HEADS = {"role": len(ROLES), "colour": len(COLOURS) + 1, "shape": len(SHAPE_CLASSES) + 1, "size": len(SIZES) + 1,
                "position": len(POSITIONS) + 1}
 # per-prompt targets of CLIP's pooled vector: background colour, object count - 1, each object's colour
 POOLED_HEADS = {"background": len(COLOURS) + 1, "count": 2, "colour 1": len(COLOURS) + 1,
@@ -31,7 +32,7 @@ def _index(value: str | None, names: Any) -> int:
 
 
 def _object_labels(obj: Obj, slot: int) -> tuple[int, ...]:
-    return (slot + 1, _index(obj.colour, COLOURS), _index(obj.shape, SHAPES), _index(obj.size, SIZES),
+    return (slot + 1, _index(obj.colour, COLOURS), _index(obj.shape, SHAPE_CLASSES), _index(obj.size, SIZES),
             _index(obj.position, POSITIONS))
 
 

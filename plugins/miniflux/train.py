@@ -31,7 +31,7 @@ from .distil import distil_guidance, distil_schnell
 from .pool import Pools
 from .render import to_pil
 from .trainconfig import TrainConfig, preset
-from .trainio import cfg_check, choose, final_check, load_modules, load_vae, save
+from .trainio import cfg_check, choose, extend_vocabulary, final_check, load_modules, load_vae, save
 from .trainparts import (PLANNED, QUIET, T0, Ema, Plan, TextEncoder, adamw, autocast, batch_for, budget, log,
                          make_batch, pick_size)
 
@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
     m = build_modules("dev") if not cfg.init else load_modules(Path(cfg.init))
     if cfg.vae_init:
         m["vae"] = load_vae(cfg.vae_init)
+    added = extend_vocabulary(m, cfg.shape_words)
     for k, v in m.items():
         if isinstance(v, torch.nn.Module):
             m[k] = v.to(device)
@@ -167,7 +168,8 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
     torch.manual_seed(cfg.seed + 1000 * world.rank)  # each rank its own noise and data
     rng = random.Random(cfg.seed + 7919 * world.rank)
     metrics: dict[str, Any] = {"config": cfg.__dict__, "ranks": world.size,
-                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "words_added": added}
 
     def write() -> None:
         if world.main:
@@ -179,7 +181,7 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
         metrics |= calibrate_vae(cfg, m["vae"], rng, world)
         enc = _text(m, device)
         pools = Pools(cfg.native, cfg.pool_size, cfg.pool_multi, cfg.pool_chunk, m["vae"], enc, rng, device,
-                      cfg.refresh_share, cfg.two, cfg.swap_pairs)
+                      cfg.refresh_share, cfg.two, cfg.swap_pairs, cfg.shapes)
         metrics |= pools.fill(budget(cfg, "pool"), log)
         if cfg.text_seconds > 0:
             metrics |= train_text(cfg, m, heads, pools, enc, world)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .world import SHAPES, TAUGHT_SHAPES
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -16,6 +18,7 @@ class TrainConfig:
     native: int = 256  # training image side (the pipelines' native size)
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
+    more_shapes: str = ""  # comma-separated shapes of world.TAUGHT_SHAPES the scenes also use (new T5 words)
     swap_pairs: float = 0.5  # share of native-size scenes paired with their role-swapped twin (drawn together)
     # (a) VAE (0 seconds: keep the VAE of ``init`` / ``vae_init``; more: train it, from there or from scratch)
     vae_seconds: float = 70.0
@@ -67,6 +70,16 @@ class TrainConfig:
     reserve: float = 25.0  # seconds kept for the choices, saving and the final check
     deadline: float = 520.0  # seconds after start by which everything must be written
 
+    @property
+    def shape_words(self) -> tuple[str, ...]:
+        """The taught shapes of ``more_shapes``, in order."""
+        return tuple(w.strip() for w in self.more_shapes.split(",") if w.strip())
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """Every shape of the training scenes: mini-flux's four and ``more_shapes``."""
+        return SHAPES + self.shape_words
+
 
 VAE_PARTS = ("all", "decoder")
 
@@ -93,6 +106,9 @@ def preset(name: str, **overrides: float) -> TrainConfig:
     if overrides.get("init") and "vae_init" not in overrides:
         overrides = {**overrides, "vae_init": ""}  # continuing: the VAE of init (its transformer's latents)
     cfg = replace(PRESETS[name], **overrides)
+    unknown = [s for s in cfg.shape_words if s not in TAUGHT_SHAPES]
+    if unknown:
+        raise SystemExit(f"more_shapes: {', '.join(unknown)} cannot be taught; choose from {', '.join(TAUGHT_SHAPES)}")
     if cfg.vae_part not in VAE_PARTS:
         raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
     return cfg

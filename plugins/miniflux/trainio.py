@@ -22,6 +22,33 @@ def load_modules(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in pipe.components.items() if v is not None}  # no image encoder
 
 
+def extend_vocabulary(m: dict[str, Any], words: tuple[str, ...]) -> list[str]:
+    """Make each of ``words`` one new T5 piece (after every existing one, so no id changes), its embedding row
+    started at the mean of the four shape words' rows; returns the words added (none where ``m`` knows them)."""
+    import torch
+
+    from .config import t5_tokenizer
+    from .world import SHAPES
+
+    old = m["tokenizer_2"]
+    known = old.get_vocab()
+    new = [w for w in words if "\u2581" + w not in known]
+    if not new:
+        return []
+    tok = t5_tokenizer(tuple(w for w in words if w not in new) + tuple(new))
+    if any(tok.convert_tokens_to_ids(p) != i for p, i in known.items()):
+        raise SystemExit("more_shapes: the pipeline's T5 vocabulary is not mini-flux's; cannot add words to it")
+    encoder = m["text_encoder_2"]
+    encoder.resize_token_embeddings(len(tok), mean_resizing=False)
+    table = encoder.get_input_embeddings().weight
+    rows = [old(w, add_special_tokens=False).input_ids[0] for w in SHAPES]
+    with torch.no_grad():
+        for w in new:
+            table[tok.convert_tokens_to_ids("\u2581" + w)] = table[rows].mean(0)
+    m["tokenizer_2"] = tok
+    return new
+
+
 def load_vae(source: str) -> Any:
     """The VAE of a saved mini-flux pipeline folder ("shipped": the shipped weights'), in float32."""
     import torch

@@ -15,7 +15,7 @@ from fluxkiln.plugins.flux.sizes import ASPECT_RATIOS
 
 from .config import CLIP_TOKENS, NATIVE, TEXT_TOKENS
 from .render import render
-from .world import Scene, random_scene, realise
+from .world import SHAPES, Scene, random_scene, realise
 
 T0 = time.monotonic()  # the training run's start (for the log's timestamps and the deadline)
 
@@ -55,7 +55,8 @@ def batch_for(size: tuple[int, int], base_batch: int, native: int) -> int:
 
 
 def make_batch(rng: random.Random, n: int, size: tuple[int, int], device: Any, *, fillers: float = 0.15,
-               supersample: int = 2, two: float = 0.4, masks: bool = False, pairs: float = 0.0) -> Batch:
+               supersample: int = 2, two: float = 0.4, masks: bool = False, pairs: float = 0.0,
+               shapes: tuple[str, ...] = SHAPES) -> Batch:
     """``n`` random training scenes drawn; with ``pairs``, that share of the odd-numbered scenes is the scene
     before it with the first object's and the background's colours exchanged (where that is a training
     scene), so a model that only knows which colours a prompt names cannot fit both."""
@@ -64,7 +65,7 @@ def make_batch(rng: random.Random, n: int, size: tuple[int, int], device: Any, *
     scenes: list[Scene] = []
     for k in range(n):
         swapped = swap_roles(scenes[-1]) if k % 2 and rng.random() < pairs else None
-        scenes.append(swapped or random_scene(rng, two=two, split="train", fillers=fillers))
+        scenes.append(swapped or random_scene(rng, two=two, split="train", fillers=fillers, shapes=shapes))
     return draw_scenes(scenes, rng, size, device, supersample=supersample, masks=masks)
 
 

@@ -1,0 +1,101 @@
+"""A mini-flux base trained on more shapes (``TrainConfig.more_shapes``): the new words join T5's vocabulary
+without moving any earlier id, their embedding rows start at the shape words' mean, and the shapes reach the
+training scenes and their role labels.  Only the taught shapes are allowed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fluxkiln.plugins.miniflux.config import t5_tokenizer
+from fluxkiln.plugins.miniflux.roles import SHAPE_CLASSES, token_labels
+from fluxkiln.plugins.miniflux.trainconfig import preset
+from fluxkiln.plugins.miniflux.world import SHAPES, TAUGHT_SHAPES
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_more_words_become_single_pieces_after_every_earlier_one():
+    plain, more = t5_tokenizer(), t5_tokenizer(TAUGHT_SHAPES)
+    assert len(more) == len(plain) + len(TAUGHT_SHAPES)
+    assert all(more.convert_tokens_to_ids(piece) == i for piece, i in plain.get_vocab().items())
+    for word in TAUGHT_SHAPES:
+        assert len(plain(word, add_special_tokens=False).input_ids) > 1  # spelled out before
+        (only,) = more(word, add_special_tokens=False).input_ids
+        assert only >= len(plain)
+    prompt = "a large red circle at the top left on a blue background"
+    assert plain(prompt).input_ids == more(prompt).input_ids  # the old vocabulary encodes as before
+
+
+def test_extending_a_pipeline_adds_each_word_once_with_its_row_at_the_shape_words_mean(tmp_path):
+    import torch
+    from transformers import T5Tokenizer
+
+    from fluxkiln.plugins.miniflux.trainio import extend_vocabulary, load_modules
+    from fluxkiln.plugins.miniflux.weights import model_path
+
+    m = load_modules(model_path("dev"))  # the shipped pipeline, as training continues from it
+    before = m["text_encoder_2"].get_input_embeddings().weight.detach().clone()
+    assert extend_vocabulary(m, TAUGHT_SHAPES) == list(TAUGHT_SHAPES)
+    tok, table = m["tokenizer_2"], m["text_encoder_2"].get_input_embeddings().weight
+    assert table.shape[0] == len(tok) == before.shape[0] + len(TAUGHT_SHAPES)
+    assert torch.equal(table[:before.shape[0]], before)  # no earlier row moves
+    shape_rows = [tok(w, add_special_tokens=False).input_ids[0] for w in SHAPES]
+    for word in TAUGHT_SHAPES:
+        (row,) = tok(word, add_special_tokens=False).input_ids
+        assert torch.allclose(table[row], before[shape_rows].mean(0))
+    assert extend_vocabulary(m, TAUGHT_SHAPES) == []  # a base that knows them: nothing to add
+    tok.save_pretrained(tmp_path / "tokenizer_2")
+    saved = T5Tokenizer.from_pretrained(tmp_path / "tokenizer_2")
+    assert [saved(w, add_special_tokens=False).input_ids for w in TAUGHT_SHAPES] == \
+        [tok(w, add_special_tokens=False).input_ids for w in TAUGHT_SHAPES]
+
+
+def test_a_foreign_vocabulary_is_refused_rather_than_renumbered():
+    from transformers import T5Tokenizer
+
+    from fluxkiln.plugins.miniflux.trainio import extend_vocabulary
+
+    foreign = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581hello", -1.0)],
+                          extra_ids=0)
+    with pytest.raises(SystemExit, match="not mini-flux's"):
+        extend_vocabulary({"tokenizer_2": foreign, "text_encoder_2": None}, ("pentagon",))
+
+
+def test_more_shapes_are_checked_and_only_taught_shapes_are_allowed():
+    cfg = preset("micro", more_shapes="pentagon, octagon")
+    assert cfg.shape_words == ("pentagon", "octagon") and cfg.shapes == SHAPES + ("pentagon", "octagon")
+    assert preset("micro").shapes == SHAPES
+    with pytest.raises(SystemExit, match="hexagon cannot be taught; choose from pentagon, octagon"):
+        preset("micro", more_shapes="pentagon,hexagon")
+
+
+def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxkiln.plugins.miniflux import trainparts
+    from fluxkiln.plugins.miniflux.config import CLIP_TOKENS, TEXT_TOKENS, VAE, clip_tokenizer
+    from fluxkiln.plugins.miniflux.pool import Pools
+
+    tok = t5_tokenizer(TAUGHT_SHAPES)
+    batch = trainparts.make_batch(random.Random(0), 64, (32, 32), "cpu", shapes=SHAPES + TAUGHT_SHAPES)
+    drawn = {o.shape for s in batch.scenes for o in s.objects}
+    assert drawn == set(SHAPES + TAUGHT_SHAPES)
+    words = trainparts.WordTokens(tok, TEXT_TOKENS)
+    labels = token_labels(batch.scenes, words)
+    said = {int(v) for v in labels[..., 2].flatten() if 0 <= v < len(SHAPE_CLASSES)}
+    assert {SHAPE_CLASSES[v] for v in said} == drawn  # every shape word labelled with its own class
+
+    torch.manual_seed(0)
+    enc = trainparts.TextEncoder(None, clip_tokenizer(), None, tok, "cpu")  # ids only
+    pools = Pools(32, capacity=8, multi_capacity=0, chunk=8, vae=AutoencoderKL(**VAE), enc=enc,
+                  rng=random.Random(1), device="cpu", share=0.0, shapes=("octagon",))
+    pools.fill(0.0, log=lambda _: None)
+    d = pools.batch(8, multi_res=0.0)
+    assert d.clip.shape == (8, CLIP_TOKENS)
+    shape_labels = d.t5_labels[..., 2]
+    assert set(shape_labels[shape_labels >= 0].tolist()) <= {SHAPE_CLASSES.index("octagon"), len(SHAPE_CLASSES)}
+    assert (shape_labels == SHAPE_CLASSES.index("octagon")).any()
+    assert (d.t5 == tok("octagon", add_special_tokens=False).input_ids[0]).any(dim=1).all()
