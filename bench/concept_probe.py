@@ -6,8 +6,8 @@ and the samples looked at.
                                   [--text-encoders] [--embeddings] [--new-token] [--prior N] [--prior-every 2]
                                   [--prior-scenes same] [--caption-variants] [--augment N] [--layers REGEX]
                                   [--class-word circle] [--data DIR] [--shape S] [--lora-scales 1.5,2]
-                                  [--preserve W] [--preserve-every K]
-                                  [--device cuda]
+                                  [--preserve W] [--preserve-every K] [--embedding-lr LR]
+                                  [--new-token-init pentagon,octagon] [--weights DIR] [--device cuda]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -30,6 +30,10 @@ with it (DreamBooth's "a [V] dog"); ``--layers`` trains only the LoRA layers a r
 DIR --balanced --shape cross``) and reads the samples as that shape; ``--preserve W`` adds W x the distance of the
 adapted model's velocity from the base model's on the concept's images captioned with known shapes instead of the
 trigger (``train_lora``'s ``preservation_loss``: a prior of the base model's own predictions, no pictures);
+``--rank 0`` trains no adapter (with ``--embeddings``: textual inversion alone), ``--embedding-lr`` gives the
+embeddings their own learning rate, ``--new-token-init`` starts the new token at the mean of the given words' rows;
+``--weights DIR`` starts from another base (``DIR/mini-flux``, say one trained with ``more_shapes``), whose samples
+are then read among the taught shapes it knows as well, and also as the shipped base's are, to compare;
 ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
@@ -125,15 +129,17 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=1, help="images a step (drawn with replacement)")
     parser.add_argument("--times", default="sigmoid", choices=["sigmoid", "linear", "shift", "flux_shift"])
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="the LoRA's rank; 0: no LoRA (with --embeddings: textual "
+                        "inversion alone)")
     parser.add_argument("--full", action="store_true", help="train every block weight, not a LoRA")
     parser.add_argument("--text-encoders", action="store_true", help="a LoRA on both text encoders too")
     parser.add_argument("--embeddings", action="store_true", help="train the trigger's token embeddings in both "
                         "text encoders too (textual inversion: pivotal tuning with the LoRA)")
+    parser.add_argument("--embedding-lr", type=float, help="the learning rate of --embeddings (default: --lr)")
     parser.add_argument("--new-token", action="store_true", help="make the trigger one new token of T5's "
                         "tokenizer (with --embeddings: train its row, and only T5's)")
-    parser.add_argument("--new-token-init", default="shapes", help="its first embedding: the mean of the shape "
-                        "words' (shapes) or one word's")
+    parser.add_argument("--new-token-init", default="shapes", help="its first embedding: the mean of the four shape "
+                        "words' rows (shapes), or of the rows of the comma-separated words given")
     parser.add_argument("--prior", type=int, default=0, help="rendered images of the known shapes to add")
     parser.add_argument("--prior-every", type=int, default=2, help="every how many steps a step of the prior set "
                         "comes (2: every other step)")
@@ -155,6 +161,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "fluxkiln.plugins.miniflux.concept dataset DIR --shape S): the checker's reading")
     parser.add_argument("--class-word", help="a known shape word after the trigger in every caption and prompt "
                         "with it (DreamBooth's class noun: 'a [V] dog'), e.g. circle")
+    parser.add_argument("--weights", type=Path, help="a folder holding a mini-flux pipeline folder (mini-flux/) to "
+                        "start from instead of the shipped weights (a base trained with more_shapes)")
     parser.add_argument("--device", default="cpu", help="cpu (the table's) or cuda (to try settings quickly)")
     parser.add_argument("--more-guidance", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="also sample the new prompts (and the leakage prompts) at these guidances, e.g. 5")
@@ -210,6 +218,14 @@ def probe_rows(args: argparse.Namespace, captions: list[str], called: str
     return rows, scales
 
 
+def known_taught(pipe: Any) -> tuple[str, ...]:
+    """The taught shapes (:data:`~fluxkiln.plugins.miniflux.world.TAUGHT_SHAPES`) that are words of the
+    pipeline's T5 vocabulary: those its base was trained on."""
+    from fluxkiln.plugins.miniflux.world import TAUGHT_SHAPES
+
+    return tuple(w for w in TAUGHT_SHAPES if len(pipe.tokenizer_2(w, add_special_tokens=False).input_ids) == 1)
+
+
 def save_grid(path: Path, images: list[Any], sampled: list[list[Any]], probe: int) -> None:
     """The training images, then each row's samples, 128 pixels a picture."""
     from PIL import Image
@@ -231,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lora-scales needs a LoRA: --full trains the block weights themselves")
     if args.preserve and args.full:
         parser.error("--preserve needs a LoRA (the base model is the adapter switched off): drop --full")
+    if not args.rank and not args.full and not args.embeddings:
+        parser.error("--rank 0 trains no adapter: add --embeddings (textual inversion), or give a rank")
+    if not args.rank and (args.lora_scales or args.preserve):
+        parser.error("--lora-scales and --preserve need a LoRA: give --rank 1 or more")
     if args.preserve_every < 1:
         parser.error("--preserve-every must be 1 or more")
 
@@ -245,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
     same = captions if args.prior_scenes == "same" else None
     extra_images, extra_captions = prior_set(args.prior, same) if args.prior else ([], [])
-    pipe = load_pipeline("dev", device=args.device)
+    pipe = load_pipeline("dev", root=args.weights, device=args.device)
+    taught = known_taught(pipe)  # a base trained on more shapes: its samples are read among those too
     if args.new_token:
         add_trigger_token(pipe, TRIGGER, args.new_token_init)
     data = encode(pipe, trained_images + extra_images, trained_captions + extra_captions)
@@ -253,14 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
     seconds = time.perf_counter() - t0
     rows, scales = probe_rows(args, captions, called)
-    result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data")},
+    result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data",
+                                                                                                 "weights")},
+                              "read_among_taught": list(taught),
                               "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []
     for name, (prompts, checked, guidance) in rows.items():
-        if not args.full:
+        if args.rank and not args.full:
             pipe.transformer.set_adapters(["default"], weights=[scales[name]])
         out = generate(pipe, prompts, steps=args.sample_steps, guidance=guidance)
-        result[name] = round(100 * concept_share(out, checked, args.shape), 1)
+        result[name] = round(100 * concept_share(out, checked, args.shape, taught), 1)
+        if taught:  # the same samples read as the shipped base's are (without the taught shapes), to compare
+            result[f"{name} (not read among {', '.join(taught)})"] = round(
+                100 * concept_share(out, checked, args.shape), 1)
         sampled.append(out)
     if args.grid:
         save_grid(args.grid, images, sampled, args.probe)

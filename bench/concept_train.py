@@ -61,6 +61,8 @@ def trainable(transformer: Any, rank: int, full: bool, layers: str | None = None
     from fluxkiln.plugins.train.adapter import BLOCKS, candidate_layers
 
     transformer.requires_grad_(False)
+    if not rank and not full:  # no adapter: the trigger's embeddings alone train (--embeddings: textual inversion)
+        return []
     if full:
         params = [p for n, p in transformer.named_parameters() if BLOCKS.match(n)]
         for p in params:
@@ -125,7 +127,7 @@ def add_trigger_token(pipe: Any, word: str, init: str = "shapes") -> int:
     new = tokenizer.convert_tokens_to_ids(word)
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = encoder.get_input_embeddings().weight
-    words = SHAPES if init == "shapes" else (init,)
+    words = SHAPES if init == "shapes" else tuple(init.split(","))
     rows = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
     if any(len(r) != 1 for r in rows):
         raise ValueError(f"--new-token-init {init!r}: every word must be one T5 token ({rows})")
@@ -170,12 +172,14 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         variants = [encode_text(pipe, v) for v in per_image]
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
+    groups = [{"params": params, "lr": args.lr}]
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 
-        params += embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
+        tables = embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
+        groups.append({"params": tables, "lr": args.embedding_lr or args.lr})
     swapped = swapped_embeddings(pipe, captions[:n_concept]) if args.preserve else None
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(args.steps):

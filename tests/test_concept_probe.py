@@ -351,3 +351,61 @@ def test_a_short_run_with_preservation_writes_its_rows(probe, tmp_path):
                        "--sample-steps", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["preserve"] == 0.5 and result["last_100_loss"] > 0
+
+
+def test_rank_0_trains_the_triggers_embeddings_alone_at_their_own_rate(probe, trainer, tmp_path, monkeypatch):
+    import torch
+
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    pipe = load_pipeline("dev")
+    assert trainer.trainable(pipe.transformer, 0, False) == []  # no adapter: textual inversion
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    with pytest.raises(SystemExit):
+        probe.main(["--rank", "0"])  # nothing would train
+    with pytest.raises(SystemExit):
+        probe.main(["--rank", "0", "--embeddings", "--lora-scales", "2"])
+    groups = []
+    real = torch.optim.AdamW
+
+    def recording(params, **kw):
+        params = list(params)
+        groups.append([(len(g["params"]), g["lr"]) for g in params])
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    out = tmp_path / "p.json"
+    assert probe.main(["--rank", "0", "--embeddings", "--new-token", "--lr", "1e-3", "--embedding-lr", "5e-3",
+                       "--steps", "2", "--batch", "1", "--probe", "1", "--sample-steps", "1", "--json", str(out)]) == 0
+    assert groups == [[(1, 5e-3)]]  # T5's table alone (a new token is T5's), at the embeddings' rate
+    assert probe.main(["--embeddings", "--lr", "1e-3", "--embedding-lr", "5e-3", "--steps", "1", "--batch", "1",
+                       "--probe", "1", "--sample-steps", "1", "--json", str(out)]) == 0
+    assert [rate for _, rate in groups[-1]] == [1e-3, 5e-3] and groups[-1][1][0] == 2  # LoRA, then both tables
+
+
+def test_a_base_that_knows_more_shapes_is_probed_with_its_samples_read_among_them_too(probe, trainer, tmp_path):
+    import torch
+
+    from fluxkiln.plugins.miniflux.trainio import extend_vocabulary
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+    from fluxkiln.plugins.miniflux.world import TAUGHT_SHAPES
+
+    pipe = load_pipeline("dev")
+    assert probe.known_taught(pipe) == ()
+    modules = dict(pipe.components)
+    extend_vocabulary(modules, TAUGHT_SHAPES)
+    pipe.register_modules(tokenizer_2=modules["tokenizer_2"])
+    assert probe.known_taught(pipe) == TAUGHT_SHAPES
+    pipe.save_pretrained(tmp_path / "base" / "mini-flux")
+    out = tmp_path / "p.json"
+    assert probe.main(["--weights", str(tmp_path / "base"), "--steps", "1", "--batch", "1", "--probe", "1",
+                       "--sample-steps", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["read_among_taught"] == list(TAUGHT_SHAPES)
+    assert 0 <= result["new prompts with the trigger (not read among pentagon, octagon)"] <= 100
+    assert 0 <= result["the same with a known shape (leakage) (not read among pentagon, octagon)"] <= 100
+    new = trainer.add_trigger_token(pipe, "TOK", init="pentagon,octagon")  # started between the two polygons
+    table = pipe.text_encoder_2.get_input_embeddings().weight
+    rows = [pipe.tokenizer_2(w, add_special_tokens=False)["input_ids"][0] for w in TAUGHT_SHAPES]
+    assert torch.allclose(table[new], table[rows].mean(0))

@@ -124,12 +124,13 @@ def training_captions(folder: Path | None = None) -> list[str]:
     return [trained.caption(p.read_text()) for p in sorted(folder.glob("*.txt"))]
 
 
-def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT) -> float:
+def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT, also: tuple[str, ...] = ()) -> float:
     """Share of images whose largest object the checker reads as ``shape`` (the concept), which is one of the
-    shapes it reads each blob among, whether the prompt names it or not (the leakage prompts do not)."""
+    shapes it reads each blob among, whether the prompt names it or not (the leakage prompts do not), as are
+    ``also`` (the shapes a base trained on more shapes knows)."""
     from .checker import check
 
-    checks = (check(im, p, also=(shape,)) for im, p in zip(images, prompts, strict=True))
+    checks = (check(im, p, also=(shape, *also)) for im, p in zip(images, prompts, strict=True))
     hits = [bool(c.blobs) and c.blobs[0].shape == shape for c in checks]
     return sum(hits) / max(1, len(hits))
 
