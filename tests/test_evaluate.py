@@ -86,9 +86,9 @@ def test_aliases_name_a_lora_trigger_word_and_unknown_shapes_are_refused(engine,
     assert result.outputs["e"]["output"][0].meta["scores"]["shape"] == 1.0
     plain = run_body(engine, tmp_path, body.replace('aliases = { TOK = "hexagon" }', ""), "noalias")
     assert plain.outputs["e"]["output"][0].meta["scores"]["shape"] is None  # TOK is no shape word
-    bad = run_body(engine, tmp_path, body.replace('"hexagon"', '"pentagon"'), "badalias", expect="failed")
+    bad = run_body(engine, tmp_path, body.replace('"hexagon"', '"heptagon"'), "badalias", expect="failed")
     info = failure(bad, "e")
-    assert info["key"] == "aliases" and "pentagon" in info["error"] and "hexagon" in info["hint"]
+    assert info["key"] == "aliases" and "heptagon" in info["error"] and "hexagon" in info["hint"]
 
 
 def test_images_without_a_prompt_are_refused(engine, tmp_path):

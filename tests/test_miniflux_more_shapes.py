@@ -69,6 +69,8 @@ def test_more_shapes_are_checked_and_only_taught_shapes_are_allowed():
     assert preset("micro").shapes == SHAPES
     with pytest.raises(SystemExit, match="hexagon cannot be taught; choose from pentagon, octagon"):
         preset("micro", more_shapes="pentagon,hexagon")
+    with pytest.raises(SystemExit, match="names a shape twice"):
+        preset("micro", more_shapes="octagon,octagon")
 
 
 def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():

@@ -109,6 +109,8 @@ def preset(name: str, **overrides: float) -> TrainConfig:
     unknown = [s for s in cfg.shape_words if s not in TAUGHT_SHAPES]
     if unknown:
         raise SystemExit(f"more_shapes: {', '.join(unknown)} cannot be taught; choose from {', '.join(TAUGHT_SHAPES)}")
+    if len(set(cfg.shape_words)) < len(cfg.shape_words):
+        raise SystemExit(f"more_shapes: {cfg.more_shapes!r} names a shape twice; name each once")
     if cfg.vae_part not in VAE_PARTS:
         raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
     return cfg
