@@ -409,3 +409,16 @@ def test_a_base_that_knows_more_shapes_is_probed_with_its_samples_read_among_the
     table = pipe.text_encoder_2.get_input_embeddings().weight
     rows = [pipe.tokenizer_2(w, add_special_tokens=False)["input_ids"][0] for w in TAUGHT_SHAPES]
     assert torch.allclose(table[new], table[rows].mean(0))
+
+
+def test_a_pentagon_reads_as_a_hexagon_unless_the_taught_shapes_are_in_the_running():
+    import random
+
+    from fluxkiln.plugins.miniflux import render, world
+    from fluxkiln.plugins.miniflux.concept import concept_share
+
+    scene = world.Scene((world.Obj("red", "pentagon", "large", "center"),), "blue")
+    image = render.to_pil(render.render([world.realise(scene, random.Random(0))], 256, 256, supersample=2))[0]
+    leaked = "a large red circle in the center on a blue background"  # a leakage prompt: the shape asked is another
+    assert concept_share([image], [leaked], "hexagon") == 1.0  # among the shipped base's shapes: the nearest
+    assert concept_share([image], [leaked], "hexagon", world.TAUGHT_SHAPES) == 0.0  # read as what it is
