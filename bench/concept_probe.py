@@ -221,9 +221,10 @@ def probe_rows(args: argparse.Namespace, captions: list[str], called: str
 def known_taught(pipe: Any) -> tuple[str, ...]:
     """The taught shapes (:data:`~fluxkiln.plugins.miniflux.world.TAUGHT_SHAPES`) that are words of the
     pipeline's T5 vocabulary: those its base was trained on."""
+    from fluxkiln.plugins.miniflux.config import knows_word
     from fluxkiln.plugins.miniflux.world import TAUGHT_SHAPES
 
-    return tuple(w for w in TAUGHT_SHAPES if len(pipe.tokenizer_2(w, add_special_tokens=False).input_ids) == 1)
+    return tuple(w for w in TAUGHT_SHAPES if knows_word(pipe.tokenizer_2, w))
 
 
 def save_grid(path: Path, images: list[Any], sampled: list[list[Any]], probe: int) -> None:

@@ -44,12 +44,22 @@ def t5_tokenizer(more: tuple[str, ...] = ()) -> Any:
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -1.0) for word in VOCABULARY]
+    pieces += [(word_piece(word), -1.0) for word in VOCABULARY]
     for code in range(33, 127):
         pieces.append((chr(code), -3.0))
         pieces.append(("\u2581" + chr(code), -3.5))
-    pieces += [("\u2581" + word, -1.0) for word in more]
+    pieces += [(word_piece(word), -1.0) for word in more]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TEXT_TOKENS)
+
+
+def word_piece(word: str) -> str:
+    """The piece of :func:`t5_tokenizer`'s vocabulary that stands for the whole ``word``."""
+    return "\u2581" + word
+
+
+def knows_word(tokenizer: Any, word: str) -> bool:
+    """Whether ``word`` is one piece of a mini-flux T5 tokenizer's vocabulary (not spelled out)."""
+    return word_piece(word) in tokenizer.get_vocab()
 
 
 def clip_tokenizer() -> Any:

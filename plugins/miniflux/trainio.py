@@ -27,16 +27,15 @@ def extend_vocabulary(m: dict[str, Any], words: tuple[str, ...]) -> list[str]:
     started at the mean of the four shape words' rows; returns the words added (none where ``m`` knows them)."""
     import torch
 
-    from .config import t5_tokenizer
+    from .config import knows_word, t5_tokenizer, word_piece
     from .world import SHAPES
 
     old = m["tokenizer_2"]
-    known = old.get_vocab()
-    new = [w for w in words if "\u2581" + w not in known]
+    new = [w for w in words if not knows_word(old, w)]
     if not new:
         return []
     tok = t5_tokenizer(tuple(w for w in words if w not in new) + tuple(new))
-    if any(tok.convert_tokens_to_ids(p) != i for p, i in known.items()):
+    if any(tok.convert_tokens_to_ids(p) != i for p, i in old.get_vocab().items()):
         raise SystemExit("more_shapes: the pipeline's T5 vocabulary is not mini-flux's; cannot add words to it")
     encoder = m["text_encoder_2"]
     encoder.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -44,7 +43,7 @@ def extend_vocabulary(m: dict[str, Any], words: tuple[str, ...]) -> list[str]:
     rows = [old(w, add_special_tokens=False).input_ids[0] for w in SHAPES]
     with torch.no_grad():
         for w in new:
-            table[tok.convert_tokens_to_ids("\u2581" + w)] = table[rows].mean(0)
+            table[tok.convert_tokens_to_ids(word_piece(w))] = table[rows].mean(0)
     m["tokenizer_2"] = tok
     return new
 
