@@ -86,15 +86,18 @@ class TrainConfig:
             return text.replace(TRIGGER_PLACEHOLDER, "").strip()
         if TRIGGER_PLACEHOLDER in text:
             return text.replace(TRIGGER_PLACEHOLDER, trig)
-        if re.search(rf"(?<!\w){re.escape(trig)}(?!\w)", text):
+        if self._trigger().search(text):
             return text
         return f"{trig}, {text}" if text else trig
 
     def preserved(self, caption: str) -> str:
         """A trained caption with the trigger word replaced by ``preservation_class`` (what the preservation term
         keeps at the base model's prediction)."""
-        word = re.escape(self.trigger_word.strip())
-        return re.sub(rf"(?<!\w){word}(?!\w)", lambda _m: self.preservation_class or "", caption)
+        return self._trigger().sub(lambda _m: self.preservation_class or "", caption)
+
+    def _trigger(self) -> re.Pattern[str]:
+        """The trigger word as a whole word (not inside a longer one)."""
+        return re.compile(rf"(?<!\w){re.escape(self.trigger_word.strip())}(?!\w)")
 
     def sample_at(self, step: int, wandb_interval: int | None) -> bool:
         if not self.sample_prompts:
