@@ -37,7 +37,7 @@ from typing import Any
 
 from fluxkiln.engine import distributed
 
-from . import fast
+from . import attn_parts, fast
 
 MODES = ("auto", "ulysses", "allgather", "overlap")
 # Inductor's compute/communication reordering while a transformer is split: in each compiled block the exchange
@@ -292,27 +292,8 @@ class ContextAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  image_rotary_emb: Any = None) -> Any:
-        import torch
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
         if attention_mask is not None:
             raise ValueError("context parallel attention takes no attention mask")
-        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([ev.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = attn_parts.heads(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = attention(query, key, value, self.state).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] -
-                                            encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return attn_parts.project_out(attn, out, encoder_hidden_states)
