@@ -9,6 +9,8 @@
   process a block (or VAE decoder) call that matches one runs the saved function: no tracing.
 * :func:`set_vae_compiled` compiles the VAE decoder the same way (2.4x faster decode), for the latent shapes
   where that pays (:mod:`.patience`).
+* With fp8 layers, :func:`fp8_attention_supported` says whether the attention can be fp8 too
+  (:mod:`.fp8_attention`, cuDNN's fused fp8 attention; lossy).
 * :func:`fp8_apply` swaps the blocks' linear layers for :class:`Fp8Linear`
   (float8 e4m3 weights and activations with row-wise scales, multiplied by
   ``torch._scaled_mm``; lossy).  Each keeps its bf16 layer, so
@@ -28,6 +30,7 @@ FP8_MAX = 448.0  # largest float8_e4m3fn value
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 RECOMPILE_LIMIT = 64
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor modes that record CUDA graphs of their own
+STOCK_PROCESSORS = {"FluxAttnProcessor", "FluxAttnProcessor2_0"}  # diffusers' own, which fp8 attention replaces
 UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _CLASS: list[Any] = []
 
@@ -247,6 +250,21 @@ def fp8_supported() -> tuple[bool, str]:
     if cap < (8, 9):
         return False, f"GPU compute capability {cap[0]}.{cap[1]} < 8.9"
     return True, ""
+
+
+def fp8_attention_supported(transformer: Any) -> tuple[bool, str]:
+    """Whether go_fast can compute ``transformer``'s attention in fp8 (:mod:`.fp8_attention`), and why not:
+    ``FLUXKILN_FP8_ATTENTION=0`` keeps it in bf16; other attention processors than diffusers' own (context
+    parallelism's) stay as they are."""
+    if switched_off("FLUXKILN_FP8_ATTENTION"):
+        return False, "FLUXKILN_FP8_ATTENTION=0"
+    from . import fp8_attention
+
+    if not fp8_attention.active(transformer):
+        foreign = {type(p).__name__ for p in transformer.attn_processors.values()} - STOCK_PROCESSORS
+        if foreign:
+            return False, f"the blocks have other attention processors ({', '.join(sorted(foreign))})"
+    return fp8_attention.supported()
 
 
 def fp8_linear_class() -> Any:

@@ -14,7 +14,8 @@ run loads it afresh) and says so, rather than leaving a half-changed model.
 On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
 transformer block and the VAE decoder compiled, fused QKV projections, whole
 transformer calls replayed as CUDA graphs, see graphed.py) and
-``go_fast`` adds fp8 matmuls (see fast.py); on CPU ``go_fast`` fuses the QKV
+``go_fast`` adds fp8 matmuls (see fast.py) and, where cuDNN offers it, fp8 attention
+(fp8_attention.py); on CPU ``go_fast`` fuses the QKV
 projections only.  Training asks for none of it (exact bf16 weights; ``train_lora``
 compiles the blocks itself, with its adapter in them).
 """
@@ -45,6 +46,7 @@ class PipeState:
     vae_compiled: bool = False
     compiled: bool = False
     fp8: bool = False
+    fp8_attention: bool = False
     current: tuple | None = None
     originals: list[tuple[Any, Any]] | None = None  # (base layer, its weight before fusing) on the CPU
 
@@ -205,6 +207,8 @@ class Plan:
     compile: bool
     fp8: bool
     fp8_skipped: str = ""
+    fp8_attention: bool = False
+    fp8_attention_skipped: str = ""
 
 
 def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device: str, fast: bool) -> Plan:
@@ -225,7 +229,9 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
             why = f'offload = "{offload}" (fp8 layers stay on the GPU)'
         fp8 = ok and not why
     vae_compile = gpu and offload == "none" and not fastpaths.vae_compile_disabled()
-    return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why)
+    attention, attention_why = fastpaths.fp8_attention_supported(pipe.transformer) if fp8 else (False, "")
+    return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why, attention,
+                attention_why)
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
@@ -274,6 +280,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
         st.fp8 = True
         if log:
             log(f"go_fast: {n} transformer linear layers in fp8 (row-wise scaled weights and activations)")
+        st.fp8_attention = _fp8_attention(pipe, want, log)
     elif want.fp8_skipped and log:
         log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path", level="warning")
     _compile_state(pipe, st, want.compile, log)
@@ -281,10 +288,27 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     return want
 
 
+def _fp8_attention(pipe: Any, want: Plan, log: Callable[..., None] | None) -> bool:
+    """Switch the blocks' attention to fp8 where the plan says so; whether it did."""
+    if want.fp8_attention:
+        from . import fp8_attention
+
+        n = fp8_attention.apply(pipe.transformer)
+        if log:
+            log(f"go_fast: attention in fp8 in {n} blocks (cuDNN; per-tensor scaled queries, keys and values)")
+    elif log:
+        log(f"go_fast: attention stays in bf16: {want.fp8_attention_skipped}")
+    return want.fp8_attention
+
+
 def _fp8_off(pipe: Any, st: PipeState) -> None:
     if st.fp8 or fastpaths.has_fp8(pipe.transformer):
         fastpaths.fp8_restore(pipe.transformer)
-    st.fp8 = False
+    if getattr(pipe.transformer, "_fluxkiln_fp8_attention", None) is not None:
+        from . import fp8_attention
+
+        fp8_attention.restore(pipe.transformer)
+    st.fp8 = st.fp8_attention = False
 
 
 def _compile_state(pipe: Any, st: PipeState, on: bool, log: Callable[..., None] | None) -> None:

@@ -203,7 +203,8 @@ def sample(
                                               "of the model (1 = as apply_lora set them); unset = 1")] = None,
     go_fast: Annotated[bool, Field(description="GPU: fp8 matmuls in the transformer blocks (row-wise scaled "
                                    "weights and activations, compute capability >= 8.9; slightly lossy, not with "
-                                   "unfused LoRAs) on top of the always-on lossless path (compiled blocks, fused "
+                                   "unfused LoRAs), and fp8 attention from about 1024x1024 on Hopper GPUs with "
+                                   "nvidia-cudnn-frontend installed, on top of the always-on lossless path (compiled blocks, fused "
                                    "QKV, compiled VAE decoder); false restores the exact bf16 weights. CPU: fused QKV "
                                    "projections only")] = True,
     cache_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="step cache, lossy, off at 0: a step "
