@@ -92,9 +92,12 @@ def test_a_resumed_training_shows_the_rate_of_the_steps_run_now(tmp_path, fresh_
         assert len(resumed) >= 3, shown
         (t0, k0, _, _), (t1, k1, _, _) = resumed[0], resumed[-1]
         real = (k1 - k0) / (t1 - t0)  # steps per second, as the screen saw them arrive
-        for _t, step, rate, eta in resumed:  # the 60 steps resumed from the checkpoint took no time now
-            assert rate is not None and rate < 1.5 * real, (step, rate, real, shown)
+        # the 60 steps resumed from the checkpoint took no time now: counted as run, they would show a rate
+        # ten and more times the real one. 3x leaves room for the run's own unevenness: in a loaded test run one
+        # step took a second, so the mean fell to 38 steps/s while the rate shown before it read 74.
+        for _t, step, rate, eta in resumed:
+            assert rate is not None and rate < 3 * real, (step, rate, real, shown)
             if step < 150:
-                assert eta is not None and eta > (150 - step) / (1.5 * real), (step, eta, real, shown)
+                assert eta is not None and eta > (150 - step) / (3 * real), (step, eta, real, shown)
 
     drive(app, script)

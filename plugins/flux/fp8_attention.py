@@ -18,8 +18,8 @@ kernel is the same arithmetic written out in float32 (any device, small shapes: 
 matrix), which the CPU tests use and the GPU test compares cuDNN with.
 
 :func:`supported` says whether a GPU can take it (and why not), :func:`apply`/:func:`restore` swap the blocks'
-attention processors.  Sequences shorter than :data:`MIN_TOKENS` (images under about 1024x1024) keep bf16
-attention, where cuDNN's fp8 kernel is the slower one.  This module imports torch: import it only where torch is wanted.
+attention processors.  Sequences shorter than :data:`MIN_TOKENS` (images under about 1024x1024), where cuDNN's
+fp8 kernel is the slower one, and those it is not made for (:func:`fits`) keep bf16 attention.  This module imports torch: import it only where torch is wanted.
 """
 
 from __future__ import annotations
@@ -110,7 +110,12 @@ class _CudnnGraph:
         key = (q.device.index, tuple(q.shape), tuple(k.shape))
         built = _GRAPHS.get(key)
         if built is None:
-            built = _GRAPHS[key] = cls.build(q, k)
+            try:
+                built = _GRAPHS[key] = cls.build(q, k)
+            except Exception as exc:  # cuDNN's own error types (not supported, build failed) and torch's
+                raise RuntimeError(
+                    f"cuDNN cannot build its fp8 attention for (batch, tokens, heads, head dim) = {tuple(q.shape)}: "
+                    f"{exc}. Set FLUXKILN_FP8_ATTENTION=0 to keep go_fast's attention in bf16.") from exc
         return built
 
     @classmethod
@@ -228,7 +233,7 @@ class Fp8AttnProcessor:
         if attention_mask is not None:
             raise ValueError("fp8 attention takes no attention mask")
         query, key, value = attn_parts.heads(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if query.shape[1] < self.min_tokens:  # static per compiled shape: a guard, not a graph break
+        if not fits(query.shape[1], query.shape[-1], self.min_tokens):  # static per compiled shape: no graph break
             out = dispatch_attention_fn(query, key, value)
         else:
             added = attn.added_kv_proj_dim is not None
@@ -236,6 +241,13 @@ class Fp8AttnProcessor:
             k_bound = rms_bound([attn.norm_k] + ([attn.norm_added_k] if added else []), attn.head_dim)
             out = attention(query, key, value, q_bound, k_bound)
         return attn_parts.project_out(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states)
+
+
+def fits(tokens: int, head_dim: int, least: int = MIN_TOKENS) -> bool:
+    """Whether a joint sequence of ``tokens`` goes to cuDNN's fp8 attention: at least ``least`` of them (where it
+    pays), and of the sizes its Hopper kernel is documented and measured for (a multiple of 64 tokens, as a
+    1024^2 image's 4,608 are, and heads of 64 or 128).  Other sequences (Full HD's 8,612 tokens) keep bf16."""
+    return tokens >= least and tokens % 64 == 0 and head_dim in (64, 128)
 
 
 def min_tokens() -> int:
