@@ -72,6 +72,7 @@ def test_rms_bound_limits_what_rms_norms_and_a_rotation_give():
         assert float(rotated.abs().max()) <= float(bound)
     assert float(bound) < 2 * float(max(n.weight.detach().abs().max() for n in norms)) * 32 ** 0.5  # not needlessly loose
     assert fp8_attention.rms_bound([torch.nn.LayerNorm(32)], 32) is None  # another norm: found by reading
+    assert fp8_attention.rms_bound([RMSNorm(32, eps=1e-6, elementwise_affine=False)], 32) is None
 
 
 def test_fp8_attention_compiles_as_one_graph():

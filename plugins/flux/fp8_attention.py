@@ -91,7 +91,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = q.new_empty(q.shape)
     scalars = (t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v, scale_o))
-    _CudnnGraph.get(q, k).run(q, k, v, *scalars, out)
+    _CudnnGraph.get(q, k, v).run(q, k, v, *scalars, out)
     return out
 
 
@@ -106,12 +106,12 @@ class _CudnnGraph:
     constants: dict[str, torch.Tensor]
 
     @classmethod
-    def get(cls, q: torch.Tensor, k: torch.Tensor) -> _CudnnGraph:
-        key = (q.device.index, tuple(q.shape), tuple(k.shape))
+    def get(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _CudnnGraph:
+        key = (q.device.index, tuple(q.shape), tuple(k.shape), tuple(v.shape))
         built = _GRAPHS.get(key)
         if built is None:
             try:
-                built = _GRAPHS[key] = cls.build(q, k)
+                built = _GRAPHS[key] = cls.build(q, k, v)
             except Exception as exc:  # cuDNN's own error types (not supported, build failed) and torch's
                 raise RuntimeError(
                     f"cuDNN cannot build its fp8 attention for (batch, tokens, heads, head dim) = {tuple(q.shape)}: "
@@ -119,7 +119,7 @@ class _CudnnGraph:
         return built
 
     @classmethod
-    def build(cls, q: torch.Tensor, k: torch.Tensor) -> _CudnnGraph:
+    def build(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _CudnnGraph:
         import cudnn
 
         with torch.cuda.device(q.device):
@@ -132,7 +132,7 @@ class _CudnnGraph:
                 b, s, h, d = t.shape  # stored (b, s, h, d), described to cuDNN as (b, h, s, d)
                 return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1], data_type=e4m3)
 
-            t = {"q": heads_first(q, "q"), "k": heads_first(k, "k"), "v": heads_first(k, "v")}
+            t = {"q": heads_first(q, "q"), "k": heads_first(k, "k"), "v": heads_first(v, "v")}
             scalar = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1], "data_type": f32}
             for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
                 t[name] = graph.tensor(name=name, **scalar)
@@ -185,7 +185,7 @@ def quantize(t: torch.Tensor, bound: torch.Tensor | None = None) -> tuple[torch.
 
 def rms_bound(norms: list[Any], head_dim: int) -> torch.Tensor | None:
     """A limit of the magnitudes that these RMS norms (diffusers' ``RMSNorm``) and then a rotary embedding can
-    give, or None where a norm is of another kind.
+    give, or None where a norm is of another kind or has no weight.
 
     An RMS norm scales its input to a root mean square of 1, so no element exceeds sqrt(head dim) before the
     weight multiplies it; a rotation keeps each pair's length, which is at most the whole vector's.  A limit
@@ -196,8 +196,9 @@ def rms_bound(norms: list[Any], head_dim: int) -> torch.Tensor | None:
         if type(norm).__name__ != "RMSNorm":
             return None
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-        limit = weight.detach().abs().amax().float() * head_dim ** 0.5 if weight is not None else \
-            torch.tensor(head_dim ** 0.5)
+        if weight is None:  # FLUX's norms have weights; without one, read the tensor (the limit's device unknown)
+            return None
+        limit = weight.detach().abs().amax().float() * head_dim ** 0.5
         limits.append(limit + 2 * bias.detach().abs().amax().float() if bias is not None else limit)
     return torch.stack(limits).amax() if limits else None
 
