@@ -254,16 +254,19 @@ def fp8_supported() -> tuple[bool, str]:
 
 def fp8_attention_supported(transformer: Any) -> tuple[bool, str]:
     """Whether go_fast can compute ``transformer``'s attention in fp8 (:mod:`.fp8_attention`), and why not:
-    ``FLUXKILN_FP8_ATTENTION=0`` keeps it in bf16; other attention processors than diffusers' own (context
-    parallelism's) stay as they are."""
+    ``FLUXKILN_FP8_ATTENTION=0`` keeps it in bf16; other attention processors than diffusers' own (fluxkiln's
+    context parallelism's), and diffusers' own with its context parallelism on, stay as they are."""
     if switched_off("FLUXKILN_FP8_ATTENTION"):
         return False, "FLUXKILN_FP8_ATTENTION=0"
     from . import fp8_attention
 
     if not fp8_attention.active(transformer):
-        foreign = {type(p).__name__ for p in transformer.attn_processors.values()} - STOCK_PROCESSORS
+        processors = transformer.attn_processors.values()
+        foreign = {type(p).__name__ for p in processors} - STOCK_PROCESSORS
         if foreign:
             return False, f"the blocks have other attention processors ({', '.join(sorted(foreign))})"
+        if any(getattr(p, "_parallel_config", None) is not None for p in processors):
+            return False, "diffusers' context parallelism attends across the GPUs"
     return fp8_attention.supported()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ FP8 = torch.float8_e4m3fn
 # Below this many tokens (text and image together) cuDNN's fp8 attention is slower than its bf16 one: on an H200,
 # 0.095 against 0.063 ms at 1,536 tokens (a 512^2 image), 0.284 against 0.394 ms at 4,608 (1024^2).
 MIN_TOKENS = 4096
+ROUNDING = 1 + 2**-6  # room for bf16's roundings above :func:`rms_bound`'s exact limit (three of at most 2^-8)
 
 
 def supported(device: Any = None) -> tuple[bool, str]:
@@ -54,7 +56,10 @@ def supported(device: Any = None) -> tuple[bool, str]:
         return False, "the nvidia-cudnn-frontend package is not installed (pip install nvidia-cudnn-frontend)"
     except OSError as exc:  # the wheel is there but cannot load the cuDNN library
         return False, f"nvidia-cudnn-frontend cannot load cuDNN: {exc}"
-    version = int(cudnn.backend_version())
+    try:
+        version = int(cudnn.backend_version())
+    except Exception as exc:  # the frontend found no cuDNN library it can use (its loader leaves none)
+        return False, f"nvidia-cudnn-frontend cannot reach cuDNN: {exc}"
     if version < 90100:
         return False, f"cuDNN {version} is older than 9.1, the first with fp8 attention"
     return True, ""
@@ -89,9 +94,16 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
       descale_v: torch.Tensor, scale_o: torch.Tensor) -> torch.Tensor:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    descale_q, descale_k, descale_v, scale_o = (t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v,
+                                                                               scale_o))
+    built = _CudnnGraph.get(q, k, v)
+    if built is None:  # cuDNN refused this shape: the same contract, computed in bf16 from the fp8 inputs
+        qb, kb, vb = ((t.float() * d).to(torch.bfloat16).transpose(1, 2) for t, d in ((q, descale_q),
+                                                                                   (k, descale_k), (v, descale_v)))
+        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).float()
+        return (out * scale_o).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
     out = q.new_empty(q.shape)
-    scalars = (t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v, scale_o))
-    _CudnnGraph.get(q, k, v).run(q, k, v, *scalars, out)
+    built.run(q, k, v, descale_q, descale_k, descale_v, scale_o, out)
     return out
 
 
@@ -106,17 +118,19 @@ class _CudnnGraph:
     constants: dict[str, torch.Tensor]
 
     @classmethod
-    def get(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _CudnnGraph:
+    def get(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _CudnnGraph | None:
+        """The graph for these shapes, built on first use; None where cuDNN cannot build it (said once, in a
+        warning, and remembered: the caller attends in bf16 instead)."""
         key = (q.device.index, tuple(q.shape), tuple(k.shape), tuple(v.shape))
-        built = _GRAPHS.get(key)
-        if built is None:
+        if key not in _GRAPHS:
             try:
-                built = _GRAPHS[key] = cls.build(q, k, v)
+                _GRAPHS[key] = cls.build(q, k, v)
             except Exception as exc:  # cuDNN's own error types (not supported, build failed) and torch's
-                raise RuntimeError(
-                    f"cuDNN cannot build its fp8 attention for (batch, tokens, heads, head dim) = {tuple(q.shape)}: "
-                    f"{exc}. Set FLUXKILN_FP8_ATTENTION=0 to keep go_fast's attention in bf16.") from exc
-        return built
+                _GRAPHS[key] = None
+                warnings.warn(f"cuDNN cannot build its fp8 attention for (batch, tokens, heads, head dim) = "
+                              f"{tuple(q.shape)} ({exc}); attending in bf16 there. FLUXKILN_FP8_ATTENTION=0 "
+                              f"keeps go_fast's attention in bf16 everywhere.", RuntimeWarning, stacklevel=2)
+        return _GRAPHS[key]
 
     @classmethod
     def build(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _CudnnGraph:
@@ -163,11 +177,12 @@ class _CudnnGraph:
                  "scale_o": scale_o, "o": out, "amax_s": amax[0:1], "amax_o": amax[1:2], **self.constants}
         pack = {self.tensors[name]: value for name, value in given.items()}
         workspace = torch.empty(max(self.workspace_bytes, 1), dtype=torch.uint8, device=q.device)
-        cudnn.set_stream(self.handle, torch.cuda.current_stream(q.device).cuda_stream)
-        self.graph.execute(pack, workspace, handle=self.handle)
+        with torch.cuda.device(q.device):
+            cudnn.set_stream(self.handle, torch.cuda.current_stream(q.device).cuda_stream)
+            self.graph.execute(pack, workspace, handle=self.handle)
 
 
-_GRAPHS: dict[tuple, _CudnnGraph] = {}
+_GRAPHS: dict[tuple, _CudnnGraph | None] = {}
 _HANDLES: dict[int | None, Any] = {}
 
 
@@ -190,7 +205,8 @@ def rms_bound(norms: list[Any], head_dim: int) -> torch.Tensor | None:
     An RMS norm scales its input to a root mean square of 1, so no element exceeds sqrt(head dim) before the
     weight multiplies it; a rotation keeps each pair's length, which is at most the whole vector's.  A limit
     known without reading the tensor lets the quantization fuse into the rotation's kernel: no pass over the
-    queries and keys to find their largest value."""
+    queries and keys to find their largest value.  bf16 rounds three times on the way (the normalised value, its
+    product with the weight, the rotation), each by at most 2^-8, hence :data:`ROUNDING`."""
     limits = []
     for norm in norms:
         if type(norm).__name__ != "RMSNorm":
@@ -200,7 +216,7 @@ def rms_bound(norms: list[Any], head_dim: int) -> torch.Tensor | None:
             return None
         limit = weight.detach().abs().amax().float() * head_dim ** 0.5
         limits.append(limit + 2 * bias.detach().abs().amax().float() if bias is not None else limit)
-    return torch.stack(limits).amax() if limits else None
+    return torch.stack(limits).amax() * ROUNDING if limits else None
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor | None = None,
@@ -219,6 +235,9 @@ class Fp8AttnProcessor:
     """diffusers' FLUX attention processor with the attention computed in fp8 (see the module doc) where the
     joint sequence has at least ``min_tokens`` tokens, and by diffusers' own attention call below that."""
 
+    _attention_backend = None  # set by diffusers' set_attention_backend; the bf16 path honours it
+    _parallel_config = None  # diffusers' context parallelism: go_fast leaves such processors alone
+
     def __init__(self, min_tokens: int = MIN_TOKENS) -> None:
         self.min_tokens = min_tokens
 
@@ -231,11 +250,10 @@ class Fp8AttnProcessor:
                  image_rotary_emb: Any = None) -> Any:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        if attention_mask is not None:
-            raise ValueError("fp8 attention takes no attention mask")
         query, key, value = attn_parts.heads(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if not fits(query.shape[1], query.shape[-1], self.min_tokens):  # static per compiled shape: no graph break
-            out = dispatch_attention_fn(query, key, value)
+        if attention_mask is not None or not fits(query.shape[1], query.shape[-1], self.min_tokens):
+            # a mask, or a size fp8 does not take (static per compiled shape: no graph break): diffusers' own call
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
         else:
             added = attn.added_kv_proj_dim is not None
             q_bound = rms_bound([attn.norm_q] + ([attn.norm_added_q] if added else []), attn.head_dim)
@@ -267,11 +285,12 @@ def min_tokens() -> int:
     return value
 
 
-def apply(transformer: Any) -> int:
-    """Give every block's attention the fp8 processor, keeping the processors it had; returns how many."""
+def apply(transformer: Any, least: int | None = None) -> int:
+    """Give every block's attention the fp8 processor (from ``least`` tokens on; default :func:`min_tokens`),
+    keeping the processors it had; returns how many."""
     if getattr(transformer, "_fluxkiln_fp8_attention", None) is None:
         transformer._fluxkiln_fp8_attention = dict(transformer.attn_processors)
-    transformer.set_attn_processor(Fp8AttnProcessor(min_tokens()))
+    transformer.set_attn_processor(Fp8AttnProcessor(min_tokens() if least is None else least))
     return len(transformer._fluxkiln_fp8_attention)
 
 

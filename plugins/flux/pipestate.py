@@ -209,6 +209,7 @@ class Plan:
     fp8_skipped: str = ""
     fp8_attention: bool = False
     fp8_attention_skipped: str = ""
+    fp8_attention_min_tokens: int = 0  # part of the plan: a new threshold swaps the processors again
 
 
 def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device: str, fast: bool) -> Plan:
@@ -230,8 +231,13 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
         fp8 = ok and not why
     vae_compile = gpu and offload == "none" and not fastpaths.vae_compile_disabled()
     attention, attention_why = fastpaths.fp8_attention_supported(pipe.transformer) if fp8 else (False, "")
+    least = 0
+    if attention:
+        from .fp8_attention import min_tokens
+
+        least = min_tokens()
     return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why, attention,
-                attention_why)
+                attention_why, least)
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
@@ -293,7 +299,7 @@ def _fp8_attention(pipe: Any, want: Plan, log: Callable[..., None] | None) -> bo
     if want.fp8_attention:
         from . import fp8_attention
 
-        n = fp8_attention.apply(pipe.transformer)
+        n = fp8_attention.apply(pipe.transformer, want.fp8_attention_min_tokens)
         if log:
             log(f"go_fast: attention in fp8 in {n} blocks (cuDNN; per-tensor scaled queries, keys and values)")
     elif log:
