@@ -19,7 +19,8 @@ matrix), which the CPU tests use and the GPU test compares cuDNN with.
 
 :func:`supported` says whether a GPU can take it (and why not), :func:`apply`/:func:`restore` swap the blocks'
 attention processors.  Sequences shorter than :data:`MIN_TOKENS` (images under about 1024x1024), where cuDNN's
-fp8 kernel is the slower one, and those it is not made for (:func:`fits`) keep bf16 attention.  This module imports torch: import it only where torch is wanted.
+fp8 kernel is the slower one, and those it is not made for (:func:`fits`) keep bf16 attention.  This module
+imports torch: import it only where torch is wanted.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import Any
 import torch
 
 from . import attn_parts
+from .fast import FP8_MAX
 
-FP8_MAX = 448.0  # largest float8_e4m3fn value
 P_SCALE = FP8_MAX  # the softmax's unnormalised probabilities are at most 1
 FP8 = torch.float8_e4m3fn
 # Below this many tokens (text and image together) cuDNN's fp8 attention is slower than its bf16 one: on an H200,
@@ -142,11 +143,8 @@ class _CudnnGraph:
             graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32,
                                   handle=handle)
 
-            def heads_first(t: torch.Tensor, name: str) -> Any:
-                b, s, h, d = t.shape  # stored (b, s, h, d), described to cuDNN as (b, h, s, d)
-                return graph.tensor(name=name, dim=[b, h, s, d], stride=[s * h * d, d, h * d, 1], data_type=e4m3)
-
-            t = {"q": heads_first(q, "q"), "k": heads_first(k, "k"), "v": heads_first(v, "v")}
+            t = {name: graph.tensor(name=name, **_heads_first(x.shape), data_type=e4m3)
+                 for name, x in (("q", q), ("k", k), ("v", v))}
             scalar = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1], "data_type": f32}
             for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
                 t[name] = graph.tensor(name=name, **scalar)
@@ -154,8 +152,8 @@ class _CudnnGraph:
                 q=t["q"], k=t["k"], v=t["v"], descale_q=t["descale_q"], descale_k=t["descale_k"],
                 descale_v=t["descale_v"], descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
                 is_inference=True, attn_scale=1.0 / math.sqrt(q.shape[-1]), use_causal_mask=False, name="fp8_sdpa")
-            b, s, h, d = q.shape
-            o.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_data_type(e4m3)
+            layout = _heads_first(q.shape)
+            o.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"]).set_data_type(e4m3)
             for amax in (amax_s, amax_o):
                 amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
             t.update(o=o, amax_s=amax_s, amax_o=amax_o)
@@ -180,6 +178,12 @@ class _CudnnGraph:
         with torch.cuda.device(q.device):
             cudnn.set_stream(self.handle, torch.cuda.current_stream(q.device).cuda_stream)
             self.graph.execute(pack, workspace, handle=self.handle)
+
+
+def _heads_first(shape: torch.Size) -> dict[str, list[int]]:
+    """A contiguous (batch, tokens, heads, head dim) tensor described to cuDNN as (batch, heads, tokens, head dim)."""
+    b, s, h, d = shape
+    return {"dim": [b, h, s, d], "stride": [s * h * d, d, h * d, 1]}
 
 
 _GRAPHS: dict[tuple, _CudnnGraph | None] = {}
