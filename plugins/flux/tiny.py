@@ -90,6 +90,8 @@ def build_tiny_flux(variant: str = "dev") -> Any:
                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    for module in (transformer, vae, clip, t5):
+        module.eval()  # as from_pretrained leaves them: T5's dropout would otherwise change every call's output
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
 
