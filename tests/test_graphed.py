@@ -114,8 +114,8 @@ def test_calls_a_graph_cannot_hold_run_as_usual(case, monkeypatch):
         with torch.set_grad_enabled(case == "grad"), torch.autocast("cpu", enabled=case == "autocast"):
             tr(**kw)
     assert step.stats.recorded == 0 and step.stats.replayed == 0 and step.stats.ordinary == 3
-    if case == "off":
-        assert graphed.install(transformer()) is None
+    if case == "off":  # installed all the same (precomputed modulation is filled through it), never recording
+        assert isinstance(graphed.install(transformer()), graphed.WholeStep)
 
 
 def test_graphs_are_dropped_when_the_model_changes():

@@ -19,7 +19,7 @@ from typing import Any
 
 from fluxkiln.engine import Cancelled, RunContext, distributed
 
-from . import fast, prompt_cache
+from . import fast, modulation, prompt_cache
 from .noise import noise_ahead
 from .stepcache import step_cache
 
@@ -169,7 +169,8 @@ def _call(ctx: RunContext, pipe: Any, group: list[Job], s: Settings, progress: _
                       strength=s.strength)
 
     def images() -> Any:  # the prompts are encoded (or taken from the cache) in the same attention settings
-        with noise_ahead(run, (w, h), generators, seeds):  # a plain FluxPipeline's only: not image-to-image
+        # noise drawn ahead for a plain FluxPipeline only (not image-to-image); modulation tables for either
+        with noise_ahead(run, (w, h), generators, seeds), modulation.steps(run):
             return run(**common, **_prompt_args(pipe, run, group, s, common["max_sequence_length"]),
                        callback_on_step_end=progress.callback()).images
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from fluxkiln.engine import distributed
 
-from . import fast, registrations
+from . import fast, modulation, registrations
 
 CHANGES = registrations.Watch()  # registrations on graphed transformers (adapters, fp8 layers, fused projections)
 MAX_GRAPHS = 4  # signatures (sizes, batches) kept per transformer; the least recently used is dropped
@@ -146,6 +146,7 @@ class WholeStep:
         self.state = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        modulation.fill(self.module, args, kwargs)  # outside the graph: the rows its Tabled layers read
         key = self._key(args, kwargs)
         if key is None:
             self.stats.ordinary += 1
@@ -255,11 +256,13 @@ def record(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def install(transformer: Any) -> WholeStep | None:
-    """Route the transformer's calls through :class:`WholeStep` (once); None where it is switched off."""
+    """Route the transformer's calls through :class:`WholeStep` (once); None where another compiled call is
+    installed.  With graphs switched off it is installed all the same and calls the transformer as usual (after
+    filling its precomputed modulation)."""
     current = getattr(transformer, "_compiled_call_impl", None)
     if isinstance(current, WholeStep):
         return current
-    if disabled() or current is not None:
+    if current is not None:
         return None
     transformer._compiled_call_impl = step = WholeStep(transformer)
     return step

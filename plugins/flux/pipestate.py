@@ -13,7 +13,8 @@ run loads it afresh) and says so, rather than leaving a half-changed model.
 
 On a CUDA GPU ``sample`` asks for the lossless defaults (each repeated
 transformer block and the VAE decoder compiled, fused QKV projections, whole
-transformer calls replayed as CUDA graphs, see graphed.py) and
+transformer calls replayed as CUDA graphs, see graphed.py, with every step's
+modulation computed as a call starts, see modulation.py) and
 ``go_fast`` adds fp8 matmuls (see fast.py) and, where cuDNN offers it, fp8 attention
 (fp8_attention.py); on CPU ``go_fast`` fuses the QKV
 projections only.  Training asks for none of it (exact bf16 weights; ``train_lora``
@@ -31,7 +32,7 @@ from typing import Any
 from fluxkiln.engine import NodeError
 
 from . import fast as fastpaths
-from . import graphed, precompiled, prompt_cache
+from . import graphed, modulation, precompiled, prompt_cache
 
 MAX_LOADED = 8  # adapters kept loaded per pipeline before unused ones are deleted
 
@@ -47,6 +48,7 @@ class PipeState:
     compiled: bool = False
     fp8: bool = False
     fp8_attention: bool = False
+    modulation: bool = False
     current: tuple | None = None
     originals: list[tuple[Any, Any]] | None = None  # (base layer, its weight before fusing) on the CPU
 
@@ -133,7 +135,7 @@ def _lora_in_compute_dtype(pipe: Any, name: str, state_dict: dict[str, Any]) -> 
 
 
 def _unfuse_all(pipe: Any, st: PipeState) -> None:
-    _fp8_off(pipe, st)
+    _swaps_off(pipe, st)
     if st.qkv_fused:
         pipe.transformer.unfuse_qkv_projections()
         st.qkv_fused = False
@@ -210,6 +212,7 @@ class Plan:
     fp8_attention: bool = False
     fp8_attention_skipped: str = ""
     fp8_attention_min_tokens: int = 0  # part of the plan: a new threshold swaps the processors again
+    modulation: bool = False  # every step's modulation computed as a call starts (modulation.py)
 
 
 def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device: str, fast: bool) -> Plan:
@@ -236,8 +239,10 @@ def plan(pipe: Any, scales: dict[str, float], fuse: bool, go_fast: bool, device:
         from .fp8_attention import min_tokens
 
         least = min_tokens()
+    # its rows are filled by graphed.py's whole-step calls, installed where the blocks record no graphs themselves
+    tabled = compile_ and fastpaths.compile_mode() not in fastpaths.GRAPH_MODES and not modulation.disabled()
     return Plan(qkv, vae_compile, compile_, fp8, "" if fp8 or not (gpu and go_fast) else why, attention,
-                attention_why, least)
+                attention_why, least, tabled)
 
 
 def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: str,
@@ -258,7 +263,7 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     if st.current == desired:
         return want
     graphed.reset(pipe.transformer)  # recorded graphs hold the layers and scales they were recorded with
-    _fp8_off(pipe, st)  # before any change to the linear layers (adapters, fusions)
+    _swaps_off(pipe, st)  # before any change to the linear layers (adapters, fusions)
     if st.qkv_fused or (st.fused is not None and (not fuse or st.fused != signature)):
         _unfuse_all(pipe, st)
     for a in adapters:
@@ -290,6 +295,11 @@ def prepare(pipe: Any, adapters: list[dict[str, Any]], go_fast: bool, device: st
     elif want.fp8_skipped and log:
         log(f"go_fast: fp8 skipped: {want.fp8_skipped}; using the lossless fast path", level="warning")
     _compile_state(pipe, st, want.compile, log)
+    if want.modulation and graphed.stats(pipe.transformer) is not None:
+        n = modulation.install(pipe.transformer)
+        st.modulation = n > 0
+        if log and n:
+            log(f"modulation: {n} AdaLayerNorm linears computed for every step at once as a call starts")
     st.current = desired
     return want
 
@@ -307,7 +317,10 @@ def _fp8_attention(pipe: Any, want: Plan, log: Callable[..., None] | None) -> bo
     return want.fp8_attention
 
 
-def _fp8_off(pipe: Any, st: PipeState) -> None:
+def _swaps_off(pipe: Any, st: PipeState) -> None:
+    """Put back every layer and processor the fast paths swapped in (precomputed modulation, fp8)."""
+    modulation.remove(pipe.transformer)
+    st.modulation = False
     if st.fp8 or fastpaths.has_fp8(pipe.transformer):
         fastpaths.fp8_restore(pipe.transformer)
     if getattr(pipe.transformer, "_fluxkiln_fp8_attention", None) is not None:

@@ -38,12 +38,14 @@ def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float | Non
     adds classifier-free guidance against the empty prompt (two passes a step)."""
     import torch
 
+    from fluxkiln.plugins.flux import modulation
+
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         cfg = dict(true_cfg_scale=true_cfg, negative_prompt=[""] * len(chunk)) if true_cfg > 1 else {}
-        with torch.no_grad():
+        with torch.no_grad(), modulation.steps(pipe):
             out += pipe(prompt=chunk, width=width, height=height, num_inference_steps=steps,
                         guidance_scale=0.0 if guidance is None else guidance, generator=gens,
                         max_sequence_length=pipe.tokenizer_2.model_max_length, **cfg).images
