@@ -41,10 +41,10 @@ def test_bench_tiny_runs_the_engine_paths_and_writes_json_and_table(tmp_path, ca
         assert row["transformer_rel_diff"] < limit and row["block_rel_diff"] < limit
         assert row["engine"]["cache_store_s"] > 0
     assert res["sample"]["dev-go_fast"]["fast_paths"]["fused_qkv"] is True
-    # the lossless path: on a GPU compiled blocks and VAE decoder and fused QKV; on CPU none of them
+    # the lossless path: on a GPU compiled blocks and VAE decoder, fused QKV and the modulation table; on CPU none
     assert res["sample"]["dev-lossless"]["fast_paths"] == {"compiled_blocks": CUDA, "fused_qkv": CUDA,
                                                            "fp8": False, "fp8_attention": False,
-                                                           "compiled_vae": CUDA}
+                                                           "compiled_vae": CUDA, "modulation_table": CUDA}
     assert set(res["train"]) == {"no_ckpt", "no_ckpt-stock", "ckpt", "ckpt-stock", "ckpt_every_2nd", "fp8_ckpt_24gb"}
     if not CUDA:
         assert res["train"].pop("fp8_ckpt_24gb") == {"skipped": "needs a CUDA GPU (fp8 storage, model offload)"}
