@@ -113,6 +113,24 @@ def test_a_timestep_not_in_the_schedule_is_computed_alone(reference, tabled):
         np.testing.assert_allclose(got, t(**kw)[0], atol=1e-5)
 
 
+def test_a_step_the_table_does_not_list_fails_the_call_as_it_ends(reference, tabled):
+    pipe = tabled[0]
+    t = pipe.transformer
+    g = torch.Generator().manual_seed(2)
+    kw = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 32, 32, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([3.5]),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(32, 3), return_dict=False)
+    pipe.scheduler.set_timesteps(4, mu=0.5)
+    listed = pipe.scheduler.timesteps[:1] / 1000
+    with pytest.raises(RuntimeError, match="FLUXKILN_MODULATION_TABLE=0"), torch.no_grad(), modulation.steps(pipe):
+        t(timestep=listed, **kw)  # builds the table
+        t(timestep=listed, **kw)  # served from it
+        t(timestep=torch.tensor([0.123]), **kw)  # the same prompt, a step it does not list
+    assert modulation.stats(t).built == 1 and modulation.stats(t).looked_up == 3
+    with torch.no_grad(), modulation.steps(pipe):  # the next call starts afresh
+        t(timestep=listed, **kw)
+
+
 def test_buffers_follow_the_transformer_when_it_is_moved_or_cast(reference, tabled):
     pipe = tabled[0]
     images(pipe, "a red fox", 1)

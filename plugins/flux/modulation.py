@@ -75,6 +75,7 @@ class State:
     pipe: Any = None  # weakref to the armed pipeline (inside steps())
     table: Table | None = None
     unstable: Any = None  # weakref to a schedule whose calls are computed alone
+    missed: Any = None  # on the device: whether a call served from the table found no row of its own
     stats: Stats = field(default_factory=Stats)
 
     @property
@@ -133,16 +134,24 @@ def stats(transformer: Any) -> Stats | None:
 
 @contextlib.contextmanager
 def steps(pipe: Any) -> Iterator[None]:
-    """Serve ``pipe``'s calls inside this block from tables of its scheduler's steps."""
+    """Serve ``pipe``'s calls inside this block from tables of its scheduler's steps.
+
+    Raises RuntimeError at the end when a call served from a table had a timestep the table does not list (its
+    rows were another step's): checked once, as the block ends, so no step waits for the GPU."""
     st = getattr(getattr(pipe, "transformer", None), ATTR, None)
     if st is None:
         yield
         return
-    st.pipe, st.table, st.unstable = weakref.ref(pipe), None, None
+    st.pipe, st.table, st.unstable, st.missed = weakref.ref(pipe), None, None, None
     try:
         yield
+        missed = st.missed is not None and bool(st.missed)
     finally:
-        st.pipe, st.table, st.unstable = None, None, None  # the table's memory is freed with it
+        st.pipe, st.table, st.unstable, st.missed = None, None, None, None  # the table's memory is freed with it
+    if missed:
+        raise RuntimeError("a transformer call inside a sampling call had a timestep its scheduler does not list, "
+                           "so its precomputed modulation was another step's: set FLUXKILN_MODULATION_TABLE=0 to "
+                           "compute it step by step, and report this with the pipeline used")
 
 
 _FORWARD_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
@@ -176,8 +185,10 @@ def fill(transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Non
                 view.copy_(out.view(view.shape))
             return
         st.stats.looked_up += 1
-        step = (table.timesteps == timestep.reshape(-1)[:1]).to(torch.int32).argmax().view(1)
-        torch.index_select(table.rows, 0, step, out=flat.view(1, -1))
+        hit = table.timesteps == timestep.reshape(-1)[:1]
+        torch.index_select(table.rows, 0, hit.to(torch.int32).argmax().view(1), out=flat.view(1, -1))
+        missed = ~hit.any()
+        st.missed = missed if st.missed is None else st.missed | missed
 
 
 def _buffer(st: State, batch: int) -> Any:
