@@ -34,6 +34,14 @@ def images(pipe, prompt: str, n: int, **extra) -> np.ndarray:
     return np.asarray(out)
 
 
+def direct_inputs(seed: int, **extra) -> dict:
+    """A call of the tiny transformer itself (16 image and 32 text tokens), outside any pipeline."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 32, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([3.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(32, 3), return_dict=False, **extra)
+
+
 @pytest.fixture
 def tabled(reference, monkeypatch):
     monkeypatch.setenv("FLUXKILN_CUDA_GRAPHS", "0")  # a CPU cannot record; the whole-step call still fills
@@ -100,10 +108,7 @@ def test_true_cfg_alternating_prompts_computes_call_by_call(reference, tabled):
 def test_a_timestep_not_in_the_schedule_is_computed_alone(reference, tabled):
     pipe = tabled[0]
     t = pipe.transformer
-    g = torch.Generator().manual_seed(1)
-    kw = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 32, 32, generator=g),
-              pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.123]),
-              guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(32, 3), return_dict=False)
+    kw = direct_inputs(1, timestep=torch.tensor([0.123]))
     pipe.scheduler.set_timesteps(4, mu=0.5)
     with torch.no_grad(), modulation.steps(pipe):
         got = t(**kw)[0]
@@ -116,10 +121,7 @@ def test_a_timestep_not_in_the_schedule_is_computed_alone(reference, tabled):
 def test_a_step_the_table_does_not_list_fails_the_call_as_it_ends(reference, tabled):
     pipe = tabled[0]
     t = pipe.transformer
-    g = torch.Generator().manual_seed(2)
-    kw = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 32, 32, generator=g),
-              pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([3.5]),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(32, 3), return_dict=False)
+    kw = direct_inputs(2)
     pipe.scheduler.set_timesteps(4, mu=0.5)
     listed = pipe.scheduler.timesteps[:1] / 1000
     with pytest.raises(RuntimeError, match="FLUXKILN_MODULATION_TABLE=0"), torch.no_grad(), modulation.steps(pipe):
