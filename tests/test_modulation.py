@@ -181,3 +181,26 @@ def test_sample_on_a_gpu_tables_the_modulation_and_makes_the_same_images(tmp_pat
     for a, b in zip(result.outputs["img"]["output"], plain.outputs["img"]["output"], strict=True):
         diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
         assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_an_unfused_lora_on_the_modulation_layers_is_computed_through_and_follows_its_scale(monkeypatch):
+    from peft import LoraConfig
+
+    monkeypatch.setenv("FLUXKILN_CUDA_GRAPHS", "0")
+    pipe = build_tiny_flux("dev")
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=[
+        "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "to_q"]), adapter_name="mod")
+    want = {scale: None for scale in (1.0, 0.5)}
+    for scale in want:
+        pipe.transformer.set_adapters(["mod"], weights=[scale])
+        want[scale] = images(pipe, "a red fox", 1)
+    assert np.abs(want[1.0] - want[0.5]).max() > 1e-3  # the adapter changes the picture
+    graphed.install(pipe.transformer)
+    assert modulation.install(pipe.transformer) == 2 * 1 + 2 + 1
+    for scale in (1.0, 0.5):  # a new scale between calls: the next call's table is computed with it
+        pipe.transformer.set_adapters(["mod"], weights=[scale])
+        with modulation.steps(pipe):
+            np.testing.assert_allclose(images(pipe, "a red fox", 1), want[scale], atol=1e-5, err_msg=str(scale))
+    modulation.remove(pipe.transformer)
+    assert type(pipe.transformer.norm_out.linear).__module__.startswith("peft")
