@@ -30,7 +30,8 @@ VARIANTS = ("one-eager", "one-compiled", "ulysses-eager", "ulysses-compiled", "a
 # captured with them: is a split image launch-bound once each rank's kernels are small?
 # overlap-*: the all-gather of k/v running beside attention to the rank's own tokens (merged by log-sum-exp)
 # -steps: compiled blocks and each whole transformer call one CUDA graph (.graphed, the split's hooks and
-# exchanges recorded with it), as ``sample`` runs on a GPU
+# exchanges recorded with it), with every step's modulation computed as the image starts (.modulation), as
+# ``sample`` runs on a GPU
 EXTRA_VARIANTS = ("allgather-eager", "ulysses-whole", "one-graphs", "allgather-graphs", "ulysses-graphs",
                   "overlap-eager", "overlap-compiled", "overlap-graphs", "one-steps", "allgather-steps",
                   "ulysses-steps", "overlap-steps")
@@ -166,9 +167,10 @@ class CpLatency:
     def _compile(self, how: str) -> None:
         import torch
 
-        from fluxkiln.plugins.flux import fast
+        from fluxkiln.plugins.flux import fast, modulation
 
         tr = self.pipe.transformer
+        modulation.remove(tr)
         fast.uncompile_blocks(tr)
         if getattr(tr, "_compiled_call_impl", None) is not None:
             tr._compiled_call_impl = None
@@ -182,6 +184,8 @@ class CpLatency:
 
             fast.compile_blocks(tr)
             graphed.install(tr)
+            if not modulation.disabled():
+                modulation.install(tr)
         elif how == "whole":  # the whole transformer as one graph per rank (hooks and collectives inside)
             fast.setup_compile_cache()
             tr.compile(dynamic=False)
@@ -189,7 +193,9 @@ class CpLatency:
     def _image(self) -> Any:
         import torch
 
-        with torch.no_grad():
+        from fluxkiln.plugins.flux import modulation
+
+        with torch.no_grad(), modulation.steps(self.pipe):
             return self.pipe(prompt_embeds=self.embeds[0], pooled_prompt_embeds=self.embeds[1], width=self.m.size,
                              height=self.m.size, num_inference_steps=self.m.steps, guidance_scale=3.5,
                              generator=torch.Generator("cpu").manual_seed(0), output_type="latent").images
