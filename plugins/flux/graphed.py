@@ -16,7 +16,9 @@ recorded) when gradients or autocast are on, when the transformer or a block has
 the weights where they were when it was recorded, so graphs are dropped when a module of the transformer gets
 a new submodule or parameter (adapters, fp8 layers, fused projections; :mod:`.registrations`), when an
 attention processor changes, or when a parameter moved (``.to()``).  A recording that fails leaves that
-signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0`` turns it off.
+signature to ordinary calls, with a warning.  ``FLUXKILN_CUDA_GRAPHS=0`` turns the graphs off; the whole-step
+call stays installed, since before every call, graphed or not, it fills the rows of the transformer's
+precomputed modulation (:mod:`.modulation`), outside any graph.
 
 Context parallelism's hooks (:mod:`.context`: split the inputs, gather the output) are recorded with the
 rest, collectives included: every rank records the same call of a signature, so a split image's step is one
