@@ -275,3 +275,58 @@ def test_inductor_reorders_exchanges_while_any_transformer_is_split_and_is_resto
         a.single_transformer_blocks[0].attn.processor.precompile_tag  # a saved variant of either kind is told apart
     context.disable(a)
     assert not state.reorder
+
+
+class Pipe:
+    """What ``modulation.steps`` reads of a pipeline: its transformer and its scheduler's timesteps."""
+
+    def __init__(self, **parts: object) -> None:
+        self.__dict__.update(parts)
+
+
+def _tabled_worker(rank: int, port: int, _arg: object, out: dict) -> None:
+    """A split transformer called through whole steps with every step's modulation computed as the call starts
+    (as ``sample`` runs on GPUs), against the same split transformer computing it step by step."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fluxkiln.plugins.flux import graphed, modulation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from test_graphed import stand_in_record
+
+        model = _transformer(2)
+        calls = []
+        for i, t in enumerate((0.7, 0.5, 0.3)):  # three steps of one call: the same prompt, new times and latents
+            kw = _inputs(64, 8)
+            kw.update(hidden_states=kw["hidden_states"] * (1 + i), timestep=torch.tensor([t]))
+            calls.append(kw)
+        for kw in calls[1:]:
+            kw.update(pooled_projections=calls[0]["pooled_projections"], guidance=calls[0]["guidance"])
+        context.enable(model, 2, "allgather")
+        with torch.no_grad():
+            plain = [model(**kw)[0].clone() for kw in calls]
+            model._compiled_call_impl = graphed.WholeStep(model, recorder=stand_in_record)
+            modulation.install(model)
+            pipe = Pipe(transformer=model, scheduler=SimpleNamespace(timesteps=torch.tensor([700., 500., 300.])))
+            with modulation.steps(pipe):
+                tabled = [model(**kw)[0].clone() for kw in calls]
+        stats = modulation.stats(model)
+        out[rank] = {"stats": (stats.built, stats.looked_up, stats.computed),
+                     "diff": max(float((a - b).abs().max()) for a, b in zip(plain, tabled, strict=True)),
+                     "scale": float(plain[0].abs().max())}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo processes")
+def test_a_split_transformer_takes_every_steps_modulation_from_one_table():
+    got = spawn_ranks(_tabled_worker, 2, None)
+    for rank in (0, 1):
+        assert got[rank]["stats"] == (1, 3, 0)  # one table for the call, every step served from it
+        assert got[rank]["scale"] > 0.1 and got[rank]["diff"] <= 1e-5 * got[rank]["scale"], got[rank]
