@@ -204,9 +204,9 @@ def sample(
     go_fast: Annotated[bool, Field(description="GPU: fp8 matmuls in the transformer blocks (row-wise scaled "
                                    "weights and activations, compute capability >= 8.9; slightly lossy, not with "
                                    "unfused LoRAs), and fp8 attention from about 1024x1024 on Hopper GPUs with "
-                                   "nvidia-cudnn-frontend installed, on top of the always-on lossless path (compiled blocks, fused "
-                                   "QKV, compiled VAE decoder); false restores the exact bf16 weights. CPU: fused QKV "
-                                   "projections only")] = True,
+                                   "nvidia-cudnn-frontend installed, on top of the always-on lossless path "
+                                   "(compiled blocks, fused QKV, compiled VAE decoder); false restores the exact "
+                                   "bf16 weights. CPU: fused QKV projections only")] = True,
     cache_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="step cache, lossy, off at 0: a step "
                                             "whose first transformer block's output changed by less than this "
                                             "(relative) since the last full step skips the other blocks and "
