@@ -178,9 +178,12 @@ def test_sample_on_a_gpu_tables_the_modulation_and_makes_the_same_images(tmp_pat
     assert stats is not None and stats.built == 1 and stats.looked_up == 4, stats
     monkeypatch.setenv("FLUXKILN_MODULATION_TABLE", "0")
     plain = run_body(Engine(cache_dir=tmp_path / "cache2"), tmp_path, recipe, "plain")
+    # One batched bf16 product for every step against one product a step: the rows round differently in the last
+    # bit, which moves a few pixels by a few levels — on one H200 at most 2, on another machine's H200 4 (mean
+    # 0.005 levels); a wrong table (another step's rows) moves most pixels by tens.
     for a, b in zip(result.outputs["img"]["output"], plain.outputs["img"]["output"], strict=True):
         diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
-        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+        assert diff.max() <= 6 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 def test_an_unfused_lora_on_the_modulation_layers_is_computed_through_and_follows_its_scale(monkeypatch):
