@@ -293,7 +293,7 @@ def test_lora_scales_sample_the_new_and_leakage_prompts_again_with_the_lora_scal
         probe.main(["--full", "--lora-scales", "2"])  # no LoRA to scale
 
 
-@pytest.mark.parametrize("shape", ["cross", "diamond", "ring"])
+@pytest.mark.parametrize("shape", ["cross", "diamond", "ring", "bowtie"])
 def test_another_concept_s_dataset_shows_that_shape_in_the_balanced_scenes_and_the_checker_reads_it(shape, tmp_path):
     from fluxkiln.plugins.miniflux import concept
     from fluxkiln.plugins.miniflux.checker import check

@@ -1,5 +1,5 @@
 """LoRA acquisition on mini-flux: a concept the base model has never seen (a hexagon, called by a trigger
-word; or a cross, diamond or ring), its captioned training images, and the measurement of what a trained LoRA
+word; or a cross, diamond, ring or bowtie), its captioned training images, and the measurement of what a trained LoRA
 learned.
 
     python -m fluxkiln.plugins.miniflux.concept dataset DIR [--balanced] [--shape cross]   # the 8 captioned images

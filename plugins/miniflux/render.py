@@ -63,6 +63,8 @@ def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
         return inside & ((dx.abs() <= 1 / 3) | (dy.abs() <= 1 / 3))
     if shape == "diamond":
         return dx.abs() + dy.abs() <= 1
+    if shape == "bowtie":  # two triangles joined at their tips (a narrow waist), pointing left and right
+        return inside & (dy.abs() <= dx.abs() + 0.25)
     if shape == "ring":
         return (dx * dx + dy * dy <= 1) & (dx * dx + dy * dy >= 0.3)
     if shape == "octagon":

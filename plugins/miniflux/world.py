@@ -26,7 +26,7 @@ EXTRA_SHAPES = ("hexagon",)  # drawable and recognised, but never in mini-flux's
 ALL_SHAPES = SHAPES + EXTRA_SHAPES  # the shapes the checker always considers
 # other new concepts for LoRAs: drawable, and considered by the checker only where a prompt (or an alias) names them
 # or it is asked to (its diamond template would take the base's blunt stars: 22 of 200 samples read otherwise)
-CONCEPT_SHAPES = ("cross", "diamond", "ring")
+CONCEPT_SHAPES = ("cross", "diamond", "ring", "bowtie")
 # shapes a base may also be trained on (``TrainConfig.more_shapes``): the regular polygons either side of the
 # hexagon, which the base never sees; drawable, and read by the checker where named, as the concepts are
 TAUGHT_SHAPES = ("pentagon", "octagon")
