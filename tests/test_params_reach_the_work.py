@@ -126,6 +126,7 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "timestep_sampling"): Check("sigmoid", "linear"),
     ("train_lora", "preservation_class"): Check(None, "photo"),
     ("train_lora", "preservation_weight"): Check(1.0, 4.0, {"preservation_class": "photo"}),
+    ("train_lora", "preservation_every"): Check(1, 2, {"preservation_class": "photo"}),
     ("train_lora", "ema"): Check(True, False),
     ("train_lora", "ema_decay"): Check(0.5, 0.9),
     ("train_lora", "seed"): Check(1, 2),

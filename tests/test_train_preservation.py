@@ -98,12 +98,38 @@ def test_the_class_word_replaces_the_whole_trigger_word_only():
     ({"preservation_class": "dog", "trigger_word": ""}, "preservation_class", "trigger_word is empty"),
     ({"preservation_class": "TOK"}, "preservation_class", "is the trigger word itself"),
     ({"preservation_weight": 2.0}, "preservation_weight", "preservation_class is not"),
+    ({"preservation_every": 4}, "preservation_every", "preservation_class is not"),
 ])
 def test_bad_preservation_settings_fail_the_node_naming_the_key(tmp_path, train, key, words):
     data = solid_dataset(tmp_path / "data")
     info = failure(run(write_recipe(tmp_path / "r.toml", data, steps=3, **train), tmp_path / "cache",
                        tmp_path / "run"))
     assert info["key"] == key and words in info["error"] and info.get("hint"), info
+
+
+@pytest.mark.parametrize(("every", "steps_with_the_term"), [(1, [1, 2, 3, 4, 5, 6]), (3, [3, 6]), (4, [4])])
+def test_preservation_every_n_th_step_adds_the_term_on_those_steps_only(tmp_path, monkeypatch, every,
+                                                                        steps_with_the_term):
+    from fluxkiln.plugins.train import loop
+
+    entered, seen = [], []
+    step, term = loop.Trainer._step, loop.preservation_loss
+
+    def stepping(self, pipe, n):
+        entered.append(n)
+        return step(self, pipe, n)
+
+    def counted(*args, **kwargs):
+        seen.append(entered[-1])  # the step the term is computed in
+        return term(*args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "_step", stepping)
+    monkeypatch.setattr(loop, "preservation_loss", counted)
+    data = solid_dataset(tmp_path / "data")
+    result = run(write_recipe(tmp_path / "r.toml", data, steps=6, preservation_class="dog", preservation_every=every),
+                 tmp_path / "cache", tmp_path / "run")
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    assert entered == [1, 2, 3, 4, 5, 6] and seen == steps_with_the_term, (entered, seen)
 
 
 def test_a_weight_of_zero_is_refused_before_the_run(tmp_path):

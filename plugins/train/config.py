@@ -55,6 +55,7 @@ class TrainConfig:
     timestep_sampling: str = "sigmoid"
     preservation_class: str | None = None
     preservation_weight: float = 1.0
+    preservation_every: int = 1
     ema: bool = True
     ema_decay: float = 0.99
     seed: int = 42

@@ -274,7 +274,8 @@ class Trainer:
             share = len(part) / len(batch)
             if loss is not None:
                 (loss * share if share != 1 else loss).backward()  # queued before the loss is read
-            kept = self._preservation(pipe, batch, latents, part, share) if self.kept else None
+            kept = (self._preservation(pipe, batch, latents, part, share)
+                    if self.kept and step % cfg.preservation_every == 0 else None)
         # read once both graphs are queued: no wait for the GPU between them
         value = float(loss.detach().item()) * share if loss is not None else 0.0
         value += float(kept.item()) if kept is not None else 0.0
