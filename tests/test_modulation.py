@@ -38,7 +38,8 @@ def direct_inputs(seed: int, **extra) -> dict:
     """A call of the tiny transformer itself (16 image and 32 text tokens), outside any pipeline."""
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=torch.randn(1, 16, 16, generator=g),
-                encoder_hidden_states=torch.randn(1, 32, 32, generator=g), pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([3.5]),
+                encoder_hidden_states=torch.randn(1, 32, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([3.5]),
                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(32, 3), return_dict=False, **extra)
 
 
