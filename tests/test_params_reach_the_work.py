@@ -127,6 +127,8 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("train_lora", "preservation_class"): Check(None, "photo"),
     ("train_lora", "preservation_weight"): Check(1.0, 4.0, {"preservation_class": "photo"}),
     ("train_lora", "preservation_every"): Check(1, 2, {"preservation_class": "photo"}),
+    ("train_lora", "mask_path"): Check(None, "masks"),
+    ("train_lora", "mask_min_value"): Check(0.1, 0.5, {"mask_path": "masks"}),
     ("train_lora", "ema"): Check(True, False),
     ("train_lora", "ema_decay"): Check(0.5, 0.9),
     ("train_lora", "seed"): Check(1, 2),
@@ -272,6 +274,11 @@ def _files(tmp: Path) -> None:
         for i, c in enumerate(colours):
             Image.new("RGB", (64, 48 if i else 64), c).save(folder / f"img{i}.png")
         (folder / "img0.txt").write_text("a photo of [trigger]")
+    (tmp / "masks").mkdir()
+    for i, size in enumerate([(64, 64), (64, 48)]):  # the left half of each image of "data" trains
+        mask = Image.new("L", size, 0)
+        mask.paste(255, (0, 0, size[0] // 2, size[1]))
+        mask.save(tmp / "masks" / f"img{i}.png")
     Image.new("RGB", (256, 256), (30, 160, 30)).save(tmp / "in.png")
     from safetensors.torch import save_file
 

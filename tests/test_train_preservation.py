@@ -89,16 +89,20 @@ def test_the_class_word_replaces_the_whole_trigger_word_only():
     from fluxkiln.plugins.train.config import TrainConfig
 
     cfg = TrainConfig(trigger_word="TOK", preservation_class="person")
-    assert cfg.preserved("a photo of TOK at night") == "a photo of person at night"
-    assert cfg.preserved("TOKEN TOK, TOK") == "TOKEN person, person"
-    assert cfg.preserved("no trigger") == "no trigger"
+    assert cfg.preservation_classes == ["person"]
+    assert cfg.preserved("a photo of TOK at night", "person") == "a photo of person at night"
+    assert cfg.preserved("TOKEN TOK, TOK", "person") == "TOKEN person, person"
+    assert cfg.preserved("no trigger", "person") == "no trigger"
+    assert TrainConfig(preservation_class=["circle", "star"]).preservation_classes == ["circle", "star"]
+    assert TrainConfig().preservation_classes == []
 
 
 @pytest.mark.parametrize(("train", "key", "words"), [
     ({"preservation_class": "dog", "trigger_word": ""}, "preservation_class", "trigger_word is empty"),
-    ({"preservation_class": "TOK"}, "preservation_class", "is the trigger word itself"),
+    ({"preservation_class": "TOK"}, "preservation_class", "the trigger word itself"),
     ({"preservation_weight": 2.0}, "preservation_weight", "preservation_class is not"),
     ({"preservation_every": 4}, "preservation_every", "preservation_class is not"),
+    ({"preservation_class": ["dog", "TOK"]}, "preservation_class", "the trigger word itself"),
 ])
 def test_bad_preservation_settings_fail_the_node_naming_the_key(tmp_path, train, key, words):
     data = solid_dataset(tmp_path / "data")
@@ -130,6 +134,41 @@ def test_preservation_every_n_th_step_adds_the_term_on_those_steps_only(tmp_path
                  tmp_path / "cache", tmp_path / "run")
     assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
     assert entered == [1, 2, 3, 4, 5, 6] and seen == steps_with_the_term, (entered, seen)
+
+
+def test_a_list_of_class_words_draws_one_for_each_image_of_each_preservation_step(tmp_path, monkeypatch):
+    from fluxkiln.plugins.train import data as train_data
+
+    batches = []
+    batch = train_data.TextStore.batch
+
+    def recorded(self, texts):
+        batches.append(list(texts))
+        return batch(self, texts)
+
+    monkeypatch.setattr(train_data.TextStore, "batch", recorded)
+    data = solid_dataset(tmp_path / "data", n=4)
+    words = ["dog", "cat", "bird"]
+    result = run(write_recipe(tmp_path / "r.toml", data, steps=8, batch_size=4, caption_dropout_rate=0.0,
+                              preservation_class=words), tmp_path / "cache", tmp_path / "run")
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    kept = [b for b in batches if all("TOK" not in c for c in b)]  # the preservation term's captions
+    assert len(kept) == 8 and all(len(b) == 4 for b in kept), batches
+    drawn = [c.removeprefix("a photo of ") for b in kept for c in b]
+    assert set(drawn) == set(words), drawn  # every word is drawn, and only those
+    assert len({tuple(b) for b in kept}) > 1  # drawn afresh each step
+
+
+@pytest.mark.parametrize("bad", ["[]", '["dog", ""]'])
+def test_an_empty_list_or_word_of_class_words_is_refused_before_the_run(tmp_path, bad):
+    from fluxkiln.engine.errors import RecipeInvalid
+
+    data = solid_dataset(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.toml", data, steps=3)
+    recipe.write_text(recipe.read_text() + f"preservation_class = {bad}\n")
+    with pytest.raises(RecipeInvalid) as info:
+        run(recipe, tmp_path / "cache", tmp_path / "run")
+    assert any(p.key == "preservation_class" for p in info.value.problems), info.value.problems
 
 
 def test_a_weight_of_zero_is_refused_before_the_run(tmp_path):

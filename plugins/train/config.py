@@ -53,7 +53,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_interval: int = 1
     timestep_sampling: str = "sigmoid"
-    preservation_class: str | None = None
+    mask_path: str | None = None
+    mask_min_value: float = 0.1
+    preservation_class: str | list[str] | None = None
     preservation_weight: float = 1.0
     preservation_every: int = 1
     ema: bool = True
@@ -91,10 +93,17 @@ class TrainConfig:
             return text
         return f"{trig}, {text}" if text else trig
 
-    def preserved(self, caption: str) -> str:
-        """A trained caption with the trigger word replaced by ``preservation_class`` (what the preservation term
+    @property
+    def preservation_classes(self) -> list[str]:
+        """The class words of the preservation term (``preservation_class`` as a list; empty when off)."""
+        if self.preservation_class is None:
+            return []
+        return [self.preservation_class] if isinstance(self.preservation_class, str) else list(self.preservation_class)
+
+    def preserved(self, caption: str, word: str) -> str:
+        """A trained caption with the trigger word replaced by the class ``word`` (what the preservation term
         keeps at the base model's prediction)."""
-        return self._trigger().sub(lambda _m: self.preservation_class or "", caption)
+        return self._trigger().sub(lambda _m: word, caption)
 
     def _trigger(self) -> re.Pattern[str]:
         """The trigger word as a whole word (not inside a longer one)."""

@@ -149,3 +149,60 @@ class TextStore:
 
         pairs = [self.get(t) for t in texts]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class MaskStore:
+    """Each (image, bucket)'s loss weights, one per packed latent token, from a folder of masks named like the
+    images (kohya's and ai-toolkit's masked loss): the mask is read as greyscale, stretched to its image's size,
+    fitted into the bucket as the image is, and each token weighs ``floor + (1 - floor) x`` its pixels' mean
+    brightness (white 1, black ``floor``)."""
+
+    def __init__(self, folder: Path, names: list[str], floor: float, patch: int):
+        self.folder, self.floor, self.patch = folder, floor, patch
+        self.paths = [self.find(name) for name in names]
+        self.memory: dict[Sample, Any] = {}
+
+    def find(self, name: str) -> Path:
+        """The mask of the dataset image ``name`` (the same file name, any image type)."""
+        from fluxkiln.engine import NodeError
+
+        stem = Path(name).stem
+        found = sorted(p for p in self.folder.iterdir()
+                       if p.stem == stem and p.suffix.lower() in MASK_EXTS and p.is_file())
+        if not found:
+            raise NodeError(f"mask_path {self.folder.name}/ holds no mask for the dataset image {Path(name).name}",
+                            key="mask_path", hint=f"add {stem}.png (white: trained, black: mask_min_value) "
+                            "to the folder, one mask per dataset image")
+        return found[0]
+
+    def get(self, s: Sample, size: tuple[int, int]) -> Any:
+        """The token weights of sample ``s`` (its image is ``size`` pixels before bucketing)."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        if s not in self.memory:
+            from fluxkiln.engine import NodeError
+
+            try:
+                with Image.open(self.paths[s.item]) as im:
+                    im.load()
+                    mask = im.convert("L")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise NodeError(f"mask {self.paths[s.item].name} cannot be read as an image: {exc}",
+                                key="mask_path", hint="save the mask again as a greyscale PNG") from None
+            if mask.size != size:
+                mask = mask.resize(size, Image.Resampling.BILINEAR)
+            mask = np.asarray(fit_to_bucket(mask, s.width, s.height), dtype=np.float32) / 255.0
+            p = self.patch
+            cover = mask.reshape(s.height // p, p, s.width // p, p).mean((1, 3)).reshape(-1)
+            self.memory[s] = torch.from_numpy(self.floor + (1.0 - self.floor) * cover)
+        return self.memory[s]
+
+    def batch(self, batch: list[Sample], sizes: list[tuple[int, int]]) -> Any:
+        import torch
+
+        return torch.stack([self.get(s, sizes[s.item]) for s in batch])
+
+
+MASK_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

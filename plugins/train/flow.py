@@ -61,11 +61,13 @@ def image_ids(h: int, w: int, device: Any, dtype: Any) -> Any:
 
 
 def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
-              device: Any, dtype: Any, part: range | None = None) -> Any:
+              device: Any, dtype: Any, part: range | None = None, token_weights: Any = None) -> Any:
     """One batch's loss (a scalar float32 tensor with a graph to the trainable weights).
 
     With ``part`` (data-parallel training) the noise and times are drawn for the whole batch, so the
     generator stays in step on every rank, and the loss covers only the samples in ``part`` (None if empty).
+    ``token_weights`` (batch, packed tokens) weighs each token's squared error (a weighted mean: weights of
+    one everywhere give the plain loss).
     """
     import torch.nn.functional as F
 
@@ -74,7 +76,13 @@ def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any
         return None
     x0, noise = drawn[:2]
     pred = _velocity(transformer, *drawn, device, dtype)
-    return F.mse_loss(pred.float(), pack(noise - x0).float())
+    if token_weights is None:
+        return F.mse_loss(pred.float(), pack(noise - x0).float())
+    if part is not None:
+        token_weights = token_weights[part.start:part.stop]
+    w = token_weights.to(pred.device).float()
+    err = (pred.float() - pack(noise - x0).float()).pow(2).mean(-1)
+    return (w * err).sum() / w.sum().clamp_min(1e-8)  # all-black masks at weight 0: no signal, not 0/0
 
 
 def preservation_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,

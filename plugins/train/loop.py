@@ -25,7 +25,7 @@ from . import gpu
 from .buckets import BatchCursor, build_samples
 from .config import TrainConfig
 from .ddp import DataParallel
-from .data import LatentStore, TextStore
+from .data import LatentStore, MaskStore, TextStore
 from .flow import flow_loss, preservation_loss
 from .optim import EMA, make_optimizer, make_scheduler, resolve_name
 from .preview import oom_hint, take_samples
@@ -112,12 +112,15 @@ class Trainer:
             adapters.reset_pipeline_state(pipe, self.device.type)
         self.layers = adapters.select_layers(pipe.transformer, cfg.layers_to_optimize_regex)
         self.captions = [cfg.caption(it.caption) for it in self.items]
-        self.kept = [cfg.preserved(c) for c in self.captions] if cfg.preservation_class else []
+        # kept[c][i]: caption i with the trigger replaced by class word c (the preservation term's captions)
+        self.kept = [[cfg.preserved(c, word) for c in self.captions] for word in cfg.preservation_classes]
         try:
-            sizes = [_image_size(Path(it.path)) for it in self.items]
-            self.samples_list = build_samples(sizes, cfg.resolution)
+            self.sizes = [_image_size(Path(it.path)) for it in self.items]
+            self.samples_list = build_samples(self.sizes, cfg.resolution)
         except ValueError as exc:
             raise NodeError(f"a dataset image is too small: {exc}", key="dataset") from exc
+        self.masks = (MaskStore(Path(cfg.mask_path), [it.name or Path(it.path).name for it in self.items],
+                                cfg.mask_min_value, 2 * pipe.vae_scale_factor) if cfg.mask_path else None)
         mode = "disk" if cfg.cache_latents_to_disk else "memory" if cfg.cache_latents else "none"
         if mode == "disk" and not self.dp.owner:  # rank 0 alone writes files
             mode = "memory"
@@ -131,7 +134,8 @@ class Trainer:
             self.latents.warm(self.samples_list)
             if self.dp.agree_stop(ctx.cancelled):
                 raise Cancelled(f"node '{ctx.node}' cancelled")
-        self.texts.warm(self.captions + self.kept + ([""] if cfg.caption_dropout_rate > 0 else []))
+        self.texts.warm(self.captions + [c for kept in self.kept for c in kept] +
+                        ([""] if cfg.caption_dropout_rate > 0 else []))
         self.parked = gpu.parkable(pipe, self.device, cfg.cache_text_embeddings, mode != "none")
         gpu.transformer_on(pipe, self.device)
         with adapters.guarded(self.model, "adding the training adapter"):
@@ -270,7 +274,8 @@ class Trainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         with gpu.attention_backends(self.device):
             loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
-                             self.device, self.dtype, part=part if self.dp.size > 1 else None)
+                             self.device, self.dtype, part=part if self.dp.size > 1 else None,
+                             token_weights=self.masks.batch(batch, self.sizes) if self.masks else None)
             share = len(part) / len(batch)
             if loss is not None:
                 (loss * share if share != 1 else loss).backward()  # queued before the loss is read
@@ -302,11 +307,16 @@ class Trainer:
         return value, lr
 
     def _preservation(self, pipe: Any, batch: list[Any], latents: Any, part: range, share: float) -> Any:
-        """Backpropagate the preservation term (the batch's captions naming ``preservation_class``, the LoRA's
-        prediction pulled to the base model's), after the flow loss's graph is freed (one graph's memory at a
-        time); its weighted share of this rank's loss (a detached tensor; None for an empty share)."""
+        """Backpropagate the preservation term (the batch's captions naming ``preservation_class``, one word drawn
+        for each image from a list, the LoRA's prediction pulled to the base model's), after the flow loss's graph
+        is freed (one graph's memory at a time); its weighted share of this rank's loss (a detached tensor; None
+        for an empty share)."""
+        import torch
+
         cfg = self.cfg
-        embeds, pooled = self.texts.batch([self.kept[s.item] for s in batch])
+        words = (torch.randint(len(self.kept), (len(batch),), generator=self.gen).tolist() if len(self.kept) > 1
+                 else [0] * len(batch))  # one class word: nothing drawn, so such runs keep their noise
+        embeds, pooled = self.texts.batch([self.kept[w][s.item] for w, s in zip(words, batch, strict=True)])
         kept = preservation_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
                                  self.device, self.dtype, part=part if self.dp.size > 1 else None)
         if kept is None:

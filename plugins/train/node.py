@@ -15,6 +15,8 @@ from .config import NOT_IN_STATE, TrainConfig
 Res = Annotated[int, Field(ge=16, le=4096)]
 Optimizer = Literal["auto", "adamw", "adam", "adamw8bit", "adam8bit", "lion", "lion8bit", "prodigy", "adafactor",
                     "adagrad", "sgd"]
+ClassWord = Annotated[str, Field(min_length=1, max_length=200)]
+ClassWords = Annotated[list[ClassWord], Field(min_length=1, max_length=64)]
 ExportFormat = Literal["diffusers", "peft", "comfyui", "kohya"]
 
 
@@ -63,10 +65,17 @@ def train_lora(
                                  "(1 = all: least memory; 2 = half: faster, more memory)")] = 1,
     timestep_sampling: Annotated[Literal["sigmoid", "linear", "shift", "flux_shift"],
                                  Field(description="how noise levels are drawn")] = "sigmoid",
-    preservation_class: Annotated[str | None, Field(min_length=1, max_length=200, description=(
-        "what the concept is a kind of (\"person\", \"dog\"): each step also reads the batch with the trigger "
-        "word replaced by this and keeps the LoRA's prediction there at the base model's, so prompts without the "
-        "trigger change less (ai-toolkit's differential output preservation; about twice the time a step)"))] = None,
+    mask_path: Annotated[str | None, InputFile(), Field(
+        description="a folder of loss masks, one per dataset image with the image's file name (any image type): "
+                    "white parts train at full weight, black ones at mask_min_value (kohya's and ai-toolkit's "
+                    "masked loss)")] = None,
+    mask_min_value: Annotated[float, Field(ge=0.0, lt=1.0, description="the loss weight of a mask's black parts "
+                                           "(needs mask_path; 0 = they do not train)")] = 0.1,
+    preservation_class: Annotated[ClassWord | ClassWords | None, Field(description=(
+        "what the concept is a kind of (\"person\", \"dog\"), or a list of such words: each step also reads the "
+        "batch with the trigger word replaced by it (from a list: one drawn for each image) and keeps the LoRA's "
+        "prediction there at the base model's, so prompts without the trigger change less (ai-toolkit's "
+        "differential output preservation; about twice the time a step)"))] = None,
     preservation_weight: Annotated[float, Field(gt=0, le=100, description="weight of the preservation term "
                                                 "beside the training loss (needs preservation_class)")] = 1.0,
     preservation_every: Annotated[int, Field(ge=1, le=1000, description="with preservation_class, add the "
@@ -126,18 +135,10 @@ def train_lora(
         raise NodeError("train_lora trains on a base model, but `model` carries LoRAs from apply_lora "
                         f"({', '.join(Path(a['path']).name for a in model.adapters)}); they would not be used",
                         key="model", hint="link `model` to the load_model node (apply the LoRAs after training)")
-    if preservation_class is not None and not trigger_word.strip():
-        raise NodeError("preservation_class replaces the trigger word in each caption, but trigger_word is empty",
-                        key="preservation_class", hint="set trigger_word, or leave preservation_class out")
-    if preservation_class is not None and preservation_class.strip() == trigger_word.strip():
-        raise NodeError(f"preservation_class is the trigger word itself ({trigger_word!r}): the term would pull the "
-                        "LoRA back everywhere", key="preservation_class",
-                        hint='name what the concept is a kind of, e.g. preservation_class = "person"')
-    for key, value, default in (("preservation_weight", preservation_weight, 1.0),
-                                ("preservation_every", preservation_every, 1)):
-        if value != default and preservation_class is None:
-            raise NodeError(f"{key} is set but preservation_class is not: there is no preservation term",
-                            key=key, hint=f'set preservation_class (e.g. "person") or drop {key}')
+    _check_preservation(cfg)
+    if mask_min_value != 0.1 and mask_path is None:
+        raise NodeError("mask_min_value is set but mask_path is not: there are no masks", key="mask_min_value",
+                        hint="set mask_path to a folder of masks named like the images, or drop mask_min_value")
     if hf_repo_id and not token:
         raise NodeError("hf_repo_id is set but no Hugging Face token was found", key="hf_token",
                         hint='export HF_TOKEN=... or set hf_token = "$MY_TOKEN_VAR"')
@@ -157,3 +158,20 @@ def train_lora(
     if hf_repo_id:
         job.publish(hf_repo_id, hf_private, token, lora, result)
     return {"lora": lora, "captions": captions}
+
+
+def _check_preservation(cfg: TrainConfig) -> None:
+    """The preservation settings make sense together (a trigger to replace, class words that are not it)."""
+    classes, trigger = cfg.preservation_classes, cfg.trigger_word.strip()
+    if classes and not trigger:
+        raise NodeError("preservation_class replaces the trigger word in each caption, but trigger_word is empty",
+                        key="preservation_class", hint="set trigger_word, or leave preservation_class out")
+    if any(c.strip() == trigger for c in classes):
+        raise NodeError(f"preservation_class names the trigger word itself ({trigger!r}): the term would pull the "
+                        "LoRA back everywhere", key="preservation_class",
+                        hint='name what the concept is a kind of, e.g. preservation_class = "person"')
+    for key, value, default in (("preservation_weight", cfg.preservation_weight, 1.0),
+                                ("preservation_every", cfg.preservation_every, 1)):
+        if value != default and not classes:
+            raise NodeError(f"{key} is set but preservation_class is not: there is no preservation term",
+                            key=key, hint=f'set preservation_class (e.g. "person") or drop {key}')
