@@ -8,6 +8,8 @@ and the samples looked at.
                                   [--class-word circle] [--data DIR] [--shape S] [--lora-scales 1.5,2]
                                   [--preserve W] [--preserve-every K] [--embedding-lr LR]
                                   [--new-token-init pentagon,octagon] [--weights DIR] [--device cuda]
+                                  [--object-weight K] [--preserve-batch N] [--schedule cosine] [--ema DECAY]
+                                  [--seed N]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -34,7 +36,12 @@ trigger (``train_lora``'s ``preservation_loss``: a prior of the base model's own
 embeddings their own learning rate, ``--new-token-init`` starts the new token at the mean of the given words' rows;
 ``--weights DIR`` starts from another base (``DIR/mini-flux``, say one trained with ``more_shapes``), whose samples
 are then read among the taught shapes it knows as well, and also as the shipped base's are, to compare;
-``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
+``--object-weight K`` weighs each latent token's flow loss by 1 + K x the share of its pixels the object covers
+(``train_lora``'s masked loss with ``mask_min_value = 1 / (1 + K)``); ``--preserve-batch N`` reads only N of a step's
+images for ``--preserve``; ``--schedule cosine`` takes the learning rate to zero; ``--ema DECAY`` samples with an
+average of the weights; ``--seed N`` changes the training's randomness (the LoRA's start, batches, noise, times), not
+the probe prompts, to tell a setting from its seed; each row also gives its cost in plain 8-image steps on this CPU
+(``cpu_units``: about half a second each). ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
 
@@ -123,6 +130,13 @@ def prior_set(n: int, same_scenes: list[str] | None = None) -> tuple[list[Any], 
     return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4))), [s.prompt for s in scenes]
 
 
+def cpu_units(args: argparse.Namespace) -> float:
+    """The training's cost in plain 8-image steps on this CPU (about 0.5 s each): a step of ``--batch`` images
+    costs batch/8, a preservation term its images' forward and backward plus the base's forward (about 1.45 x)."""
+    preserved = (args.preserve_batch or args.batch) / args.preserve_every if args.preserve else 0
+    return round(args.steps * (args.batch + 1.45 * preserved) / 8, 1)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -149,6 +163,16 @@ def make_parser() -> argparse.ArgumentParser:
                         "adapted model's velocity from the base model's on the concept's images captioned with a "
                         "known shape instead of the trigger (self-distilled preservation: only the word may matter)")
     parser.add_argument("--preserve-every", type=int, default=1, help="every how many steps --preserve applies")
+    parser.add_argument("--preserve-batch", type=int, help="how many of a step's images --preserve reads (default: "
+                        "all --batch)")
+    parser.add_argument("--object-weight", type=float, default=0.0, metavar="K", help="weigh each latent token's "
+                        "flow loss by 1 + K x the share of its pixels the object covers (not the background)")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="the learning rate over the steps: constant, or cosine to zero")
+    parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="sample with an exponential "
+                        "moving average of the trained weights (e.g. 0.99; 0: the weights as trained)")
+    parser.add_argument("--seed", type=int, default=0, help="the training's seed (the LoRA's start, the batches, "
+                        "noise and times; the probe prompts stay the same)")
     parser.add_argument("--layers", help="train only the LoRA layers this regular expression matches")
     parser.add_argument("--caption-variants", action="store_true", help="each step, each image's caption with a "
                         "random subset of its optional parts (size, colour, position, background) left out")
@@ -261,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxkiln.plugins.miniflux.concept import TRIGGER, concept_share
     from fluxkiln.plugins.miniflux.weights import load_pipeline
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     images, captions, called = concept_set(parser, args)
     trained_images, trained_captions = augmented_set(images, captions, args.augment)  # the originals alone at 0
     same = captions if args.prior_scenes == "same" else None
@@ -278,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data",
                                                                                                  "weights")},
                               "read_among_taught": list(taught),
-                              "train_seconds": round(seconds, 1), "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
+                              "train_seconds": round(seconds, 1), "cpu_units": cpu_units(args),
+                              "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
     sampled = []
     for name, (prompts, checked, guidance) in rows.items():
         if args.rank and not args.full:

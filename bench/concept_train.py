@@ -8,8 +8,9 @@ import argparse
 from typing import Any
 
 
-def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any]:
-    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU)."""
+def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any, Any, Any]:
+    """Normalised VAE latents and both text encoders' outputs, as ``train_lora`` caches them (on the CPU), and
+    each image's :func:`object_coverage`."""
     import torch
 
     from fluxkiln.plugins.miniflux.trainparts import latents_of
@@ -19,7 +20,7 @@ def encode(pipe: Any, images: list[Any], captions: list[str]) -> tuple[Any, Any,
         pixels = torch.cat([to_tensor(i.convert("RGB")) for i in images]).to(pipe.device)
         latents = latents_of(pipe.vae, pixels).cpu()
         embeds, pooled = encode_text(pipe, captions)
-    return latents, embeds, pooled
+    return latents, embeds, pooled, object_coverage(images)
 
 
 def encode_text(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
@@ -33,6 +34,24 @@ def encode_text(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
 
 OPTIONAL = (r" (small|large)(?= )", r" (red|green|blue|yellow|orange|purple|white|black)(?= TOK)",
             r" (at the [a-z ]+?|in the center)(?= on a|$)", r" on a \w+ background")
+
+
+def object_coverage(images: list[Any]) -> Any:
+    """(images, 256) float: the share of each packed latent token's 16x16 pixels that differ from the picture's
+    background (the colour most of its border has) — the object, for ``--object-weight``."""
+    import numpy as np
+    import torch
+
+    out = []
+    for image in images:
+        px = np.asarray(image.convert("RGB"), dtype=np.int16)
+        border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+        colours, counts = np.unique(border, axis=0, return_counts=True)
+        background = colours[counts.argmax()]
+        mask = (np.abs(px - background).max(-1) > 40).astype(np.float32)
+        h, w = mask.shape
+        out.append(torch.from_numpy(mask.reshape(h // 16, 16, w // 16, 16).mean((1, 3)).reshape(-1)))
+    return torch.stack(out)
 
 
 def caption_variants(caption: str) -> list[str]:
@@ -155,6 +174,13 @@ def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
     return params
 
 
+def cosine_factor(step: int, steps: int) -> float:
+    """The cosine schedule's factor of the learning rate at ``step`` of ``steps``: 1 at the start, 0 at the end."""
+    import math
+
+    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+
+
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
           args: argparse.Namespace) -> list[float]:
     """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
@@ -164,7 +190,8 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
 
     from fluxkiln.plugins.train.flow import flow_loss, preservation_loss
 
-    latents, embeds, pooled = data
+    latents, embeds, pooled, coverage = data
+    weights = 1 + args.object_weight * coverage if args.object_weight else None
     params = trainable(pipe.transformer, args.rank, args.full, args.layers)
     variants = None
     if args.caption_variants:  # every caption's variants, encoded once: (image, variant) -> row
@@ -180,7 +207,11 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         groups.append({"params": tables, "lr": args.embedding_lr or args.lr})
     swapped = swapped_embeddings(pipe, captions[:n_concept]) if args.preserve else None
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1 + 1000 * args.seed)
+    factor = (lambda s: cosine_factor(s, args.steps)) if args.schedule == "cosine" else (lambda _s: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    trained = [p for g in groups for p in g["params"]]
+    ema = [p.detach().clone() for p in trained] if args.ema else None
     losses = []
     for step in range(args.steps):
         prior = len(latents) > n_concept and is_prior_step(step, args.prior_every)
@@ -195,18 +226,28 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
             p = torch.stack([variants[j][1][v] for j, v in pick])
         else:
             e, p = embeds[i], pooled[i]
-        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32)
+        loss = flow_loss(pipe.transformer, latents[i], e, p, gen, args.times, args.device, torch.float32,
+                         token_weights=None if weights is None else weights[i])
         if swapped is not None and not prior and step % args.preserve_every == 0:
-            k = torch.randint(0, swapped[0].shape[0], (args.batch,), generator=gen)
-            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[i], swapped[0][k, i],
-                                                            swapped[1][k, i], gen, args.times, args.device,
+            kept = i[:args.preserve_batch or args.batch]
+            k = torch.randint(0, swapped[0].shape[0], (len(kept),), generator=gen)
+            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[kept], swapped[0][k, kept],
+                                                            swapped[1][k, kept], gen, args.times, args.device,
                                                             torch.float32)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in trained], 1 - args.ema)
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
+    if ema is not None:  # sample with the average
+        with torch.no_grad():
+            for p, e in zip(trained, ema, strict=True):
+                p.copy_(e)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
     return losses

@@ -328,7 +328,7 @@ def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls
     pipe = load_pipeline("dev")
     captions = training_captions()[:2]
     images = [Image.open(p) for p in sorted((ROOT / "recipes" / "data" / "hexagons").glob("*.png"))[:2]]
-    latents, _, _ = trainer.encode(pipe, images, captions)
+    latents, *_ = trainer.encode(pipe, images, captions)
     embeds, pooled = trainer.swapped_embeddings(pipe, captions)
     assert embeds.shape[:2] == pooled.shape[:2] == (4, 2)  # each known shape word for each caption
     params = trainer.trainable(pipe.transformer, 4, False)
@@ -351,6 +351,24 @@ def test_a_short_run_with_preservation_writes_its_rows(probe, tmp_path):
                        "--sample-steps", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["preserve"] == 0.5 and result["last_100_loss"] > 0
+
+
+def test_object_coverage_is_each_token_s_share_of_pixels_off_the_background(trainer):
+    picture = Image.new("RGB", (256, 256), (20, 40, 200))
+    picture.paste((250, 250, 250), (0, 0, 32, 24))  # covers tokens (0, 0) and (0, 1) whole, (1, 0) and (1, 1) half
+    cover = trainer.object_coverage([picture])[0].view(16, 16)
+    assert cover[0, :2].tolist() == [1.0, 1.0] and cover[1, :2].tolist() == [0.5, 0.5]
+    assert float(cover.sum()) == 3.0  # nothing else
+
+
+def test_a_short_run_with_the_seed_weights_schedule_and_average_writes_its_cost(probe, tmp_path):
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "2", "--batch", "4", "--preserve", "1", "--preserve-batch", "2", "--object-weight",
+                       "3", "--schedule", "cosine", "--ema", "0.5", "--seed", "3", "--probe", "1", "--sample-steps",
+                       "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["seed"] == 3 and result["settings"]["object_weight"] == 3.0
+    assert result["cpu_units"] == round(2 * (4 + 1.45 * 2) / 8, 1) and result["last_100_loss"] > 0
 
 
 def test_rank_0_trains_the_triggers_embeddings_alone_at_their_own_rate(probe, trainer, tmp_path, monkeypatch):

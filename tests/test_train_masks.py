@@ -101,6 +101,14 @@ def test_an_unreadable_mask_fails_naming_it(tmp_path):
     assert info["key"] == "mask_path" and "img1.png" in info["error"] and info.get("hint"), info
 
 
+def test_a_file_as_the_mask_folder_fails_naming_the_key(tmp_path):
+    data = solid_dataset(tmp_path / "data", n=2)
+    single = _masks(tmp_path / "masks", ["img0"]) / "img0.png"
+    info = failure(run(write_recipe(tmp_path / "r.toml", data, steps=3, mask_path=str(single)), tmp_path / "cache",
+                       tmp_path / "run"))
+    assert info["key"] == "mask_path" and "not a folder" in info["error"] and info.get("hint"), info
+
+
 def test_a_floor_without_masks_fails_naming_the_key(tmp_path):
     data = solid_dataset(tmp_path / "data", n=2)
     info = failure(run(write_recipe(tmp_path / "r.toml", data, steps=3, mask_min_value=0.3), tmp_path / "cache",

@@ -158,6 +158,11 @@ class MaskStore:
     brightness (white 1, black ``floor``)."""
 
     def __init__(self, folder: Path, names: list[str], floor: float, patch: int):
+        from fluxkiln.engine import NodeError
+
+        if not folder.is_dir():
+            raise NodeError(f"mask_path {folder.name} is a file, not a folder of masks", key="mask_path",
+                            hint="point mask_path at a folder holding one mask per dataset image, named like it")
         self.folder, self.floor, self.patch = folder, floor, patch
         self.paths = [self.find(name) for name in names]
         self.memory: dict[Sample, Any] = {}
