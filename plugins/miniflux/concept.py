@@ -6,10 +6,11 @@ learned.
     python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE] [--set K=V ...]
 
 ``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings, changed by ``--set``
-as for ``fluxkiln run``) on a CPU, then samples prompts with the trigger (share of samples the checker sees a
-hexagon in: should be high), the 8 training captions (does it draw its own training images?), the same
-prompts with ordinary shapes (share of hexagons: leakage, should be low), and the rest of the vocabulary's
-adherence with and without the LoRA.
+as for ``fluxkiln run``) on a CPU, then samples with it at the recipe's ``lora_scale``: prompts with the trigger
+(share of samples the checker sees the recipe's concept in, the shape its ``evaluate`` node reads the trigger as:
+should be high), the 8 training captions (does it draw its own training images?), the same prompts with ordinary
+shapes (share of the concept: leakage, should be low), and the rest of the vocabulary's adherence with and without
+the LoRA.
 """
 
 from __future__ import annotations
@@ -74,34 +75,47 @@ def caption(scene: Scene, word: str = "[trigger]", concept: str = CONCEPT) -> st
     return scene.prompt.replace(concept, word)
 
 
-def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any]]:
-    """The dataset's ``n`` scenes and their images (PIL); with another ``shape``, the same scenes (colours, sizes,
-    places, backgrounds, drawn the same way) with that shape instead of the hexagon."""
+def dataset_scenes(n: int = 8, size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any], list[Any]]:
+    """The dataset's ``n`` scenes, their images and their object masks (PIL); with another ``shape``, the same
+    scenes (colours, sizes, places, backgrounds, drawn the same way) with that shape instead of the hexagon."""
     scenes = concept_scenes(n, shape=shape)
     rng = random.Random(6)
-    return scenes, list(to_pil(render([realise(s, rng) for s in scenes], size, size, supersample=4)))
+    return (scenes, *_drawn([realise(s, rng) for s in scenes], size))
 
 
-def balanced_dataset(size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any]]:
-    """The eight :func:`balanced_scenes` and their images (PIL), each scene drawn with its own seed."""
+def balanced_dataset(size: int = 256, shape: str = CONCEPT) -> tuple[list[Scene], list[Any], list[Any]]:
+    """The eight :func:`balanced_scenes`, their images and object masks (PIL), each scene drawn with its own seed."""
     scenes = balanced_scenes(shape=shape)
-    layouts = [realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)]
-    return scenes, list(to_pil(render(layouts, size, size, supersample=4)))
+    return (scenes, *_drawn([realise(s, random.Random(6 + i)) for i, s in enumerate(scenes)], size))
+
+
+def _drawn(layouts: list[Any], size: int) -> tuple[list[Any], list[Any]]:
+    """The pictures of ``layouts`` and their object masks (white where the object covers a pixel), as PIL images."""
+    from PIL import Image
+
+    images, cover = render(layouts, size, size, supersample=4, masks=True)
+    masks = [Image.fromarray(m) for m in (cover * 255).round().byte().cpu().numpy()]
+    return list(to_pil(images)), masks
 
 
 def write_dataset(folder: Path, n: int = 8, size: int = 256, balanced: bool = False,
-                  shape: str = CONCEPT) -> list[Path]:
+                  shape: str = CONCEPT, masks: Path | None = None) -> list[Path]:
     """Write ``n`` captioned images of ``shape`` (``concept-<i>.png`` + ``.txt``) into ``folder``: the bundled
-    dataset's scenes, or (``balanced``) :func:`balanced_dataset`'s eight."""
+    dataset's scenes, or (``balanced``) :func:`balanced_dataset`'s eight; with ``masks``, each image's object mask
+    under the same name there (``train_lora``'s ``mask_path``)."""
     if balanced and n != 8:
         raise ValueError(f"a balanced dataset has 8 images, one per palette colour, not {n}")
-    scenes, images = balanced_dataset(size, shape) if balanced else dataset_scenes(n, size, shape)
+    scenes, images, covers = balanced_dataset(size, shape) if balanced else dataset_scenes(n, size, shape)
     folder.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        masks.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
+    for i, (scene, image, cover) in enumerate(zip(scenes, images, covers, strict=True)):
         path = folder / f"concept-{i + 1}.png"
         image.save(path)
         path.with_suffix(".txt").write_text(caption(scene, concept=shape) + "\n")
+        if masks is not None:
+            cover.save(masks / path.name)
         paths.append(path)
     return paths
 
@@ -145,6 +159,7 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     from .weights import load_pipeline
 
     recipe = repo_root() / "recipes" / "train-lora-tiny.toml"
+    folder, shape, scale = recipe_concept(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
         t0 = time.perf_counter()
@@ -154,20 +169,37 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
             raise SystemExit(f"training failed: {[e.data.get('error') for e in result.events if e.event == 'node_failed']}")
         lora = result.outputs["lora"]["lora"]
         pipe = load_pipeline("dev")
-        with_trigger, without = probe_prompts(samples)
+        with_trigger, without = probe_prompts(samples, shape=shape)
         vocab = eval_prompts(samples)
-        before = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
-        pipe.load_lora_weights(str(Path(lora.path)))
-        hits = concept_share(generate(pipe, with_trigger, steps=28, guidance=3.0), with_trigger)
-        captions = training_captions()
-        fitted = concept_share(generate(pipe, captions, steps=28, guidance=3.0), captions)
-        leaks = concept_share(generate(pipe, without, steps=28, guidance=3.0), without)
-        after = summarise([check(im, p) for im, p in zip(generate(pipe, vocab, steps=28, guidance=3.0), vocab, strict=True)])
-    row = {"train_seconds": round(seconds, 1), "overrides": overrides, "with_trigger_hexagon": round(100 * hits, 1),
-           "training_captions_hexagon": round(100 * fitted, 1),
-           "without_trigger_hexagon": round(100 * leaks, 1), "vocabulary_before": before, "vocabulary_after": after}
+
+        def sampled(prompts: list[str]) -> list[Any]:
+            return generate(pipe, prompts, steps=28, guidance=3.0)
+
+        before = summarise([check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)])
+        pipe.load_lora_weights(str(Path(lora.path)), adapter_name="concept")
+        pipe.set_adapters(["concept"], adapter_weights=[scale])
+        hits = concept_share(sampled(with_trigger), with_trigger, shape)
+        captions = training_captions(folder)
+        fitted = concept_share(sampled(captions), captions, shape)
+        leaks = concept_share(sampled(without), without, shape)
+        after = summarise([check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)])
+    row = {"train_seconds": round(seconds, 1), "overrides": overrides, "concept": shape, "lora_scale": scale,
+           "with_trigger": round(100 * hits, 1), "training_captions": round(100 * fitted, 1),
+           "without_trigger": round(100 * leaks, 1), "vocabulary_before": before, "vocabulary_after": after}
     log(json.dumps(row, indent=1))
     return row
+
+
+def recipe_concept(recipe: Path) -> tuple[Path, str, float]:
+    """The recipe's dataset folder, the shape its ``evaluate`` node reads the trigger as, and its ``apply_lora``'s
+    ``lora_scale``."""
+    import tomllib
+
+    nodes = tomllib.loads(recipe.read_text())["nodes"]
+    folder = recipe.parent / next(n["source"] for n in nodes.values() if n.get("type") == "dataset")
+    shape = next(n["aliases"][TRIGGER] for n in nodes.values() if n.get("type") == "evaluate")
+    scale = next(float(n.get("lora_scale", 1.0)) for n in nodes.values() if n.get("type") == "apply_lora")
+    return folder, shape, scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--balanced", action="store_true", help="every colour, background and place once (balanced_scenes)")
     ds.add_argument("--shape", default=CONCEPT, choices=EXTRA_SHAPES + CONCEPT_SHAPES,
                     help="the concept's shape (default: %(default)s)")
+    ds.add_argument("--masks", type=Path, metavar="FOLDER", help="also write each image's object mask there "
+                    "(train_lora's mask_path)")
     me = sub.add_parser("measure", help="train the LoRA and measure acquisition and leakage")
     me.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     me.add_argument("--samples", type=int, default=20)
@@ -187,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a value of recipes/train-lora-tiny.toml, e.g. nodes.lora.batch_size=4")
     args = parser.parse_args(argv)
     if args.command == "dataset":
-        for path in write_dataset(args.folder, balanced=args.balanced, shape=args.shape):
+        for path in write_dataset(args.folder, balanced=args.balanced, shape=args.shape, masks=args.masks):
             print(path, "-", path.with_suffix(".txt").read_text().strip())
         return 0
     from fluxkiln.engine.errors import RecipeInvalid
