@@ -318,6 +318,34 @@ def test_another_concept_s_dataset_shows_that_shape_in_the_balanced_scenes_and_t
         concept.main(["dataset", str(tmp_path / "x"), "--shape", "circle"])  # a known shape is no new concept
 
 
+def test_the_dataset_s_masks_are_white_on_the_object_and_match_the_bundled_bowties(tmp_path):
+    import numpy as np
+
+    from fluxkiln.plugins.miniflux import concept
+
+    data, masks = tmp_path / "bowties", tmp_path / "masks"
+    assert concept.main(["dataset", str(data), "--balanced", "--shape", "bowtie", "--masks", str(masks)]) == 0
+    assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in data.glob("*.png"))
+    for picture in sorted(data.glob("*.png")):
+        px = np.asarray(Image.open(picture).convert("RGB"), dtype=np.int16)
+        mask = np.asarray(Image.open(masks / picture.name))
+        background = px[0, 0]  # the corners are background in every balanced scene
+        off = np.abs(px - background).max(-1) > 60
+        assert mask.shape == px.shape[:2] and 0 < (mask > 127).mean() < 0.2
+        assert (mask[off] > 127).mean() > 0.95 and (mask[~off] < 128).mean() > 0.99  # white where the shape is
+        assert (picture.read_bytes() == (ROOT / "recipes" / "data" / "bowties" / picture.name).read_bytes())
+        assert mask.tobytes() == np.asarray(Image.open(ROOT / "recipes" / "data" / "bowtie-masks" /
+                                                       picture.name)).tobytes()  # the bundled ones, as written
+
+
+def test_the_measure_reads_the_recipe_s_concept_data_and_scale():
+    from fluxkiln.plugins.miniflux import concept
+
+    folder, shape, scale = concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml")
+    assert folder.resolve() == (ROOT / "recipes" / "data" / "bowties").resolve() and shape == "bowtie"
+    assert scale == 1.25
+
+
 def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls_a_trained_one_back(trainer):
     import torch
 
