@@ -344,6 +344,8 @@ def test_the_measure_reads_the_recipe_s_concept_data_and_scale():
     folder, shape, scale = concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml")
     assert folder.resolve() == (ROOT / "recipes" / "data" / "bowties").resolve() and shape == "bowtie"
     assert scale == 1.25
+    _, _, scale = concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml", ["nodes.styled.lora_scale=1.0"])
+    assert scale == 1.0  # the measure samples at the scale --set gives
 
 
 def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls_a_trained_one_back(trainer):

@@ -159,9 +159,9 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     from .weights import load_pipeline
 
     recipe = repo_root() / "recipes" / "train-lora-tiny.toml"
-    folder, shape, scale = recipe_concept(recipe)
+    overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
+    folder, shape, scale = recipe_concept(recipe, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
         t0 = time.perf_counter()
         result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
         seconds = time.perf_counter() - t0
@@ -190,16 +190,17 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     return row
 
 
-def recipe_concept(recipe: Path) -> tuple[Path, str, float]:
+def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> tuple[Path, str, float]:
     """The recipe's dataset folder, the shape its ``evaluate`` node reads the trigger as, and its ``apply_lora``'s
-    ``lora_scale``."""
-    import tomllib
+    ``lora_scale``, with ``overrides`` (``--set``) applied as the engine applies them."""
+    from fluxkiln.engine.recipe import load_recipe
 
-    nodes = tomllib.loads(recipe.read_text())["nodes"]
-    folder = recipe.parent / next(n["source"] for n in nodes.values() if n.get("type") == "dataset")
-    shape = next(n["aliases"][TRIGGER] for n in nodes.values() if n.get("type") == "evaluate")
-    scale = next(float(n.get("lora_scale", 1.0)) for n in nodes.values() if n.get("type") == "apply_lora")
-    return folder, shape, scale
+    parsed, problems = load_recipe(recipe, overrides)
+    if problems:
+        raise SystemExit("\n".join(p.format() for p in problems))
+    nodes = {n.type: n.values for n in reversed(parsed.nodes.values())}  # the first of each type
+    folder = recipe.parent / nodes["dataset"]["source"]
+    return folder, nodes["evaluate"]["aliases"][TRIGGER], float(nodes["apply_lora"].get("lora_scale", 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:
