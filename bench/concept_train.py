@@ -174,13 +174,6 @@ def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
     return params
 
 
-def cosine_factor(step: int, steps: int) -> float:
-    """The cosine schedule's factor of the learning rate at ``step`` of ``steps``: 1 at the start, 0 at the end."""
-    import math
-
-    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
-
-
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
           args: argparse.Namespace) -> list[float]:
     """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
@@ -189,6 +182,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     import torch
 
     from fluxkiln.plugins.train.flow import flow_loss, preservation_loss
+    from fluxkiln.plugins.train.optim import make_scheduler
 
     latents, embeds, pooled, coverage = data
     weights = 1 + args.object_weight * coverage if args.object_weight else None
@@ -208,8 +202,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     swapped = swapped_embeddings(pipe, captions[:n_concept]) if args.preserve else None
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     gen = torch.Generator().manual_seed(1 + 1000 * args.seed)
-    factor = (lambda s: cosine_factor(s, args.steps)) if args.schedule == "cosine" else (lambda _s: 1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    schedule = make_scheduler(opt, args.schedule, 0, args.steps)  # train_lora's own: constant, or cosine to zero
     trained = [p for g in groups for p in g["params"]]
     ema = [p.detach().clone() for p in trained] if args.ema else None
     losses = []

@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from fluxkiln.engine import NodeError
 from fluxkiln.engine.paths import temp_name
 
 from .buckets import Sample
@@ -157,38 +158,34 @@ class MaskStore:
     fitted into the bucket as the image is, and each token weighs ``floor + (1 - floor) x`` its pixels' mean
     brightness (white 1, black ``floor``)."""
 
-    def __init__(self, folder: Path, names: list[str], floor: float, patch: int):
-        from fluxkiln.engine import NodeError
-
+    def __init__(self, folder: Path, names: list[str], sizes: list[tuple[int, int]], floor: float, patch: int):
         if not folder.is_dir():
             raise NodeError(f"mask_path {folder.name} is a file, not a folder of masks", key="mask_path",
                             hint="point mask_path at a folder holding one mask per dataset image, named like it")
-        self.folder, self.floor, self.patch = folder, floor, patch
+        self.folder, self.sizes, self.floor, self.patch = folder, sizes, floor, patch
         self.paths = [self.find(name) for name in names]
         self.memory: dict[Sample, Any] = {}
 
     def find(self, name: str) -> Path:
-        """The mask of the dataset image ``name`` (the same file name, any image type)."""
-        from fluxkiln.engine import NodeError
+        """The mask of the dataset image ``name`` (the same file name, any image type the dataset node takes)."""
+        from fluxkiln.plugins.dataset.ingest import IMAGE_EXTS
 
         stem = Path(name).stem
         found = sorted(p for p in self.folder.iterdir()
-                       if p.stem == stem and p.suffix.lower() in MASK_EXTS and p.is_file())
+                       if p.stem == stem and p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not found:
             raise NodeError(f"mask_path {self.folder.name}/ holds no mask for the dataset image {Path(name).name}",
                             key="mask_path", hint=f"add {stem}.png (white: trained, black: mask_min_value) "
                             "to the folder, one mask per dataset image")
         return found[0]
 
-    def get(self, s: Sample, size: tuple[int, int]) -> Any:
-        """The token weights of sample ``s`` (its image is ``size`` pixels before bucketing)."""
+    def get(self, s: Sample) -> Any:
+        """The token weights of sample ``s``."""
         import numpy as np
         import torch
         from PIL import Image
 
         if s not in self.memory:
-            from fluxkiln.engine import NodeError
-
             try:
                 with Image.open(self.paths[s.item]) as im:
                     im.load()
@@ -196,6 +193,7 @@ class MaskStore:
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise NodeError(f"mask {self.paths[s.item].name} cannot be read as an image: {exc}",
                                 key="mask_path", hint="save the mask again as a greyscale PNG") from None
+            size = self.sizes[s.item]  # the image's, before bucketing
             if mask.size != size:
                 mask = mask.resize(size, Image.Resampling.BILINEAR)
             mask = np.asarray(fit_to_bucket(mask, s.width, s.height), dtype=np.float32) / 255.0
@@ -204,10 +202,7 @@ class MaskStore:
             self.memory[s] = torch.from_numpy(self.floor + (1.0 - self.floor) * cover)
         return self.memory[s]
 
-    def batch(self, batch: list[Sample], sizes: list[tuple[int, int]]) -> Any:
+    def batch(self, batch: list[Sample]) -> Any:
         import torch
 
-        return torch.stack([self.get(s, sizes[s.item]) for s in batch])
-
-
-MASK_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        return torch.stack([self.get(s) for s in batch])

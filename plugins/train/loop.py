@@ -115,11 +115,11 @@ class Trainer:
         # kept[c][i]: caption i with the trigger replaced by class word c (the preservation term's captions)
         self.kept = [[cfg.preserved(c, word) for c in self.captions] for word in cfg.preservation_classes]
         try:
-            self.sizes = [_image_size(Path(it.path)) for it in self.items]
-            self.samples_list = build_samples(self.sizes, cfg.resolution)
+            sizes = [_image_size(Path(it.path)) for it in self.items]
+            self.samples_list = build_samples(sizes, cfg.resolution)
         except ValueError as exc:
             raise NodeError(f"a dataset image is too small: {exc}", key="dataset") from exc
-        self.masks = (MaskStore(Path(cfg.mask_path), [it.name or Path(it.path).name for it in self.items],
+        self.masks = (MaskStore(Path(cfg.mask_path), [it.name or Path(it.path).name for it in self.items], sizes,
                                 cfg.mask_min_value, 2 * pipe.vae_scale_factor) if cfg.mask_path else None)
         mode = "disk" if cfg.cache_latents_to_disk else "memory" if cfg.cache_latents else "none"
         if mode == "disk" and not self.dp.owner:  # rank 0 alone writes files
@@ -275,7 +275,7 @@ class Trainer:
         with gpu.attention_backends(self.device):
             loss = flow_loss(pipe.transformer, latents, embeds, pooled, self.gen, cfg.timestep_sampling,
                              self.device, self.dtype, part=part if self.dp.size > 1 else None,
-                             token_weights=self.masks.batch(batch, self.sizes) if self.masks else None)
+                             token_weights=self.masks.batch(batch) if self.masks else None)
             share = len(part) / len(batch)
             if loss is not None:
                 (loss * share if share != 1 else loss).backward()  # queued before the loss is read
