@@ -9,7 +9,8 @@ and the samples looked at.
                                   [--preserve W] [--preserve-every K] [--embedding-lr LR]
                                   [--new-token-init pentagon,octagon] [--weights DIR] [--device cuda]
                                   [--object-weight K] [--preserve-batch N] [--schedule cosine] [--ema DECAY]
-                                  [--seed N]
+                                  [--seed N] [--preserve-prompts same|world|mix]
+                                  [--preserve-words star,star,circle] [--vocab N]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -40,7 +41,11 @@ are then read among the taught shapes it knows as well, and also as the shipped 
 (``train_lora``'s masked loss with ``mask_min_value = 1 / (1 + K)``); ``--preserve-batch N`` reads only N of a step's
 images for ``--preserve``; ``--schedule cosine`` takes the learning rate to zero; ``--ema DECAY`` samples with an
 average of the weights; ``--seed N`` changes the training's randomness (the LoRA's start, batches, noise, times), not
-the probe prompts, to tell a setting from its seed; each row also gives its cost in plain 8-image steps on this CPU
+the probe prompts, to tell a setting from its seed; ``--preserve-prompts world`` holds the LoRA to the base on
+prompts of the whole world (one or two objects, any size and place) instead of the concept's own captions
+(``mix``: either, at even odds per image); ``--preserve-words`` names the known shapes it puts in the
+captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--vocab N`` scores N held-out prompts of the vocabulary with and
+without the LoRA (the shape adherence the LoRA costs); each row also gives its cost in plain 8-image steps on this CPU
 (``cpu_units``: about half a second each). ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
@@ -162,6 +167,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preserve", type=float, default=0.0, metavar="W", help="add W x the distance of the "
                         "adapted model's velocity from the base model's on the concept's images captioned with a "
                         "known shape instead of the trigger (self-distilled preservation: only the word may matter)")
+    parser.add_argument("--preserve-prompts", choices=["same", "world", "mix"], default="same",
+                        help="what --preserve reads: the concept's captions with a known shape (same), prompts of "
+                             "the whole world, one or two objects (world), or either at even odds (mix)")
+    parser.add_argument("--preserve-words", type=lambda v: tuple(v.split(",")), metavar="W,W,...",
+                        help="the known shapes --preserve names in the captions, one drawn for each image (default: "
+                             "all four; a word given twice is drawn twice as often; train_lora's preservation_class)")
+    parser.add_argument("--vocab", type=int, default=0, metavar="N", help="also score N held-out prompts of the "
+                        "vocabulary with the LoRA (at 1 and each --lora-scales) and without it")
     parser.add_argument("--preserve-every", type=int, default=1, help="every how many steps --preserve applies")
     parser.add_argument("--preserve-batch", type=int, help="how many of a step's images --preserve reads (default: "
                         "all --batch)")
@@ -242,6 +255,29 @@ def probe_rows(args: argparse.Namespace, captions: list[str], called: str
     return rows, scales
 
 
+BASE_VOCAB: dict[tuple[str, int, int], dict[str, float]] = {}  # the base's vocabulary rows, once a process
+
+
+def vocabulary(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The held-out vocabulary's adherence (the checker's attributes, guidance 3) without the LoRA and with it at
+    1 and each ``--lora-scales``, and each scale's drop in shape adherence (points)."""
+    from fluxkiln.plugins.miniflux.adherence import eval_prompts, generate, score_images
+
+    prompts = eval_prompts(args.vocab)
+    key = (str(args.weights), args.vocab, args.sample_steps)
+    if key not in BASE_VOCAB:
+        pipe.transformer.disable_adapters()
+        BASE_VOCAB[key] = score_images(generate(pipe, prompts, steps=args.sample_steps, guidance=3.0), prompts)
+        pipe.transformer.enable_adapters()
+    out: dict[str, Any] = {"vocabulary without the LoRA": BASE_VOCAB[key]}
+    for scale in (1.0, *args.lora_scales):
+        pipe.transformer.set_adapters(["default"], weights=[scale])
+        row = score_images(generate(pipe, prompts, steps=args.sample_steps, guidance=3.0), prompts)
+        out[f"vocabulary, LoRA scale {scale:g}"] = row
+        out[f"vocabulary shape drop, LoRA scale {scale:g}"] = round(BASE_VOCAB[key]["shape"] - row["shape"], 1)
+    return out
+
+
 def known_taught(pipe: Any) -> tuple[str, ...]:
     """The taught shapes (:data:`~fluxkiln.plugins.miniflux.world.TAUGHT_SHAPES`) that are words of the
     pipeline's T5 vocabulary: those its base was trained on."""
@@ -314,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{name} (not read among {', '.join(taught)})"] = round(
                 100 * concept_share(out, checked, args.shape), 1)
         sampled.append(out)
+    if args.vocab:
+        result.update(vocabulary(pipe, args))
     if args.grid:
         save_grid(args.grid, images, sampled, args.probe)
     print(f"\n{args.steps} steps in {seconds:.1f} s, last 100 steps' loss {result['last_100_loss']}\n")

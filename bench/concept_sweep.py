@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         row["setting"], row["seconds"] = setting, round(time.perf_counter() - t0, 1)
         results.append(row)
         (args.out / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("\n| setting | s | CPU units | training captions | new prompts | leakage |\n|---|---|---|---|---|---|")
+    print("\n| setting | s | CPU units | training captions | new prompts | leakage | vocabulary shape drop |\n"
+          "|---|---|---|---|---|---|---|")
     for row in results:
         cells = [str(row.get(k, row.get("error", "-"))) for k in concept_probe.SUMMARY_ROWS]
-        print(f"| {row['setting']} | {row['seconds']} | {row.get('cpu_units', '-')} | " + " | ".join(cells) + " |")
+        drops = ", ".join(f"{v} ({k.rsplit(' ', 1)[-1]})" for k, v in row.items() if k.startswith("vocabulary shape drop"))
+        print(f"| {row['setting']} | {row['seconds']} | {row.get('cpu_units', '-')} | " + " | ".join(cells)
+              + f" | {drops or '-'} |")
     return 0
 
 

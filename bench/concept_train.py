@@ -112,16 +112,44 @@ def text_trainable(pipe: Any, rank: int) -> list[Any]:
     return params
 
 
-def swapped_embeddings(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
-    """Both encoders' outputs for every concept caption with the trigger replaced by each known shape word:
-    (shapes, captions, ...) — the prompts whose predictions ``--preserve`` keeps at the base model's."""
+def swapped_embeddings(pipe: Any, captions: list[str], words: tuple[str, ...] | None = None) -> tuple[Any, Any]:
+    """Both encoders' outputs for every concept caption with the trigger replaced by each known shape word (or
+    each of ``words``, a word named twice drawn twice as often): (words, captions, ...) — the prompts whose
+    predictions ``--preserve`` keeps at the base model's."""
     import torch
 
     from fluxkiln.plugins.miniflux.concept import TRIGGER
     from fluxkiln.plugins.miniflux.world import SHAPES
 
-    pairs = [encode_text(pipe, [c.replace(TRIGGER, shape) for c in captions]) for shape in SHAPES]
+    pairs = [encode_text(pipe, [c.replace(TRIGGER, shape) for c in captions]) for shape in words or SHAPES]
     return torch.stack([e for e, _ in pairs]), torch.stack([p for _, p in pairs])
+
+
+def world_embeddings(pipe: Any, n: int = 256, seed: int = 23) -> tuple[Any, Any]:
+    """Both encoders' outputs for ``n`` prompts of mini-flux's whole world (one or two objects, any size, place or
+    background; training-split prompts, never the held-out ones the vocabulary is measured on): what
+    ``--preserve-prompts world`` holds the LoRA to the base model on."""
+    import random
+
+    from fluxkiln.plugins.miniflux.world import random_scene
+
+    rng = random.Random(seed)
+    return encode_text(pipe, [random_scene(rng).prompt for _ in range(n)])
+
+
+def preserved_text(swapped: tuple[Any, Any], world: tuple[Any, Any] | None, kept: Any, gen: Any,
+                   mode: str) -> tuple[Any, Any]:
+    """The preservation term's text for the images ``kept``: their captions with a known shape drawn for each
+    (``same``), a prompt of the world drawn for each (``world``), or either at even odds per image (``mix``)."""
+    import torch
+
+    k = torch.randint(0, swapped[0].shape[0], (len(kept),), generator=gen)
+    e, p = swapped[0][k, kept], swapped[1][k, kept]
+    if mode == "same" or world is None:
+        return e, p
+    w = torch.randint(0, world[0].shape[0], (len(kept),), generator=gen)
+    use = torch.ones(len(kept), dtype=torch.bool) if mode == "world" else torch.rand(len(kept), generator=gen) < 0.5
+    return (torch.where(use[:, None, None], world[0][w], e), torch.where(use[:, None], world[1][w], p))
 
 
 def is_prior_step(step: int, every: int) -> bool:
@@ -199,7 +227,8 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
 
         tables = embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
         groups.append({"params": tables, "lr": args.embedding_lr or args.lr})
-    swapped = swapped_embeddings(pipe, captions[:n_concept]) if args.preserve else None
+    swapped = swapped_embeddings(pipe, captions[:n_concept], args.preserve_words) if args.preserve else None
+    world = world_embeddings(pipe) if args.preserve and args.preserve_prompts != "same" else None
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     gen = torch.Generator().manual_seed(1 + 1000 * args.seed)
     schedule = make_scheduler(opt, args.schedule, 0, args.steps)  # train_lora's own: constant, or cosine to zero
@@ -223,10 +252,9 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
                          token_weights=None if weights is None else weights[i])
         if swapped is not None and not prior and step % args.preserve_every == 0:
             kept = i[:args.preserve_batch or args.batch]
-            k = torch.randint(0, swapped[0].shape[0], (len(kept),), generator=gen)
-            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[kept], swapped[0][k, kept],
-                                                            swapped[1][k, kept], gen, args.times, args.device,
-                                                            torch.float32)
+            e_kept, p_kept = preserved_text(swapped, world, kept, gen, args.preserve_prompts)
+            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[kept], e_kept, p_kept, gen,
+                                                            args.times, args.device, torch.float32)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -470,3 +470,68 @@ def test_a_pentagon_reads_as_a_hexagon_unless_the_taught_shapes_are_in_the_runni
     leaked = "a large red circle in the center on a blue background"  # a leakage prompt: the shape asked is another
     assert concept_share([image], [leaked], "hexagon") == 1.0  # among the shipped base's shapes: the nearest
     assert concept_share([image], [leaked], "hexagon", world.TAUGHT_SHAPES) == 0.0  # read as what it is
+
+
+def test_world_preservation_reads_world_prompts_for_every_image_and_mix_for_some(trainer):
+    import torch
+
+    swapped = (torch.zeros(4, 8, 3, 2), torch.zeros(4, 8, 5))  # (shapes, captions, ...): zeros
+    world = (torch.ones(16, 3, 2), torch.ones(16, 5))  # every world prompt: ones
+    kept = torch.arange(8)
+    e, p = trainer.preserved_text(swapped, world, kept, torch.Generator().manual_seed(0), "world")
+    assert e.shape == (8, 3, 2) and bool((e == 1).all()) and bool((p == 1).all())
+    e, p = trainer.preserved_text(swapped, world, kept, torch.Generator().manual_seed(0), "same")
+    assert bool((e == 0).all()) and bool((p == 0).all())
+    e, _ = trainer.preserved_text(swapped, world, kept, torch.Generator().manual_seed(0), "mix")
+    from_world = e.flatten(1).eq(1).all(1)
+    assert 0 < int(from_world.sum()) < 8  # per image, some of each at this seed
+
+
+def test_the_world_prompts_are_of_the_whole_world_and_never_held_out(trainer, monkeypatch):
+    from fluxkiln.plugins.miniflux.world import held_out
+
+    seen = []
+    monkeypatch.setattr(trainer, "encode_text", lambda pipe, prompts: seen.extend(prompts) or ("e", "p"))
+    assert trainer.world_embeddings(None, n=64) == ("e", "p")
+    assert len(seen) == 64 and not any(held_out(p) for p in seen)
+    assert any(" and " in p for p in seen)  # two-object scenes too
+
+
+def test_vocab_scores_the_held_out_prompts_with_and_without_the_lora(probe, tmp_path):
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "1", "--batch", "1", "--preserve", "1", "--preserve-prompts", "mix", "--probe",
+                       "1", "--sample-steps", "1", "--vocab", "2", "--lora-scales", "1.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    base, scaled = result["vocabulary without the LoRA"], result["vocabulary, LoRA scale 1.5"]
+    assert set(base) == set(scaled) >= {"shape", "colour", "all"} and "vocabulary, LoRA scale 1" in result
+    assert result["vocabulary shape drop, LoRA scale 1.5"] == round(base["shape"] - scaled["shape"], 1)
+    assert result["settings"]["preserve_prompts"] == "mix"
+
+
+def test_preserve_words_name_the_shapes_in_the_preserved_captions_a_repeated_word_twice(trainer, monkeypatch):
+    import torch
+
+    seen = []
+
+    def fake_encode(pipe, captions):
+        seen.append(captions)
+        return torch.full((len(captions), 2), float(len(seen))), torch.full((len(captions), 3), float(len(seen)))
+
+    monkeypatch.setattr(trainer, "encode_text", fake_encode)
+    embeds, pooled = trainer.swapped_embeddings(None, ["a red TOK at the left"], ("star", "star", "circle"))
+    assert seen == [["a red star at the left"], ["a red star at the left"], ["a red circle at the left"]]
+    assert embeds.shape == (3, 1, 2) and pooled.shape == (3, 1, 3)  # (words, captions, ...)
+    seen.clear()
+    assert trainer.swapped_embeddings(None, ["a TOK"])[0].shape[0] == 4  # all four known shapes by default
+    assert [c[0] for c in seen] == ["a circle", "a square", "a triangle", "a star"]
+
+
+def test_shape_by_word_scores_the_prompts_naming_each_shape_a_two_shape_prompt_for_both():
+    from types import SimpleNamespace
+
+    from fluxkiln.plugins.miniflux.concept import shape_by_word
+
+    prompts = ["a red star on a blue background", "a red star and a green circle on a blue background",
+               "a large square at the left", "a blue background"]
+    checks = [SimpleNamespace(scores={"shape": s}) for s in (0.0, 0.5, 1.0, None)]  # the last names no shape
+    assert shape_by_word(checks, prompts) == {"circle": 50.0, "square": 100.0, "star": 25.0}
