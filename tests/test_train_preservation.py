@@ -159,6 +159,22 @@ def test_a_list_of_class_words_draws_one_for_each_image_of_each_preservation_ste
     assert len({tuple(b) for b in kept}) > 1  # drawn afresh each step
 
 
+def test_a_class_word_listed_twice_is_drawn_about_twice_as_often(tmp_path, monkeypatch):
+    from fluxkiln.plugins.train import data as train_data
+
+    batches = []
+    batch = train_data.TextStore.batch
+    monkeypatch.setattr(train_data.TextStore, "batch", lambda self, texts: batches.append(list(texts)) or
+                        batch(self, texts))
+    data = solid_dataset(tmp_path / "data", n=4)
+    result = run(write_recipe(tmp_path / "r.toml", data, steps=24, batch_size=4, caption_dropout_rate=0.0,
+                              preservation_class=["dog", "dog", "cat"]), tmp_path / "cache", tmp_path / "run")
+    assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
+    drawn = [c.removeprefix("a photo of ") for b in batches if all("TOK" not in c for c in b) for c in b]
+    assert len(drawn) == 96 and set(drawn) == {"dog", "cat"}
+    assert 1.5 < drawn.count("dog") / drawn.count("cat") < 2.7, (drawn.count("dog"), drawn.count("cat"))
+
+
 @pytest.mark.parametrize("bad", ["[]", '["dog", ""]'])
 def test_an_empty_list_or_word_of_class_words_is_refused_before_the_run(tmp_path, bad):
     from fluxkiln.engine.errors import RecipeInvalid

@@ -73,7 +73,8 @@ def train_lora(
                                            "(needs mask_path; 0 = they do not train)")] = 0.1,
     preservation_class: Annotated[ClassWord | ClassWords | None, Field(description=(
         "what the concept is a kind of (\"person\", \"dog\"), or a list of such words: each step also reads the "
-        "batch with the trigger word replaced by it (from a list: one drawn for each image) and keeps the LoRA's "
+        "batch with the trigger word replaced by it (from a list: one drawn for each image, a word listed twice "
+        "twice as often) and keeps the LoRA's "
         "prediction there at the base model's, so prompts without the trigger change less (ai-toolkit's "
         "differential output preservation; about twice the time a step)"))] = None,
     preservation_weight: Annotated[float, Field(gt=0, le=100, description="weight of the preservation term "
