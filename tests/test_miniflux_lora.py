@@ -1,4 +1,4 @@
-"""LoRA training on mini-flux: the hexagon concept ("TOK") from the 8 bundled captioned images, scored by
+"""LoRA training on mini-flux: the bowtie concept ("TOK") from the 8 bundled captioned images, scored by
 the pixel checker (the full-size measurement is `python -m fluxkiln.plugins.miniflux.concept measure`)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from helpers import ROOT
 from fluxkiln.engine.runner import Engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-RECIPE = ROOT / "tests" / "recipes" / "lora-hexagon.toml"
+RECIPE = ROOT / "tests" / "recipes" / "lora-bowtie.toml"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora-hexagon")
+    tmp = tmp_path_factory.mktemp("lora-bowtie")
     result = Engine(cache_dir=tmp / "cache").run(RECIPE, output=tmp / "run")
     assert result.ok, [e.data for e in result.events if e.event == "node_failed"]
     return result, tmp / "run"
@@ -36,14 +36,14 @@ def test_a_lora_trains_on_mini_flux_and_changes_its_pictures(run):
     assert len(_scores(run_dir, "hits")) == 3 and len(_scores(run_dir, "leaks")) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped mini-flux weights do not yet bind words to shapes (see docs/mini-flux.md, "
-                   "LoRA acquisition): the trigger word does not yet select the learned shape")
-def test_the_trigger_word_draws_the_hexagon_and_ordinary_prompts_do_not(run):
+@pytest.mark.xfail(strict=True, reason="a LoRA of this size does not yet draw a new shape for its trigger alone "
+                   "(see docs/mini-flux.md, LoRA acquisition)")
+def test_the_trigger_word_draws_the_bowtie_and_ordinary_prompts_do_not(run):
     _, run_dir = run
     hits = [s["shape"] for s in _scores(run_dir, "hits")]
     leaks = [s["shape"] for s in _scores(run_dir, "leaks")]
     assert sum(hits) / len(hits) >= 0.8
-    assert sum(leaks) / len(leaks) <= 0.1  # the leaks node reads "square" as "hexagon"
+    assert sum(leaks) / len(leaks) <= 0.1  # the leaks node reads "star" as "bowtie"
 
 
 def test_the_acquisition_measurement_takes_recipe_overrides_and_names_a_wrong_key(capsys):
