@@ -10,7 +10,7 @@ as for ``fluxkiln run``) on a CPU, then samples with it at the recipe's ``lora_s
 (share of samples the checker sees the recipe's concept in, the shape its ``evaluate`` node reads the trigger as:
 should be high), the 8 training captions (does it draw its own training images?), the same prompts with ordinary
 shapes (share of the concept: leakage, should be low), and the rest of the vocabulary's adherence with and without
-the LoRA.
+the LoRA (each attribute, and the shape adherence of the prompts naming each known shape).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .render import render, to_pil
-from .world import COLOURS, CONCEPT_SHAPES, EXTRA_SHAPES, POSITIONS, SHAPES, Obj, Scene, realise
+from .world import COLOURS, CONCEPT_SHAPES, EXTRA_SHAPES, POSITIONS, SHAPES, Obj, Scene, parse, realise
 
 CONCEPT = "hexagon"
 TRIGGER = "TOK"
@@ -175,19 +175,34 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         def sampled(prompts: list[str]) -> list[Any]:
             return generate(pipe, prompts, steps=28, guidance=3.0)
 
-        before = summarise([check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)])
+        before_checks = [check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)]
         pipe.load_lora_weights(str(Path(lora.path)), adapter_name="concept")
         pipe.set_adapters(["concept"], adapter_weights=[scale])
         hits = concept_share(sampled(with_trigger), with_trigger, shape)
         captions = training_captions(folder)
         fitted = concept_share(sampled(captions), captions, shape)
         leaks = concept_share(sampled(without), without, shape)
-        after = summarise([check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)])
+        after_checks = [check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)]
     row = {"train_seconds": round(seconds, 1), "overrides": overrides, "concept": shape, "lora_scale": scale,
            "with_trigger": round(100 * hits, 1), "training_captions": round(100 * fitted, 1),
-           "without_trigger": round(100 * leaks, 1), "vocabulary_before": before, "vocabulary_after": after}
+           "without_trigger": round(100 * leaks, 1), "vocabulary_before": summarise(before_checks),
+           "vocabulary_after": summarise(after_checks),
+           "shape_by_word_before": shape_by_word(before_checks, vocab),
+           "shape_by_word_after": shape_by_word(after_checks, vocab)}
     log(json.dumps(row, indent=1))
     return row
+
+
+def shape_by_word(checks: list[Any], prompts: list[str]) -> dict[str, float]:
+    """Shape adherence (percent) of the prompts that name each known shape: where a LoRA's cost to the rest of the
+    vocabulary falls (a prompt naming two shapes counts for both)."""
+    named: dict[str, list[float]] = {shape: [] for shape in SHAPES}
+    for c, prompt in zip(checks, prompts, strict=True):
+        if c.scores.get("shape") is None:
+            continue
+        for shape in {o.shape for o in parse(prompt).objects} & set(SHAPES):
+            named[shape].append(c.scores["shape"])
+    return {shape: round(100 * sum(v) / len(v), 1) for shape, v in named.items() if v}
 
 
 def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> tuple[Path, str, float]:
