@@ -44,8 +44,9 @@ average of the weights; ``--seed N`` changes the training's randomness (the LoRA
 the probe prompts, to tell a setting from its seed; ``--preserve-prompts world`` holds the LoRA to the base on
 prompts of the whole world (one or two objects, any size and place) instead of the concept's own captions
 (``mix``: either, at even odds per image); ``--preserve-words`` names the known shapes it puts in the
-captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--vocab N`` scores N held-out prompts of the vocabulary with and
-without the LoRA (the shape adherence the LoRA costs); each row also gives its cost in plain 8-image steps on this CPU
+captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--vocab N`` scores N
+held-out prompts of the vocabulary with and without the LoRA (the shape adherence the LoRA costs); each row also
+gives its cost in plain 8-image steps on this CPU
 (``cpu_units``: about half a second each). ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
 ``--grid`` saves the training images over the four rows of samples.
 """
@@ -310,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve needs a LoRA (the base model is the adapter switched off): drop --full")
     if not args.rank and not args.full and not args.embeddings:
         parser.error("--rank 0 trains no adapter: add --embeddings (textual inversion), or give a rank")
-    if not args.rank and (args.lora_scales or args.preserve):
-        parser.error("--lora-scales and --preserve need a LoRA: give --rank 1 or more")
+    if not args.rank and (args.lora_scales or args.preserve or args.vocab):
+        parser.error("--lora-scales, --preserve and --vocab need a LoRA: give --rank 1 or more")
+    if args.vocab and args.full:
+        parser.error("--vocab compares the LoRA on and off: --full trains the block weights themselves")
     if args.preserve_every < 1:
         parser.error("--preserve-every must be 1 or more")
 

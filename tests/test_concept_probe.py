@@ -506,6 +506,9 @@ def test_vocab_scores_the_held_out_prompts_with_and_without_the_lora(probe, tmp_
     assert set(base) == set(scaled) >= {"shape", "colour", "all"} and "vocabulary, LoRA scale 1" in result
     assert result["vocabulary shape drop, LoRA scale 1.5"] == round(base["shape"] - scaled["shape"], 1)
     assert result["settings"]["preserve_prompts"] == "mix"
+    for wrong in (["--full"], ["--rank", "0", "--embeddings"]):
+        with pytest.raises(SystemExit):
+            probe.main([*wrong, "--vocab", "2"])  # nothing to switch off
 
 
 def test_preserve_words_name_the_shapes_in_the_preserved_captions_a_repeated_word_twice(trainer, monkeypatch):
@@ -535,3 +538,16 @@ def test_shape_by_word_scores_the_prompts_naming_each_shape_a_two_shape_prompt_f
                "a large square at the left", "a blue background"]
     checks = [SimpleNamespace(scores={"shape": s}) for s in (0.0, 0.5, 1.0, None)]  # the last names no shape
     assert shape_by_word(checks, prompts) == {"circle": 50.0, "square": 100.0, "star": 25.0}
+
+
+def test_concept_by_word_counts_the_prompts_of_each_shape_whose_picture_holds_the_concept():
+    import random
+
+    from fluxkiln.plugins.miniflux.concept import _drawn, concept_by_word
+    from fluxkiln.plugins.miniflux.world import Obj, Scene, realise
+
+    scenes = [Scene((Obj("red", shape, "large", "left"),), "blue") for shape in ("bowtie", "star", "square")]
+    images, _ = _drawn([realise(s, random.Random(1)) for s in scenes], 256)
+    prompts = ["a large red star at the left on a blue background"] * 2 + ["a large red square at the left on a "
+                                                                         "blue background"]
+    assert concept_by_word(images, prompts, "bowtie") == {"star": 50.0, "square": 0.0}  # the first star: a bowtie

@@ -10,7 +10,8 @@ as for ``fluxkiln run``) on a CPU, then samples with it at the recipe's ``lora_s
 (share of samples the checker sees the recipe's concept in, the shape its ``evaluate`` node reads the trigger as:
 should be high), the 8 training captions (does it draw its own training images?), the same prompts with ordinary
 shapes (share of the concept: leakage, should be low), and the rest of the vocabulary's adherence with and without
-the LoRA (each attribute, and the shape adherence of the prompts naming each known shape).
+the LoRA (each attribute, the shape adherence of the prompts naming each known shape, and how many of those
+draw the concept instead).
 """
 
 from __future__ import annotations
@@ -182,13 +183,15 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         captions = training_captions(folder)
         fitted = concept_share(sampled(captions), captions, shape)
         leaks = concept_share(sampled(without), without, shape)
-        after_checks = [check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)]
+        after_images = sampled(vocab)
+        after_checks = [check(im, p) for im, p in zip(after_images, vocab, strict=True)]
     row = {"train_seconds": round(seconds, 1), "overrides": overrides, "concept": shape, "lora_scale": scale,
            "with_trigger": round(100 * hits, 1), "training_captions": round(100 * fitted, 1),
            "without_trigger": round(100 * leaks, 1), "vocabulary_before": summarise(before_checks),
            "vocabulary_after": summarise(after_checks),
            "shape_by_word_before": shape_by_word(before_checks, vocab),
-           "shape_by_word_after": shape_by_word(after_checks, vocab)}
+           "shape_by_word_after": shape_by_word(after_checks, vocab),
+           "concept_by_word_after": concept_by_word(after_images, vocab, shape)}
     log(json.dumps(row, indent=1))
     return row
 
@@ -196,12 +199,25 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
 def shape_by_word(checks: list[Any], prompts: list[str]) -> dict[str, float]:
     """Shape adherence (percent) of the prompts that name each known shape: where a LoRA's cost to the rest of the
     vocabulary falls (a prompt naming two shapes counts for both)."""
+    return _by_word(prompts, [c.scores.get("shape") for c in checks])
+
+
+def concept_by_word(images: list[Any], prompts: list[str], concept: str) -> dict[str, float]:
+    """Share (percent) of the prompts naming each known shape whose picture holds the concept (read among the
+    known shapes and it): how much of a LoRA's cost to that shape is the concept leaking in."""
+    from .checker import check
+
+    return _by_word(prompts, [float(any(b.shape == concept for b in check(im, p, also=(concept,)).blobs))
+                              for im, p in zip(images, prompts, strict=True)])
+
+
+def _by_word(prompts: list[str], values: list[float | None]) -> dict[str, float]:
+    """The mean of ``values`` (percent) over the prompts naming each known shape, None values left out."""
     named: dict[str, list[float]] = {shape: [] for shape in SHAPES}
-    for c, prompt in zip(checks, prompts, strict=True):
-        if c.scores.get("shape") is None:
-            continue
-        for shape in {o.shape for o in parse(prompt).objects} & set(SHAPES):
-            named[shape].append(c.scores["shape"])
+    for prompt, value in zip(prompts, values, strict=True):
+        if value is not None:
+            for shape in {o.shape for o in parse(prompt).objects} & set(SHAPES):
+                named[shape].append(value)
     return {shape: round(100 * sum(v) / len(v), 1) for shape, v in named.items() if v}
 
 
