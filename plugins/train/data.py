@@ -162,22 +162,24 @@ class MaskStore:
         if not folder.is_dir():
             raise NodeError(f"mask_path {folder.name} is a file, not a folder of masks", key="mask_path",
                             hint="point mask_path at a folder holding one mask per dataset image, named like it")
-        self.folder, self.sizes, self.floor, self.patch = folder, sizes, floor, patch
-        self.paths = [self.find(name) for name in names]
-        self.memory: dict[Sample, Any] = {}
-
-    def find(self, name: str) -> Path:
-        """The mask of the dataset image ``name`` (the same file name, any image type the dataset node takes)."""
         from fluxkiln.plugins.dataset.ingest import IMAGE_EXTS
 
+        self.folder, self.sizes, self.floor, self.patch = folder, sizes, floor, patch
+        masks: dict[str, Path] = {}  # stem -> the first mask of that name (sorted), the folder listed once
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_EXTS and path.is_file():
+                masks.setdefault(path.stem, path)
+        self.paths = [self.find(masks, name) for name in names]
+        self.memory: dict[Sample, Any] = {}
+
+    def find(self, masks: dict[str, Path], name: str) -> Path:
+        """The mask of the dataset image ``name`` (the same file name, any image type the dataset node takes)."""
         stem = Path(name).stem
-        found = sorted(p for p in self.folder.iterdir()
-                       if p.stem == stem and p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if not found:
+        if stem not in masks:
             raise NodeError(f"mask_path {self.folder.name}/ holds no mask for the dataset image {Path(name).name}",
                             key="mask_path", hint=f"add {stem}.png (white: trained, black: mask_min_value) "
                             "to the folder, one mask per dataset image")
-        return found[0]
+        return masks[stem]
 
     def get(self, s: Sample) -> Any:
         """The token weights of sample ``s``."""
