@@ -137,9 +137,8 @@ def train_lora(
                         f"({', '.join(Path(a['path']).name for a in model.adapters)}); they would not be used",
                         key="model", hint="link `model` to the load_model node (apply the LoRAs after training)")
     _check_preservation(cfg)
-    if mask_min_value != 0.1 and mask_path is None:
-        raise NodeError("mask_min_value is set but mask_path is not: there are no masks", key="mask_min_value",
-                        hint="set mask_path to a folder of masks named like the images, or drop mask_min_value")
+    _needs_switch(cfg, "mask_min_value", "mask_path", "there are no masks",
+                  "set mask_path to a folder of masks named like the images, or drop mask_min_value")
     if hf_repo_id and not token:
         raise NodeError("hf_repo_id is set but no Hugging Face token was found", key="hf_token",
                         hint='export HF_TOKEN=... or set hf_token = "$MY_TOKEN_VAR"')
@@ -171,8 +170,12 @@ def _check_preservation(cfg: TrainConfig) -> None:
         raise NodeError(f"preservation_class names the trigger word itself ({trigger!r}): the term would pull the "
                         "LoRA back everywhere", key="preservation_class",
                         hint='name what the concept is a kind of, e.g. preservation_class = "person"')
-    for key, value, default in (("preservation_weight", cfg.preservation_weight, 1.0),
-                                ("preservation_every", cfg.preservation_every, 1)):
-        if value != default and not classes:
-            raise NodeError(f"{key} is set but preservation_class is not: there is no preservation term",
-                            key=key, hint=f'set preservation_class (e.g. "person") or drop {key}')
+    for key in ("preservation_weight", "preservation_every"):
+        _needs_switch(cfg, key, "preservation_class", "there is no preservation term",
+                      f'set preservation_class (e.g. "person") or drop {key}')
+
+
+def _needs_switch(cfg: TrainConfig, key: str, switch: str, missing: str, hint: str) -> None:
+    """``key`` changed from its default means nothing unless ``switch`` is set: say so, naming both."""
+    if getattr(cfg, key) != TrainConfig.__dataclass_fields__[key].default and getattr(cfg, switch) is None:
+        raise NodeError(f"{key} is set but {switch} is not: {missing}", key=key, hint=hint)
