@@ -11,6 +11,7 @@ and the samples looked at.
                                   [--object-weight K] [--preserve-batch N] [--schedule cosine] [--ema DECAY]
                                   [--seed N] [--preserve-prompts same|world|mix]
                                   [--preserve-words star,star,circle] [--vocab N]
+                                  [--preserve-on concept|rendered|generated|concept+generated] [--preserve-n 32]
                                   [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
@@ -44,7 +45,10 @@ average of the weights; ``--seed N`` changes the training's randomness (the LoRA
 the probe prompts, to tell a setting from its seed; ``--preserve-prompts world`` holds the LoRA to the base on
 prompts of the whole world (one or two objects, any size and place) instead of the concept's own captions
 (``mix``: either, at even odds per image); ``--preserve-words`` names the known shapes it puts in the
-captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--vocab N`` scores N
+captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--preserve-on``
+holds it to the base on pictures of their own instead of the concept's (``--preserve-n`` of them, of those
+prompts: rendered, or drawn by the base, so the term reads the states that prompts of the known shapes pass
+through when sampled); ``--vocab N`` scores N
 held-out prompts of the vocabulary with and without the LoRA (the shape adherence the LoRA costs); each row also
 gives its cost in plain 8-image steps on this CPU
 (``cpu_units``: about half a second each). ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
@@ -171,6 +175,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preserve-prompts", choices=["same", "world", "mix"], default="same",
                         help="what --preserve reads: the concept's captions with a known shape (same), prompts of "
                              "the whole world, one or two objects (world), or either at even odds (mix)")
+    parser.add_argument("--preserve-on", choices=["concept", "rendered", "generated", "concept+rendered", "concept+generated"],
+                        default="concept",
+                        help="the pictures --preserve reads: the concept's own, noised (concept), or a set of "
+                        "--preserve-n pictures of --preserve-prompts' prompts, rendered by the world's renderer "
+                        "(rendered) or drawn by the base model (generated: DreamBooth's class images); concept+...: half "
+                        "of each")
+    parser.add_argument("--preserve-n", type=int, default=32, help="the size of --preserve-on's set")
     parser.add_argument("--preserve-words", type=lambda v: tuple(v.split(",")), metavar="W,W,...",
                         help="the known shapes --preserve names in the captions, one drawn for each image (default: "
                              "all four; a word given twice is drawn twice as often; train_lora's preservation_class)")
@@ -315,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lora-scales, --preserve and --vocab need a LoRA: give --rank 1 or more")
     if args.vocab and args.full:
         parser.error("--vocab compares the LoRA on and off: --full trains the block weights themselves")
+    if args.preserve_on != "concept" and not args.preserve:
+        parser.error("--preserve-on needs --preserve W (the preservation term's weight)")
     if args.preserve_every < 1:
         parser.error("--preserve-every must be 1 or more")
 

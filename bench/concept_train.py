@@ -152,6 +152,44 @@ def preserved_text(swapped: tuple[Any, Any], world: tuple[Any, Any] | None, kept
     return (torch.where(use[:, None, None], world[0][w], e), torch.where(use[:, None], world[1][w], p))
 
 
+def preservation_prompts(captions: list[str], n: int, mode: str, words: tuple[str, ...] | None,
+                         seed: int = 31) -> list[str]:
+    """``n`` prompts for a preservation set of its own pictures (``--preserve-on``): the concept's captions with
+    each known shape (or each of ``words``) in turn (``same``), or prompts of the whole world (``world``; one or
+    two objects, training-split prompts), or either at even odds (``mix``)."""
+    import random
+
+    from fluxkiln.plugins.miniflux.concept import TRIGGER
+    from fluxkiln.plugins.miniflux.world import SHAPES, random_scene
+
+    rng = random.Random(seed)
+    shapes = words or SHAPES
+    same = [c.replace(TRIGGER, shapes[i // len(captions) % len(shapes)]) for i, c in
+            enumerate(captions * (n // len(captions) + 1))][:n]
+    if mode == "same":
+        return same
+    return [random_scene(rng).prompt if mode == "world" or rng.random() < 0.5 else s for s in same]
+
+
+def preservation_set(pipe: Any, prompts: list[str], kind: str) -> tuple[Any, Any, Any]:
+    """Latents and both encoders' outputs of a preservation set: ``prompts`` rendered by the world's renderer
+    (``rendered``: the right pictures), or drawn by the base model itself (``generated``, 28 steps at guidance 3:
+    DreamBooth's class images, the states its sampling passes through)."""
+    import random
+
+    from fluxkiln.plugins.miniflux.adherence import generate
+    from fluxkiln.plugins.miniflux.render import render, to_pil
+    from fluxkiln.plugins.miniflux.world import parse, realise
+
+    if kind == "rendered":
+        rng = random.Random(61)
+        images = list(to_pil(render([realise(parse(p), rng) for p in prompts], 256, 256, supersample=4)))
+    else:
+        images = generate(pipe, prompts, steps=28, guidance=3.0, seed=9000)
+    latents, embeds, pooled, _ = encode(pipe, images, prompts)
+    return latents, embeds, pooled
+
+
 def is_prior_step(step: int, every: int) -> bool:
     """Whether step ``step`` (from 0) trains on the prior set: every ``every``-th step, the first after
     ``every - 1`` steps of the concept."""
@@ -228,7 +266,11 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         tables = embedding_trainable(pipe, TRIGGER, clip=not args.new_token)  # a new token is T5's alone
         groups.append({"params": tables, "lr": args.embedding_lr or args.lr})
     swapped = swapped_embeddings(pipe, captions[:n_concept], args.preserve_words) if args.preserve else None
-    world = world_embeddings(pipe) if args.preserve and args.preserve_prompts != "same" else None
+    world = (world_embeddings(pipe) if args.preserve and args.preserve_prompts != "same"
+             and args.preserve_on == "concept" else None)
+    own = (preservation_set(pipe, preservation_prompts(captions[:n_concept], args.preserve_n, args.preserve_prompts,
+                                                       args.preserve_words), args.preserve_on.split("+")[-1])
+           if args.preserve and args.preserve_on != "concept" else None)
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     gen = torch.Generator().manual_seed(1 + 1000 * args.seed)
     schedule = make_scheduler(opt, args.schedule, 0, args.steps)  # train_lora's own: constant, or cosine to zero
@@ -252,8 +294,14 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
                          token_weights=None if weights is None else weights[i])
         if swapped is not None and not prior and step % args.preserve_every == 0:
             kept = i[:args.preserve_batch or args.batch]
-            e_kept, p_kept = preserved_text(swapped, world, kept, gen, args.preserve_prompts)
-            loss = loss + args.preserve * preservation_loss(pipe.transformer, latents[kept], e_kept, p_kept, gen,
+            n_own = 0 if own is None else len(kept) // 2 if args.preserve_on.startswith("concept+") else len(kept)
+            l_kept, e_kept, p_kept = latents[kept[n_own:]], *preserved_text(swapped, world, kept[n_own:], gen,
+                                                                            args.preserve_prompts)
+            if own is not None:  # pictures of their own: a draw from the preservation set, each with its prompt
+                k = torch.randint(0, len(own[0]), (n_own,), generator=gen)
+                l_kept, e_kept, p_kept = (torch.cat([a[k], b]) for a, b in zip(own, (l_kept, e_kept, p_kept),
+                                                                                strict=True))
+            loss = loss + args.preserve * preservation_loss(pipe.transformer, l_kept, e_kept, p_kept, gen,
                                                             args.times, args.device, torch.float32)
         opt.zero_grad()
         loss.backward()

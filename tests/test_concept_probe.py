@@ -551,3 +551,45 @@ def test_concept_by_word_counts_the_prompts_of_each_shape_whose_picture_holds_th
     prompts = ["a large red star at the left on a blue background"] * 2 + ["a large red square at the left on a "
                                                                          "blue background"]
     assert concept_by_word(images, prompts, "bowtie") == {"star": 50.0, "square": 0.0}  # the first star: a bowtie
+
+
+def test_a_preservation_set_of_its_own_holds_each_known_shape_or_world_prompts(trainer):
+    from fluxkiln.plugins.miniflux.world import SHAPES, held_out, parse
+
+    captions = ["a yellow TOK at the left on a purple background", "a small red TOK on a blue background"]
+    same = trainer.preservation_prompts(captions, 8, "same", None)
+    assert same == [c.replace("TOK", s) for s in SHAPES for c in captions]  # each caption with each shape in turn
+    assert trainer.preservation_prompts(captions, 4, "same", ("star",)) == [c.replace("TOK", "star")
+                                                                             for c in captions * 2]
+    world = trainer.preservation_prompts(captions, 32, "world", None)
+    assert len(world) == 32 and not set(world) & set(same) and not any(held_out(p) for p in world)
+    assert all(parse(p).objects for p in world)
+    mix = trainer.preservation_prompts(captions, 32, "mix", None)
+    assert 0 < sum(p in same for p in mix) < 32  # some of each
+
+
+def test_rendered_preservation_pictures_show_their_prompts(trainer, monkeypatch):
+    from fluxkiln.plugins.miniflux.checker import check
+
+    seen = {}
+    monkeypatch.setattr(trainer, "encode", lambda pipe, images, prompts: seen.update(images=images, prompts=prompts)
+                        or ("latents", "embeds", "pooled", "coverage"))
+    prompts = ["a large red star on a blue background", "a small white square at the top left on a black background"]
+    assert trainer.preservation_set(None, prompts, "rendered") == ("latents", "embeds", "pooled")
+    assert seen["prompts"] == prompts
+    assert all(check(image, prompt).all_right for image, prompt in zip(seen["images"], prompts, strict=True))
+
+
+def test_a_short_run_preserving_on_generated_pictures_and_half_the_concept_s(probe, trainer, tmp_path, monkeypatch):
+    drawn = []
+    original = trainer.preservation_set
+    monkeypatch.setattr(trainer, "preservation_set",
+                        lambda pipe, prompts, kind: drawn.append((len(prompts), kind)) or original(pipe, prompts, kind))
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "2", "--batch", "2", "--preserve", "1", "--preserve-on", "concept+generated",
+                       "--preserve-n", "2", "--probe", "1", "--sample-steps", "1", "--json", str(out)]) == 0
+    assert drawn == [(2, "generated")]
+    result = json.loads(out.read_text())
+    assert result["settings"]["preserve_on"] == "concept+generated" and result["last_100_loss"] > 0
+    with pytest.raises(SystemExit):
+        probe.main(["--preserve-on", "rendered"])  # no --preserve weight
