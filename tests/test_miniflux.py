@@ -49,7 +49,7 @@ def test_the_checker_reads_rendered_scenes_at_any_size(size):
         assert result.all_right, (scene.prompt, result.scores, result.blobs)
 
 
-@pytest.mark.parametrize("shape", world.CONCEPT_SHAPES + world.TAUGHT_SHAPES)
+@pytest.mark.parametrize("shape", dict.fromkeys(world.CONCEPT_SHAPES + world.TAUGHT_SHAPES))
 def test_a_concept_shape_is_read_only_where_the_prompt_names_it_or_the_checker_is_asked(shape):
     scene = world.Scene((world.Obj("red", shape, "large", "center"),), "blue")
     image = render.to_pil(render.render([world.realise(scene, random.Random(0))], 256, 256, supersample=2))[0]

@@ -67,7 +67,7 @@ def test_more_shapes_are_checked_and_only_taught_shapes_are_allowed():
     cfg = preset("micro", more_shapes="pentagon, octagon")
     assert cfg.shape_words == ("pentagon", "octagon") and cfg.shapes == SHAPES + ("pentagon", "octagon")
     assert preset("micro").shapes == SHAPES
-    with pytest.raises(SystemExit, match="hexagon cannot be taught; choose from pentagon, octagon"):
+    with pytest.raises(SystemExit, match="hexagon cannot be taught; choose from pentagon, octagon, cross, diamond"):
         preset("micro", more_shapes="pentagon,hexagon")
     with pytest.raises(SystemExit, match="names a shape twice"):
         preset("micro", more_shapes="octagon,octagon")

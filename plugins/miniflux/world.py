@@ -28,9 +28,10 @@ ALL_SHAPES = SHAPES + EXTRA_SHAPES  # the shapes the checker always considers
 # or it is asked to (its diamond template would take the base's blunt stars: 22 of 200 samples read otherwise)
 CONCEPT_SHAPES = ("cross", "diamond", "ring", "bowtie")
 # shapes a base may also be trained on (``TrainConfig.more_shapes``): the regular polygons either side of the
-# hexagon, which the base never sees; drawable, and read by the checker where named, as the concepts are
-TAUGHT_SHAPES = ("pentagon", "octagon")
-DRAWABLE = ALL_SHAPES + CONCEPT_SHAPES + TAUGHT_SHAPES
+# hexagon, which the base never sees, and two pointed concepts (so that the star is not the only shape with
+# points); drawable, and read by the checker where named, as the concepts are
+TAUGHT_SHAPES = ("pentagon", "octagon", "cross", "diamond")
+DRAWABLE = tuple(dict.fromkeys(ALL_SHAPES + CONCEPT_SHAPES + TAUGHT_SHAPES))
 SIZES = {"small": 0.11, "large": 0.19}  # half the object's extent, as a fraction of the shorter side
 SIZE_SPLIT = 0.15  # measured half-extents below this count as small
 POSITIONS: dict[str, tuple[float, float]] = {
