@@ -341,11 +341,26 @@ def test_the_dataset_s_masks_are_white_on_the_object_and_match_the_bundled_bowti
 def test_the_measure_reads_the_recipe_s_concept_data_and_scale():
     from fluxkiln.plugins.miniflux import concept
 
-    folder, shape, scale = concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml")
-    assert folder.resolve() == (ROOT / "recipes" / "data" / "bowties").resolve() and shape == "bowtie"
-    assert scale == 1.25
-    _, _, scale = concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml", ["nodes.styled.lora_scale=1.0"])
-    assert scale == 1.0  # the measure samples at the scale --set gives
+    recipe = ROOT / "recipes" / "train-lora-tiny.toml"
+    read = concept.recipe_concept(recipe)
+    assert read.folder.resolve() == (ROOT / "recipes" / "data" / "bowties").resolve() and read.shape == "bowtie"
+    assert read.scale == 1.25 and read.model == "builtin:mini-flux"
+    read = concept.recipe_concept(recipe, ["nodes.styled.lora_scale=1.0", 'nodes.base.model="elsewhere/mf"'])
+    assert read.scale == 1.0 and read.model == "elsewhere/mf"  # the measure samples at the scale --set gives
+
+
+def test_the_measure_samples_the_model_the_recipe_trained_on(tmp_path):
+    from fluxkiln.engine.registry import Registry
+    from fluxkiln.plugins.miniflux import concept
+    from fluxkiln.plugins.miniflux.weights import model_path
+
+    registry, recipe = Registry.load(), tmp_path / "r.toml"
+    assert concept.base_folder(recipe, "builtin:mini-flux", registry) == model_path("dev")
+    (tmp_path / "mf").mkdir()
+    (tmp_path / "mf" / "model_index.json").write_text("{}")
+    assert concept.base_folder(recipe, "mf", registry) == tmp_path / "mf"  # relative to the recipe
+    with pytest.raises(SystemExit, match="'black-forest-labs/FLUX.1-dev' is not one"):
+        concept.base_folder(recipe, "black-forest-labs/FLUX.1-dev", registry)
 
 
 def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls_a_trained_one_back(trainer):

@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,19 +158,22 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
 
     from .adherence import eval_prompts, generate, summarise
     from .checker import check
-    from .weights import load_pipeline
+    from .weights import load_folder
 
     recipe = repo_root() / "recipes" / "train-lora-tiny.toml"
     overrides = [*(overrides or []), *([f"nodes.lora.steps={steps}"] if steps else [])]
-    folder, shape, scale = recipe_concept(recipe, overrides)
+    read = recipe_concept(recipe, overrides)
+    folder, shape, scale = read.folder, read.shape, read.scale
     with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(cache_dir=Path(tmp) / "cache")
+        base = base_folder(recipe, read.model, engine.registry)
         t0 = time.perf_counter()
-        result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
+        result = engine.run(recipe, output=Path(tmp) / "run", overrides=overrides)
         seconds = time.perf_counter() - t0
         if not result.ok:
             raise SystemExit(f"training failed: {[e.data.get('error') for e in result.events if e.event == 'node_failed']}")
         lora = result.outputs["lora"]["lora"]
-        pipe = load_pipeline("dev")
+        pipe = load_folder(base)
         with_trigger, without = probe_prompts(samples, shape=shape)
         vocab = eval_prompts(samples)
 
@@ -185,7 +189,8 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         leaks = concept_share(sampled(without), without, shape)
         after_images = sampled(vocab)
         after_checks = [check(im, p) for im, p in zip(after_images, vocab, strict=True)]
-    row = {"train_seconds": round(seconds, 1), "overrides": overrides, "concept": shape, "lora_scale": scale,
+    row = {"train_seconds": round(seconds, 1), "overrides": overrides, "model": read.model, "concept": shape,
+           "lora_scale": scale,
            "with_trigger": round(100 * hits, 1), "training_captions": round(100 * fitted, 1),
            "without_trigger": round(100 * leaks, 1), "vocabulary_before": summarise(before_checks),
            "vocabulary_after": summarise(after_checks),
@@ -221,17 +226,39 @@ def _by_word(prompts: list[str], values: list[float | None]) -> dict[str, float]
     return {shape: round(100 * sum(v) / len(v), 1) for shape, v in named.items() if v}
 
 
-def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> tuple[Path, str, float]:
-    """The recipe's dataset folder, the shape its ``evaluate`` node reads the trigger as, and its ``apply_lora``'s
-    ``lora_scale``, with ``overrides`` (``--set``) applied as the engine applies them."""
+@dataclass(frozen=True)
+class RecipeConcept:
+    """What ``measure`` reads from the recipe: the dataset folder, the shape its ``evaluate`` node reads the trigger
+    as, its ``apply_lora``'s ``lora_scale`` and the model its ``load_model`` loads."""
+
+    folder: Path
+    shape: str
+    scale: float
+    model: str
+
+
+def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> RecipeConcept:
+    """The recipe's :class:`RecipeConcept`, with ``overrides`` (``--set``) applied as the engine applies them."""
     from fluxkiln.engine.recipe import load_recipe
 
     parsed, problems = load_recipe(recipe, overrides)
     if problems:
         raise SystemExit("\n".join(p.format() for p in problems))
     nodes = {n.type: n.values for n in reversed(parsed.nodes.values())}  # the first of each type
-    folder = recipe.parent / nodes["dataset"]["source"]
-    return folder, nodes["evaluate"]["aliases"][TRIGGER], float(nodes["apply_lora"].get("lora_scale", 1.0))
+    return RecipeConcept(recipe.parent / nodes["dataset"]["source"], nodes["evaluate"]["aliases"][TRIGGER],
+                         float(nodes["apply_lora"].get("lora_scale", 1.0)), str(nodes["load_model"]["model"]))
+
+
+def base_folder(recipe: Path, model: str, registry: Any) -> Path:
+    """The pipeline folder of the recipe's ``model``: a plugin's reference (``builtin:mini-flux``) or a folder,
+    relative to the recipe as ``load_model`` reads it; the model the LoRA trained on is the one it is sampled on."""
+    found = registry.resolve_model(model) if ":" in model else None
+    path = Path(found or model).expanduser()
+    path = path if path.is_absolute() else recipe.parent / path
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(f"measure samples a pipeline folder; the recipe's model {model!r} is not one ({path} has no "
+                         "model_index.json): give builtin:mini-flux or a folder such as the training script writes")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,17 @@ def resolve_builtin(ref: str) -> str | None:
 
 def load_pipeline(variant: str = "dev", root: Path | None = None, device: str = "cpu", dtype: Any = None) -> Any:
     """A FluxPipeline of mini-flux loaded with ``from_pretrained`` (float32 on CPU)."""
+    return load_folder(model_path(variant, root), device, dtype)
+
+
+def load_folder(folder: Path, device: str = "cpu", dtype: Any = None) -> Any:
+    """The FluxPipeline saved in ``folder``, loaded with ``from_pretrained`` (float32 unless ``dtype``)."""
     import torch
     from diffusers import FluxPipeline
 
     from fluxkiln.plugins.flux.load import quiet_loading
 
     with quiet_loading():
-        pipe = FluxPipeline.from_pretrained(str(model_path(variant, root)), local_files_only=True,
-                                            dtype=dtype or torch.float32)
+        pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
