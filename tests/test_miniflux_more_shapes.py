@@ -101,3 +101,20 @@ def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():
     assert set(shape_labels[shape_labels >= 0].tolist()) <= {SHAPE_CLASSES.index("octagon"), len(SHAPE_CLASSES)}
     assert (shape_labels == SHAPE_CLASSES.index("octagon")).any()
     assert (d.t5 == tok("octagon", add_special_tokens=False).input_ids[0]).any(dim=1).all()
+
+
+def test_adherence_on_the_taught_shapes_names_them_in_held_out_prompts(monkeypatch, capsys):
+    from fluxkiln.plugins.miniflux import adherence
+    from fluxkiln.plugins.miniflux.world import held_out, parse
+
+    prompts = adherence.eval_prompts(40, shapes=("cross", "diamond"))
+    named = {o.shape for p in prompts for o in parse(p).objects}
+    assert named == {"cross", "diamond"} and all(held_out(p) for p in prompts)
+    assert adherence.eval_prompts(8) == adherence.eval_prompts(8, shapes=SHAPES)  # the four by default, as before
+    seen = []
+    monkeypatch.setattr(adherence, "run", lambda load, n, variants, shapes: seen.append(shapes) or {})
+    assert adherence.main(["--shapes", "cross, diamond", "--variants", "dev"]) == 0
+    assert seen == [("cross", "diamond")]
+    with pytest.raises(SystemExit):
+        adherence.main(["--shapes", "cross,blob"])
+    assert "name one or more of" in capsys.readouterr().err

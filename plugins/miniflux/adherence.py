@@ -1,11 +1,12 @@
 """Prompt adherence of mini-flux on held-out prompts, scored by the pixel checker.
 
     python -m fluxkiln.plugins.miniflux.adherence [--prompts 200] [--variants dev,schnell,guidance]
-                                                  [--json FILE] [--model-dir DIR]
+                                                  [--json FILE] [--model-dir DIR] [--shapes cross,diamond]
 
 Runs on any device (CPU by default).  The prompts are drawn from a fixed seed among the canonical prompts
 the training sampler never produces (see :func:`~.world.held_out`).  ``guidance`` compares dev at
-guidance 1, the default 3 and 5.
+guidance 1, the default 3 and 5.  ``--shapes`` names other shapes in the prompts: whether a base trained with
+``more_shapes`` draws the shapes it was taught.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .checker import Check, check
-from .world import random_scene
+from .world import DRAWABLE, SHAPES, random_scene
 
 EVAL_SEED = 7
 SUMMARY_KEYS = ("colour", "shape", "size", "position", "background", "count", "all")
 
 
-def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[str]:
-    """``n`` held-out prompts (never in training), the same every time."""
+def eval_prompts(n: int, seed: int = EVAL_SEED, shapes: tuple[str, ...] = SHAPES) -> list[str]:
+    """``n`` held-out prompts (never in training), the same every time; ``shapes``: the shapes they may name (a
+    base's taught shapes, say)."""
     rng = random.Random(seed)
-    return [random_scene(rng, split="eval").prompt for _ in range(n)]
+    return [random_scene(rng, split="eval", shapes=shapes).prompt for _ in range(n)]
 
 
 def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float | None, width: int = 256,
@@ -74,9 +76,10 @@ RUNS: dict[str, list[tuple[str, str, int, float | None]]] = {
 
 
 def run(load: Callable[[str], Any], n: int, variants: list[str], log: Callable[[str], None] = print,
-        batch: int = 8, size: int = 256) -> dict[str, dict[str, float]]:
-    """Adherence rows for the requested ``variants`` (keys of :data:`RUNS`); ``load(variant)`` gives a pipeline."""
-    prompts = eval_prompts(n)
+        batch: int = 8, size: int = 256, shapes: tuple[str, ...] = SHAPES) -> dict[str, dict[str, float]]:
+    """Adherence rows for the requested ``variants`` (keys of :data:`RUNS`) on prompts naming ``shapes``;
+    ``load(variant)`` gives a pipeline."""
+    prompts = eval_prompts(n, shapes=shapes)
     rows: dict[str, dict[str, float]] = {}
     pipes: dict[str, Any] = {}
     for name in variants:
@@ -105,14 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--model-dir", type=Path, help="folder holding mini-flux/ and mini-flux-schnell/ "
                         "(default: the shipped weights)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="the shapes the prompts name, comma-separated "
+                        "(default: mini-flux's four; a base trained with more_shapes: its taught ones, e.g. cross,diamond)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in RUNS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
+    if not shapes or any(s not in DRAWABLE for s in shapes):
+        parser.error(f"--shapes {args.shapes!r}: name one or more of {', '.join(DRAWABLE)}")
     from .weights import load_pipeline
 
-    rows = run(lambda v: load_pipeline(v, args.model_dir), args.prompts, variants)
+    rows = run(lambda v: load_pipeline(v, args.model_dir), args.prompts, variants, shapes=shapes)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
