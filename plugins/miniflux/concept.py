@@ -6,7 +6,8 @@ learned.
     python -m fluxkiln.plugins.miniflux.concept measure [--steps N] [--samples N] [--json FILE] [--set K=V ...]
 
 ``measure`` trains a LoRA with ``train_lora`` (recipes/train-lora-tiny.toml's settings, changed by ``--set``
-as for ``fluxkiln run``) on a CPU, then samples with it at the recipe's ``lora_scale``: prompts with the trigger
+as for ``fluxkiln run``) on a CPU, then samples with it at the recipe's ``lora_scale`` on the model the recipe
+loaded (``--set 'nodes.base.model="DIR"'``: another base's pipeline folder): prompts with the trigger
 (share of samples the checker sees the recipe's concept in, the shape its ``evaluate`` node reads the trigger as:
 should be high), the 8 training captions (does it draw its own training images?), the same prompts with ordinary
 shapes (share of the concept: leakage, should be low), and the rest of the vocabulary's adherence with and without
