@@ -608,3 +608,25 @@ def test_a_short_run_preserving_on_generated_pictures_and_half_the_concept_s(pro
     assert result["settings"]["preserve_on"] == "concept+generated" and result["last_100_loss"] > 0
     with pytest.raises(SystemExit):
         probe.main(["--preserve-on", "rendered"])  # no --preserve weight
+
+
+def test_measure_trains_and_samples_on_the_base_folder_the_recipe_names(tmp_path, monkeypatch):
+    import shutil
+
+    from fluxkiln.plugins.miniflux import concept, weights
+
+    base = tmp_path / "other-base"
+    shutil.copytree(weights.model_path("dev"), base)
+
+    class Sampled(Exception):
+        pass
+
+    def load_folder(folder, *args, **kwargs):
+        raise Sampled(folder)
+
+    monkeypatch.setattr(weights, "load_folder", load_folder)
+    with pytest.raises(Sampled) as sampled:
+        concept.measure(3, 1, log=lambda _: None, overrides=[f'nodes.base.model="{base}"', "nodes.lora.resolution=[64]",
+                                                            "nodes.lora.sample_every=0", "nodes.images.num_inference_steps=1",
+                                                            "nodes.images.num_outputs=1"])
+    assert sampled.value.args[0] == base  # not the shipped weights
