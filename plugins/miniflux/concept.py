@@ -253,7 +253,9 @@ def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> RecipeCo
 def base_folder(recipe: Path, model: str, registry: Any) -> Path:
     """The pipeline folder of the recipe's ``model``: a plugin's reference (``builtin:mini-flux``) or a folder,
     relative to the recipe as ``load_model`` reads it; the model the LoRA trained on is the one it is sampled on."""
-    found = registry.resolve_model(model) if ":" in model else None
+    from fluxkiln.plugins.flux.load import PREFIX
+
+    found = registry.resolve_model(model) if PREFIX.match(model) else None
     path = Path(found or model).expanduser()
     path = path if path.is_absolute() else recipe.parent / path
     if not (path / "model_index.json").is_file():
