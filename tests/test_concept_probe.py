@@ -466,11 +466,12 @@ def test_a_base_that_knows_more_shapes_is_probed_with_its_samples_read_among_the
                        "--sample-steps", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["read_among_taught"] == list(TAUGHT_SHAPES)
-    assert 0 <= result["new prompts with the trigger (not read among pentagon, octagon)"] <= 100
-    assert 0 <= result["the same with a known shape (leakage) (not read among pentagon, octagon)"] <= 100
+    taught = ", ".join(TAUGHT_SHAPES)
+    assert 0 <= result[f"new prompts with the trigger (not read among {taught})"] <= 100
+    assert 0 <= result[f"the same with a known shape (leakage) (not read among {taught})"] <= 100
     new = trainer.add_trigger_token(pipe, "TOK", init="pentagon,octagon")  # started between the two polygons
     table = pipe.text_encoder_2.get_input_embeddings().weight
-    rows = [pipe.tokenizer_2(w, add_special_tokens=False)["input_ids"][0] for w in TAUGHT_SHAPES]
+    rows = [pipe.tokenizer_2(w, add_special_tokens=False)["input_ids"][0] for w in ("pentagon", "octagon")]
     assert torch.allclose(table[new], table[rows].mean(0))
 
 
