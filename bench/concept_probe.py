@@ -68,7 +68,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from concept_train import add_trigger_token, encode, train  # noqa: E402  (bench/ is no package: the script's own folder)
+from concept_train import add_trigger_token, encode, render_scenes, train  # noqa: E402  (bench/ is no package: the script's own folder)
 # the rows a summary (bench/concept_sweep.py's table) reads: training captions, new prompts, leakage (guidance 3)
 SUMMARY_ROWS = ("training captions, guidance 3", "new prompts with the trigger", "the same with a known shape (leakage)")
 
@@ -126,8 +126,7 @@ def prior_set(n: int, same_scenes: list[str] | None = None) -> tuple[list[Any], 
     import dataclasses
 
     from fluxkiln.plugins.miniflux.concept import TRIGGER, concept_scenes
-    from fluxkiln.plugins.miniflux.render import render, to_pil
-    from fluxkiln.plugins.miniflux.world import SHAPES, Scene, parse, realise
+    from fluxkiln.plugins.miniflux.world import SHAPES, Scene, parse
 
     if same_scenes:
         read = [parse(c, {TRIGGER: "circle"}) for c in same_scenes]  # the trigger read as a shape, then replaced
@@ -136,8 +135,7 @@ def prior_set(n: int, same_scenes: list[str] | None = None) -> tuple[list[Any], 
     else:
         scenes = [s for i, shape in enumerate(SHAPES) for s in concept_scenes(n // len(SHAPES), seed=50 + i,
                                                                              shape=shape)]
-    rng = random.Random(60)
-    return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4))), [s.prompt for s in scenes]
+    return render_scenes(scenes, seed=60), [s.prompt for s in scenes]
 
 
 def cpu_units(args: argparse.Namespace) -> float:

@@ -175,19 +175,26 @@ def preservation_set(pipe: Any, prompts: list[str], kind: str) -> tuple[Any, Any
     """Latents and both encoders' outputs of a preservation set: ``prompts`` rendered by the world's renderer
     (``rendered``: the right pictures), or drawn by the base model itself (``generated``, 28 steps at guidance 3:
     DreamBooth's class images, the states its sampling passes through)."""
-    import random
-
     from fluxkiln.plugins.miniflux.adherence import generate
-    from fluxkiln.plugins.miniflux.render import render, to_pil
-    from fluxkiln.plugins.miniflux.world import parse, realise
+    from fluxkiln.plugins.miniflux.world import parse
 
     if kind == "rendered":
-        rng = random.Random(61)
-        images = list(to_pil(render([realise(parse(p), rng) for p in prompts], 256, 256, supersample=4)))
+        images = render_scenes([parse(p) for p in prompts], seed=61)
     else:
         images = generate(pipe, prompts, steps=28, guidance=3.0, seed=9000)
     latents, embeds, pooled, _ = encode(pipe, images, prompts)
     return latents, embeds, pooled
+
+
+def render_scenes(scenes: list[Any], seed: int) -> list[Any]:
+    """``scenes`` drawn by the world's renderer at 256x256 (PIL), laid out in order from one ``seed``."""
+    import random
+
+    from fluxkiln.plugins.miniflux.render import render, to_pil
+    from fluxkiln.plugins.miniflux.world import realise
+
+    rng = random.Random(seed)
+    return list(to_pil(render([realise(s, rng) for s in scenes], 256, 256, supersample=4)))
 
 
 def is_prior_step(step: int, every: int) -> bool:
