@@ -349,18 +349,19 @@ def test_the_measure_reads_the_recipe_s_concept_data_and_scale():
     assert read.scale == 1.0 and read.model == "elsewhere/mf"  # the measure samples at the scale --set gives
 
 
-def test_the_measure_samples_the_model_the_recipe_trained_on(tmp_path):
-    from fluxkiln.engine.registry import Registry
+def test_the_measure_samples_the_folder_load_model_loaded_and_refuses_a_single_file(tmp_path):
+    from types import SimpleNamespace
+
     from fluxkiln.plugins.miniflux import concept
     from fluxkiln.plugins.miniflux.weights import model_path
 
-    registry, recipe = Registry.load(), tmp_path / "r.toml"
-    assert concept.base_folder(recipe, "builtin:mini-flux", registry) == model_path("dev")
-    (tmp_path / "mf").mkdir()
-    (tmp_path / "mf" / "model_index.json").write_text("{}")
-    assert concept.base_folder(recipe, "mf", registry) == tmp_path / "mf"  # relative to the recipe
-    with pytest.raises(SystemExit, match="'black-forest-labs/FLUX.1-dev' is not one"):
-        concept.base_folder(recipe, "black-forest-labs/FLUX.1-dev", registry)
+    assert concept.recipe_concept(ROOT / "recipes" / "train-lora-tiny.toml").model_node == "base"
+    loaded = SimpleNamespace(ref="builtin:mini-flux", info={"path": str(model_path("dev"))})
+    assert concept.loaded_folder(loaded) == model_path("dev")
+    (tmp_path / "flux1-dev.safetensors").write_bytes(b"")
+    single = SimpleNamespace(ref="flux1-dev.safetensors", info={"path": str(tmp_path / "flux1-dev.safetensors")})
+    with pytest.raises(SystemExit, match="'flux1-dev.safetensors' loaded from .* which is not one"):
+        concept.loaded_folder(single)
 
 
 def test_self_distilled_preservation_is_zero_for_the_untrained_adapter_and_pulls_a_trained_one_back(trainer):

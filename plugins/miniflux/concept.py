@@ -166,15 +166,13 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     read = recipe_concept(recipe, overrides)
     folder, shape, scale = read.folder, read.shape, read.scale
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(cache_dir=Path(tmp) / "cache")
-        base = base_folder(recipe, read.model, engine.registry)
         t0 = time.perf_counter()
-        result = engine.run(recipe, output=Path(tmp) / "run", overrides=overrides)
+        result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
         seconds = time.perf_counter() - t0
         if not result.ok:
             raise SystemExit(f"training failed: {[e.data.get('error') for e in result.events if e.event == 'node_failed']}")
         lora = result.outputs["lora"]["lora"]
-        pipe = load_folder(base)
+        pipe = load_folder(loaded_folder(result.outputs[read.model_node]["output"]))
         with_trigger, without = probe_prompts(samples, shape=shape)
         vocab = eval_prompts(samples)
 
@@ -230,12 +228,13 @@ def _by_word(prompts: list[str], values: list[float | None]) -> dict[str, float]
 @dataclass(frozen=True)
 class RecipeConcept:
     """What ``measure`` reads from the recipe: the dataset folder, the shape its ``evaluate`` node reads the trigger
-    as, its ``apply_lora``'s ``lora_scale`` and the model its ``load_model`` loads."""
+    as, its ``apply_lora``'s ``lora_scale``, the model its ``load_model`` loads and that node's name."""
 
     folder: Path
     shape: str
     scale: float
     model: str
+    model_node: str
 
 
 def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> RecipeConcept:
@@ -245,22 +244,21 @@ def recipe_concept(recipe: Path, overrides: list[str] | None = None) -> RecipeCo
     parsed, problems = load_recipe(recipe, overrides)
     if problems:
         raise SystemExit("\n".join(p.format() for p in problems))
-    nodes = {n.type: n.values for n in reversed(parsed.nodes.values())}  # the first of each type
+    first = {n.type: (name, n.values) for name, n in reversed(parsed.nodes.items())}  # the first of each type
+    nodes = {kind: values for kind, (_, values) in first.items()}
     return RecipeConcept(recipe.parent / nodes["dataset"]["source"], nodes["evaluate"]["aliases"][TRIGGER],
-                         float(nodes["apply_lora"].get("lora_scale", 1.0)), str(nodes["load_model"]["model"]))
+                         float(nodes["apply_lora"].get("lora_scale", 1.0)), str(nodes["load_model"]["model"]),
+                         first["load_model"][0])
 
 
-def base_folder(recipe: Path, model: str, registry: Any) -> Path:
-    """The pipeline folder of the recipe's ``model``: a plugin's reference (``builtin:mini-flux``) or a folder,
-    relative to the recipe as ``load_model`` reads it; the model the LoRA trained on is the one it is sampled on."""
-    from fluxkiln.plugins.flux.load import PREFIX
-
-    found = registry.resolve_model(model) if PREFIX.match(model) else None
-    path = Path(found or model).expanduser()
-    path = path if path.is_absolute() else recipe.parent / path
+def loaded_folder(model: Any) -> Path:
+    """The pipeline folder ``load_model`` loaded ``model`` from (its own resolution of the recipe's reference): the
+    model the LoRA trained on is the one it is sampled on."""
+    path = Path(model.info["path"])
     if not (path / "model_index.json").is_file():
-        raise SystemExit(f"measure samples a pipeline folder; the recipe's model {model!r} is not one ({path} has no "
-                         "model_index.json): give builtin:mini-flux or a folder such as the training script writes")
+        raise SystemExit(f"measure samples a pipeline folder; the recipe's model {model.ref!r} loaded from {path}, "
+                         "which is not one (no model_index.json): give builtin:mini-flux or a folder such as the "
+                         "training script writes")
     return path
 
 
