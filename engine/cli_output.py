@@ -186,14 +186,22 @@ class ConsoleObserver:
         self._print(f"✗ {event.node} ({event.type}, plugin {d.get('plugin')}) failed: {d.get('error_type')}: "
                     f"{d.get('error')}", "red")
         if d.get("key"):  # NodeError(key=...): located like a validation error
-            where = f"{d.get('file') or '<recipe>'}" + (f":{d['line']}" if d.get("line") else "")
-            self._print(f"  {where}: node '{event.node}' key '{d['key']}': {d.get('error')}")
+            self._print(f"  {located_failure(event.node, d)}")
         if d.get("inputs"):
             self._print("  inputs: " + ", ".join(f"{k}={v}" for k, v in d["inputs"].items()))
         if d.get("where"):
             self._print(f"  at {d['where']}")
         if d.get("hint"):
             self._print(f"  hint: {d['hint']}")
+
+def located_failure(node: str | None, data: dict[str, Any]) -> str:
+    """A ``node_failed`` event's error as a validation error reads: file:line, node and key (where the node's
+    ``NodeError`` named one), then the error."""
+    if not data.get("key"):
+        return f"node '{node}': {data.get('error')}"
+    where = f"{data.get('file') or '<recipe>'}" + (f":{data['line']}" if data.get("line") else "")
+    return f"{where}: node '{node}' key '{data['key']}': {data.get('error')}"
+
 
 def plugins_table(rows: list[dict[str, Any]], console: Any = None) -> None:
     """``fluxkiln plugins``: one row per plugin that fits 80 columns (what it provides wraps), errors below."""

@@ -632,3 +632,11 @@ def test_measure_trains_and_samples_on_the_base_folder_the_recipe_names(tmp_path
                                                             "nodes.lora.sample_every=0", "nodes.images.num_inference_steps=1",
                                                             "nodes.images.num_outputs=1"])
     assert sampled.value.args[0] == base  # not the shipped weights
+
+
+def test_measure_names_the_file_line_node_and_key_of_a_recipe_that_fails():
+    from fluxkiln.plugins.miniflux import concept
+
+    with pytest.raises(SystemExit, match=r"train-lora-tiny\.toml:\d+: node 'base' key 'model': model 'nope/missing' "
+                                         r"is not in the local Hugging Face cache.*\(hint: "):
+        concept.measure(3, 1, log=lambda _: None, overrides=['nodes.base.model="nope/missing"'])

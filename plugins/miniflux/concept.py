@@ -155,6 +155,7 @@ def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT, a
 def measure(steps: int | None, samples: int, log: Any = print, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train the recipe's LoRA (optionally with other ``steps`` or ``--set`` overrides) and measure acquisition
     (on new prompts and on the training captions themselves) and leakage."""
+    from fluxkiln.engine.cli_output import located_failure
     from fluxkiln.engine.runner import Engine
 
     from .adherence import eval_prompts, generate, summarise
@@ -170,7 +171,9 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
         seconds = time.perf_counter() - t0
         if not result.ok:
-            raise SystemExit(f"training failed: {[e.data.get('error') for e in result.events if e.event == 'node_failed']}")
+            raise SystemExit("the recipe failed:\n" + "\n".join(
+                located_failure(e.node, e.data) + (f" (hint: {e.data['hint']})" if e.data.get("hint") else "")
+                for e in result.events if e.event == "node_failed"))
         lora = result.outputs["lora"]["lora"]
         pipe = load_folder(loaded_folder(result.outputs[read.model_node]["output"]))
         with_trigger, without = probe_prompts(samples, shape=shape)
