@@ -1,6 +1,7 @@
 """A mini-flux base trained on more shapes (``TrainConfig.more_shapes``): the new words join T5's vocabulary
 without moving any earlier id, their embedding rows start at the shape words' mean, and the shapes reach the
-training scenes and their role labels.  Only the taught shapes are allowed."""
+training scenes and their role labels.  Only the taught shapes are allowed.  ``shape_weights`` draws a shape in
+more of the scenes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from fluxkiln.plugins.miniflux.config import t5_tokenizer
 from fluxkiln.plugins.miniflux.roles import SHAPE_CLASSES, token_labels
 from fluxkiln.plugins.miniflux.trainconfig import preset
-from fluxkiln.plugins.miniflux.world import SHAPES, TAUGHT_SHAPES
+from fluxkiln.plugins.miniflux.world import SHAPES, TAUGHT_SHAPES, random_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -73,6 +74,35 @@ def test_more_shapes_are_checked_and_only_taught_shapes_are_allowed():
         preset("micro", more_shapes="octagon,octagon")
 
 
+def test_shape_weights_draw_a_shape_in_more_of_the_scenes():
+    assert preset("micro").scene_shapes == SHAPES  # no weights: the scenes' draws are what they always were
+    cfg = preset("micro", shape_weights="star:2")
+    assert cfg.scene_shapes == ("circle", "square", "triangle", "star", "star") and cfg.shapes == SHAPES
+    rng = random.Random(0)
+    drawn = [o.shape for _ in range(3000) for o in random_scene(rng, shapes=cfg.scene_shapes).objects]
+    assert abs(drawn.count("star") / len(drawn) - 2 / 5) < 0.03  # twice each other shape's 1/5
+    assert abs(drawn.count("circle") / len(drawn) - 1 / 5) < 0.03
+    both = preset("micro", more_shapes="cross", shape_weights=" star:3 , cross:2")
+    assert both.weights_of_shapes == {"star": 3, "cross": 2}
+    assert both.scene_shapes.count("star") == 3 and both.scene_shapes.count("cross") == 2
+    assert len(both.scene_shapes) == 8
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("hexagon:2", "'hexagon' is not a shape of the training scenes; choose from circle, square, triangle, star"),
+    ("cross:2", "'cross' is not a shape of the training scenes.*more_shapes adds to them"),
+    ("star:0", "'star:0' needs a whole number from 1 to 10 after the colon"),
+    ("star:two", "'star:two' needs a whole number"),
+    ("star:\u00b2", "'star:\u00b2' needs a whole number"),  # a digit to str.isdigit, not to int()
+    ("star:11", "'star:11' needs a whole number from 1 to 10"),
+    ("star", "'star' needs a whole number"),
+    ("star:2,star:3", "'star' is named twice"),
+])
+def test_bad_shape_weights_are_refused_before_any_work(value, message):
+    with pytest.raises(SystemExit, match=f"shape_weights: {message}"):
+        preset("micro", shape_weights=value)
+
+
 def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():
     import torch
     from diffusers import AutoencoderKL
@@ -94,7 +124,7 @@ def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():
     enc = trainparts.TextEncoder(None, clip_tokenizer(), None, tok, "cpu")  # ids only
     pools = Pools(32, capacity=8, multi_capacity=0, chunk=8, vae=AutoencoderKL(**VAE), enc=enc,
                   rng=random.Random(1), device="cpu", share=0.0, shapes=("octagon",))
-    pools.fill(0.0, log=lambda _: None)
+    assert pools.fill(0.0, log=lambda _: None)["pool_shapes"] == {"octagon": 100.0}  # each shape's share of objects
     d = pools.batch(8, multi_res=0.0)
     assert d.clip.shape == (8, CLIP_TOKENS)
     shape_labels = d.t5_labels[..., 2]

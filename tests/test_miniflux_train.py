@@ -174,8 +174,12 @@ def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_
     from fluxkiln.plugins.miniflux.weights import load_pipeline, model_path
 
     out = _run_training(tmp_path, [], "--set", 'vae_init="shipped"', "--set", "vae_seconds=0",
-                        "--set", 'more_shapes="pentagon,octagon"')
+                        "--set", 'more_shapes="pentagon,octagon"', "--set", 'shape_weights="star:2,octagon:2"')
     metrics = _check_outputs(tmp_path, 1)
+    assert metrics["config"]["shape_weights"] == "star:2,octagon:2"
+    shares = metrics["pool_shapes"]  # % of the pools' objects: star and octagon twice as often as each other
+    assert set(shares) == {"circle", "square", "triangle", "star", "pentagon", "octagon"}
+    assert shares["star"] > max(shares["circle"], shares["square"], shares["triangle"], shares["pentagon"])
     assert metrics["base_choice"]["kept"] in ("ema", "raw") and "vae_steps" not in metrics
     assert metrics["words_added"] == ["pentagon", "octagon"]
     for variant in ("dev", "schnell"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from typing import Any
 
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Pool:
         self.vae, self.enc, self.rng, self.device = vae, enc, rng, device
         self.tensors: dict[str, Any] = {}
         self.filled = self.cursor = self.made = 0
+        self.shapes_drawn: Counter[str] = Counter()  # objects of each shape in every chunk rendered so far
 
     def fill_chunk(self) -> None:
         """Render, encode and tokenise one chunk into the pool (over the oldest entries once it is full)."""
@@ -62,6 +64,7 @@ class Pool:
             z = latents_of(self.vae, batch.images).to(torch.bfloat16)
         clip, t5 = self.enc.ids(batch.prompts)
         scenes = batch.scenes or []
+        self.shapes_drawn.update(o.shape for scene in scenes for o in scene.objects)
         rows = {"latents": z, "clip": clip, "t5": t5,
                 "t5_labels": token_labels(scenes, self.enc.t5_tok).to(self.device),
                 "pooled_labels": scene_labels(scenes).to(self.device),
@@ -129,7 +132,10 @@ class Pools:
         self.start, self.spent = time.monotonic(), 0.0  # refreshing's share counts from here
         log(f"pools filled in {took:.1f} s: native {native.filled}, "
             f"others {sum(p.filled for s, p in self.pools.items() if p is not native)}")
-        return {"pool_native": native.filled, "pool_seconds": round(took, 1)}
+        drawn = sum((p.shapes_drawn for p in self.pools.values()), Counter())
+        total = sum(drawn.values()) or 1
+        return {"pool_native": native.filled, "pool_seconds": round(took, 1),
+                "pool_shapes": {shape: round(100 * n / total, 1) for shape, n in sorted(drawn.items())}}
 
     def due(self) -> bool:
         """Whether refreshing has used less than its share of the time so far."""

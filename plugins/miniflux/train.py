@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, out: Path, work: Path, world: World) -> int:
         metrics |= calibrate_vae(cfg, m["vae"], rng, world)
         enc = _text(m, device)
         pools = Pools(cfg.native, cfg.pool_size, cfg.pool_multi, cfg.pool_chunk, m["vae"], enc, rng, device,
-                      cfg.refresh_share, cfg.two, cfg.swap_pairs, cfg.shapes)
+                      cfg.refresh_share, cfg.two, cfg.swap_pairs, cfg.scene_shapes)
         metrics |= pools.fill(budget(cfg, "pool"), log)
         if cfg.text_seconds > 0:
             metrics |= train_text(cfg, m, heads, pools, enc, world)

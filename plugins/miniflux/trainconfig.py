@@ -19,6 +19,7 @@ class TrainConfig:
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
     more_shapes: str = ""  # comma-separated shapes of world.TAUGHT_SHAPES the scenes also use (new T5 words)
+    shape_weights: str = ""  # e.g. "star:2": that shape in twice as many scenes as each other one (whole numbers)
     swap_pairs: float = 0.5  # share of native-size scenes paired with their role-swapped twin (drawn together)
     # (a) VAE (0 seconds: keep the VAE of ``init`` / ``vae_init``; more: train it, from there or from scratch)
     vae_seconds: float = 70.0
@@ -80,6 +81,29 @@ class TrainConfig:
         """Every shape of the training scenes: mini-flux's four and ``more_shapes``."""
         return SHAPES + self.shape_words
 
+    @property
+    def weights_of_shapes(self) -> dict[str, int]:
+        """``shape_weights`` read: each named shape's weight (the others weigh 1)."""
+        weights: dict[str, int] = {}
+        for item in (w.strip() for w in self.shape_weights.split(",") if w.strip()):
+            shape, _, weight = (part.strip() for part in item.partition(":"))
+            if shape not in self.shapes:
+                raise SystemExit(f"shape_weights: {shape!r} is not a shape of the training scenes; choose from "
+                                 f"{', '.join(self.shapes)} (more_shapes adds to them)")
+            if shape in weights:
+                raise SystemExit(f"shape_weights: {shape!r} is named twice; name each shape once")
+            if not (weight.isascii() and weight.isdigit() and 1 <= int(weight) <= 10):
+                raise SystemExit(f"shape_weights: {item!r} needs a whole number from 1 to 10 after the colon, "
+                                 f"e.g. \"star:2\"")
+            weights[shape] = int(weight)
+        return weights
+
+    @property
+    def scene_shapes(self) -> tuple[str, ...]:
+        """What a training scene draws its shapes from: ``shapes``, each repeated by its ``shape_weights``."""
+        weights = self.weights_of_shapes
+        return tuple(s for s in self.shapes for _ in range(weights.get(s, 1)))
+
 
 VAE_PARTS = ("all", "decoder")
 
@@ -111,6 +135,7 @@ def preset(name: str, **overrides: float) -> TrainConfig:
         raise SystemExit(f"more_shapes: {', '.join(unknown)} cannot be taught; choose from {', '.join(TAUGHT_SHAPES)}")
     if len(set(cfg.shape_words)) < len(cfg.shape_words):
         raise SystemExit(f"more_shapes: {cfg.more_shapes!r} names a shape twice; name each once")
+    _ = cfg.weights_of_shapes  # a bad shape_weights stops the run here, before any work
     if cfg.vae_part not in VAE_PARTS:
         raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
     return cfg
