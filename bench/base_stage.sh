@@ -30,4 +30,5 @@ cp /tmp/mf/metrics.json "$OUT/"
 for m in mini-flux mini-flux-schnell; do tar -cf "$OUT/$m.tar" -C /tmp/mf-work "$m"; done
 [ -n "${SEEDS-0 1 2 3}" ] || exit 0
 probes=(); for seed in ${SEEDS-0 1 2 3}; do probes+=("--seed $seed"); done
-OUT=$OUT GPUS=$GPUS WEIGHTS=/tmp/mf-work SCALES=1.25 LIMIT=$(( 585 - SECONDS )) bash bench/recipe_probes.sh "${probes[@]}"
+OUT=$OUT GPUS=$GPUS WEIGHTS=/tmp/mf-work SCALES=1.25 LIMIT=$(( 585 - SECONDS )) \
+  bash bench/recipe_probes.sh "${probes[@]}"

@@ -14,13 +14,15 @@ OUT=${OUT:-/tmp/recipe-probes}; mkdir -p "$OUT"
 WEIGHTS=${WEIGHTS:-plugins/miniflux/weights}
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 [ $# -gt 0 ] || { echo "name one or more probes, e.g. '--seed 0' '--preserve 2 --seed 0'" >&2; exit 2; }
-[ -f "$WEIGHTS/mini-flux/model_index.json" ] || { echo "WEIGHTS=$WEIGHTS: no mini-flux/model_index.json there" >&2; exit 2; }
+[ -f "$WEIGHTS/mini-flux/model_index.json" ] ||
+  { echo "WEIGHTS=$WEIGHTS: no mini-flux/model_index.json there" >&2; exit 2; }
 RECIPE="--weights $WEIGHTS --data recipes/data/bowties --shape bowtie --times shift --batch 8 --steps 240"
 RECIPE+=" --object-weight 3 --layers '^(?!.*norm)' --lr 1.5e-3 --preserve 1 --preserve-every 4 --vocab 64"
 RECIPE+="${SCALES:+ --lora-scales $SCALES}"
+SWEEP="python bench/concept_sweep.py --out \$OUT --device ${DEVICE:-cuda} --probe ${PROBE:-64}"
 lanes=() i=0
 for extra in "$@"; do
-  lanes+=("$(( i % GPUS ))|p$i|python bench/concept_sweep.py --out \$OUT --device ${DEVICE:-cuda} --probe ${PROBE:-64} \"$RECIPE $extra\"")
+  lanes+=("$(( i % GPUS ))|p$i|$SWEEP \"$RECIPE $extra\"")
   i=$(( i + 1 ))
 done
 rm -rf /tmp/lanes-out   # a warm machine keeps the last call's lanes: their rows would be printed again
