@@ -28,7 +28,7 @@ rc=$?; echo "trained in ${SECONDS}s, rc $rc"; grep -E "^(dev|schnell) |^\| " "$O
 [ "$rc" = 0 ] || exit "$rc"
 cp /tmp/mf/metrics.json "$OUT/"
 for m in mini-flux mini-flux-schnell; do tar -cf "$OUT/$m.tar" -C /tmp/mf-work "$m"; done
-[ -n "${SEEDS-0 1 2 3}" ] || exit 0
 probes=(); for seed in ${SEEDS-0 1 2 3}; do probes+=("--seed $seed"); done
+[ ${#probes[@]} -gt 0 ] || exit 0
 OUT=$OUT GPUS=$GPUS WEIGHTS=/tmp/mf-work SCALES=1.25 LIMIT=$(( 585 - SECONDS )) \
   bash bench/recipe_probes.sh "${probes[@]}"

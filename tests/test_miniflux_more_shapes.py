@@ -103,6 +103,12 @@ def test_bad_shape_weights_are_refused_before_any_work(value, message):
         preset("micro", shape_weights=value)
 
 
+@pytest.mark.parametrize("key", ["more_shapes", "shape_weights"])
+def test_shape_settings_that_are_not_strings_are_refused_with_the_quoting_to_use(key):
+    with pytest.raises(SystemExit, match=f"{key}: 2 is not a string; write it in quotes, e.g. --set {key}="):
+        preset("micro", **{key: 2})
+
+
 def test_the_shapes_reach_the_pools_scenes_and_their_shape_labels():
     import torch
     from diffusers import AutoencoderKL

@@ -180,6 +180,7 @@ def test_the_micro_preset_trains_every_phase_in_one_process_keeping_the_shipped_
     shares = metrics["pool_shapes"]  # % of the pools' objects: star and octagon twice as often as each other
     assert set(shares) == {"circle", "square", "triangle", "star", "pentagon", "octagon"}
     assert shares["star"] > max(shares["circle"], shares["square"], shares["triangle"], shares["pentagon"])
+    assert shares["octagon"] > max(shares["circle"], shares["square"], shares["triangle"], shares["pentagon"])
     assert metrics["base_choice"]["kept"] in ("ema", "raw") and "vae_steps" not in metrics
     assert metrics["words_added"] == ["pentagon", "octagon"]
     for variant in ("dev", "schnell"):

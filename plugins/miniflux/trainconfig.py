@@ -19,7 +19,7 @@ class TrainConfig:
     multi_res: float = 0.1  # fraction of batches at a 0.25 MP aspect-ratio size
     two: float = 0.4  # fraction of training scenes with two objects
     more_shapes: str = ""  # comma-separated shapes of world.TAUGHT_SHAPES the scenes also use (new T5 words)
-    shape_weights: str = ""  # e.g. "star:2": that shape in twice as many scenes as each other one (whole numbers)
+    shape_weights: str = ""  # e.g. "star:2": a scene's object is that shape twice as often as each other one
     swap_pairs: float = 0.5  # share of native-size scenes paired with their role-swapped twin (drawn together)
     # (a) VAE (0 seconds: keep the VAE of ``init`` / ``vae_init``; more: train it, from there or from scratch)
     vae_seconds: float = 70.0
@@ -129,6 +129,10 @@ def preset(name: str, **overrides: float) -> TrainConfig:
             raise SystemExit(f"unknown setting {key!r}; settings: {', '.join(known)}")
     if overrides.get("init") and "vae_init" not in overrides:
         overrides = {**overrides, "vae_init": ""}  # continuing: the VAE of init (its transformer's latents)
+    for key in ("more_shapes", "shape_weights"):
+        if key in overrides and not isinstance(overrides[key], str):
+            raise SystemExit(f"{key}: {overrides[key]!r} is not a string; write it in quotes, "
+                             f"e.g. --set {key}='\"{'cross,diamond' if key == 'more_shapes' else 'star:2'}\"'")
     cfg = replace(PRESETS[name], **overrides)
     unknown = [s for s in cfg.shape_words if s not in TAUGHT_SHAPES]
     if unknown:
