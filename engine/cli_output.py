@@ -194,6 +194,7 @@ class ConsoleObserver:
         if d.get("hint"):
             self._print(f"  hint: {d['hint']}")
 
+
 def located_failure(node: str | None, data: dict[str, Any]) -> str:
     """A ``node_failed`` event's error as a validation error reads: file:line, node and key (where the node's
     ``NodeError`` named one), then the error."""

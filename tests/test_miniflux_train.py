@@ -317,3 +317,25 @@ def test_continuing_keeps_the_vae_of_init_unless_vae_init_is_given():
     assert preset("full", init="/w/mini-flux").vae_init == ""
     assert preset("full", init="/w/mini-flux", vae_init="/v/mini-flux").vae_init == "/v/mini-flux"
     assert preset("full", init="").vae_init == "shipped"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("base_seconds", "abc", "base_seconds: 'abc' is not a number; e.g. --set base_seconds=10"),
+    ("base_seconds", True, "base_seconds: True is not a number"),
+    ("guide_range", 2.0, r"guide_range: 2.0 is not a list; e.g. --set guide_range='\[1.0, 6.0\]'"),
+    ("init", 3, "init: 3 is not a string; write it in quotes, e.g. --set init='\"3\"'"),
+])
+def test_a_setting_of_the_wrong_kind_is_refused_with_an_example(key, value, message):
+    with pytest.raises(SystemExit, match=message):
+        preset("micro", **{key: value})
+    assert preset("micro", base_seconds=12).base_seconds == 12  # a whole number where a float is expected is fine
+
+
+def test_a_set_value_that_is_not_json_says_how_to_quote_it(tmp_path, capsys):
+    from fluxkiln.plugins.miniflux import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--preset", "micro", "--set", "shape_weights=star:2"])
+    assert "--set 'shape_weights=star:2': the value is read as JSON, so a string goes in quotes: " \
+           "--set shape_weights='\"star:2\"'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work

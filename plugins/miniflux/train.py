@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value is read as JSON, so a string goes in quotes: "
+                         f"--set {key}='\"{value}\"'")
     cfg = preset(args.preset, **overrides)
     return train(cfg, args.out, args.work or args.out.parent / "miniflux-work")
 

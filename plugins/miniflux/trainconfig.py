@@ -5,7 +5,9 @@ Batch sizes are per rank."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from .world import SHAPES, TAUGHT_SHAPES
 
@@ -123,16 +125,13 @@ def preset(name: str, **overrides: float) -> TrainConfig:
     ``vae_init`` continues with ``init``'s own VAE (the preset's ``vae_init`` is for training from scratch)."""
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    known = {f.name: f.type for f in fields(TrainConfig)}
-    for key in overrides:
+    known = [f.name for f in fields(TrainConfig)]
+    for key, value in overrides.items():
         if key not in known:
             raise SystemExit(f"unknown setting {key!r}; settings: {', '.join(known)}")
+        _check_kind(key, value, getattr(PRESETS[name], key))
     if overrides.get("init") and "vae_init" not in overrides:
         overrides = {**overrides, "vae_init": ""}  # continuing: the VAE of init (its transformer's latents)
-    for key in ("more_shapes", "shape_weights"):
-        if key in overrides and not isinstance(overrides[key], str):
-            raise SystemExit(f"{key}: {overrides[key]!r} is not a string; write it in quotes, "
-                             f"e.g. --set {key}='\"{'cross,diamond' if key == 'more_shapes' else 'star:2'}\"'")
     cfg = replace(PRESETS[name], **overrides)
     unknown = [s for s in cfg.shape_words if s not in TAUGHT_SHAPES]
     if unknown:
@@ -143,3 +142,13 @@ def preset(name: str, **overrides: float) -> TrainConfig:
     if cfg.vae_part not in VAE_PARTS:
         raise SystemExit(f"vae_part: {cfg.vae_part!r} is not one of {', '.join(VAE_PARTS)}")
     return cfg
+
+
+def _check_kind(key: str, value: Any, default: Any) -> None:
+    """Refuse a value of another kind than the setting's (``--set`` values are JSON: a string goes in quotes)."""
+    if isinstance(default, str) and not isinstance(value, str):
+        raise SystemExit(f"{key}: {value!r} is not a string; write it in quotes, e.g. --set {key}='\"{value}\"'")
+    if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise SystemExit(f"{key}: {value!r} is not a number; e.g. --set {key}={default}")
+    if isinstance(default, tuple) and not isinstance(value, (list, tuple)):
+        raise SystemExit(f"{key}: {value!r} is not a list; e.g. --set {key}='{json.dumps(list(default))}'")
