@@ -324,6 +324,9 @@ def test_continuing_keeps_the_vae_of_init_unless_vae_init_is_given():
     ("base_seconds", True, "base_seconds: True is not a number"),
     ("guide_range", 2.0, r"guide_range: 2.0 is not a list; e.g. --set guide_range='\[1.0, 6.0\]'"),
     ("init", 3, "init: 3 is not a string; write it in quotes, e.g. --set init='\"3\"'"),
+    ("more_shapes", ["cross", "diamond"],
+     r"more_shapes: \['cross', 'diamond'\] is not a string; write it in quotes, "
+     r"e.g. --set more_shapes='\"cross,diamond\"'"),
 ])
 def test_a_setting_of_the_wrong_kind_is_refused_with_an_example(key, value, message):
     with pytest.raises(SystemExit, match=message):

@@ -147,7 +147,8 @@ def preset(name: str, **overrides: float) -> TrainConfig:
 def _check_kind(key: str, value: Any, default: Any) -> None:
     """Refuse a value of another kind than the setting's (``--set`` values are JSON: a string goes in quotes)."""
     if isinstance(default, str) and not isinstance(value, str):
-        raise SystemExit(f"{key}: {value!r} is not a string; write it in quotes, e.g. --set {key}='\"{value}\"'")
+        text = ",".join(map(str, value)) if isinstance(value, list) else value  # a list of shapes: their names
+        raise SystemExit(f"{key}: {value!r} is not a string; write it in quotes, e.g. --set {key}='\"{text}\"'")
     if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise SystemExit(f"{key}: {value!r} is not a number; e.g. --set {key}={default}")
     if isinstance(default, tuple) and not isinstance(value, (list, tuple)):
