@@ -75,6 +75,11 @@ async def settled(pilot) -> None:
         await until(pilot, lambda: all(n.reason for n in app.main.model.nodes.values()))
 
 
+def steady_cursor(field: Input) -> None:
+    """A blinking cursor is drawn or not by the clock; a steady one is always drawn in a focused field."""
+    field.cursor_blink = False
+
+
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 
 
@@ -122,7 +127,13 @@ def test_recipe_picker(app, snap_compare):
 
 
 def test_new_recipe_dialog(app, snap_compare):
-    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+n"], run_before=settled)
+    async def dialog(pilot):
+        await settled(pilot)
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: bool(pilot.app.screen.query("#new-path")))
+        steady_cursor(pilot.app.screen.query_one("#new-path", Input))
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=dialog)
 
 
 def test_quit_dialog_with_stay_focused(app, snap_compare):
@@ -148,7 +159,10 @@ def test_command_palette_finds_run(app, snap_compare):
 
     async def palette(pilot):
         await settled(pilot)
-        await pilot.press("ctrl+p", *"run")
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: bool(pilot.app.screen.query(Input)))
+        steady_cursor(pilot.app.screen.query_one(Input))
+        await pilot.press(*"run")
         await until(pilot, lambda: searched(pilot))
         await pilot.pause(0.3)
 
