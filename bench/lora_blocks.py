@@ -1,0 +1,165 @@
+"""Which of a LoRA's layers carry the word, and which cost the other shapes: the recipe's LoRA read again with its
+layers weighted apart (LoRA block weights).
+
+    python bench/lora_blocks.py --model DIR [--seed 42] [--set KEY=VALUE ...] [--prompts 32] [--vocab 64]
+                                [--steps 28] [--work DIR] [--json FILE] WEIGHTS [WEIGHTS ...]
+
+It runs ``recipes/train-lora-tiny.toml`` once on the pipeline folder ``DIR`` (``--set`` as ``fluxkiln run --set``;
+``--seed`` is the LoRA's training seed, ``lora_scale`` 1), keeps the LoRA under ``--work`` (a later call with the
+same settings reuses it), and samples the base's held-out vocabulary prompts without it once.  Then, for each
+WEIGHTS, it attaches the LoRA with its layers scaled and reads, as ``concept measure`` does: ``--prompts`` new
+prompts with the trigger (the share drawn as the recipe's concept), the same prompts with an ordinary shape
+(leakage), and the ``--vocab`` prompts' shape adherence (the cost is the points lost), per shape word too, and how
+far their pictures moved (``vocabulary_change``, the mean absolute pixel difference); every
+sample ``--steps`` steps at guidance 3.
+
+WEIGHTS is ``all`` (the LoRA as trained) or comma-separated ``REGEX=W`` rules: a layer (its name in the
+transformer, e.g. ``single_transformer_blocks.5.proj_mlp``) takes the W of the first rule whose regular
+expression it contains, 1 if none; ``*=W`` matches every layer.  E.g. ``'single_transformer_blocks\\.[4-7]\\.=0'``
+leaves out the last four single blocks' LoRA, ``'*=1.15'`` is ``lora_scale`` 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "train-lora-tiny.toml"
+
+
+def layer_weights(spec: str) -> Callable[[str], float]:
+    """The weight of each layer name under ``spec`` (``all`` or ``REGEX=W,...``); ValueError names a bad rule."""
+    if spec == "all":
+        return lambda _name: 1.0
+    rules = []
+    for part in spec.split(","):
+        pattern, sep, weight = part.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError(f"weights {spec!r}: rule {part!r} is not REGEX=W (e.g. 'single_transformer_blocks=0')")
+        try:
+            rules.append((re.compile(".*" if pattern == "*" else pattern), float(weight)))
+        except (re.error, ValueError) as exc:
+            raise ValueError(f"weights {spec!r}: rule {part!r}: {exc}") from exc
+
+    def weight(name: str) -> float:
+        return next((w for pattern, w in rules if pattern.search(name)), 1.0)
+    return weight
+
+
+def pixel_change(before: list[Any], after: list[Any]) -> float:
+    """Mean absolute difference of the pictures' pixels (0-255): how far the LoRA moves the vocabulary's pictures."""
+    import numpy as np
+
+    diffs = [np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+             for a, b in zip(before, after, strict=True)]
+    return round(float(np.mean(diffs)), 3)
+
+
+def trained_lora(model: str, seed: int, overrides: list[str], work: Path, log: Callable[[str], None]) -> Path:
+    """The recipe's LoRA on ``model`` with these settings, trained once and kept under ``work``."""
+    from fluxkiln.engine.errors import RecipeInvalid
+    from fluxkiln.engine.runner import Engine
+
+    settings = [f'nodes.base.model="{model}"', "nodes.styled.lora_scale=1.0", f"nodes.lora.seed={seed}", *overrides]
+    folder = work / hashlib.sha256("\n".join(settings).encode()).hexdigest()[:16]
+    kept = folder / "lora.safetensors"
+    if kept.is_file():
+        return kept
+    t0 = time.perf_counter()
+    try:
+        result = Engine(cache_dir=folder / "cache").run(RECIPE, output=folder / "run", overrides=settings)
+    except RecipeInvalid as exc:
+        raise SystemExit(f"the recipe with these settings is not valid:\n{exc}") from exc
+    if not result.ok:
+        raise SystemExit("the recipe failed: " + "; ".join(str(e.data) for e in result.events
+                                                           if e.event == "node_failed"))
+    kept.write_bytes(Path(result.outputs["lora"]["lora"].path).read_bytes())
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+    log(f"trained in {time.perf_counter() - t0:.1f} s: {kept}")
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", nargs="+", metavar="WEIGHTS")
+    parser.add_argument("--model", required=True, help="a mini-flux pipeline folder")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=28, help="sampling steps")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-blocks"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        rules = {spec: layer_weights(spec) for spec in args.weights}
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"--model {args.model}: not a pipeline folder (no model_index.json)")
+    rows = read(args, rules)
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "seed": args.seed, "overrides": args.overrides,
+                                         "rows": rows}, indent=1))
+    print(f"\n{'weights':60s} {'new':>6s} {'leak':>6s} {'cost':>6s} {'stars':>6s}")
+    for r in rows:
+        print(f"{r['weights'][:60]:60s} {r['with_trigger']:6.1f} {r['without_trigger']:6.1f} {r['cost']:6.1f} "
+              f"{r['shape_by_word_after'].get('star', float('nan')):6.1f}")
+    return 0
+
+
+def read(args: argparse.Namespace, rules: dict[str, Callable[[str], float]]) -> list[dict[str, Any]]:
+    """Each rule's row (see the module's docstring)."""
+    from fluxkiln.plugins.miniflux.adherence import eval_prompts, generate, summarise
+    from fluxkiln.plugins.miniflux.checker import check
+    from fluxkiln.plugins.miniflux.concept import concept_share, probe_prompts, recipe_concept, shape_by_word
+    from fluxkiln.plugins.miniflux.weights import load_folder
+
+    lora = trained_lora(args.model, args.seed, args.overrides, args.work, print)
+    shape = recipe_concept(RECIPE, args.overrides).shape
+    pipe = load_folder(Path(args.model))
+    trigger, without = probe_prompts(args.prompts, shape=shape)
+    vocab = eval_prompts(args.vocab)
+
+    def sampled(prompts: list[str]) -> list[Any]:
+        return generate(pipe, prompts, steps=args.steps, guidance=3.0)
+
+    def checked(images: list[Any], prompts: list[str]) -> list[Any]:
+        return [check(im, p) for im, p in zip(images, prompts, strict=True)]
+
+    plain = sampled(vocab)
+    before = checked(plain, vocab)
+    pipe.load_lora_weights(str(lora), adapter_name="concept")
+    pipe.set_adapters(["concept"], adapter_weights=[1.0])
+    layers = {name: m for name, m in pipe.transformer.named_modules() if "concept" in getattr(m, "scaling", {})}
+    trained = {name: m.scaling["concept"] for name, m in layers.items()}
+    rows = []
+    for spec, weight in rules.items():
+        for name, m in layers.items():
+            m.scaling["concept"] = trained[name] * weight(name)
+        t0 = time.perf_counter()
+        new = concept_share(sampled(trigger), trigger, shape)
+        leak = concept_share(sampled(without), without, shape)
+        changed = sampled(vocab)
+        after = checked(changed, vocab)
+        row = {"weights": spec, "layers_off": sorted(n for n in layers if weight(n) == 0),
+               "with_trigger": round(100 * new, 1), "without_trigger": round(100 * leak, 1),
+               "vocabulary_before": summarise(before), "vocabulary_after": summarise(after),
+               "shape_by_word_before": shape_by_word(before, vocab), "shape_by_word_after": shape_by_word(after, vocab)}
+        row["cost"] = round(row["vocabulary_before"]["shape"] - row["vocabulary_after"]["shape"], 1)
+        row["vocabulary_change"] = pixel_change(plain, changed)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({k: v for k, v in row.items() if k != "layers_off"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
