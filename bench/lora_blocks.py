@@ -15,8 +15,10 @@ sample ``--steps`` steps at guidance 3.
 
 WEIGHTS is ``all`` (the LoRA as trained) or comma-separated ``REGEX=W`` rules: a layer (its name in the
 transformer, e.g. ``single_transformer_blocks.5.proj_mlp``) takes the W of the first rule whose regular
-expression it contains, 1 if none; ``*=W`` matches every layer.  E.g. ``'single_transformer_blocks\\.[4-7]\\.=0'``
-leaves out the last four single blocks' LoRA, ``'*=1.15'`` is ``lora_scale`` 1.15.
+expression it contains, 1 if none; ``*=W`` matches every layer.  A pattern cannot hold a comma (write
+``\\d\\d?``, not ``\\d{1,2}``), and a rule that matches none of the LoRA's layers is refused.  E.g.
+``'single_transformer_blocks\\.[4-7]\\.=0'`` leaves out the last four single blocks' LoRA, ``'*=1.15'`` is
+``lora_scale`` 1.15.
 """
 
 from __future__ import annotations
@@ -28,16 +30,31 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "train-lora-tiny.toml"
 
 
-def layer_weights(spec: str) -> Callable[[str], float]:
-    """The weight of each layer name under ``spec`` (``all`` or ``REGEX=W,...``); ValueError names a bad rule."""
+@dataclass(frozen=True)
+class Weights:
+    """Rules ``(pattern, weight)``: a layer takes the weight of the first pattern its name contains, else 1."""
+
+    rules: tuple[tuple[re.Pattern[str], float], ...] = ()
+
+    def __call__(self, name: str) -> float:
+        return next((w for pattern, w in self.rules if pattern.search(name)), 1.0)
+
+    def unused(self, names: list[str]) -> list[str]:
+        """The patterns that match none of ``names`` (a typo, or a layer the LoRA does not have)."""
+        return [pattern.pattern for pattern, _ in self.rules if not any(pattern.search(n) for n in names)]
+
+
+def layer_weights(spec: str) -> Weights:
+    """The :class:`Weights` of ``spec`` (``all`` or ``REGEX=W,...``); ValueError names a bad rule."""
     if spec == "all":
-        return lambda _name: 1.0
+        return Weights()
     rules = []
     for part in spec.split(","):
         pattern, sep, weight = part.rpartition("=")
@@ -47,10 +64,7 @@ def layer_weights(spec: str) -> Callable[[str], float]:
             rules.append((re.compile(".*" if pattern == "*" else pattern), float(weight)))
         except (re.error, ValueError) as exc:
             raise ValueError(f"weights {spec!r}: rule {part!r}: {exc}") from exc
-
-    def weight(name: str) -> float:
-        return next((w for pattern, w in rules if pattern.search(name)), 1.0)
-    return weight
+    return Weights(tuple(rules))
 
 
 def pixel_change(before: list[Any], after: list[Any]) -> float:
@@ -62,13 +76,23 @@ def pixel_change(before: list[Any], after: list[Any]) -> float:
     return round(float(np.mean(diffs)), 3)
 
 
-def trained_lora(model: str, seed: int, overrides: list[str], work: Path, log: Callable[[str], None]) -> Path:
+def _fingerprint(model: Path) -> str:
+    """What the kept LoRA depends on besides the settings: the recipe file's text and the model folder's files
+    (names, sizes, modification times), so a retrained base at the same path trains a new LoRA."""
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    stamps = [f"{p.relative_to(model)}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join([RECIPE.read_text(), *stamps]).encode()).hexdigest()
+
+
+def trained_lora(model: Path, seed: int, overrides: list[str], work: Path, log: Callable[[str], None]) -> Path:
     """The recipe's LoRA on ``model`` with these settings, trained once and kept under ``work``."""
     from fluxkiln.engine.errors import RecipeInvalid
     from fluxkiln.engine.runner import Engine
 
-    settings = [f'nodes.base.model="{model}"', "nodes.styled.lora_scale=1.0", f"nodes.lora.seed={seed}", *overrides]
-    folder = work / hashlib.sha256("\n".join(settings).encode()).hexdigest()[:16]
+    settings = [f"nodes.base.model={json.dumps(str(model))}", "nodes.styled.lora_scale=1.0", f"nodes.lora.seed={seed}",
+                *overrides]
+    key = hashlib.sha256("\n".join([_fingerprint(model), *settings]).encode()).hexdigest()[:16]
+    folder = work / key
     kept = folder / "lora.safetensors"
     if kept.is_file():
         return kept
@@ -80,10 +104,37 @@ def trained_lora(model: str, seed: int, overrides: list[str], work: Path, log: C
     if not result.ok:
         raise SystemExit("the recipe failed: " + "; ".join(str(e.data) for e in result.events
                                                            if e.event == "node_failed"))
-    kept.write_bytes(Path(result.outputs["lora"]["lora"].path).read_bytes())
+    partial = folder / "lora.safetensors.partial"
+    partial.write_bytes(Path(result.outputs["lora"]["lora"].path).read_bytes())
+    partial.replace(kept)  # whole or not at all: an interrupted copy is never reused
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     log(f"trained in {time.perf_counter() - t0:.1f} s: {kept}")
     return kept
+
+
+def lora_layers(lora: Path) -> list[str]:
+    """The transformer layers a LoRA file (``train_lora``'s diffusers keys) adapts, as peft names them."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+    return sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in keys if k.startswith("transformer.")})
+
+
+def refuse_unused(rules: dict[str, Weights], layers: list[str]) -> None:
+    """SystemExit, before any sampling, if a rule's pattern matches none of the LoRA's layers."""
+    unused = [pattern for weight in rules.values() for pattern in weight.unused(layers)]
+    if unused:
+        raise SystemExit(f"the rules {', '.join(map(repr, unused))} match none of the LoRA's layers, whose names "
+                         f"are like {', '.join(layers[::max(1, len(layers) // 4)][:4])}")
+
+
+def weigh(layers: dict[str, Any], trained: dict[str, float], weight: Weights) -> list[str]:
+    """Set each LoRA layer's scaling to its trained value times its weight (peft multiplies the layer's LoRA output
+    by it); the names of the layers weighed to 0."""
+    for name, module in layers.items():
+        module.scaling["concept"] = trained[name] * weight(name)
+    return sorted(name for name in layers if weight(name) == 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         rules = {spec: layer_weights(spec) for spec in args.weights}
     except ValueError as exc:
         parser.error(str(exc))
-    if not (Path(args.model) / "model_index.json").is_file():
+    args.model = Path(args.model).resolve()
+    if not (args.model / "model_index.json").is_file():
         parser.error(f"--model {args.model}: not a pipeline folder (no model_index.json)")
     rows = read(args, rules)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "seed": args.seed, "overrides": args.overrides,
+        args.json.write_text(json.dumps({"model": str(args.model), "seed": args.seed, "overrides": args.overrides,
                                          "rows": rows}, indent=1))
     print(f"\n{'weights':60s} {'new':>6s} {'leak':>6s} {'cost':>6s} {'stars':>6s}")
     for r in rows:
@@ -115,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read(args: argparse.Namespace, rules: dict[str, Callable[[str], float]]) -> list[dict[str, Any]]:
+def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, Any]]:
     """Each rule's row (see the module's docstring)."""
     from fluxkiln.plugins.miniflux.adherence import eval_prompts, generate, summarise
     from fluxkiln.plugins.miniflux.checker import check
@@ -123,8 +175,9 @@ def read(args: argparse.Namespace, rules: dict[str, Callable[[str], float]]) -> 
     from fluxkiln.plugins.miniflux.weights import load_folder
 
     lora = trained_lora(args.model, args.seed, args.overrides, args.work, print)
+    refuse_unused(rules, lora_layers(lora))
     shape = recipe_concept(RECIPE, args.overrides).shape
-    pipe = load_folder(Path(args.model))
+    pipe = load_folder(args.model)
     trigger, without = probe_prompts(args.prompts, shape=shape)
     vocab = eval_prompts(args.vocab)
 
@@ -139,17 +192,18 @@ def read(args: argparse.Namespace, rules: dict[str, Callable[[str], float]]) -> 
     pipe.load_lora_weights(str(lora), adapter_name="concept")
     pipe.set_adapters(["concept"], adapter_weights=[1.0])
     layers = {name: m for name, m in pipe.transformer.named_modules() if "concept" in getattr(m, "scaling", {})}
+    if not layers:
+        raise SystemExit(f"the LoRA {lora} loaded onto none of the transformer's layers")
     trained = {name: m.scaling["concept"] for name, m in layers.items()}
     rows = []
     for spec, weight in rules.items():
-        for name, m in layers.items():
-            m.scaling["concept"] = trained[name] * weight(name)
+        off = weigh(layers, trained, weight)
         t0 = time.perf_counter()
         new = concept_share(sampled(trigger), trigger, shape)
         leak = concept_share(sampled(without), without, shape)
         changed = sampled(vocab)
         after = checked(changed, vocab)
-        row = {"weights": spec, "layers_off": sorted(n for n in layers if weight(n) == 0),
+        row = {"weights": spec, "layers_off": off,
                "with_trigger": round(100 * new, 1), "without_trigger": round(100 * leak, 1),
                "vocabulary_before": summarise(before), "vocabulary_after": summarise(after),
                "shape_by_word_before": shape_by_word(before, vocab), "shape_by_word_after": shape_by_word(after, vocab)}

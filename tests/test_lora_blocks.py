@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 from helpers import ROOT
@@ -19,6 +20,7 @@ WEIGHTS = ROOT / "plugins" / "miniflux" / "weights" / "mini-flux"
 def blocks():
     spec = importlib.util.spec_from_file_location("lora_blocks", ROOT / "bench" / "lora_blocks.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["lora_blocks"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -30,6 +32,22 @@ def test_the_first_rule_that_a_layer_name_contains_gives_its_weight(blocks):
     assert weight("transformer_blocks.0.attn.to_q") == 2
     assert blocks.layer_weights("single=0.5")("transformer_blocks.0.ff.net.2") == 1
     assert blocks.layer_weights("all")("anything") == 1
+    assert weight.unused(["single_transformer_blocks.0.proj_mlp"]) == [r"single_transformer_blocks\.[4-7]\."]
+
+
+def test_weigh_sets_each_layers_scaling_to_its_trained_value_times_its_weight(blocks):
+    class Layer:
+        def __init__(self):
+            self.scaling = {"concept": 0.0}
+
+    layers = {"single_transformer_blocks.5.proj_mlp": Layer(), "transformer_blocks.0.attn.to_q": Layer()}
+    trained = {"single_transformer_blocks.5.proj_mlp": 2.0, "transformer_blocks.0.attn.to_q": 0.5}
+    off = blocks.weigh(layers, trained, blocks.layer_weights("single=0,*=3"))
+    assert off == ["single_transformer_blocks.5.proj_mlp"]
+    assert layers["single_transformer_blocks.5.proj_mlp"].scaling["concept"] == 0
+    assert layers["transformer_blocks.0.attn.to_q"].scaling["concept"] == 1.5
+    blocks.weigh(layers, trained, blocks.layer_weights("all"))
+    assert [layer.scaling["concept"] for layer in layers.values()] == [2.0, 0.5]
 
 
 @pytest.mark.parametrize("spec", ["single", "=0", "single=x", "(=0"])
@@ -52,8 +70,10 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(blocks, tmp_path, capsys):
     assert "not a pipeline folder" in capsys.readouterr().err
 
 
-def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(blocks, tmp_path, capsys):
-    args = ["--model", str(WEIGHTS), "--work", str(tmp_path / "work"), "--set", "nodes.lora.steps=4",
+def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(blocks, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.chdir(ROOT)  # a --model relative to where the command runs, not to the recipe
+    args = ["--model", str(WEIGHTS.relative_to(ROOT)), "--work", str(tmp_path / "work"), "--set", "nodes.lora.steps=4",
             "--set", "nodes.lora.save_every=0", "--set", "nodes.lora.sample_every=0", "--prompts", "2",
             "--vocab", "3", "--steps", "2", "--json", str(tmp_path / "rows.json"),
             "all", r"single_transformer_blocks\.[4-7]\.=0", "*=0"]
@@ -68,6 +88,13 @@ def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(b
     assert nothing["vocabulary_change"] == 0 and nothing["cost"] == 0
     assert nothing["vocabulary_after"] == nothing["vocabulary_before"]
     assert rows["all"]["vocabulary_change"] > 0  # the trained LoRA moves pixels: weighed to nothing, none
+    cut = rows[r"single_transformer_blocks\.[4-7]\.=0"]["vocabulary_change"]
+    assert cut > 0 and cut != rows["all"]["vocabulary_change"]
     assert len(nothing["layers_off"]) > len(off)
     assert blocks.main(args[:-3] + ["all"]) == 0  # the same settings: the kept LoRA, no training
     assert "trained in" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # checked against the kept LoRA's layers before any sampling
+        blocks.main(args[:-3] + [r"single_transformer_blocks\.[4-7]\.=0,single_blocks=0"])
+    assert "'single_blocks'" in str(exc.value) and "match none of the LoRA's layers" in str(exc.value)
+    assert blocks.main(args[:-3] + ["--seed", "7", "all"]) == 0  # another seed: another LoRA
+    assert "trained in" in capsys.readouterr().out
