@@ -86,8 +86,7 @@ def _fingerprint(model: Path) -> str:
 
 def trained_lora(model: Path, seed: int, overrides: list[str], work: Path, log: Callable[[str], None]) -> Path:
     """The recipe's LoRA on ``model`` with these settings, trained once and kept under ``work``."""
-    from fluxkiln.engine.errors import RecipeInvalid
-    from fluxkiln.engine.runner import Engine
+    from fluxkiln.plugins.miniflux.concept import run_recipe
 
     settings = [f"nodes.base.model={json.dumps(str(model))}", "nodes.styled.lora_scale=1.0", f"nodes.lora.seed={seed}",
                 *overrides]
@@ -97,13 +96,7 @@ def trained_lora(model: Path, seed: int, overrides: list[str], work: Path, log: 
     if kept.is_file():
         return kept
     t0 = time.perf_counter()
-    try:
-        result = Engine(cache_dir=folder / "cache").run(RECIPE, output=folder / "run", overrides=settings)
-    except RecipeInvalid as exc:
-        raise SystemExit(f"the recipe with these settings is not valid:\n{exc}") from exc
-    if not result.ok:
-        raise SystemExit("the recipe failed: " + "; ".join(str(e.data) for e in result.events
-                                                           if e.event == "node_failed"))
+    result = run_recipe(RECIPE, folder, settings)
     partial = folder / "lora.safetensors.partial"
     partial.write_bytes(Path(result.outputs["lora"]["lora"].path).read_bytes())
     partial.replace(kept)  # whole or not at all: an interrupted copy is never reused

@@ -349,6 +349,15 @@ def test_the_measure_reads_the_recipe_s_concept_data_and_scale():
     assert read.scale == 1.0 and read.model == "elsewhere/mf"  # the measure samples at the scale --set gives
 
 
+def test_the_measure_refuses_settings_the_recipe_does_not_accept_with_their_line_before_any_training():
+    from fluxkiln.plugins.miniflux import concept
+
+    with pytest.raises(SystemExit) as exc:
+        concept.measure(None, 1, overrides=["nodes.lora.steps=2"])
+    assert "not valid" in str(exc.value) and "train-lora-tiny.toml:" in str(exc.value)
+    assert "node 'lora' key 'steps'" in str(exc.value)
+
+
 def test_the_measure_samples_the_folder_load_model_loaded_and_refuses_a_single_file(tmp_path):
     from types import SimpleNamespace
 

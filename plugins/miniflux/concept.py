@@ -155,9 +155,6 @@ def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT, a
 def measure(steps: int | None, samples: int, log: Any = print, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train the recipe's LoRA (optionally with other ``steps`` or ``--set`` overrides) and measure acquisition
     (on new prompts and on the training captions themselves) and leakage."""
-    from fluxkiln.engine.cli_output import located_failure
-    from fluxkiln.engine.runner import Engine
-
     from .adherence import eval_prompts, generate, summarise
     from .checker import check
     from .weights import load_folder
@@ -168,12 +165,8 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
     folder, shape, scale = read.folder, read.shape, read.scale
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = Engine(cache_dir=Path(tmp) / "cache").run(recipe, output=Path(tmp) / "run", overrides=overrides)
+        result = run_recipe(recipe, Path(tmp), overrides)
         seconds = time.perf_counter() - t0
-        if not result.ok:
-            raise SystemExit("the recipe failed:\n" + "\n".join(
-                located_failure(e.node, e.data) + (f" (hint: {e.data['hint']})" if e.data.get("hint") else "")
-                for e in result.events if e.event == "node_failed"))
         lora = result.outputs["lora"]["lora"]
         pipe = load_folder(loaded_folder(result.outputs[read.model_node]["output"]))
         with_trigger, without = probe_prompts(samples, shape=shape)
@@ -201,6 +194,24 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
            "concept_by_word_after": concept_by_word(after_images, vocab, shape)}
     log(json.dumps(row, indent=1))
     return row
+
+
+def run_recipe(recipe: Path, folder: Path, overrides: list[str]) -> Any:
+    """Run ``recipe`` with ``overrides`` (cache and outputs under ``folder``); SystemExit with every problem (file,
+    line, node, key) if the settings are not valid or a node fails."""
+    from fluxkiln.engine.cli_output import located_failure
+    from fluxkiln.engine.errors import RecipeInvalid
+    from fluxkiln.engine.runner import Engine
+
+    try:
+        result = Engine(cache_dir=folder / "cache").run(recipe, output=folder / "run", overrides=overrides)
+    except RecipeInvalid as exc:
+        raise SystemExit(f"the recipe with these settings is not valid:\n{exc}") from exc
+    if not result.ok:
+        raise SystemExit("the recipe failed:\n" + "\n".join(
+            located_failure(e.node, e.data) + (f" (hint: {e.data['hint']})" if e.data.get("hint") else "")
+            for e in result.events if e.event == "node_failed"))
+    return result
 
 
 def shape_by_word(checks: list[Any], prompts: list[str]) -> dict[str, float]:
