@@ -18,7 +18,8 @@ transformer, e.g. ``single_transformer_blocks.5.proj_mlp``) takes the W of the f
 expression it contains, 1 if none; ``*=W`` matches every layer.  A pattern cannot hold a comma (write
 ``\\d\\d?``, not ``\\d{1,2}``), and a rule that matches none of the LoRA's layers is refused.  E.g.
 ``'single_transformer_blocks\\.[4-7]\\.=0'`` leaves out the last four single blocks' LoRA, ``'*=1.15'`` is
-``lora_scale`` 1.15.
+``lora_scale`` 1.15.  ``@T`` after the rules (``all@0.5``) lets the LoRA act only while the sampler's timestep
+(1 pure noise, 0 the finished picture) is at least T, and leaves it off for the steps after.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "train-lora-tiny.t
 
 @dataclass(frozen=True)
 class Weights:
-    """Rules ``(pattern, weight)``: a layer takes the weight of the first pattern its name contains, else 1."""
+    """Rules ``(pattern, weight)``: a layer takes the weight of the first pattern its name contains, else 1; the
+    LoRA acts only while the sampler's timestep (1 pure noise, 0 the finished picture) is at least ``above``."""
 
     rules: tuple[tuple[re.Pattern[str], float], ...] = ()
+    above: float = 0.0
 
     def __call__(self, name: str) -> float:
         return next((w for pattern, w in self.rules if pattern.search(name)), 1.0)
@@ -51,12 +54,26 @@ class Weights:
         return [pattern.pattern for pattern, _ in self.rules if not any(pattern.search(n) for n in names)]
 
 
+OFF = Weights(((re.compile(".*"), 0.0),))
+
+
 def layer_weights(spec: str) -> Weights:
-    """The :class:`Weights` of ``spec`` (``all`` or ``REGEX=W,...``); ValueError names a bad rule."""
-    if spec == "all":
-        return Weights()
+    """The :class:`Weights` of ``spec`` (``all`` or ``REGEX=W,...``, either with ``@T``); ValueError names a bad
+    rule."""
+    rules_spec, above = spec, 0.0
+    if "@" in spec:
+        rules_spec, _, time_spec = spec.rpartition("@")
+        try:
+            above = float(time_spec)
+        except ValueError:
+            above = -1.0
+        if not 0.0 <= above <= 1.0:
+            raise ValueError(f"weights {spec!r}: {time_spec!r} after '@' is not a timestep from 0 to 1 "
+                             "(e.g. 'all@0.5': the LoRA acts over the noisier half of the steps)")
+    if rules_spec == "all":
+        return Weights(above=above)
     rules = []
-    for part in spec.split(","):
+    for part in rules_spec.split(","):
         pattern, sep, weight = part.rpartition("=")
         if not sep or not pattern:
             raise ValueError(f"weights {spec!r}: rule {part!r} is not REGEX=W (e.g. 'single_transformer_blocks=0')")
@@ -64,7 +81,7 @@ def layer_weights(spec: str) -> Weights:
             rules.append((re.compile(".*" if pattern == "*" else pattern), float(weight)))
         except (re.error, ValueError) as exc:
             raise ValueError(f"weights {spec!r}: rule {part!r}: {exc}") from exc
-    return Weights(tuple(rules))
+    return Weights(tuple(rules), above)
 
 
 def pixel_change(before: list[Any], after: list[Any]) -> float:
@@ -188,9 +205,18 @@ def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, 
     if not layers:
         raise SystemExit(f"the LoRA {lora} loaded onto none of the transformer's layers")
     trained = {name: m.scaling["concept"] for name, m in layers.items()}
+    current = [Weights()]
+
+    def follow_time(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        weight = current[0]
+        if weight.above > 0:
+            weigh(layers, trained, weight if float(kwargs["timestep"].flatten()[0]) >= weight.above else OFF)
+
+    pipe.transformer.register_forward_pre_hook(follow_time, with_kwargs=True)
     rows = []
     for spec, weight in rules.items():
         off = weigh(layers, trained, weight)
+        current[0] = weight
         t0 = time.perf_counter()
         new = concept_share(sampled(trigger), trigger, shape)
         leak = concept_share(sampled(without), without, shape)

@@ -35,6 +35,17 @@ def test_the_first_rule_that_a_layer_name_contains_gives_its_weight(blocks):
     assert weight.unused(["single_transformer_blocks.0.proj_mlp"]) == [r"single_transformer_blocks\.[4-7]\."]
 
 
+def test_a_timestep_after_the_rules_sets_from_when_the_lora_acts(blocks):
+    assert blocks.layer_weights("all@0.5") == blocks.Weights(above=0.5)
+    weight = blocks.layer_weights("single=0,*=2@0.25")
+    assert (weight.above, weight("single_transformer_blocks.0.proj_out"), weight("transformer_blocks.0.ff")) == (
+        0.25, 0, 2)
+    assert blocks.layer_weights("all").above == 0
+    for spec in ("all@x", "all@1.5", "single=0@-0.1"):
+        with pytest.raises(ValueError, match="not a timestep from 0 to 1"):
+            blocks.layer_weights(spec)
+
+
 def test_weigh_sets_each_layers_scaling_to_its_trained_value_times_its_weight(blocks):
     class Layer:
         def __init__(self):
@@ -50,7 +61,7 @@ def test_weigh_sets_each_layers_scaling_to_its_trained_value_times_its_weight(bl
     assert [layer.scaling["concept"] for layer in layers.values()] == [2.0, 0.5]
 
 
-@pytest.mark.parametrize("spec", ["single", "=0", "single=x", "(=0"])
+@pytest.mark.parametrize("spec", ["single", "=0", "single=x", "(=0", "all@2"])
 def test_a_bad_rule_is_refused_before_any_work(blocks, spec, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         blocks.main(["--model", str(WEIGHTS), "--work", str(tmp_path), spec])
@@ -76,7 +87,7 @@ def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(b
     args = ["--model", str(WEIGHTS.relative_to(ROOT)), "--work", str(tmp_path / "work"), "--set", "nodes.lora.steps=4",
             "--set", "nodes.lora.save_every=0", "--set", "nodes.lora.sample_every=0", "--prompts", "2",
             "--vocab", "3", "--steps", "2", "--json", str(tmp_path / "rows.json"),
-            "all", r"single_transformer_blocks\.[4-7]\.=0", "*=0"]
+            "all@1", "all", r"single_transformer_blocks\.[4-7]\.=0", "*=0"]
     assert blocks.main(args) == 0
     assert "trained in" in capsys.readouterr().out
     rows = {r["weights"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
@@ -91,10 +102,12 @@ def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(b
     cut = rows[r"single_transformer_blocks\.[4-7]\.=0"]["vocabulary_change"]
     assert cut > 0 and cut != rows["all"]["vocabulary_change"]
     assert len(nothing["layers_off"]) > len(off)
-    assert blocks.main(args[:-3] + ["all"]) == 0  # the same settings: the kept LoRA, no training
+    first_step = rows["all@1"]["vocabulary_change"]  # the LoRA at the first, noisiest step only, then off
+    assert 0 < first_step != rows["all"]["vocabulary_change"]  # and "all", read after it, acts at every step again
+    assert blocks.main(args[:-4] + ["all"]) == 0  # the same settings: the kept LoRA, no training
     assert "trained in" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:  # checked against the kept LoRA's layers before any sampling
-        blocks.main(args[:-3] + [r"single_transformer_blocks\.[4-7]\.=0,single_blocks=0"])
+        blocks.main(args[:-4] + [r"single_transformer_blocks\.[4-7]\.=0,single_blocks=0"])
     assert "'single_blocks'" in str(exc.value) and "match none of the LoRA's layers" in str(exc.value)
-    assert blocks.main(args[:-3] + ["--seed", "7", "all"]) == 0  # another seed: another LoRA
+    assert blocks.main(args[:-4] + ["--seed", "7", "all"]) == 0  # another seed: another LoRA
     assert "trained in" in capsys.readouterr().out
