@@ -1,5 +1,5 @@
-"""Which of a LoRA's layers carry the word, and which cost the other shapes: the recipe's LoRA read again with its
-layers weighted apart (LoRA block weights).
+"""Which of a LoRA's layers and steps carry the word, and which cost the other shapes: the recipe's LoRA read again
+with its layers weighted apart (LoRA block weights) and left out of the later steps (a LoRA schedule).
 
     python bench/lora_blocks.py --model DIR [--seed 42] [--set KEY=VALUE ...] [--prompts 32] [--vocab 64]
                                 [--steps 28] [--work DIR] [--json FILE] WEIGHTS [WEIGHTS ...]
@@ -15,11 +15,12 @@ sample ``--steps`` steps at guidance 3.
 
 WEIGHTS is ``all`` (the LoRA as trained) or comma-separated ``REGEX=W`` rules: a layer (its name in the
 transformer, e.g. ``single_transformer_blocks.5.proj_mlp``) takes the W of the first rule whose regular
-expression it contains, 1 if none; ``*=W`` matches every layer.  A pattern cannot hold a comma (write
-``\\d\\d?``, not ``\\d{1,2}``), and a rule that matches none of the LoRA's layers is refused.  E.g.
-``'single_transformer_blocks\\.[4-7]\\.=0'`` leaves out the last four single blocks' LoRA, ``'*=1.15'`` is
-``lora_scale`` 1.15.  ``@T`` after the rules (``all@0.5``) lets the LoRA act only while the sampler's timestep
-(1 pure noise, 0 the finished picture) is at least T, and leaves it off for the steps after.
+expression it contains, 1 if none; ``*=W`` matches every layer, and a rule that matches none of the LoRA's layers
+is refused.  E.g. ``'single_transformer_blocks\\.[4-7]\\.=0'`` leaves out the last four single blocks' LoRA,
+``'*=1.15'`` is ``lora_scale`` 1.15.  ``@T`` after the rules (``all@0.5``) lets the LoRA act only while the
+sampler's timestep (1 pure noise, 0 the finished picture) is at least T, and leaves it off for the steps after;
+each row gives the steps the LoRA acted at (``steps_on`` of ``steps``, and their ``timesteps_on``).  A pattern
+cannot hold a comma or an '@' (write ``\\d\\d?``, not ``\\d{1,2}``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Weights:
     def __call__(self, name: str) -> float:
         return next((w for pattern, w in self.rules if pattern.search(name)), 1.0)
 
+    def acts_at(self, timestep: float) -> bool:
+        """Whether the LoRA acts at a step whose timestep (1 pure noise, 0 the finished picture) is ``timestep``."""
+        return timestep >= self.above
+
     def unused(self, names: list[str]) -> list[str]:
         """The patterns that match none of ``names`` (a typo, or a layer the LoRA does not have)."""
         return [pattern.pattern for pattern, _ in self.rules if not any(pattern.search(n) for n in names)]
@@ -68,8 +73,9 @@ def layer_weights(spec: str) -> Weights:
         except ValueError:
             above = -1.0
         if not 0.0 <= above <= 1.0:
-            raise ValueError(f"weights {spec!r}: {time_spec!r} after '@' is not a timestep from 0 to 1 "
-                             "(e.g. 'all@0.5': the LoRA acts over the noisier half of the steps)")
+            raise ValueError(f"weights {spec!r}: {time_spec!r} after the last '@' is not a timestep from 0 to 1 "
+                             "(e.g. 'all@0.5': the LoRA acts over the noisier half of the steps; a pattern cannot "
+                             "hold '@')")
     if rules_spec == "all":
         return Weights(above=above)
     rules = []
@@ -139,6 +145,30 @@ def refuse_unused(rules: dict[str, Weights], layers: list[str]) -> None:
                          f"are like {', '.join(layers[::max(1, len(layers) // 4)][:4])}")
 
 
+class StepSchedule:
+    """A forward pre-hook on the transformer: at each step it weighs the LoRA's layers by ``weight`` while the
+    step's timestep is at least ``weight.above``, and to nothing after; it records the timesteps of both kinds."""
+
+    def __init__(self, layers: dict[str, Any], trained: dict[str, float]) -> None:
+        self.layers, self.trained = layers, trained
+        self.weight = Weights()
+        self.on: set[float] = set()
+        self.off: set[float] = set()
+
+    def start(self, weight: Weights) -> list[str]:
+        """Weigh the layers for a new reading; the names of the layers weighed to 0 (see :func:`weigh`)."""
+        self.weight, self.on, self.off = weight, set(), set()
+        return weigh(self.layers, self.trained, weight)
+
+    def __call__(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]  # FluxTransformer2DModel.forward's 4th
+        t = round(float(timestep.flatten()[0]), 4)
+        acts = self.weight.acts_at(t)
+        (self.on if acts else self.off).add(t)
+        if self.weight.above > 0:
+            weigh(self.layers, self.trained, self.weight if acts else OFF)
+
+
 def weigh(layers: dict[str, Any], trained: dict[str, float], weight: Weights) -> list[str]:
     """Set each LoRA layer's scaling to its trained value times its weight (peft multiplies the layer's LoRA output
     by it); the names of the layers weighed to 0."""
@@ -170,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "seed": args.seed, "overrides": args.overrides,
                                          "rows": rows}, indent=1))
-    print(f"\n{'weights':60s} {'new':>6s} {'leak':>6s} {'cost':>6s} {'stars':>6s}")
+    print(f"\n{'weights':60s} {'steps':7s} {'new':>6s} {'leak':>6s} {'cost':>6s} {'stars':>6s}")
     for r in rows:
-        print(f"{r['weights'][:60]:60s} {r['with_trigger']:6.1f} {r['without_trigger']:6.1f} {r['cost']:6.1f} "
+        label = r["weights"] if len(r["weights"]) <= 60 else "..." + r["weights"][-57:]
+        steps = f"{r['steps_on']}/{r['steps']}"
+        print(f"{label:60s} {steps:7s} {r['with_trigger']:6.1f} {r['without_trigger']:6.1f} {r['cost']:6.1f} "
               f"{r['shape_by_word_after'].get('star', float('nan')):6.1f}")
     return 0
 
@@ -204,34 +236,31 @@ def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, 
     layers = {name: m for name, m in pipe.transformer.named_modules() if "concept" in getattr(m, "scaling", {})}
     if not layers:
         raise SystemExit(f"the LoRA {lora} loaded onto none of the transformer's layers")
-    trained = {name: m.scaling["concept"] for name, m in layers.items()}
-    current = [Weights()]
+    schedule = StepSchedule(layers, {name: m.scaling["concept"] for name, m in layers.items()})
 
-    def follow_time(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        weight = current[0]
-        if weight.above > 0:
-            weigh(layers, trained, weight if float(kwargs["timestep"].flatten()[0]) >= weight.above else OFF)
-
-    pipe.transformer.register_forward_pre_hook(follow_time, with_kwargs=True)
-    rows = []
-    for spec, weight in rules.items():
-        off = weigh(layers, trained, weight)
-        current[0] = weight
+    def reading(spec: str, weight: Weights) -> dict[str, Any]:
+        off = schedule.start(weight)
         t0 = time.perf_counter()
         new = concept_share(sampled(trigger), trigger, shape)
         leak = concept_share(sampled(without), without, shape)
         changed = sampled(vocab)
         after = checked(changed, vocab)
-        row = {"weights": spec, "layers_off": off,
+        row = {"weights": spec, "layers_off": off, "steps_on": len(schedule.on),
+               "steps": len(schedule.on | schedule.off), "timesteps_on": sorted(schedule.on),
                "with_trigger": round(100 * new, 1), "without_trigger": round(100 * leak, 1),
                "vocabulary_before": summarise(before), "vocabulary_after": summarise(after),
                "shape_by_word_before": shape_by_word(before, vocab), "shape_by_word_after": shape_by_word(after, vocab)}
         row["cost"] = round(row["vocabulary_before"]["shape"] - row["vocabulary_after"]["shape"], 1)
         row["vocabulary_change"] = pixel_change(plain, changed)
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps({k: v for k, v in row.items() if k != "layers_off"}), flush=True)
-        rows.append(row)
-    return rows
+        print(json.dumps({k: v for k, v in row.items() if k not in ("layers_off", "timesteps_on")}), flush=True)
+        return row
+
+    hook = pipe.transformer.register_forward_pre_hook(schedule, with_kwargs=True)
+    try:
+        return [reading(spec, weight) for spec, weight in rules.items()]
+    finally:
+        hook.remove()
 
 
 if __name__ == "__main__":

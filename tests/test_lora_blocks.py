@@ -41,9 +41,12 @@ def test_a_timestep_after_the_rules_sets_from_when_the_lora_acts(blocks):
     assert (weight.above, weight("single_transformer_blocks.0.proj_out"), weight("transformer_blocks.0.ff")) == (
         0.25, 0, 2)
     assert blocks.layer_weights("all").above == 0
-    for spec in ("all@x", "all@1.5", "single=0@-0.1"):
-        with pytest.raises(ValueError, match="not a timestep from 0 to 1"):
+    for spec in ("all@x", "all@1.5", "single=0@-0.1", "foo@bar=0"):
+        with pytest.raises(ValueError, match="not a timestep from 0 to 1.*a pattern cannot hold '@'"):
             blocks.layer_weights(spec)
+    half = blocks.layer_weights("all@0.5")
+    assert (half.acts_at(1.0), half.acts_at(0.5), half.acts_at(0.4999)) == (True, True, False)
+    assert blocks.layer_weights("all").acts_at(0.0)
 
 
 def test_weigh_sets_each_layers_scaling_to_its_trained_value_times_its_weight(blocks):
@@ -102,6 +105,8 @@ def test_rows_weigh_the_named_layers_and_a_lora_weighed_to_nothing_is_the_base(b
     cut = rows[r"single_transformer_blocks\.[4-7]\.=0"]["vocabulary_change"]
     assert cut > 0 and cut != rows["all"]["vocabulary_change"]
     assert len(nothing["layers_off"]) > len(off)
+    assert (rows["all@1"]["steps_on"], rows["all@1"]["timesteps_on"], rows["all@1"]["steps"]) == (1, [1.0], 2)
+    assert rows["all"]["steps_on"] == rows["all"]["steps"] == 2
     first_step = rows["all@1"]["vocabulary_change"]  # the LoRA at the first, noisiest step only, then off
     assert 0 < first_step != rows["all"]["vocabulary_change"]  # and "all", read after it, acts at every step again
     assert blocks.main(args[:-4] + ["all"]) == 0  # the same settings: the kept LoRA, no training
