@@ -101,10 +101,12 @@ def pixel_change(before: list[Any], after: list[Any]) -> float:
 
 def _fingerprint(model: Path) -> str:
     """What the kept LoRA depends on besides the settings: the recipe file's text and the model folder's files
-    (names, sizes, modification times), so a retrained base at the same path trains a new LoRA."""
-    files = sorted(p for p in model.rglob("*") if p.is_file())
-    stamps = [f"{p.relative_to(model)}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha256("\n".join([RECIPE.read_text(), *stamps]).encode()).hexdigest()
+    (names, sizes, modification times, as load_model reloads on), so a retrained base at the same path trains a
+    new LoRA."""
+    from fluxkiln.plugins.flux.load import local_model_signature
+
+    files = local_model_signature({"model": str(model)}, model)["model files"]
+    return hashlib.sha256("\n".join([RECIPE.read_text(), files]).encode()).hexdigest()
 
 
 def trained_lora(model: Path, seed: int, overrides: list[str], work: Path, log: Callable[[str], None]) -> Path:
@@ -129,12 +131,12 @@ def trained_lora(model: Path, seed: int, overrides: list[str], work: Path, log: 
 
 
 def lora_layers(lora: Path) -> list[str]:
-    """The transformer layers a LoRA file (``train_lora``'s diffusers keys) adapts, as peft names them."""
-    from safetensors import safe_open
+    """The transformer layers a LoRA file adapts, as peft names them (its keys read as apply_lora reads them)."""
+    from fluxkiln.plugins.flux.lora import read_lora
+    from fluxkiln.plugins.flux.lora_keys import to_peft
 
-    with safe_open(str(lora), "pt") as f:
-        keys = list(f.keys())
-    return sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in keys if k.startswith("transformer.")})
+    modules = to_peft(read_lora(lora)).modules()
+    return sorted({m.removeprefix("transformer.") for m in modules if m.startswith("transformer.")})
 
 
 def refuse_unused(rules: dict[str, Weights], layers: list[str]) -> None:
@@ -161,8 +163,9 @@ class StepSchedule:
         return weigh(self.layers, self.trained, weight)
 
     def __call__(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]  # FluxTransformer2DModel.forward's 4th
-        t = round(float(timestep.flatten()[0]), 4)
+        from fluxkiln.plugins.flux.modulation import forward_inputs
+
+        t = round(float(forward_inputs(args, kwargs)[1].flatten()[0]), 4)
         acts = self.weight.acts_at(t)
         (self.on if acts else self.off).add(t)
         if self.weight.above > 0:
@@ -211,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, Any]]:
     """Each rule's row (see the module's docstring)."""
-    from fluxkiln.plugins.miniflux.adherence import eval_prompts, generate, summarise
-    from fluxkiln.plugins.miniflux.checker import check
-    from fluxkiln.plugins.miniflux.concept import concept_share, probe_prompts, recipe_concept, shape_by_word
+    from fluxkiln.plugins.miniflux.adherence import checks_of, eval_prompts, generate
+    from fluxkiln.plugins.miniflux.concept import concept_share, probe_prompts, recipe_concept, vocabulary_readings
     from fluxkiln.plugins.miniflux.weights import load_folder
 
     lora = trained_lora(args.model, args.seed, args.overrides, args.work, print)
@@ -226,11 +228,8 @@ def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, 
     def sampled(prompts: list[str]) -> list[Any]:
         return generate(pipe, prompts, steps=args.steps, guidance=3.0)
 
-    def checked(images: list[Any], prompts: list[str]) -> list[Any]:
-        return [check(im, p) for im, p in zip(images, prompts, strict=True)]
-
     plain = sampled(vocab)
-    before = checked(plain, vocab)
+    before = checks_of(plain, vocab)
     pipe.load_lora_weights(str(lora), adapter_name="concept")
     pipe.set_adapters(["concept"], adapter_weights=[1.0])
     layers = {name: m for name, m in pipe.transformer.named_modules() if "concept" in getattr(m, "scaling", {})}
@@ -244,12 +243,11 @@ def read(args: argparse.Namespace, rules: dict[str, Weights]) -> list[dict[str, 
         new = concept_share(sampled(trigger), trigger, shape)
         leak = concept_share(sampled(without), without, shape)
         changed = sampled(vocab)
-        after = checked(changed, vocab)
+        after = checks_of(changed, vocab)
         row = {"weights": spec, "layers_off": off, "steps_on": len(schedule.on),
                "steps": len(schedule.on | schedule.off), "timesteps_on": sorted(schedule.on),
                "with_trigger": round(100 * new, 1), "without_trigger": round(100 * leak, 1),
-               "vocabulary_before": summarise(before), "vocabulary_after": summarise(after),
-               "shape_by_word_before": shape_by_word(before, vocab), "shape_by_word_after": shape_by_word(after, vocab)}
+               **vocabulary_readings(before, after, vocab)}
         row["cost"] = round(row["vocabulary_before"]["shape"] - row["vocabulary_after"]["shape"], 1)
         row["vocabulary_change"] = pixel_change(plain, changed)
         row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -158,7 +158,7 @@ _FORWARD_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections",
                  "guidance")
 
 
-def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def forward_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """(hidden_states, timestep, guidance, pooled_projections) of a FluxTransformer2DModel call."""
     given = dict(zip(_FORWARD_ARGS, args, strict=False)) | kwargs
     return given.get("hidden_states"), given.get("timestep"), given.get("guidance"), given.get("pooled_projections")
@@ -169,7 +169,7 @@ def fill(transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Non
     st = getattr(transformer, ATTR, None)
     if st is None:
         return
-    hidden, timestep, guidance, pooled = _inputs(args, kwargs)
+    hidden, timestep, guidance, pooled = forward_inputs(args, kwargs)
     if hidden is None or timestep is None or pooled is None:
         raise TypeError("a transformer with precomputed modulation needs hidden_states, timestep and "
                         "pooled_projections in each call")

@@ -63,8 +63,13 @@ def summarise(checks: list[Check]) -> dict[str, float]:
     return result
 
 
+def checks_of(images: list[Any], prompts: list[str]) -> list[Check]:
+    """The checker's reading of each image against its prompt."""
+    return [check(im, p) for im, p in zip(images, prompts, strict=True)]
+
+
 def score_images(images: list[Any], prompts: list[str]) -> dict[str, float]:
-    return summarise([check(im, p) for im, p in zip(images, prompts, strict=True)])
+    return summarise(checks_of(images, prompts))
 
 
 RUNS: dict[str, list[tuple[str, str, int, float | None]]] = {

@@ -155,8 +155,7 @@ def concept_share(images: list[Any], prompts: list[str], shape: str = CONCEPT, a
 def measure(steps: int | None, samples: int, log: Any = print, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train the recipe's LoRA (optionally with other ``steps`` or ``--set`` overrides) and measure acquisition
     (on new prompts and on the training captions themselves) and leakage."""
-    from .adherence import eval_prompts, generate, summarise
-    from .checker import check
+    from .adherence import checks_of, eval_prompts, generate
     from .weights import load_folder
 
     recipe = repo_root() / "recipes" / "train-lora-tiny.toml"
@@ -175,7 +174,7 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         def sampled(prompts: list[str]) -> list[Any]:
             return generate(pipe, prompts, steps=28, guidance=3.0)
 
-        before_checks = [check(im, p) for im, p in zip(sampled(vocab), vocab, strict=True)]
+        before_checks = checks_of(sampled(vocab), vocab)
         pipe.load_lora_weights(str(Path(lora.path)), adapter_name="concept")
         pipe.set_adapters(["concept"], adapter_weights=[scale])
         hits = concept_share(sampled(with_trigger), with_trigger, shape)
@@ -183,14 +182,11 @@ def measure(steps: int | None, samples: int, log: Any = print, overrides: list[s
         fitted = concept_share(sampled(captions), captions, shape)
         leaks = concept_share(sampled(without), without, shape)
         after_images = sampled(vocab)
-        after_checks = [check(im, p) for im, p in zip(after_images, vocab, strict=True)]
+        after_checks = checks_of(after_images, vocab)
     row = {"train_seconds": round(seconds, 1), "overrides": overrides, "model": read.model, "concept": shape,
            "lora_scale": scale,
            "with_trigger": round(100 * hits, 1), "training_captions": round(100 * fitted, 1),
-           "without_trigger": round(100 * leaks, 1), "vocabulary_before": summarise(before_checks),
-           "vocabulary_after": summarise(after_checks),
-           "shape_by_word_before": shape_by_word(before_checks, vocab),
-           "shape_by_word_after": shape_by_word(after_checks, vocab),
+           "without_trigger": round(100 * leaks, 1), **vocabulary_readings(before_checks, after_checks, vocab),
            "concept_by_word_after": concept_by_word(after_images, vocab, shape)}
     log(json.dumps(row, indent=1))
     return row
@@ -212,6 +208,14 @@ def run_recipe(recipe: Path, folder: Path, overrides: list[str]) -> Any:
             located_failure(e.node, e.data) + (f" (hint: {e.data['hint']})" if e.data.get("hint") else "")
             for e in result.events if e.event == "node_failed"))
     return result
+
+
+def vocabulary_readings(before: list[Any], after: list[Any], vocab: list[str]) -> dict[str, dict[str, float]]:
+    """The vocabulary prompts' checks without the LoRA (``before``) and with it, summarised and per shape word."""
+    from .adherence import summarise
+
+    return {"vocabulary_before": summarise(before), "vocabulary_after": summarise(after),
+            "shape_by_word_before": shape_by_word(before, vocab), "shape_by_word_after": shape_by_word(after, vocab)}
 
 
 def shape_by_word(checks: list[Any], prompts: list[str]) -> dict[str, float]:
