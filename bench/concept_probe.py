@@ -190,6 +190,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "all --batch)")
     parser.add_argument("--object-weight", type=float, default=0.0, metavar="K", help="weigh each latent token's "
                         "flow loss by 1 + K x the share of its pixels the object covers (not the background)")
+    parser.add_argument("--loraplus", type=float, default=1.0, metavar="R", help="LoRA+: train the LoRA's B "
+                        "matrices at R x --lr (1: one rate for both)")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                         help="the learning rate over the steps: constant, or cosine to zero")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="sample with an exponential "

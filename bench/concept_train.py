@@ -267,6 +267,10 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
     groups = [{"params": params, "lr": args.lr}]
+    if args.loraplus != 1 and args.rank and not args.full:  # LoRA+: the B matrices at loraplus x the rate
+        up = {id(p) for n, p in pipe.transformer.named_parameters() if ".lora_B." in n and p.requires_grad}
+        groups = [{"params": [p for p in params if id(p) not in up], "lr": args.lr},
+                  {"params": [p for p in params if id(p) in up], "lr": args.lr * args.loraplus}]
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 

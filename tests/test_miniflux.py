@@ -60,6 +60,20 @@ def test_a_concept_shape_is_read_only_where_the_prompt_names_it_or_the_checker_i
     assert checker.check(image, "a large red star in the center", also=(shape,)).blobs[0].shape == shape
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_every_drawable_shape_is_read_as_itself_among_all_of_them(size):
+    """The templates stay apart: a base taught many outlines is only measured right if the checker tells each
+    one from every other (it stretches a template into a blob's box, so no shape may be another stretched)."""
+    shapes = world.DRAWABLE
+    scenes = [world.Scene((world.Obj("red", s, size, "center"),), "blue") for s in shapes]
+    layouts = [world.realise(scene, random.Random(0)) for scene in scenes]
+    images = render.to_pil(render.render(layouts, 256, 256, supersample=2))
+    read = [checker.check(image, scene.prompt, also=shapes).blobs[0].shape for scene, image in zip(scenes, images,
+                                                                                                   strict=True)]
+    assert read == list(shapes)
+    assert set(world.OUTLINES) <= set(shapes) and "bowtie" not in world.OUTLINES  # the LoRA's concept stays new
+
+
 def test_the_checker_says_what_is_wrong():
     scene = world.Scene((world.Obj("red", "circle", "large", "top left"),), "blue")
     image = render.to_pil(render.render([world.realise(scene, random.Random(0))], 256, 256, supersample=1))[0]

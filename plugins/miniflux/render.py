@@ -24,14 +24,48 @@ def _outline(corners: int, inner: float | None = None) -> list[tuple[float, floa
         radius = inner if inner and k % 2 else 1.0
         angle = -math.pi / 2 + k * 2 * math.pi / steps
         points.append((radius * math.cos(angle), radius * math.sin(angle)))
+    return _filling(points)
+
+
+def _filling(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``points`` moved and stretched to fill the box [-1, 1]^2 (the checker draws a template into a blob's box)."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
     hx, hy = (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
     return [((x - cx) / hx, (y - cy) / hy) for x, y in points]
 
 
+def _heart(n: int = 48) -> list[tuple[float, float]]:
+    """The classic heart curve, its point at the bottom (y grows downwards)."""
+    return _filling([(16 * math.sin(t) ** 3,
+                      -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+                     for t in (2 * math.pi * k / n for k in range(n))])
+
+
+def _moon(n: int = 24) -> list[tuple[float, float]]:
+    """A crescent opening to the right: the unit circle's left arc, back along a smaller circle's."""
+    outer = [(math.cos(a), math.sin(a)) for a in (math.radians(60 + 240 * k / n) for k in range(n + 1))]
+    cx, r = 0.55, 0.95  # the inner circle meets the outer one at the arc's two ends
+    ends = [math.atan2(y, x - cx) for x, y in (outer[-1], outer[0])]
+    inner = [(cx + r * math.cos(a), r * math.sin(a))
+             for a in (ends[0] - (ends[0] - ends[1] + 2 * math.pi) % (2 * math.pi) * k / n for k in range(1, n))]
+    return _filling(outer + inner)
+
+
 STAR = _outline(5, inner=0.45)
 PENTAGON = _outline(5)
+# every shape drawn as one polygon (the others below are formulas); y grows downwards, the box is [-1, 1]^2
+POLYGONS: dict[str, list[tuple[float, float]]] = {
+    "star": STAR, "pentagon": PENTAGON, "sparkle": _outline(4, inner=0.35), "hexagram": _outline(6, inner=0.58),
+    "heart": _heart(), "moon": _moon(),
+    "arrow": [(-1, -0.35), (0.2, -0.35), (0.2, -1), (1, 0), (0.2, 1), (0.2, 0.35), (-1, 0.35)],
+    "house": [(-1, 1), (-1, -0.1), (0, -1), (1, -0.1), (1, 1)],
+    "kite": [(0, -1), (1, -0.4), (0, 1), (-1, -0.4)],
+    "trapezoid": [(-0.45, -1), (0.45, -1), (1, 1), (-1, 1)],
+    "chevron": [(-1, 0.3), (0, -1), (1, 0.3), (1, 1), (0, -0.3), (-1, 1)],
+    "tee": [(-1, -1), (1, -1), (1, -0.4), (0.3, -0.4), (0.3, 1), (-0.3, 1), (-0.3, -0.4), (-1, -0.4)],
+    "ell": [(-1, -1), (-0.35, -1), (-0.35, 0.35), (1, 0.35), (1, 1), (-1, 1)],
+}
 
 
 def _inside(points: list[tuple[float, float]], dx: Any, dy: Any) -> Any:
@@ -69,8 +103,8 @@ def shape_mask(shape: str, dx: Any, dy: Any) -> Any:
         return (dx * dx + dy * dy <= 1) & (dx * dx + dy * dy >= 0.3)
     if shape == "octagon":
         return inside & (dx.abs() + dy.abs() <= math.sqrt(2))
-    if shape in ("star", "pentagon"):
-        return _inside(STAR if shape == "star" else PENTAGON, dx, dy)
+    if shape in POLYGONS:
+        return _inside(POLYGONS[shape], dx, dy)
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(DRAWABLE)}")
 
 

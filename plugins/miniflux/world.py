@@ -27,10 +27,13 @@ ALL_SHAPES = SHAPES + EXTRA_SHAPES  # the shapes the checker always considers
 # other new concepts for LoRAs: drawable, and considered by the checker only where a prompt (or an alias) names them
 # or it is asked to (its diamond template would take the base's blunt stars: 22 of 200 samples read otherwise)
 CONCEPT_SHAPES = ("cross", "diamond", "ring", "bowtie")
+# more outlines, each under a word of its own, for a broad base: one that knows many shapes, so that a LoRA's new
+# one is one more of many (the bowtie is not among them); each fills its box and none is another stretched
+OUTLINES = ("heart", "moon", "arrow", "house", "kite", "trapezoid", "chevron", "tee", "ell", "sparkle", "hexagram")
 # shapes a base may also be trained on (``TrainConfig.more_shapes``): the regular polygons either side of the
-# hexagon, which the base never sees, and two pointed concepts (so that the star is not the only shape with
-# points); drawable, and read by the checker where named, as the concepts are
-TAUGHT_SHAPES = ("pentagon", "octagon", "cross", "diamond")
+# hexagon, which the base never sees, two pointed concepts (so that the star is not the only shape with
+# points) and the outlines; drawable, and read by the checker where named, as the concepts are
+TAUGHT_SHAPES = ("pentagon", "octagon", "cross", "diamond") + OUTLINES
 DRAWABLE = tuple(dict.fromkeys(ALL_SHAPES + CONCEPT_SHAPES + TAUGHT_SHAPES))
 SIZES = {"small": 0.11, "large": 0.19}  # half the object's extent, as a fraction of the shorter side
 SIZE_SPLIT = 0.15  # measured half-extents below this count as small
