@@ -94,6 +94,16 @@ def trainable(transformer: Any, rank: int, full: bool, layers: str | None = None
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
+def rate_groups(transformer: Any, params: list[Any], lr: float, loraplus: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's groups: ``params`` at ``lr``, or with ``loraplus`` != 1 the transformer's LoRA B matrices at
+    ``loraplus`` x ``lr`` and the rest at ``lr`` (LoRA+, Hayou et al. 2024: B, which starts at zero, learns faster)."""
+    if loraplus == 1:
+        return [{"params": params, "lr": lr}]
+    up = {id(p) for n, p in transformer.named_parameters() if ".lora_B." in n}
+    return [{"params": [p for p in params if id(p) not in up], "lr": lr},
+            {"params": [p for p in params if id(p) in up], "lr": lr * loraplus}]
+
+
 TEXT_LAYERS = {"text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
                "text_encoder_2": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]}
 
@@ -266,11 +276,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         variants = [encode_text(pipe, v) for v in per_image]
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
-    groups = [{"params": params, "lr": args.lr}]
-    if args.loraplus != 1 and args.rank and not args.full:  # LoRA+: the B matrices at loraplus x the rate
-        up = {id(p) for n, p in pipe.transformer.named_parameters() if ".lora_B." in n and p.requires_grad}
-        groups = [{"params": [p for p in params if id(p) not in up], "lr": args.lr},
-                  {"params": [p for p in params if id(p) in up], "lr": args.lr * args.loraplus}]
+    groups = rate_groups(pipe.transformer, params, args.lr, args.loraplus if args.rank and not args.full else 1.0)
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 

@@ -156,6 +156,19 @@ def test_the_layers_option_trains_only_the_matching_loras_and_names_a_regex_that
         trainer.trainable(load_pipeline("dev").transformer, 4, False, "no_such_layer")
 
 
+def test_loraplus_trains_the_b_matrices_at_r_times_the_rate_and_the_rest_at_the_rate(probe, trainer):
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+
+    transformer = load_pipeline("dev").transformer
+    params = trainer.trainable(transformer, 4, False, r"single_transformer_blocks\.0\.")
+    names = {id(p): n for n, p in transformer.named_parameters()}
+    assert trainer.rate_groups(transformer, params, 1e-3) == [{"params": params, "lr": 1e-3}]
+    a, b = trainer.rate_groups(transformer, params, 1e-3, 8.0)
+    assert a["lr"] == 1e-3 and b["lr"] == 8e-3 and len(a["params"]) == len(b["params"]) > 0
+    assert all(".lora_A." in names[id(p)] for p in a["params"]) and all(".lora_B." in names[id(p)] for p in b["params"])
+    assert probe.make_parser().parse_args(["--loraplus", "4"]).loraplus == 4.0
+
+
 def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("concept_sweep", ROOT / "bench" / "concept_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
