@@ -190,8 +190,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "all --batch)")
     parser.add_argument("--object-weight", type=float, default=0.0, metavar="K", help="weigh each latent token's "
                         "flow loss by 1 + K x the share of its pixels the object covers (not the background)")
-    parser.add_argument("--loraplus", type=float, default=1.0, metavar="R", help="LoRA+: train the LoRA's B "
-                        "matrices at R x --lr (1: one rate for both)")
+    parser.add_argument("--loraplus", type=float, default=1.0, metavar="R", help="LoRA+: train the transformer's "
+                        "LoRA B matrices at R x --lr (1: one rate for both)")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                         help="the learning rate over the steps: constant, or cosine to zero")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="sample with an exponential "
@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve-on needs --preserve W (the preservation term's weight)")
     if args.preserve_every < 1:
         parser.error("--preserve-every must be 1 or more")
+    if args.loraplus <= 0 or (args.loraplus != 1 and (args.full or not args.rank)):
+        parser.error(f"--loraplus {args.loraplus:g}: give a rate ratio above 0 for a LoRA (--rank 1 or more, "
+                     "not --full), e.g. --loraplus 4")
 
     import torch
 

@@ -276,7 +276,7 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
         variants = [encode_text(pipe, v) for v in per_image]
     if args.text_encoders:
         params += text_trainable(pipe, args.rank)
-    groups = rate_groups(pipe.transformer, params, args.lr, args.loraplus if args.rank and not args.full else 1.0)
+    groups = rate_groups(pipe.transformer, params, args.lr, args.loraplus)
     if args.embeddings:
         from fluxkiln.plugins.miniflux.concept import TRIGGER
 

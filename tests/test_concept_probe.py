@@ -167,6 +167,9 @@ def test_loraplus_trains_the_b_matrices_at_r_times_the_rate_and_the_rest_at_the_
     assert a["lr"] == 1e-3 and b["lr"] == 8e-3 and len(a["params"]) == len(b["params"]) > 0
     assert all(".lora_A." in names[id(p)] for p in a["params"]) and all(".lora_B." in names[id(p)] for p in b["params"])
     assert probe.make_parser().parse_args(["--loraplus", "4"]).loraplus == 4.0
+    for wrong in (["--loraplus", "0"], ["--loraplus", "4", "--full"], ["--loraplus", "4", "--rank", "0"]):
+        with pytest.raises(SystemExit):
+            probe.main(wrong)
 
 
 def test_a_sweep_runs_each_setting_and_a_broken_one_does_not_stop_the_rest(tmp_path, capsys):

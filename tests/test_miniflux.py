@@ -60,6 +60,24 @@ def test_a_concept_shape_is_read_only_where_the_prompt_names_it_or_the_checker_i
     assert checker.check(image, "a large red star in the center", also=(shape,)).blobs[0].shape == shape
 
 
+def _crosses(p, q, r, s):
+    """Whether segments pq and rs cross (touching ends do not count)."""
+    def side(a, b, c):
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+    return side(p, q, r) * side(p, q, s) < 0 and side(r, s, p) * side(r, s, q) < 0
+
+
+@pytest.mark.parametrize("shape", sorted(render.POLYGONS))
+def test_every_polygon_fills_its_box_and_never_crosses_itself(shape):
+    points = render.POLYGONS[shape]
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    assert [min(xs), max(xs), min(ys), max(ys)] == pytest.approx([-1, 1, -1, 1])
+    edges = list(zip(points, points[1:] + points[:1], strict=True))
+    crossing = [(i, j) for i in range(len(edges)) for j in range(i + 2, len(edges))
+                if not (i == 0 and j == len(edges) - 1) and _crosses(*edges[i], *edges[j])]
+    assert crossing == []
+
+
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_every_drawable_shape_is_read_as_itself_among_all_of_them(size):
     """The templates stay apart: a base taught many outlines is only measured right if the checker tells each
@@ -71,7 +89,7 @@ def test_every_drawable_shape_is_read_as_itself_among_all_of_them(size):
     read = [checker.check(image, scene.prompt, also=shapes).blobs[0].shape for scene, image in zip(scenes, images,
                                                                                                    strict=True)]
     assert read == list(shapes)
-    assert set(world.OUTLINES) <= set(shapes) and "bowtie" not in world.OUTLINES  # the LoRA's concept stays new
+    assert "bowtie" not in world.TAUGHT_SHAPES  # the recipe's concept stays one no base is taught
 
 
 def test_the_checker_says_what_is_wrong():

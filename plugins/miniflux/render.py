@@ -45,7 +45,8 @@ def _heart(n: int = 48) -> list[tuple[float, float]]:
 def _moon(n: int = 24) -> list[tuple[float, float]]:
     """A crescent opening to the right: the unit circle's left arc, back along a smaller circle's."""
     outer = [(math.cos(a), math.sin(a)) for a in (math.radians(60 + 240 * k / n) for k in range(n + 1))]
-    cx, r = 0.55, 0.95  # the inner circle meets the outer one at the arc's two ends
+    cx = 0.4667
+    r = math.hypot(outer[0][0] - cx, outer[0][1])  # the inner circle meets the outer one at the arc's two ends
     ends = [math.atan2(y, x - cx) for x, y in (outer[-1], outer[0])]
     inner = [(cx + r * math.cos(a), r * math.sin(a))
              for a in (ends[0] - (ends[0] - ends[1] + 2 * math.pi) % (2 * math.pi) * k / n for k in range(1, n))]
