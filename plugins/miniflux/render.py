@@ -53,11 +53,10 @@ def _moon(n: int = 24) -> list[tuple[float, float]]:
     return _filling(outer + inner)
 
 
-STAR = _outline(5, inner=0.45)
-PENTAGON = _outline(5)
 # every shape drawn as one polygon (the others below are formulas); y grows downwards, the box is [-1, 1]^2
 POLYGONS: dict[str, list[tuple[float, float]]] = {
-    "star": STAR, "pentagon": PENTAGON, "sparkle": _outline(4, inner=0.35), "hexagram": _outline(6, inner=0.58),
+    "star": _outline(5, inner=0.45), "pentagon": _outline(5), "sparkle": _outline(4, inner=0.35),
+    "hexagram": _outline(6, inner=0.58),
     "heart": _heart(), "moon": _moon(),
     "arrow": [(-1, -0.35), (0.2, -0.35), (0.2, -1), (1, 0), (0.2, 1), (0.2, 0.35), (-1, 0.35)],
     "house": [(-1, 1), (-1, -0.1), (0, -1), (1, -0.1), (1, 1)],
