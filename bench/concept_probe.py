@@ -12,7 +12,8 @@ and the samples looked at.
                                   [--seed N] [--preserve-prompts same|world|mix]
                                   [--preserve-words star,star,circle] [--vocab N]
                                   [--preserve-on concept|rendered|generated|concept+generated] [--preserve-n 32]
-                                  [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
+                                  [--preserve-guidance G] [--null-space E] [--null-space-n 64] [--warmup N]
+                                  [--adam-eps EPS] [--loraplus R] [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),
@@ -48,7 +49,10 @@ prompts of the whole world (one or two objects, any size and place) instead of t
 captions (``star,star,circle,square,triangle``: the star twice as often as each other); ``--preserve-on``
 holds it to the base on pictures of their own instead of the concept's (``--preserve-n`` of them, of those
 prompts: rendered, or drawn by the base, so the term reads the states that prompts of the known shapes pass
-through when sampled); ``--vocab N`` scores N
+through when sampled); ``--preserve-guidance G`` makes both of the term's predictions at guidance G (3: the
+samples'); ``--null-space E`` keeps every LoRA A matrix off the input directions that hold E of the energy the
+known shapes' pictures give its layer (``bench/null_space.py``); ``--warmup N`` (with ``--schedule
+constant_with_warmup``) raises the rate over N steps and ``--adam-eps`` sets AdamW's epsilon; ``--vocab N`` scores N
 held-out prompts of the vocabulary with and without the LoRA (the shape adherence the LoRA costs); each row also
 gives its cost in plain 8-image steps on this CPU
 (``cpu_units``: about half a second each). ``--device cuda`` runs it all on a GPU (``bench/concept_sweep.py`` runs several settings in one process).
@@ -140,9 +144,13 @@ def prior_set(n: int, same_scenes: list[str] | None = None) -> tuple[list[Any], 
 
 def cpu_units(args: argparse.Namespace) -> float:
     """The training's cost in plain 8-image steps on this CPU (about 0.5 s each): a step of ``--batch`` images
-    costs batch/8, a preservation term its images' forward and backward plus the base's forward (about 1.45 x)."""
+    costs batch/8, a preservation term its images' forward and backward plus the base's forward (about 1.45 x),
+    and ``--null-space`` its forward passes over the known shapes' pictures."""
+    from null_space import FORWARD_UNITS, ROUNDS
+
     preserved = (args.preserve_batch or args.batch) / args.preserve_every if args.preserve else 0
-    return round(args.steps * (args.batch + 1.45 * preserved) / 8, 1)
+    recorded = FORWARD_UNITS * ROUNDS * args.null_space_n / 8 if args.null_space else 0
+    return round(args.steps * (args.batch + 1.45 * preserved) / 8 + recorded, 1)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -190,10 +198,20 @@ def make_parser() -> argparse.ArgumentParser:
                         "all --batch)")
     parser.add_argument("--object-weight", type=float, default=0.0, metavar="K", help="weigh each latent token's "
                         "flow loss by 1 + K x the share of its pixels the object covers (not the background)")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N", help="the learning rate rises linearly over the "
+                        "first N steps (train_lora's warmup_steps; not with --schedule constant)")
+    parser.add_argument("--adam-eps", type=float, default=1e-8, metavar="EPS", help="AdamW's epsilon: weights whose "
+                        "gradients are far under it move less than the rate (1e-8: PyTorch's default)")
+    parser.add_argument("--preserve-guidance", type=float, default=1.0, metavar="G", help="the guidance --preserve's "
+                        "two predictions are made at (1: the training's; 3: the samples')")
+    parser.add_argument("--null-space", type=float, default=0.0, metavar="E", help="keep every LoRA A matrix off "
+                        "the input directions holding E (e.g. 0.99) of the energy the known shapes' pictures give "
+                        "each layer (Gradient Projection Memory: bench/null_space.py)")
+    parser.add_argument("--null-space-n", type=int, default=64, help="rendered pictures --null-space reads")
     parser.add_argument("--loraplus", type=float, default=1.0, metavar="R", help="LoRA+: train the transformer's "
                         "LoRA B matrices at R x --lr (1: one rate for both)")
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                        help="the learning rate over the steps: constant, or cosine to zero")
+    parser.add_argument("--schedule", choices=["constant", "constant_with_warmup", "cosine"], default="constant",
+                        help="the learning rate over the steps: constant, constant after --warmup, or cosine to zero")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="sample with an exponential "
                         "moving average of the trained weights (e.g. 0.99; 0: the weights as trained)")
     parser.add_argument("--seed", type=int, default=0, help="the training's seed (the LoRA's start, the batches, "
@@ -330,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve-on needs --preserve W (the preservation term's weight)")
     if args.preserve_every < 1:
         parser.error("--preserve-every must be 1 or more")
+    if not 0 <= args.null_space < 1 or (args.null_space and (args.full or not args.rank)):
+        parser.error(f"--null-space {args.null_space:g}: give a share of the energy in (0, 1) for a LoRA (--rank 1 "
+                     "or more, not --full), e.g. --null-space 0.99")
+    if args.warmup and args.schedule == "constant":
+        parser.error("--warmup N needs a schedule that warms up: --schedule constant_with_warmup (or cosine)")
     if args.loraplus <= 0 or (args.loraplus != 1 and (args.full or not args.rank)):
         parser.error(f"--loraplus {args.loraplus:g}: give a rate ratio above 0 for a LoRA (--rank 1 or more, "
                      "not --full), e.g. --loraplus 4")
@@ -351,14 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         add_trigger_token(pipe, TRIGGER, args.new_token_init)
     data = encode(pipe, trained_images + extra_images, trained_captions + extra_captions)
     t0 = time.perf_counter()
-    losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args)
+    notes: dict[str, Any] = {}
+    losses = train(pipe, data, trained_captions + extra_captions, len(trained_images), args, notes)
     seconds = time.perf_counter() - t0
     rows, scales = probe_rows(args, captions, called)
     result: dict[str, Any] = {"settings": vars(args) | {k: str(getattr(args, k)) for k in ("grid", "json", "data",
                                                                                                  "weights")},
                               "read_among_taught": list(taught),
                               "train_seconds": round(seconds, 1), "cpu_units": cpu_units(args),
-                              "last_100_loss": round(sum(losses[-100:]) / 100, 4)}
+                              "last_100_loss": round(sum(losses[-100:]) / 100, 4), **notes}
     sampled = []
     for name, (prompts, checked, guidance) in rows.items():
         if args.rank and not args.full:

@@ -258,18 +258,28 @@ def embedding_trainable(pipe: Any, word: str, clip: bool = True) -> list[Any]:
 
 
 def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept: int,
-          args: argparse.Namespace) -> list[float]:
+          args: argparse.Namespace, notes: dict[str, Any] | None = None) -> list[float]:
     """``args.steps`` steps of ``args.batch`` images drawn at random; with a prior set, every
     ``args.prior_every``-th step takes its images from that set; with ``--text-encoders`` each step encodes its
-    captions afresh through the encoders' LoRAs."""
+    captions afresh through the encoders' LoRAs; with ``--null-space`` every A matrix is kept off the known
+    shapes' input directions (``bench/null_space.py``; ``notes`` receives how many each layer gave them)."""
     import torch
 
     from fluxkiln.plugins.train.flow import flow_loss, preservation_loss
     from fluxkiln.plugins.train.optim import make_scheduler
+    from null_space import project
 
     latents, embeds, pooled, coverage = data
     weights = 1 + args.object_weight * coverage if args.object_weight else None
     params = trainable(pipe.transformer, args.rank, args.full, args.layers)
+    kept_off = []
+    if args.null_space:
+        from null_space import projectors
+
+        kept_off, used = projectors(pipe, args.null_space, args.null_space_n, args.times, args.device)
+        if notes is not None:
+            notes["null_space_directions_taken"] = {"mean": round(sum(used.values()) / len(used), 1),
+                                                    "min": min(used.values()), "max": max(used.values())}
     variants = None
     if args.caption_variants:  # every caption's variants, encoded once: (image, variant) -> row
         per_image = [caption_variants(c) for c in captions[:n_concept]]
@@ -288,9 +298,9 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
     own = (preservation_set(pipe, preservation_prompts(captions[:n_concept], args.preserve_n, args.preserve_prompts,
                                                        args.preserve_words), args.preserve_on.split("+")[-1])
            if args.preserve and args.preserve_on != "concept" else None)
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0, eps=args.adam_eps)
     gen = torch.Generator().manual_seed(1 + 1000 * args.seed)
-    schedule = make_scheduler(opt, args.schedule, 0, args.steps)  # train_lora's own: constant, or cosine to zero
+    schedule = make_scheduler(opt, args.schedule, args.warmup, args.steps)  # train_lora's own schedules
     trained = [p for g in groups for p in g["params"]]
     ema = [p.detach().clone() for p in trained] if args.ema else None
     losses = []
@@ -319,10 +329,12 @@ def train(pipe: Any, data: tuple[Any, Any, Any], captions: list[str], n_concept:
                 l_kept, e_kept, p_kept = (torch.cat([a[k], b]) for a, b in zip(own, (l_kept, e_kept, p_kept),
                                                                                 strict=True))
             loss = loss + args.preserve * preservation_loss(pipe.transformer, l_kept, e_kept, p_kept, gen,
-                                                            args.times, args.device, torch.float32)
+                                                            args.times, args.device, torch.float32,
+                                                            guidance=args.preserve_guidance)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        project(kept_off)
         schedule.step()
         if ema is not None:
             with torch.no_grad():

@@ -238,8 +238,8 @@ def test_a_class_word_follows_the_trigger_in_every_caption_trained_and_prompt_sa
 
     trained, sampled = [], []
     real_train, real_generate = probe.train, adherence.generate
-    monkeypatch.setattr(probe, "train", lambda pipe, data, captions, n, args: trained.extend(captions[:n])
-                        or real_train(pipe, data, captions, n, args))
+    monkeypatch.setattr(probe, "train", lambda pipe, data, captions, n, args, *notes: trained.extend(captions[:n])
+                        or real_train(pipe, data, captions, n, args, *notes))
     monkeypatch.setattr(adherence, "generate", lambda pipe, prompts, **kw: sampled.append(prompts)
                         or real_generate(pipe, prompts, **kw))
     assert probe.main(["--steps", "1", "--probe", "2", "--sample-steps", "1", "--class-word", "circle",
@@ -276,8 +276,8 @@ def test_a_balanced_dataset_spreads_the_vocabulary_and_the_probe_trains_on_the_f
 
     trained = []
     real_train = probe.train
-    monkeypatch.setattr(probe, "train", lambda pipe, d, caps, n, args: trained.extend(caps[:n])
-                        or real_train(pipe, d, caps, n, args))
+    monkeypatch.setattr(probe, "train", lambda pipe, d, caps, n, args, *notes: trained.extend(caps[:n])
+                        or real_train(pipe, d, caps, n, args, *notes))
     assert probe.main(["--steps", "1", "--probe", "1", "--sample-steps", "1", "--data", str(data)]) == 0
     assert trained == captions
     (data / "concept-8.txt").unlink()  # an image without its caption
@@ -665,3 +665,82 @@ def test_measure_names_the_file_line_node_and_key_of_a_recipe_that_fails():
     with pytest.raises(SystemExit, match=r"train-lora-tiny\.toml:\d+: node 'base' key 'model': model 'nope/missing' "
                                          r"is not in the local Hugging Face cache.*\(hint: "):
         concept.measure(3, 1, log=lambda _: None, overrides=['nodes.base.model="nope/missing"'])
+
+
+def test_the_null_space_projector_takes_out_the_fewest_directions_that_hold_the_share(probe):
+    import null_space  # bench/, on the path concept_probe put it on
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64))[0]
+    strengths = torch.tensor([10.0, 3.0, 1.0], dtype=torch.float64)
+    inputs = (torch.randn(500, 3, generator=gen, dtype=torch.float64) * strengths) @ basis.T  # a 3-d subspace of 8
+    energy = inputs.T @ inputs
+    p, taken = null_space.free_projector(energy, 0.999999)
+    assert taken == 3 and torch.allclose(p @ basis, torch.zeros(8, 3, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(p @ p, p) and torch.allclose(p, p.T)  # an orthogonal projector onto the other five
+    assert null_space.free_projector(energy, 0.5)[1] == 1  # the strongest direction holds about 91 % alone
+
+
+def test_a_null_space_lora_trains_and_stays_off_the_known_shapes_directions(probe, tmp_path, monkeypatch):
+    import null_space
+    import torch
+
+    captured = []
+    real = null_space.projectors
+    monkeypatch.setattr(null_space, "projectors", lambda *a: captured.append(real(*a)) or captured[-1])
+    out = tmp_path / "p.json"
+    assert probe.main(["--steps", "3", "--batch", "2", "--null-space", "0.99", "--null-space-n", "8", "--probe", "1",
+                       "--sample-steps", "1", "--json", str(out)]) == 0
+    (pairs, taken), = captured
+    assert len(pairs) == len(taken) > 0
+    for weight, p in pairs:  # after three optimizer steps each A still lies in its free directions, and moved
+        assert torch.allclose(weight @ p, weight, atol=1e-5) and 0 < torch.linalg.matrix_rank(p) < p.shape[0]
+    result = json.loads(out.read_text())
+    assert result["null_space_directions_taken"] == {"mean": round(sum(taken.values()) / len(taken), 1),
+                                                     "min": min(taken.values()), "max": max(taken.values())}
+    assert result["cpu_units"] == round(3 * 2 / 8 + 0.4 * 2 * 8 / 8, 1)  # the steps and the recording's forwards
+    for wrong in (["--null-space", "1"], ["--null-space", "0.9", "--full"],
+                  ["--null-space", "0.9", "--rank", "0", "--embeddings"]):
+        with pytest.raises(SystemExit):
+            probe.main(wrong)
+
+
+def test_preservation_at_a_guidance_makes_both_predictions_there(trainer):
+    import torch
+
+    from fluxkiln.plugins.miniflux.concept import training_captions
+    from fluxkiln.plugins.miniflux.weights import load_pipeline
+    from fluxkiln.plugins.train.flow import preservation_loss
+
+    pipe = load_pipeline("dev")
+    captions = training_captions()[:2]
+    images = [Image.open(p) for p in sorted((ROOT / "recipes" / "data" / "hexagons").glob("*.png"))[:2]]
+    latents, embeds, pooled, _ = trainer.encode(pipe, images, captions)
+    params = trainer.trainable(pipe.transformer, 4, False)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["guidance"].tolist()),
+                                               with_kwargs=True)
+    losses = {g: preservation_loss(pipe.transformer, latents, embeds, pooled, torch.Generator().manual_seed(0),
+                                   "shift", "cpu", torch.float32, guidance=g).item() for g in (1.0, 3.0)}
+    assert seen == [[1.0, 1.0]] * 2 + [[3.0, 3.0]] * 2  # the base's prediction and the adapted one's, at each
+    assert losses[1.0] != losses[3.0] and min(losses.values()) > 0
+
+
+def test_warmup_and_adam_s_epsilon_reach_the_optimizer_and_its_schedule(probe, tmp_path, monkeypatch):
+    from fluxkiln.plugins.train import optim
+
+    made = []
+    real = optim.make_scheduler
+    monkeypatch.setattr(optim, "make_scheduler", lambda opt, *a: made.append((opt, *a)) or real(opt, *a))
+    assert probe.main(["--steps", "2", "--batch", "1", "--schedule", "constant_with_warmup", "--warmup", "4",
+                       "--adam-eps", "1e-4", "--preserve-guidance", "3", "--preserve", "1", "--probe", "1",
+                       "--sample-steps", "1", "--json", str(tmp_path / "p.json")]) == 0
+    (opt, kind, warmup, total), = made
+    assert (kind, warmup, total) == ("constant_with_warmup", 4, 2) and opt.defaults["eps"] == 1e-4
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 * 3 / 4]  # after two steps, the third of four warm-up rates
+    with pytest.raises(SystemExit):
+        probe.main(["--warmup", "4"])  # a constant rate has no warm-up

@@ -86,11 +86,12 @@ def flow_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any
 
 
 def preservation_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, gen: Any, method: str,
-                      device: Any, dtype: Any, part: range | None = None) -> Any:
+                      device: Any, dtype: Any, part: range | None = None, guidance: float = 1.0) -> Any:
     """How far the adapted transformer's velocity is from the base model's (its LoRAs switched off) on the same
     noisy latents and captions (differential output preservation: the captions name the class, not the trigger,
     so the LoRA learns to leave everything but its trigger word alone).  Noise, times and ``part`` as in
-    :func:`flow_loss`; None for an empty part."""
+    :func:`flow_loss`; None for an empty part.  ``guidance`` is the guidance both predictions are made at (a
+    guidance-distilled model's: the one it will be sampled at holds what sampling reads)."""
     import torch
     import torch.nn.functional as F
 
@@ -100,10 +101,10 @@ def preservation_loss(transformer: Any, latents: Any, embeds: Any, pooled: Any, 
     with torch.no_grad():
         transformer.disable_adapters()
         try:
-            target = _velocity(transformer, *drawn, device, dtype)
+            target = _velocity(transformer, *drawn, device, dtype, guidance)
         finally:
             transformer.enable_adapters()
-    pred = _velocity(transformer, *drawn, device, dtype)
+    pred = _velocity(transformer, *drawn, device, dtype, guidance)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -125,16 +126,16 @@ def _draw(latents: Any, embeds: Any, pooled: Any, gen: Any, method: str, part: r
 
 
 def _velocity(transformer: Any, x0: Any, noise: Any, t: Any, embeds: Any, pooled: Any, device: Any,
-              dtype: Any) -> Any:
-    """The transformer's velocity prediction at ``x_t`` (packed tokens), guidance 1 for a guidance-distilled
+              dtype: Any, guidance: float = 1.0) -> Any:
+    """The transformer's velocity prediction at ``x_t`` (packed tokens), at ``guidance`` for a guidance-distilled
     model."""
     import torch
 
     b, _c, h, w = x0.shape
     tt = t.view(b, 1, 1, 1).to(device, dtype)
     xt = (1 - tt) * x0 + tt * noise
-    guidance = torch.ones(b, device=device, dtype=dtype) if transformer.config.guidance_embeds else None
-    return transformer(hidden_states=pack(xt), timestep=t.to(device, dtype), guidance=guidance,
+    scale = torch.full((b,), guidance, device=device, dtype=dtype) if transformer.config.guidance_embeds else None
+    return transformer(hidden_states=pack(xt), timestep=t.to(device, dtype), guidance=scale,
                        pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
                        txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
                        img_ids=image_ids(h, w, device, dtype), return_dict=False)[0]
