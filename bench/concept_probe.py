@@ -13,7 +13,8 @@ and the samples looked at.
                                   [--preserve-words star,star,circle] [--vocab N]
                                   [--preserve-on concept|rendered|generated|concept+generated] [--preserve-n 32]
                                   [--preserve-guidance G] [--null-space E] [--null-space-n 64] [--warmup N]
-                                  [--adam-eps EPS] [--loraplus R] [--probe 8] [--sample-steps 28] [--grid FILE] [--json FILE]
+                                  [--adam-eps EPS] [--loraplus R] [--probe 8] [--sample-steps 28] [--grid FILE]
+                                  [--json FILE]
 
 It trains on ``recipes/data/hexagons`` (or ``--data DIR``; the trigger ``TOK``) with ``train_lora``'s own flow loss
 (:func:`fluxkiln.plugins.train.flow.flow_loss`: guidance 1, the same packing, ids and velocity target),

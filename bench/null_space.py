@@ -19,7 +19,7 @@ FORWARD_UNITS = 0.4  # a no-gradient forward of 8 pictures, in plain 8-image tra
 def lora_downs(transformer: Any) -> dict[str, Any]:
     """Each LoRA layer's name and its A (down-projection) module, for the adapter named ``default``."""
     return {name: module.lora_A["default"] for name, module in transformer.named_modules()
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})}
+            if "default" in getattr(module, "lora_A", {})}
 
 
 def input_energy(pipe: Any, downs: dict[str, Any], n: int, rounds: int, times: str, device: str,
@@ -69,7 +69,7 @@ def free_projector(energy: Any, share: float) -> tuple[Any, int]:
     values, vectors = torch.linalg.eigh(energy)
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     held = (torch.cumsum(values, 0) / values.sum().clamp_min(1e-30)).tolist()
-    k = min(next((i + 1 for i, h in enumerate(held) if h >= share), len(held)), len(held))
+    k = next((i + 1 for i, h in enumerate(held) if h >= share), len(held))
     used = vectors[:, :k]
     return torch.eye(len(held), dtype=used.dtype, device=used.device) - used @ used.T, k
 
